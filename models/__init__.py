@@ -1,0 +1,1 @@
+"""The μOmni networks. Parameter names equal the trainers' state-dict keys (MUOMNI_FORMAT.md §2)."""

@@ -1,0 +1,233 @@
+"""Building blocks shared by the Thinker and the Talker: RMSNorm, RoPE, attention, FFNs, MoE, KV cache."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """y = x * rsqrt(mean(x^2) + eps) * weight, computed in float32 for half-precision stability."""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return y.to(x.dtype) * self.weight
+
+
+class Rotary(nn.Module):
+    """Rotate-half RoPE with cos/sin tables precomputed once for `max_len` positions."""
+
+    def __init__(self, head_dim: int, max_len: int, theta: float) -> None:
+        super().__init__()
+        inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        ang = torch.outer(torch.arange(max_len, dtype=torch.float32), inv)
+        emb = torch.cat([ang, ang], dim=-1)
+        self.register_buffer("cos", emb.cos(), persistent=False)
+        self.register_buffer("sin", emb.sin(), persistent=False)
+
+    @property
+    def max_len(self) -> int:
+        return self.cos.shape[0]
+
+    def tables(self, start: int, length: int, positions: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin shaped to broadcast over (B, heads, T, dk): contiguous from `start`, or gathered per row."""
+        if positions is None:
+            return self.cos[start:start + length], self.sin[start:start + length]
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+class KVCache:
+    """Keys and values for every layer, allocated once per generation and written in place."""
+
+    def __init__(self, n_layers: int, batch: int, n_kv_heads: int, max_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str) -> None:
+        shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k/v for positions start..start+T and return views of everything cached so far."""
+        end = start + k.shape[2]
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class Attention(nn.Module):
+    """Causal self-attention with RoPE. GQA form: separate q/k/v; MHA form: one stacked `qkv`."""
+
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, fused_qkv: bool) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
+        self.head_dim = d_model // n_heads
+        self.fused_qkv = fused_qkv
+        if fused_qkv:
+            self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
+        else:
+            self.q = nn.Linear(d_model, n_heads * self.head_dim, bias=False)
+            self.k = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=False)
+            self.v = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=False)
+        self.o = nn.Linear(d_model, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int,
+                cache: KVCache | None, start: int, mask: torch.Tensor | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        if self.fused_qkv:
+            q, k, v = self.qkv(x).chunk(3, dim=-1)
+        else:
+            q, k, v = self.q(x), self.k(x), self.v(x)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, start, k, v)
+        group = self.n_heads // self.n_kv_heads
+        if T == 1 and mask is None and group > 1:
+            # One query per head: fold the heads sharing a KV head into the query axis, so no K/V copy.
+            out = F.scaled_dot_product_attention(q.reshape(B, self.n_kv_heads, group, self.head_dim), k, v)
+            out = out.reshape(B, self.n_heads, 1, self.head_dim)
+        else:
+            causal = mask is None and T > 1 and k.shape[2] == T
+            if mask is None and T > 1 and not causal:
+                mask = causal_mask(start, T, k.shape[2], x.device)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                                 enable_gqa=group > 1)
+        return self.o(out.transpose(1, 2).reshape(B, T, -1))
+
+
+def causal_mask(start: int, length: int, total: int, device: torch.device) -> torch.Tensor:
+    """Boolean (length, total) mask letting query start+i see keys 0..start+i."""
+    q_pos = torch.arange(start, start + length, device=device)[:, None]
+    return torch.arange(total, device=device)[None, :] <= q_pos
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, d_model: int, d_ff: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(d_model, d_ff, bias=False)
+        self.up_proj = nn.Linear(d_model, d_ff, bias=False)
+        self.down_proj = nn.Linear(d_ff, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class GeluMLP(nn.Module):
+    def __init__(self, d_model: int, d_ff: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d_model, d_ff)
+        self.fc2 = nn.Linear(d_ff, d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+def make_ffn(kind: str, d_model: int, d_ff: int) -> nn.Module:
+    return SwiGLU(d_model, d_ff) if kind == "swiglu" else GeluMLP(d_model, d_ff)
+
+
+class MoE(nn.Module):
+    """Top-k softmax router over FFN experts; weights renormalised as p_k / (sum p_k + 1e-8)."""
+
+    def __init__(self, d_model: int, d_ff: int, n_experts: int, top_k: int, ffn: str) -> None:
+        super().__init__()
+        self.top_k = top_k
+        self.router = nn.Linear(d_model, n_experts, bias=False)
+        self.experts = nn.ModuleList(make_ffn(ffn, d_model, d_ff) for _ in range(n_experts))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        probs = F.softmax(self.router(flat), dim=-1)
+        top_p, top_i = probs.topk(self.top_k, dim=-1)
+        top_p = top_p / (top_p.sum(-1, keepdim=True) + 1e-8)
+        out = torch.zeros_like(flat)
+        for e, expert in enumerate(self.experts):
+            rows, slot = (top_i == e).nonzero(as_tuple=True)
+            if rows.numel():
+                out.index_add_(0, rows, expert(flat[rows]) * top_p[rows, slot, None])
+        return out.view_as(x)
+
+
+@dataclass
+class BlockConfig:
+    d_model: int
+    n_heads: int
+    n_kv_heads: int
+    d_ff: int
+    fused_qkv: bool = False
+    ffn: str = "swiglu"
+    num_experts: int = 0
+    num_experts_per_tok: int = 2
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x += attn(norm1(x)); x += ffn(norm2(x))."""
+
+    def __init__(self, cfg: BlockConfig) -> None:
+        super().__init__()
+        self.norm1 = RMSNorm(cfg.d_model)
+        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.fused_qkv)
+        self.norm2 = RMSNorm(cfg.d_model)
+        if cfg.num_experts:
+            self.moe = MoE(cfg.d_model, cfg.d_ff, cfg.num_experts, cfg.num_experts_per_tok, cfg.ffn)
+        else:
+            self.mlp = make_ffn(cfg.ffn, cfg.d_model, cfg.d_ff)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int,
+                cache: KVCache | None, start: int, mask: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), cos, sin, layer, cache, start, mask)
+        ffn = self.moe if hasattr(self, "moe") else self.mlp
+        return x + ffn(self.norm2(x))
+
+
+def block_config_from_state(sd: dict[str, torch.Tensor], prefix: str, n_heads: int,
+                            top_k: int) -> BlockConfig:
+    """Read a Block's architecture off the tensor shapes under `prefix` (e.g. 'blocks.0.')."""
+    if f"{prefix}attn.qkv.weight" in sd:
+        d_model = sd[f"{prefix}attn.qkv.weight"].shape[1]
+        fused, n_kv = True, n_heads
+    else:
+        d_model = sd[f"{prefix}attn.q.weight"].shape[1]
+        fused = False
+        n_kv = max(1, sd[f"{prefix}attn.k.weight"].shape[0] // (d_model // n_heads))
+    ffn_prefix = f"{prefix}mlp."
+    n_experts = 0
+    if f"{prefix}moe.router.weight" in sd:
+        n_experts = sd[f"{prefix}moe.router.weight"].shape[0]
+        ffn_prefix = f"{prefix}moe.experts.0."
+    if f"{ffn_prefix}gate_proj.weight" in sd:
+        ffn, d_ff = "swiglu", sd[f"{ffn_prefix}gate_proj.weight"].shape[0]
+    else:
+        ffn, d_ff = "gelu", sd[f"{ffn_prefix}fc1.weight"].shape[0]
+    return BlockConfig(d_model=d_model, n_heads=n_heads, n_kv_heads=n_kv, d_ff=d_ff, fused_qkv=fused,
+                       ffn=ffn, num_experts=n_experts, num_experts_per_tok=min(top_k, max(n_experts, 1)))
+
+
+def count_blocks(sd: dict[str, torch.Tensor], prefix: str = "blocks.") -> int:
+    ids = {int(k[len(prefix):].split(".", 1)[0]) for k in sd if k.startswith(prefix)}
+    return max(ids) + 1 if ids else 0
+
+
+def check_heads(d_model: int, n_heads: int, where: str) -> None:
+    if n_heads < 1 or d_model % n_heads:
+        raise ValueError(f"{where}: d_model {d_model} is not divisible by n_heads {n_heads}")
+

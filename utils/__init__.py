@@ -1,0 +1,1 @@
+"""Loading, preprocessing, generation and the shared CLI code."""

@@ -1,0 +1,165 @@
+"""Reading μOmni checkpoint files safely: weights-file lookup, unwrapping, `_orig_mod.` stripping, strict loads."""
+from __future__ import annotations
+
+import json
+import pickle
+import re
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from utils.errors import OmniError
+
+StateDict = dict[str, torch.Tensor]
+
+# Wrapper keys the trainers use for each component, in the order they are tried.
+WRAPPER_KEYS = {
+    "thinker": ("model", "thinker"),
+    "audio_encoder": ("enc",),
+    "ctc_head": ("head",),
+    "vision_encoder": ("vit",),
+    "talker": ("talker",),
+    "rvq": ("rvq",),
+    "proj_a": ("proj_a",),
+    "proj_v": ("proj_v",),
+    "vocoder": ("generator",),
+}
+
+
+def find_weights_file(directory: Path, name: str) -> Path | None:
+    """`<name>.pt`, then `model.pt`, then the highest-numbered `<name>_step_<N>.pt`."""
+    for candidate in (directory / f"{name}.pt", directory / "model.pt"):
+        if candidate.is_file():
+            return candidate
+    pattern = re.compile(rf"^{re.escape(name)}_step_(\d+)\.pt$")
+    steps = [(int(m.group(1)), p) for p in directory.glob(f"{name}_step_*.pt") if (m := pattern.match(p.name))]
+    return max(steps)[1] if steps else None
+
+
+def read_torch_file(path: Path) -> dict[str, Any]:
+    """torch.load with weights_only=True: tensors and plain containers only, never arbitrary objects."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise OmniError(f"checkpoint {path}: refused to load: it holds objects other than tensors and plain "
+                        f"data (weights_only loading; {str(exc).splitlines()[0]})") from exc
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise OmniError(f"checkpoint {path}: unreadable or truncated ({str(exc).splitlines()[0]})") from exc
+    if not isinstance(obj, dict):
+        raise OmniError(f"checkpoint {path}: expected a dict of tensors, found {type(obj).__name__}")
+    return obj
+
+
+def strip_compile_prefix(sd: StateDict) -> StateDict:
+    """Drop every `_orig_mod.` segment that torch.compile leaves in parameter names."""
+    return {k.replace("_orig_mod.", ""): v for k, v in sd.items()}
+
+
+def is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def unwrap(obj: dict[str, Any], component: str, path: Path) -> StateDict:
+    """The component's state dict from a trainer checkpoint: under its wrapper key, or the bare dict itself."""
+    for key in WRAPPER_KEYS[component]:
+        if key in obj:
+            if not is_state_dict(obj[key]):
+                raise OmniError(f"checkpoint {path}: key '{key}' is not a state dict of tensors")
+            return strip_compile_prefix(obj[key])
+    if is_state_dict(obj):
+        return strip_compile_prefix(obj)
+    wanted = " or ".join(f"'{k}'" for k in WRAPPER_KEYS[component])
+    raise OmniError(f"checkpoint {path}: no {component} weights (looked for key {wanted}; "
+                    f"found keys {sorted(obj)[:8]})")
+
+
+def split_prefixed(sd: StateDict, prefix: str) -> StateDict:
+    """Keys under `prefix.` with the prefix removed (merged safetensors exports)."""
+    p = prefix + "."
+    return strip_compile_prefix({k[len(p):]: v for k, v in sd.items() if k.startswith(p)})
+
+
+def require(sd: StateDict, keys: tuple[str, ...], source: str) -> None:
+    missing = [k for k in keys if k not in sd]
+    if missing:
+        raise OmniError(f"{source}: missing key(s) {', '.join(missing)}")
+
+
+def load_strict(module: nn.Module, sd: StateDict, source: str) -> None:
+    """load_state_dict(strict=True), with every mismatch reported as one readable line."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [f"{k} (expected {tuple(own[k].shape)}, found {tuple(sd[k].shape)})"
+              for k in own if k in sd and own[k].shape != sd[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"missing key(s) {', '.join(missing[:6])}" + (" ..." if len(missing) > 6 else ""))
+    if unexpected:
+        problems.append(f"unexpected key(s) {', '.join(unexpected[:6])}" + (" ..." if len(unexpected) > 6 else ""))
+    if shapes:
+        problems.append(f"wrong shape for {'; '.join(shapes[:4])}")
+    if problems:
+        raise OmniError(f"{source}: {'; '.join(problems)}")
+    for k, v in sd.items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise OmniError(f"{source}: tensor {k} contains NaN or infinite values")
+    module.load_state_dict(sd, strict=True)
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise OmniError(f"config {path}: not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise OmniError(f"config {path}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
+def config_dirs(ckpt_dir: Path) -> list[Path]:
+    """Where a checkpoint directory's trainer configs may live, in the order they are searched."""
+    return [ckpt_dir / "configs", ckpt_dir.parent / "configs", ckpt_dir.parent.parent / "configs",
+            Path.cwd() / "configs"]
+
+
+def find_config(ckpt_dir: Path) -> tuple[dict[str, Any], Path | None]:
+    """The trainer config tied to `ckpt_dir`: its own config.json, else the config whose `save_dir` ends
+    in the directory's name. Returns ({}, None) when none exists (spec defaults then apply)."""
+    own = ckpt_dir / "config.json"
+    if own.is_file():
+        return read_json(own), own
+    name = ckpt_dir.resolve().name
+    for d in config_dirs(ckpt_dir):
+        if not d.is_dir():
+            continue
+        for path in sorted(d.glob("*.json")):
+            cfg = read_json(path)
+            save_dir = str(cfg.get("save_dir", "")).replace("\\", "/").rstrip("/")
+            if save_dir and save_dir.rsplit("/", 1)[-1] == name:
+                return cfg, path
+    return {}, None
+
+
+def config_int(cfg: dict[str, Any], key: str, default: int, source: str) -> int:
+    value = cfg.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or value < 1:
+        raise OmniError(f"config {source}: '{key}' must be a positive integer, found {value!r}")
+    return int(value)
+
+
+def config_float(cfg: dict[str, Any], key: str, default: float, source: str) -> float:
+    value = cfg.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise OmniError(f"config {source}: '{key}' must be a positive number, found {value!r}")
+    return float(value)
+
+
+def check_config_agrees(cfg: dict[str, Any], actual: dict[str, int], source: str, weights: str) -> None:
+    """A config that contradicts the tensor shapes is an error, not a silent override."""
+    for key, value in actual.items():
+        if key in cfg and cfg[key] != value:
+            raise OmniError(f"config {source}: '{key}' is {cfg[key]!r} but the weights in {weights} have {value}")

@@ -1,0 +1,76 @@
+"""Images and video frames -> (3, 224, 224) tensors in [0, 1], exactly as the trainers preprocessed them."""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from utils.errors import OmniError
+
+IMAGE_SIZE = 224
+MAX_IMAGE_PIXELS = 64_000_000  # refuse larger images (decompression bombs) before decoding them
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode -> 8-bit RGB. 16/32-bit greyscale is rescaled from its full range, not clipped."""
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if img.mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        img = Image.fromarray(np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    return img.convert("RGB")
+
+
+def preprocess_image(img: Image.Image, size: int = IMAGE_SIZE) -> torch.Tensor:
+    """RGB, bilinear resize to size x size, scale to [0, 1], CHW. No mean/std normalisation."""
+    arr = np.asarray(to_rgb(img).resize((size, size), Image.BILINEAR), dtype=np.float32) / 255.0
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def load_image(path: str | os.PathLike, size: int = IMAGE_SIZE) -> torch.Tensor:
+    """Decode an image file (EXIF orientation applied) into the model's input tensor."""
+    path = Path(path)
+    if not path.is_file():
+        raise OmniError(f"image file {path}: not found" if not path.exists() else f"image file {path}: not a file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                if img.width * img.height > MAX_IMAGE_PIXELS:
+                    raise OmniError(f"image file {path}: {img.width}x{img.height} exceeds the limit of "
+                                    f"{MAX_IMAGE_PIXELS} pixels")
+                img.load()
+                return preprocess_image(ImageOps.exif_transpose(img), size)
+    except OmniError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise OmniError(f"image file {path}: refused as a decompression bomb ({exc})") from exc
+    except Exception as exc:  # Pillow raises many types for corrupt data
+        raise OmniError(f"image file {path}: cannot decode ({exc})") from exc
+
+
+def load_video_frames(path: str | os.PathLike, n_frames: int = 4, size: int = IMAGE_SIZE) -> list[torch.Tensor]:
+    """`n_frames` evenly spaced frames, at positions i*total/(n+1) for i = 1..n, each preprocessed as an image."""
+    import av  # imported here: only video needs PyAV
+
+    path = Path(path)
+    if not path.is_file():
+        raise OmniError(f"video file {path}: not found" if not path.exists() else f"video file {path}: not a file")
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise OmniError(f"video file {path}: has no video stream")
+            stream = container.streams.video[0]
+            frames = [f.to_image() for f in container.decode(stream)]
+    except OmniError:
+        raise
+    except Exception as exc:  # PyAV raises its own error family for unreadable containers
+        raise OmniError(f"video file {path}: cannot decode ({exc})") from exc
+    if not frames:
+        raise OmniError(f"video file {path}: contains no frames")
+    total = len(frames)
+    picks = [min(total - 1, i * total // (n_frames + 1)) for i in range(1, n_frames + 1)]
+    return [preprocess_image(frames[i], size) for i in picks]

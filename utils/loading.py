@@ -1,0 +1,391 @@
+"""Find every μOmni component under a user's `--ckpt_dir` and build the networks from their weights.
+
+Accepted directories: a thinker dir (text only), an omni_sft dir, a trainers' `checkpoints/` root holding the
+component dirs, a single audio-encoder dir (for transcription), or a merged safetensors export.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from models.audio import AudioEncoderConfig, AudioEncoderTiny
+from models.talker import RVQ, TalkerConfig, TalkerTiny
+from models.thinker import ThinkerConfig, ThinkerLM
+from models.vision import ViTConfig, ViTTiny
+from models.vocoder import HiFiGANConfig, HiFiGANGenerator
+from utils.checkpoint import (StateDict, check_config_agrees, config_float, config_int, find_config,
+                              find_weights_file, load_strict, read_json, read_torch_file, require, split_prefixed,
+                              unwrap)
+from utils.errors import OmniError
+from utils.tokenizer import Tokenizer
+
+EXPORT_NAMES = ("model.safetensors", "muomni.safetensors", "omni.safetensors")
+# Weights-file base names per trainer directory kind (spec §1).
+KIND_FILES = {"omni": ("omni",), "thinker": ("thinker",), "audio": ("audio_enc",), "vision": ("vision",),
+              "talker": ("talker",), "vocoder": ("vocoder", "hifigan")}
+# Config keys of omni_sft_*.json that point at the component directories.
+OMNI_POINTERS = {"thinker": "thinker_ckpt", "audio": "audio_ckpt", "vision": "vision_ckpt", "talker": "talker_ckpt"}
+CTC_MAP_NAMES = ("audio_enc_metadata.json", "ctc_vocab.json")
+
+
+@dataclass
+class Components:
+    """The loaded networks. A modality whose component is absent is None, with `searched` saying where we looked."""
+    thinker: ThinkerLM | None = None
+    tokenizer: Tokenizer | None = None
+    ctx_len: int = 512
+    vision: ViTTiny | None = None
+    proj_v: nn.Linear | None = None
+    audio: AudioEncoderTiny | None = None
+    proj_a: nn.Linear | None = None
+    ctc_head: nn.Linear | None = None
+    ctc_chars: dict[int, str] | None = None
+    talker: TalkerTiny | None = None
+    rvq: RVQ | None = None
+    vocoder: HiFiGANGenerator | None = None
+    generation_defaults: dict[str, Any] = field(default_factory=dict)
+    sources: dict[str, str] = field(default_factory=dict)
+    searched: dict[str, str] = field(default_factory=dict)
+    root: Path = Path(".")
+
+    def modules(self) -> list[nn.Module]:
+        return [m for m in (self.thinker, self.vision, self.proj_v, self.audio, self.proj_a, self.ctc_head,
+                            self.talker, self.rvq, self.vocoder) if m is not None]
+
+
+# ---------------------------------------------------------------- directory kinds
+
+def dir_kind(d: Path) -> str | None:
+    """What a directory holds, judged by its file names (and a `model.pt`'s wrapper keys)."""
+    if any((d / n).is_file() for n in EXPORT_NAMES):
+        return "export"
+    for kind, names in KIND_FILES.items():
+        for name in names:
+            if (d / f"{name}.pt").is_file() or any(d.glob(f"{name}_step_*.pt")):
+                return kind
+    if (d / "model.pt").is_file():
+        return model_pt_kind(d / "model.pt")
+    return None
+
+
+def model_pt_kind(path: Path) -> str:
+    obj = read_torch_file(path)
+    by_key = [("proj_a", "omni"), ("thinker", "omni"), ("model", "thinker"), ("enc", "audio"), ("vit", "vision"),
+              ("talker", "talker"), ("rvq", "talker"), ("generator", "vocoder")]
+    for key, kind in by_key:
+        if key in obj:
+            return kind
+    by_param = [("tok_emb.weight", "thinker"), ("proj.weight", "audio"), ("cls", "vision"), ("start", "talker"),
+                ("conv_pre.weight", "vocoder")]
+    for key, kind in by_param:
+        if key in obj:
+            return "vision" if kind == "audio" and "cls" in obj else kind
+    raise OmniError(f"checkpoint {path}: cannot tell which μOmni component it holds (keys {sorted(obj)[:8]})")
+
+
+def weights_file(d: Path, kind: str) -> Path:
+    for name in KIND_FILES[kind]:
+        found = find_weights_file(d, name)
+        if found:
+            return found
+    raise OmniError(f"no {kind} weights in {d} (looked for {KIND_FILES[kind][0]}.pt, model.pt, "
+                    f"{KIND_FILES[kind][0]}_step_N.pt)")
+
+
+def subdirs_of_kind(parent: Path, kind: str) -> list[Path]:
+    if not parent.is_dir():
+        return []
+    return sorted(p for p in parent.iterdir() if p.is_dir() and not p.name.startswith(".") and dir_kind(p) == kind)
+
+
+def locate_component(kind: str, base: Path, pointer: str | None) -> tuple[Path | None, str]:
+    """Directory of a component for an omni/root layout: the config's pointer (cwd-relative, else by basename
+    among `base`'s children), else the one child directory of that kind. Returns (dir or None, what was searched)."""
+    if pointer:
+        p = Path(pointer)
+        tried = [p, base / p.name]
+        for cand in tried:
+            if cand.is_dir():
+                return cand, str(cand)
+        return None, " and ".join(str(t) for t in tried)
+    found = subdirs_of_kind(base, kind)
+    if len(found) > 1:
+        raise OmniError(f"several {kind} checkpoint directories in {base} ({', '.join(p.name for p in found)}): "
+                        f"name one in the omni config's '{OMNI_POINTERS.get(kind, kind)}' or point --ckpt_dir at it")
+    return (found[0] if found else None), f"the subdirectories of {base}"
+
+
+# ---------------------------------------------------------------- per-component builders
+
+def heads(cfg: dict[str, Any], default: int, src: str) -> int:
+    return config_int(cfg, "n_heads", default, src)
+
+
+def build_thinker(sd: StateDict, cfg: dict[str, Any], src: str) -> ThinkerLM:
+    require(sd, ("tok_emb.weight", "lm_head.weight", "blocks.0.norm1.weight"), src)
+    tc = ThinkerConfig.from_state_dict(
+        sd, n_heads=heads(cfg, 4, src), rope_theta=config_float(cfg, "rope_theta", 10000.0, src),
+        ctx_len=config_int(cfg, "ctx_len", 512, src),
+        num_experts_per_tok=config_int(cfg, "num_experts_per_tok", 2, src))
+    check_config_agrees(cfg, {"vocab_size": tc.vocab_size, "d_model": tc.d_model, "n_layers": tc.n_layers}, src, src)
+    check_head_split(tc.d_model, tc.block.n_heads, src)
+    model = ThinkerLM(tc)
+    load_strict(model, sd, src)
+    return model
+
+
+def check_head_split(d_model: int, n_heads: int, src: str) -> None:
+    if d_model % n_heads:
+        raise OmniError(f"{src}: n_heads {n_heads} does not divide d_model {d_model}")
+
+
+def build_vision(sd: StateDict, cfg: dict[str, Any], src: str) -> ViTTiny:
+    require(sd, ("proj.weight", "pos", "cls"), src)
+    vc = ViTConfig.from_state_dict(sd, n_heads=heads(cfg, 2, src))
+    check_config_agrees(cfg, {"d_model": vc.d_model, "n_layers": vc.n_layers}, src, src)
+    check_head_split(vc.d_model, vc.n_heads, src)
+    model = ViTTiny(vc)
+    load_strict(model, sd, src)
+    return model
+
+
+def build_audio(sd: StateDict, cfg: dict[str, Any], src: str) -> AudioEncoderTiny:
+    require(sd, ("proj.weight",), src)
+    ac = AudioEncoderConfig.from_state_dict(sd, n_heads=heads(cfg, 3, src))
+    check_config_agrees(cfg, {"d_model": ac.d_model, "n_layers": ac.n_layers, "downsample_time": ac.downsample},
+                        src, src)
+    check_head_split(ac.d_model, ac.n_heads, src)
+    model = AudioEncoderTiny(ac)
+    load_strict(model, sd, src)
+    return model
+
+
+def build_talker(sd: StateDict, cfg: dict[str, Any], src: str) -> TalkerTiny:
+    require(sd, ("emb.weight", "start", "blocks.0.norm1.weight"), src)
+    tc = TalkerConfig.from_state_dict(sd, n_heads=heads(cfg, 3, src),
+                                      rope_theta=config_float(cfg, "rope_theta", 10000.0, src))
+    check_config_agrees(cfg, {"d_model": tc.block.d_model, "n_layers": tc.n_layers}, src, src)
+    check_head_split(tc.block.d_model, tc.block.n_heads, src)
+    model = TalkerTiny(tc)
+    load_strict(model, sd, src)
+    return model
+
+
+def build_rvq(sd: StateDict, src: str) -> RVQ:
+    require(sd, ("codebooks.0.weight", "proj_in.weight", "proj_out.weight"), src)
+    model = RVQ.from_state_dict(sd)
+    load_strict(model, sd, src)
+    return model
+
+
+def build_vocoder(sd: StateDict, cfg: dict[str, Any], src: str) -> HiFiGANGenerator:
+    require(sd, ("conv_pre.weight", "ups.0.weight", "resblocks.0.convs1.0.weight", "conv_post.weight"), src)
+    vc = HiFiGANConfig.from_state_dict(sd, cfg.get("resblock_dilation_sizes"), cfg.get("upsample_rates"))
+    model = HiFiGANGenerator(vc)
+    load_strict(model, sd, src)
+    return model
+
+
+def build_linear(sd: StateDict, src: str) -> nn.Linear:
+    require(sd, ("weight", "bias"), src)
+    out_f, in_f = sd["weight"].shape
+    layer = nn.Linear(in_f, out_f)
+    load_strict(layer, sd, src)
+    return layer
+
+
+def read_ctc_chars(path: Path) -> dict[int, str]:
+    meta = read_json(path)
+    table = meta.get("char_to_idx")
+    if not isinstance(table, dict):
+        raise OmniError(f"{path}: missing 'char_to_idx'")
+    return {int(i): c for c, i in table.items()}
+
+
+# ---------------------------------------------------------------- layouts
+
+def load_components(ckpt_dir: str | Path) -> Components:
+    """Discover and load everything under `ckpt_dir` (see the module docstring for accepted layouts)."""
+    d = Path(ckpt_dir)
+    if not d.exists():
+        raise OmniError(f"--ckpt_dir {d}: no such directory")
+    if not d.is_dir():
+        raise OmniError(f"--ckpt_dir {d}: is a file, not a directory")
+    kind = dir_kind(d)
+    if kind == "export":
+        from utils.export_format import load_export  # the safetensors layout lives with its writer
+        return load_export(d)
+    comps = Components(root=d)
+    if kind == "thinker":
+        load_thinker_dir(comps, d)
+        comps.searched.update({m: f"{d} (a thinker-only directory)" for m in ("vision", "audio", "talker")})
+    elif kind == "omni":
+        load_omni_dir(comps, d, d.parent)
+    elif kind == "audio":
+        load_audio_dir(comps, d)
+        comps.searched["thinker"] = f"{d} (an audio-encoder directory: use it with --transcribe)"
+    elif kind is None:
+        omni = subdirs_of_kind(d, "omni")
+        if len(omni) > 1:
+            raise OmniError(f"--ckpt_dir {d}: several omni checkpoint directories ({', '.join(p.name for p in omni)})")
+        if omni:
+            load_omni_dir(comps, omni[0], d)
+        else:
+            thinker, where = locate_component("thinker", d, None)
+            if thinker is None:
+                raise OmniError(f"--ckpt_dir {d}: no μOmni checkpoint found (no {', '.join(EXPORT_NAMES)}, no "
+                                f"thinker/omni weights here or in its subdirectories)")
+            load_thinker_dir(comps, thinker)
+            load_siblings(comps, d, {})
+    else:
+        raise OmniError(f"--ckpt_dir {d}: holds only {kind} weights; point it at a thinker, omni_sft, "
+                        f"checkpoints root or export directory")
+    load_vocoder_near(comps, d)
+    comps.generation_defaults = read_generation_config(d)
+    return comps
+
+
+def load_thinker_dir(comps: Components, d: Path, sd: StateDict | None = None,
+                     cfg_override: dict[str, Any] | None = None) -> None:
+    path = weights_file(d, "thinker")
+    cfg, cfg_path = find_config(d)
+    if cfg_override:
+        cfg = {**cfg, **cfg_override}
+    src = str(path)
+    if sd is None:
+        sd = unwrap(read_torch_file(path), "thinker", path)
+    comps.thinker = build_thinker(sd, cfg, src)
+    comps.ctx_len = comps.thinker.cfg.ctx_len
+    comps.sources["thinker"] = src
+    tok = d / "tokenizer.model"
+    if not tok.is_file():
+        raise OmniError(f"tokenizer {tok}: not found (the thinker directory must hold tokenizer.model)")
+    set_tokenizer(comps, Tokenizer(tok))
+
+
+def set_tokenizer(comps: Components, tok: Tokenizer) -> None:
+    vocab = comps.thinker.cfg.vocab_size
+    if tok.vocab_size > vocab:
+        raise OmniError(f"tokenizer {tok.path}: {tok.vocab_size} pieces but the thinker embedding has only "
+                        f"{vocab} rows")
+    comps.tokenizer = tok
+
+
+def load_omni_dir(comps: Components, d: Path, base: Path) -> None:
+    path = weights_file(d, "omni")
+    obj = read_torch_file(path)
+    cfg, _ = find_config(d)
+    pointers = {kind: cfg.get(key) for kind, key in OMNI_POINTERS.items()}
+    thinker_dir, where = locate_component("thinker", base, pointers["thinker"])
+    if thinker_dir is None and (d / "tokenizer.model").is_file():
+        thinker_dir = d
+    if thinker_dir is None:
+        raise OmniError(f"{path}: no thinker directory with tokenizer.model found (searched {where})")
+    thinker_cfg = dict(cfg.get("thinker") or {})
+    if "ctx_len" in cfg:
+        thinker_cfg.setdefault("ctx_len", cfg["ctx_len"])
+    comps.root = d
+    sd = unwrap(obj, "thinker", path)
+    tcfg, _ = find_config(thinker_dir)
+    cfg_merged = {**tcfg, **thinker_cfg}
+    comps.thinker = build_thinker(sd, cfg_merged, str(path))
+    comps.ctx_len = comps.thinker.cfg.ctx_len
+    comps.sources["thinker"] = str(path)
+    tok = thinker_dir / "tokenizer.model"
+    if not tok.is_file():
+        raise OmniError(f"tokenizer {tok}: not found")
+    set_tokenizer(comps, Tokenizer(tok))
+    d_model = comps.thinker.cfg.d_model
+    for name in ("proj_a", "proj_v"):
+        if name not in obj:
+            raise OmniError(f"checkpoint {path}: missing '{name}' (the omni checkpoint must hold both projectors)")
+        layer = build_linear(unwrap(obj, name, path), f"{path} [{name}]")
+        if layer.out_features != d_model:
+            raise OmniError(f"checkpoint {path}: {name} outputs {layer.out_features} features but the thinker "
+                            f"d_model is {d_model}")
+        setattr(comps, name, layer)
+    load_siblings(comps, base, pointers)
+    check_projector_fit(comps, str(path))
+
+
+def check_projector_fit(comps: Components, src: str) -> None:
+    if comps.vision is not None and comps.proj_v is not None and comps.proj_v.in_features != comps.vision.cfg.d_model:
+        raise OmniError(f"{src}: proj_v expects {comps.proj_v.in_features} vision features but the vision encoder "
+                        f"({comps.sources['vision']}) has d_model {comps.vision.cfg.d_model}")
+    if comps.audio is not None and comps.proj_a is not None and comps.proj_a.in_features != comps.audio.cfg.d_model:
+        raise OmniError(f"{src}: proj_a expects {comps.proj_a.in_features} audio features but the audio encoder "
+                        f"({comps.sources['audio']}) has d_model {comps.audio.cfg.d_model}")
+
+
+def load_siblings(comps: Components, base: Path, pointers: dict[str, Any]) -> None:
+    """Vision, audio and talker directories beside the omni/thinker directory (or under a checkpoints root)."""
+    loaders = {"vision": load_vision_dir, "audio": load_audio_dir, "talker": load_talker_dir}
+    for kind, loader in loaders.items():
+        found, where = locate_component(kind, base, pointers.get(kind))
+        if found is None:
+            comps.searched[kind] = where
+        else:
+            loader(comps, found)
+
+
+def load_vision_dir(comps: Components, d: Path) -> None:
+    path = weights_file(d, "vision")
+    cfg, _ = find_config(d)
+    comps.vision = build_vision(unwrap(read_torch_file(path), "vision_encoder", path), cfg, str(path))
+    comps.sources["vision"] = str(path)
+
+
+def load_audio_dir(comps: Components, d: Path) -> None:
+    path = weights_file(d, "audio")
+    obj = read_torch_file(path)
+    cfg, _ = find_config(d)
+    comps.audio = build_audio(unwrap(obj, "audio_encoder", path), cfg, str(path))
+    comps.sources["audio"] = str(path)
+    if "head" in obj:
+        comps.ctc_head = build_linear(unwrap(obj, "ctc_head", path), f"{path} [head]")
+        meta = d / "audio_enc_metadata.json"
+        if meta.is_file():
+            comps.ctc_chars = read_ctc_chars(meta)
+            if len(comps.ctc_chars) != comps.ctc_head.out_features:
+                raise OmniError(f"{meta}: {len(comps.ctc_chars)} characters but the CTC head in {path} has "
+                                f"{comps.ctc_head.out_features} outputs")
+        else:
+            comps.searched["ctc_chars"] = str(meta)
+
+
+def load_talker_dir(comps: Components, d: Path) -> None:
+    path = weights_file(d, "talker")
+    obj = read_torch_file(path)
+    cfg, _ = find_config(d)
+    comps.talker = build_talker(unwrap(obj, "talker", path), cfg, str(path))
+    comps.rvq = build_rvq(unwrap(obj, "rvq", path), f"{path} [rvq]")
+    comps.sources["talker"] = str(path)
+
+
+def load_vocoder_near(comps: Components, d: Path) -> None:
+    """A HiFi-GAN `vocoder.pt`/`hifigan.pt` in the checkpoint dir, else in one of its sibling/child dirs."""
+    candidates = [d, comps.root] + [p for p in sorted(d.iterdir()) if p.is_dir()] + \
+        [p for p in sorted(comps.root.parent.iterdir()) if p.is_dir()]
+    for c in candidates:
+        for name in KIND_FILES["vocoder"]:
+            path = find_weights_file(c, name) if c.is_dir() else None
+            if path and path.name != "model.pt":
+                cfg, _ = find_config(c)
+                comps.vocoder = build_vocoder(unwrap(read_torch_file(path), "vocoder", path), cfg, str(path))
+                comps.sources["vocoder"] = str(path)
+                return
+
+
+def read_generation_config(d: Path) -> dict[str, Any]:
+    path = d / "generation_config.json"
+    return read_json(path) if path.is_file() else {}
+
+
+def to_device(comps: Components, device: torch.device, dtype: torch.dtype | None) -> None:
+    for m in comps.modules():
+        m.eval()
+        m.to(device=device, dtype=dtype) if dtype is not None else m.to(device)
