@@ -1,0 +1,41 @@
+"""Shared test fixtures: the μOmni reference fixtures (../shared) and tiny self-built checkpoint trees."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_FIXTURE = REPO.parent / "shared" / "fixtures" / "muomni_small"
+
+sys.path.insert(0, str(REPO))
+
+
+@pytest.fixture(scope="session")
+def fixture_dir() -> Path:
+    """../shared/fixtures/muomni_small, or a skip saying why."""
+    if not (SHARED_FIXTURE / "expected.json").is_file():
+        pytest.skip(f"μOmni reference fixtures not found at {SHARED_FIXTURE} (../shared beside the repo)")
+    return SHARED_FIXTURE
+
+
+@pytest.fixture(scope="session")
+def expected(fixture_dir: Path) -> dict:
+    return json.loads((fixture_dir / "expected.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def tiny_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A complete random μOmni tree in the trainers' layout (read-only for tests: copy before modifying)."""
+    from tests.factory import make_tree
+    return make_tree(tmp_path_factory.mktemp("tiny") / "checkpoints")
+
+
+def run_cli(*args: str, script: str = "infer_chat.py", stdin: str | bytes | None = None,
+            timeout: float = 120, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run one of the CLIs as a user would, capturing stdout and stderr separately."""
+    return subprocess.run([sys.executable, str(REPO / script), *args], input=stdin, capture_output=True,
+                          text=not isinstance(stdin, bytes), timeout=timeout, cwd=cwd or REPO)
