@@ -1,8 +1,36 @@
 #!/usr/bin/env python3
-"""Chat with a μOmni model from a merged safetensors export (see export.py)."""
+"""Chat with a μOmni model from a merged safetensors export (made by export.py, float32/float16/bfloat16 or int8,
+or the μOmni reference export). The weights are memory-mapped by safetensors: no pickle is involved."""
 import sys
+from pathlib import Path
 
-from utils.cli import main
+from utils.cli import build_parser, check_args, main, utf8_streams
+from utils.errors import OmniError
+from utils.export_format import export_file
+
+PROG = "infer_safetensors.py"
+
+
+def refuse_non_export(argv: list[str]) -> int | None:
+    """Exit status 1 with one `error:` line when --ckpt_dir is a directory without a merged export: this CLI reads
+    exports only (infer_chat.py reads trainer checkpoints). Usage errors and --help exit here exactly as in main;
+    a missing directory is left to the shared CLI's own message."""
+    utf8_streams()
+    parser = build_parser(PROG, __doc__)
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    ckpt_dir = Path(args.ckpt_dir)
+    if not ckpt_dir.is_dir():
+        return None
+    try:
+        export_file(ckpt_dir)
+    except OmniError as exc:
+        print(f"error: --ckpt_dir {exc}; infer_safetensors.py reads merged exports only (make one with export.py, "
+              f"or use infer_chat.py for trainer checkpoint directories)", file=sys.stderr)
+        return 1
+    return None
+
 
 if __name__ == "__main__":
-    sys.exit(main(None, "infer_safetensors.py", __doc__))
+    status = refuse_non_export(sys.argv[1:])
+    sys.exit(status if status is not None else main(None, PROG, __doc__))

@@ -1,4 +1,17 @@
-"""The Python API: `load_model(path).chat(text, image=..., audio=...)`. The CLIs are thin layers over this."""
+"""The Python API. The CLIs (utils/cli.py) are thin layers over it.
+
+    from omni import load_model
+    model = load_model("checkpoints")                      # or a merged export directory
+    model.chat("What is one plus two?")                    # -> str
+    model.chat(image="cat.png")                            # default prompt "Describe what you see concisely."
+    for piece in model.stream("Tell me a story", temperature=0.8, seed=1):
+        print(piece, end="", flush=True)
+    model.transcribe("speech.wav")                         # greedy CTC transcript
+    wave, sr = model.generate_speech("Hello there", out_path="hello.wav")
+
+Each call is an independent turn: the μOmni thinker was trained without a chat template, so there is no
+conversation history.
+"""
 from __future__ import annotations
 
 import os
@@ -6,24 +19,27 @@ import time
 import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterator, Union
+from typing import Any, Callable, Iterator, Union
 
 import numpy as np
 import torch
 from PIL import Image
 
 from models.audio import ctc_greedy_decode
-from utils.audio import load_audio, power_mel
+from utils.audio import load_audio, max_audio_seconds, power_mel, trim_audio, write_wav
 from utils.errors import OmniError
-from utils.generation import SamplingOptions, generate
+from utils.generation import DECODE_ATTENTION, SamplingOptions, generate
 from utils.image import load_image, load_video_frames, preprocess_image
 from utils.loading import Components, load_components, to_device
+from utils.speech import Speech, SpeechOptions, frames_for_text, max_talker_frames, synthesize
+from utils.tokenizer import IncrementalDecoder
 
 ImageInput = Union[str, os.PathLike, Image.Image, torch.Tensor]
 AudioInput = Union[str, os.PathLike, np.ndarray]
 
 IMAGE_PROMPT = "Describe what you see concisely."
 AUDIO_PROMPT = "What did you hear?"
+DEFAULT_VIDEO_FRAMES = 4
 
 
 @dataclass
@@ -39,25 +55,39 @@ class Answer:
     def generated_tokens(self) -> int:
         return len(self.token_ids)
 
+    def to_json(self) -> dict[str, Any]:
+        """The `--json` object (keys are a stable interface: add, never remove)."""
+        return {"text": self.text, "token_ids": self.token_ids, "prompt_tokens": self.prompt_tokens,
+                "generated_tokens": self.generated_tokens, "timing": self.timing}
+
+
+def mps_available() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
 
 def pick_device(device: str) -> torch.device:
     """'auto' picks cuda, then mps, then cpu; naming an absent device is an error."""
     if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise OmniError("--device cuda: no CUDA device is available on this machine")
-    if device == "mps" and not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
-        raise OmniError("--device mps: no Apple MPS device is available on this machine")
+        raise OmniError("--device cuda: no CUDA device is available on this machine (try --device auto or cpu)")
+    if device == "mps" and not mps_available():
+        raise OmniError("--device mps: no Apple MPS device is available on this machine (try --device auto or cpu)")
     if device not in ("cpu", "cuda", "mps"):
         raise OmniError(f"--device {device}: unknown device (use auto, cpu, cuda or mps)")
     return torch.device(device)
 
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+# What a missing component is called in messages, and which `Components.searched` entry says where it was sought.
+PARTS = {"thinker": ("a thinker checkpoint", "thinker"), "vision": ("a vision encoder checkpoint", "vision"),
+         "proj_v": ("an omni checkpoint (proj_v projector)", "vision"),
+         "audio": ("an audio encoder checkpoint", "audio"),
+         "proj_a": ("an omni checkpoint (proj_a projector)", "audio"),
+         "ctc_head": ("a CTC head in the audio encoder checkpoint", "audio"),
+         "ctc_chars": ("audio_enc_metadata.json (the CTC character map)", "ctc_chars"),
+         "talker": ("a talker checkpoint", "talker"), "rvq": ("a talker checkpoint (RVQ codec)", "talker")}
 
 
 class OmniModel:
@@ -67,21 +97,24 @@ class OmniModel:
                  load_seconds: float = 0.0) -> None:
         self.c = comps
         self.device = device
-        self.dtype = dtype or torch.float32
+        self.dtype = dtype or getattr(comps, "dtype", None) or torch.float32
         self.load_seconds = load_seconds
         to_device(comps, device, dtype)
 
+    @property
+    def components(self) -> list[str]:
+        """Names of the loaded parts, e.g. ['thinker', 'vision', 'audio', 'talker', 'vocoder']."""
+        names = ("thinker", "vision", "audio", "talker", "vocoder")
+        return [n for n in names if getattr(self.c, n) is not None]
+
     # ------------------------------------------------------------ inputs
-    def _need(self, what: str, *attrs: str) -> None:
-        for a in attrs:
-            if getattr(self.c, a) is None:
-                kind = {"vision": "vision", "proj_v": "omni projector", "audio": "audio", "proj_a": "omni projector",
-                        "thinker": "thinker", "ctc_head": "CTC head", "ctc_chars": "CTC character map",
-                        "talker": "talker", "rvq": "talker"}[a]
-                where = self.c.searched.get(a.replace("proj_v", "vision").replace("proj_a", "audio")
-                                             .replace("ctc_head", "audio").replace("rvq", "talker"),
-                                             self.c.searched.get(a, str(self.c.root)))
-                raise OmniError(f"{what} needs a {kind} checkpoint, but none was found (searched {where})")
+    def require(self, purpose: str, *parts: str) -> None:
+        """Raise a clear OmniError when a component `purpose` depends on was not found."""
+        for part in parts:
+            if getattr(self.c, part) is None:
+                label, key = PARTS[part]
+                where = self.c.searched.get(key, str(self.c.root))
+                raise OmniError(f"{purpose} needs {label}, but none was found (searched {where})")
 
     def image_tensor(self, image: ImageInput) -> torch.Tensor:
         if isinstance(image, torch.Tensor):
@@ -90,18 +123,22 @@ class OmniModel:
             return preprocess_image(image)
         return load_image(image)
 
-    def audio_wave(self, audio: AudioInput) -> np.ndarray:
+    def audio_wave(self, audio: AudioInput, whole: bool = False) -> np.ndarray:
+        """The 16 kHz waveform. From a file only the start a prompt can use is decoded (plus a second, so
+        build_prompt notices and reports the trim), unless `whole` (transcription: up to MAX_AUDIO_SECONDS)."""
         if isinstance(audio, np.ndarray):
             wave = audio.astype(np.float32, copy=False)
             if wave.ndim != 1 or wave.size == 0:
                 raise OmniError(f"audio array: expected a non-empty 1-D waveform, found shape {wave.shape}")
             return wave
-        return load_audio(audio)
+        chat_seconds = None if whole or self.c.audio is None else \
+            max_audio_seconds(self.c.ctx_len, self.c.audio.cfg.downsample) + 1.0
+        return load_audio(audio, max_seconds=chat_seconds)
 
     @torch.inference_mode()
     def encode_images(self, images: list[torch.Tensor]) -> torch.Tensor:
         """One Thinker token per image: proj_v(ViT cls), shape (N, d)."""
-        self._need("an image or video", "vision", "proj_v")
+        self.require("image or video input", "vision", "proj_v")
         batch = torch.stack(images).to(self.device, self.dtype)
         cls, _ = self.c.vision(batch)
         return self.c.proj_v(cls[:, 0])
@@ -109,30 +146,36 @@ class OmniModel:
     @torch.inference_mode()
     def encode_audio(self, wave: np.ndarray) -> torch.Tensor:
         """Audio encoder frames, (T', d_audio)."""
-        self._need("audio input", "audio")
+        self.require("audio input", "audio")
         mel = power_mel(wave).to(self.device, self.dtype)
         return self.c.audio(mel[None])[0]
 
+    @torch.inference_mode()
     def build_prompt(self, text: str, images: list[torch.Tensor], wave: np.ndarray | None,
-                     max_new_tokens: int) -> tuple[torch.Tensor, list[int], list[str]]:
-        """Embeddings [image tokens, audio tokens, tok_emb([bos] + encode(text))] and the text ids used."""
-        self._need("chat", "thinker")
+                     max_new_tokens: int, fit_max_new: bool = False
+                     ) -> tuple[torch.Tensor, list[int], list[str], int]:
+        """Embeddings [image tokens, audio tokens, tok_emb([bos] + encode(text))], the text ids used, notes,
+        and max_new_tokens. With `fit_max_new` (max_new_tokens was a default, not asked for) max_new_tokens
+        shrinks to the room the prompt leaves; otherwise the prompt is trimmed to leave room for it."""
+        self.require("chat", "thinker")
         notes: list[str] = []
         parts = []
         if images:
             parts.append(self.encode_images(images))
         if wave is not None:
-            self._need("audio input", "proj_a")
-            frames = self.encode_audio(wave)
+            self.require("audio input", "audio", "proj_a")
             limit = self.c.ctx_len // 4
-            if frames.shape[0] > limit:
-                notes.append(f"audio trimmed to its first {limit} encoder frames "
-                             f"({limit * 0.08:.1f} s) to fit the context of {self.c.ctx_len}")
-                frames = frames[:limit]
-            with torch.inference_mode():
-                parts.append(self.c.proj_a(frames))
+            seconds = max_audio_seconds(self.c.ctx_len, self.c.audio.cfg.downsample)
+            wave, cut = trim_audio(wave, seconds)  # before the mel: a long recording costs only what is used
+            frames = self.encode_audio(wave)[:limit]
+            if cut:
+                notes.append(f"audio trimmed to its first {seconds:.2f} s ({limit} encoder frames) to fit the "
+                             f"context of {self.c.ctx_len}")
+            parts.append(self.c.proj_a(frames))
         mm_len = sum(p.shape[0] for p in parts)
         ids = self.c.tokenizer.prompt_ids(text)
+        if fit_max_new:
+            max_new_tokens = max(1, min(max_new_tokens, self.c.ctx_len - mm_len - len(ids) - 1))
         budget = self.c.ctx_len - mm_len - max_new_tokens - 1
         if budget < 1:
             raise OmniError(f"--max_new_tokens {max_new_tokens}: no room left for the prompt in the context of "
@@ -141,18 +184,21 @@ class OmniModel:
             notes.append(f"prompt trimmed from {len(ids)} to {budget} tokens (its end kept) to fit the context "
                          f"of {self.c.ctx_len}")
             ids = ids[:1] + ids[len(ids) - budget + 1:]
-        with torch.inference_mode():
-            tok = self.c.thinker.tok_emb(torch.tensor(ids, device=self.device))
-            embeds = torch.cat(parts + [tok], dim=0)[None]
-        return embeds, ids, notes
+        tok = self.c.thinker.tok_emb(torch.tensor(ids, device=self.device))
+        embeds = torch.cat(parts + [tok.to(parts[0].dtype if parts else tok.dtype)], dim=0)[None]
+        return embeds, ids, notes, max_new_tokens
 
-    def _gather(self, text: str | None, image: ImageInput | list[ImageInput] | None, audio: AudioInput | None,
-                video: str | os.PathLike | None, video_frames: int, prompt: str | None) -> tuple[str, list, Any]:
-        images = []
-        if image is not None:
-            for im in image if isinstance(image, (list, tuple)) else [image]:
-                images.append(self.image_tensor(im))
+    def gather(self, text: str | None = None, image: ImageInput | list[ImageInput] | None = None,
+               audio: AudioInput | None = None, video: str | os.PathLike | None = None,
+               video_frames: int = DEFAULT_VIDEO_FRAMES, prompt: str | None = None
+               ) -> tuple[str, list[torch.Tensor], np.ndarray | None]:
+        """Decode the inputs: (prompt text, image tensors in order — images, then video frames —, waveform).
+        Without `text`, `prompt` (or a built-in prompt per modality) is used."""
+        images = [self.image_tensor(im) for im in (image if isinstance(image, (list, tuple)) else
+                                                   [image] if image is not None else [])]
         if video is not None:
+            if video_frames < 1:
+                raise OmniError(f"video_frames {video_frames}: must be at least 1")
             images.extend(load_video_frames(video, video_frames))
         wave = self.audio_wave(audio) if audio is not None else None
         if text is None:
@@ -162,62 +208,148 @@ class OmniModel:
 
     # ------------------------------------------------------------ chat
     def options(self, **overrides: Any) -> SamplingOptions:
-        """Sampling options: library defaults < generation_config.json beside the weights < explicit arguments."""
+        """Sampling options: library defaults < generation_config.json beside the weights < explicit arguments
+        (None means "not given")."""
         gc = self.c.generation_defaults
         opts = SamplingOptions()
         names = {f.name for f in fields(SamplingOptions)}
         for key in ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "decode_attention"):
-            if key in gc and key in names:
+            if gc.get(key) is not None:
                 setattr(opts, key, gc[key])
-        if gc.get("do_sample") is False and "temperature" not in overrides:
+        if gc.get("do_sample") is False:
             opts.temperature = 0.0
         for k, v in overrides.items():
             if k not in names:
-                raise TypeError(f"unknown generation option {k!r}")
+                raise TypeError(f"unknown generation option {k!r} (known: {', '.join(sorted(names))})")
             if v is not None:
                 setattr(opts, k, v)
+        check_options(opts)
         return opts
 
-    def answer(self, text: str | None = None, image: ImageInput | list[ImageInput] | None = None,
-               audio: AudioInput | None = None, video: str | os.PathLike | None = None, video_frames: int = 4,
-               prompt: str | None = None, on_token: Any = None, **gen: Any) -> Answer:
-        """Generate one answer with ids and timings; `on_token(id)` is called as each id is produced."""
+    def _generate(self, result: list[Answer], text: str | None, image: Any, audio: Any, video: Any,
+                  video_frames: int, prompt: str | None, gen: dict[str, Any]) -> Iterator[str]:
+        """Yield the answer's text pieces as they are generated; append the finished Answer to `result`."""
         opts = self.options(**gen)
-        text, images, wave = self._gather(text, image, audio, video, video_frames, prompt)
+        text, images, wave = self.gather(text, image, audio, video, video_frames, prompt)
         t0 = time.perf_counter()
-        embeds, ids, notes = self.build_prompt(text, images, wave, opts.max_new_tokens)
-        out: list[int] = []
+        embeds, ids, notes, opts.max_new_tokens = self.build_prompt(
+            text, images, wave, opts.max_new_tokens, fit_max_new=gen.get("max_new_tokens") is None)
+        detok = IncrementalDecoder(self.c.tokenizer)
         t_first = None
         for tid in generate(self.c.thinker, embeds, opts, ids):
             if t_first is None:
                 t_first = time.perf_counter()
-            out.append(tid)
-            if on_token is not None:
-                on_token(tid)
+            piece = detok.push(tid)
+            if piece:
+                yield piece
         t_end = time.perf_counter()
+        tail = detok.flush()
+        if tail:
+            yield tail
+        out = detok.ids
         t_first = t_first or t_end
         decode_s = t_end - t_first
         timing = {"load_s": round(self.load_seconds, 6), "prefill_s": round(t_first - t0, 6),
                   "decode_s": round(decode_s, 6),
                   "decode_tokens_per_s": round((len(out) - 1) / decode_s, 3) if len(out) > 1 and decode_s > 0 else 0.0}
-        return Answer(self.c.tokenizer.decode(out), out, embeds.shape[1], timing, notes)
+        result.append(Answer(detok.text, out, embeds.shape[1], timing, notes))
+
+    def answer(self, text: str | None = None, image: ImageInput | list[ImageInput] | None = None,
+               audio: AudioInput | None = None, video: str | os.PathLike | None = None,
+               video_frames: int = DEFAULT_VIDEO_FRAMES, prompt: str | None = None,
+               on_text: Callable[[str], None] | None = None, **gen: Any) -> Answer:
+        """Generate one answer with its ids and timings; `on_text(piece)` receives the text as it is generated.
+
+        `gen` are SamplingOptions: max_new_tokens, temperature (0 = greedy), top_k, top_p, repetition_penalty,
+        seed, ignore_eos, decode_attention ('reference' or 'causal')."""
+        result: list[Answer] = []
+        for piece in self._generate(result, text, image, audio, video, video_frames, prompt, gen):
+            if on_text is not None:
+                on_text(piece)
+        return result[0]
 
     def chat(self, text: str | None = None, image: ImageInput | list[ImageInput] | None = None,
              audio: AudioInput | None = None, video: str | os.PathLike | None = None, **gen: Any) -> str:
-        """The answer text only."""
+        """The answer text only (see `answer` for the options)."""
         return self.answer(text, image=image, audio=audio, video=video, **gen).text
+
+    def stream(self, text: str | None = None, image: ImageInput | list[ImageInput] | None = None,
+               audio: AudioInput | None = None, video: str | os.PathLike | None = None,
+               video_frames: int = DEFAULT_VIDEO_FRAMES, prompt: str | None = None, **gen: Any) -> Iterator[str]:
+        """The answer as an iterator of text pieces, produced as the tokens are generated; "".join(pieces) is
+        exactly what `chat` returns."""
+        yield from self._generate([], text, image, audio, video, video_frames, prompt, gen)
+
+    # ------------------------------------------------------------ batched chat
+    # chat_batch(list of requests) -> list[str] lives here (added with the batched decoding work).
 
     # ------------------------------------------------------------ transcription
     @torch.inference_mode()
     def transcribe(self, audio: AudioInput) -> str:
         """Greedy CTC transcript from the audio encoder's character head."""
-        self._need("--transcribe", "audio", "ctc_head", "ctc_chars")
-        frames = self.encode_audio(self.audio_wave(audio))
+        self.require("transcription", "audio", "ctc_head", "ctc_chars")
+        frames = self.encode_audio(self.audio_wave(audio, whole=True))
         return ctc_greedy_decode(self.c.ctc_head(frames).float(), self.c.ctc_chars)
+
+    # ------------------------------------------------------------ speech out
+    def speech_frames(self, text: str, max_frames: int | None = None) -> int:
+        """Talker frames for speaking `text` (~5 per word, 80 ms each), capped by `max_frames` and the talker."""
+        self.require("speech output", "talker", "rvq")
+        limit = max_talker_frames(self.c.talker)
+        if max_frames is not None and not 1 <= max_frames <= limit:
+            raise OmniError(f"--max_audio_frames {max_frames}: the talker generates 1 to {limit} frames")
+        return min(frames_for_text(text), max_frames or limit)
+
+    def speak(self, text: str | None = None, frames: int | None = None, max_frames: int | None = None,
+              temperature: float = 0.0, top_k: int = 0, seed: int | None = None,
+              decode_attention: str | None = None, vocoder: str = "auto",
+              progress: Callable[[int], None] | None = None) -> Speech:
+        """Synthesise speech for `text` (or exactly `frames` talker frames). The μOmni Talker is not
+        conditioned on text: the text only sets the length (~5 frames = 0.4 s per word).
+        `vocoder`: 'auto' (HiFi-GAN when a vocoder checkpoint was found, else Griffin-Lim), 'hifigan',
+        'griffin-lim'."""
+        self.require("speech output", "talker", "rvq")
+        if frames is None:
+            if text is None or not text.strip():
+                raise OmniError("speech output: the text to speak is empty (give frames= / --max_audio_frames "
+                                "to synthesise a fixed length anyway)")
+            frames = self.speech_frames(text, max_frames)
+        opts = SpeechOptions(temperature=temperature, top_k=top_k, seed=seed,
+                             decode_attention=decode_attention or self.options().decode_attention)
+        return synthesize(self.c.talker, self.c.rvq, self.c.vocoder, frames, opts, vocoder, progress)
+
+    def generate_speech(self, text: str, out_path: str | os.PathLike | None = None,
+                        **speech_options: Any) -> tuple[np.ndarray, int]:
+        """Speak `text`: returns (float32 mono waveform, sample rate 16000); with `out_path` also writes a
+        16-bit WAV atomically. Options as for `speak`."""
+        speech = self.speak(text, **speech_options)
+        if out_path is not None:
+            write_wav(out_path, speech.wave, speech.sample_rate)
+        return speech.wave, speech.sample_rate
+
+
+def check_options(opts: SamplingOptions) -> None:
+    """Reject sampling values that make no sense, whichever way they arrived (API, CLI, generation_config)."""
+    problems = []
+    if not isinstance(opts.max_new_tokens, int) or opts.max_new_tokens < 1:
+        problems.append(f"max_new_tokens {opts.max_new_tokens!r} must be a positive integer")
+    if opts.temperature < 0:
+        problems.append(f"temperature {opts.temperature} must be >= 0")
+    if opts.top_k < 0:
+        problems.append(f"top_k {opts.top_k} must be >= 0")
+    if not 0 < opts.top_p <= 1:
+        problems.append(f"top_p {opts.top_p} must be in (0, 1]")
+    if opts.repetition_penalty <= 0:
+        problems.append(f"repetition_penalty {opts.repetition_penalty} must be > 0")
+    if opts.decode_attention not in DECODE_ATTENTION:
+        problems.append(f"decode_attention {opts.decode_attention!r} must be one of {', '.join(DECODE_ATTENTION)}")
+    if problems:
+        raise OmniError("generation options: " + "; ".join(problems))
 
 
 def load_model(path: str | os.PathLike, device: str = "auto", dtype: str | torch.dtype | None = None) -> OmniModel:
-    """Load every component found under `path` (see utils.loading) onto `device`."""
+    """Load every component found under `path` (see utils.loading) onto `device` ('auto', 'cpu', 'cuda', 'mps')
+    in `dtype` ('float32', 'float16', 'bfloat16'; default: the stored weights' dtype, float32 for μOmni)."""
     t0 = time.perf_counter()
     dev = pick_device(device)
     if isinstance(dtype, str):

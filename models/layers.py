@@ -23,31 +23,38 @@ class RMSNorm(nn.Module):
 
 
 class Rotary(nn.Module):
-    """Rotate-half RoPE with cos/sin tables precomputed once for `max_len` positions."""
+    """Rotate-half RoPE with cos/sin tables precomputed once for `max_len` positions.
+
+    `rot_sin` is the sin table with its first half negated, so that rotate_half(x) * sin equals
+    x.roll(half) * rot_sin exactly (negation is exact): one roll instead of two slices, a negation and a cat.
+    """
 
     def __init__(self, head_dim: int, max_len: int, theta: float) -> None:
         super().__init__()
         inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
         ang = torch.outer(torch.arange(max_len, dtype=torch.float32), inv)
         emb = torch.cat([ang, ang], dim=-1)
+        sin = emb.sin()
         self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin(), persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+        self.register_buffer("rot_sin", torch.cat([-sin[:, :head_dim // 2], sin[:, head_dim // 2:]], dim=-1),
+                             persistent=False)
 
     @property
     def max_len(self) -> int:
         return self.cos.shape[0]
 
     def tables(self, start: int, length: int, positions: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin shaped to broadcast over (B, heads, T, dk): contiguous from `start`, or gathered per row."""
+        """(cos, rot_sin) shaped to broadcast over (B, heads, T, dk): contiguous from `start`, or gathered per
+        row from `positions` (B, T). Pass them to `apply_rotary` (or to the blocks) as they are."""
         if positions is None:
-            return self.cos[start:start + length], self.sin[start:start + length]
-        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+            return self.cos[start:start + length], self.rot_sin[start:start + length]
+        return self.cos[positions].unsqueeze(1), self.rot_sin[positions].unsqueeze(1)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, rot_sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin, with the tables from `Rotary.tables` (rot_sin: sin, first half negated)."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * rot_sin
 
 
 class KVCache:
@@ -69,6 +76,11 @@ class KVCache:
         self.k[layer, :, :, start:end] = k
         self.v[layer, :, :, start:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def values_at(self, layer: int, columns: torch.Tensor) -> torch.Tensor:
+        """The cached values of `layer` at one column per row (`columns`: (B,) long): (B, kv_heads, head_dim)."""
+        rows = torch.arange(self.v.shape[1], device=self.v.device)
+        return self.v[layer, rows, :, columns]
 
 
 class Attention(nn.Module):
@@ -101,9 +113,11 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, start, k, v)
         group = self.n_heads // self.n_kv_heads
-        if T == 1 and mask is None and group > 1:
+        if T == 1 and group > 1 and (mask is None or mask.shape[-2] == 1):
             # One query per head: fold the heads sharing a KV head into the query axis, so no K/V copy.
-            out = F.scaled_dot_product_attention(q.reshape(B, self.n_kv_heads, group, self.head_dim), k, v)
+            # A (B, 1, 1, S) mask broadcasts over the folded heads unchanged.
+            out = F.scaled_dot_product_attention(q.reshape(B, self.n_kv_heads, group, self.head_dim), k, v,
+                                                 attn_mask=mask)
             out = out.reshape(B, self.n_heads, 1, self.head_dim)
         else:
             causal = mask is None and T > 1 and k.shape[2] == T
@@ -112,6 +126,34 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                                  enable_gqa=group > 1)
         return self.o(out.transpose(1, 2).reshape(B, T, -1))
+
+    def decode(self, x: torch.Tensor, cos: torch.Tensor, rot_sin: torch.Tensor, layer: int, cache: KVCache,
+               pos: int, mask: torch.Tensor | None) -> torch.Tensor:
+        """One new position per row (x: (B, 1, d)) written to cache column `pos`, attending to columns 0..pos.
+
+        Same arithmetic as `forward` with T == 1, minus the transposes: with a single query the (B, 1, h*dk)
+        projections are already laid out as (B, heads, 1, dk), and the query heads sharing a KV head are
+        folded into the query axis (B, kv_heads, group, dk) so K/V are never repeated. `mask`: None (all
+        columns) or a boolean (B, 1, 1, pos + 1) view of a preallocated mask.
+        """
+        B = x.shape[0]
+        g, dk = self.n_kv_heads, self.head_dim
+        if self.fused_qkv:
+            q, k, v = self.qkv(x).chunk(3, dim=-1)
+        else:
+            q, k, v = self.q(x), self.k(x), self.v(x)
+        q = apply_rotary(q.view(B, g, self.n_heads // g, dk), cos, rot_sin)
+        k = apply_rotary(k.view(B, g, 1, dk), cos, rot_sin)
+        keys, values = cache.update(layer, pos, k, v.view(B, g, 1, dk))
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        return self.o(out.view(B, 1, -1))
+
+    def single_key_output(self, values: torch.Tensor) -> torch.Tensor:
+        """The attention output of a query allowed to see exactly one key: softmax over one score is exactly
+        1, so each head returns that key's value unchanged. `values` (B, kv_heads, dk) -> (B, 1, d) after `o`."""
+        group = self.n_heads // self.n_kv_heads
+        heads = values.repeat_interleave(group, dim=1) if group > 1 else values
+        return self.o(heads.reshape(values.shape[0], 1, -1))
 
 
 def causal_mask(start: int, length: int, total: int, device: torch.device) -> torch.Tensor:
@@ -195,6 +237,17 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int,
                 cache: KVCache | None, start: int, mask: torch.Tensor | None) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), cos, sin, layer, cache, start, mask)
+        ffn = self.moe if hasattr(self, "moe") else self.mlp
+        return x + ffn(self.norm2(x))
+
+    def decode(self, x: torch.Tensor, cos: torch.Tensor, rot_sin: torch.Tensor, layer: int, cache: KVCache,
+               pos: int, mask: torch.Tensor | None, attn_out: torch.Tensor | None = None) -> torch.Tensor:
+        """One decode step (x: (B, 1, d)). `attn_out`, when given, replaces the attention sub-layer's output:
+        the decode of `decode_attention="reference"`, where every new token sees only its row's first key,
+        makes that output one constant per row (see `Attention.single_key_output`)."""
+        if attn_out is None:
+            attn_out = self.attn.decode(self.norm1(x), cos, rot_sin, layer, cache, pos, mask)
+        x = x + attn_out
         ffn = self.moe if hasattr(self, "moe") else self.mlp
         return x + ffn(self.norm2(x))
 

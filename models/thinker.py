@@ -42,9 +42,9 @@ class ThinkerLM(nn.Module):
 
     def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
         b = self.cfg.block
-        p = self.lm_head.weight
+        p = self.tok_emb.weight  # never quantized: the model's float dtype
         return KVCache(self.cfg.n_layers, batch, b.n_kv_heads, max_len or self.cfg.ctx_len,
-                       b.d_model // b.n_heads, p.dtype if p.is_floating_point() else torch.float32, p.device)
+                       b.d_model // b.n_heads, p.dtype, p.device)
 
     def forward(self, x: torch.Tensor, start: int = 0, cache: KVCache | None = None,
                 positions: torch.Tensor | None = None, mask: torch.Tensor | None = None,
@@ -59,3 +59,55 @@ class ThinkerLM(nn.Module):
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.norm(x))
+
+    def decode(self, tokens: torch.Tensor, pos: int, cache: KVCache, cos: torch.Tensor, rot_sin: torch.Tensor,
+               mask: torch.Tensor | None = None, attn_out: list[torch.Tensor] | None = None,
+               hidden: bool = False) -> torch.Tensor:
+        """Logits (B, V) for one new token per row (`tokens`: (B,) long) written to cache column `pos`
+        (with `hidden`, the final-normed hidden states (B, d) that `head` turns into logits).
+
+        `cos`/`rot_sin`: rotary rows for the new tokens (from `rotary.tables`; (B, 1, 1, dk) when rows sit at
+        different positions). `mask`: None or a boolean (B, 1, 1, pos + 1) view of a preallocated key mask.
+        `attn_out`: per-layer constant attention outputs (`reference_attention`), for the reference decode.
+        """
+        x = self.tok_emb(tokens).unsqueeze(1)
+        for i, block in enumerate(self.blocks):
+            x = block.decode(x, cos, rot_sin, i, cache, pos, mask, None if attn_out is None else attn_out[i])
+        x = self.norm(x[:, 0])
+        return x if hidden else self.head(x)
+
+    @torch.no_grad()
+    def reference_attention(self, cache: KVCache, anchors: torch.Tensor) -> list[torch.Tensor]:
+        """Per layer, the attention output (B, 1, d) of a decode step that may see only cache column
+        `anchors[b]` (each row's first real position): that key's value, whatever the query. Exact."""
+        return [block.attn.single_key_output(cache.values_at(i, anchors)) for i, block in enumerate(self.blocks)]
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """lm_head on normed hidden states (B, d) -> logits (B, V).
+
+        On CPU in float32 the oneDNN matmul used for reduced precision is also used here: for a handful of
+        rows it is 2-3x faster than the BLAS gemv/gemm behind nn.Linear (measured on this tiny config's
+        32000 x 256 head); every other case is plain `lm_head`.
+        """
+        w = getattr(self.lm_head, "weight", None)
+        if (_ONEDNN_LINEAR is not None and x.device.type == "cpu" and x.dtype == torch.float32
+                and isinstance(w, torch.Tensor) and w.dtype == torch.float32 and type(self.lm_head) is nn.Linear):
+            return _ONEDNN_LINEAR(x, w, self.lm_head.bias, "none", [], "")
+        return self.lm_head(x)
+
+
+def _onednn_linear():
+    """torch.ops.mkldnn._linear_pointwise when this build has it (and it runs), else None."""
+    try:
+        if not torch.backends.mkldnn.is_available():
+            return None
+        op = torch.ops.mkldnn._linear_pointwise
+        x, w = torch.ones(1, 4), torch.ones(3, 4)
+        if not torch.equal(op(x, w, None, "none", [], ""), torch.full((1, 3), 4.0)):
+            return None
+        return op
+    except (AttributeError, RuntimeError):
+        return None
+
+
+_ONEDNN_LINEAR = _onednn_linear()

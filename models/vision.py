@@ -5,6 +5,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from models.layers import RMSNorm, count_blocks
@@ -43,7 +44,11 @@ class ViTTiny(nn.Module):
         self.norm = RMSNorm(cfg.d_model)
 
     def forward(self, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """img (B, 3, H, W) in [0, 1] -> (cls (B, 1, d), patch grid (B, N, d))."""
+        """img (B, 3, H, W) in [0, 1] -> (cls (B, 1, d), patch grid (B, N, d)). An image of another size than the
+        checkpoint's `img_size` (its `pos` table) is resized bilinearly to it first."""
+        size = self.cfg.img_size
+        if img.shape[-2:] != (size, size):
+            img = F.interpolate(img, size=(size, size), mode="bilinear", align_corners=False)
         x = self.proj(img).flatten(2).transpose(1, 2)
         x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos
         for block in self.blocks:

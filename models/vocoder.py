@@ -78,3 +78,38 @@ class HiFiGANGenerator(nn.Module):
             x = up(F.leaky_relu(x, LRELU_SLOPE))
             x = sum(self.resblocks[i * n_k + j](x) for j in range(n_k)) / n_k
         return torch.tanh(self.conv_post(F.leaky_relu(x)))
+
+
+# ---------------------------------------------------------------- Griffin-Lim (no trained vocoder needed)
+
+def mel_to_magnitude(mel_power: torch.Tensor, filterbank: torch.Tensor) -> torch.Tensor:
+    """Power mel (T, n_mels) -> linear magnitude spectrogram (n_freqs, T) through the filterbank's
+    pseudo-inverse (`filterbank` is (n_freqs, n_mels), as `mel = power_spec @ filterbank`)."""
+    inverse = torch.linalg.pinv(filterbank.double()).float()  # (n_mels, n_freqs)
+    power = (mel_power.float().clamp(min=0.0) @ inverse).clamp(min=0.0)
+    return power.sqrt().transpose(0, 1).contiguous()
+
+
+def griffin_lim(magnitude: torch.Tensor, n_fft: int, hop_length: int, win_length: int, n_iter: int = 32,
+                momentum: float = 0.99, length: int | None = None, seed: int = 0,
+                progress: "callable | None" = None) -> torch.Tensor:
+    """Waveform whose STFT magnitude approximates `magnitude` (n_freqs, frames), by fast Griffin-Lim
+    (phase retrieval with momentum). Deterministic: the initial phases come from `seed`."""
+    if win_length > n_fft or hop_length > win_length:
+        raise ValueError(f"Griffin-Lim needs hop <= win <= n_fft (got hop {hop_length}, win {win_length}, "
+                         f"n_fft {n_fft}): overlapping frames are what makes the inverse STFT defined")
+    window = torch.hann_window(win_length, device=magnitude.device)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    phase = torch.rand(magnitude.shape, generator=g).to(magnitude.device) * (2 * torch.pi)
+    angles = torch.polar(torch.ones_like(magnitude), phase)
+    previous = torch.zeros_like(angles)
+    stft = dict(n_fft=n_fft, hop_length=hop_length, win_length=win_length, window=window, center=True)
+    for _ in range(n_iter):
+        wave = torch.istft(magnitude * angles, length=length, **stft)
+        rebuilt = torch.stft(wave, pad_mode="reflect", return_complex=True, **stft)
+        angles = rebuilt - previous * (momentum / (1 + momentum)) if momentum else rebuilt
+        angles = angles / angles.abs().clamp(min=1e-16)
+        previous = rebuilt
+        if progress is not None:
+            progress(1)
+    return torch.istft(magnitude * angles, length=length, **stft)

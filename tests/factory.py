@@ -136,3 +136,77 @@ def make_tree(root: Path, attention: str = "gqa", ffn: str = "swiglu", moe: bool
                 "ctx_len": ctx_len, "thinker": thinker_json, "prompt": "You are an omni assistant.",
                 "save_dir": f"checkpoints/{n['omni']}"})
     return root
+
+
+# ---------------------------------------------------------------- in-memory twins and merged exports
+
+def reference_modules(attention: str = "gqa", ffn: str = "swiglu", moe: bool = False, audio_downsample: int = 8,
+                      seed: int = 0, vocab: int = 160, ctx_len: int = 128, thinker_heads: int = 4,
+                      rope_theta: float = 10000.0, top_k: int = 2, vision_heads: int = 2, audio_heads: int = 3,
+                      talker_heads: int = 3, talker_rope_theta: float = 10000.0) -> dict[str, torch.nn.Module]:
+    """The modules `make_tree` writes for the same arguments, built in memory with explicit configurations
+    (no loader involved): what a correct loader must reproduce. Heads, rope_theta and top-k only change the
+    computation, not the weights, so they can differ from what the tree's configs say."""
+    tcfg = thinker_config(attention, ffn, moe, vocab=vocab, ctx_len=ctx_len, n_heads=thinker_heads,
+                          rope_theta=rope_theta, top_k=top_k)
+    tk_kv = max(1, 8 // (24 // talker_heads))  # the factory talker's k projection has 8 rows (1 KV head of 8)
+    return {
+        "thinker": random_init(ThinkerLM(tcfg), seed),
+        "vision": random_init(ViTTiny(ViTConfig(d_model=16, n_layers=1, n_heads=vision_heads, d_ff=32)), seed + 1),
+        "audio": random_init(AudioEncoderTiny(AudioEncoderConfig(d_model=24, n_layers=1, n_heads=audio_heads, d_ff=48,
+                                                                 downsample=audio_downsample)), seed + 2),
+        "ctc_head": random_init(torch.nn.Linear(24, len(CHARS)), seed + 3),
+        "talker": random_init(TalkerTiny(TalkerConfig(codebook_size=128, n_layers=1, rope_theta=talker_rope_theta,
+                                                      block=BlockConfig(d_model=24, n_heads=talker_heads,
+                                                                        n_kv_heads=tk_kv, d_ff=48))), seed + 4),
+        "rvq": random_init(RVQ(128, 16, 128, 2), seed + 5),
+        "vocoder": random_init(HiFiGANGenerator(HiFiGANConfig(upsample_initial_channel=16)), seed + 6),
+        "proj_a": random_init(torch.nn.Linear(24, tcfg.d_model), seed + 7),
+        "proj_v": random_init(torch.nn.Linear(16, tcfg.d_model), seed + 8),
+    }
+
+
+def make_export(tree: Path, out: Path, name: str = "model.safetensors", compiled: bool = False,
+                with_vocoder: bool = True) -> Path:
+    """A merged export of a `make_tree` tree, written independently of the project's export.py: the component
+    state dicts under the spec's prefixes in one safetensors file, plus config.json (nested component objects and
+    the thinker keys at top level), tokenizer.model, generation_config.json, model_info.json and vocoder.pt.
+    `compiled` puts `_orig_mod.` segments inside the keys, as a torch.compile'd trainer would leave them."""
+    from safetensors.torch import save_file
+
+    def load(path: Path) -> dict:
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+    def configs_for(key: str) -> dict:
+        for p in (tree / "configs").glob("*.json"):
+            cfg = json.loads(p.read_text())
+            if cfg.get("save_dir", "").endswith(f"/{key}") or p.stem == key:
+                return {k: v for k, v in cfg.items() if k != "save_dir"}
+        return {}
+
+    omni, audio = load(tree / "omni_sft_tiny" / "omni.pt"), load(tree / "audio_enc_tiny" / "audio_enc.pt")
+    talker = load(tree / "talker_tiny" / "talker.pt")
+    parts = {"thinker": omni["thinker"], "proj_a": omni["proj_a"], "proj_v": omni["proj_v"],
+             "audio_encoder": audio["enc"], "ctc_head": audio["head"],
+             "vision_encoder": load(tree / "vision_tiny" / "vision.pt")["vit"],
+             "talker": talker["talker"], "rvq": talker["rvq"]}
+    merged = {}
+    for prefix, sd in parts.items():
+        sd = compiled_keys(sd) if compiled else sd
+        merged.update({f"{prefix}.{k}": v.contiguous() for k, v in sd.items()})
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(merged, str(out / name), metadata={"format": "pt"})
+    thinker = configs_for("thinker_tiny")
+    write_json(out / "config.json", {"model_type": "muomni", "thinker": thinker, "audio": configs_for("audio_enc_tiny"),
+                                     "vision": configs_for("vision_tiny"), "talker": configs_for("talker_tiny"),
+                                     **thinker})
+    shutil.copy(tree / "thinker_tiny" / "tokenizer.model", out / "tokenizer.model")
+    shutil.copy(tree / "audio_enc_tiny" / "audio_enc_metadata.json", out / "audio_enc_metadata.json")
+    write_json(out / "generation_config.json", {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
+                                                "max_new_tokens": 16, "do_sample": False, "temperature": 1.0,
+                                                "top_p": 1.0, "repetition_penalty": 1.0})
+    write_json(out / "model_info.json", {"model_type": "muomni", "components": {
+        "thinker": True, "audio_encoder": True, "vision_encoder": True, "talker": True, "ocr": False}})
+    if with_vocoder and (tree / "vocoder_tiny" / "vocoder.pt").is_file():
+        shutil.copy(tree / "vocoder_tiny" / "vocoder.pt", out / "vocoder.pt")
+    return out

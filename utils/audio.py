@@ -18,18 +18,63 @@ WIN_LENGTH = 400
 N_MELS = 128
 
 
-def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
-    """First channel of a wav/flac/ogg file as float32 mono at `sample_rate`."""
+# Resource guards (documented in --help).
+MAX_AUDIO_SECONDS = 600.0  # longest audio decoded whole (transcription); longer files are refused
+DECODE_BLOCK_FRAMES = 1 << 18  # frames read per block: memory follows the audio really decoded, not the header
+
+
+def max_audio_seconds(ctx_len: int, downsample: int) -> float:
+    """Longest audio a prompt can use: `ctx_len // 4` audio tokens, each `downsample` mel frames of HOP_LENGTH
+    samples at SAMPLE_RATE (ctx_len 512, downsample 8: 128 tokens = 10.24 s)."""
+    return (ctx_len // 4) * downsample * HOP_LENGTH / SAMPLE_RATE
+
+
+def trim_audio(wave: np.ndarray, max_seconds: float, sample_rate: int = SAMPLE_RATE) -> tuple[np.ndarray, bool]:
+    """The first `max_seconds` of a waveform and whether anything was cut (done before the mel spectrogram,
+    so a long recording costs no more than the part the model can use)."""
+    limit = max(1, int(max_seconds * sample_rate))
+    return (wave[:limit], True) if wave.shape[-1] > limit else (wave, False)
+
+
+def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE, max_seconds: float | None = None) -> np.ndarray:
+    """First channel of a wav/flac/ogg/mp3 file as float32 mono at `sample_rate`.
+
+    With `max_seconds` only the start of the file is decoded (never more than that many seconds, whatever the
+    header claims); without, the whole file is decoded and files longer than MAX_AUDIO_SECONDS are refused."""
     path = Path(path)
     if not path.is_file():
         raise OmniError(f"audio file {path}: not found" if not path.exists() else f"audio file {path}: not a file")
+    if path.stat().st_size == 0:
+        raise OmniError(f"audio file {path}: is empty")
     try:
-        data, sr = sf.read(str(path), dtype="float32", always_2d=True)
+        with sf.SoundFile(str(path)) as f:
+            sr, declared = f.samplerate, f.frames
+            if sr <= 0:
+                raise OmniError(f"audio file {path}: invalid sample rate {sr}")
+            if max_seconds is None:
+                if declared > MAX_AUDIO_SECONDS * sr:
+                    raise OmniError(f"audio file {path}: {declared / sr:.0f} s long (by its header), over the "
+                                    f"limit of {MAX_AUDIO_SECONDS:.0f} s of audio decoded at once")
+                wanted = int(MAX_AUDIO_SECONDS * sr) + 1
+            else:
+                wanted = max(1, int(np.ceil(max_seconds * sr)))
+            blocks, got = [], 0
+            while got < wanted:
+                block = f.read(min(DECODE_BLOCK_FRAMES, wanted - got), dtype="float32", always_2d=True)
+                if block.shape[0] == 0:
+                    break
+                blocks.append(np.array(block[:, 0], dtype=np.float32))  # first channel only, copied
+                got += block.shape[0]
+    except OmniError:
+        raise
     except Exception as exc:  # soundfile raises several types for unreadable data
-        raise OmniError(f"audio file {path}: cannot decode ({exc})") from exc
-    if data.shape[0] == 0:
+        raise OmniError(f"audio file {path}: cannot decode ({str(exc).strip() or type(exc).__name__})") from exc
+    if got == 0:
         raise OmniError(f"audio file {path}: contains no samples")
-    wave = np.ascontiguousarray(data[:, 0])
+    if max_seconds is None and got > MAX_AUDIO_SECONDS * sr:
+        raise OmniError(f"audio file {path}: longer than the limit of {MAX_AUDIO_SECONDS:.0f} s of audio decoded "
+                        f"at once")
+    wave = np.concatenate(blocks) if len(blocks) > 1 else blocks[0]
     if not np.isfinite(wave).all():
         raise OmniError(f"audio file {path}: contains NaN or infinite samples")
     return resample(wave, sr, sample_rate)
@@ -82,18 +127,31 @@ def power_mel(wave: np.ndarray | torch.Tensor, n_fft: int = N_FFT, hop_length: i
 
 
 def write_wav(path: str | os.PathLike, wave: np.ndarray, sample_rate: int = SAMPLE_RATE) -> None:
-    """Write 16-bit PCM mono atomically: a temp file in the same directory, then rename."""
+    """Write 16-bit PCM mono atomically: a temp file in the same directory, then rename, so a failure never
+    leaves a partial file. An existing non-regular target (/dev/null, a FIFO) is written in place instead:
+    renaming over it would replace the device or pipe with a plain file."""
     path = Path(path)
     if path.is_dir():
         raise OmniError(f"--audio_out {path}: is a directory")
     if not path.parent.is_dir():
-        raise OmniError(f"--audio_out {path}: directory {path.parent} does not exist")
+        raise OmniError(f"--audio_out {path}: directory {path.parent} does not exist"
+                        if not path.parent.exists() else f"--audio_out {path}: {path.parent} is not a directory")
+    data = np.clip(np.nan_to_num(np.asarray(wave, dtype=np.float32)), -1.0, 1.0)
+    if path.exists() and not path.is_file():
+        try:
+            with open(path, "wb") as f:
+                sf.write(f, data, sample_rate, subtype="PCM_16", format="WAV")
+        except Exception as exc:  # soundfile reports unwritable targets as RuntimeError/TypeError
+            raise OmniError(f"--audio_out {path}: cannot write ({str(exc).strip() or type(exc).__name__})") from exc
+        return
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        sf.write(str(tmp), np.clip(wave, -1.0, 1.0), sample_rate, subtype="PCM_16", format="WAV")
+        sf.write(str(tmp), data, sample_rate, subtype="PCM_16", format="WAV")
         os.replace(tmp, path)
     except (OSError, RuntimeError) as exc:  # soundfile reports unwritable paths as RuntimeError
-        raise OmniError(f"--audio_out {path}: cannot write ({exc})") from exc
+        raise OmniError(f"--audio_out {path}: cannot write ({str(exc).strip() or type(exc).__name__})") from exc
     finally:
-        if tmp.exists():
+        try:
             tmp.unlink()
+        except OSError:  # already renamed, never created, or its name is unusable
+            pass

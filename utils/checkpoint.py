@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import json
+import math
+import os
 import pickle
 import re
-import zipfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -40,17 +42,45 @@ def find_weights_file(directory: Path, name: str) -> Path | None:
 
 
 def read_torch_file(path: Path) -> dict[str, Any]:
-    """torch.load with weights_only=True: tensors and plain containers only, never arbitrary objects."""
+    """torch.load with weights_only=True: tensors and plain containers only, never arbitrary objects. A pickle
+    naming any other global (a class, or a function such as os.system) is refused before anything in it runs."""
+    path = Path(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise OmniError(f"checkpoint {path}: refused to load: it holds objects other than tensors and plain "
-                        f"data (weights_only loading; {str(exc).splitlines()[0]})") from exc
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise OmniError(f"checkpoint {path}: unreadable or truncated ({str(exc).splitlines()[0]})") from exc
+        size = path.stat().st_size
+    except OSError as exc:
+        raise OmniError(f"checkpoint {path}: cannot read ({exc.strerror or exc})") from exc
+    if size == 0:
+        raise OmniError(f"checkpoint {path}: is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on pickle protocols are not the user's concern
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch.load raises many types (KeyError, IndexError, RuntimeError, ...) on bad data
+        raise OmniError(f"checkpoint {path}: {torch_load_failure(exc)}") from exc
     if not isinstance(obj, dict):
         raise OmniError(f"checkpoint {path}: expected a dict of tensors, found {type(obj).__name__}")
     return obj
+
+
+_TORCH_BOILERPLATE = ("weights only load failed", "re-running", "please file an issue", "check the documentation",
+                      "in pytorch 2.6")
+
+
+def torch_load_failure(exc: BaseException) -> str:
+    """One readable clause for why torch.load rejected a file."""
+    text = str(exc)
+    blocked = re.search(r"GLOBAL ([\w.]+)", text)
+    if blocked:
+        return (f"refused to load: unpickling it would call {blocked.group(1)}, and only tensors and plain data "
+                f"are accepted (nothing in the file was run)")
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    detail = next((ln for ln in lines if not ln.lower().startswith(_TORCH_BOILERPLATE)), "")
+    detail = detail.replace("WeightsUnpickler error: ", "")
+    detail = (detail[:160] + "...") if len(detail) > 160 else detail
+    if isinstance(exc, pickle.UnpicklingError):
+        return (f"refused to load: not a PyTorch checkpoint of tensors and plain data, or corrupt "
+                f"({detail or 'rejected by the weights-only unpickler'})")
+    return f"unreadable, truncated or not a PyTorch checkpoint ({type(exc).__name__}{': ' + detail if detail else ''})"
 
 
 def strip_compile_prefix(sd: StateDict) -> StateDict:
@@ -122,6 +152,7 @@ def read_json(path: Path) -> dict[str, Any]:
 
 def config_dirs(ckpt_dir: Path) -> list[Path]:
     """Where a checkpoint directory's trainer configs may live, in the order they are searched."""
+    ckpt_dir = Path(os.path.normpath(Path(ckpt_dir).absolute()))  # parents of '.' or a relative name are real
     return [ckpt_dir / "configs", ckpt_dir.parent / "configs", ckpt_dir.parent.parent / "configs",
             Path.cwd() / "configs"]
 
@@ -137,23 +168,36 @@ def find_config(ckpt_dir: Path) -> tuple[dict[str, Any], Path | None]:
         if not d.is_dir():
             continue
         for path in sorted(d.glob("*.json")):
-            cfg = read_json(path)
+            try:
+                cfg = read_json(path)
+            except OmniError:  # an unrelated or broken file in a shared configs/ folder is not ours to judge
+                continue
             save_dir = str(cfg.get("save_dir", "")).replace("\\", "/").rstrip("/")
             if save_dir and save_dir.rsplit("/", 1)[-1] == name:
                 return cfg, path
     return {}, None
 
 
+# Resource guard: a config may not ask for more positions than this (RoPE tables and the KV cache are sized by it).
+MAX_CTX_LEN = 1 << 17
+CONFIG_INT_LIMITS = {"ctx_len": MAX_CTX_LEN}
+
+
 def config_int(cfg: dict[str, Any], key: str, default: int, source: str) -> int:
     value = cfg.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or value < 1:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or (isinstance(value, float) and not math.isfinite(value)) or int(value) != value or value < 1:
         raise OmniError(f"config {source}: '{key}' must be a positive integer, found {value!r}")
+    limit = CONFIG_INT_LIMITS.get(key)
+    if limit is not None and value > limit:
+        raise OmniError(f"config {source}: '{key}' is {int(value)}, over the limit of {limit}")
     return int(value)
 
 
 def config_float(cfg: dict[str, Any], key: str, default: float, source: str) -> float:
     value = cfg.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0 \
+            or (isinstance(value, float) and not math.isfinite(value)) or value > 1e300:
         raise OmniError(f"config {source}: '{key}' must be a positive number, found {value!r}")
     return float(value)
 

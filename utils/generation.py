@@ -1,19 +1,30 @@
-"""Autoregressive decoding for the Thinker: prefill, one-token decode steps, sampling, and the generate loop.
+"""Autoregressive decoding for the Thinker: prefill, one-token decode steps, sampling, and the generate loops
+(`generate`: one sequence, streamed; `generate_batch`: several prompts at once, left-padded).
 
 Decode attention: the reference μOmni implementation's KV-cached decode lets every generated token attend to
 the first position of the sequence only (its incremental mask is `ones(1, S).tril()`), and the μOmni expected
 outputs were produced that way. `decode_attention="reference"` reproduces it bit for bit; "causal" attends to
 every earlier position, as the models were trained.
+
+Speed: the KV cache, the masks and the per-row rotary rows are allocated once per generation and only
+sliced afterwards; the one host sync per step is reading the sampled ids. In reference mode every decode
+step of a row attends to one fixed key, and softmax over a single score is exactly 1, so the attention
+sub-layer returns that key's value whatever the query: its output is computed once after the prefill and
+reused (bit-identical to running the masked attention each step, and it skips q/k/v, RoPE and the cache
+writes that nothing would ever read).
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Iterator
 
 import torch
+from torch import nn
 
 from models.layers import KVCache
 from models.thinker import ThinkerLM
+from utils.quant import GreedyHead, greedy_head_supported
 
 EOS_ID = 2
 DECODE_ATTENTION = ("reference", "causal")
@@ -29,6 +40,7 @@ class SamplingOptions:
     seed: int | None = None
     ignore_eos: bool = False
     decode_attention: str = "reference"
+    fast_greedy: bool = True  # float32 CPU greedy: int8-screened exact argmax (utils.quant.GreedyHead)
 
 
 def first_key_mask(max_len: int, anchors: torch.Tensor) -> torch.Tensor:
@@ -39,10 +51,9 @@ def first_key_mask(max_len: int, anchors: torch.Tensor) -> torch.Tensor:
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """CTRL-style: divide positive logits of already seen ids by `penalty`, multiply negative ones."""
-    picked = logits.gather(-1, seen)
-    picked = torch.where(picked > 0, picked / penalty, picked * penalty)
-    return logits.scatter(-1, seen, picked)
+    """CTRL-style: divide positive logits of already seen ids by `penalty`, multiply negative ones.
+    `seen`: boolean (B, V), True where the id occurred in the row's prompt or answer so far."""
+    return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
 
 
 def sample(logits: torch.Tensor, opts: SamplingOptions, generator: torch.Generator | None) -> torch.Tensor:
@@ -69,41 +80,218 @@ def prefill(model: ThinkerLM, embeds: torch.Tensor, cache: KVCache) -> torch.Ten
 
 def decode_one_token(model: ThinkerLM, token: torch.Tensor, pos: int, cache: KVCache,
                      mask: torch.Tensor | None) -> torch.Tensor:
-    """Logits (B, V) for one new token per row placed at position `pos`."""
+    """Logits (B, V) for one new token per row placed at position `pos`, through the full forward pass
+    (the straightforward path; the generate loops use `ThinkerLM.decode`)."""
     return model(model.tok_emb(token[:, None]), pos, cache, mask=mask)[:, -1]
+
+
+def check_options(model: ThinkerLM, prompt_len: int, opts: SamplingOptions) -> None:
+    if opts.decode_attention not in DECODE_ATTENTION:
+        raise ValueError(f"decode_attention {opts.decode_attention!r}: use one of {', '.join(DECODE_ATTENTION)}")
+    if opts.max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens {opts.max_new_tokens}: must be >= 0")
+    if prompt_len < 1:
+        raise ValueError("generation needs a prompt of at least one position")
+    if prompt_len + opts.max_new_tokens > model.rotary.max_len:
+        raise ValueError(f"prompt of {prompt_len} positions + max_new_tokens {opts.max_new_tokens} exceeds the "
+                         f"context of {model.rotary.max_len}")
+
+
+class Decoder:
+    """KV-cached decoding of B prompts, left-padded to a common length T (row b starts at column pads[b]).
+
+    Row b's positions count from 0 at its first real column, so its numbers equal those of decoding it
+    alone. Prefill mask: causal and only real keys (a padding query sees itself, so no softmax row is
+    empty); decode mask: the real keys so far ("causal"), or the row's first real key ("reference", done as
+    the constant attention output described in the module docstring). All of it is built here, once.
+    """
+
+    def __init__(self, model: ThinkerLM, embeds: torch.Tensor, pads: list[int] | None, opts: SamplingOptions) -> None:
+        B, T, _ = embeds.shape
+        check_options(model, T, opts)
+        dev = embeds.device
+        self.model, self.embeds = model, embeds
+        self.reference = opts.decode_attention == "reference"
+        total = T + opts.max_new_tokens
+        self.cache = model.new_cache(B, total)
+        self.pos = T  # the cache column the next token goes to
+        pads = list(pads) if pads is not None else [0] * B
+        if len(pads) != B or not all(0 <= p < T for p in pads):
+            raise ValueError(f"pads {pads}: need one pad count in 0..{T - 1} per row")
+        self.anchors = torch.tensor(pads, dtype=torch.long, device=dev)
+        self.padded = any(pads)
+        self.attn_out: list[torch.Tensor] | None = None
+        self.prefill_positions = self.prefill_mask = self.key_mask = self.rope_rows = None
+        if self.padded:
+            cols = torch.arange(total, device=dev)
+            positions = (cols[None] - self.anchors[:, None]).clamp_min(0)  # (B, total)
+            real = cols[None] >= self.anchors[:, None]  # (B, total)
+            eye = torch.eye(T, dtype=torch.bool, device=dev)
+            causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
+            self.prefill_positions = positions[:, :T]
+            self.prefill_mask = (causal & (real[:, None, :T] | eye))[:, None]  # (B, 1, T, T)
+            if not self.reference:
+                self.key_mask = real[:, None, None, :]  # (B, 1, 1, total), sliced per step
+                rot = model.rotary
+                self.rope_rows = (rot.cos[positions][:, :, None, None], rot.rot_sin[positions][:, :, None, None])
+
+    def prefill(self) -> torch.Tensor:
+        """Logits (B, V) after the prompts; fills the cache (and, in reference mode, the attention constants)."""
+        logits = self.model(self.embeds, 0, self.cache, positions=self.prefill_positions, mask=self.prefill_mask,
+                            last_only=True)[:, -1]
+        if self.reference:
+            self.attn_out = self.model.reference_attention(self.cache, self.anchors)
+        self.embeds = None  # not needed any more
+        return logits
+
+    def step(self, tokens: torch.Tensor, hidden: bool = False) -> torch.Tensor:
+        """Logits (B, V) after appending `tokens` (B,) at the next column (`hidden`: the normed hidden states)."""
+        pos = self.pos
+        self.pos += 1
+        if self.reference:
+            return self.model.decode(tokens, pos, self.cache, None, None, None, self.attn_out, hidden)
+        if self.rope_rows is not None:
+            cos, rot_sin = self.rope_rows[0][:, pos], self.rope_rows[1][:, pos]
+        else:
+            rot = self.model.rotary
+            cos, rot_sin = rot.cos[pos:pos + 1], rot.rot_sin[pos:pos + 1]
+        mask = self.key_mask[..., :pos + 1] if self.key_mask is not None else None
+        return self.model.decode(tokens, pos, self.cache, cos, rot_sin, mask, None, hidden)
+
+
+_GREEDY_HEADS: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, GreedyHead]]" = weakref.WeakKeyDictionary()
+
+
+def greedy_head(model: ThinkerLM) -> GreedyHead | None:
+    """The int8-screened exact argmax for `model.lm_head` (float32 on CPU), built once per weight version."""
+    lin = model.lm_head
+    if type(lin) is not nn.Linear or not greedy_head_supported(lin.weight, lin.bias):
+        return None
+    w = lin.weight
+    if w.is_inference():
+        return None  # no version counter: an in-place update could not be noticed
+    key = (w.data_ptr(), w._version, tuple(w.shape))
+    hit = _GREEDY_HEADS.get(lin)
+    if hit is None or hit[0] != key:
+        with torch.inference_mode():
+            hit = (key, GreedyHead(w))
+        _GREEDY_HEADS[lin] = hit
+    return hit[1]
+
+
+class Picker:
+    """Turns the decoder's output into the next ids: sampling options, repetition penalty, and for plain
+    greedy float32 decoding on CPU the int8-screened exact argmax (see utils.quant.GreedyHead)."""
+
+    def __init__(self, model: ThinkerLM, dec: Decoder, opts: SamplingOptions, prompts: list[list[int]],
+                 device: torch.device) -> None:
+        self.model, self.dec, self.opts = model, dec, opts
+        self.generator = _generator(opts, device)
+        self.penalty = opts.repetition_penalty != 1.0
+        self.seen = _seen_mask(prompts, len(prompts), model.cfg.vocab_size, device) if self.penalty else None
+        self.rows = torch.arange(len(prompts), device=device)
+        greedy = opts.temperature <= 0 and not self.penalty
+        self.screen = greedy_head(model) if greedy and opts.fast_greedy else None
+
+    def pick(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.penalty:
+            logits = apply_repetition_penalty(logits, self.seen, self.opts.repetition_penalty)
+        return sample(logits, self.opts, self.generator)
+
+    def first(self) -> torch.Tensor:
+        return self.pick(self.dec.prefill())
+
+    def next(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed `tokens` (B,) and return the ids that follow them."""
+        if self.penalty:
+            self.seen[self.rows, tokens] = True
+        if self.screen is None:
+            return self.pick(self.dec.step(tokens))
+        h = self.dec.step(tokens, hidden=True)
+        picked = self.screen.argmax(h)
+        return picked if picked is not None else self.model.head(h).argmax(-1)
+
+
+def _seen_mask(prompts: list[list[int]], batch: int, vocab: int, device: torch.device) -> torch.Tensor:
+    seen = torch.zeros(batch, vocab, dtype=torch.bool, device=device)
+    for b, ids in enumerate(prompts):
+        ids = [i for i in ids if 0 <= i < vocab]
+        if ids:
+            seen[b, torch.tensor(ids, device=device)] = True
+    return seen
+
+
+def _generator(opts: SamplingOptions, device: torch.device) -> torch.Generator | None:
+    return torch.Generator(device=device).manual_seed(opts.seed) if opts.seed is not None else None
 
 
 def generate(model: ThinkerLM, embeds: torch.Tensor, opts: SamplingOptions,
              prompt_ids: list[int] | None = None) -> Iterator[int]:
     """Yield new token ids for one sequence (batch 1) until EOS or `max_new_tokens`. EOS is not yielded."""
-    total = embeds.shape[1] + opts.max_new_tokens
-    cache = model.new_cache(1, total)
-    generator = None
-    if opts.seed is not None:
-        generator = torch.Generator(device=embeds.device).manual_seed(opts.seed)
-    decode_mask = None
-    if opts.decode_attention == "reference":
-        decode_mask = first_key_mask(total, torch.zeros(1, dtype=torch.long, device=embeds.device))
-    seen = torch.zeros(1, opts.max_new_tokens + len(prompt_ids or []), dtype=torch.long, device=embeds.device)
-    n_seen = 0
-    if prompt_ids:
-        seen[0, :len(prompt_ids)] = torch.tensor(prompt_ids)
-        n_seen = len(prompt_ids)
+    if opts.max_new_tokens <= 0:
+        return
     with torch.inference_mode():
-        logits = prefill(model, embeds, cache)
-        pos = embeds.shape[1]
+        dec = Decoder(model, embeds, None, opts)
+        picker = Picker(model, dec, opts, [prompt_ids or []], embeds.device)
+        token = picker.first()
         for step in range(opts.max_new_tokens):
-            if opts.repetition_penalty != 1.0 and n_seen:
-                logits = apply_repetition_penalty(logits, seen[:, :n_seen], opts.repetition_penalty)
-            token = sample(logits, opts, generator)
             tid = int(token)  # the one sync per step: the host needs the id to stop and to stream
             if tid == EOS_ID and not opts.ignore_eos:
                 return
             yield tid
-            seen[0, n_seen] = token
-            n_seen += 1
             if step + 1 == opts.max_new_tokens:
                 return
-            mask = decode_mask[..., :pos + 1] if decode_mask is not None else None
-            logits = decode_one_token(model, token, pos, cache, mask)
-            pos += 1
+            token = picker.next(token)
+
+
+def left_pad(embeds: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
+    """Stack (T_i, d) prompts into (B, max T, d), zero padding on the left; returns it and each row's pad."""
+    T = max(e.shape[0] for e in embeds)
+    out = embeds[0].new_zeros(len(embeds), T, embeds[0].shape[-1])
+    pads = []
+    for b, e in enumerate(embeds):
+        out[b, T - e.shape[0]:] = e
+        pads.append(T - e.shape[0])
+    return out, pads
+
+
+def generate_batch(model: ThinkerLM, embeds: list[torch.Tensor], prompt_ids: list[list[int]] | None,
+                   opts: SamplingOptions) -> list[list[int]]:
+    """New token ids for several prompts at once (each embeds[i] is (T_i, d)), EOS not included.
+
+    Prompts are left-padded to a common length; each row's positions and masks make its greedy answer equal
+    to `generate` on that prompt alone. A row stops contributing once it emits EOS; the loop ends when
+    every row has finished or after `max_new_tokens`. Sampling uses one generator for the whole batch, so
+    sampled answers depend on the batch they are in (greedy ones do not).
+    """
+    if not embeds:
+        return []
+    if any(e.ndim != 2 for e in embeds):
+        raise ValueError("generate_batch: each prompt's embeddings must be (T_i, d)")
+    B = len(embeds)
+    prompt_ids = prompt_ids if prompt_ids is not None else [[] for _ in range(B)]
+    if len(prompt_ids) != B:
+        raise ValueError(f"generate_batch: {B} prompts but {len(prompt_ids)} prompt id lists")
+    out: list[list[int]] = [[] for _ in range(B)]
+    if opts.max_new_tokens <= 0:
+        return out
+    device = embeds[0].device
+    done = [False] * B
+    with torch.inference_mode():
+        x, pads = left_pad(embeds)
+        dec = Decoder(model, x, pads, opts)
+        picker = Picker(model, dec, opts, prompt_ids, device)
+        tokens = picker.first()
+        for step in range(opts.max_new_tokens):
+            ids = tokens.tolist()  # the one sync per step
+            for b, tid in enumerate(ids):
+                if done[b]:
+                    continue
+                if tid == EOS_ID and not opts.ignore_eos:
+                    done[b] = True
+                else:
+                    out[b].append(tid)
+            if all(done) or step + 1 == opts.max_new_tokens:
+                break
+            tokens = picker.next(tokens)
+    return out

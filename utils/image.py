@@ -13,6 +13,7 @@ from utils.errors import OmniError
 
 IMAGE_SIZE = 224
 MAX_IMAGE_PIXELS = 64_000_000  # refuse larger images (decompression bombs) before decoding them
+MAX_VIDEO_FRAMES = 256  # most frames taken from one video (each becomes an image token)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -35,6 +36,8 @@ def load_image(path: str | os.PathLike, size: int = IMAGE_SIZE) -> torch.Tensor:
     path = Path(path)
     if not path.is_file():
         raise OmniError(f"image file {path}: not found" if not path.exists() else f"image file {path}: not a file")
+    if path.stat().st_size == 0:
+        raise OmniError(f"image file {path}: is empty")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -53,24 +56,55 @@ def load_image(path: str | os.PathLike, size: int = IMAGE_SIZE) -> torch.Tensor:
 
 
 def load_video_frames(path: str | os.PathLike, n_frames: int = 4, size: int = IMAGE_SIZE) -> list[torch.Tensor]:
-    """`n_frames` evenly spaced frames, at positions i*total/(n+1) for i = 1..n, each preprocessed as an image."""
+    """`n_frames` evenly spaced frames, at positions i*total/(n+1) for i = 1..n, each preprocessed as an image.
+
+    Memory stays bounded whatever the video's length: the frames are counted from the container's packets
+    (nothing decoded), then decoding stops at the last frame needed and only the picked frames are kept.
+    Frames larger than MAX_IMAGE_PIXELS are refused, as images are."""
     import av  # imported here: only video needs PyAV
 
     path = Path(path)
     if not path.is_file():
         raise OmniError(f"video file {path}: not found" if not path.exists() else f"video file {path}: not a file")
+    if path.stat().st_size == 0:
+        raise OmniError(f"video file {path}: is empty")
+    if not 1 <= n_frames <= MAX_VIDEO_FRAMES:
+        raise OmniError(f"video file {path}: {n_frames} frames asked for; between 1 and the limit of "
+                        f"{MAX_VIDEO_FRAMES} can be taken")
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
                 raise OmniError(f"video file {path}: has no video stream")
             stream = container.streams.video[0]
-            frames = [f.to_image() for f in container.decode(stream)]
+            check_frame_size(path, stream.codec_context.width, stream.codec_context.height)
+            total = sum(1 for packet in container.demux(stream) if packet.size)
+        if total == 0:
+            raise OmniError(f"video file {path}: contains no frames")
+        picks = [min(total - 1, i * total // (n_frames + 1)) for i in range(1, n_frames + 1)]
+        kept: dict[int, torch.Tensor] = {}
+        last = None
+        with av.open(str(path)) as container:
+            for index, frame in enumerate(container.decode(container.streams.video[0])):
+                check_frame_size(path, frame.width, frame.height)
+                last = frame
+                if index in picks:
+                    kept[index] = preprocess_image(frame.to_image(), size)
+                if index >= picks[-1]:
+                    break
+            if last is None:
+                raise OmniError(f"video file {path}: contains no decodable frames")
+            if len(kept) < len(set(picks)):  # fewer frames decoded than packets counted: use the last one
+                tail = preprocess_image(last.to_image(), size)
+                kept = {i: kept.get(i, tail) for i in picks}
     except OmniError:
         raise
+    except EOFError as exc:  # av.error.EOFError: the container ends before its first packet
+        raise OmniError(f"video file {path}: contains no frames (the file ends before any video data)") from exc
     except Exception as exc:  # PyAV raises its own error family for unreadable containers
-        raise OmniError(f"video file {path}: cannot decode ({exc})") from exc
-    if not frames:
-        raise OmniError(f"video file {path}: contains no frames")
-    total = len(frames)
-    picks = [min(total - 1, i * total // (n_frames + 1)) for i in range(1, n_frames + 1)]
-    return [preprocess_image(frames[i], size) for i in picks]
+        raise OmniError(f"video file {path}: cannot decode ({str(exc).strip() or type(exc).__name__})") from exc
+    return [kept[i] for i in picks]
+
+
+def check_frame_size(path: Path, width: int, height: int) -> None:
+    if width * height > MAX_IMAGE_PIXELS:
+        raise OmniError(f"video file {path}: {width}x{height} frames exceed the limit of {MAX_IMAGE_PIXELS} pixels")

@@ -5,6 +5,7 @@ component dirs, a single audio-encoder dir (for transcription), or a merged safe
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,7 @@ class Components:
     rvq: RVQ | None = None
     vocoder: HiFiGANGenerator | None = None
     generation_defaults: dict[str, Any] = field(default_factory=dict)
+    dtype: torch.dtype = torch.float32  # float dtype the weights were stored in: the default compute dtype
     sources: dict[str, str] = field(default_factory=dict)
     searched: dict[str, str] = field(default_factory=dict)
     root: Path = Path(".")
@@ -79,11 +81,13 @@ def model_pt_kind(path: Path) -> str:
     for key, kind in by_key:
         if key in obj:
             return kind
-    by_param = [("tok_emb.weight", "thinker"), ("proj.weight", "audio"), ("cls", "vision"), ("start", "talker"),
+    # A bare state dict: judge by parameter names, `_orig_mod.` segments removed (torch.compile'd trainers).
+    names = {k.replace("_orig_mod.", "") for k in obj}
+    by_param = [("tok_emb.weight", "thinker"), ("cls", "vision"), ("proj.weight", "audio"), ("start", "talker"),
                 ("conv_pre.weight", "vocoder")]
     for key, kind in by_param:
-        if key in obj:
-            return "vision" if kind == "audio" and "cls" in obj else kind
+        if key in names:
+            return kind
     raise OmniError(f"checkpoint {path}: cannot tell which μOmni component it holds (keys {sorted(obj)[:8]})")
 
 
@@ -106,7 +110,7 @@ def locate_component(kind: str, base: Path, pointer: str | None) -> tuple[Path |
     """Directory of a component for an omni/root layout: the config's pointer (cwd-relative, else by basename
     among `base`'s children), else the one child directory of that kind. Returns (dir or None, what was searched)."""
     if pointer:
-        p = Path(pointer)
+        p = Path(str(pointer).replace("\\", "/"))  # configs written on Windows
         tried = [p, base / p.name]
         for cand in tried:
             if cand.is_dir():
@@ -125,27 +129,59 @@ def heads(cfg: dict[str, Any], default: int, src: str) -> int:
     return config_int(cfg, "n_heads", default, src)
 
 
+def shape_of(sd: StateDict, key: str, dims: int, src: str) -> tuple[int, ...]:
+    """A tensor's shape, checked to have `dims` dimensions (a key that is present but malformed)."""
+    shape = tuple(sd[key].shape)
+    if len(shape) != dims:
+        raise OmniError(f"{src}: wrong shape for {key} (expected {dims} dimensions, found {shape})")
+    return shape
+
+
+def read_architecture(fn, src: str):
+    """Run a `from_state_dict` reader: a malformed state dict becomes one error naming the file."""
+    try:
+        return fn()
+    except OmniError:
+        raise
+    except (KeyError, IndexError, ValueError, ZeroDivisionError, RuntimeError, TypeError) as exc:
+        raise OmniError(f"{src}: cannot read the architecture off the tensor shapes ({type(exc).__name__}: "
+                        f"{exc})") from exc
+
+
+def check_attention_split(block: Any, sd: StateDict, src: str) -> None:
+    """The KV heads read off `attn.k` must divide the configured query heads (GQA repeat_interleave)."""
+    if block.n_kv_heads < 1 or block.n_heads % block.n_kv_heads:
+        raise OmniError(f"{src}: n_heads {block.n_heads} is not a multiple of the {block.n_kv_heads} KV heads "
+                        f"implied by the shape of blocks.0.attn.k.weight "
+                        f"{tuple(sd['blocks.0.attn.k.weight'].shape) if 'blocks.0.attn.k.weight' in sd else ''}")
+
+
 def build_thinker(sd: StateDict, cfg: dict[str, Any], src: str) -> ThinkerLM:
     require(sd, ("tok_emb.weight", "lm_head.weight", "blocks.0.norm1.weight"), src)
-    tc = ThinkerConfig.from_state_dict(
-        sd, n_heads=heads(cfg, 4, src), rope_theta=config_float(cfg, "rope_theta", 10000.0, src),
+    n_heads = heads(cfg, 4, src)
+    check_head_split(shape_of(sd, "tok_emb.weight", 2, src)[1], n_heads, src)
+    tc = read_architecture(lambda: ThinkerConfig.from_state_dict(
+        sd, n_heads=n_heads, rope_theta=config_float(cfg, "rope_theta", 10000.0, src),
         ctx_len=config_int(cfg, "ctx_len", 512, src),
-        num_experts_per_tok=config_int(cfg, "num_experts_per_tok", 2, src))
+        num_experts_per_tok=config_int(cfg, "num_experts_per_tok", 2, src)), src)
     check_config_agrees(cfg, {"vocab_size": tc.vocab_size, "d_model": tc.d_model, "n_layers": tc.n_layers}, src, src)
     check_head_split(tc.d_model, tc.block.n_heads, src)
+    check_attention_split(tc.block, sd, src)
     model = ThinkerLM(tc)
     load_strict(model, sd, src)
     return model
 
 
 def check_head_split(d_model: int, n_heads: int, src: str) -> None:
-    if d_model % n_heads:
+    if n_heads > d_model or d_model % n_heads:
         raise OmniError(f"{src}: n_heads {n_heads} does not divide d_model {d_model}")
 
 
 def build_vision(sd: StateDict, cfg: dict[str, Any], src: str) -> ViTTiny:
     require(sd, ("proj.weight", "pos", "cls"), src)
-    vc = ViTConfig.from_state_dict(sd, n_heads=heads(cfg, 2, src))
+    shape_of(sd, "proj.weight", 4, src)
+    shape_of(sd, "pos", 3, src)
+    vc = read_architecture(lambda: ViTConfig.from_state_dict(sd, n_heads=heads(cfg, 2, src)), src)
     check_config_agrees(cfg, {"d_model": vc.d_model, "n_layers": vc.n_layers}, src, src)
     check_head_split(vc.d_model, vc.n_heads, src)
     model = ViTTiny(vc)
@@ -155,7 +191,8 @@ def build_vision(sd: StateDict, cfg: dict[str, Any], src: str) -> ViTTiny:
 
 def build_audio(sd: StateDict, cfg: dict[str, Any], src: str) -> AudioEncoderTiny:
     require(sd, ("proj.weight",), src)
-    ac = AudioEncoderConfig.from_state_dict(sd, n_heads=heads(cfg, 3, src))
+    shape_of(sd, "proj.weight", 2, src)
+    ac = read_architecture(lambda: AudioEncoderConfig.from_state_dict(sd, n_heads=heads(cfg, 3, src)), src)
     check_config_agrees(cfg, {"d_model": ac.d_model, "n_layers": ac.n_layers, "downsample_time": ac.downsample},
                         src, src)
     check_head_split(ac.d_model, ac.n_heads, src)
@@ -166,10 +203,13 @@ def build_audio(sd: StateDict, cfg: dict[str, Any], src: str) -> AudioEncoderTin
 
 def build_talker(sd: StateDict, cfg: dict[str, Any], src: str) -> TalkerTiny:
     require(sd, ("emb.weight", "start", "blocks.0.norm1.weight"), src)
-    tc = TalkerConfig.from_state_dict(sd, n_heads=heads(cfg, 3, src),
-                                      rope_theta=config_float(cfg, "rope_theta", 10000.0, src))
+    n_heads = heads(cfg, 3, src)
+    check_head_split(shape_of(sd, "emb.weight", 2, src)[1], n_heads, src)
+    tc = read_architecture(lambda: TalkerConfig.from_state_dict(
+        sd, n_heads=n_heads, rope_theta=config_float(cfg, "rope_theta", 10000.0, src)), src)
     check_config_agrees(cfg, {"d_model": tc.block.d_model, "n_layers": tc.n_layers}, src, src)
     check_head_split(tc.block.d_model, tc.block.n_heads, src)
+    check_attention_split(tc.block, sd, src)
     model = TalkerTiny(tc)
     load_strict(model, sd, src)
     return model
@@ -177,22 +217,24 @@ def build_talker(sd: StateDict, cfg: dict[str, Any], src: str) -> TalkerTiny:
 
 def build_rvq(sd: StateDict, src: str) -> RVQ:
     require(sd, ("codebooks.0.weight", "proj_in.weight", "proj_out.weight"), src)
-    model = RVQ.from_state_dict(sd)
+    shape_of(sd, "codebooks.0.weight", 2, src)
+    model = read_architecture(lambda: RVQ.from_state_dict(sd), src)
     load_strict(model, sd, src)
     return model
 
 
 def build_vocoder(sd: StateDict, cfg: dict[str, Any], src: str) -> HiFiGANGenerator:
     require(sd, ("conv_pre.weight", "ups.0.weight", "resblocks.0.convs1.0.weight", "conv_post.weight"), src)
-    vc = HiFiGANConfig.from_state_dict(sd, cfg.get("resblock_dilation_sizes"), cfg.get("upsample_rates"))
-    model = HiFiGANGenerator(vc)
+    vc = read_architecture(lambda: HiFiGANConfig.from_state_dict(sd, cfg.get("resblock_dilation_sizes"),
+                                                                 cfg.get("upsample_rates")), src)
+    model = read_architecture(lambda: HiFiGANGenerator(vc), src)
     load_strict(model, sd, src)
     return model
 
 
 def build_linear(sd: StateDict, src: str) -> nn.Linear:
     require(sd, ("weight", "bias"), src)
-    out_f, in_f = sd["weight"].shape
+    out_f, in_f = shape_of(sd, "weight", 2, src)
     layer = nn.Linear(in_f, out_f)
     load_strict(layer, sd, src)
     return layer
@@ -210,7 +252,9 @@ def read_ctc_chars(path: Path) -> dict[int, str]:
 
 def load_components(ckpt_dir: str | Path) -> Components:
     """Discover and load everything under `ckpt_dir` (see the module docstring for accepted layouts)."""
-    d = Path(ckpt_dir)
+    # Siblings and ../configs, ../../configs are found through the parents: '.', 'x/..' or a bare relative name
+    # must name the real directories (lexically normalised: a symlinked run directory keeps its own siblings).
+    d = Path(os.path.normpath(Path(ckpt_dir).absolute()))
     if not d.exists():
         raise OmniError(f"--ckpt_dir {d}: no such directory")
     if not d.is_dir():
@@ -236,6 +280,11 @@ def load_components(ckpt_dir: str | Path) -> Components:
             load_omni_dir(comps, omni[0], d)
         else:
             thinker, where = locate_component("thinker", d, None)
+            if thinker is None and (d / "checkpoints").is_dir() and d.name != "checkpoints":
+                return load_components(d / "checkpoints")  # the μOmni repository root
+            exports = subdirs_of_kind(d, "export") if thinker is None else []
+            if len(exports) == 1:
+                return load_components(exports[0])  # a folder holding one merged export
             if thinker is None:
                 raise OmniError(f"--ckpt_dir {d}: no μOmni checkpoint found (no {', '.join(EXPORT_NAMES)}, no "
                                 f"thinker/omni weights here or in its subdirectories)")
@@ -275,16 +324,20 @@ def set_tokenizer(comps: Components, tok: Tokenizer) -> None:
     comps.tokenizer = tok
 
 
-def load_omni_dir(comps: Components, d: Path, base: Path) -> None:
+def load_omni_dir(comps: Components, d: Path, base: Path, thinker_dir: Path | None = None,
+                  siblings: bool = True) -> None:
+    """Thinker and projectors from omni.pt; `thinker_dir` (tokenizer, config) and `siblings=False` let export.py
+    name every component itself instead of discovering them."""
     path = weights_file(d, "omni")
     obj = read_torch_file(path)
     cfg, _ = find_config(d)
     pointers = {kind: cfg.get(key) for kind, key in OMNI_POINTERS.items()}
-    thinker_dir, where = locate_component("thinker", base, pointers["thinker"])
-    if thinker_dir is None and (d / "tokenizer.model").is_file():
-        thinker_dir = d
     if thinker_dir is None:
-        raise OmniError(f"{path}: no thinker directory with tokenizer.model found (searched {where})")
+        thinker_dir, where = locate_component("thinker", base, pointers["thinker"])
+        if thinker_dir is None and (d / "tokenizer.model").is_file():
+            thinker_dir = d
+        if thinker_dir is None:
+            raise OmniError(f"{path}: no thinker directory with tokenizer.model found (searched {where})")
     thinker_cfg = dict(cfg.get("thinker") or {})
     if "ctx_len" in cfg:
         thinker_cfg.setdefault("ctx_len", cfg["ctx_len"])
@@ -308,7 +361,8 @@ def load_omni_dir(comps: Components, d: Path, base: Path) -> None:
             raise OmniError(f"checkpoint {path}: {name} outputs {layer.out_features} features but the thinker "
                             f"d_model is {d_model}")
         setattr(comps, name, layer)
-    load_siblings(comps, base, pointers)
+    if siblings:
+        load_siblings(comps, base, pointers)
     check_projector_fit(comps, str(path))
 
 
@@ -347,7 +401,7 @@ def load_audio_dir(comps: Components, d: Path) -> None:
     comps.sources["audio"] = str(path)
     if "head" in obj:
         comps.ctc_head = build_linear(unwrap(obj, "ctc_head", path), f"{path} [head]")
-        meta = d / "audio_enc_metadata.json"
+        meta = next((d / n for n in CTC_MAP_NAMES if (d / n).is_file()), d / CTC_MAP_NAMES[0])
         if meta.is_file():
             comps.ctc_chars = read_ctc_chars(meta)
             if len(comps.ctc_chars) != comps.ctc_head.out_features:
@@ -366,18 +420,45 @@ def load_talker_dir(comps: Components, d: Path) -> None:
     comps.sources["talker"] = str(path)
 
 
+def child_dirs(parent: Path) -> list[Path]:
+    if not parent.is_dir():
+        return []
+    return sorted(p for p in parent.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def named_vocoder_file(d: Path) -> Path | None:
+    """`vocoder.pt`/`hifigan.pt` (or their highest step) lying in `d`: never a `model.pt` of another kind."""
+    for name in KIND_FILES["vocoder"]:
+        path = find_weights_file(d, name)
+        if path is not None and path.name != "model.pt":
+            return path
+    return None
+
+
+def vocoder_config(d: Path) -> dict[str, Any]:
+    cfg, _ = find_config(d)
+    if cfg.get("model_type") == "muomni":  # an export's config.json: its nested object or its configs/ copy
+        nested = cfg.get("vocoder")
+        copy = d / "configs" / "vocoder_tiny.json"
+        return nested if isinstance(nested, dict) else read_json(copy) if copy.is_file() else {}
+    return cfg
+
+
 def load_vocoder_near(comps: Components, d: Path) -> None:
-    """A HiFi-GAN `vocoder.pt`/`hifigan.pt` in the checkpoint dir, else in one of its sibling/child dirs."""
-    candidates = [d, comps.root] + [p for p in sorted(d.iterdir()) if p.is_dir()] + \
-        [p for p in sorted(comps.root.parent.iterdir()) if p.is_dir()]
-    for c in candidates:
-        for name in KIND_FILES["vocoder"]:
-            path = find_weights_file(c, name) if c.is_dir() else None
-            if path and path.name != "model.pt":
-                cfg, _ = find_config(c)
-                comps.vocoder = build_vocoder(unwrap(read_torch_file(path), "vocoder", path), cfg, str(path))
-                comps.sources["vocoder"] = str(path)
-                return
+    """HiFi-GAN weights (spec §1: `vocoder.pt`, older `hifigan.pt`): lying in the checkpoint dir itself, else a
+    vocoder directory among its subdirectories or its siblings, else such a file in one of those directories
+    (an export's copy). None found: speech falls back to Griffin-Lim."""
+    near = list(dict.fromkeys([d, comps.root]))
+    around = [p for p in dict.fromkeys(child_dirs(d) + child_dirs(comps.root.parent)) if p not in near]
+    found = next(((c, p) for c in near if (p := named_vocoder_file(c))), None)
+    if found is None:
+        found = next(((c, weights_file(c, "vocoder")) for c in around if dir_kind(c) == "vocoder"), None)
+    if found is None:
+        found = next(((c, p) for c in around if (p := named_vocoder_file(c))), None)
+    if found is not None:
+        c, path = found
+        comps.vocoder = build_vocoder(unwrap(read_torch_file(path), "vocoder", path), vocoder_config(c), str(path))
+        comps.sources["vocoder"] = str(path)
 
 
 def read_generation_config(d: Path) -> dict[str, Any]:

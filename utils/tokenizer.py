@@ -34,4 +34,46 @@ class Tokenizer:
         return [BOS_ID] + self.encode(text)
 
     def decode(self, ids: list[int]) -> str:
-        return self.sp.DecodeIds(list(ids))
+        """Text of `ids`. Ids the tokenizer does not have (a thinker's embedding table may be larger than the
+        SentencePiece vocabulary, so a model can emit them) carry no text and are skipped."""
+        n = self.vocab_size
+        return self.sp.DecodeIds([int(i) for i in ids if 0 <= int(i) < n])
+
+
+class IncrementalDecoder:
+    """Streaming detokenisation: `push(id)` returns the text that id adds to the answer so far.
+
+    SentencePiece renders a piece differently depending on what precedes it (the leading "▁" of the first
+    piece is dropped, byte-fallback pieces only form a character together), so decoding ids one by one
+    loses spaces and splits multi-byte characters. Instead the whole id list is decoded each time and the
+    new suffix is emitted, held back while the text ends in U+FFFD (an incomplete UTF-8 sequence).
+    The concatenated pieces equal `decode(ids)` once `flush()` has been called.
+    """
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.emitted = ""
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(int(token_id))
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""  # wait for the rest of the character
+        return self._emit(text)
+
+    def flush(self) -> str:
+        """Whatever is still held back (e.g. a byte sequence that never completed)."""
+        return self._emit(self.tokenizer.decode(self.ids)) if self.ids else ""
+
+    @property
+    def text(self) -> str:
+        return self.tokenizer.decode(self.ids)
+
+    def _emit(self, text: str) -> str:
+        # By length, not by prefix: if a later piece ever re-renders earlier text (rare), what was already
+        # printed cannot be retracted, and the stream still advances by the right number of characters.
+        if len(text) <= len(self.emitted):
+            return ""
+        new, self.emitted = text[len(self.emitted):], text
+        return new

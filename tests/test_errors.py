@@ -1,0 +1,820 @@
+"""Issue 7: every bad or odd input ends in a clear error (or works), nothing runs, nothing is left half-written.
+
+Each case is one input given to the real CLI (infer_chat.py / infer_safetensors.py) in its own process, with a
+timeout: exit 1 with exactly one `error:` line on stderr (an input error), exit 2 (a usage error from argparse),
+or exit 0 where the input is merely unusual and must work. Never a traceback, never the CLI's catch-all
+"error: unexpected ..." line (that one means a bug), never a leftover partial file.
+
+Speed: every fresh interpreter pays ~2-3 s importing torch, which would make ~120 cases take minutes. So the
+battery runs in one helper process (this file run as a script, `--batch`) that imports torch, PyAV, soundfile,
+... once and then forks one child per case; the child points fds 0/1/2 at the case's stdin/stdout/stderr files
+and runs the script with runpy exactly as `python infer_chat.py ARGS` would, with the interpreter's exit-code
+and uncaught-exception behaviour. A few cases (`direct=True`) run as genuinely fresh interpreters instead
+(malicious pickles, invalid UTF-8 in argv and stdin, a missing CUDA device) and one case runs both ways to
+show that the two agree.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import pickle
+import re
+import shutil
+import stat
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CASE_TIMEOUT = 120.0  # seconds one CLI run may take before it counts as a hang
+MARKER = "PWNED_MARKER"  # the file a malicious pickle would create if it ever ran
+
+
+# ---------------------------------------------------------------- inputs
+
+@dataclass
+class Env:
+    """What the builders get: the shared read-only tiny tree and export, and the case's own directory."""
+    tree: Path
+    export: Path
+    d: Path
+
+
+def tone(seconds: float, sr: int = 16000, channels: int = 1) -> np.ndarray:
+    t = np.arange(int(seconds * sr)) / sr
+    wave = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+    return wave if channels == 1 else np.stack([wave] * channels, axis=1)
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_bytes(width: int, height: int, bit_depth: int = 8, color_type: int = 2, idat: bytes | None = None) -> bytes:
+    """A PNG built by hand: IHDR says what we like, IDAT holds whatever we give it."""
+    ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr) + png_chunk(b"IDAT", idat or zlib.compress(b""))
+            + png_chunk(b"IEND", b""))
+
+
+def save_image(path: Path, mode: str = "RGB", size: tuple[int, int] = (40, 30), **kw: Any) -> Path:
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8), "RGB")
+    img = img if mode == "RGB" else img.convert(mode)
+    img.save(path, **kw)
+    return path
+
+
+def copy_thinker(env: Env) -> Path:
+    """A private thinker-only directory (thinker.pt, tokenizer.model) plus its configs/ beside it."""
+    shutil.copytree(env.tree / "thinker_tiny", env.d / "thinker_tiny")
+    (env.d / "configs").mkdir()
+    shutil.copy(env.tree / "configs" / "thinker_tiny.json", env.d / "configs")
+    return env.d / "thinker_tiny"
+
+
+def edit_thinker(env: Env, edit: Callable[[dict], Any]) -> None:
+    import torch
+    d = copy_thinker(env)
+    obj = torch.load(d / "thinker.pt", weights_only=True)
+    edit(obj["model"])
+    torch.save(obj, d / "thinker.pt")
+
+
+def thinker_config(env: Env, text: str) -> None:
+    copy_thinker(env)
+    (env.d / "thinker_tiny" / "config.json").write_text(text, encoding="utf-8")
+
+
+class Evil:
+    """Unpickling this runs a shell command: a checkpoint holding it must be refused, never loaded."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return os.system, (f"touch {self.marker}",)
+
+
+def evil_checkpoint(env: Env, how: str) -> None:
+    import torch
+    marker = env.d / MARKER
+    if how == "zip":  # the normal torch.save format, as thinker.pt
+        d = copy_thinker(env)
+        torch.save({"model": Evil(marker), "optimizer": {}}, d / "thinker.pt")
+    elif how == "raw":  # a plain pickle named model.pt (the loader opens it to guess the component)
+        d = env.d / "thinker_tiny"
+        d.mkdir()
+        (d / "model.pt").write_bytes(pickle.dumps({"model": Evil(marker)}))
+        shutil.copy(env.tree / "thinker_tiny" / "tokenizer.model", d)
+    else:  # legacy (pre-zip) torch.save format, as a sibling vision checkpoint of a whole tree
+        shutil.copytree(env.tree, env.d / "checkpoints")
+        torch.save({"vit": Evil(marker)}, env.d / "checkpoints" / "vision_tiny" / "vision.pt",
+                   _use_new_zipfile_serialization=False)
+
+
+def export_copy(env: Env) -> Path:
+    shutil.copytree(env.export, env.d / "export")
+    return env.d / "export"
+
+
+def write_export(env: Env, data: bytes) -> None:
+    (export_copy(env) / "model.safetensors").write_bytes(data)
+
+
+def safetensors_bytes(header: Any, body: bytes = b"", length: int | None = None) -> bytes:
+    raw = json.dumps(header).encode()
+    return struct.pack("<Q", len(raw) if length is None else length) + raw + body
+
+
+def edit_export(env: Env, edit: Callable[[dict], Any], config: Callable[[dict], Any] | None = None) -> None:
+    from safetensors.torch import load_file, save_file
+    d = export_copy(env)
+    sd = load_file(str(d / "model.safetensors"))
+    edit(sd)
+    save_file(sd, str(d / "model.safetensors"))
+    if config:
+        cfg = json.loads((d / "config.json").read_text())
+        config(cfg)
+        (d / "config.json").write_text(json.dumps(cfg))
+
+
+def make_video(path: Path, frames: int = 6, size: int = 32, codec: str = "mpeg4") -> Path:
+    import av
+    with av.open(str(path), "w") as c:
+        s = c.add_stream(codec, rate=8)
+        s.width = s.height = size
+        s.pix_fmt = "yuv420p"
+        for i in range(frames):
+            img = np.full((size, size, 3), 40 * (i % 6), np.uint8)
+            for packet in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                c.mux(packet)
+        for packet in s.encode():
+            c.mux(packet)
+    return path
+
+
+def audio_only_container(path: Path) -> None:
+    """A Matroska file with one PCM audio stream and no video stream, written with PyAV."""
+    import av
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("pcm_s16le", rate=16000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1600), np.int16), format="s16", layout="mono")
+        frame.sample_rate = 16000
+        for packet in s.encode(frame):
+            c.mux(packet)
+        for packet in s.encode():
+            c.mux(packet)
+
+
+def zero_frame_video(path: Path) -> None:
+    """An AVI whose header declares a 32x32 MPEG-4 video stream that has no frames at all."""
+    import av
+    c = av.open(str(path), "w")
+    s = c.add_stream("mpeg4", rate=8)
+    s.width = s.height = 32
+    s.pix_fmt = "yuv420p"
+    c.start_encoding()
+    c.close()
+
+
+def write_audio(path: Path, wave: np.ndarray, sr: int, **kw: Any) -> None:
+    import soundfile as sf
+    sf.write(str(path), wave, sr, **kw)
+
+
+def flac_claiming_days(path: Path) -> None:
+    """A one-second FLAC whose STREAMINFO claims 2^36 - 1 samples (49 days at 16 kHz)."""
+    write_audio(path, tone(1.0), 16000, format="FLAC")
+    data = bytearray(path.read_bytes())
+    at = 8 + 10  # "fLaC" + block header, then 10 bytes into STREAMINFO: rate/channels/bits/total samples
+    packed = int.from_bytes(data[at:at + 8], "big") | ((1 << 36) - 1)
+    data[at:at + 8] = packed.to_bytes(8, "big")
+    path.write_bytes(bytes(data))
+
+
+# ---------------------------------------------------------------- cases
+
+@dataclass
+class Case:
+    id: str
+    args: list[str]  # "{tree}", "{export}" and "{d}" (the case's own directory) are filled in
+    rc: int
+    build: Callable[[Env], Any] | None = None
+    match: str | None = None  # regex: the error line (rc 1/2) or stderr (rc 0) must match it
+    stdin: bytes | None = None
+    script: str = "infer_chat.py"
+    direct: bool = False  # a fresh interpreter instead of a fork of the warm batch runner
+    absent: list[str] = field(default_factory=list)  # paths that must not exist afterwards
+    stdout: str | None = None  # regex stdout must match
+    check: Callable[[Env, dict], Any] | None = None  # extra assertions on (env, result)
+    raw_args: list[bytes] | None = None  # argv as bytes (direct runs only): for invalid UTF-8
+
+
+def chat(*extra: str) -> list[str]:
+    return ["--ckpt_dir", "{tree}", *extra]
+
+
+def ask(*extra: str) -> list[str]:
+    """A cheap one-shot question on the full tiny tree."""
+    return ["--ckpt_dir", "{tree}", "--max_new_tokens", "2", *extra]
+
+
+def thinker_q() -> list[str]:
+    return ["--ckpt_dir", "{d}/thinker_tiny", "--text", "hi", "--max_new_tokens", "2"]
+
+
+def img(rc: int, name: str, build: Callable[[Path], Any] | None, match: str | None = None) -> Case:
+    return Case(f"image_{name}", ask("--image", "{d}/" + name, "--text", "what is it ?"), rc,
+                (lambda env: build(env.d / name)) if build else None, match)
+
+
+def aud(rc: int, name: str, build: Callable[[Path], Any] | None, match: str | None = None, **kw: Any) -> Case:
+    return Case(f"audio_{name}", ask("--audio_in", "{d}/" + name, "--text", "what ?"), rc,
+                (lambda env: build(env.d / name)) if build else None, match, **kw)
+
+
+def vid(rc: int, name: str, build: Callable[[Path], Any] | None, match: str | None = None, extra=()) -> Case:
+    return Case(f"video_{name}", ask("--video", "{d}/" + name, *extra), rc,
+                (lambda env: build(env.d / name)) if build else None, match)
+
+
+def flag(name: str, *args: str, rc: int = 2, match: str | None = None) -> Case:
+    return Case(f"flag_{name}", chat("--text", "hi", *args), rc, None, match)
+
+
+def out_case(name: str, target: str, rc: int, build: Callable[[Env], Any] | None = None,
+             match: str | None = None, check: Callable | None = None) -> Case:
+    absent = [target] if rc and target != "{d}" else []
+    return Case(f"audio_out_{name}", ask("--text", "hello there", "--audio_out", target), rc, build, match,
+                absent=absent, check=check)
+
+
+def bytes_file(data: bytes) -> Callable[[Path], Any]:
+    return lambda p: p.write_bytes(data)
+
+
+def make_dir(p: Path) -> None:
+    p.mkdir()
+
+
+def _valid_png() -> bytes:
+    buf = io.BytesIO()
+    save_image(buf, format="PNG")  # type: ignore[arg-type]
+    return buf.getvalue()
+
+
+def _valid_jpeg() -> bytes:
+    buf = io.BytesIO()
+    save_image(buf, format="JPEG")  # type: ignore[arg-type]
+    return buf.getvalue()
+
+
+def jpeg_claiming(width: int, height: int) -> bytes:
+    """A real JPEG with its SOF0 frame header patched to claim another size."""
+    data = bytearray(_valid_jpeg())
+    at = data.index(b"\xff\xc0") + 5
+    data[at:at + 4] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+def gif_claiming(width: int, height: int) -> bytes:
+    screen = struct.pack("<HHBBB", width, height, 0, 0, 0)
+    descriptor = b"," + struct.pack("<HHHHB", 0, 0, width, height, 0)
+    return b"GIF89a" + screen + descriptor + b"\x02\x02\x44\x01\x00;"
+
+
+def real_png_bomb(path: Path) -> None:
+    """A valid 1-bit 9000x9000 PNG (81 Mpixel > MAX_IMAGE_PIXELS) whose zero rows compress to a few KB."""
+    width = height = 9000
+    row = b"\x00" + bytes((width + 7) // 8)
+    path.write_bytes(png_bytes(width, height, bit_depth=1, color_type=0, idat=zlib.compress(row * height, 9)))
+
+
+def exif_rotated(path: Path) -> None:
+    from PIL import Image
+    img = Image.new("RGB", (40, 20), (200, 10, 10))
+    exif = img.getexif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    img.save(path, exif=exif)
+
+
+def sixteen_bit(path: Path) -> None:
+    from PIL import Image
+    arr = (np.arange(30 * 40, dtype=np.uint16).reshape(30, 40) * 50)
+    Image.fromarray(arr).save(path)  # mode I;16 -> a 16-bit greyscale PNG
+
+
+def animated_gif(path: Path) -> None:
+    from PIL import Image
+    frames = [Image.new("P", (20, 20), i * 40) for i in range(3)]
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=50, loop=0)
+
+
+def truncated(data: bytes, keep: float = 0.5) -> Callable[[Path], Any]:
+    return lambda p: p.write_bytes(data[:max(1, int(len(data) * keep))])
+
+
+def wav_header_only(path: Path) -> None:
+    write_audio(path, tone(0.5), 16000, subtype="PCM_16")
+    path.write_bytes(path.read_bytes()[:44])
+
+
+def thinker_vocab_smaller_than_tokenizer(env: Env) -> None:
+    def shrink(sd: dict) -> None:
+        for key in ("tok_emb.weight", "lm_head.weight"):
+            sd[key] = sd[key][:64].clone()
+    edit_thinker(env, shrink)
+    cfg_path = env.d / "configs" / "thinker_tiny.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["vocab_size"] = 64
+    cfg_path.write_text(json.dumps(cfg))
+
+
+def omni_without_proj_v(env: Env) -> None:
+    import torch
+    shutil.copytree(env.tree, env.d / "checkpoints")
+    path = env.d / "checkpoints" / "omni_sft_tiny" / "omni.pt"
+    obj = torch.load(path, weights_only=True)
+    del obj["proj_v"]
+    torch.save(obj, path)
+
+
+def tree_copy(env: Env, edit: Callable[[Path], Any] | None = None) -> None:
+    shutil.copytree(env.tree, env.d / "checkpoints")
+    if edit:
+        edit(env.d / "checkpoints")
+
+
+def symlink_loop(env: Env) -> None:
+    d = copy_thinker(env)
+    (d / "thinker.pt").unlink()
+    os.symlink(d / "thinker.pt", d / "thinker.pt")
+
+
+def file_as_parent(env: Env) -> None:
+    (env.d / "notadir").write_text("a regular file")
+
+
+def devnull_intact(env: Env, result: dict) -> None:
+    st = os.stat("/dev/null")
+    assert stat.S_ISCHR(st.st_mode), "/dev/null was replaced by a regular file"
+
+
+def long_audio_is_quick(env: Env, result: dict) -> None:
+    # 10 minutes of audio: only the ~11 s the context can use is decoded and encoded
+    assert result["seconds"] < 60, result["seconds"]
+
+
+def same_as_fresh_interpreter(env: Env, result: dict) -> None:
+    fresh = run_direct(["--ckpt_dir", str(env.tree), "--image", str(env.d / "text.png"), "--text", "hi"],
+                       "infer_chat.py", None, env.d, CASE_TIMEOUT)
+    assert fresh["rc"] == result["rc"] and fresh["stderr"].splitlines()[-1] == result["stderr"].splitlines()[-1]
+
+
+EVIL_ABSENT = ["{d}/" + MARKER]
+TEN_MINUTES = 600.0
+
+CASES: list[Case] = [
+    # ---------------- checkpoints
+    Case("ckpt_missing_dir", ["--ckpt_dir", "{d}/nowhere", "--text", "hi"], 1, None, "no such directory"),
+    Case("ckpt_is_a_file", ["--ckpt_dir", "{d}/file.pt", "--text", "hi"], 1,
+         lambda env: (env.d / "file.pt").write_bytes(b"x"), "is a file"),
+    Case("ckpt_empty_dir", ["--ckpt_dir", "{d}/empty", "--text", "hi"], 1,
+         lambda env: (env.d / "empty").mkdir(), "no μOmni checkpoint"),
+    Case("ckpt_empty_weights_file", thinker_q(), 1,
+         lambda env: (copy_thinker(env) / "thinker.pt").write_bytes(b""), "empty"),
+    Case("ckpt_truncated_weights_file", thinker_q(), 1,
+         lambda env: truncated((env.tree / "thinker_tiny" / "thinker.pt").read_bytes())(
+             copy_thinker(env) / "thinker.pt"), "truncated"),
+    Case("ckpt_random_bytes", thinker_q(), 1,
+         lambda env: (copy_thinker(env) / "thinker.pt").write_bytes(np.random.default_rng(1).bytes(4096)),
+         "not a PyTorch checkpoint|corrupt"),
+    Case("ckpt_text_file", thinker_q(), 1,
+         lambda env: (copy_thinker(env) / "thinker.pt").write_text("model weights go here\n" * 20),
+         "not a PyTorch checkpoint"),
+    Case("ckpt_pickle_runs_code_zip", thinker_q(), 1, lambda env: evil_checkpoint(env, "zip"),
+         r"refused to load: unpickling it would call \S*system", direct=True, absent=EVIL_ABSENT),
+    Case("ckpt_pickle_runs_code_raw_model_pt", thinker_q(), 1, lambda env: evil_checkpoint(env, "raw"),
+         "refused to load", direct=True, absent=EVIL_ABSENT),
+    Case("ckpt_pickle_runs_code_legacy_sibling", ["--ckpt_dir", "{d}/checkpoints", "--text", "hi"], 1,
+         lambda env: evil_checkpoint(env, "legacy"), r"vision\.pt: refused to load", absent=EVIL_ABSENT),
+    Case("ckpt_not_a_dict", thinker_q(), 1,
+         lambda env: __import__("torch").save([1, 2, 3], copy_thinker(env) / "thinker.pt"), "expected a dict"),
+    Case("ckpt_wrapper_not_a_state_dict", thinker_q(), 1,
+         lambda env: __import__("torch").save({"model": [1, 2]}, copy_thinker(env) / "thinker.pt"),
+         "not a state dict"),
+    Case("ckpt_wrong_tensor_shape", thinker_q(), 1,
+         lambda env: edit_thinker(env, lambda sd: sd.__setitem__("lm_head.weight", sd["lm_head.weight"][:, :16])),
+         "wrong shape|lm_head"),
+    Case("ckpt_missing_tensor", thinker_q(), 1,
+         lambda env: edit_thinker(env, lambda sd: sd.pop("blocks.1.norm2.weight")), "missing key"),
+    Case("ckpt_nan_weights", thinker_q(), 1,
+         lambda env: edit_thinker(env, lambda sd: sd["norm.weight"].fill_(float("nan"))), "NaN"),
+    Case("ckpt_missing_tokenizer", thinker_q(), 1,
+         lambda env: (copy_thinker(env) / "tokenizer.model").unlink(), "tokenizer.*not found"),
+    Case("ckpt_corrupt_tokenizer", thinker_q(), 1,
+         lambda env: (copy_thinker(env) / "tokenizer.model").write_bytes(np.random.default_rng(2).bytes(2000)),
+         "not a valid SentencePiece"),
+    Case("ckpt_empty_tokenizer", thinker_q(), 1,
+         lambda env: (copy_thinker(env) / "tokenizer.model").write_bytes(b""), "tokenizer"),
+    Case("ckpt_tokenizer_larger_than_embedding", thinker_q(), 1, thinker_vocab_smaller_than_tokenizer,
+         "pieces but the thinker embedding has only 64 rows"),
+    Case("ckpt_config_invalid_json", thinker_q(), 1, lambda env: thinker_config(env, '{"d_model": 32,'),
+         "not valid JSON"),
+    Case("ckpt_config_not_an_object", thinker_q(), 1, lambda env: thinker_config(env, "[32, 2]"),
+         "expected a JSON object"),
+    Case("ckpt_config_contradicts_weights", thinker_q(), 1, lambda env: thinker_config(env, '{"d_model": 64}'),
+         "'d_model' is 64 but the weights"),
+    Case("ckpt_config_heads_do_not_divide", thinker_q(), 1, lambda env: thinker_config(env, '{"n_heads": 5}'),
+         "does not divide"),
+    Case("ckpt_config_negative_ctx_len", thinker_q(), 1, lambda env: thinker_config(env, '{"ctx_len": -5}'),
+         "positive integer"),
+    Case("ckpt_config_absurd_ctx_len", thinker_q(), 1,
+         lambda env: thinker_config(env, '{"ctx_len": 1000000000000}'), "ctx_len.*limit"),
+    Case("ckpt_config_heads_not_a_number", thinker_q(), 1, lambda env: thinker_config(env, '{"n_heads": "four"}'),
+         "positive integer"),
+    Case("ckpt_generation_config_negative_temperature", thinker_q()[:4], 1,
+         lambda env: (copy_thinker(env) / "generation_config.json").write_text('{"temperature": -1}'),
+         "temperature"),
+    Case("ckpt_generation_config_temperature_not_a_number", thinker_q()[:4], 1,
+         lambda env: (copy_thinker(env) / "generation_config.json").write_text('{"temperature": "hot"}'),
+         "temperature"),
+    Case("ckpt_omni_missing_projector", ["--ckpt_dir", "{d}/checkpoints", "--text", "hi"], 1,
+         omni_without_proj_v, "proj_v"),
+    Case("ckpt_only_a_vision_dir", ["--ckpt_dir", "{tree}/vision_tiny", "--text", "hi"], 1, None,
+         "only vision weights"),
+    Case("ckpt_weights_name_is_a_directory", thinker_q(), 1,
+         lambda env: ((copy_thinker(env) / "thinker.pt").unlink(), (env.d / "thinker_tiny" / "thinker.pt").mkdir()),
+         "no μOmni checkpoint"),
+    Case("ckpt_weights_symlink_loop", thinker_q(), 1, symlink_loop, "no μOmni checkpoint"),
+    Case("ckpt_ctc_map_disagrees_with_head", ["--ckpt_dir", "{d}/checkpoints", "--text", "hi"], 1,
+         lambda env: tree_copy(env, lambda t: (t / "audio_enc_tiny" / "audio_enc_metadata.json").write_text(
+             '{"char_to_idx": {"<BLANK>": 0, "<UNK>": 1, "a": 2}}')), "characters but the CTC head"),
+    Case("ckpt_no_talker_with_audio_out", ["--ckpt_dir", "{tree}/thinker_tiny", "--text", "hi",
+                                           "--audio_out", "{d}/speech.wav"], 1, None, "talker",
+         absent=["{d}/speech.wav"]),
+    # ---------------- merged safetensors exports
+    Case("safetensors_truncated", ["--ckpt_dir", "{d}/export", "--text", "hi"], 1,
+         lambda env: write_export(env, (env.export / "model.safetensors").read_bytes()[:5000]), "truncated",
+         script="infer_safetensors.py"),
+    Case("safetensors_empty", ["--ckpt_dir", "{d}/export", "--text", "hi"], 1,
+         lambda env: write_export(env, b""), "truncated", script="infer_safetensors.py"),
+    Case("safetensors_header_length_claims_a_terabyte", ["--ckpt_dir", "{d}/export", "--text", "hi"], 1,
+         lambda env: write_export(env, struct.pack("<Q", 1 << 40) + b'{"a": 1}'), "header too large",
+         script="infer_safetensors.py"),
+    Case("safetensors_header_length_beyond_file", ["--ckpt_dir", "{d}/export", "--text", "hi"], 1,
+         lambda env: write_export(env, safetensors_bytes({}, length=4096)), "corrupt|invalid header",
+         script="infer_safetensors.py"),
+    Case("safetensors_offsets_claim_terabytes", ["--ckpt_dir", "{d}/export", "--text", "hi"], 1,
+         lambda env: write_export(env, safetensors_bytes(
+             {"thinker.tok_emb.weight": {"dtype": "F32", "shape": [1 << 20, 1 << 20], "data_offsets": [0, 1 << 42]}},
+             b"\0" * 64)), "incomplete metadata|corrupt", script="infer_safetensors.py"),
+    Case("safetensors_offsets_disagree_with_shape", ["--ckpt_dir", "{d}/export", "--text", "hi"], 1,
+         lambda env: write_export(env, safetensors_bytes(
+             {"thinker.norm.weight": {"dtype": "F32", "shape": [1000], "data_offsets": [0, 8]}}, b"\0" * 8)),
+         "corrupt", script="infer_safetensors.py"),
+    Case("safetensors_unknown_dtype", ["--ckpt_dir", "{d}/export", "--text", "hi"], 1,
+         lambda env: write_export(env, safetensors_bytes(
+             {"thinker.norm.weight": {"dtype": "Q7", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8)),
+         "corrupt", script="infer_safetensors.py"),
+    Case("safetensors_header_not_json", ["--ckpt_dir", "{d}/export", "--text", "hi"], 1,
+         lambda env: write_export(env, struct.pack("<Q", 12) + b"not json !!!"), "corrupt",
+         script="infer_safetensors.py"),
+    Case("safetensors_is_a_pickle_that_runs_code", ["--ckpt_dir", "{d}/export", "--text", "hi"], 1,
+         lambda env: write_export(env, pickle.dumps(Evil(env.d / MARKER))), "corrupt|header",
+         script="infer_safetensors.py", absent=EVIL_ABSENT),
+    Case("safetensors_wrong_tensor_shape", ["--ckpt_dir", "{d}/export", "--text", "hi"], 1,
+         lambda env: edit_export(env, lambda sd: sd.__setitem__("thinker.lm_head.weight",
+                                                                sd["thinker.lm_head.weight"][:, :16].contiguous())),
+         "wrong shape", script="infer_safetensors.py"),
+    Case("safetensors_no_thinker", ["--ckpt_dir", "{d}/export", "--text", "hi"], 1,
+         lambda env: edit_export(env, lambda sd: [sd.pop(k) for k in list(sd) if k.startswith("thinker.")]),
+         "no thinker", script="infer_safetensors.py"),
+    Case("safetensors_unknown_prefix", ["--ckpt_dir", "{d}/export", "--text", "hi"], 1,
+         lambda env: edit_export(env, lambda sd: sd.__setitem__("mystery.weight", sd["proj_a.bias"].clone())),
+         "unexpected key prefix", script="infer_safetensors.py"),
+    Case("safetensors_config_invalid_json", ["--ckpt_dir", "{d}/export", "--text", "hi"], 1,
+         lambda env: (export_copy(env) / "config.json").write_text("{oops"), "not valid JSON",
+         script="infer_safetensors.py"),
+    Case("safetensors_config_contradicts_weights", ["--ckpt_dir", "{d}/export", "--text", "hi"], 1,
+         lambda env: edit_export(env, lambda sd: None, lambda cfg: cfg["thinker"].update(n_layers=7)),
+         "'n_layers' is 7", script="infer_safetensors.py"),
+    # ---------------- images
+    img(1, "missing.png", None, "not found"),
+    img(1, "a_dir.png", make_dir, "not a file"),
+    img(1, "empty.png", bytes_file(b""), "is empty"),
+    img(1, "text.png", bytes_file(b"this is not an image\n" * 10), "cannot decode"),
+    img(1, "truncated.png", truncated(_valid_png()), "cannot decode"),
+    img(1, "truncated.jpg", truncated(_valid_jpeg(), 0.3), "cannot decode"),
+    img(1, "png_magic_then_garbage.png", bytes_file(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4), "cannot decode"),
+    img(1, "header_100000x100000.png", bytes_file(png_bytes(100000, 100000)), "decompression bomb|pixels"),
+    img(1, "header_65000x65000.jpg", bytes_file(jpeg_claiming(65000, 65000)), "decompression bomb|pixels"),
+    img(1, "header_65535x65535.gif", bytes_file(gif_claiming(65535, 65535)), "decompression bomb|pixels"),
+    img(1, "bomb_9000x9000.png", real_png_bomb, "exceeds the limit of 64000000 pixels"),
+    img(0, "grayscale.png", lambda p: save_image(p, "L")),
+    img(0, "rgba.png", lambda p: save_image(p, "RGBA")),
+    img(0, "palette.png", lambda p: save_image(p, "P", transparency=0)),
+    img(0, "sixteen_bit.png", sixteen_bit),
+    img(0, "cmyk.jpg", lambda p: save_image(p, "CMYK")),
+    img(0, "exif_rotated.jpg", exif_rotated),
+    img(0, "one_bit.png", lambda p: save_image(p, "1")),
+    img(0, "grey_alpha.png", lambda p: save_image(p, "LA")),
+    img(0, "one_pixel.png", lambda p: save_image(p, size=(1, 1))),
+    img(0, "very_wide.png", lambda p: save_image(p, "L", size=(20000, 2))),
+    img(0, "animated.gif", animated_gif),
+    img(0, "float.tiff", lambda p: save_image(p, "F")),
+    img(0, "webp_named.jpg", lambda p: save_image(p, format="WEBP")),
+    # ---------------- audio
+    aud(1, "missing.wav", None, "not found"),
+    aud(1, "a_dir.wav", make_dir, "not a file"),
+    aud(1, "empty.wav", bytes_file(b""), "is empty"),
+    aud(1, "text.wav", bytes_file(b"not audio at all\n" * 50), "cannot decode"),
+    aud(1, "random.flac", bytes_file(np.random.default_rng(3).bytes(5000)), "cannot decode"),
+    aud(1, "zero_samples.wav", lambda p: write_audio(p, np.zeros(0, np.float32), 16000), "no samples"),
+    aud(1, "header_only.wav", wav_header_only, "no samples"),
+    aud(1, "nan_samples.wav", lambda p: write_audio(p, np.full(800, np.nan, np.float32), 16000, subtype="FLOAT"),
+        "NaN"),
+    aud(0, "8k_stereo_int16.wav", lambda p: write_audio(p, tone(1.0, 8000, 2), 8000, subtype="PCM_16")),
+    aud(0, "48k_24bit.wav", lambda p: write_audio(p, tone(1.0, 48000), 48000, subtype="PCM_24")),
+    aud(0, "speech.flac", lambda p: write_audio(p, tone(1.0), 16000, format="FLAC")),
+    aud(0, "speech.ogg", lambda p: write_audio(p, tone(1.0, 22050), 22050, format="OGG", subtype="VORBIS")),
+    aud(0, "one_sample.wav", lambda p: write_audio(p, tone(1.0)[:1], 16000)),
+    aud(0, "six_channels.wav", lambda p: write_audio(p, tone(0.5, 16000, 6), 16000)),
+    aud(0, "ten_minutes.wav", lambda p: write_audio(p, tone(TEN_MINUTES), 16000, subtype="PCM_16"),
+        r"warning: audio trimmed to its first \d+\.\d+ s", check=long_audio_is_quick),
+    aud(0, "flac_header_claims_49_days.flac", flac_claiming_days),
+    Case("audio_transcribe_header_claims_49_days", chat("--audio_in", "{d}/long.flac", "--transcribe"), 1,
+         lambda env: flac_claiming_days(env.d / "long.flac"), "over the limit of 600 s"),
+    Case("audio_transcribe_not_audio", chat("--audio_in", "{d}/x.wav", "--transcribe"), 1,
+         lambda env: (env.d / "x.wav").write_text("hello"), "cannot decode"),
+    # ---------------- video
+    vid(1, "missing.mp4", None, "not found"),
+    vid(1, "empty.mp4", bytes_file(b""), "is empty"),
+    vid(1, "text.mp4", bytes_file(b"not a video\n" * 40), "cannot decode"),
+    vid(1, "audio_only.mka", audio_only_container, "no video stream"),
+    vid(1, "zero_frames.avi", zero_frame_video, "no frames"),
+    vid(1, "zero_frames_header_only.mkv", zero_frame_video, "no frames"),
+    vid(1, "truncated.mp4", lambda p: truncated(make_video(p).read_bytes(), 0.5)(p), "no video stream|cannot decode"),
+    vid(1, "absurd_frame_count.mp4", make_video, "limit", extra=("--video_frames", "1000000")),
+    vid(0, "fewer_frames_than_asked.mp4", lambda p: make_video(p, frames=2), extra=("--video_frames", "6")),
+    vid(0, "still_image.png", lambda p: save_image(p)),
+    # ---------------- text
+    Case("text_empty", ask("--text", ""), 0),
+    Case("text_whitespace_only", ask("--text", " \t "), 0),
+    Case("text_control_characters", ask("--text", "bell\x07 esc\x1b[2J del\x7f \x01\x02 tab\t end"), 0),
+    Case("text_120k_characters_argv", ask("--text", "what is one plus two ? " * 5200), 0,
+         match=r"warning: prompt trimmed"),
+    Case("stdin_200k_characters", chat("--max_new_tokens", "2"), 0,
+         stdin=("hello world how are you " * 8400).encode() + b"\n", match=r"warning: line 1: prompt trimmed"),
+    Case("stdin_invalid_utf8", chat("--max_new_tokens", "2"), 0, direct=True,
+         stdin=b"caf\xe9 \xff\xfe hello\n\xc3\x28 \xa0\xa1\n", stdout=r"^[^\n]*\n[^\n]*\n$"),
+    Case("stdin_nul_and_control_bytes", chat("--max_new_tokens", "2"), 0,
+         stdin=b"a\x00b\x07c\x1b[0m\r\n\x00\x00\n", stdout=r"^[^\n]*\n[^\n]*\n$"),
+    Case("stdin_empty", chat("--max_new_tokens", "2"), 0, stdin=b"", stdout=r"^$"),
+    Case("stdin_no_final_newline", chat("--max_new_tokens", "2"), 0, stdin=b"hello", stdout=r"^[^\n]*\n$"),
+    Case("argv_invalid_utf8", [], 0, direct=True,
+         raw_args=[b"--ckpt_dir", b"{tree}", b"--max_new_tokens", b"2", b"--text", b"caf\xe9 \xff hello"]),
+    # ---------------- outputs
+    out_case("missing_directory", "{d}/missing/out.wav", 1, match="does not exist"),
+    out_case("onto_a_directory", "{d}", 1, match="is a directory"),
+    out_case("parent_is_a_file", "{d}/notadir/out.wav", 1, file_as_parent),
+    out_case("under_proc", "/proc/muomni_issue7_test.wav", 1, match="cannot write"),
+    out_case("empty_path", "", 1, match="is a directory|empty"),
+    out_case("name_too_long", "{d}/" + "n" * 300 + ".wav", 1, match="too long|cannot write"),
+    out_case("dev_null", "/dev/null", 0, check=devnull_intact),
+    # ---------------- flags
+    flag("max_new_tokens_zero", "--max_new_tokens", "0"),
+    flag("max_new_tokens_negative", "--max_new_tokens", "-5"),
+    flag("max_new_tokens_not_a_number", "--max_new_tokens", "lots"),
+    flag("max_new_tokens_beyond_context", "--max_new_tokens", "100000", rc=1, match="no room left"),
+    flag("temperature_negative", "--temperature", "-0.5"),
+    flag("temperature_nan", "--temperature", "nan"),
+    flag("temperature_tiny", "--temperature", "1e-30", "--seed", "1", "--max_new_tokens", "3", rc=0),
+    flag("top_p_zero", "--top_p", "0"),
+    flag("top_p_above_one", "--top_p", "1.5"),
+    flag("top_p_negative", "--top_p", "-0.2"),
+    flag("top_k_negative", "--top_k", "-1"),
+    flag("top_k_larger_than_vocab", "--top_k", "1000000", "--temperature", "1", "--max_new_tokens", "2", rc=0),
+    flag("repetition_penalty_zero", "--repetition_penalty", "0"),
+    flag("seed_negative", "--seed", "-3"),
+    flag("seed_beyond_64_bits", "--seed", str(2 ** 70), "--temperature", "1", "--max_new_tokens", "2"),
+    flag("video_frames_zero", "--video_frames", "0"),
+    flag("max_audio_frames_zero", "--max_audio_frames", "0"),
+    flag("device_unknown", "--device", "tpu"),
+    flag("dtype_unknown", "--dtype", "int4"),
+    flag("unknown_option", "--frobnicate"),
+    Case("flag_missing_ckpt_dir", ["--text", "hi"], 2),
+    Case("flag_transcribe_without_audio", chat("--transcribe"), 2),
+    Case("flag_audio_out_in_pipe_mode", chat("--audio_out", "{d}/x.wav"), 2, absent=["{d}/x.wav"]),
+    Case("flag_device_cuda_absent", chat("--text", "hi", "--device", "cuda"), 1, match="cuda", direct=True),
+    Case("image_text_png_fresh_interpreter_agrees", ask("--image", "{d}/text.png", "--text", "hi"), 1,
+         lambda env: (env.d / "text.png").write_text("not an image"), "cannot decode",
+         check=same_as_fresh_interpreter),
+]
+
+
+# ---------------------------------------------------------------- running
+
+def fill(text: str, env: Env) -> str:
+    return text.replace("{tree}", str(env.tree)).replace("{export}", str(env.export)).replace("{d}", str(env.d))
+
+
+def run_direct(args: list, script: str, stdin: bytes | None, cwd: Path, timeout: float) -> dict:
+    """A fresh interpreter, as a user would start it."""
+    t0 = time.monotonic()
+    try:
+        r = subprocess.run([sys.executable.encode(), str(REPO / script).encode(),
+                            *[a if isinstance(a, bytes) else a.encode() for a in args]],
+                           input=stdin or b"", capture_output=True, timeout=timeout, cwd=cwd)
+        rc = r.returncode
+        out, err = r.stdout, r.stderr
+    except subprocess.TimeoutExpired as exc:
+        rc, out, err = "timeout", exc.stdout or b"", exc.stderr or b""
+    return {"rc": rc, "stdout": out.decode("utf-8", "replace"), "stderr": err.decode("utf-8", "replace"),
+            "seconds": time.monotonic() - t0}
+
+
+def run_forked(job: dict) -> dict:
+    """One case in a child of this (warm) process: fds 0/1/2 are the case's files, then the script runs under
+    runpy as `__main__`, exactly as `python SCRIPT ARGS` would run it."""
+    import runpy
+    import signal
+    import tempfile
+    import traceback
+
+    work = Path(tempfile.mkdtemp(prefix="case_"))
+    (work / "stdin").write_bytes(base64.b64decode(job["stdin"]))
+    t0 = time.monotonic()
+    pid = os.fork()
+    if pid == 0:  # child
+        code = 1
+        try:
+            for fd, name, mode in ((0, "stdin", os.O_RDONLY), (1, "stdout", os.O_WRONLY | os.O_CREAT),
+                                   (2, "stderr", os.O_WRONLY | os.O_CREAT)):
+                os.dup2(os.open(work / name, mode, 0o600), fd)
+            sys.stdin = io.TextIOWrapper(io.BufferedReader(io.FileIO(0, "r", closefd=False)),
+                                         encoding=sys.__stdin__.encoding, errors=sys.__stdin__.errors)
+            sys.stdout = io.TextIOWrapper(io.BufferedWriter(io.FileIO(1, "w", closefd=False)),
+                                          encoding=sys.__stdout__.encoding, errors=sys.__stdout__.errors)
+            sys.stderr = io.TextIOWrapper(io.BufferedWriter(io.FileIO(2, "w", closefd=False)),
+                                          encoding=sys.__stderr__.encoding, errors="backslashreplace",
+                                          line_buffering=True)
+            os.chdir(job["cwd"])
+            script = str(REPO / job["script"])
+            sys.argv = [script, *job["args"]]
+            sys.path[0] = str(REPO)
+            try:
+                runpy.run_path(script, run_name="__main__")
+                code = 0
+            except SystemExit as exc:
+                if exc.code is None or isinstance(exc.code, int):
+                    code = exc.code or 0
+                else:
+                    print(exc.code, file=sys.stderr)
+                    code = 1
+            except BaseException:  # what the interpreter does with an uncaught exception
+                traceback.print_exc()
+                code = 1
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except Exception:
+                    pass
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    deadline = t0 + job["timeout"]
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            rc: Any = os.waitstatus_to_exitcode(status)
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            rc = "timeout"
+            break
+        time.sleep(0.01)
+    result = {"rc": rc, "seconds": time.monotonic() - t0}
+    for name in ("stdout", "stderr"):
+        result[name] = (work / name).read_bytes().decode("utf-8", "replace") if (work / name).exists() else ""
+    shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
+def batch_main(jobs_file: str, results_file: str) -> None:
+    """The warm batch runner: import what every CLI run needs once, then fork a child per case."""
+    sys.path.insert(0, str(REPO))
+    import av  # noqa: F401
+    import PIL.Image  # noqa: F401
+    import safetensors.torch  # noqa: F401
+    import sentencepiece  # noqa: F401
+    import soundfile  # noqa: F401
+    import soxr  # noqa: F401
+    import torch  # noqa: F401
+
+    import omni  # noqa: F401
+    import utils.cli  # noqa: F401
+    import utils.export_format  # noqa: F401
+    import utils.speech  # noqa: F401
+    results = {job["id"]: run_forked(job) for job in json.loads(Path(jobs_file).read_text())}
+    Path(results_file).write_text(json.dumps(results))
+
+
+@pytest.fixture(scope="module")
+def outcomes(request: pytest.FixtureRequest, tiny_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Build the inputs of every selected case, run them all, return {id: result}."""
+    from tests.factory import make_export
+    selected = {item.callspec.params["case"].id for item in request.session.items
+                if getattr(item, "callspec", None) and isinstance(item.callspec.params.get("case"), Case)}
+    base = tmp_path_factory.mktemp("issue7")
+    export = make_export(tiny_tree, base / "export")
+    jobs, direct, envs = [], [], {}
+    for case in CASES:
+        if case.id not in selected:
+            continue
+        env = Env(tiny_tree, export, base / case.id)
+        env.d.mkdir()
+        envs[case.id] = env
+        if case.build:
+            case.build(env)
+        if case.direct:
+            direct.append(case)
+        else:
+            jobs.append({"id": case.id, "args": [fill(a, env) for a in case.args], "script": case.script,
+                         "stdin": base64.b64encode(case.stdin or b"").decode(), "cwd": str(env.d),
+                         "timeout": CASE_TIMEOUT})
+    results: dict[str, Any] = {}
+    if jobs:
+        jobs_file, results_file = base / "jobs.json", base / "results.json"
+        jobs_file.write_text(json.dumps(jobs))
+        r = subprocess.run([sys.executable, __file__, "--batch", str(jobs_file), str(results_file)],
+                           capture_output=True, text=True, timeout=CASE_TIMEOUT * len(jobs) + 120, cwd=REPO)
+        assert r.returncode == 0, f"the batch runner failed:\n{r.stdout}\n{r.stderr}"
+        results.update(json.loads(results_file.read_text()))
+    for case in direct:
+        env = envs[case.id]
+        args = [fill(a.decode("utf-8", "surrogateescape"), env).encode("utf-8", "surrogateescape")
+                for a in case.raw_args] if case.raw_args else [fill(a, env) for a in case.args]
+        results[case.id] = run_direct(args, case.script, case.stdin, env.d, CASE_TIMEOUT)
+    return {k: (v, envs[k]) for k, v in results.items()}
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_bad_input(case: Case, outcomes: dict) -> None:
+    if case.id == "flag_device_cuda_absent":
+        import torch
+        if torch.cuda.is_available():
+            pytest.skip("this machine has CUDA: --device cuda is not an error here")
+    result, env = outcomes[case.id]
+    err, out = result["stderr"], result["stdout"]
+    where = f"{case.id}: rc={result['rc']} ({result['seconds']:.1f} s)\nstdout: {out[-800:]!r}\nstderr: {err[-2000:]}"
+    assert result["rc"] != "timeout", "hang: " + where
+    assert "Traceback" not in err, where
+    assert not re.search(r"^error: (line \d+: )?unexpected \w+", err, re.M), "a bug reached the catch-all: " + where
+    errors = [line for line in err.splitlines() if "error:" in line]
+    if case.rc == 1:
+        assert result["rc"] == 1, where
+        assert len(errors) == 1 and errors[0].startswith("error: "), where
+        if case.match:
+            assert re.search(case.match, errors[0]), f"the error does not say /{case.match}/: " + where
+    elif case.rc == 2:
+        assert result["rc"] == 2, where
+        assert len(errors) == 1 and "usage:" in err, where
+        if case.match:
+            assert re.search(case.match, errors[0]), where
+    else:
+        assert result["rc"] == 0, where
+        assert not errors, where
+        if case.match:
+            assert re.search(case.match, err, re.M), f"stderr does not say /{case.match}/: " + where
+    if case.stdout is not None:
+        assert re.search(case.stdout, out), f"stdout does not match /{case.stdout}/: " + where
+    for path in case.absent:
+        assert not os.path.lexists(fill(path, env)), f"{fill(path, env)} exists: " + where
+    leftovers = [p for p in env.d.rglob(".*.tmp")]
+    assert not leftovers, f"partial files left: {leftovers}"
+    if case.check:
+        case.check(env, result)
+
+
+def test_battery_size() -> None:
+    """Issue 7 asks for at least 60 distinct bad or odd inputs."""
+    assert len({c.id for c in CASES}) == len(CASES) >= 60
+
+
+if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "--batch":
+    batch_main(sys.argv[2], sys.argv[3])

@@ -1,0 +1,274 @@
+"""Generation: batched == one-by-one, KV-cached == full recompute, the reference decode rule, sampling,
+bfloat16 / int8 paths and the exact int8-screened greedy argmax. No timing assertions."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+import utils.generation as gen
+from models.layers import BlockConfig
+from models.thinker import ThinkerConfig, ThinkerLM
+from utils.generation import Decoder, SamplingOptions, generate, generate_batch
+from utils.quant import GreedyHead, Int8Linear, quantize_linears_int8
+
+MODES = ("reference", "causal")
+PROMPT_LENS = (5, 1, 9, 3, 12)
+
+
+def tiny_thinker(seed: int = 0, mha: bool = False, moe: bool = False, vocab: int = 97, d: int = 32,
+                 ctx: int = 64) -> ThinkerLM:
+    block = BlockConfig(d_model=d, n_heads=4, n_kv_heads=4 if mha else 2, d_ff=2 * d, fused_qkv=mha,
+                        num_experts=4 if moe else 0)
+    model = ThinkerLM(ThinkerConfig(vocab_size=vocab, n_layers=2, block=block, ctx_len=ctx)).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (0.3 if p.dim() > 1 else 0.1) + (1.0 if p.dim() == 1 else 0))
+    return model
+
+
+def prompts(model: ThinkerLM, lens=PROMPT_LENS, seed: int = 1) -> tuple[list[torch.Tensor], list[list[int]]]:
+    g = torch.Generator().manual_seed(seed)
+    ids = [[1] + torch.randint(3, model.cfg.vocab_size, (n - 1,), generator=g).tolist() for n in lens]
+    with torch.no_grad():
+        embeds = [model.tok_emb(torch.tensor(i)) for i in ids]
+    return embeds, ids
+
+
+def one_by_one(model, embeds, ids, opts) -> list[list[int]]:
+    return [list(generate(model, e[None], opts, i)) for e, i in zip(embeds, ids)]
+
+
+# ---------------------------------------------------------------- batched == batch 1
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("arch", ["gqa", "mha", "moe"])
+def test_batch_equals_single_greedy(mode: str, arch: str) -> None:
+    model = tiny_thinker(mha=arch == "mha", moe=arch == "moe")
+    embeds, ids = prompts(model)
+    opts = SamplingOptions(max_new_tokens=10, decode_attention=mode, ignore_eos=True)
+    single = one_by_one(model, embeds, ids, opts)
+    assert generate_batch(model, embeds, ids, opts) == single
+    assert all(len(s) == 10 for s in single)
+    assert len({tuple(s) for s in single}) > 1  # the rows really differ
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_batch_equals_single_with_penalty_and_eos(mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = tiny_thinker(seed=3)
+    embeds, ids = prompts(model, seed=4)
+    opts = SamplingOptions(max_new_tokens=12, decode_attention=mode, repetition_penalty=1.3)
+    free = one_by_one(model, embeds, ids, SamplingOptions(**{**opts.__dict__, "ignore_eos": True}))
+    # Make a token that some row emits mid-answer the end-of-sequence id: those rows stop early.
+    monkeypatch.setattr(gen, "EOS_ID", free[0][4])
+    single = one_by_one(model, embeds, ids, opts)
+    assert len(single[0]) == free[0].index(free[0][4]) < 12
+    assert generate_batch(model, embeds, ids, opts) == single
+
+
+def test_batch_of_equal_lengths_and_single_row() -> None:
+    model = tiny_thinker(seed=5)
+    embeds, ids = prompts(model, lens=(6, 6, 6))
+    for mode in MODES:
+        opts = SamplingOptions(max_new_tokens=8, decode_attention=mode, ignore_eos=True)
+        assert generate_batch(model, embeds, ids, opts) == one_by_one(model, embeds, ids, opts)
+        assert generate_batch(model, embeds[:1], ids[:1], opts) == one_by_one(model, embeds[:1], ids[:1], opts)
+    assert generate_batch(model, [], [], SamplingOptions()) == []
+
+
+# ---------------------------------------------------------------- cache == recompute, reference rule
+
+def full_logits(model: ThinkerLM, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    with torch.no_grad():
+        return model(x[None], 0, None, mask=mask)[0, -1]
+
+
+@pytest.mark.parametrize("arch", ["gqa", "mha"])
+def test_cached_causal_decode_matches_full_recompute(arch: str) -> None:
+    model = tiny_thinker(seed=7, mha=arch == "mha")
+    embeds, _ = prompts(model, lens=(4, 9, 1))
+    opts = SamplingOptions(max_new_tokens=8, decode_attention="causal")
+    x, pads = gen.left_pad(embeds)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        dec = Decoder(model, x, pads, opts)
+        logits = dec.prefill()
+        seqs = [e.clone() for e in embeds]
+        for step in range(opts.max_new_tokens):
+            for b, seq in enumerate(seqs):
+                torch.testing.assert_close(logits[b], full_logits(model, seq), atol=1e-4, rtol=1e-4)
+            tokens = torch.randint(3, model.cfg.vocab_size, (len(seqs),), generator=g)
+            seqs = [torch.cat([s, model.tok_emb(t)[None]]) for s, t in zip(seqs, tokens)]
+            logits = dec.step(tokens)
+
+
+def first_key_rule_logits(model: ThinkerLM, x: torch.Tensor, prompt_len: int) -> torch.Tensor:
+    """No cache, whole sequence each time: prompt positions attend causally, every generated position
+    attends to position 0 only (the μOmni reference decode rule, written out as one full mask)."""
+    L = x.shape[0]
+    mask = torch.ones(L, L, dtype=torch.bool).tril()
+    mask[prompt_len:] = False
+    mask[prompt_len:, 0] = True
+    return full_logits(model, x, mask[None, None])
+
+
+@pytest.mark.parametrize("arch", ["gqa", "mha", "moe"])
+def test_reference_decode_follows_the_first_key_rule(arch: str) -> None:
+    model = tiny_thinker(seed=11, mha=arch == "mha", moe=arch == "moe")
+    embeds, ids = prompts(model, lens=(7, 2, 5))
+    opts = SamplingOptions(max_new_tokens=9, decode_attention="reference", ignore_eos=True)
+    expected = []
+    for e in embeds:
+        seq, out = e.clone(), []
+        for _ in range(opts.max_new_tokens):
+            t = int(first_key_rule_logits(model, seq, e.shape[0]).argmax())
+            out.append(t)
+            with torch.no_grad():
+                seq = torch.cat([seq, model.tok_emb(torch.tensor([t]))])
+        expected.append(out)
+    assert one_by_one(model, embeds, ids, opts) == expected
+    assert generate_batch(model, embeds, ids, opts) == expected
+    # and the logits themselves, through the padded batch decoder
+    x, pads = gen.left_pad(embeds)
+    with torch.no_grad():
+        dec = Decoder(model, x, pads, opts)
+        dec.prefill()
+        logits = dec.step(torch.tensor([o[0] for o in expected]))
+    for b, e in enumerate(embeds):
+        with torch.no_grad():
+            seq = torch.cat([e, model.tok_emb(torch.tensor([expected[b][0]]))])
+        torch.testing.assert_close(logits[b], first_key_rule_logits(model, seq, e.shape[0]), atol=1e-4, rtol=1e-4)
+
+
+def test_reference_and_causal_differ() -> None:
+    model = tiny_thinker(seed=2)
+    embeds, ids = prompts(model, lens=(8,))
+    a = one_by_one(model, embeds, ids, SamplingOptions(max_new_tokens=12, decode_attention="reference",
+                                                       ignore_eos=True))
+    b = one_by_one(model, embeds, ids, SamplingOptions(max_new_tokens=12, decode_attention="causal",
+                                                       ignore_eos=True))
+    assert a != b
+
+
+# ---------------------------------------------------------------- sampling
+
+def test_seeded_sampling_is_reproducible() -> None:
+    model = tiny_thinker(seed=13)
+    embeds, ids = prompts(model, lens=(6,))
+    opts = SamplingOptions(max_new_tokens=20, temperature=1.0, top_k=20, top_p=0.9, seed=123, ignore_eos=True)
+    a = one_by_one(model, embeds, ids, opts)
+    assert a == one_by_one(model, embeds, ids, opts)
+    others = [one_by_one(model, embeds, ids, SamplingOptions(**{**opts.__dict__, "seed": s})) for s in (1, 2, 3)]
+    assert any(o != a for o in others)
+    assert generate_batch(model, embeds * 2, ids * 2, opts) == generate_batch(model, embeds * 2, ids * 2, opts)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_top_k_1_equals_greedy(mode: str) -> None:
+    model = tiny_thinker(seed=17)
+    embeds, ids = prompts(model)
+    greedy = SamplingOptions(max_new_tokens=10, decode_attention=mode, ignore_eos=True)
+    topk1 = SamplingOptions(max_new_tokens=10, decode_attention=mode, ignore_eos=True, temperature=0.7, top_k=1,
+                            seed=5)
+    assert one_by_one(model, embeds, ids, topk1) == one_by_one(model, embeds, ids, greedy)
+    assert generate_batch(model, embeds, ids, topk1) == generate_batch(model, embeds, ids, greedy)
+
+
+def test_bad_options_are_refused() -> None:
+    model = tiny_thinker()
+    embeds, ids = prompts(model, lens=(4,))
+    with pytest.raises(ValueError, match="decode_attention"):
+        list(generate(model, embeds[0][None], SamplingOptions(decode_attention="sideways"), ids[0]))
+    with pytest.raises(ValueError, match="context"):
+        list(generate(model, embeds[0][None], SamplingOptions(max_new_tokens=model.cfg.ctx_len), ids[0]))
+
+
+# ---------------------------------------------------------------- bfloat16 / int8
+
+def test_bfloat16_and_int8_paths_run() -> None:
+    model = tiny_thinker(seed=19)
+    embeds, ids = prompts(model)
+    opts = SamplingOptions(max_new_tokens=6, ignore_eos=True)
+    ref = one_by_one(model, embeds, ids, opts)
+
+    bf = copy.deepcopy(model).to(torch.bfloat16)
+    bf_embeds = [e.to(torch.bfloat16) for e in embeds]
+    for mode in MODES:
+        o = SamplingOptions(**{**opts.__dict__, "decode_attention": mode})
+        out = one_by_one(bf, bf_embeds, ids, o)
+        assert [len(r) for r in out] == [6] * len(embeds)
+        assert generate_batch(bf, bf_embeds, ids, o) == out
+
+    q = copy.deepcopy(model)
+    names = quantize_linears_int8(q)
+    assert "lm_head" in names and "blocks.0.attn.q" in names
+    assert isinstance(q.lm_head, Int8Linear)
+    for mode in MODES:
+        o = SamplingOptions(**{**opts.__dict__, "decode_attention": mode})
+        out = one_by_one(q, embeds, ids, o)
+        assert [len(r) for r in out] == [6] * len(embeds)
+        assert generate_batch(q, embeds, ids, o) == out
+    # close to float: most first tokens agree on this peaky random model
+    agree = sum(a[0] == b[0] for a, b in zip(out, ref))
+    assert agree >= len(ref) - 2
+
+
+def test_int8_linear_is_close_to_linear() -> None:
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 48)
+    q = Int8Linear.from_linear(lin)
+    x = torch.randn(5, 3, 64)
+    with torch.no_grad():
+        ref, out = lin(x), q(x)
+    assert out.shape == ref.shape
+    assert (out - ref).abs().max() < 0.02 * ref.abs().max()
+
+
+def test_quantize_keeps_torch_attention_layers_float() -> None:
+    layer = torch.nn.TransformerEncoderLayer(32, 2, 64, batch_first=True, norm_first=True)
+    seq = torch.nn.Sequential(layer, torch.nn.Linear(32, 8))
+    assert quantize_linears_int8(seq) == ["1"]
+    assert type(layer.linear1) is torch.nn.Linear
+    with torch.no_grad():
+        assert seq.eval()(torch.randn(2, 5, 32)).shape == (2, 5, 8)
+
+
+# ---------------------------------------------------------------- exact int8-screened greedy argmax
+
+def test_greedy_head_is_the_exact_argmax() -> None:
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(5000, 64, generator=g) * 0.05
+    head = GreedyHead(w, k=32)
+    decided = 0
+    for scale in (0.1, 1.0, 10.0):
+        x = torch.randn(16, 64, generator=g) * scale
+        got = head.argmax(x)
+        if got is not None:
+            decided += 1
+            assert torch.equal(got, (x @ w.t()).argmax(-1))
+    assert decided >= 1
+    # near-ties the int8 copy cannot separate are either resolved exactly or handed back (None)
+    w2 = w.clone()
+    w2[7] = w2[3] * (1 + 1e-6)
+    x = w2[3][None] * 50
+    got = GreedyHead(w2, k=4).argmax(x)
+    assert got is None or int(got) == int((x @ w2.t()).argmax())
+    # exact ties go to the lowest id, as with a full argmax
+    w3 = w.clone()
+    w3[10] = w3[4000]
+    x = w3[10][None] * 20
+    got = GreedyHead(w3, k=8).argmax(x)
+    assert got is None or int(got) == 10
+
+
+def test_fast_greedy_matches_plain_greedy() -> None:
+    model = tiny_thinker(seed=23, vocab=3000, d=64)
+    embeds, ids = prompts(model)
+    for mode in MODES:
+        fast = SamplingOptions(max_new_tokens=12, decode_attention=mode, ignore_eos=True)
+        plain = SamplingOptions(**{**fast.__dict__, "fast_greedy": False})
+        assert one_by_one(model, embeds, ids, fast) == one_by_one(model, embeds, ids, plain)
+        assert generate_batch(model, embeds, ids, fast) == generate_batch(model, embeds, ids, plain)

@@ -1,0 +1,203 @@
+"""Weight-only int8 quantization of merged exports (export.py writes it, utils/export_format.py reads it).
+
+Key convention, inside `model.safetensors`:
+  `<module>.weight`        int8 [out, in]   the Linear weight, rounded to the nearest step
+  `<module>.weight_scale`  float32 [out]    one step size per output channel
+and the float weight is `weight.float() * weight_scale[:, None]`. Symmetric, no zero point:
+`scale = max|w_row| / 127`, `q = round(w / scale)` in [-127, 127]; an all-zero row has scale 0.
+Per output channel so that one large row does not coarsen the steps of every other row.
+Only the 2-D weights of nn.Linear modules are quantized; embeddings, norms, convolutions and biases stay float.
+The file's metadata and config.json carry `QUANT_METHOD` so a reader can tell.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from utils.checkpoint import StateDict
+from utils.errors import OmniError
+
+QUANT_METHOD = "int8_weight_only_per_channel"
+SCALE_SUFFIX = "_scale"
+QMAX = 127
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 weight, float32 per-row scale) for a 2-D float weight."""
+    if w.ndim != 2 or not w.is_floating_point():
+        raise ValueError(f"int8 quantization needs a 2-D float weight, got {tuple(w.shape)} {w.dtype}")
+    wf = w.float()
+    scale = wf.abs().amax(dim=1) / QMAX
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(wf / safe[:, None]).clamp_(-QMAX, QMAX).to(torch.int8)
+    return q, scale
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The float32 weight an int8 weight and its per-row scale stand for."""
+    return q.float() * scale.float()[:, None]
+
+
+def linear_weight_names(module: nn.Module) -> list[str]:
+    """State-dict names of every nn.Linear weight in `module` (the tensors int8 export quantizes)."""
+    return [f"{name}.weight" if name else "weight" for name, m in module.named_modules() if isinstance(m, nn.Linear)]
+
+
+def quantize_state_dict(sd: StateDict, names: list[str]) -> StateDict:
+    """`sd` with each weight in `names` replaced by its int8 tensor plus `<name>_scale`, order kept."""
+    wanted = set(names)
+    missing = wanted - set(sd)
+    if missing:
+        raise ValueError(f"not in the state dict: {sorted(missing)[:4]}")
+    out: StateDict = {}
+    for k, v in sd.items():
+        if k in wanted:
+            out[k], out[k + SCALE_SUFFIX] = quantize_int8(v)
+        else:
+            out[k] = v
+    return out
+
+
+def dequantize_state_dict(sd: StateDict, source: str) -> StateDict:
+    """Float state dict from one holding int8 weights and their scales; every int8 tensor needs its scale."""
+    out: StateDict = {}
+    for k, v in sd.items():
+        if k.endswith(SCALE_SUFFIX) and k[:-len(SCALE_SUFFIX)] in sd and sd[k[:-len(SCALE_SUFFIX)]].dtype == torch.int8:
+            continue
+        if v.dtype == torch.int8:
+            scale = sd.get(k + SCALE_SUFFIX)
+            if scale is None:
+                raise OmniError(f"{source}: int8 tensor {k} has no {k + SCALE_SUFFIX}")
+            if v.ndim != 2 or scale.shape != (v.shape[0],) or not scale.is_floating_point():
+                raise OmniError(f"{source}: {k + SCALE_SUFFIX} has shape {tuple(scale.shape)} {scale.dtype}; "
+                                f"expected float ({v.shape[0]},) for the int8 weight {tuple(v.shape)}")
+            out[k] = dequantize_int8(v, scale)
+        else:
+            out[k] = v
+    return out
+
+
+def has_int8(sd: StateDict) -> bool:
+    return any(v.dtype == torch.int8 for v in sd.values())
+
+
+# ---------------------------------------------------------------- runtime int8 (speed, not storage)
+# Everything below is used at inference time: `--quantize int8` swaps nn.Linear modules for Int8Linear
+# (dynamic quantization: int8 weights per output channel, activations quantized per row on the fly, int8 x int8
+# -> int32 matmul), and GreedyHead makes float32 greedy decoding read the vocabulary projection as int8
+# while still returning the exact argmax.
+
+def _int_mm_ok(device: torch.device) -> bool:
+    """torch._int_mm handles any shape on CPU; CUDA needs M > 16 and multiples of 8, so decode falls back."""
+    return device.type == "cpu" and hasattr(torch, "_int_mm")
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8 quantization of activations (M, K): (int8 (M, K), float32 step (M, 1))."""
+    xf = x.float()
+    step = xf.abs().amax(dim=-1, keepdim=True).clamp_min(1e-30) / QMAX
+    return torch.round(xf / step).to(torch.int8), step
+
+
+class Int8Linear(nn.Module):
+    """Dynamically quantized nn.Linear: y = (q_x @ q_w^T) * step_x * scale_w + bias.
+
+    Weights use the same per-output-channel format as int8 exports (`quantize_int8`); activations are
+    quantized per row at each call. The int8 x int8 -> int32 product is exact, so the only errors are the
+    two roundings. Where `torch._int_mm` cannot run (e.g. CUDA decode shapes) the weight is dequantized.
+    """
+
+    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = qweight.shape[1], qweight.shape[0]
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scale", scale.float())
+        self.register_buffer("bias", bias.detach().clone() if bias is not None else None)
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear) -> "Int8Linear":
+        q, scale = quantize_int8(lin.weight.detach())
+        return cls(q, scale, lin.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        if _int_mm_ok(x.device):
+            xq, step = quantize_rows(x2)
+            y = torch._int_mm(xq, self.qweight.t()).float() * step * self.scale
+        else:
+            y = x2.float() @ dequantize_int8(self.qweight, self.scale).t()
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+# Linear layers read through their `.weight` by the module that owns them (torch's fused attention and
+# encoder-layer fast paths) cannot be swapped for a module without one.
+_KEEP_FLOAT_PARENTS = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+
+
+def quantize_linears_int8(module: nn.Module) -> list[str]:
+    """Replace (in place) every nn.Linear in `module` by an Int8Linear; returns the names replaced.
+    Linears inside torch's MultiheadAttention / Transformer*Layer stay float (those read `.weight` directly)."""
+    done: list[str] = []
+    for parent_name, parent in list(module.named_modules()):
+        if isinstance(parent, _KEEP_FLOAT_PARENTS):
+            continue
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear) and child.weight.is_floating_point():
+                setattr(parent, name, Int8Linear.from_linear(child).to(child.weight.device))
+                done.append(f"{parent_name}.{name}" if parent_name else name)
+    return done
+
+
+class GreedyHead:
+    """Exact greedy argmax of a float32 projection `x @ W^T` (W: (V, d)) that reads W as int8 first.
+
+    Decoding on a CPU is limited by memory traffic, and the vocabulary projection is the biggest read of
+    a step (32000 x 256 float32 = 33 MB for the tiny thinker). Here the int8 copy (a quarter of that) gives
+    approximate scores a_j = step_x * s_j * (q_x . q_j), exact up to the two roundings, whose error obeys
+        |x.w_j - a_j| <= |x|_1 * max_i|w_ji - s_j q_ji| + (step_x / 2) * (|w_j|_1 + |w_j - s_j q_j|_1)
+    (plus float32 slack). Every row within twice that bound of the best approximate score is a candidate;
+    the float32 scores of the few candidates (the `k` best approximate ones) are then computed exactly and
+    the best taken. If more than `k` rows are within the bound, `argmax` returns None and the caller
+    computes the full projection. The answer is the argmax of the float32 scores, as from the full matmul
+    (a different kernel may order the additions differently: that is the only possible difference).
+    """
+
+    SLACK = 1.001  # float32 slack on the bound (the bound's own terms are computed in float32)
+
+    def __init__(self, weight: torch.Tensor, k: int = 32) -> None:
+        w = weight.detach().float()
+        self.weight = weight.detach()
+        self.k = min(k, w.shape[0])
+        self.qweight, self.scale = quantize_int8(w)
+        err = (w - dequantize_int8(self.qweight, self.scale)).abs()
+        self.err_max = float(err.amax())  # max_ji |w_ji - s_j q_ji|
+        n1 = w.abs().sum(1) + err.sum(1)
+        # float32 rounding of the exact scores themselves: |fl(x.w) - x.w| <= d * 2^-24 * |x|_1 * max|w|
+        self.fp_term = w.shape[1] * 2.0 ** -23 * float(w.abs().amax())
+        self.half_n1_max = 0.5 * float(n1.amax())
+
+    def argmax(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Argmax over V of x @ W^T for x (B, d) float32, or None when the screen cannot decide."""
+        xq, step = quantize_rows(x)
+        approx = torch._int_mm(xq, self.qweight.t()).float() * step * self.scale  # (B, V)
+        bound = (x.abs().sum(-1, keepdim=True) * (self.err_max + self.fp_term) + step * self.half_n1_max) * self.SLACK
+        top, idx = approx.topk(self.k + 1 if self.k < approx.shape[-1] else self.k, dim=-1)
+        if self.k < approx.shape[-1]:
+            # Rows outside the top k score at most top[:, k]; they are out if that is below best - 2 * bound.
+            if bool((top[:, -1:] + 2 * bound >= top[:, :1]).any()):
+                return None
+            idx = idx[:, :-1]
+        idx = idx.sort(dim=-1).values  # ties go to the lowest id, as with a full argmax
+        exact = torch.bmm(self.weight[idx], x.unsqueeze(-1)).squeeze(-1)  # (B, k) float32 scores
+        return idx.gather(-1, exact.argmax(-1, keepdim=True)).squeeze(-1)
+
+
+def greedy_head_supported(weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    return (bias is None and weight.dtype == torch.float32 and weight.device.type == "cpu"
+            and weight.ndim == 2 and hasattr(torch, "_int_mm"))
