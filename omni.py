@@ -14,6 +14,7 @@ conversation history.
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 import warnings
@@ -28,8 +29,8 @@ from PIL import Image
 from models.audio import ctc_greedy_decode
 from utils.audio import load_audio, max_audio_seconds, power_mel, trim_audio, write_wav
 from utils.errors import OmniError
-from utils.generation import DECODE_ATTENTION, SamplingOptions, generate
-from utils.image import load_image, load_video_frames, preprocess_image
+from utils.generation import DECODE_ATTENTION, MAX_SEED, SamplingOptions, generate
+from utils.image import IMAGE_SIZE, load_image, load_video_frames, preprocess_image
 from utils.loading import Components, load_components, to_device
 from utils.speech import Speech, SpeechOptions, frames_for_text, max_talker_frames, synthesize
 from utils.tokenizer import IncrementalDecoder
@@ -97,9 +98,9 @@ class OmniModel:
                  load_seconds: float = 0.0) -> None:
         self.c = comps
         self.device = device
-        self.dtype = dtype or getattr(comps, "dtype", None) or torch.float32
+        self.dtype = dtype or comps.dtype
         self.load_seconds = load_seconds
-        to_device(comps, device, dtype)
+        to_device(comps, device, self.dtype)
 
     @property
     def components(self) -> list[str]:
@@ -116,12 +117,17 @@ class OmniModel:
                 where = self.c.searched.get(key, str(self.c.root))
                 raise OmniError(f"{purpose} needs {label}, but none was found (searched {where})")
 
+    @property
+    def image_size(self) -> int:
+        """The vision checkpoint's input size (224 for every μOmni release), so Pillow does the resize."""
+        return self.c.vision.cfg.img_size if self.c.vision is not None else IMAGE_SIZE
+
     def image_tensor(self, image: ImageInput) -> torch.Tensor:
         if isinstance(image, torch.Tensor):
             return image
         if isinstance(image, Image.Image):
-            return preprocess_image(image)
-        return load_image(image)
+            return preprocess_image(image, self.image_size)
+        return load_image(image, self.image_size)
 
     def audio_wave(self, audio: AudioInput, whole: bool = False) -> np.ndarray:
         """The 16 kHz waveform. From a file only the start a prompt can use is decoded (plus a second, so
@@ -199,7 +205,7 @@ class OmniModel:
         if video is not None:
             if video_frames < 1:
                 raise OmniError(f"video_frames {video_frames}: must be at least 1")
-            images.extend(load_video_frames(video, video_frames))
+            images.extend(load_video_frames(video, video_frames, self.image_size))
         wave = self.audio_wave(audio) if audio is not None else None
         if text is None:
             text = prompt if prompt is not None else (IMAGE_PROMPT if images else AUDIO_PROMPT if wave is not None
@@ -331,7 +337,17 @@ class OmniModel:
 def check_options(opts: SamplingOptions) -> None:
     """Reject sampling values that make no sense, whichever way they arrived (API, CLI, generation_config)."""
     problems = []
-    if not isinstance(opts.max_new_tokens, int) or opts.max_new_tokens < 1:
+    for name in ("temperature", "top_p", "repetition_penalty"):
+        value = getattr(opts, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise OmniError(f"generation options: {name} {value!r} must be a finite number")
+    for name in ("top_k", "max_new_tokens"):
+        if isinstance(getattr(opts, name), bool) or not isinstance(getattr(opts, name), int):
+            raise OmniError(f"generation options: {name} {getattr(opts, name)!r} must be an integer")
+    if opts.seed is not None and (isinstance(opts.seed, bool) or not isinstance(opts.seed, int)
+                                  or not 0 <= opts.seed <= MAX_SEED):
+        problems.append(f"seed {opts.seed!r} must be an integer from 0 to {MAX_SEED}")
+    if opts.max_new_tokens < 1:
         problems.append(f"max_new_tokens {opts.max_new_tokens!r} must be a positive integer")
     if opts.temperature < 0:
         problems.append(f"temperature {opts.temperature} must be >= 0")

@@ -279,12 +279,14 @@ def thinker_variant(d: Path, variant: str) -> None:
         torch.save({**right, "model": compiled_keys(sd)}, d / "thinker.pt")
     elif variant == "compiled_bare_model.pt":
         torch.save(compiled_keys(sd), d / "model.pt")
+    elif variant == "thinker_key_model.pt":  # the omni trainer's wrapper name, without projectors
+        torch.save({"thinker": sd, "optimizer": {"state": {}}}, d / "model.pt")
     else:
         raise ValueError(variant)
 
 
 THINKER_VARIANTS = ["model.pt", "steps_900_1200", "steps_99_100", "name_beats_model_and_steps", "model_beats_steps",
-                    "bare", "bare_model.pt", "compiled", "compiled_bare_model.pt"]
+                    "bare", "bare_model.pt", "compiled", "compiled_bare_model.pt", "thinker_key_model.pt"]
 
 
 @pytest.mark.parametrize("variant", THINKER_VARIANTS)
@@ -549,12 +551,57 @@ def test_thinker_errors(tree, case, pattern):
         load_components(tree / "thinker_tiny")
 
 
-def test_omni_errors(tree):
-    obj = torch.load(tree / "omni_sft_tiny" / "omni.pt", weights_only=True)
-    del obj["proj_v"]
-    torch.save(obj, tree / "omni_sft_tiny" / "omni.pt")
-    with pytest.raises(OmniError, match=r"omni\.pt: missing 'proj_v'"):
+BUILDERS = {"thinker": lambda L, sd: L.build_thinker(sd, {}, "SRC"),
+            "vision": lambda L, sd: L.build_vision(sd, {}, "SRC"),
+            "audio": lambda L, sd: L.build_audio(sd, {}, "SRC"), "talker": lambda L, sd: L.build_talker(sd, {}, "SRC"),
+            "rvq": lambda L, sd: L.build_rvq(sd, "SRC"), "vocoder": lambda L, sd: L.build_vocoder(sd, {}, "SRC"),
+            "proj_a": lambda L, sd: L.build_linear(sd, "SRC")}
+
+
+@pytest.mark.parametrize("component", list(BUILDERS))
+def test_every_malformed_tensor_is_a_clean_error(component):
+    """Each key dropped, grown by one in every dimension, or replaced by a scalar (and each matrix flattened):
+    always an OmniError naming the source, never a traceback from deep inside torch, never accepted."""
+    import warnings
+    from utils import loading as L
+    sd0 = reference_modules(moe=component == "thinker")[component].state_dict()
+    for key, value in sd0.items():
+        variants = {"drop": None, "grow": torch.zeros(*[n + 1 for n in value.shape]), "scalar": torch.tensor(1.0)}
+        if value.dim() > 1:
+            variants["flat"] = value.reshape(-1)
+        for mode, replacement in variants.items():
+            sd = {k: v for k, v in sd0.items() if k != key or mode != "drop"}
+            if replacement is not None:
+                sd[key] = replacement
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with pytest.raises(OmniError, match="SRC"):
+                    BUILDERS[component](L, sd)
+                    pytest.fail(f"{component}: {key} {mode} was accepted")
+
+
+@pytest.mark.parametrize("case,pattern", [
+    ("no_proj_v", r"omni\.pt: missing 'proj_v'"),
+    ("proj_a_mismatch", r"omni\.pt: proj_a expects 20 audio features .*audio_enc\.pt\) has d_model 24"),
+    ("no_thinker_dir", r"omni\.pt: no thinker directory with tokenizer\.model found \(searched .*lm_gone"),
+    ("evil_sibling", r"vision\.pt: refused"),
+])
+def test_omni_errors(tree, tmp_path, monkeypatch, case, pattern):
+    omni = tree / "omni_sft_tiny" / "omni.pt"
+    obj = torch.load(omni, weights_only=True)
+    if case == "no_proj_v":
+        del obj["proj_v"]
+    elif case == "proj_a_mismatch":
+        obj["proj_a"] = torch.nn.Linear(20, 32).state_dict()
+    elif case == "no_thinker_dir":
+        edit_cfg(tree / "configs" / "omni_sft_tiny.json", thinker_ckpt="checkpoints/lm_gone")
+        monkeypatch.chdir(tmp_path)
+    elif case == "evil_sibling":
+        write_malicious(tree / "vision_tiny" / "vision.pt", tmp_path / "marker")
+    torch.save(obj, omni)
+    with pytest.raises(OmniError, match=pattern):
         load_components(tree / "omni_sft_tiny")
+    assert not (tmp_path / "marker").exists()
 
 
 def test_missing_modality_names_the_search(tree):

@@ -84,7 +84,7 @@ def shape_points(shape: str, x: float, y: float, extent: float) -> list[tuple[fl
 
 
 def draw_shape(draw: ImageDraw.ImageDraw, shape: str, x: float, y: float, extent: float,
-               fill: tuple[int, int, int]) -> None:
+               fill: tuple[int, int, int] | int) -> None:
     pts = shape_points(shape, x, y, extent)
     if shape == "circle":
         draw.ellipse(pts, fill=fill)
@@ -115,10 +115,11 @@ def add_noise(img: Image.Image, rng: random.Random, max_sigma: float = 6.0) -> I
 
 
 def shape_image(rng: random.Random, colour: str | None = None, shape: str | None = None,
-                size: int | None = None, noise: bool = True) -> tuple[Image.Image, str, str]:
+                size: int | None = None, noise: bool = True, with_mask: bool = False) -> tuple:
     """One filled shape, a third to two thirds of the picture wide, anywhere on a light background.
 
-    Returns (image, colour, shape); anything not given is drawn from `rng`."""
+    Returns (image, colour, shape), plus the shape's mask (mode "L", 255 inside) when `with_mask`;
+    anything not given is drawn from `rng`."""
     colour = colour or rng.choice(list(COLOURS))
     shape = shape or rng.choice(SHAPES)
     size = size or rng.randint(64, 512)
@@ -129,7 +130,11 @@ def shape_image(rng: random.Random, colour: str | None = None, shape: str | None
     draw_shape(ImageDraw.Draw(img), shape, x, y, extent, jitter_colour(rng, COLOURS[colour]))
     if noise:
         img = add_noise(img, rng)
-    return img, colour, shape
+    if not with_mask:
+        return img, colour, shape
+    mask = Image.new("L", (size, size), 0)
+    draw_shape(ImageDraw.Draw(mask), shape, x, y, extent, 255)
+    return img, colour, shape, mask
 
 
 # ---------------------------------------------------------------- speech

@@ -126,30 +126,54 @@ def power_mel(wave: np.ndarray | torch.Tensor, n_fft: int = N_FFT, hop_length: i
     return (spec.transpose(-1, -2) @ _FILTERS[key]).contiguous()
 
 
-def write_wav(path: str | os.PathLike, wave: np.ndarray, sample_rate: int = SAMPLE_RATE) -> None:
+def temp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def check_output_path(path: str | os.PathLike, flag: str = "--audio_out") -> Path:
+    """Fail early, before any work, when a WAV cannot be written at `path`: empty, a directory, a missing or
+    non-directory parent, a name the filesystem refuses, or a place where no file can be created (probed by
+    creating and removing the temp file `write_wav` will use). Returns the path."""
+    if not str(path).strip():
+        raise OmniError(f"{flag}: the path is empty")
+    path = Path(path)
+    try:
+        if path.is_dir():
+            raise OmniError(f"{flag} {path}: is a directory")
+        if not path.parent.is_dir():
+            raise OmniError(f"{flag} {path}: directory {path.parent} does not exist" if not path.parent.exists()
+                            else f"{flag} {path}: {path.parent} is not a directory")
+        if path.exists() and not path.is_file():
+            return path  # /dev/null, a FIFO: written in place
+        tmp = temp_path(path)
+        with open(tmp, "wb"):
+            pass
+        tmp.unlink()
+    except OSError as exc:
+        raise OmniError(f"{flag} {path}: cannot write ({exc.strerror or exc})") from exc
+    return path
+
+
+def write_wav(path: str | os.PathLike, wave: np.ndarray, sample_rate: int = SAMPLE_RATE,
+              flag: str = "--audio_out") -> None:
     """Write 16-bit PCM mono atomically: a temp file in the same directory, then rename, so a failure never
     leaves a partial file. An existing non-regular target (/dev/null, a FIFO) is written in place instead:
     renaming over it would replace the device or pipe with a plain file."""
-    path = Path(path)
-    if path.is_dir():
-        raise OmniError(f"--audio_out {path}: is a directory")
-    if not path.parent.is_dir():
-        raise OmniError(f"--audio_out {path}: directory {path.parent} does not exist"
-                        if not path.parent.exists() else f"--audio_out {path}: {path.parent} is not a directory")
+    path = check_output_path(path, flag)
     data = np.clip(np.nan_to_num(np.asarray(wave, dtype=np.float32)), -1.0, 1.0)
     if path.exists() and not path.is_file():
         try:
             with open(path, "wb") as f:
                 sf.write(f, data, sample_rate, subtype="PCM_16", format="WAV")
         except Exception as exc:  # soundfile reports unwritable targets as RuntimeError/TypeError
-            raise OmniError(f"--audio_out {path}: cannot write ({str(exc).strip() or type(exc).__name__})") from exc
+            raise OmniError(f"{flag} {path}: cannot write ({str(exc).strip() or type(exc).__name__})") from exc
         return
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temp_path(path)
     try:
         sf.write(str(tmp), data, sample_rate, subtype="PCM_16", format="WAV")
         os.replace(tmp, path)
     except (OSError, RuntimeError) as exc:  # soundfile reports unwritable paths as RuntimeError
-        raise OmniError(f"--audio_out {path}: cannot write ({str(exc).strip() or type(exc).__name__})") from exc
+        raise OmniError(f"{flag} {path}: cannot write ({str(exc).strip() or type(exc).__name__})") from exc
     finally:
         try:
             tmp.unlink()

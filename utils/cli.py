@@ -16,9 +16,11 @@ import traceback
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence, TextIO
+from typing import Any, Callable, Iterator, Sequence, TextIO
 
 from utils.errors import OmniError
+
+MAX_SEED = 2**63 - 1  # torch.Generator's limit (as utils.generation.MAX_SEED; here so usage errors skip torch)
 
 DEFAULT_VIDEO_FRAMES = 4
 ANSWER_PREFIX = "μOmni: "
@@ -59,6 +61,14 @@ def non_negative_int(text: str) -> int:
     value = _number(text, int)
     if value < 0:
         raise argparse.ArgumentTypeError(f"{value} must not be negative")
+    return value
+
+
+def seed_value(text: str) -> int:
+    """A torch.Generator seed: 0 .. 2**63 - 1."""
+    value = non_negative_int(text)
+    if value > MAX_SEED:
+        raise argparse.ArgumentTypeError(f"{value} is larger than {MAX_SEED}")
     return value
 
 
@@ -109,7 +119,20 @@ def epilog(prog: str) -> str:
   {p}
 
 Defaults for the sampling flags come from generation_config.json beside the weights when there is one.
-Each question is independent: the μOmni thinker has no chat template and no conversation memory."""
+Each question is independent: the μOmni thinker has no chat template and no conversation memory.
+
+limits (an input beyond them is refused with one `error:` line and exit status 1):
+  images     at most 64000000 pixels, checked from the header before decoding (decompression bombs)
+  audio      a prompt uses at most (ctx_len // 4) tokens x downsample x 160 / 16000 s (10.24 s at ctx_len 512,
+             downsample 8): only that much of the file is decoded, longer audio is trimmed with a warning
+             before the spectrogram; --transcribe decodes at most 600 s
+  video      at most 256 frames (--video_frames); frames obey the image pixel limit
+  text       a prompt longer than the context is trimmed (its end kept) with a warning
+  weights    .pt files are unpickled weights-only: tensors and plain data; a pickle that would run code is
+             refused and never run; safetensors headers are validated before anything is read; a config
+             may not ask for ctx_len above 131072
+  --audio_out  written to a temp file then renamed: a failed write leaves no partial file
+exit status: 0 ok, 1 error (one `error:` line on stderr), 2 usage error, 130 interrupted."""
 
 
 MODES = ("Modes: one-shot when --text, --image, --audio_in or --video is given; otherwise an interactive chat when "
@@ -161,7 +184,7 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     g.add_argument("--repetition_penalty", type=positive_float, default=None, metavar="R",
                    help="Divide the scores of tokens already in the prompt or answer by R (> 0; 1 = off, "
                         "the default; 1.1-1.3 discourages loops).")
-    g.add_argument("--seed", type=non_negative_int, default=None, metavar="S",
+    g.add_argument("--seed", type=seed_value, default=None, metavar="S",
                    help="Random seed for sampling: the same seed gives the same output (text and speech).")
     g.add_argument("--ignore_eos", action="store_true",
                    help="Keep generating after the end-of-sequence token, up to --max_new_tokens.")
@@ -200,9 +223,9 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     """Usage errors that argparse cannot express on its own (exit 2)."""
     if args.transcribe and not args.audio_in:
         parser.error("--transcribe needs --audio_in")
-    if args.transcribe and args.audio_out:
+    if args.transcribe and args.audio_out is not None:
         parser.error("--transcribe and --audio_out cannot be combined")
-    if args.audio_out and not one_shot(args):
+    if args.audio_out is not None and not one_shot(args):
         parser.error("--audio_out needs a one-shot question (--text, --image, --audio_in or --video)")
     if args.quiet and args.verbose:
         parser.error("--quiet and --verbose cannot be combined")
@@ -223,11 +246,17 @@ def generation_options(args: argparse.Namespace) -> dict[str, Any]:
 # ---------------------------------------------------------------- stderr
 
 class Console:
-    """stderr messages: info and warnings unless --quiet; errors always."""
+    """stderr messages: info and warnings unless --quiet; errors always. Loading chatter (`status`) only on a
+    terminal or with --verbose, so a script's stderr holds just warnings and the one `error:` line."""
 
-    def __init__(self, quiet: bool, err: TextIO | None = None) -> None:
+    def __init__(self, quiet: bool, err: TextIO | None = None, verbose: bool = False) -> None:
         self.quiet = quiet
+        self.verbose = verbose
         self.err = err or sys.stderr
+
+    def status(self, msg: str) -> None:
+        if self.verbose or (not self.quiet and self.err.isatty()):
+            print(msg, file=self.err, flush=True)
 
     def info(self, msg: str) -> None:
         if not self.quiet:
@@ -314,15 +343,12 @@ def speak(model: Any, args: argparse.Namespace, text: str, con: Console) -> dict
 
 def check_audio_out(model: Any, args: argparse.Namespace) -> None:
     """Fail before generating the answer if speech cannot be written."""
+    from utils.audio import check_output_path
     from utils.speech import choose_vocoder
 
     model.require("--audio_out", "talker", "rvq")
     choose_vocoder(model.c.vocoder, args.vocoder)
-    path = Path(args.audio_out)
-    if path.is_dir():
-        raise OmniError(f"--audio_out {path}: is a directory")
-    if not path.parent.is_dir():
-        raise OmniError(f"--audio_out {path}: directory {path.parent} does not exist")
+    check_output_path(args.audio_out)
 
 
 # ---------------------------------------------------------------- modes
@@ -332,7 +358,7 @@ def run_one_shot(model: Any, args: argparse.Namespace, con: Console, out: Out) -
         text = model.transcribe(args.audio_in)
         out.json({"text": text}) if args.json else out.line(text)
         return 0
-    if args.audio_out:
+    if args.audio_out is not None:
         check_audio_out(model, args)
     if args.prompt is not None and args.text is not None:
         con.warn("--prompt is ignored because --text is given")
@@ -358,7 +384,7 @@ def run_one_shot(model: Any, args: argparse.Namespace, con: Console, out: Out) -
     for note in ans.warnings:
         con.warn(note)
     result = ans.to_json()
-    if args.audio_out:
+    if args.audio_out is not None:
         result["audio_out"] = speak(model, args, ans.text, con)
     if args.json:
         out.json(result)
@@ -419,6 +445,20 @@ def ask(model: Any, args: argparse.Namespace, text: str | None, media: Attachmen
                         on_text=on_text, **generation_options(args))
 
 
+MAX_LINE_CHARS = 1_000_000  # one pipe line; bounds memory when stdin has no newlines (e.g. < /dev/zero)
+
+
+def bounded_lines(stream: TextIO) -> Iterator[str | None]:
+    """The stream's lines; None stands for a line longer than MAX_LINE_CHARS (its rest is skipped unread)."""
+    while line := stream.readline(MAX_LINE_CHARS):
+        if len(line) < MAX_LINE_CHARS or line.endswith("\n"):
+            yield line
+            continue
+        while (rest := stream.readline(MAX_LINE_CHARS)) and not rest.endswith("\n"):
+            pass
+        yield None
+
+
 def run_pipe(model: Any, args: argparse.Namespace, con: Console, out: Out, lines: TextIO) -> int:
     """One answer per input line (one JSON object per line with --json); '/image PATH' lines attach media."""
     out.one_line = True
@@ -426,7 +466,11 @@ def run_pipe(model: Any, args: argparse.Namespace, con: Console, out: Out, lines
     status = 0
     stream = not (args.json or args.no_stream)
     number = 0
-    for number, raw in enumerate(lines, 1):
+    for number, raw in enumerate(bounded_lines(lines), 1):
+        if raw is None:
+            con.error(f"line {number}: longer than {MAX_LINE_CHARS} characters; skipped")
+            status = 1
+            continue
         line = raw.rstrip("\r\n")
         cmd = split_command(line)
         if cmd and cmd[0] in MEDIA_COMMANDS + ("reset",):
@@ -554,9 +598,9 @@ def run(args: argparse.Namespace, con: Console) -> int:
     from omni import load_model
 
     out = Out()
-    con.info(f"loading μOmni from {args.ckpt_dir} ...")
+    con.status(f"loading μOmni from {args.ckpt_dir} ...")
     model = load_model(args.ckpt_dir, device=args.device, dtype=args.dtype)
-    con.info(f"loaded {', '.join(model.components) or 'nothing'} in {model.load_seconds:.1f} s "
+    con.status(f"loaded {', '.join(model.components) or 'nothing'} in {model.load_seconds:.1f} s "
              f"on {model.device} ({str(model.dtype).replace('torch.', '')})")
     if one_shot(args):
         return run_one_shot(model, args, con, out)
@@ -581,7 +625,7 @@ def main(argv: Sequence[str] | None, prog: str, description: str) -> int:
     parser = build_parser(prog, description)
     args = parser.parse_args(argv)
     check_args(parser, args)
-    con = Console(args.quiet)
+    con = Console(args.quiet, verbose=args.verbose)
     route_warnings(con)
     try:
         return run(args, con)

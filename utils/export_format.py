@@ -16,7 +16,8 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from utils.audio import HOP_LENGTH, N_FFT, N_MELS, SAMPLE_RATE, WIN_LENGTH
-from utils.checkpoint import StateDict, find_weights_file, read_json, read_torch_file, split_prefixed, unwrap
+from utils.checkpoint import (StateDict, find_weights_file, read_json, read_torch_file, split_prefixed,
+                              strip_compile_prefix, unwrap)
 from utils.errors import OmniError
 from utils.image import IMAGE_SIZE
 from utils.quant import QUANT_METHOD, SCALE_SUFFIX, dequantize_state_dict, linear_weight_names, quantize_state_dict
@@ -71,9 +72,11 @@ def export_file(d: Path) -> Path:
 
 
 def component_config(cfg: dict[str, Any], d: Path, key: str, configs_name: str) -> dict[str, Any]:
-    """Nested object of config.json, else the copy in `configs/`."""
+    """Nested object of config.json, else (thinker) the keys repeated at its top level, else the `configs/` copy."""
     if isinstance(cfg.get(key), dict):
         return cfg[key]
+    if key == "thinker" and any(k in cfg for k in ("n_heads", "vocab_size", "d_model")):
+        return {k: v for k, v in cfg.items() if not isinstance(v, (dict, list))}
     copy = d / "configs" / configs_name
     return read_json(copy) if copy.is_file() else {}
 
@@ -106,7 +109,7 @@ def load_export(d: Path) -> Components:
     cfg = read_json(cfg_path) if cfg_path.is_file() else {}
     check_quantization(cfg, meta, path)
     comps = L.Components(root=d, dtype=stored_float_dtype(raw))
-    sd = dequantize_state_dict(raw, str(path))
+    sd = strip_compile_prefix(dequantize_state_dict(raw, str(path)))
     parts = {p: split_prefixed(sd, p) for p in PREFIXES}
     unknown = sorted({k.split(".", 1)[0] for k in sd} - set(PREFIXES))
     if unknown:

@@ -27,6 +27,7 @@ from models.thinker import ThinkerLM
 from utils.quant import GreedyHead, greedy_head_supported
 
 EOS_ID = 2
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit value
 DECODE_ATTENTION = ("reference", "causal")
 
 

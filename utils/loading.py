@@ -76,8 +76,9 @@ def dir_kind(d: Path) -> str | None:
 
 def model_pt_kind(path: Path) -> str:
     obj = read_torch_file(path)
-    by_key = [("proj_a", "omni"), ("thinker", "omni"), ("model", "thinker"), ("enc", "audio"), ("vit", "vision"),
-              ("talker", "talker"), ("rvq", "talker"), ("generator", "vocoder")]
+    # Wrapper keys (spec §1); an omni checkpoint is told from a thinker one by its projectors.
+    by_key = [("proj_a", "omni"), ("proj_v", "omni"), ("thinker", "thinker"), ("model", "thinker"),
+              ("enc", "audio"), ("vit", "vision"), ("talker", "talker"), ("rvq", "talker"), ("generator", "vocoder")]
     for key, kind in by_key:
         if key in obj:
             return kind
@@ -216,7 +217,7 @@ def build_talker(sd: StateDict, cfg: dict[str, Any], src: str) -> TalkerTiny:
 
 
 def build_rvq(sd: StateDict, src: str) -> RVQ:
-    require(sd, ("codebooks.0.weight", "proj_in.weight", "proj_out.weight"), src)
+    require(sd, ("codebooks.0.weight", "codebooks.1.weight", "proj_in.weight", "proj_out.weight"), src)
     shape_of(sd, "codebooks.0.weight", 2, src)
     model = read_architecture(lambda: RVQ.from_state_dict(sd), src)
     load_strict(model, sd, src)

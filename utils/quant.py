@@ -155,20 +155,23 @@ def quantize_linears_int8(module: nn.Module) -> list[str]:
 
 
 class GreedyHead:
-    """Exact greedy argmax of a float32 projection `x @ W^T` (W: (V, d)) that reads W as int8 first.
+    """Exact greedy argmax of a projection `x @ W^T` (W: (V, d), float32 / bfloat16 / float16) that reads W
+    as int8 first.
 
     Decoding on a CPU is limited by memory traffic, and the vocabulary projection is the biggest read of
     a step (32000 x 256 float32 = 33 MB for the tiny thinker). Here the int8 copy (a quarter of that) gives
     approximate scores a_j = step_x * s_j * (q_x . q_j), exact up to the two roundings, whose error obeys
         |x.w_j - a_j| <= |x|_1 * max_i|w_ji - s_j q_ji| + (step_x / 2) * (|w_j|_1 + |w_j - s_j q_j|_1)
-    (plus float32 slack). Every row within twice that bound of the best approximate score is a candidate;
-    the float32 scores of the few candidates (the `k` best approximate ones) are then computed exactly and
-    the best taken. If more than `k` rows are within the bound, `argmax` returns None and the caller
-    computes the full projection. The answer is the argmax of the float32 scores, as from the full matmul
-    (a different kernel may order the additions differently: that is the only possible difference).
+    plus the float rounding of the true scores (their summation, and for 16-bit weights the rounding of the
+    output to 16 bits). Every row whose score could reach the best one's is a candidate; the candidates'
+    scores (the `k` best approximate ones) are then computed in the weight's dtype and the best taken, ties
+    to the lowest id. If more than `k` rows are within the bound, `argmax` returns None and the caller
+    computes the full projection. The answer is that of the full matmul up to the order of additions inside
+    the kernels (as between any two matmul kernels).
     """
 
-    SLACK = 1.001  # float32 slack on the bound (the bound's own terms are computed in float32)
+    SLACK = 1.001  # relative slack on the bound (its own terms are computed in float32)
+    OUTPUT_ROUNDING = {torch.float32: 0.0, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
 
     def __init__(self, weight: torch.Tensor, k: int = 32) -> None:
         w = weight.detach().float()
@@ -178,26 +181,31 @@ class GreedyHead:
         err = (w - dequantize_int8(self.qweight, self.scale)).abs()
         self.err_max = float(err.amax())  # max_ji |w_ji - s_j q_ji|
         n1 = w.abs().sum(1) + err.sum(1)
-        # float32 rounding of the exact scores themselves: |fl(x.w) - x.w| <= d * 2^-24 * |x|_1 * max|w|
+        # float32 summation error of the true scores: |fl(x.w) - x.w| <= d * 2^-24 * |x|_1 * max|w| (x2 margin)
         self.fp_term = w.shape[1] * 2.0 ** -23 * float(w.abs().amax())
         self.half_n1_max = 0.5 * float(n1.amax())
+        self.out_round = self.OUTPUT_ROUNDING[weight.dtype]
 
     def argmax(self, x: torch.Tensor) -> torch.Tensor | None:
-        """Argmax over V of x @ W^T for x (B, d) float32, or None when the screen cannot decide."""
+        """Argmax over V of x @ W^T for x (B, d) in the weight's dtype, or None when the screen cannot decide."""
         xq, step = quantize_rows(x)
         approx = torch._int_mm(xq, self.qweight.t()).float() * step * self.scale  # (B, V)
-        bound = (x.abs().sum(-1, keepdim=True) * (self.err_max + self.fp_term) + step * self.half_n1_max) * self.SLACK
-        top, idx = approx.topk(self.k + 1 if self.k < approx.shape[-1] else self.k, dim=-1)
-        if self.k < approx.shape[-1]:
-            # Rows outside the top k score at most top[:, k]; they are out if that is below best - 2 * bound.
+        bound = (x.float().abs().sum(-1, keepdim=True) * (self.err_max + self.fp_term)
+                 + step * self.half_n1_max) * self.SLACK
+        full = self.k >= approx.shape[-1]
+        top, idx = approx.topk(self.k if full else self.k + 1, dim=-1)
+        if not full:
+            if self.out_round:  # a 16-bit output may round up to `out_round` relative
+                bound = bound + self.out_round * (top[:, :1].abs().maximum(top[:, -1:].abs()) + bound)
+            # Rows outside the top k score at most top[:, k] + bound: out if that is below best - bound.
             if bool((top[:, -1:] + 2 * bound >= top[:, :1]).any()):
                 return None
             idx = idx[:, :-1]
-        idx = idx.sort(dim=-1).values  # ties go to the lowest id, as with a full argmax
-        exact = torch.bmm(self.weight[idx], x.unsqueeze(-1)).squeeze(-1)  # (B, k) float32 scores
-        return idx.gather(-1, exact.argmax(-1, keepdim=True)).squeeze(-1)
+        exact = torch.bmm(torch.nn.functional.embedding(idx, self.weight), x.unsqueeze(-1)).squeeze(-1)  # (B, k)
+        best = exact.amax(-1, keepdim=True)
+        return torch.where(exact == best, idx, self.weight.shape[0]).amin(-1)  # ties: lowest id, as argmax
 
 
 def greedy_head_supported(weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    return (bias is None and weight.dtype == torch.float32 and weight.device.type == "cpu"
+    return (bias is None and weight.dtype in GreedyHead.OUTPUT_ROUNDING and weight.device.type == "cpu"
             and weight.ndim == 2 and hasattr(torch, "_int_mm"))

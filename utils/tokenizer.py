@@ -10,6 +10,14 @@ from utils.errors import OmniError
 BOS_ID, EOS_ID, PAD_ID = 1, 2, 0
 
 
+def valid_unicode(text: str) -> str:
+    """Undecodable bytes (argv/stdin that is not UTF-8 arrives as lone surrogates) become U+FFFD."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "replace").decode("utf-8")
+
+
 class Tokenizer:
     def __init__(self, path: str | Path) -> None:
         path = Path(path)
@@ -27,7 +35,7 @@ class Tokenizer:
         return self.sp.GetPieceSize()
 
     def encode(self, text: str) -> list[int]:
-        return self.sp.EncodeAsIds(text)
+        return self.sp.EncodeAsIds(valid_unicode(text))
 
     def prompt_ids(self, text: str) -> list[int]:
         """`[bos] + encode(text)`, the layout every μOmni trainer used."""
