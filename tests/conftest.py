@@ -14,6 +14,17 @@ SHARED_FIXTURE = REPO.parent / "shared" / "fixtures" / "muomni_small"
 sys.path.insert(0, str(REPO))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared machine the threads' spin-waiting makes
+    a module several times slower: one thread while the module runs, then the previous setting."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def fixture_dir() -> Path:
     """../shared/fixtures/muomni_small, or a skip saying why."""

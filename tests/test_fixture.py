@@ -82,14 +82,7 @@ def reference_talker_greedy(talker, n_frames: int) -> list[list[int]]:
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tiny models gain nothing from intra-op threads, and on a shared machine the threads' spin-waiting
-    makes the suite several times slower: one thread while this module runs, then the previous setting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # ---------------------------------------------------------------- tensors
 

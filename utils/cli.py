@@ -50,47 +50,24 @@ def _number(text: str, kind: type) -> Any:
     return value
 
 
-def positive_int(text: str) -> int:
-    value = _number(text, int)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
+def number_in(kind: type, low: float, high: float = math.inf, low_open: bool = False) -> Callable[[str], Any]:
+    """An argparse type: a `kind` number in [low, high] (or (low, high] with `low_open`)."""
+    def parse(text: str) -> Any:
+        value = _number(text, kind)
+        if value < low or (low_open and value == low) or value > high:
+            bounds = f"{'(' if low_open else '['}{low:g}, {high}]" if high != math.inf else \
+                (f"greater than {low:g}" if low_open else f"at least {low:g}")
+            raise argparse.ArgumentTypeError(f"{value} must be {'in ' if high != math.inf else ''}{bounds}")
+        return value
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    value = _number(text, int)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} must not be negative")
-    return value
-
-
-def seed_value(text: str) -> int:
-    """A torch.Generator seed: 0 .. 2**63 - 1."""
-    value = non_negative_int(text)
-    if value > MAX_SEED:
-        raise argparse.ArgumentTypeError(f"{value} is larger than {MAX_SEED}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    value = _number(text, float)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} must not be negative")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = _number(text, float)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{value} must be greater than 0")
-    return value
-
-
-def probability(text: str) -> float:
-    value = _number(text, float)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"{value} must be in (0, 1]")
-    return value
+positive_int = number_in(int, 1)
+non_negative_int = number_in(int, 0)
+seed_value = number_in(int, 0, MAX_SEED)
+non_negative_float = number_in(float, 0.0)
+positive_float = number_in(float, 0.0, low_open=True)
+probability = number_in(float, 0.0, 1, low_open=True)
 
 
 # ---------------------------------------------------------------- parser
@@ -154,6 +131,9 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
                         "machine lacks is an error (exit 1).")
     g.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
                    help="Compute precision (default: the stored weights' precision, float32 for μOmni).")
+    g.add_argument("--quantize", default=None, choices=("int8",),
+                   help="Quantize the linear layers for speed: int8 = dynamic int8 (weights per output channel, "
+                        "activations per row; fastest on CPU; answers may differ slightly from float32).")
 
     g = p.add_argument_group("input (any of these makes it a one-shot question)")
     g.add_argument("--text", help="The question or instruction.")
@@ -167,6 +147,12 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
                    help=f"How many frames to take from --video or /video (default {DEFAULT_VIDEO_FRAMES}).")
     g.add_argument("--audio_in", metavar="PATH", help="Audio file (wav, flac, ogg) to ask about; resampled to "
                                                       "16 kHz mono.")
+    g.add_argument("--batch_file", metavar="PATH",
+                   help="Answer many requests: a JSON Lines file, one object per line with \"text\" and optional "
+                        "\"image\", \"audio_in\", \"video\" paths (relative to the current directory, else to "
+                        "the file's). Decoded --batch_size at a time; one JSON answer per line on stdout, in order.")
+    g.add_argument("--batch_size", type=positive_int, default=8, metavar="N",
+                   help="Requests decoded together with --batch_file (default 8).")
     g.add_argument("--transcribe", action="store_true",
                    help="Print the CTC transcript of --audio_in (from the audio encoder's character head) and exit.")
 
@@ -229,6 +215,9 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error("--audio_out needs a one-shot question (--text, --image, --audio_in or --video)")
     if args.quiet and args.verbose:
         parser.error("--quiet and --verbose cannot be combined")
+    if args.batch_file is not None and (one_shot(args) or args.transcribe or args.audio_out is not None):
+        parser.error("--batch_file cannot be combined with --text, --image, --audio_in, --video, --transcribe "
+                     "or --audio_out (put the inputs in the file)")
 
 
 def one_shot(args: argparse.Namespace) -> bool:
@@ -527,6 +516,80 @@ def run_pipe(model: Any, args: argparse.Namespace, con: Console, out: Out, lines
     return status
 
 
+BATCH_PATH_KEYS = ("image", "audio_in", "video")
+
+
+def read_batch_file(path: str) -> list[tuple[int, Any]]:
+    """(line number, parsed JSON or an OmniError) for each non-blank line of a JSON Lines file."""
+    try:
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise OmniError(f"--batch_file {path}: cannot read ({exc.strerror or exc})") from exc
+    base = Path(path).resolve().parent
+    rows: list[tuple[int, Any]] = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError as exc:
+            rows.append((number, OmniError(f"not valid JSON ({exc})")))
+            continue
+        if not isinstance(obj, dict):
+            rows.append((number, OmniError(f"expected a JSON object, found {type(obj).__name__}")))
+            continue
+        bad = [k for k in ("text", "prompt", *BATCH_PATH_KEYS) if k in obj and not isinstance(obj[k], str)]
+        if bad:
+            rows.append((number, OmniError(f"{bad[0]} must be a string")))
+            continue
+        for key in BATCH_PATH_KEYS:  # relative to the current directory, else to the batch file
+            if key in obj and not Path(obj[key]).is_absolute() and not Path(obj[key]).exists():
+                if (base / obj[key]).exists():
+                    obj[key] = str(base / obj[key])
+        rows.append((number, obj))
+    return rows
+
+
+def run_batch_file(model: Any, args: argparse.Namespace, con: Console, out: Out) -> int:
+    """--batch_file: one JSON object per request line, in order ({"line", "input", answer keys} or
+    {"line", "input", "error"}), printed as each batch of --batch_size requests finishes; exit 1 if any failed."""
+    rows = read_batch_file(args.batch_file)
+    if not rows:
+        con.warn(f"--batch_file {args.batch_file}: no requests in it")
+    gen = generation_options(args)
+    status = 0
+    start = 0
+    while start < len(rows):
+        end, n = start, 0  # the rows up to the next --batch_size requests
+        while end < len(rows) and n < args.batch_size:
+            n += not isinstance(rows[end][1], OmniError)
+            end += 1
+        chunk = rows[start:end]
+        requests = [obj for _, obj in chunk if not isinstance(obj, OmniError)]
+        failed: dict[int, str] = {}
+        answers = model.answer_batch(requests, batch_size=len(requests) or 1,
+                                     on_error=lambda i, exc: failed.__setitem__(i, str(exc)), **gen)
+        k = 0
+        for number, obj in chunk:
+            if isinstance(obj, OmniError):
+                con.error(f"line {number}: {obj}")
+                out.json({"line": number, "error": str(obj)})
+                status = 1
+                continue
+            ans = answers[k]
+            if ans is None:
+                con.error(f"line {number}: {failed[k]}")
+                out.json({"line": number, "input": obj, "error": failed[k]})
+                status = 1
+            else:
+                for note in ans.warnings:
+                    con.warn(f"line {number}: {note}")
+                out.json({"line": number, "input": obj, **ans.to_json()})
+            k += 1
+        start = end
+    return status
+
+
 def run_repl(model: Any, args: argparse.Namespace, con: Console, out: Out) -> int:
     """Interactive chat on a terminal."""
     try:
@@ -599,9 +662,11 @@ def run(args: argparse.Namespace, con: Console) -> int:
 
     out = Out()
     con.status(f"loading μOmni from {args.ckpt_dir} ...")
-    model = load_model(args.ckpt_dir, device=args.device, dtype=args.dtype)
+    model = load_model(args.ckpt_dir, device=args.device, dtype=args.dtype, quantize=args.quantize)
     con.status(f"loaded {', '.join(model.components) or 'nothing'} in {model.load_seconds:.1f} s "
              f"on {model.device} ({str(model.dtype).replace('torch.', '')})")
+    if args.batch_file is not None:
+        return run_batch_file(model, args, con, out)
     if one_shot(args):
         return run_one_shot(model, args, con, out)
     if sys.stdin.isatty():
