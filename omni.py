@@ -29,9 +29,10 @@ from PIL import Image
 from models.audio import ctc_greedy_decode
 from utils.audio import load_audio, max_audio_seconds, power_mel, trim_audio, write_wav
 from utils.errors import OmniError
-from utils.generation import DECODE_ATTENTION, MAX_SEED, SamplingOptions, generate
+from utils.generation import DECODE_ATTENTION, MAX_SEED, SamplingOptions, generate, generate_batch
 from utils.image import IMAGE_SIZE, load_image, load_video_frames, preprocess_image
 from utils.loading import Components, load_components, to_device
+from utils.quant import quantize_linears_int8
 from utils.speech import Speech, SpeechOptions, frames_for_text, max_talker_frames, synthesize
 from utils.tokenizer import IncrementalDecoder
 
@@ -80,6 +81,7 @@ def pick_device(device: str) -> torch.device:
 
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+BATCH_KEYS = {"text", "image", "audio", "audio_in", "video", "video_frames", "prompt"}  # answer_batch requests
 
 # What a missing component is called in messages, and which `Components.searched` entry says where it was sought.
 PARTS = {"thinker": ("a thinker checkpoint", "thinker"), "vision": ("a vision encoder checkpoint", "vision"),
@@ -241,10 +243,11 @@ class OmniModel:
         embeds, ids, notes, opts.max_new_tokens = self.build_prompt(
             text, images, wave, opts.max_new_tokens, fit_max_new=gen.get("max_new_tokens") is None)
         detok = IncrementalDecoder(self.c.tokenizer)
-        t_first = None
+        t_first = t_last = None
         for tid in generate(self.c.thinker, embeds, opts, ids):
+            t_last = time.perf_counter()  # decode time runs from the first token to the last one
             if t_first is None:
-                t_first = time.perf_counter()
+                t_first = t_last
             piece = detok.push(tid)
             if piece:
                 yield piece
@@ -254,7 +257,7 @@ class OmniModel:
             yield tail
         out = detok.ids
         t_first = t_first or t_end
-        decode_s = t_end - t_first
+        decode_s = (t_last or t_end) - t_first
         timing = {"load_s": round(self.load_seconds, 6), "prefill_s": round(t_first - t0, 6),
                   "decode_s": round(decode_s, 6),
                   "decode_tokens_per_s": round((len(out) - 1) / decode_s, 3) if len(out) > 1 and decode_s > 0 else 0.0}
@@ -287,7 +290,77 @@ class OmniModel:
         yield from self._generate([], text, image, audio, video, video_frames, prompt, gen)
 
     # ------------------------------------------------------------ batched chat
-    # chat_batch(list of requests) -> list[str] lives here (added with the batched decoding work).
+    def answer_batch(self, items: list[dict[str, Any]], batch_size: int = 8,
+                     on_error: Callable[[int, OmniError], None] | None = None, **gen: Any) -> list[Answer | None]:
+        """Answers for several requests, decoded together `batch_size` at a time (utils.generation.generate_batch:
+        left-padded, each greedy answer equal to the one `answer` gives). Each item is a dict with `text` and
+        optional `image`, `audio` (or `audio_in`), `video`, `video_frames`, `prompt`. A request that cannot be
+        prepared raises ("request N: ..."), or with `on_error(index, error)` is reported there and its slot is
+        None.
+        Timing: prefill_s is the wait for the batch's first tokens; decode figures are per answer."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise OmniError(f"batch_size {batch_size!r}: must be a positive integer")
+        opts = self.options(**gen)
+        results: list[Answer | None] = [None] * len(items)
+        for lo in range(0, len(items), batch_size):
+            t0 = time.perf_counter()
+            ready = []  # (index, embeds (T, d), ids, notes, max_new_tokens)
+            for i in range(lo, min(lo + batch_size, len(items))):
+                try:
+                    req = items[i]
+                    if not isinstance(req, dict):
+                        raise OmniError(f"expected an object with 'text' and optional 'image', 'audio_in', "
+                                        f"'video', found {type(req).__name__}")
+                    unknown = set(req) - BATCH_KEYS
+                    if unknown:
+                        raise OmniError(f"unknown key(s) {', '.join(sorted(unknown))} "
+                                        f"(known: {', '.join(sorted(BATCH_KEYS))})")
+                    for key in ("text", "prompt"):
+                        if req.get(key) is not None and not isinstance(req[key], str):
+                            raise OmniError(f"'{key}' must be a string, found {type(req[key]).__name__}")
+                    text, images, wave = self.gather(req.get("text"), req.get("image"),
+                                                     req.get("audio", req.get("audio_in")), req.get("video"),
+                                                     req.get("video_frames", DEFAULT_VIDEO_FRAMES), req.get("prompt"))
+                    embeds, ids, notes, max_new = self.build_prompt(
+                        text, images, wave, opts.max_new_tokens, fit_max_new=gen.get("max_new_tokens") is None)
+                except OmniError as exc:
+                    if on_error is None:
+                        raise OmniError(f"request {i + 1}: {exc}") from exc
+                    on_error(i, exc)
+                    continue
+                ready.append((i, embeds[0], ids, notes, max_new))
+            if not ready:
+                continue
+            times: list[float] = []
+            outs = generate_batch(self.c.thinker, [r[1] for r in ready], [r[2] for r in ready], opts,
+                                  max_new_tokens=[r[4] for r in ready], step_times=times)
+            t_first = times[0] if times else time.perf_counter()
+            for (i, embeds, _, notes, _), out in zip(ready, outs):
+                decode_s = (times[len(out) - 1] if out else t_first) - t_first
+                timing = {"load_s": round(self.load_seconds, 6), "prefill_s": round(t_first - t0, 6),
+                          "decode_s": round(decode_s, 6),
+                          "decode_tokens_per_s": round((len(out) - 1) / decode_s, 3)
+                          if len(out) > 1 and decode_s > 0 else 0.0,
+                          "batch_size": len(ready)}
+                results[i] = Answer(self.c.tokenizer.decode(out), out, embeds.shape[0], timing, notes)
+        return results
+
+    def chat_batch(self, items: list[dict[str, Any]], batch_size: int = 8, **gen: Any) -> list[str]:
+        """The answer texts for several requests (see `answer_batch`), in order."""
+        return [a.text for a in self.answer_batch(items, batch_size=batch_size, **gen)]
+
+    def quantize(self, method: str) -> list[str]:
+        """Runtime quantization for speed: 'int8' swaps the nn.Linear layers inside the networks for dynamically
+        quantized int8 ones (utils.quant.Int8Linear; torch's own attention layers stay float). Returns the
+        names replaced. Top-1 agreement with float32 is high but not exact."""
+        if method != "int8":
+            raise OmniError(f"--quantize {method}: unknown (use int8)")
+        done = []
+        for name in ("thinker", "vision", "audio", "talker", "rvq"):
+            module = getattr(self.c, name)
+            if module is not None:
+                done += [f"{name}.{n}" for n in quantize_linears_int8(module)]
+        return done
 
     # ------------------------------------------------------------ transcription
     @torch.inference_mode()
@@ -363,9 +436,11 @@ def check_options(opts: SamplingOptions) -> None:
         raise OmniError("generation options: " + "; ".join(problems))
 
 
-def load_model(path: str | os.PathLike, device: str = "auto", dtype: str | torch.dtype | None = None) -> OmniModel:
+def load_model(path: str | os.PathLike, device: str = "auto", dtype: str | torch.dtype | None = None,
+               quantize: str | None = None) -> OmniModel:
     """Load every component found under `path` (see utils.loading) onto `device` ('auto', 'cpu', 'cuda', 'mps')
-    in `dtype` ('float32', 'float16', 'bfloat16'; default: the stored weights' dtype, float32 for μOmni)."""
+    in `dtype` ('float32', 'float16', 'bfloat16'; default: the stored weights' dtype, float32 for μOmni);
+    `quantize='int8'` then quantizes the linear layers (OmniModel.quantize)."""
     t0 = time.perf_counter()
     dev = pick_device(device)
     if isinstance(dtype, str):
@@ -375,4 +450,8 @@ def load_model(path: str | os.PathLike, device: str = "auto", dtype: str | torch
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # torch's nested-tensor notice for norm_first encoders
         comps = load_components(Path(path))
-    return OmniModel(comps, dev, dtype, time.perf_counter() - t0)
+    model = OmniModel(comps, dev, dtype)
+    if quantize is not None:
+        model.quantize(quantize)
+    model.load_seconds = time.perf_counter() - t0
+    return model

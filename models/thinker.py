@@ -6,7 +6,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from models.layers import Block, BlockConfig, KVCache, RMSNorm, Rotary, block_config_from_state, count_blocks
+from models.layers import (Block, BlockConfig, KVCache, RMSNorm, Rotary, block_config_from_state, count_blocks,
+                           linear)
 
 
 @dataclass
@@ -57,8 +58,8 @@ class ThinkerLM(nn.Module):
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, i, cache, start, mask)
         if last_only:
-            x = x[:, -1:]
-        return self.lm_head(self.norm(x))
+            return self.head(self.norm(x[:, -1]))[:, None]
+        return self.head(self.norm(x))
 
     def decode(self, tokens: torch.Tensor, pos: int, cache: KVCache, cos: torch.Tensor, rot_sin: torch.Tensor,
                mask: torch.Tensor | None = None, attn_out: list[torch.Tensor] | None = None,
@@ -83,31 +84,5 @@ class ThinkerLM(nn.Module):
         return [block.attn.single_key_output(cache.values_at(i, anchors)) for i, block in enumerate(self.blocks)]
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
-        """lm_head on normed hidden states (B, d) -> logits (B, V).
-
-        On CPU in float32 the oneDNN matmul used for reduced precision is also used here: for a handful of
-        rows it is 2-3x faster than the BLAS gemv/gemm behind nn.Linear (measured on this tiny config's
-        32000 x 256 head); every other case is plain `lm_head`.
-        """
-        w = getattr(self.lm_head, "weight", None)
-        if (_ONEDNN_LINEAR is not None and x.device.type == "cpu" and x.dtype == torch.float32
-                and isinstance(w, torch.Tensor) and w.dtype == torch.float32 and type(self.lm_head) is nn.Linear):
-            return _ONEDNN_LINEAR(x, w, self.lm_head.bias, "none", [], "")
-        return self.lm_head(x)
-
-
-def _onednn_linear():
-    """torch.ops.mkldnn._linear_pointwise when this build has it (and it runs), else None."""
-    try:
-        if not torch.backends.mkldnn.is_available():
-            return None
-        op = torch.ops.mkldnn._linear_pointwise
-        x, w = torch.ones(1, 4), torch.ones(3, 4)
-        if not torch.equal(op(x, w, None, "none", [], ""), torch.full((1, 3), 4.0)):
-            return None
-        return op
-    except (AttributeError, RuntimeError):
-        return None
-
-
-_ONEDNN_LINEAR = _onednn_linear()
+        """lm_head on normed hidden states (..., d) -> logits (..., V) (through `models.layers.linear`)."""
+        return linear(self.lm_head, x)

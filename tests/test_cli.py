@@ -125,13 +125,15 @@ def test_bad_inputs_are_one_line_errors(capsys: pytest.CaptureFixture, tiny_tree
 
 def test_one_shot_text_and_json(tiny_tree: Path) -> None:
     common = ["--ckpt_dir", str(tiny_tree), "--text", "what is one plus two ?", "--max_new_tokens", "12"]
-    j = run_cli(*common, "--json")
+    j = run_cli(*common, "--json", "--verbose")
     assert j.returncode == 0, j.stderr
     obj = json.loads(j.stdout)
     assert JSON_KEYS <= set(obj) and TIMING_KEYS <= set(obj["timing"])
     assert obj["generated_tokens"] == len(obj["token_ids"]) <= 12
     assert obj["prompt_tokens"] == 1 + len(tokenizer(tiny_tree).encode("what is one plus two ?"))
-    assert "loading" in j.stderr  # messages go to stderr, stdout holds the answer only
+    assert "loading" in j.stderr  # with --verbose, loading messages go to stderr; stdout holds the answer only
+    quiet_script = run_cli(*common)
+    assert quiet_script.returncode == 0 and quiet_script.stderr == ""  # not a terminal: no loading chatter
     t = run_cli(*common, "--quiet", "--no_stream")
     assert t.returncode == 0 and t.stderr == ""
     assert t.stdout == obj["text"] + "\n"

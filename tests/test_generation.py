@@ -14,6 +14,8 @@ from models.thinker import ThinkerConfig, ThinkerLM
 from utils.generation import Decoder, SamplingOptions, generate, generate_batch
 from utils.quant import GreedyHead, Int8Linear, quantize_linears_int8
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 MODES = ("reference", "causal")
 PROMPT_LENS = (5, 1, 9, 3, 12)
 
@@ -267,8 +269,146 @@ def test_greedy_head_is_the_exact_argmax() -> None:
 def test_fast_greedy_matches_plain_greedy() -> None:
     model = tiny_thinker(seed=23, vocab=3000, d=64)
     embeds, ids = prompts(model)
+    assert gen.greedy_head(model, build=False) is None
     for mode in MODES:
-        fast = SamplingOptions(max_new_tokens=12, decode_attention=mode, ignore_eos=True)
+        fast = SamplingOptions(max_new_tokens=gen.SCREEN_MIN_TOKENS + 8, decode_attention=mode, ignore_eos=True)
         plain = SamplingOptions(**{**fast.__dict__, "fast_greedy": False})
         assert one_by_one(model, embeds, ids, fast) == one_by_one(model, embeds, ids, plain)
         assert generate_batch(model, embeds, ids, fast) == generate_batch(model, embeds, ids, plain)
+    assert gen.greedy_head(model, build=False) is not None  # the screen was built and used
+    bf = copy.deepcopy(model).to(torch.bfloat16)
+    bf_embeds = [e.to(torch.bfloat16) for e in embeds]
+    fast = SamplingOptions(max_new_tokens=gen.SCREEN_MIN_TOKENS + 8, ignore_eos=True)
+    plain = SamplingOptions(**{**fast.__dict__, "fast_greedy": False})
+    assert one_by_one(bf, bf_embeds, ids, fast) == one_by_one(bf, bf_embeds, ids, plain)
+    assert gen.greedy_head(bf, build=False) is not None
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_per_row_budgets_near_the_context_end(mode: str) -> None:
+    """Each row may have its own max_new_tokens; a long prompt with a small budget sits beside a short prompt
+    with a large one, together needing more columns than the context (each row alone fits)."""
+    model = tiny_thinker(seed=29, ctx=32)
+    embeds, ids = prompts(model, lens=(28, 3, 10))
+    budgets = [4, 29, 0]
+    opts = SamplingOptions(decode_attention=mode, ignore_eos=True)
+    single = [list(generate(model, e[None], SamplingOptions(**{**opts.__dict__, "max_new_tokens": n}), i))
+              for e, i, n in zip(embeds, ids, budgets)]
+    assert [len(s) for s in single] == budgets
+    times: list[float] = []
+    assert generate_batch(model, embeds, ids, opts, max_new_tokens=budgets, step_times=times) == single
+    assert len(times) == max(budgets) and times == sorted(times)
+    with pytest.raises(ValueError, match="context"):
+        generate_batch(model, embeds, ids, opts, max_new_tokens=[5, 1, 1])
+
+
+def test_greedy_head_hands_back_non_finite_inputs() -> None:
+    w = torch.randn(2000, 32)
+    head = GreedyHead(w, k=16)
+    for bad in (float("nan"), float("inf")):
+        x = torch.randn(2, 32)
+        x[1, 3] = bad
+        assert head.argmax(x) is None
+    with pytest.raises(ValueError):
+        GreedyHead(w, k=2000)
+
+
+# ---------------------------------------------------------------- CLI: --batch_file, --quantize
+
+def test_cli_batch_file_matches_one_shot_answers(tiny_tree, tmp_path) -> None:
+    from PIL import Image
+
+    from tests.conftest import run_cli
+
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(tmp_path / "red.png")
+    texts = ["what is one plus two ?", "hello", "once upon a time there was a small yellow shape"]
+    lines = [json.dumps({"text": texts[0]}), "", json.dumps({"text": texts[1], "image": "red.png"}), "{oops",
+             json.dumps({"text": texts[2]}), json.dumps({"text": "x", "image": "missing.png"})]
+    (tmp_path / "requests.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    common = ["--ckpt_dir", str(tiny_tree), "--max_new_tokens", "10", "--quiet"]
+    for mode in MODES:
+        r = run_cli(*common, "--decode_attention", mode, "--batch_file", str(tmp_path / "requests.jsonl"),
+                    "--batch_size", "2", cwd=tmp_path.parent)  # image path relative to the file's directory
+        assert r.returncode == 1  # two bad lines
+        out = [json.loads(line) for line in r.stdout.splitlines()]
+        assert [o["line"] for o in out] == [1, 3, 4, 5, 6]
+        assert "error" in out[2] and "error" in out[4] and "missing.png" in out[4]["error"]
+        assert "line 4:" in r.stderr and "line 6:" in r.stderr
+        for o, extra in ((out[0], []), (out[1], ["--image", str(tmp_path / "red.png")]), (out[3], [])):
+            one = run_cli(*common, "--decode_attention", mode, "--text", o["input"]["text"], "--json", *extra)
+            assert one.returncode == 0, one.stderr
+            single = json.loads(one.stdout)
+            assert o["token_ids"] == single["token_ids"] and o["text"] == single["text"]
+            assert o["prompt_tokens"] == single["prompt_tokens"]
+            assert o["timing"]["batch_size"] in (1, 2)
+
+
+def test_cli_batch_file_usage_errors(tiny_tree, tmp_path) -> None:
+    from tests.conftest import run_cli
+
+    (tmp_path / "r.jsonl").write_text('{"text": "hello"}\n', encoding="utf-8")
+    r = run_cli("--ckpt_dir", str(tiny_tree), "--batch_file", str(tmp_path / "r.jsonl"), "--text", "hi")
+    assert r.returncode == 2 and "--batch_file" in r.stderr
+    r = run_cli("--ckpt_dir", str(tiny_tree), "--batch_file", str(tmp_path / "absent.jsonl"))
+    assert r.returncode == 1 and "absent.jsonl" in r.stderr
+
+
+def test_cli_quantize_int8_and_bfloat16_run(tiny_tree) -> None:
+    from tests.conftest import run_cli
+
+    for flags in (["--quantize", "int8"], ["--dtype", "bfloat16"], ["--dtype", "bfloat16", "--quantize", "int8"]):
+        r = run_cli("--ckpt_dir", str(tiny_tree), "--text", "hello", "--max_new_tokens", "5", "--json", "--quiet",
+                    *flags)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["generated_tokens"] <= 5
+
+
+def test_api_chat_batch_equals_chat(tiny_tree) -> None:
+    from omni import load_model
+
+    model = load_model(tiny_tree, device="cpu")
+    items = [{"text": "hello"}, {"text": "what do you see ?"}, {"text": "a red circle . a blue square"}]
+    for mode in MODES:
+        single = [model.chat(it["text"], max_new_tokens=8, decode_attention=mode) for it in items]
+        assert model.chat_batch(items, max_new_tokens=8, decode_attention=mode) == single
+        assert model.chat_batch(items, batch_size=2, max_new_tokens=8, decode_attention=mode) == single
+    from utils.errors import OmniError
+    with pytest.raises(OmniError, match="request 2"):
+        model.chat_batch([{"text": "hello"}, {"text": 5}])
+
+
+def test_bench_quick_runs(tmp_path) -> None:
+    """bench.py --quick end to end for one dtype: the table on stdout and the JSON file (no timing checks)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, str(REPO / "bench.py"), "--quick", "--dtypes", "float32", "--threads", "1",
+                        "--json_out", str(out)], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    assert "| decode batch 1, reference (tokens/s) |" in r.stdout
+    res = json.loads(out.read_text())["results"]["float32"]
+    assert res["baseline_ids_match"] is True
+    for key in ("load_s", "prefill_tok_s", "ttft_ms", "decode_b1_reference_tok_s", "decode_b8_causal_tok_s",
+                "image_encode_ms", "audio_rtf", "speech_rtf", "peak_rss_mb", "speedup_vs_baseline_reference"):
+        assert res[key] > 0
+
+
+def test_greedy_head_fallback_handles_only_undecided_rows() -> None:
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(3000, 32, generator=g)
+    w[5:17] = w[5] * (1 + 1e-6 * torch.arange(12.0))[:, None]  # 12 near-ties: more than k = 8 candidates
+    x = torch.randn(4, 32, generator=g)
+    x[2] = w[5] * 10  # row 2's best rows are those twelve
+    head = GreedyHead(w, k=8)
+    assert head.argmax(x) is None
+    seen = []
+
+    def full(rows: torch.Tensor) -> torch.Tensor:
+        seen.append(rows.shape[0])
+        return (rows @ w.t()).argmax(-1)
+
+    assert torch.equal(head.argmax(x, full), (x @ w.t()).argmax(-1))
+    assert seen[0] == 1  # only the undecided row was computed in full

@@ -3,18 +3,20 @@
 
 Decode attention: the reference μOmni implementation's KV-cached decode lets every generated token attend to
 the first position of the sequence only (its incremental mask is `ones(1, S).tril()`), and the μOmni expected
-outputs were produced that way. `decode_attention="reference"` reproduces it bit for bit; "causal" attends to
-every earlier position, as the models were trained.
+outputs were produced that way. `decode_attention="reference"` reproduces it (the same ids; logits equal up to
+the rounding order of the matmul kernels); "causal" attends to every earlier position, as the models were trained.
 
 Speed: the KV cache, the masks and the per-row rotary rows are allocated once per generation and only
 sliced afterwards; the one host sync per step is reading the sampled ids. In reference mode every decode
 step of a row attends to one fixed key, and softmax over a single score is exactly 1, so the attention
 sub-layer returns that key's value whatever the query: its output is computed once after the prefill and
 reused (bit-identical to running the masked attention each step, and it skips q/k/v, RoPE and the cache
-writes that nothing would ever read).
+writes that nothing would ever read). Greedy steps on CPU read the vocabulary projection as int8 and rescore
+the few candidates exactly (utils.quant.GreedyHead): the same argmax for a quarter of the memory traffic.
 """
 from __future__ import annotations
 
+import time
 import weakref
 from dataclasses import dataclass
 from typing import Iterator
@@ -41,7 +43,7 @@ class SamplingOptions:
     seed: int | None = None
     ignore_eos: bool = False
     decode_attention: str = "reference"
-    fast_greedy: bool = True  # float32 CPU greedy: int8-screened exact argmax (utils.quant.GreedyHead)
+    fast_greedy: bool = True  # greedy on CPU: the int8-screened exact argmax (utils.quant.GreedyHead)
 
 
 def first_key_mask(max_len: int, anchors: torch.Tensor) -> torch.Tensor:
@@ -86,15 +88,15 @@ def decode_one_token(model: ThinkerLM, token: torch.Tensor, pos: int, cache: KVC
     return model(model.tok_emb(token[:, None]), pos, cache, mask=mask)[:, -1]
 
 
-def check_options(model: ThinkerLM, prompt_len: int, opts: SamplingOptions) -> None:
+def check_options(model: ThinkerLM, prompt_len: int, max_new_tokens: int, opts: SamplingOptions) -> None:
     if opts.decode_attention not in DECODE_ATTENTION:
         raise ValueError(f"decode_attention {opts.decode_attention!r}: use one of {', '.join(DECODE_ATTENTION)}")
-    if opts.max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens {opts.max_new_tokens}: must be >= 0")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens {max_new_tokens}: must be >= 0")
     if prompt_len < 1:
         raise ValueError("generation needs a prompt of at least one position")
-    if prompt_len + opts.max_new_tokens > model.rotary.max_len:
-        raise ValueError(f"prompt of {prompt_len} positions + max_new_tokens {opts.max_new_tokens} exceeds the "
+    if prompt_len + max_new_tokens > model.rotary.max_len:
+        raise ValueError(f"prompt of {prompt_len} positions + max_new_tokens {max_new_tokens} exceeds the "
                          f"context of {model.rotary.max_len}")
 
 
@@ -107,25 +109,33 @@ class Decoder:
     the constant attention output described in the module docstring). All of it is built here, once.
     """
 
-    def __init__(self, model: ThinkerLM, embeds: torch.Tensor, pads: list[int] | None, opts: SamplingOptions) -> None:
+    def __init__(self, model: ThinkerLM, embeds: torch.Tensor, pads: list[int] | None, opts: SamplingOptions,
+                 max_new: list[int] | None = None) -> None:
+        """`max_new`: per-row token budgets (default: opts.max_new_tokens for every row); the cache has room
+        for the largest, and each row's prompt plus its own budget must fit the context."""
         B, T, _ = embeds.shape
-        check_options(model, T, opts)
-        dev = embeds.device
-        self.model, self.embeds = model, embeds
-        self.reference = opts.decode_attention == "reference"
-        total = T + opts.max_new_tokens
-        self.cache = model.new_cache(B, total)
-        self.pos = T  # the cache column the next token goes to
         pads = list(pads) if pads is not None else [0] * B
         if len(pads) != B or not all(0 <= p < T for p in pads):
             raise ValueError(f"pads {pads}: need one pad count in 0..{T - 1} per row")
+        max_new = list(max_new) if max_new is not None else [opts.max_new_tokens] * B
+        if len(max_new) != B:
+            raise ValueError(f"max_new {max_new}: need one budget per row")
+        for p, n in zip(pads, max_new):
+            check_options(model, T - p, n, opts)
+        dev = embeds.device
+        self.model, self.embeds = model, embeds
+        self.reference = opts.decode_attention == "reference"
+        total = T + max(max_new)
+        self.cache = model.new_cache(B, total)
+        self.pos = T  # the cache column the next token goes to
         self.anchors = torch.tensor(pads, dtype=torch.long, device=dev)
         self.padded = any(pads)
         self.attn_out: list[torch.Tensor] | None = None
         self.prefill_positions = self.prefill_mask = self.key_mask = self.rope_rows = None
         if self.padded:
             cols = torch.arange(total, device=dev)
-            positions = (cols[None] - self.anchors[:, None]).clamp_min(0)  # (B, total)
+            # (B, total); clamped at the table's end for columns a row with a smaller budget never uses
+            positions = (cols[None] - self.anchors[:, None]).clamp(0, model.rotary.max_len - 1)
             real = cols[None] >= self.anchors[:, None]  # (B, total)
             eye = torch.eye(T, dtype=torch.bool, device=dev)
             causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
@@ -160,20 +170,27 @@ class Decoder:
         return self.model.decode(tokens, pos, self.cache, cos, rot_sin, mask, None, hidden)
 
 
+SCREEN_MIN_VOCAB = 1024
+SCREEN_MIN_TOKENS = 32  # building the int8 copy costs about as much as this many float32 steps save
 _GREEDY_HEADS: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, GreedyHead]]" = weakref.WeakKeyDictionary()
 
 
-def greedy_head(model: ThinkerLM) -> GreedyHead | None:
-    """The int8-screened exact argmax for `model.lm_head` (float32 on CPU), built once per weight version."""
+def greedy_head(model: ThinkerLM, build: bool = True) -> GreedyHead | None:
+    """The int8-screened exact argmax for `model.lm_head` (float weights on CPU), built once per weight
+    version (only if `build`; a cached one is returned either way)."""
     lin = model.lm_head
     if type(lin) is not nn.Linear or not greedy_head_supported(lin.weight, lin.bias):
         return None
+    if lin.weight.shape[0] < SCREEN_MIN_VOCAB:
+        return None  # a small projection is cheap to compute in full
     w = lin.weight
     if w.is_inference():
         return None  # no version counter: an in-place update could not be noticed
     key = (w.data_ptr(), w._version, tuple(w.shape))
     hit = _GREEDY_HEADS.get(lin)
     if hit is None or hit[0] != key:
+        if not build:
+            return None
         with torch.inference_mode():
             hit = (key, GreedyHead(w))
         _GREEDY_HEADS[lin] = hit
@@ -192,7 +209,8 @@ class Picker:
         self.seen = _seen_mask(prompts, len(prompts), model.cfg.vocab_size, device) if self.penalty else None
         self.rows = torch.arange(len(prompts), device=device)
         greedy = opts.temperature <= 0 and not self.penalty
-        self.screen = greedy_head(model) if greedy and opts.fast_greedy else None
+        self.screen = greedy_head(model, build=opts.max_new_tokens >= SCREEN_MIN_TOKENS) \
+            if greedy and opts.fast_greedy else None
 
     def pick(self, logits: torch.Tensor) -> torch.Tensor:
         if self.penalty:
@@ -208,9 +226,10 @@ class Picker:
             self.seen[self.rows, tokens] = True
         if self.screen is None:
             return self.pick(self.dec.step(tokens))
-        h = self.dec.step(tokens, hidden=True)
-        picked = self.screen.argmax(h)
-        return picked if picked is not None else self.model.head(h).argmax(-1)
+        return self.screen.argmax(self.dec.step(tokens, hidden=True), self._full_argmax)
+
+    def _full_argmax(self, h: torch.Tensor) -> torch.Tensor:
+        return self.model.head(h).argmax(-1)
 
 
 def _seen_mask(prompts: list[list[int]], batch: int, vocab: int, device: torch.device) -> torch.Tensor:
@@ -257,13 +276,16 @@ def left_pad(embeds: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
 
 
 def generate_batch(model: ThinkerLM, embeds: list[torch.Tensor], prompt_ids: list[list[int]] | None,
-                   opts: SamplingOptions) -> list[list[int]]:
+                   opts: SamplingOptions, max_new_tokens: list[int] | None = None,
+                   step_times: list[float] | None = None) -> list[list[int]]:
     """New token ids for several prompts at once (each embeds[i] is (T_i, d)), EOS not included.
 
     Prompts are left-padded to a common length; each row's positions and masks make its greedy answer equal
-    to `generate` on that prompt alone. A row stops contributing once it emits EOS; the loop ends when
-    every row has finished or after `max_new_tokens`. Sampling uses one generator for the whole batch, so
-    sampled answers depend on the batch they are in (greedy ones do not).
+    to `generate` on that prompt alone. A row stops contributing once it emits EOS or reaches its budget
+    (`max_new_tokens[i]`, default `opts.max_new_tokens`); the loop ends when every row has finished.
+    Sampling uses one generator for the whole batch, so sampled answers depend on the batch they are in
+    (greedy ones do not). `step_times`, if given, receives time.perf_counter() as each step's ids arrive
+    (entry i: when every row's i-th token was known).
     """
     if not embeds:
         return []
@@ -273,26 +295,32 @@ def generate_batch(model: ThinkerLM, embeds: list[torch.Tensor], prompt_ids: lis
     prompt_ids = prompt_ids if prompt_ids is not None else [[] for _ in range(B)]
     if len(prompt_ids) != B:
         raise ValueError(f"generate_batch: {B} prompts but {len(prompt_ids)} prompt id lists")
+    budgets = list(max_new_tokens) if max_new_tokens is not None else [opts.max_new_tokens] * B
+    if len(budgets) != B:
+        raise ValueError(f"generate_batch: {B} prompts but {len(budgets)} max_new_tokens")
     out: list[list[int]] = [[] for _ in range(B)]
-    if opts.max_new_tokens <= 0:
+    done = [n <= 0 for n in budgets]
+    if all(done):
         return out
     device = embeds[0].device
-    done = [False] * B
     with torch.inference_mode():
         x, pads = left_pad(embeds)
-        dec = Decoder(model, x, pads, opts)
+        dec = Decoder(model, x, pads, opts, [max(n, 0) for n in budgets])
         picker = Picker(model, dec, opts, prompt_ids, device)
         tokens = picker.first()
-        for step in range(opts.max_new_tokens):
+        while True:
             ids = tokens.tolist()  # the one sync per step
+            if step_times is not None:
+                step_times.append(time.perf_counter())
             for b, tid in enumerate(ids):
                 if done[b]:
                     continue
                 if tid == EOS_ID and not opts.ignore_eos:
                     done[b] = True
-                else:
-                    out[b].append(tid)
-            if all(done) or step + 1 == opts.max_new_tokens:
+                    continue
+                out[b].append(tid)
+                done[b] = len(out[b]) >= budgets[b]
+            if all(done):
                 break
             tokens = picker.next(tokens)
     return out

@@ -11,6 +11,8 @@ The file's metadata and config.json carry `QUANT_METHOD` so a reader can tell.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -165,18 +167,20 @@ class GreedyHead:
     plus the float rounding of the true scores (their summation, and for 16-bit weights the rounding of the
     output to 16 bits). Every row whose score could reach the best one's is a candidate; the candidates'
     scores (the `k` best approximate ones) are then computed in the weight's dtype and the best taken, ties
-    to the lowest id. If more than `k` rows are within the bound, `argmax` returns None and the caller
-    computes the full projection. The answer is that of the full matmul up to the order of additions inside
+    to the lowest id. Where more than `k` rows are within the bound, that input row is undecided: `argmax`
+    hands it to `fallback` (the full projection's argmax), or without one returns None. The answer is that of the full matmul up to the order of additions inside
     the kernels (as between any two matmul kernels).
     """
 
     SLACK = 1.001  # relative slack on the bound (its own terms are computed in float32)
     OUTPUT_ROUNDING = {torch.float32: 0.0, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11}
 
-    def __init__(self, weight: torch.Tensor, k: int = 32) -> None:
+    def __init__(self, weight: torch.Tensor, k: int = 64) -> None:
         w = weight.detach().float()
         self.weight = weight.detach()
-        self.k = min(k, w.shape[0])
+        if not 0 < k < w.shape[0]:
+            raise ValueError(f"GreedyHead: k {k} must be in 1..{w.shape[0] - 1}")
+        self.k = k
         self.qweight, self.scale = quantize_int8(w)
         err = (w - dequantize_int8(self.qweight, self.scale)).abs()
         self.err_max = float(err.amax())  # max_ji |w_ji - s_j q_ji|
@@ -186,24 +190,31 @@ class GreedyHead:
         self.half_n1_max = 0.5 * float(n1.amax())
         self.out_round = self.OUTPUT_ROUNDING[weight.dtype]
 
-    def argmax(self, x: torch.Tensor) -> torch.Tensor | None:
-        """Argmax over V of x @ W^T for x (B, d) in the weight's dtype, or None when the screen cannot decide."""
+    def argmax(self, x: torch.Tensor, fallback: Callable[[torch.Tensor], torch.Tensor] | None = None
+               ) -> torch.Tensor | None:
+        """Argmax over V of x @ W^T for x (B, d) in the weight's dtype. Rows the screen cannot decide go to
+        `fallback(x_rows) -> ids`; without a fallback, any undecided row makes the result None."""
         xq, step = quantize_rows(x)
         approx = torch._int_mm(xq, self.qweight.t()).float() * step * self.scale  # (B, V)
         bound = (x.float().abs().sum(-1, keepdim=True) * (self.err_max + self.fp_term)
                  + step * self.half_n1_max) * self.SLACK
-        full = self.k >= approx.shape[-1]
-        top, idx = approx.topk(self.k if full else self.k + 1, dim=-1)
-        if not full:
-            if self.out_round:  # a 16-bit output may round up to `out_round` relative
-                bound = bound + self.out_round * (top[:, :1].abs().maximum(top[:, -1:].abs()) + bound)
-            # Rows outside the top k score at most top[:, k] + bound: out if that is below best - bound.
-            if bool((top[:, -1:] + 2 * bound >= top[:, :1]).any()):
-                return None
-            idx = idx[:, :-1]
+        top, idx = approx.topk(self.k + 1, dim=-1)
+        if self.out_round:  # a 16-bit output may round up to `out_round` relative
+            bound = bound + self.out_round * (top[:, :1].abs().maximum(top[:, -1:].abs()) + bound)
+        # Rows outside the top k score at most top[:, k] + bound: out if that is below best - bound.
+        # (Written so that NaN / inf anywhere means "undecided".)
+        decided = (top[:, -1] + 2 * bound[:, 0] < top[:, 0])
+        all_decided = bool(decided.all())
+        if not all_decided and fallback is None:
+            return None
+        idx = idx[:, :-1]
         exact = torch.bmm(torch.nn.functional.embedding(idx, self.weight), x.unsqueeze(-1)).squeeze(-1)  # (B, k)
         best = exact.amax(-1, keepdim=True)
-        return torch.where(exact == best, idx, self.weight.shape[0]).amin(-1)  # ties: lowest id, as argmax
+        ids = torch.where(exact == best, idx, self.weight.shape[0]).amin(-1)  # ties: lowest id, as argmax
+        if not all_decided:
+            rows = (~decided).nonzero().squeeze(-1)
+            ids = ids.index_copy(0, rows, fallback(x.index_select(0, rows)).to(ids.dtype))
+        return ids
 
 
 def greedy_head_supported(weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
