@@ -12,7 +12,7 @@ import utils.generation as gen
 from models.layers import BlockConfig
 from models.thinker import ThinkerConfig, ThinkerLM
 from utils.generation import Decoder, SamplingOptions, generate, generate_batch
-from utils.quant import GreedyHead, Int8Linear, quantize_linears_int8
+from utils.quant import GreedyHead, Int8Linear, PackedInt8Weight, quantize_int8, quantize_linears_int8
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -264,6 +264,27 @@ def test_greedy_head_is_the_exact_argmax() -> None:
     x = w3[10][None] * 20
     got = GreedyHead(w3, k=8).argmax(x)
     assert got is None or int(got) == 10
+
+
+def test_greedy_head_rows_do_not_depend_on_the_batch() -> None:
+    """Several rows go through the pre-packed int8 weight, one row through torch._int_mm: the same scores,
+    so each row's answer is the one it gets alone. A vocabulary of 4999 = 4999 x 1 blocks exercises the
+    block size fallback."""
+    g = torch.Generator().manual_seed(5)
+    for vocab in (6400, 4999):
+        w = torch.randn(vocab, 48, generator=g) * 0.05
+        head = GreedyHead(w, k=32)
+        x = torch.randn(8, 48, generator=g) * 4
+        assert head.block == max(b for b in range(1, 65) if vocab % b == 0)
+        full = lambda rows: (rows @ w.t()).argmax(-1)  # noqa: E731
+        batched = head.argmax(x, full)
+        assert torch.equal(batched, torch.cat([head.argmax(x[b:b + 1], full) for b in range(8)]))
+        assert torch.equal(batched, (x @ w.t()).argmax(-1))
+    q, scale = quantize_int8(torch.randn(300, 40, generator=g))
+    packed = PackedInt8Weight.build(q, scale)
+    if packed is not None:  # this torch has the oneDNN int8 ops
+        xq = torch.randint(-127, 128, (5, 40), dtype=torch.int8, generator=g)
+        assert torch.equal(packed(xq), torch._int_mm(xq, q.t()) * scale)
 
 
 def test_fast_greedy_matches_plain_greedy() -> None:
