@@ -448,7 +448,7 @@ def load_model(path: str | os.PathLike, device: str = "auto", dtype: str | torch
             raise OmniError(f"--dtype {dtype}: unknown (use {', '.join(DTYPES)})")
         dtype = DTYPES[dtype]
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # torch's nested-tensor notice for norm_first encoders
+        warnings.filterwarnings("ignore", message=".*nested.tensor")  # torch notice for norm_first encoders
         comps = load_components(Path(path))
     model = OmniModel(comps, dev, dtype)
     if quantize is not None:

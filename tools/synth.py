@@ -110,8 +110,8 @@ def add_noise(img: Image.Image, rng: random.Random, max_sigma: float = 6.0) -> I
     if sigma < 0.5:
         return img
     arr = np.asarray(img, dtype=np.float32)
-    noise = np.random.default_rng(rng.getrandbits(32)).normal(0.0, sigma, arr.shape)
-    return Image.fromarray(np.clip(arr + noise, 0, 255).astype(np.uint8), "RGB")
+    noise = np.random.default_rng(rng.getrandbits(32)).standard_normal(arr.shape, dtype=np.float32)
+    return Image.fromarray(np.clip(arr + sigma * noise, 0, 255).astype(np.uint8), "RGB")
 
 
 def shape_image(rng: random.Random, colour: str | None = None, shape: str | None = None,
@@ -167,3 +167,15 @@ def spoken_phrase(rng: random.Random, variants: bool = False) -> tuple[np.ndarra
     settings = {"voice": random_voice(rng, variants), "rate": rng.randint(*RATE_RANGE),
                 "pitch": rng.randint(*PITCH_RANGE)}
     return speak(text, **settings), text, settings
+
+
+# ---------------------------------------------------------------- video
+
+def shapes_video_frames(rng: random.Random, scenes: list[tuple[str, str]], frames_per_scene: int,
+                        size: int) -> list[Image.Image]:
+    """A clip of still shapes shown one after another (each scene drawn once, held for its frames)."""
+    frames = []
+    for colour, shape in scenes:
+        img, _, _ = shape_image(rng, colour, shape, size=size, noise=False)
+        frames.extend([img] * frames_per_scene)
+    return frames

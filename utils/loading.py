@@ -6,6 +6,7 @@ component dirs, a single audio-encoder dir (for transcription), or a merged safe
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,6 +116,10 @@ def locate_component(kind: str, base: Path, pointer: str | None) -> tuple[Path |
         tried = [p, base / p.name]
         for cand in tried:
             if cand.is_dir():
+                sibling = tried[1]
+                if cand is p and sibling.is_dir() and sibling.resolve() != p.resolve():
+                    warnings.warn(f"the omni config's {OMNI_POINTERS.get(kind, kind)} '{pointer}' is taken relative "
+                                  f"to the current directory ({p.resolve()}), not the sibling {sibling}")
                 return cand, str(cand)
         return None, " and ".join(str(t) for t in tried)
     found = subdirs_of_kind(base, kind)

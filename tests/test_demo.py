@@ -1,0 +1,84 @@
+"""The trained demo model (checkpoints/demo, built by tools/train_demo.py) on held-out inputs generated fresh.
+
+Thresholds: image answers and sums >= 90% right, transcripts >= 80% exact. Skipped when checkpoints/demo is
+absent; the speech checks are skipped without espeak-ng.
+"""
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from tests.conftest import REPO, run_cli
+from tools import synth
+from tools.eval_demo import image_accuracy, speech_accuracy, sum_accuracy
+
+DEMO = REPO / "checkpoints" / "demo"
+EXAMPLES = REPO / "examples"
+N = 40
+SEED = 2024  # training draws from seeds 1-9: these inputs are new
+
+pytestmark = pytest.mark.skipif(not (DEMO / "omni_sft_tiny" / "omni.pt").is_file(),
+                                reason=f"{DEMO} not built (run: python tools/train_demo.py)")
+needs_espeak = pytest.mark.skipif(not synth.have_espeak(),
+                                  reason="espeak-ng not installed (apt-get install -y espeak-ng): no speech inputs")
+
+
+@pytest.fixture(scope="module")
+def model():
+    import torch
+
+    from omni import load_model
+    torch.set_num_threads(2)
+    return load_model(DEMO, device="cpu")
+
+
+def test_tree_layout_and_size() -> None:
+    for rel in ("thinker_tiny/thinker.pt", "thinker_tiny/tokenizer.model", "omni_sft_tiny/omni.pt",
+                "audio_enc_tiny/audio_enc.pt", "audio_enc_tiny/audio_enc_metadata.json", "vision_tiny/vision.pt",
+                "talker_tiny/talker.pt", "configs/omni_sft_tiny.json", "generation_config.json"):
+        assert (DEMO / rel).is_file(), rel
+    gen = json.loads((DEMO / "generation_config.json").read_text())
+    assert gen["decode_attention"] == "causal" and gen["do_sample"] is False
+    size = sum(p.stat().st_size for p in DEMO.rglob("*") if p.is_file())
+    assert size <= 25 * 2 ** 20, f"checkpoints/demo holds {size / 2 ** 20:.1f} MB"
+
+
+def test_image_answers(model) -> None:
+    acc, misses = image_accuracy(model, N, SEED)
+    assert acc >= 0.9, f"image accuracy {acc:.2f}; misses: {misses[:10]}"
+
+
+def test_sums(model) -> None:
+    acc, misses = sum_accuracy(model, N, SEED + 1)
+    assert acc >= 0.9, f"sum accuracy {acc:.2f}; misses: {misses[:10]}"
+
+
+@needs_espeak
+def test_speech(model) -> None:
+    exact, heard, misses = speech_accuracy(model, N, SEED + 2)
+    assert exact >= 0.8, f"transcript exact match {exact:.2f}; misses: {misses[:10]}"
+    assert heard >= 0.8, f"'What did you hear?' accuracy {heard:.2f}; misses: {misses[:10]}"
+
+
+def test_video_lists_the_shapes(model) -> None:
+    frames = synth.shapes_video_frames(random.Random(SEED), [("yellow", "square"), ("purple", "circle")], 12, 128)
+    picks = [frames[i * len(frames) // 5] for i in range(1, 5)]  # what the video loader samples from 4 frames
+    answer = model.chat(None, image=picks)
+    assert "yellow square" in answer and "purple circle" in answer, answer
+
+
+@pytest.mark.skipif(not (EXAMPLES / "red_circle.png").is_file(), reason="examples/ not written")
+def test_cli_on_examples() -> None:
+    base = ("--ckpt_dir", str(DEMO))
+    out = run_cli(*base, "--image", str(EXAMPLES / "red_circle.png"))
+    assert out.returncode == 0 and "red circle" in out.stdout, out.stderr
+    out = run_cli(*base, "--image", str(EXAMPLES / "blue_square.png"), "--text", "What do you see?")
+    assert out.returncode == 0 and "blue square" in out.stdout, out.stderr
+    out = run_cli(*base, "--text", "What is 3 plus 4?")
+    assert out.returncode == 0 and "7" in out.stdout, out.stderr
+    out = run_cli(*base, "--transcribe", "--audio_in", str(EXAMPLES / "green_triangle.wav"))
+    assert out.returncode == 0 and out.stdout.strip() == "a green triangle", (out.stdout, out.stderr)
+    out = run_cli(*base, "--audio_in", str(EXAMPLES / "green_triangle.wav"), "--text", "What did you hear?")
+    assert out.returncode == 0 and "green triangle" in out.stdout, out.stderr

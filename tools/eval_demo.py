@@ -1,0 +1,119 @@
+#!/usr/bin/env python3
+"""Measure the demo model (checkpoints/demo) on held-out inputs generated fresh, through the project's API.
+
+    python tools/eval_demo.py [--ckpt_dir checkpoints/demo] [--n 50] [--seed 12345] [--json]
+
+image     shape pictures (new seeds, sizes 64-512 px, positions, backgrounds); right when the answer
+          contains "<colour> <shape>"
+sums      "What is A plus B?" for random digits; right when the last number in the answer is A+B
+speech    phrases spoken by espeak-ng (voices en / en-us, 140-200 wpm, random pitch): transcript exact
+          match (--transcribe) and "What did you hear?" answers containing the phrase. Needs espeak-ng;
+          skipped without it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from tools import synth  # noqa: E402
+
+DEFAULT_DIR = REPO / "checkpoints" / "demo"
+
+
+def image_accuracy(model, n: int, seed: int) -> tuple[float, list[str]]:
+    rng = random.Random(seed)
+    hits, misses = 0, []
+    for i in range(n):
+        img, colour, shape = synth.shape_image(rng)
+        question = None if i % 2 else rng.choice(("What do you see?", "What is in the picture?"))
+        answer = model.chat(question, image=img)
+        if f"{colour} {shape}" in answer.lower():
+            hits += 1
+        else:
+            misses.append(f"{colour} {shape} ({img.width}px) -> {answer!r}")
+    return hits / n, misses
+
+
+def last_number(text: str) -> int | None:
+    found = re.findall(r"-?\d+", text)
+    return int(found[-1]) if found else None
+
+
+def sum_accuracy(model, n: int, seed: int) -> tuple[float, list[str]]:
+    rng = random.Random(seed)
+    hits, misses = 0, []
+    for _ in range(n):
+        a, b = rng.randrange(10), rng.randrange(10)
+        answer = model.chat(synth.sum_question(a, b))
+        if last_number(answer) == a + b:
+            hits += 1
+        else:
+            misses.append(f"{a} plus {b} -> {answer!r}")
+    return hits / n, misses
+
+
+def speech_accuracy(model, n: int, seed: int) -> tuple[float, float, list[str]]:
+    """(transcript exact match, spoken-question answer accuracy, misses) on phrases in the plain voices."""
+    rng = random.Random(seed)
+    exact = heard = 0
+    misses = []
+    for _ in range(n):
+        wave, text, settings = synth.spoken_phrase(rng, variants=False)
+        transcript = model.transcribe(wave)
+        answer = model.chat("What did you hear?", audio=wave)
+        exact += transcript == text
+        heard += text.split(" ", 1)[1] in answer.lower()
+        if transcript != text or text.split(" ", 1)[1] not in answer.lower():
+            misses.append(f"{text!r} {settings} -> transcript {transcript!r}, answer {answer!r}")
+    return exact / n, heard / n, misses
+
+
+def evaluate(ckpt_dir: str | Path = DEFAULT_DIR, n: int = 50, seed: int = 12345, show_misses: bool = True) -> dict:
+    from omni import load_model
+
+    t0 = time.perf_counter()
+    model = load_model(ckpt_dir, device="cpu")
+    results: dict = {"n": n, "seed": seed}
+    results["image_accuracy"], img_miss = image_accuracy(model, n, seed)
+    results["sum_accuracy"], sum_miss = sum_accuracy(model, n, seed + 1)
+    speech_miss: list[str] = []
+    if synth.have_espeak():
+        results["transcript_exact_match"], results["spoken_question_accuracy"], speech_miss = \
+            speech_accuracy(model, n, seed + 2)
+    else:
+        results["speech"] = "skipped: espeak-ng is not installed"
+    results["seconds"] = round(time.perf_counter() - t0, 1)
+    for k, v in results.items():
+        print(f"{k}: {v:.3f}" if isinstance(v, float) and k != "seconds" else f"{k}: {v}", file=sys.stderr)
+    if show_misses:
+        for m in (img_miss + sum_miss + speech_miss)[:20]:
+            print(f"  miss: {m}", file=sys.stderr)
+    return results
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ckpt_dir", default=str(DEFAULT_DIR))
+    ap.add_argument("--n", type=int, default=50, help="samples per task")
+    ap.add_argument("--seed", type=int, default=12345)
+    ap.add_argument("--json", action="store_true", help="print the results as one JSON object on stdout")
+    args = ap.parse_args()
+    import torch
+    torch.set_num_threads(2)
+    res = evaluate(args.ckpt_dir, args.n, args.seed)
+    if args.json:
+        print(json.dumps(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

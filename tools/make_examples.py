@@ -1,0 +1,68 @@
+#!/usr/bin/env python3
+"""Write the sample inputs in examples/: two shape pictures, a spoken phrase and a short video.
+
+    python tools/make_examples.py [--out examples]
+
+examples/red_circle.png, examples/blue_square.png   256x256 pictures like the demo model's training data
+examples/green_triangle.wav                         "a green triangle" spoken by espeak-ng, 16 kHz mono
+examples/shapes.mp4                                  2 s, 12 fps, 160x160 H.264: a red circle, a blue square,
+                                                     then a green triangle
+The speech needs the espeak-ng program (Debian/Ubuntu: apt-get install -y espeak-ng). Deterministic.
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+from fractions import Fraction
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from tools import synth  # noqa: E402
+from utils.audio import write_wav  # noqa: E402
+
+VIDEO_SCENES = [("red", "circle"), ("blue", "square"), ("green", "triangle")]
+VIDEO_FPS, VIDEO_SIZE, VIDEO_SECONDS = 12, 160, 2
+
+
+def write_video(path: Path, frames, fps: int) -> None:
+    import av
+
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=Fraction(fps, 1))
+        stream.width, stream.height = frames[0].width, frames[0].height
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": "23", "preset": "medium"}
+        for img in frames:
+            for packet in stream.encode(av.VideoFrame.from_image(img)):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=str(REPO / "examples"))
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for seed, (colour, shape) in enumerate([("red", "circle"), ("blue", "square")], start=1):
+        img, _, _ = synth.shape_image(random.Random(seed), colour, shape, size=256, noise=False)
+        img.save(out / f"{colour}_{shape}.png", optimize=True)
+    if synth.have_espeak():
+        write_wav(out / "green_triangle.wav", synth.speak(synth.phrase("green", "triangle"), "en", 160, 50))
+    else:
+        print("make_examples: espeak-ng not installed: green_triangle.wav not written", file=sys.stderr)
+    per_scene = VIDEO_FPS * VIDEO_SECONDS // len(VIDEO_SCENES)
+    write_video(out / "shapes.mp4", synth.shapes_video_frames(random.Random(3), VIDEO_SCENES, per_scene, VIDEO_SIZE),
+                VIDEO_FPS)
+    for p in sorted(out.iterdir()):
+        print(f"{p} ({p.stat().st_size} bytes)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
