@@ -402,30 +402,10 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def speak(comps: dict[str, Any], frames: int) -> None:
-    """Talker codes -> RVQ mel -> HiFi-GAN waveform, through utils.speech when it is there."""
-    import torch
+    """Talker codes -> RVQ mel -> HiFi-GAN waveform, through the CLI's own speech path."""
+    from utils.speech import synthesize
 
-    try:
-        from utils.speech import synthesize
-    except ImportError:
-        synthesize = None
-    if synthesize is not None:
-        synthesize(comps["talker"], comps["rvq"], comps["vocoder"], frames, which="hifigan")
-        return
-    # fallback: the same pipeline by hand (80 ms frames stretched to the vocoder's hop)
-    import torch.nn.functional as F
-
-    talker, rvq, voc = comps["talker"], comps["rvq"], comps["vocoder"]
-    with torch.inference_mode():
-        codes = torch.zeros(1, 1, 2, dtype=torch.long)
-        for _ in range(frames):
-            base, res = talker(codes)
-            nxt = torch.stack([base[:, -1].argmax(-1), res[:, -1].argmax(-1)], -1)[:, None]
-            codes = torch.cat([codes, nxt], 1)
-        mel = rvq.decode(codes[0, 1:]).float()
-        n = frames * 1280 // voc.cfg.hop_length
-        mel = F.interpolate(mel.T[None], size=n, mode="linear", align_corners=False)
-        voc(mel.to(talker.start.dtype))
+    synthesize(comps["talker"], comps["rvq"], comps["vocoder"], frames, which="hifigan")
 
 
 # ---------------------------------------------------------------- the report

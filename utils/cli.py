@@ -138,8 +138,8 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     g = p.add_argument_group("input (any of these makes it a one-shot question)")
     g.add_argument("--text", help="The question or instruction.")
     g.add_argument("--prompt", help="Text used when --text is absent, instead of the built-in prompts "
-                                    f"(\"Describe what you see concisely.\" with an image or video, "
-                                    f"\"What did you hear?\" with audio only).")
+                                    "(\"Describe what you see concisely.\" with an image or video, "
+                                    "\"What did you hear?\" with audio only).")
     g.add_argument("--image", metavar="PATH", help="Image file (png, jpg, ...) to ask about: one image token.")
     g.add_argument("--video", metavar="PATH", help="Video file to ask about: --video_frames evenly spaced frames "
                                                    "become image tokens, in order.")

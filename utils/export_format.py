@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from torch import nn
 
 from utils.audio import HOP_LENGTH, N_FFT, N_MELS, SAMPLE_RATE, WIN_LENGTH
-from utils.checkpoint import (StateDict, find_weights_file, read_json, read_torch_file, split_prefixed,
+from utils.checkpoint import (StateDict, read_json, read_torch_file, split_prefixed,
                               strip_compile_prefix, unwrap)
 from utils.errors import OmniError
 from utils.image import IMAGE_SIZE
@@ -153,14 +153,9 @@ def load_export(d: Path) -> Components:
     if parts["vocoder"]:
         comps.vocoder = L.build_vocoder(parts["vocoder"], vocoder_cfg, src("vocoder"))
         comps.sources["vocoder"] = str(path)
-    else:
-        for name in ("vocoder", "hifigan"):
-            vpath = find_weights_file(d, name)
-            if vpath and vpath.name != "model.pt":
-                comps.vocoder = L.build_vocoder(unwrap(read_torch_file(vpath), "vocoder", vpath), vocoder_cfg,
-                                                str(vpath))
-                comps.sources["vocoder"] = str(vpath)
-                break
+    elif (vpath := L.named_vocoder_file(d)) is not None:
+        comps.vocoder = L.build_vocoder(unwrap(read_torch_file(vpath), "vocoder", vpath), vocoder_cfg, str(vpath))
+        comps.sources["vocoder"] = str(vpath)
     for kind, key in (("vision", "vision_encoder"), ("audio", "audio_encoder"), ("talker", "talker")):
         if not parts[key]:
             comps.searched[kind] = f"{path} (no {key}.* tensors)"

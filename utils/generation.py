@@ -24,7 +24,6 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from models.layers import KVCache
 from models.thinker import ThinkerLM
 from utils.quant import GreedyHead, greedy_head_supported
 
@@ -76,19 +75,8 @@ def sample(logits: torch.Tensor, opts: SamplingOptions, generator: torch.Generat
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def prefill(model: ThinkerLM, embeds: torch.Tensor, cache: KVCache) -> torch.Tensor:
-    """Run the whole prompt once, filling the cache; returns the last position's logits (B, V)."""
-    return model(embeds, 0, cache, last_only=True)[:, -1]
-
-
-def decode_one_token(model: ThinkerLM, token: torch.Tensor, pos: int, cache: KVCache,
-                     mask: torch.Tensor | None) -> torch.Tensor:
-    """Logits (B, V) for one new token per row placed at position `pos`, through the full forward pass
-    (the straightforward path; the generate loops use `ThinkerLM.decode`)."""
-    return model(model.tok_emb(token[:, None]), pos, cache, mask=mask)[:, -1]
-
-
-def check_options(model: ThinkerLM, prompt_len: int, max_new_tokens: int, opts: SamplingOptions) -> None:
+def check_budget(model: ThinkerLM, prompt_len: int, max_new_tokens: int, opts: SamplingOptions) -> None:
+    """Programming errors (the API validates user input earlier): bad mode, or a prompt that cannot fit."""
     if opts.decode_attention not in DECODE_ATTENTION:
         raise ValueError(f"decode_attention {opts.decode_attention!r}: use one of {', '.join(DECODE_ATTENTION)}")
     if max_new_tokens < 0:
@@ -121,7 +109,7 @@ class Decoder:
         if len(max_new) != B:
             raise ValueError(f"max_new {max_new}: need one budget per row")
         for p, n in zip(pads, max_new):
-            check_options(model, T - p, n, opts)
+            check_budget(model, T - p, n, opts)
         dev = embeds.device
         self.model, self.embeds = model, embeds
         self.reference = opts.decode_attention == "reference"

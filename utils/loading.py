@@ -20,7 +20,7 @@ from models.thinker import ThinkerConfig, ThinkerLM
 from models.vision import ViTConfig, ViTTiny
 from models.vocoder import HiFiGANConfig, HiFiGANGenerator
 from utils.checkpoint import (StateDict, check_config_agrees, config_float, config_int, find_config,
-                              find_weights_file, load_strict, read_json, read_torch_file, require, split_prefixed,
+                              find_weights_file, load_strict, read_json, read_torch_file, require,
                               unwrap)
 from utils.errors import OmniError
 from utils.tokenizer import Tokenizer
