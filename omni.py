@@ -6,7 +6,8 @@
     model.chat(image="cat.png")                            # default prompt "Describe what you see concisely."
     for piece in model.stream("Tell me a story", temperature=0.8, seed=1):
         print(piece, end="", flush=True)
-    model.transcribe("speech.wav")                         # greedy CTC transcript
+    model.transcribe("speech.wav").text                    # greedy CTC transcript
+    model.transcribe("talk.flac")["segments"]              # ... with segment and word timestamps
     wave, sr = model.generate_speech("Hello there", out_path="hello.wav")
 
 Each call is an independent turn: the μOmni thinker was trained without a chat template, so there is no
@@ -26,8 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from models.audio import ctc_greedy_decode
-from utils.audio import load_audio, max_audio_seconds, power_mel, trim_audio, write_wav
+from utils.audio import HOP_LENGTH, load_audio, max_audio_seconds, power_mel, trim_audio, write_wav
 from utils.errors import OmniError
 from utils.generation import DECODE_ATTENTION, MAX_SEED, SamplingOptions, generate, generate_batch
 from utils.image import IMAGE_SIZE, load_image, load_video_frames, preprocess_image
@@ -35,6 +35,8 @@ from utils.loading import Components, load_components, to_device
 from utils.quant import quantize_linears_int8
 from utils.speech import Speech, SpeechOptions, frames_for_text, max_talker_frames, synthesize
 from utils.tokenizer import IncrementalDecoder
+from utils.transcribe import transcribe
+from utils.transcript import Transcript, TranscribeOptions
 
 ImageInput = Union[str, os.PathLike, Image.Image, torch.Tensor]
 AudioInput = Union[str, os.PathLike, np.ndarray]
@@ -131,15 +133,15 @@ class OmniModel:
             return preprocess_image(image, self.image_size)
         return load_image(image, self.image_size)
 
-    def audio_wave(self, audio: AudioInput, whole: bool = False) -> np.ndarray:
+    def audio_wave(self, audio: AudioInput) -> np.ndarray:
         """The 16 kHz waveform. From a file only the start a prompt can use is decoded (plus a second, so
-        build_prompt notices and reports the trim), unless `whole` (transcription: up to MAX_AUDIO_SECONDS)."""
+        build_prompt notices and reports the trim)."""
         if isinstance(audio, np.ndarray):
             wave = audio.astype(np.float32, copy=False)
             if wave.ndim != 1 or wave.size == 0:
                 raise OmniError(f"audio array: expected a non-empty 1-D waveform, found shape {wave.shape}")
             return wave
-        chat_seconds = None if whole or self.c.audio is None else \
+        chat_seconds = None if self.c.audio is None else \
             max_audio_seconds(self.c.ctx_len, self.c.audio.cfg.downsample) + 1.0
         return load_audio(audio, max_seconds=chat_seconds)
 
@@ -364,11 +366,24 @@ class OmniModel:
 
     # ------------------------------------------------------------ transcription
     @torch.inference_mode()
-    def transcribe(self, audio: AudioInput) -> str:
-        """Greedy CTC transcript from the audio encoder's character head."""
+    def transcribe(self, audio: AudioInput, word_timestamps: bool = True,
+                   progress: Callable[[float, float | None], None] | None = None, **options: Any) -> Transcript:
+        """Greedy CTC transcript from the audio encoder's character head, with segment and word timestamps:
+        a dict in whisper's JSON shape whose `.text` is the plain transcript. A file is streamed (any length,
+        bounded memory); an array is a 16 kHz waveform. `options`: the fields of utils.transcribe's
+        TranscribeOptions (vad, min_silence, segment_gap, window, max_seconds, ...); `progress` is called
+        with the seconds of audio read so far and the total (None when unknown)."""
         self.require("transcription", "audio", "ctc_head", "ctc_chars")
-        frames = self.encode_audio(self.audio_wave(audio, whole=True))
-        return ctc_greedy_decode(self.c.ctc_head(frames).float(), self.c.ctc_chars)
+        opts = TranscribeOptions(word_timestamps=word_timestamps, **options)
+        if isinstance(audio, np.ndarray):
+            audio = self.audio_wave(audio)
+        return transcribe(self._ctc_logits, audio, self.c.ctc_chars, HOP_LENGTH * self.c.audio.cfg.downsample,
+                          opts, progress)
+
+    @torch.inference_mode()
+    def _ctc_logits(self, wave: np.ndarray) -> torch.Tensor:
+        """CTC character logits (frames, characters) of a 16 kHz waveform, as float32 on the CPU."""
+        return self.c.ctc_head(self.encode_audio(wave)).float().cpu()
 
     # ------------------------------------------------------------ speech out
     def speech_frames(self, text: str, max_frames: int | None = None) -> int:

@@ -86,12 +86,20 @@ class AudioEncoderTiny(nn.Module):
         return self.norm(x)
 
 
+def ctc_emissions(best: list[int]) -> list[tuple[int, int, int]]:
+    """Greedy CTC alignment of per-frame argmax labels: (label, first frame, last frame) for each emitted
+    character, i.e. each run of one label other than <BLANK> (0) and <UNK> (1)."""
+    runs: list[tuple[int, int, int]] = []
+    prev = None
+    for t, i in enumerate(best):
+        if i != prev and i > 1:
+            runs.append((i, t, t))
+        elif i == prev and i > 1:
+            runs[-1] = (i, runs[-1][1], t)
+        prev = i
+    return runs
+
+
 def ctc_greedy_decode(logits: torch.Tensor, idx_to_char: dict[int, str]) -> str:
     """Argmax per frame, collapse repeats, drop <BLANK> (0) and <UNK> (1)."""
-    best = logits.argmax(-1).tolist()
-    chars, prev = [], None
-    for i in best:
-        if i != prev and i > 1:
-            chars.append(idx_to_char.get(i, ""))
-        prev = i
-    return "".join(chars)
+    return "".join(idx_to_char.get(i, "") for i, _, _ in ctc_emissions(logits.argmax(-1).tolist()))

@@ -732,4 +732,4 @@ def test_cli_transcribe_tiny(cli):
     proc = cli["transcribe"]
     assert proc.returncode == 0, proc.stderr
     from omni import load_model
-    assert proc.stdout.strip() == load_model(cli["_paths"]["root"] / "audio_enc_tiny").transcribe(cli["_paths"]["wav"])
+    assert proc.stdout.strip() == load_model(cli["_paths"]["root"] / "audio_enc_tiny").transcribe(cli["_paths"]["wav"]).text

@@ -68,7 +68,7 @@ def speech_accuracy(model, n: int, seed: int) -> tuple[float, float, list[str]]:
     misses = []
     for _ in range(n):
         wave, text, settings = synth.spoken_phrase(rng, variants=False)
-        transcript = model.transcribe(wave)
+        transcript = model.transcribe(wave).text
         answer = model.chat("What did you hear?", audio=wave)
         exact += transcript == text
         heard += text.split(" ", 1)[1] in answer.lower()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import soundfile as sf
@@ -41,11 +42,7 @@ def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE, max_seco
 
     With `max_seconds` only the start of the file is decoded (never more than that many seconds, whatever the
     header claims); without, the whole file is decoded and files longer than MAX_AUDIO_SECONDS are refused."""
-    path = Path(path)
-    if not path.is_file():
-        raise OmniError(f"audio file {path}: not found" if not path.exists() else f"audio file {path}: not a file")
-    if path.stat().st_size == 0:
-        raise OmniError(f"audio file {path}: is empty")
+    path = check_audio_path(path)
     try:
         with sf.SoundFile(str(path)) as f:
             sr, declared = f.samplerate, f.frames
@@ -78,6 +75,66 @@ def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE, max_seco
     if not np.isfinite(wave).all():
         raise OmniError(f"audio file {path}: contains NaN or infinite samples")
     return resample(wave, sr, sample_rate)
+
+
+def check_audio_path(path: str | os.PathLike) -> Path:
+    """An existing, non-empty regular file, else OmniError naming the path."""
+    path = Path(path)
+    if not path.is_file():
+        raise OmniError(f"audio file {path}: not found" if not path.exists() else f"audio file {path}: not a file")
+    if path.stat().st_size == 0:
+        raise OmniError(f"audio file {path}: is empty")
+    return path
+
+
+def audio_seconds(path: str | os.PathLike) -> float | None:
+    """Duration claimed by the file's header (None when the format does not say); for progress bars only."""
+    try:
+        info = sf.info(str(path))
+    except Exception:  # unreadable: stream_audio reports it properly
+        return None
+    return info.frames / info.samplerate if info.samplerate > 0 and info.frames > 0 else None
+
+
+def stream_audio(path: str | os.PathLike, max_seconds: float, sample_rate: int = SAMPLE_RATE,
+                 block_frames: int = DECODE_BLOCK_FRAMES) -> Iterator[np.ndarray]:
+    """The first channel of an audio file as float32 blocks at `sample_rate`, decoded and resampled block by
+    block, so memory stays the same whatever the file's length. Files longer than `max_seconds` (by their
+    header, or by what is actually decoded) are refused with OmniError."""
+    path = check_audio_path(path)
+    try:
+        f = sf.SoundFile(str(path))
+    except Exception as exc:  # soundfile raises several types for unreadable data
+        raise OmniError(f"audio file {path}: cannot decode ({str(exc).strip() or type(exc).__name__})") from exc
+    with f:
+        sr = f.samplerate
+        if sr <= 0:
+            raise OmniError(f"audio file {path}: invalid sample rate {sr}")
+        too_long = f"over the transcription limit of {max_seconds:.0f} s (--max_transcribe_seconds)"
+        if f.frames > max_seconds * sr:
+            raise OmniError(f"audio file {path}: {f.frames / sr:.0f} s long (by its header), {too_long}")
+        stream = None if sr == sample_rate else soxr.ResampleStream(sr, sample_rate, 1, dtype="float32")
+        got = 0
+        while True:
+            try:
+                block = f.read(block_frames, dtype="float32", always_2d=True)
+            except Exception as exc:
+                raise OmniError(f"audio file {path}: cannot decode ({str(exc).strip() or type(exc).__name__})") \
+                    from exc
+            last = block.shape[0] == 0
+            got += block.shape[0]
+            if got > max_seconds * sr:
+                raise OmniError(f"audio file {path}: longer than {max_seconds:.0f} s, {too_long}")
+            mono = np.ascontiguousarray(block[:, 0])
+            if not np.isfinite(mono).all():
+                raise OmniError(f"audio file {path}: contains NaN or infinite samples")
+            out = mono if stream is None else stream.resample_chunk(mono, last=last)
+            if out.size:
+                yield out
+            if last:
+                break
+        if got == 0:
+            raise OmniError(f"audio file {path}: contains no samples")
 
 
 def resample(wave: np.ndarray, src_rate: int, dst_rate: int) -> np.ndarray:

@@ -18,6 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, TextIO
 
+from utils.cli_transcribe import add_arguments as add_transcribe_arguments
+from utils.cli_transcribe import check_args as check_transcribe_args
+from utils.cli_transcribe import run_transcribe
 from utils.errors import OmniError
 
 MAX_SEED = 2**63 - 1  # torch.Generator's limit (as utils.generation.MAX_SEED; here so usage errors skip torch)
@@ -83,6 +86,7 @@ def epilog(prog: str) -> str:
   {p} --video clip.mp4 --video_frames 4
   {p} --audio_in question.wav
   {p} --audio_in speech.wav --transcribe
+  {p} --audio_in talk1.flac talk2.mp3 --transcribe --output_format srt --output_dir subs/
   # also speak the answer into a WAV file
   {p} --text "Say hello" --audio_out hello.wav
   # sampling (the same seed gives the same answer)
@@ -102,7 +106,8 @@ limits (an input beyond them is refused with one `error:` line and exit status 1
   images     at most 64000000 pixels, checked from the header before decoding (decompression bombs)
   audio      a prompt uses at most (ctx_len // 4) tokens x downsample x 160 / 16000 s (10.24 s at ctx_len 512,
              downsample 8): only that much of the file is decoded, longer audio is trimmed with a warning
-             before the spectrogram; --transcribe decodes at most 600 s
+             before the spectrogram; --transcribe streams files of any length up to
+             --max_transcribe_seconds (default 24 h) in bounded memory
   video      at most 256 frames (--video_frames); frames obey the image pixel limit
   text       a prompt longer than the context is trimmed (its end kept) with a warning
   weights    .pt files are unpickled weights-only: tensors and plain data; a pickle that would run code is
@@ -145,8 +150,9 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
                                                    "become image tokens, in order.")
     g.add_argument("--video_frames", type=positive_int, default=DEFAULT_VIDEO_FRAMES, metavar="N",
                    help=f"How many frames to take from --video or /video (default {DEFAULT_VIDEO_FRAMES}).")
-    g.add_argument("--audio_in", metavar="PATH", help="Audio file (wav, flac, ogg) to ask about; resampled to "
-                                                      "16 kHz mono.")
+    g.add_argument("--audio_in", metavar="PATH", nargs="+",
+                   help="Audio file (wav, flac, ogg, mp3) to ask about; resampled to 16 kHz mono. Several with "
+                        "--transcribe.")
     g.add_argument("--batch_file", metavar="PATH",
                    help="Answer many requests: a JSON Lines file, one object per line with \"text\" and optional "
                         "\"image\", \"audio_in\", \"video\" paths (relative to the current directory, else to "
@@ -154,7 +160,8 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     g.add_argument("--batch_size", type=positive_int, default=8, metavar="N",
                    help="Requests decoded together with --batch_file (default 8).")
     g.add_argument("--transcribe", action="store_true",
-                   help="Print the CTC transcript of --audio_in (from the audio encoder's character head) and exit.")
+                   help="Transcribe the --audio_in files with the audio encoder's CTC character head (segment "
+                        "and word timestamps; any length, streamed) and exit; see 'transcription' below.")
 
     g = p.add_argument_group("generation")
     g.add_argument("--max_new_tokens", type=positive_int, default=None, metavar="N",
@@ -199,6 +206,8 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
                    help="Mel-to-wave: auto (default) uses HiFi-GAN when a vocoder.pt/hifigan.pt was found, "
                         "else Griffin-Lim.")
 
+    add_transcribe_arguments(p)
+
     g = p.add_argument_group("messages")
     g.add_argument("--quiet", action="store_true", help="Print nothing on stderr except errors.")
     g.add_argument("--verbose", action="store_true", help="Show Python tracebacks for errors.")
@@ -207,6 +216,7 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Usage errors that argparse cannot express on its own (exit 2)."""
+    check_transcribe_args(parser, args)
     if args.transcribe and not args.audio_in:
         parser.error("--transcribe needs --audio_in")
     if args.transcribe and args.audio_out is not None:
@@ -344,8 +354,7 @@ def check_audio_out(model: Any, args: argparse.Namespace) -> None:
 
 def run_one_shot(model: Any, args: argparse.Namespace, con: Console, out: Out) -> int:
     if args.transcribe:
-        text = model.transcribe(args.audio_in)
-        out.json({"text": text}) if args.json else out.line(text)
+        return run_transcribe(model, args, con, out)
         return 0
     if args.audio_out is not None:
         check_audio_out(model, args)
