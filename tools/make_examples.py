@@ -7,11 +7,14 @@ examples/red_circle.png, examples/blue_square.png   256x256 pictures like the de
 examples/green_triangle.wav                         "a green triangle" spoken by espeak-ng, 16 kHz mono
 examples/shapes.mp4                                  2 s, 12 fps, 160x160 H.264: a red circle, a blue square,
                                                      then a green triangle
+examples/phrases.wav, examples/phrases.json          four spoken phrases between silences of known lengths, and
+                                                     where each phrase's sound starts and ends (transcription)
 The speech needs the espeak-ng program (Debian/Ubuntu: apt-get install -y espeak-ng). Deterministic.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import sys
 from fractions import Fraction
@@ -21,11 +24,15 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+import numpy as np  # noqa: E402
+
 from tools import synth  # noqa: E402
-from utils.audio import write_wav  # noqa: E402
+from utils.audio import SAMPLE_RATE, write_wav  # noqa: E402
 
 VIDEO_SCENES = [("red", "circle"), ("blue", "square"), ("green", "triangle")]
 VIDEO_FPS, VIDEO_SIZE, VIDEO_SECONDS = 12, 160, 2
+PHRASES = [("red", "circle"), ("blue", "square"), ("green", "triangle"), ("orange", "circle")]
+GAPS = [0.4, 0.7, 0.6, 1.0, 0.4]  # seconds of silence before, between and after the phrases
 
 
 def write_video(path: Path, frames, fps: int) -> None:
@@ -43,6 +50,25 @@ def write_video(path: Path, frames, fps: int) -> None:
             container.mux(packet)
 
 
+def write_phrases(out: Path) -> None:
+    """PHRASES spoken (espeak-ng's leading and trailing silence cut off) between GAPS of digital silence, and
+    the truth: each phrase's text and the seconds where its sound starts and ends."""
+    parts, truth, at = [], [], 0
+    for i, (colour, shape) in enumerate(PHRASES):
+        wave = synth.speak(synth.phrase(colour, shape), "en", 170, 50)
+        sound = np.flatnonzero(np.abs(wave) >= 1 / 32768)  # what survives 16-bit PCM
+        wave = wave[sound[0]:sound[-1] + 1]
+        gap = round(GAPS[i] * SAMPLE_RATE)
+        parts += [np.zeros(gap, np.float32), wave]
+        at += gap
+        truth.append({"text": synth.phrase(colour, shape), "start": at / SAMPLE_RATE,
+                      "end": (at + len(wave)) / SAMPLE_RATE})
+        at += len(wave)
+    parts.append(np.zeros(round(GAPS[-1] * SAMPLE_RATE), np.float32))
+    write_wav(out / "phrases.wav", np.concatenate(parts))
+    (out / "phrases.json").write_text(json.dumps({"phrases": truth}, indent=1) + "\n")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(REPO / "examples"))
@@ -54,8 +80,10 @@ def main() -> int:
         img.save(out / f"{colour}_{shape}.png", optimize=True)
     if synth.have_espeak():
         write_wav(out / "green_triangle.wav", synth.speak(synth.phrase("green", "triangle"), "en", 160, 50))
+        write_phrases(out)
     else:
-        print("make_examples: espeak-ng not installed: green_triangle.wav not written", file=sys.stderr)
+        print("make_examples: espeak-ng not installed: green_triangle.wav, phrases.wav not written",
+              file=sys.stderr)
     per_scene = VIDEO_FPS * VIDEO_SECONDS // len(VIDEO_SCENES)
     write_video(out / "shapes.mp4", synth.shapes_video_frames(random.Random(3), VIDEO_SCENES, per_scene, VIDEO_SIZE),
                 VIDEO_FPS)

@@ -18,6 +18,7 @@ from utils.errors import OmniError
 from utils.transcript import OUTPUT_FORMATS, TranscribeOptions, format_transcript, write_text_atomic
 
 DEFAULTS = TranscribeOptions()
+BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s of audio [{elapsed}<{remaining}]"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -96,21 +97,21 @@ def run_transcribe(model: Any, args: argparse.Namespace, con: Any, out: Any) -> 
     paths: list[list[Path]] = []
     if not to_stdout:
         out_dir = Path(args.output_dir or ".")
+        paths = output_paths(files, out_dir, formats)
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise OmniError(f"--output_dir {out_dir}: cannot create ({exc.strerror or exc})") from exc
-        paths = output_paths(files, out_dir, formats)
     opts = options(args)
     failed = 0
     for i, path in enumerate(files):
-        bar = tqdm(desc=Path(path).name, unit="s", file=sys.stderr, leave=False, disable=not con.progress_enabled,
-                   bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s [{elapsed}<{remaining}]")
+        bars: list[Any] = []  # made at the first report, when the file's duration is known
 
-        def progress(done: float, total: float | None) -> None:
-            if total and bar.total != total:
-                bar.total = total
-            bar.update(done - bar.n)
+        def progress(done: float, total: float | None, name: str = Path(path).name) -> None:
+            if not bars:
+                bars.append(tqdm(total=total, desc=name, unit="s", file=sys.stderr, leave=False,
+                                 disable=not con.progress_enabled, bar_format=BAR_FORMAT if total else None))
+            bars[0].update(done - bars[0].n)
         try:
             result = model.transcribe(path, progress=progress, **opts)
         except OmniError as exc:
@@ -120,7 +121,8 @@ def run_transcribe(model: Any, args: argparse.Namespace, con: Any, out: Any) -> 
             failed += 1
             continue
         finally:
-            bar.close()
+            for bar in bars:
+                bar.close()
         if to_stdout:
             out.write(format_transcript(result, fmt))
             continue
