@@ -595,7 +595,7 @@ CASES: list[Case] = [
         r"warning: audio trimmed to its first \d+\.\d+ s", check=long_audio_is_quick),
     aud(1, "flac_header_claims_49_days.flac", flac_claiming_days, "cannot decode"),
     Case("audio_transcribe_header_claims_49_days", chat("--audio_in", "{d}/long.flac", "--transcribe"), 1,
-         lambda env: flac_claiming_days(env.d / "long.flac"), "over the limit of 600 s"),
+         lambda env: flac_claiming_days(env.d / "long.flac"), "over the transcription limit of 86400 s"),
     Case("audio_transcribe_not_audio", chat("--audio_in", "{d}/x.wav", "--transcribe"), 1,
          lambda env: (env.d / "x.wav").write_text("hello"), "cannot decode"),
     # ---------------- video
@@ -869,13 +869,14 @@ def test_battery_size() -> None:
 @pytest.mark.parametrize("script", ["infer_chat.py", "infer_safetensors.py"])
 def test_help_documents_the_resource_guards(script: str) -> None:
     """--help states each limit with the value the code enforces."""
-    from utils.audio import MAX_AUDIO_SECONDS, max_audio_seconds
+    from utils.audio import max_audio_seconds
     from utils.checkpoint import MAX_CTX_LEN
     from utils.image import MAX_IMAGE_PIXELS, MAX_VIDEO_FRAMES
+    from utils.transcript import TranscribeOptions
     r = subprocess.run([sys.executable, str(REPO / script), "--help"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     text = " ".join(r.stdout.split())
-    for needle in (f"{MAX_IMAGE_PIXELS} pixels", f"{max_audio_seconds(512, 8):.2f} s", f"{MAX_AUDIO_SECONDS:.0f} s",
+    for needle in (f"{MAX_IMAGE_PIXELS} pixels", f"{max_audio_seconds(512, 8):.2f} s", f"{TranscribeOptions().max_seconds:.0f} s",
                    f"{MAX_VIDEO_FRAMES} frames", f"ctx_len above {MAX_CTX_LEN}", "(ctx_len // 4) tokens x downsample x 160",
                    "weights-only", "exit status: 0 ok, 1 error"):
         assert needle in text, needle

@@ -20,7 +20,7 @@ N_MELS = 128
 
 
 # Resource guards (documented in --help).
-MAX_AUDIO_SECONDS = 600.0  # longest audio decoded whole (transcription); longer files are refused
+MAX_AUDIO_SECONDS = 600.0  # longest audio load_audio decodes whole; longer files are refused (transcription streams)
 DECODE_BLOCK_FRAMES = 1 << 18  # frames read per block: memory follows the audio really decoded, not the header
 
 

@@ -22,6 +22,7 @@ from utils.cli_transcribe import add_arguments as add_transcribe_arguments
 from utils.cli_transcribe import check_args as check_transcribe_args
 from utils.cli_transcribe import run_transcribe
 from utils.errors import OmniError
+from utils.transcript import TranscribeOptions
 
 MAX_SEED = 2**63 - 1  # torch.Generator's limit (as utils.generation.MAX_SEED; here so usage errors skip torch)
 
@@ -106,8 +107,8 @@ limits (an input beyond them is refused with one `error:` line and exit status 1
   images     at most 64000000 pixels, checked from the header before decoding (decompression bombs)
   audio      a prompt uses at most (ctx_len // 4) tokens x downsample x 160 / 16000 s (10.24 s at ctx_len 512,
              downsample 8): only that much of the file is decoded, longer audio is trimmed with a warning
-             before the spectrogram; --transcribe streams files of any length up to
-             --max_transcribe_seconds (default 24 h) in bounded memory
+             before the spectrogram; --transcribe streams files in bounded memory, up to
+             --max_transcribe_seconds (default {TranscribeOptions().max_seconds:.0f} s)
   video      at most 256 frames (--video_frames); frames obey the image pixel limit
   text       a prompt longer than the context is trimmed (its end kept) with a warning
   weights    .pt files are unpickled weights-only: tensors and plain data; a pickle that would run code is
