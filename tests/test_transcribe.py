@@ -21,6 +21,7 @@ import torch
 
 from tests.conftest import REPO, run_cli
 from tools import synth
+from tools.transcribe_speed import example_pieces, write_repeated
 from utils.audio import HOP_LENGTH, SAMPLE_RATE
 from utils.transcribe import transcribe
 from utils.transcript import TranscribeOptions, format_transcript
@@ -128,28 +129,6 @@ def test_fresh_speech_with_known_silences(model) -> None:
 
 
 # ---------------------------------------------------------------- any length, bounded memory
-
-def example_pieces() -> list[np.ndarray]:
-    """The committed example cut in the middle of each silence, at 10 ms boundaries (the VAD's frame), so
-    that pieces laid end to end are judged frame for frame as they are alone."""
-    wave = sf.read(str(EXAMPLE), dtype="float32")[0]
-    cuts = [0] + [round((a["end"] + b["start"]) / 2 * SAMPLE_RATE / HOP_LENGTH) * HOP_LENGTH
-                  for a, b in zip(TRUTH, TRUTH[1:])] + [len(wave)]
-    return [wave[a:b] for a, b in zip(cuts, cuts[1:])]
-
-
-def write_repeated(path: Path, pieces: list[np.ndarray], seconds: float) -> list[int]:
-    """Pieces in turn until `seconds`, written block by block (the file is never in memory). Returns the
-    order of the pieces."""
-    order, at = [], 0
-    with sf.SoundFile(str(path), "w", SAMPLE_RATE, 1, subtype="PCM_16") as f:
-        while at < seconds * SAMPLE_RATE:
-            k = len(order) % len(pieces)
-            f.write(pieces[k])
-            order.append(k)
-            at += len(pieces[k])
-    return order
-
 
 def transcribe_in_child(path: Path, out_dir: Path) -> tuple[dict, int]:
     """The CLI in a child process: its JSON file and the child's peak resident memory (KiB)."""
