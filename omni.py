@@ -21,7 +21,7 @@ import time
 import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Iterator, Union
+from typing import Any, BinaryIO, Callable, Iterator, Union
 
 import numpy as np
 import torch
@@ -366,11 +366,11 @@ class OmniModel:
 
     # ------------------------------------------------------------ transcription
     @torch.inference_mode()
-    def transcribe(self, audio: AudioInput, word_timestamps: bool = True,
+    def transcribe(self, audio: AudioInput | BinaryIO, word_timestamps: bool = True,
                    progress: Callable[[float, float | None], None] | None = None, **options: Any) -> Transcript:
         """Greedy CTC transcript from the audio encoder's character head, with segment and word timestamps:
-        a dict in whisper's JSON shape whose `.text` is the plain transcript. A file is streamed (any length,
-        bounded memory); an array is a 16 kHz waveform. `options`: the fields of utils.transcribe's
+        a dict in whisper's JSON shape whose `.text` is the plain transcript. A file (a path or an open binary
+        file) is streamed: any length, bounded memory; an array is a 16 kHz waveform. `options`: the fields of utils.transcribe's
         TranscribeOptions (vad, min_silence, segment_gap, window, max_seconds, ...); `progress` is called
         with the seconds of audio read so far and the total (None when unknown)."""
         self.require("transcription", "audio", "ctc_head", "ctc_chars")

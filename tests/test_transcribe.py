@@ -7,6 +7,7 @@ audio there, so any duplicated or dropped character at a seam shows.
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -83,6 +84,9 @@ def test_array_file_and_options(model) -> None:
     wave = sf.read(str(EXAMPLE), dtype="float32")[0]
     from_file, from_array = model.transcribe(str(EXAMPLE)), model.transcribe(wave)
     assert from_file == from_array
+    with open(EXAMPLE, "rb") as f:  # an open file (a server's upload) is streamed like a path
+        assert model.transcribe(f) == from_file
+    assert model.transcribe(io.BytesIO(EXAMPLE.read_bytes())) == from_file
     plain = model.transcribe(wave, word_timestamps=False)
     assert all("words" not in s for s in plain["segments"]) and plain.text == from_file.text
     # a segment gap longer than every silence: one segment with every word

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterator
+from typing import Any, BinaryIO, Iterator
 
 import numpy as np
 import soundfile as sf
@@ -96,21 +96,26 @@ def audio_seconds(path: str | os.PathLike) -> float | None:
     return info.frames / info.samplerate if info.samplerate > 0 and info.frames > 0 else None
 
 
-def stream_audio(path: str | os.PathLike, max_seconds: float, sample_rate: int = SAMPLE_RATE,
+def stream_audio(source: str | os.PathLike | BinaryIO, max_seconds: float, sample_rate: int = SAMPLE_RATE,
                  block_frames: int = DECODE_BLOCK_FRAMES) -> Iterator[np.ndarray]:
-    """The first channel of an audio file as float32 blocks at `sample_rate`, decoded and resampled block by
-    block, so memory stays the same whatever the file's length. Files longer than `max_seconds` (by their
-    header, or by what is actually decoded) are refused with OmniError."""
-    path = check_audio_path(path)
+    """The first channel of an audio file (a path, or an open binary file such as an upload) as float32 blocks
+    at `sample_rate`, decoded and resampled block by block, so memory stays the same whatever the length.
+    Audio longer than `max_seconds` (by its header, or by what is actually decoded) is refused with
+    OmniError."""
+    if hasattr(source, "read"):
+        path: Any = getattr(source, "name", None) or "(stream)"
+        opened: Any = source
+    else:
+        path = opened = str(check_audio_path(source))
     try:
-        f = sf.SoundFile(str(path))
+        f = sf.SoundFile(opened)
     except Exception as exc:  # soundfile raises several types for unreadable data
         raise OmniError(f"audio file {path}: cannot decode ({str(exc).strip() or type(exc).__name__})") from exc
     with f:
         sr = f.samplerate
         if sr <= 0:
             raise OmniError(f"audio file {path}: invalid sample rate {sr}")
-        too_long = f"over the transcription limit of {max_seconds:.0f} s (--max_transcribe_seconds)"
+        too_long = f"over the transcription limit of {max_seconds:.0f} s"
         if f.frames > max_seconds * sr:
             raise OmniError(f"audio file {path}: {f.frames / sr:.0f} s long (by its header), {too_long}")
         stream = None if sr == sample_rate else soxr.ResampleStream(sr, sample_rate, 1, dtype="float32")

@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, BinaryIO, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -293,10 +293,10 @@ def array_blocks(wave: np.ndarray, block: int = 1 << 18) -> Iterator[np.ndarray]
         yield wave[i:i + block]
 
 
-def transcribe(encode: Encode, audio: str | os.PathLike | np.ndarray, idx_to_char: dict[int, str],
+def transcribe(encode: Encode, audio: str | os.PathLike | BinaryIO | np.ndarray, idx_to_char: dict[int, str],
                frame_samples: int, options: TranscribeOptions | None = None,
                progress: Callable[[float, float | None], None] | None = None) -> Transcript:
-    """Transcribe a file (streamed) or a 16 kHz float32 waveform. `encode` maps a waveform to CTC logits
+    """Transcribe a file (a path or an open binary file, streamed) or a 16 kHz float32 waveform. `encode` maps a waveform to CTC logits
     (frames, characters), one frame per `frame_samples` samples (160 x the encoder's downsampling);
     `progress` is called with the seconds of audio read so far and the total (None when a file's header
     does not say)."""
@@ -309,8 +309,8 @@ def transcribe(encode: Encode, audio: str | os.PathLike | np.ndarray, idx_to_cha
         blocks: Iterable[np.ndarray] = array_blocks(audio.astype(np.float32, copy=False))
         total = len(audio) / SAMPLE_RATE
     else:
+        total = None if hasattr(audio, "read") else audio_seconds(audio)
         blocks = stream_audio(audio, opts.max_seconds)
-        total = audio_seconds(audio)
     streamer = Streamer(encode, frame_samples, opts)
     for block in blocks:
         streamer.feed(block)
