@@ -231,6 +231,21 @@ def test_window_and_region_edges_are_handled_alone() -> None:
     assert got["segments"][0]["start"] == 2.0 and got["segments"][1]["start"] == pytest.approx(4.16)
 
 
+def test_segments_end_at_gaps_and_at_max_segment() -> None:
+    """Words 'ab' every 0.4 s for 20 s, then 'cd' after a 1 s gap: a gap of segment_gap ends a segment, and no
+    segment grows past max_segment (it ends before the word that would)."""
+    word = [4, 4, 0, 5, 0, 2, 0, 0, 0, 0]  # "b", "c", " " then blanks: 10 frames = 0.4 s
+    labels = word * 50 + [0] * 25 + [6, 0, 7, 0]
+    got = transcribe(frame_encoder(), label_wave(labels), CHARS, F,
+                     TranscribeOptions(vad=False, max_segment=5.0, segment_gap=0.5))
+    segs = got["segments"]
+    assert got.text == " ".join(["bc"] * 50 + ["de"])
+    assert [s["text"].split() for s in segs[:-1]] == [["bc"] * 13] * 3 + [["bc"] * 11]
+    assert segs[-1]["text"] == "de" and segs[-1]["start"] == pytest.approx(21.0)
+    assert all(s["end"] - s["start"] <= 5.0 for s in segs)
+    assert [s["id"] for s in segs] == list(range(len(segs)))
+
+
 def test_options_are_checked() -> None:
     from utils.errors import OmniError
     for bad in ({"window": 2.0, "overlap": 1.5}, {"min_silence": 0}, {"speech_pad": 1.0},

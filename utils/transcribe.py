@@ -77,7 +77,7 @@ class Frames:
 
 
 def seam(a: Frames, b: Frames) -> int:
-    """The global frame where window `b` takes over from the earlier, overlapping window `a`: one where both
+    """The frame where window `b` takes over from the earlier, overlapping window `a`: one where both
     predict <BLANK> (nearest the overlap's middle), else where the less confident of the two blanks is most
     confident. `a`'s last frame (it sees the window's edge) is never chosen."""
     lo, hi = b.start, min(a.start + len(a) - 1, b.start + len(b))
@@ -98,7 +98,7 @@ class Aligner:
     def __init__(self, frame_samples: int) -> None:
         self.F = frame_samples
         self.chars: list[Char] = []
-        self.end = -1          # global frame after the last frame seen
+        self.end = -1          # frame (of its region's grid) after the last frame seen
         self.last_label = -1   # label of that frame
         self.region = -1       # region of that frame
 
@@ -236,9 +236,9 @@ class Streamer:
 
 # ---------------------------------------------------------------- result
 
-def build_result(chars: list[Char], idx_to_char: dict[int, str], duration: float,
-                 opts: TranscribeOptions) -> Transcript:
-    """Words from runs of characters between spaces (and across regions or long gaps), segments from words."""
+def build_result(chars: list[Char], idx_to_char: dict[int, str], total: int, opts: TranscribeOptions) -> Transcript:
+    """Words from runs of characters between spaces (and across regions or long gaps), segments from words;
+    `total`: the audio's length in samples (the encoder's last frame may reach past it)."""
     gap = opts.segment_gap * SAMPLE_RATE
     words: list[list[Char]] = []
     current: list[Char] = []
@@ -261,7 +261,7 @@ def build_result(chars: list[Char], idx_to_char: dict[int, str], duration: float
     previous_end = 0
     for w in words:
         info = {"word": "".join(idx_to_char[c.label] for c in w), "start": seconds(w[0].start),
-                "end": seconds(w[-1].end),
+                "end": seconds(min(w[-1].end, total)),
                 "probability": round(sum(c.prob_sum for c in w) / sum(c.frames for c in w), 4)}
         if group and (w[0].start - previous_end >= gap or info["end"] - group[0]["start"] > opts.max_segment):
             segments.append(make_segment(len(segments), group, opts.word_timestamps))
@@ -271,7 +271,7 @@ def build_result(chars: list[Char], idx_to_char: dict[int, str], duration: float
     if group:
         segments.append(make_segment(len(segments), group, opts.word_timestamps))
     return Transcript(text=" ".join(s["text"] for s in segments), language=None,
-                      duration=round(duration, 3), segments=segments)
+                      duration=seconds(total), segments=segments)
 
 
 def seconds(samples: int) -> float:
@@ -317,4 +317,4 @@ def transcribe(encode: Encode, audio: str | os.PathLike | BinaryIO | np.ndarray,
         if progress is not None:
             progress(streamer.total / SAMPLE_RATE, total)
     chars = streamer.finish()
-    return build_result(chars, idx_to_char, streamer.total / SAMPLE_RATE, opts)
+    return build_result(chars, idx_to_char, streamer.total, opts)
