@@ -369,10 +369,11 @@ class OmniModel:
     def transcribe(self, audio: AudioInput | BinaryIO, word_timestamps: bool = True,
                    progress: Callable[[float, float | None], None] | None = None, **options: Any) -> Transcript:
         """Greedy CTC transcript from the audio encoder's character head, with segment and word timestamps:
-        a dict in whisper's JSON shape whose `.text` is the plain transcript. A file (a path or an open binary
-        file) is streamed: any length, bounded memory; an array is a 16 kHz waveform. `options`: the fields of utils.transcribe's
-        TranscribeOptions (vad, min_silence, segment_gap, window, max_seconds, ...); `progress` is called
-        with the seconds of audio read so far and the total (None when unknown)."""
+        a dict in whisper's JSON shape whose `.text` is the plain transcript (utils/transcribe.py says how).
+        A file (a path or an open binary file) is streamed: any length, bounded memory; an array is a 16 kHz
+        waveform. `options`: fields of utils.transcript.TranscribeOptions (vad, min_silence, segment_gap,
+        window, max_seconds, ...); `progress` is called with the seconds of audio read so far and the total
+        (None when unknown)."""
         self.require("transcription", "audio", "ctc_head", "ctc_chars")
         opts = TranscribeOptions(word_timestamps=word_timestamps, **options)
         if isinstance(audio, np.ndarray):

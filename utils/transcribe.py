@@ -153,7 +153,8 @@ class Streamer:
     def encode_window(self, lo: int, hi: int) -> Frames:
         logits = self.encode(self.buf[lo - self.buf0:hi - self.buf0]).float()
         probs = logits.softmax(-1)
-        return Frames((lo - self.origin) // self.F, logits.argmax(-1).numpy(), probs.max(-1).values.numpy(), probs[:, BLANK].numpy())
+        return Frames((lo - self.origin) // self.F, logits.argmax(-1).numpy(), probs.max(-1).values.numpy(),
+                      probs[:, BLANK].numpy())
 
     def advance(self, avail: int, final: bool) -> None:
         """Encode the open region's windows that the audio up to sample `avail` completes; with `final` the
@@ -296,10 +297,10 @@ def array_blocks(wave: np.ndarray, block: int = 1 << 18) -> Iterator[np.ndarray]
 def transcribe(encode: Encode, audio: str | os.PathLike | BinaryIO | np.ndarray, idx_to_char: dict[int, str],
                frame_samples: int, options: TranscribeOptions | None = None,
                progress: Callable[[float, float | None], None] | None = None) -> Transcript:
-    """Transcribe a file (a path or an open binary file, streamed) or a 16 kHz float32 waveform. `encode` maps a waveform to CTC logits
-    (frames, characters), one frame per `frame_samples` samples (160 x the encoder's downsampling);
-    `progress` is called with the seconds of audio read so far and the total (None when a file's header
-    does not say)."""
+    """Transcribe a file (a path or an open binary file, streamed) or a 16 kHz float32 waveform. `encode`
+    maps a waveform to CTC logits (frames, characters), one frame per `frame_samples` samples (160 x the
+    encoder's downsampling); `progress` is called with the seconds of audio read so far and the total (None
+    when a file's header does not say)."""
     opts = options or TranscribeOptions()
     opts.check()
     if isinstance(audio, np.ndarray):
