@@ -163,6 +163,9 @@ def test_thirty_minutes_streamed_equal_the_pieces_in_bounded_memory(model, tmp_p
     starts = [s["start"] for s in result["segments"]]
     assert starts == sorted(starts) and result["duration"] == pytest.approx(sf.info(str(long)).duration, abs=1e-3)
     assert long_rss <= 1.5 * short_rss, f"peak RSS {long_rss} KiB for 30 min vs {short_rss} KiB for 10 s"
+    # sharper: the growth is well under what holding the decoded audio would take (30 min of float32)
+    audio_kib = 30 * 60 * SAMPLE_RATE * 4 / 1024
+    assert long_rss - short_rss < audio_kib / 4, f"peak RSS {long_rss} KiB for 30 min vs {short_rss} KiB for 10 s"
 
 
 # ---------------------------------------------------------------- windows stitched exactly (fake encoder)
