@@ -98,6 +98,18 @@ def test_array_file_and_options(model) -> None:
 
 
 @needs_demo
+@pytest.mark.parametrize("fmt", ["FLAC", "MP3"])
+def test_other_rates_and_channels_are_resampled_in_blocks(model, tmp_path: Path, fmt: str) -> None:
+    """44.1 kHz stereo (first channel used), read in blocks of under 6 s and resampled as a stream."""
+    import soxr
+    wave = soxr.resample(sf.read(str(EXAMPLE), dtype="float32")[0], SAMPLE_RATE, 44100)
+    path = tmp_path / f"stereo.{fmt.lower()}"
+    sf.write(str(path), np.stack([wave, np.zeros_like(wave)], axis=1), 44100, format=fmt)
+    result = model.transcribe(str(path))
+    assert_matches_truth(result, TRUTH, [p["text"] for p in TRUTH])
+
+
+@needs_demo
 def test_short_clip_without_silence_is_the_greedy_ctc_of_the_whole(model) -> None:
     """No long silence: one region, encoded as a whole, so the text is the plain greedy CTC decode."""
     from models.audio import ctc_greedy_decode
