@@ -109,6 +109,34 @@ def test_other_rates_and_channels_are_resampled_in_blocks(model, tmp_path: Path,
     assert_matches_truth(result, TRUTH, [p["text"] for p in TRUTH])
 
 
+def write_aac(path: Path, wave: np.ndarray) -> None:
+    """An AAC sound track in an MP4 container (what libsndfile cannot read), through PyAV."""
+    import av
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("aac", rate=SAMPLE_RATE)
+        stream.layout = "mono"
+        for i in range(0, len(wave), 1024):
+            frame = av.AudioFrame.from_ndarray(wave[None, i:i + 1024], format="fltp", layout="mono")
+            frame.sample_rate = SAMPLE_RATE
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+
+
+@needs_demo
+def test_containers_libsndfile_cannot_read_go_through_pyav(model, tmp_path: Path) -> None:
+    write_aac(tmp_path / "talk.m4a", sf.read(str(EXAMPLE), dtype="float32")[0])
+    assert_matches_truth(model.transcribe(str(tmp_path / "talk.m4a")), TRUTH, [p["text"] for p in TRUTH])
+    base = ("--ckpt_dir", str(DEMO_AUDIO), "--transcribe", "--audio_in")
+    silent_video = run_cli(*base, str(REPO / "examples" / "shapes.mp4"))
+    assert silent_video.returncode == 1 and silent_video.stderr.endswith("shapes.mp4: has no audio stream\n")
+    (tmp_path / "junk.m4a").write_bytes(b"not audio at all\n" * 64)
+    junk = run_cli(*base, str(tmp_path / "junk.m4a"))
+    assert junk.returncode == 1 and junk.stderr.startswith("error: audio file") and "cannot decode" in junk.stderr
+    assert junk.stderr.count("\n") == 1
+
+
 @needs_demo
 def test_short_clip_without_silence_is_the_greedy_ctc_of_the_whole(model) -> None:
     """No long silence: one region, encoded as a whole, so the text is the plain greedy CTC decode."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
@@ -100,37 +101,41 @@ def stream_audio(source: str | os.PathLike | BinaryIO, max_seconds: float, sampl
                  block_frames: int = DECODE_BLOCK_FRAMES) -> Iterator[np.ndarray]:
     """The first channel of an audio file (a path, or an open binary file such as an upload) as float32 blocks
     at `sample_rate`, decoded and resampled block by block, so memory stays the same whatever the length.
-    Audio longer than `max_seconds` (by its header, or by what is actually decoded) is refused with
-    OmniError."""
+    What libsndfile reads (wav, flac, ogg, mp3, ...) is decoded by soundfile, as `load_audio` does; other
+    containers (mp4, m4a, webm, mkv, ...: a video's sound track) by PyAV (FFmpeg). Audio longer than
+    `max_seconds` (by its header, or by what is actually decoded) is refused with OmniError."""
     if hasattr(source, "read"):
         path: Any = getattr(source, "name", None) or "(stream)"
         opened: Any = source
     else:
         path = opened = str(check_audio_path(source))
-    try:
-        f = sf.SoundFile(opened)
-    except Exception as exc:  # soundfile raises several types for unreadable data
-        raise OmniError(f"audio file {path}: cannot decode ({str(exc).strip() or type(exc).__name__})") from exc
-    with f:
-        sr = f.samplerate
+    with ExitStack() as stack:
+        try:
+            f = stack.enter_context(sf.SoundFile(opened))
+            sr, declared, blocks = f.samplerate, f.frames, soundfile_blocks(f, block_frames)
+        except Exception as sf_exc:  # soundfile raises several types for data it cannot read
+            if hasattr(opened, "seek"):
+                opened.seek(0)
+            sr, declared, blocks = av_audio(stack, opened, path, sf_exc)
         if sr <= 0:
             raise OmniError(f"audio file {path}: invalid sample rate {sr}")
         too_long = f"over the transcription limit of {max_seconds:.0f} s"
-        if f.frames > max_seconds * sr:
-            raise OmniError(f"audio file {path}: {f.frames / sr:.0f} s long (by its header), {too_long}")
+        if declared > max_seconds * sr:
+            raise OmniError(f"audio file {path}: {declared / sr:.0f} s long (by its header), {too_long}")
         stream = None if sr == sample_rate else soxr.ResampleStream(sr, sample_rate, 1, dtype="float32")
         got = 0
         while True:
             try:
-                block = f.read(block_frames, dtype="float32", always_2d=True)
-            except Exception as exc:
+                mono = next(blocks, None)
+            except Exception as exc:  # either decoder's errors on corrupt data
                 raise OmniError(f"audio file {path}: cannot decode ({str(exc).strip() or type(exc).__name__})") \
                     from exc
-            last = block.shape[0] == 0
-            got += block.shape[0]
+            last = mono is None
+            if last:
+                mono = np.zeros(0, np.float32)
+            got += mono.shape[0]
             if got > max_seconds * sr:
                 raise OmniError(f"audio file {path}: longer than {max_seconds:.0f} s, {too_long}")
-            mono = np.ascontiguousarray(block[:, 0])
             if not np.isfinite(mono).all():
                 raise OmniError(f"audio file {path}: contains NaN or infinite samples")
             out = mono if stream is None else stream.resample_chunk(mono, last=last)
@@ -140,6 +145,45 @@ def stream_audio(source: str | os.PathLike | BinaryIO, max_seconds: float, sampl
                 break
         if got == 0:
             raise OmniError(f"audio file {path}: contains no samples")
+
+
+def soundfile_blocks(f: sf.SoundFile, block_frames: int) -> Iterator[np.ndarray]:
+    while True:
+        block = f.read(block_frames, dtype="float32", always_2d=True)
+        if block.shape[0] == 0:
+            return
+        yield np.ascontiguousarray(block[:, 0])
+
+
+def av_audio(stack: ExitStack, opened: Any, path: Any, sf_exc: Exception) -> tuple[int, int, Iterator[np.ndarray]]:
+    """(sample rate, frames by the header or 0, first-channel float32 blocks) of a container's first audio
+    stream, through PyAV; OmniError naming both decoders' complaints when neither can read it."""
+    import av  # imported here: only containers libsndfile cannot read need PyAV
+
+    try:
+        container = stack.enter_context(av.open(opened))
+    except Exception as exc:  # PyAV raises its own error family for unreadable containers
+        raise OmniError(f"audio file {path}: cannot decode (libsndfile: {reason(sf_exc)}; FFmpeg: {reason(exc)})") \
+            from exc
+    if not container.streams.audio:
+        raise OmniError(f"audio file {path}: has no audio stream")
+    stream = container.streams.audio[0]
+    sr = stream.codec_context.sample_rate or 0
+    seconds = float(stream.duration * stream.time_base) if stream.duration and stream.time_base else \
+        (container.duration or 0) / 1_000_000
+    to_float = av.AudioResampler(format="fltp")  # sample format only: channels and rate as they are
+
+    def blocks() -> Iterator[np.ndarray]:
+        for frame in container.decode(stream):
+            for converted in to_float.resample(frame):
+                yield np.ascontiguousarray(converted.to_ndarray()[0], dtype=np.float32)
+        for converted in to_float.resample(None):
+            yield np.ascontiguousarray(converted.to_ndarray()[0], dtype=np.float32)
+    return sr, int(seconds * sr), blocks()
+
+
+def reason(exc: Exception) -> str:
+    return str(exc).strip() or type(exc).__name__
 
 
 def resample(wave: np.ndarray, src_rate: int, dst_rate: int) -> np.ndarray:
