@@ -128,8 +128,7 @@ def stream_audio(source: str | os.PathLike | BinaryIO, max_seconds: float, sampl
             try:
                 mono = next(blocks, None)
             except Exception as exc:  # either decoder's errors on corrupt data
-                raise OmniError(f"audio file {path}: cannot decode ({str(exc).strip() or type(exc).__name__})") \
-                    from exc
+                raise OmniError(f"audio file {path}: cannot decode ({reason(exc)})") from exc
             last = mono is None
             if last:
                 mono = np.zeros(0, np.float32)
