@@ -956,25 +956,32 @@ def test_video_frames_are_the_evenly_spaced_ones_with_bounded_memory(tmp_path: P
         load_video_frames(path, MAX_VIDEO_FRAMES + 1)
 
 
-def test_write_wav_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A write that fails half-way leaves neither a partial file nor a temp file, and keeps an older file."""
-    import soundfile
+def test_write_wav_is_atomic(tmp_path: Path) -> None:
+    """A write that fails half-way (here: the file-size limit, a real EFBIG after 100 bytes) leaves neither a
+    partial file nor a temp file, and keeps an older file."""
+    import resource
+    import signal
 
     from utils import audio
     from utils.errors import OmniError
     target = tmp_path / "speech.wav"
     target.write_bytes(b"the previous take")
-
-    def half_then_fail(file, data, *a, **k):
-        Path(file).write_bytes(b"RIFF partial")
-        raise soundfile.LibsndfileError(0, "disk full")
-    monkeypatch.setattr(audio.sf, "write", half_then_fail)
-    with pytest.raises(OmniError, match="cannot write"):
-        audio.write_wav(target, np.zeros(100, np.float32))
-    assert target.read_bytes() == b"the previous take" and sorted(p.name for p in tmp_path.iterdir()) == ["speech.wav"]
-    with pytest.raises(OmniError, match="cannot write"):
-        audio.write_wav(tmp_path / "new.wav", np.zeros(100, np.float32))
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    before = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100, hard))
+    try:
+        with pytest.raises(OmniError, match="cannot write.*too large"):
+            audio.write_wav(target, np.zeros(16000, np.float32))
+        assert target.read_bytes() == b"the previous take"
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["speech.wav"]
+        with pytest.raises(OmniError, match="cannot write"):
+            audio.write_wav(tmp_path / "new.wav", np.zeros(16000, np.float32))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, before)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["speech.wav"]
+    audio.write_wav(tmp_path / "new.wav", np.zeros(16000, np.float32))  # the positive control: it does write
+    assert (tmp_path / "new.wav").stat().st_size == 44 + 2 * 16000
 
 
 if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "--batch":

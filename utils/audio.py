@@ -1,6 +1,7 @@
 """Audio in and out as pure functions: load, resample, power mel spectrogram, WAV writing."""
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -47,7 +48,7 @@ def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE, max_seco
     if path.stat().st_size == 0:
         raise OmniError(f"audio file {path}: is empty")
     try:
-        with sf.SoundFile(str(path)) as f:
+        with sf.SoundFile(os.fsencode(path)) as f:  # bytes: any file name, UTF-8 or not
             sr, declared = f.samplerate, f.frames
             if sr <= 0:
                 raise OmniError(f"audio file {path}: invalid sample rate {sr}")
@@ -75,9 +76,22 @@ def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE, max_seco
         raise OmniError(f"audio file {path}: longer than the limit of {MAX_AUDIO_SECONDS:.0f} s of audio decoded "
                         f"at once")
     wave = np.concatenate(blocks) if len(blocks) > 1 else blocks[0]
-    if not np.isfinite(wave).all():
-        raise OmniError(f"audio file {path}: contains NaN or infinite samples")
+    check_wave(wave, f"audio file {path}")
     return resample(wave, sr, sample_rate)
+
+
+MAX_PEAK = 1000.0  # full scale is 1.0; float files may overshoot a little, never by 60 dB
+
+
+def check_wave(wave: np.ndarray, what: str) -> None:
+    """Samples must be finite and near full scale: a float file peaking at 1e30 overflows the power spectrum to
+    inf/NaN, and the model would answer (or transcribe) nothing without a word."""
+    if not np.isfinite(wave).all():
+        raise OmniError(f"{what}: contains NaN or infinite samples")
+    peak = float(np.abs(wave).max(initial=0.0))
+    if peak > MAX_PEAK:
+        raise OmniError(f"{what}: samples reach {peak:.3g}, over {MAX_PEAK:g} times full scale (1.0); rescale "
+                        f"the recording")
 
 
 def resample(wave: np.ndarray, src_rate: int, dst_rate: int) -> np.ndarray:
@@ -130,10 +144,26 @@ def temp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
+def same_file_as_std_stream(path: Path) -> str | None:
+    """'standard output' or 'standard error' when `path` (e.g. /dev/stdout, /proc/self/fd/1) is that stream:
+    stdout carries the answers and stderr the messages, so a WAV written there would be mixed with text."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    for fd, name in ((1, "standard output"), (2, "standard error")):
+        try:
+            if os.path.samestat(st, os.fstat(fd)):
+                return name
+        except OSError:
+            continue
+    return None
+
+
 def check_output_path(path: str | os.PathLike, flag: str = "--audio_out") -> Path:
     """Fail early, before any work, when a WAV cannot be written at `path`: empty, a directory, a missing or
-    non-directory parent, a name the filesystem refuses, or a place where no file can be created (probed by
-    creating and removing the temp file `write_wav` will use). Returns the path."""
+    non-directory parent, this program's own stdout/stderr, a name the filesystem refuses, or a place where no
+    file can be created (probed by creating and removing the temp file `write_wav` will use). Returns the path."""
     if not str(path).strip():
         raise OmniError(f"{flag}: the path is empty")
     path = Path(path)
@@ -143,6 +173,10 @@ def check_output_path(path: str | os.PathLike, flag: str = "--audio_out") -> Pat
         if not path.parent.is_dir():
             raise OmniError(f"{flag} {path}: directory {path.parent} does not exist" if not path.parent.exists()
                             else f"{flag} {path}: {path.parent} is not a directory")
+        stream = same_file_as_std_stream(path)
+        if stream:
+            raise OmniError(f"{flag} {path}: is this program's {stream}, which carries "
+                            f"{'the answers' if stream == 'standard output' else 'its messages'}; give a file path")
         if path.exists() and not path.is_file():
             return path  # /dev/null, a FIFO: written in place
         tmp = temp_path(path)
@@ -154,26 +188,36 @@ def check_output_path(path: str | os.PathLike, flag: str = "--audio_out") -> Pat
     return path
 
 
+def wav_bytes(wave: np.ndarray, sample_rate: int = SAMPLE_RATE) -> bytes:
+    """A complete 16-bit PCM mono WAV in memory: its size fields are final before a byte reaches the target
+    (a pipe reader gets a correct header), and no library callback ever writes to the user's file."""
+    buf = io.BytesIO()
+    sf.write(buf, np.clip(np.nan_to_num(np.asarray(wave, dtype=np.float32)), -1.0, 1.0), sample_rate,
+             subtype="PCM_16", format="WAV")
+    return buf.getvalue()
+
+
 def write_wav(path: str | os.PathLike, wave: np.ndarray, sample_rate: int = SAMPLE_RATE,
               flag: str = "--audio_out") -> None:
-    """Write 16-bit PCM mono atomically: a temp file in the same directory, then rename, so a failure never
-    leaves a partial file. An existing non-regular target (/dev/null, a FIFO) is written in place instead:
-    renaming over it would replace the device or pipe with a plain file."""
+    """Write 16-bit PCM mono atomically: a temp file in the same directory, then rename, so a failure (a full
+    disk, the file-size limit, a signal) never leaves a partial file. An existing non-regular target
+    (/dev/null, a FIFO) is written in place instead: renaming over it would replace the device or pipe."""
     path = check_output_path(path, flag)
-    data = np.clip(np.nan_to_num(np.asarray(wave, dtype=np.float32)), -1.0, 1.0)
+    data = wav_bytes(wave, sample_rate)
     if path.exists() and not path.is_file():
         try:
             with open(path, "wb") as f:
-                sf.write(f, data, sample_rate, subtype="PCM_16", format="WAV")
-        except Exception as exc:  # soundfile reports unwritable targets as RuntimeError/TypeError
-            raise OmniError(f"{flag} {path}: cannot write ({str(exc).strip() or type(exc).__name__})") from exc
+                f.write(data)
+        except OSError as exc:  # /dev/full: ENOSPC; a FIFO whose reader left: EPIPE
+            raise OmniError(f"{flag} {path}: cannot write ({exc.strerror or exc})") from exc
         return
     tmp = temp_path(path)
     try:
-        sf.write(str(tmp), data, sample_rate, subtype="PCM_16", format="WAV")
+        with open(tmp, "wb") as f:
+            f.write(data)
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as exc:  # soundfile reports unwritable paths as RuntimeError
-        raise OmniError(f"{flag} {path}: cannot write ({str(exc).strip() or type(exc).__name__})") from exc
+    except OSError as exc:
+        raise OmniError(f"{flag} {path}: cannot write ({exc.strerror or exc})") from exc
     finally:
         try:
             tmp.unlink()

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, TextIO
 
-from utils.errors import OmniError
+from utils.errors import OmniError, Terminated, handle_signals, interrupt_status, one_line, quiet_stdout
 
 MAX_SEED = 2**63 - 1  # torch.Generator's limit (as utils.generation.MAX_SEED; here so usage errors skip torch)
 
@@ -252,10 +252,10 @@ class Console:
             print(msg, file=self.err, flush=True)
 
     def warn(self, msg: str) -> None:
-        self.info(f"warning: {msg}")
+        self.info(f"warning: {one_line(msg)}")
 
     def error(self, msg: str) -> None:
-        print(f"error: {msg}", file=self.err, flush=True)
+        print(f"error: {one_line(msg)}", file=self.err, flush=True)
 
     @property
     def progress_enabled(self) -> bool:
@@ -299,7 +299,12 @@ class Out:
         self.stream.flush()
 
     def json(self, obj: dict[str, Any]) -> None:
-        self.stream.write(json.dumps(obj, ensure_ascii=False) + "\n")
+        text = json.dumps(obj, ensure_ascii=False)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates (a non-UTF-8 file name, "\ud800" in a request): JSON escapes
+            text = json.dumps(obj)
+        self.stream.write(text + "\n")
         self.stream.flush()
 
 
@@ -519,10 +524,21 @@ def run_pipe(model: Any, args: argparse.Namespace, con: Console, out: Out, lines
 BATCH_PATH_KEYS = ("image", "audio_in", "video")
 
 
+MAX_BATCH_FILE_BYTES = 64 << 20
+
+
 def read_batch_file(path: str) -> list[tuple[int, Any]]:
-    """(line number, parsed JSON or an OmniError) for each non-blank line of a JSON Lines file."""
+    """(line number, parsed JSON or an OmniError) for each non-blank line of a JSON Lines file: a regular file
+    of at most MAX_BATCH_FILE_BYTES (a FIFO or /dev/zero is refused unread)."""
+    import stat
     try:
-        text = Path(path).read_text(encoding="utf-8", errors="replace")
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise OmniError(f"--batch_file {path}: not a regular file")
+        if st.st_size > MAX_BATCH_FILE_BYTES:
+            raise OmniError(f"--batch_file {path}: {st.st_size:,} bytes, over the limit of {MAX_BATCH_FILE_BYTES:,}")
+        with open(path, "rb") as f:
+            text = f.read(MAX_BATCH_FILE_BYTES).decode("utf-8", errors="replace")
     except OSError as exc:
         raise OmniError(f"--batch_file {path}: cannot read ({exc.strerror or exc})") from exc
     base = Path(path).resolve().parent
@@ -532,7 +548,10 @@ def read_batch_file(path: str) -> list[tuple[int, Any]]:
             continue
         try:
             obj = json.loads(line)
-        except ValueError as exc:
+        except RecursionError:
+            rows.append((number, OmniError("not valid JSON (nested too deeply)")))
+            continue
+        except ValueError as exc:  # JSONDecodeError, or an integer beyond Python's digit limit
             rows.append((number, OmniError(f"not valid JSON ({exc})")))
             continue
         if not isinstance(obj, dict):
@@ -686,6 +705,7 @@ def utf8_streams() -> None:
 
 
 def main(argv: Sequence[str] | None, prog: str, description: str) -> int:
+    handle_signals()
     utf8_streams()
     parser = build_parser(prog, description)
     args = parser.parse_args(argv)
@@ -699,13 +719,12 @@ def main(argv: Sequence[str] | None, prog: str, description: str) -> int:
             traceback.print_exc()
         con.error(str(exc))
         return 1
-    except KeyboardInterrupt:
-        con.info("interrupted")
-        return 130
+    except (KeyboardInterrupt, Terminated) as exc:
+        con.info("interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc))
+        return interrupt_status(exc)
     except BrokenPipeError:
         # the reader went away (e.g. `| head -1`): stop quietly, without a second error at interpreter exit
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        quiet_stdout()
         return 0
     except Exception as exc:  # a bug or an environment problem: one line, the traceback on request
         if args.verbose:

@@ -13,7 +13,15 @@ from utils.errors import OmniError
 
 IMAGE_SIZE = 224
 MAX_IMAGE_PIXELS = 64_000_000  # refuse larger images (decompression bombs) before decoding them
+MAX_IMAGE_BYTES = 200_000_000  # and larger decoded bitmaps (8000x8000 RGB fits, 8000x8000 float does not)
 MAX_VIDEO_FRAMES = 256  # most frames taken from one video (each becomes an image token)
+# Bytes per pixel of the decoded bitmap for Pillow's modes (others: 4, the widest).
+MODE_BYTES = {"1": 1, "L": 1, "P": 1, "LA": 2, "PA": 2, "La": 2, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2,
+              "RGB": 3, "YCbCr": 3, "LAB": 3, "HSV": 3, "BGR;15": 2, "BGR;16": 2, "BGR;24": 3}
+# FFmpeg demuxers that open other files or URLs named inside the input (playlists, concat scripts, manifests,
+# image sequences): a --video must be one self-contained file.
+INDIRECT_DEMUXERS = {"concat", "hls", "applehttp", "dash", "imf", "sdp", "rtsp", "rtp", "image2", "tee"}
+INDIRECT_MAGICS = (b"ffconcat", b"#EXTM3U", b"<?xml", b"<MPD", b"v=0")
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -45,6 +53,10 @@ def load_image(path: str | os.PathLike, size: int = IMAGE_SIZE) -> torch.Tensor:
                 if img.width * img.height > MAX_IMAGE_PIXELS:
                     raise OmniError(f"image file {path}: {img.width}x{img.height} exceeds the limit of "
                                     f"{MAX_IMAGE_PIXELS} pixels")
+                decoded = img.width * img.height * MODE_BYTES.get(img.mode, 4)
+                if decoded > MAX_IMAGE_BYTES:
+                    raise OmniError(f"image file {path}: {img.width}x{img.height} {img.mode} decodes to "
+                                    f"{decoded:,} bytes, over the limit of {MAX_IMAGE_BYTES:,}")
                 img.load()
                 return preprocess_image(ImageOps.exif_transpose(img), size)
     except OmniError:
@@ -71,8 +83,10 @@ def load_video_frames(path: str | os.PathLike, n_frames: int = 4, size: int = IM
     if not 1 <= n_frames <= MAX_VIDEO_FRAMES:
         raise OmniError(f"video file {path}: {n_frames} frames asked for; between 1 and the limit of "
                         f"{MAX_VIDEO_FRAMES} can be taken")
+    check_self_contained(path)
     try:
-        with av.open(str(path)) as container:
+        with av.open(str(path), options=AV_OPTIONS) as container:
+            check_demuxer(path, container)
             if not container.streams.video:
                 raise OmniError(f"video file {path}: has no video stream")
             stream = container.streams.video[0]
@@ -83,7 +97,8 @@ def load_video_frames(path: str | os.PathLike, n_frames: int = 4, size: int = IM
         picks = [min(total - 1, i * total // (n_frames + 1)) for i in range(1, n_frames + 1)]
         kept: dict[int, torch.Tensor] = {}
         last = None
-        with av.open(str(path)) as container:
+        with av.open(str(path), options=AV_OPTIONS) as container:
+            check_demuxer(path, container)
             for index, frame in enumerate(container.decode(container.streams.video[0])):
                 check_frame_size(path, frame.width, frame.height)
                 last = frame
@@ -108,3 +123,24 @@ def load_video_frames(path: str | os.PathLike, n_frames: int = 4, size: int = IM
 def check_frame_size(path: Path, width: int, height: int) -> None:
     if width * height > MAX_IMAGE_PIXELS:
         raise OmniError(f"video file {path}: {width}x{height} frames exceed the limit of {MAX_IMAGE_PIXELS} pixels")
+
+
+# Only local files, and an image name is that one image, never a numbered sequence (img%03d.png).
+AV_OPTIONS = {"protocol_whitelist": "file", "pattern_type": "none"}
+
+
+def check_self_contained(path: Path) -> None:
+    """Refuse, before FFmpeg probes it, a text file that would make FFmpeg open other files or URLs: an ffconcat
+    script, an HLS playlist, a DASH/IMF manifest or an SDP session description."""
+    with open(path, "rb") as f:
+        head = f.read(64).lstrip(b"\xef\xbb\xbf \t\r\n")
+    if head.startswith(INDIRECT_MAGICS):
+        raise OmniError(f"video file {path}: is a playlist, concat script or manifest naming other files; give "
+                        f"the video file itself")
+
+
+def check_demuxer(path: Path, container) -> None:  # noqa: ANN001 - av.container.InputContainer
+    names = set(str(container.format.name).split(","))
+    if names & INDIRECT_DEMUXERS and not (names <= {"image2"} and "%" not in path.name):
+        raise OmniError(f"video file {path}: FFmpeg reads it as {container.format.name}, a format that opens "
+                        f"other files; give a self-contained video file")
