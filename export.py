@@ -403,6 +403,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     handle_signals()
+    sys.stdout.reconfigure(errors="surrogateescape")  # paths in the table: a non-UTF-8 name prints as its bytes
     args = build_parser().parse_args(argv)
     try:
         return run(args)

@@ -8,6 +8,7 @@ the modules in the file's float dtype, recorded in `Components.dtype` so callers
 from __future__ import annotations
 
 import json
+import os
 import struct
 from dataclasses import asdict
 from pathlib import Path
@@ -115,7 +116,7 @@ def component_config(cfg: dict[str, Any], d: Path, key: str, configs_name: str) 
     if key == "thinker" and any(k in cfg for k in ("n_heads", "vocab_size", "d_model")):
         return {k: v for k, v in cfg.items() if not isinstance(v, (dict, list))}
     copy = d / "configs" / configs_name
-    return read_json(copy) if copy.is_file() else {}
+    return read_json(copy) if os.path.lexists(copy) else {}  # present but not a regular file: an error
 
 
 def stored_float_dtype(sd: StateDict) -> torch.dtype:
@@ -143,7 +144,7 @@ def load_export(d: Path) -> Components:
     path = export_file(d)
     raw, meta = read_safetensors(path)
     cfg_path = d / "config.json"
-    cfg = read_json(cfg_path) if cfg_path.is_file() else {}
+    cfg = read_json(cfg_path) if os.path.lexists(cfg_path) else {}
     check_quantization(cfg, meta, path)
     comps = L.Components(root=d, dtype=stored_float_dtype(raw))
     sd = strip_compile_prefix(dequantize_state_dict(raw, str(path)))
@@ -184,7 +185,7 @@ def load_export(d: Path) -> Components:
     if parts["ctc_head"]:
         comps.ctc_head = L.build_linear(parts["ctc_head"], src("ctc_head"))
         for name in L.CTC_MAP_NAMES:
-            if (d / name).is_file():
+            if os.path.lexists(d / name):
                 comps.ctc_chars = L.read_ctc_chars(d / name)
     vocoder_cfg = component_config(cfg, d, "vocoder", "vocoder_tiny.json")
     if parts["vocoder"]:

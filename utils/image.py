@@ -20,7 +20,7 @@ MODE_BYTES = {"1": 1, "L": 1, "P": 1, "LA": 2, "PA": 2, "La": 2, "I;16": 2, "I;1
               "RGB": 3, "YCbCr": 3, "LAB": 3, "HSV": 3, "BGR;15": 2, "BGR;16": 2, "BGR;24": 3}
 # FFmpeg demuxers that open other files or URLs named inside the input (playlists, concat scripts, manifests,
 # image sequences): a --video must be one self-contained file.
-INDIRECT_DEMUXERS = {"concat", "hls", "applehttp", "dash", "imf", "sdp", "rtsp", "rtp", "image2", "tee"}
+INDIRECT_DEMUXERS = {"concat", "hls", "applehttp", "dash", "imf", "sdp", "rtsp", "rtp", "tee"}
 INDIRECT_MAGICS = (b"ffconcat", b"#EXTM3U", b"<?xml", b"<MPD", b"v=0")
 
 
@@ -125,7 +125,8 @@ def check_frame_size(path: Path, width: int, height: int) -> None:
         raise OmniError(f"video file {path}: {width}x{height} frames exceed the limit of {MAX_IMAGE_PIXELS} pixels")
 
 
-# Only local files, and an image name is that one image, never a numbered sequence (img%03d.png).
+# Only local files, and an image name is that one image, never a numbered sequence (img%03d.png: image2's
+# pattern matching is off).
 AV_OPTIONS = {"protocol_whitelist": "file", "pattern_type": "none"}
 
 
@@ -140,7 +141,6 @@ def check_self_contained(path: Path) -> None:
 
 
 def check_demuxer(path: Path, container) -> None:  # noqa: ANN001 - av.container.InputContainer
-    names = set(str(container.format.name).split(","))
-    if names & INDIRECT_DEMUXERS and not (names <= {"image2"} and "%" not in path.name):
+    if set(str(container.format.name).split(",")) & INDIRECT_DEMUXERS:
         raise OmniError(f"video file {path}: FFmpeg reads it as {container.format.name}, a format that opens "
                         f"other files; give a self-contained video file")

@@ -453,8 +453,8 @@ def load_audio_dir(comps: Components, d: Path) -> None:
     comps.sources["audio"] = str(path)
     if "head" in obj:
         comps.ctc_head = build_linear(unwrap(obj, "ctc_head", path), f"{path} [head]")
-        meta = next((d / n for n in CTC_MAP_NAMES if (d / n).is_file()), d / CTC_MAP_NAMES[0])
-        if meta.is_file():
+        meta = next((d / n for n in CTC_MAP_NAMES if os.path.lexists(d / n)), d / CTC_MAP_NAMES[0])
+        if os.path.lexists(meta):  # present but not a regular file (a FIFO) is an error, not "no map"
             comps.ctc_chars = read_ctc_chars(meta)
             if len(comps.ctc_chars) != comps.ctc_head.out_features:
                 raise OmniError(f"{meta}: {len(comps.ctc_chars)} characters but the CTC head in {path} has "
@@ -492,7 +492,7 @@ def vocoder_config(d: Path) -> dict[str, Any]:
     if cfg.get("model_type") == "muomni":  # an export's config.json: its nested object or its configs/ copy
         nested = cfg.get("vocoder")
         copy = d / "configs" / "vocoder_tiny.json"
-        return nested if isinstance(nested, dict) else read_json(copy) if copy.is_file() else {}
+        return nested if isinstance(nested, dict) else read_json(copy) if os.path.lexists(copy) else {}
     return cfg
 
 
