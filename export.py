@@ -314,7 +314,11 @@ def move_into_place(tmp: Path, out: Path, force: bool) -> None:
         except BaseException:
             os.rename(old, out)
             raise
-    shutil.rmtree(old)
+    try:
+        shutil.rmtree(old)
+    except BaseException:  # interrupted: the new export is in place, finish removing the old one, then stop
+        shutil.rmtree(old, ignore_errors=True)
+        raise
 
 
 # ---------------------------------------------------------------- reporting
@@ -378,9 +382,10 @@ def run(args: argparse.Namespace) -> int:
         raise OmniError("--ocr_ckpt: this project has no OCR model (models/ defines none), so OCR weights cannot be "
                         "exported or loaded; leave the flag out")
     out = output_path(args.output_dir)
+    if out.parent.is_dir():
+        for note in clean_stale(out):
+            print(f"note: {one_line(note)}", file=sys.stderr)
     check_target(out, args.force)
-    for note in clean_stale(out):
-        print(f"note: {note}", file=sys.stderr)
     int8 = args.quantize == "int8"
     dtype = STORAGE_DTYPES[args.dtype or ("float16" if int8 else "float32")]
     dirs = source_dirs(args)

@@ -722,8 +722,8 @@ def export_tensor_as(key: str, dtype: str) -> Callable[[Env], Any]:
 
 
 def zip_bomb_checkpoint(env: Env) -> None:
-    """thinker.pt re-zipped with its records deflated, plus one record declaring 256 MiB of zeros: a file of
-    a few hundred kB whose storage would inflate to 256 MiB."""
+    """thinker.pt re-zipped with its records deflated, plus one record declaring 1 GiB of zeros: a file of
+    about a MB whose storage would inflate to 1 GiB."""
     import zipfile
     d = copy_thinker(env)
     src = (d / "thinker.pt").read_bytes()
@@ -733,7 +733,7 @@ def zip_bomb_checkpoint(env: Env) -> None:
         prefix = zin.infolist()[0].filename.split("/")[0]
         with zout.open(f"{prefix}/data/999", "w", force_zip64=True) as f:
             chunk = bytes(1 << 20)
-            for _ in range(256):
+            for _ in range(1024):
                 f.write(chunk)
 
 
@@ -1113,6 +1113,9 @@ CASES += [
     Case("image_non_utf8_name", [], 0, direct=True, raw_args=raw(
         "--ckpt_dir", "{tree}", "--max_new_tokens", "2", "--image", "{d}/" + BAD_NAME + ".png", "--text", "hi"),
          build=lambda env: save_image(env.d / (BAD_NAME + ".png"))),
+    Case("video_non_utf8_name", [], 0, direct=True, raw_args=raw(
+        "--ckpt_dir", "{tree}", "--max_new_tokens", "2", "--video", "{d}/" + BAD_NAME + ".mp4"),
+         build=lambda env: os.rename(make_video(env.d / "plain.mp4"), env.d / (BAD_NAME + ".mp4"))),
     Case("thinker_dir_non_utf8_name", [], 0, direct=True, raw_args=raw(
         "--ckpt_dir", "{d}/thinker_" + NON_UTF8, "--max_new_tokens", "2", "--text", "hi"), build=non_utf8_thinker),
     Case("export_dir_non_utf8_name", [], 0, direct=True, script="infer_safetensors.py", raw_args=raw(
@@ -1120,7 +1123,7 @@ CASES += [
     Case("missing_non_utf8_name_reported_escaped", [], 1, direct=True, raw_args=raw(
         "--ckpt_dir", "{tree}", "--image", "{d}/" + BAD_NAME + ".png", "--text", "hi"), match=r"sp\\xe9ech\.png"),
     # ---------------- memory: declared sizes bounded before the work
-    Case("ckpt_zip_records_inflate_to_256_mib", thinker_q(), 1, zip_bomb_checkpoint, "declare .* bytes",
+    Case("ckpt_zip_records_inflate_to_1_gib", thinker_q(), 1, zip_bomb_checkpoint, "declare .* bytes",
          check=quick),
     img(1, "float_8000x8000.tiff", bytes_file(tiff_claiming(8000, 8000, 32, 3)), "decodes to 256,000,000 bytes"),
     img(1, "int32_7500x7500.tiff", bytes_file(tiff_claiming(7500, 7500, 32, 2)), "over the limit"),
@@ -1490,6 +1493,23 @@ def test_write_wav_is_atomic(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["speech.wav"]
     audio.write_wav(tmp_path / "new.wav", np.zeros(16000, np.float32))  # the positive control: it does write
     assert (tmp_path / "new.wav").stat().st_size == 44 + 2 * 16000
+
+
+def test_extreme_sampling_values_answer_what_they_mean(tiny_tree: Path, one_thread) -> None:
+    """Values that pass validation give the answer they define, not just no crash: temperature 1e-300 and top_p
+    1e-300 leave only the best token (the greedy answer); an extreme repetition penalty still samples valid ids."""
+    from omni import load_model
+    model = load_model(tiny_tree, device="cpu")
+    common = dict(max_new_tokens=6, ignore_eos=True)
+    greedy = model.answer("what is one plus two ?", **common).token_ids
+    for extreme in (dict(temperature=1e-300, seed=1), dict(temperature=5e-324, seed=2),
+                    dict(temperature=1.0, top_p=1e-300, seed=3), dict(temperature=50.0, top_k=1, seed=4)):
+        assert model.answer("what is one plus two ?", **common, **extreme).token_ids == greedy, extreme
+    vocab = model.c.thinker.cfg.vocab_size
+    for penalty in (1e-300, 1e300):
+        ids = model.answer("what is one plus two ?", **common, temperature=1.0, repetition_penalty=penalty,
+                           seed=5).token_ids
+        assert len(ids) == 6 and all(0 <= i < vocab for i in ids)
 
 
 if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "--batch":

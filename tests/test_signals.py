@@ -34,6 +34,8 @@ DRIVER = textwrap.dedent('''
     sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
 
     def pause():
+        if os.path.exists(marker):  # once: a cleanup calling the same function again must not wait
+            return
         open(marker, "w").close()
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
