@@ -1382,13 +1382,19 @@ def test_help_documents_the_resource_guards(script: str) -> None:
     """--help states each limit with the value the code enforces."""
     from utils.audio import MAX_AUDIO_SECONDS, max_audio_seconds
     from utils.checkpoint import MAX_CTX_LEN
-    from utils.image import MAX_IMAGE_PIXELS, MAX_VIDEO_FRAMES
+    from utils.checkpoint import MAX_JSON_BYTES
+    from utils.cli import MAX_BATCH_FILE_BYTES
+    from utils.export_format import MAX_HEADER_BYTES, MAX_TENSORS
+    from utils.image import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, MAX_VIDEO_FRAMES
     r = subprocess.run([sys.executable, str(REPO / script), "--help"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     text = " ".join(r.stdout.split())
     for needle in (f"{MAX_IMAGE_PIXELS} pixels", f"{max_audio_seconds(512, 8):.2f} s", f"{MAX_AUDIO_SECONDS:.0f} s",
                    f"{MAX_VIDEO_FRAMES} frames", f"ctx_len above {MAX_CTX_LEN}", "(ctx_len // 4) tokens x downsample x 160",
-                   "weights-only", "exit status: 0 ok, 1 error"):
+                   "weights-only", "exit status: 0 ok, 1 error", f"{MAX_IMAGE_BYTES} decoded bytes",
+                   f"JSON at most {MAX_JSON_BYTES >> 20} MiB", f"at most {MAX_HEADER_BYTES >> 20} MiB and {MAX_TENSORS} "
+                   f"tensors", "130 interrupted, 143 terminated",
+                   f"a batch file at most {MAX_BATCH_FILE_BYTES >> 20} MiB"):
         assert needle in text, needle
 
 

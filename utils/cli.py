@@ -2,7 +2,8 @@
 
 Modes: one-shot when --text/--image/--audio_in/--video is given; otherwise a REPL when stdin is a terminal,
 else one answer per input line (a pipe). stdout carries answers only; everything else goes to stderr.
-Exit codes: 0 ok, 1 error (one `error:` line), 2 usage error (argparse), 130 interrupted.
+Exit codes: 0 ok, 1 error (one `error:` line), 2 usage error (argparse), 130 interrupted (SIGINT), 143 terminated
+(SIGTERM).
 """
 from __future__ import annotations
 
@@ -99,7 +100,7 @@ Defaults for the sampling flags come from generation_config.json beside the weig
 Each question is independent: the μOmni thinker has no chat template and no conversation memory.
 
 limits (an input beyond them is refused with one `error:` line and exit status 1):
-  images     at most 64000000 pixels, checked from the header before decoding (decompression bombs)
+  images     at most 64000000 pixels and 200000000 decoded bytes, checked from the header before decoding
   audio      a prompt uses at most (ctx_len // 4) tokens x downsample x 160 / 16000 s (10.24 s at ctx_len 512,
              downsample 8): only that much of the file is decoded, longer audio is trimmed with a warning
              before the spectrogram; --transcribe decodes at most 600 s
@@ -109,7 +110,9 @@ limits (an input beyond them is refused with one `error:` line and exit status 1
              refused and never run; safetensors headers are validated before anything is read; a config
              may not ask for ctx_len above 131072
   --audio_out  written to a temp file then renamed: a failed write leaves no partial file
-exit status: 0 ok, 1 error (one `error:` line on stderr), 2 usage error, 130 interrupted."""
+  files      configs and --batch_file are read only when regular files (JSON at most 16 MiB, a batch file
+             at most 64 MiB); safetensors headers at most 16 MiB and 65536 tensors
+exit status: 0 ok, 1 error (one `error:` line on stderr), 2 usage error, 130 interrupted, 143 terminated."""
 
 
 MODES = ("Modes: one-shot when --text, --image, --audio_in or --video is given; otherwise an interactive chat when "
