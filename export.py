@@ -116,7 +116,7 @@ def discover(root: Path) -> dict[str, Path | None]:
     for kind in ("thinker", "audio", "vision", "talker", "vocoder"):
         dirs[kind], where = L.locate_component(kind, root, pointers.get(kind))
         if dirs[kind] is None and kind != "thinker":
-            print(f"note: no {kind} checkpoint (searched {where})", file=sys.stderr)
+            print(f"note: no {kind} checkpoint (searched {one_line(where)})", file=sys.stderr)
     if dirs["omni"] is None and dirs["thinker"] is None:
         raise OmniError(f"--ckpt_root {root}: no omni_sft or thinker checkpoint directory in it")
     return dirs
@@ -158,7 +158,7 @@ def load_sources(dirs: dict[str, Path | None]) -> L.Components:
             loader(comps, dirs[kind])
     L.check_projector_fit(comps, comps.sources["thinker"])
     if comps.ctc_head is not None and comps.ctc_chars is None:
-        print(f"note: {dirs['audio']} has no audio_enc_metadata.json: the export's CTC head cannot transcribe",
+        print(f"note: {one_line(dirs['audio'])} has no audio_enc_metadata.json: the export's CTC head cannot transcribe",
               file=sys.stderr)
     return comps
 
