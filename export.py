@@ -204,6 +204,9 @@ def output_path(value: str) -> Path:
     out = Path(os.path.abspath(value))
     if not out.name:
         raise OmniError(f"--output_dir {value}: names the filesystem root; give a directory to create")
+    if os.path.exists(out) and os.path.samefile(out, os.curdir):
+        raise OmniError(f"--output_dir {value}: is the current directory, which the finished export would replace; "
+                        f"name a directory to create (e.g. --output_dir export)")
     return out
 
 

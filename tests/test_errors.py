@@ -838,6 +838,13 @@ def export_made(name: str) -> Callable[[Env, dict], Any]:
     return check
 
 
+def nothing_beside(env: Env, result: dict) -> None:
+    """Nothing left in or beside the case's directory (`..old-*` was the leftover of `--output_dir .`)."""
+    assert not [p for p in env.d.iterdir() if p.name.startswith(".")]
+    beside = [p.name for p in env.d.parent.iterdir() if p.name.startswith(f".{env.d.name}.")]
+    assert not beside, beside
+
+
 def quick(env: Env, result: dict) -> None:
     """Refused from the declared sizes, before the work: seconds, not the minute the bomb would take."""
     assert result["seconds"] < 30, result["seconds"]
@@ -1022,6 +1029,8 @@ CASES += [
     batch_case("video_frames_float", '{"text": "hi", "video": "x.mp4", "video_frames": 2.5}', match="video_frames"),
     batch_case("video_frames_zero", '{"text": "hi", "video": "x.mp4", "video_frames": 0}', match="video_frames"),
     batch_case("null_line", "null", match="JSON object"),
+    batch_case("video_frames_null", '{"text": "hi", "video": "missing.mp4", "video_frames": null}',
+               match="video file .*missing.mp4: not found"),
     batch_case("list_line", "[1, 2]", match="JSON object"),
     batch_case("audio_number", '{"text": "hi", "audio": 5}', match="audio: expected a file path"),
     batch_case("audio_list", '{"text": "hi", "audio": ["a.wav"]}', match="audio: expected a file path"),
@@ -1150,11 +1159,15 @@ CASES += [
          "cannot decode"),
     # ---------------- export.py
     export_case("output_dir_dot", export_args("--output_dir", "."), 1, lambda env: (env.d / "notes.txt").write_text("x"),
-                "not empty", check=no_work_dirs),
+                "current directory", check=no_work_dirs),
     export_case("output_dir_empty", export_args("--output_dir", ""), 1, None, "empty", check=no_work_dirs),
+    export_case("output_dir_dot_in_an_empty_directory", export_args("--output_dir", "."), 1, None,
+                "is the current directory", check=nothing_beside),
+    export_case("output_dir_empty_cwd_via_dot_dot", export_args("--output_dir", "{d}/sub/.."), 1,
+                lambda env: (env.d / "sub").mkdir(), "not empty|current directory", check=nothing_beside),
     export_case("output_dir_root", export_args("--output_dir", "/"), 1, None, "root"),
     export_case("output_dir_dot_dot_of_case", export_args("--output_dir", "{d}/x/.."), 1,
-                lambda env: (env.d / "x").mkdir(), "not empty", check=no_work_dirs),
+                lambda env: (env.d / "x").mkdir(), "not empty|current directory", check=no_work_dirs),
     export_case("output_dir_is_a_file", export_args("--output_dir", "{d}/f"), 1,
                 lambda env: (env.d / "f").write_text("x"), "not a directory"),
     export_case("output_dir_newline", export_args("--output_dir", "{d}/no\nerror: such/out"), 1, None,
