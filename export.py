@@ -271,7 +271,7 @@ def work_name(out: Path, kind: str) -> Path:
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except ProcessLookupError:  # no such process: its work directory is stale
         return False
     except PermissionError:  # someone else's live process
         return True

@@ -149,13 +149,13 @@ def same_file_as_std_stream(path: Path) -> str | None:
     stdout carries the answers and stderr the messages, so a WAV written there would be mixed with text."""
     try:
         st = path.stat()
-    except OSError:
+    except OSError:  # not there yet: a new file, not a stream
         return None
     for fd, name in ((1, "standard output"), (2, "standard error")):
         try:
             if os.path.samestat(st, os.fstat(fd)):
                 return name
-        except OSError:
+        except OSError:  # that descriptor is closed
             continue
     return None
 
