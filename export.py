@@ -416,8 +416,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    handle_signals()
-    sys.stdout.reconfigure(errors="surrogateescape")  # paths in the table: a non-UTF-8 name prints as its bytes
+    if hasattr(sys.stdout, "reconfigure"):  # paths in the table: a non-UTF-8 name prints as its bytes
+        sys.stdout.reconfigure(errors="surrogateescape")
     args = build_parser().parse_args(argv)
     try:
         return run(args)
@@ -437,4 +437,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    handle_signals()  # the process's policy, so only the script installs it (not a caller of main())
     sys.exit(main())

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, TextIO
 
-from utils.errors import OmniError, Terminated, handle_signals, interrupt_status, one_line, quiet_stdout
+from utils.errors import OmniError, Terminated, interrupt_status, one_line, quiet_stdout
 
 MAX_SEED = 2**63 - 1  # torch.Generator's limit (as utils.generation.MAX_SEED; here so usage errors skip torch)
 
@@ -709,7 +709,6 @@ def utf8_streams() -> None:
 
 
 def main(argv: Sequence[str] | None, prog: str, description: str) -> int:
-    handle_signals()
     utf8_streams()
     parser = build_parser(prog, description)
     args = parser.parse_args(argv)

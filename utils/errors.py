@@ -26,7 +26,8 @@ def interrupt_status(exc: BaseException) -> int:
 
 
 def handle_signals() -> None:
-    """Install the apps' signal policy (call once, first thing in main):
+    """Install the apps' signal policy for the whole process (the scripts call it before main; a library or a
+    test calling main() in-process keeps its own handlers):
     - SIGTERM/SIGHUP raise Terminated once (a second one during cleanup is ignored, so cleanup finishes);
     - SIGXFSZ is ignored, so a write over the file-size limit (ulimit -f) fails with EFBIG and is reported as an
       error instead of killing the process mid-write;
