@@ -809,6 +809,12 @@ def link_intact(path: str) -> Callable[[Env, dict], Any]:
     return check
 
 
+def written_through_link(env: Env, result: dict) -> None:
+    import soundfile as sf
+    assert os.path.islink(env.d / "latest.wav") and sf.info(str(env.d / "takes" / "042.wav")).frames > 0
+    assert sorted(p.name for p in (env.d / "takes").iterdir()) == ["042.wav"]
+
+
 def previous_take_kept(env: Env, result: dict) -> None:
     assert (env.d / "out.wav").read_bytes() == b"the previous take"
 
@@ -920,6 +926,9 @@ CASES += [
          fifo_with_reader, check=fifo_reader_got_a_whole_wav),
     Case("audio_out_file_size_limit", ask("--text", "hello there", "--audio_out", "{d}/out.wav"), 1,
          previous_take, "File too large", fsize=8192, check=previous_take_kept),
+    Case("audio_out_symlink_written_through", ask("--text", "hello there", "--audio_out", "{d}/latest.wav"), 0,
+         lambda env: ((env.d / "takes").mkdir(), (env.d / "takes" / "042.wav").write_bytes(b"old"),
+                      os.symlink("takes/042.wav", env.d / "latest.wav")), check=written_through_link),
     Case("audio_out_newline_in_name", ask("--text", "hi", "--audio_out", "{d}/a\nerror: forged/x.wav"), 1, None,
          r"a\\nerror: forged.*does not exist"),
     Case("audio_out_non_utf8_name", [], 0, direct=True, raw_args=raw(

@@ -163,7 +163,8 @@ def same_file_as_std_stream(path: Path) -> str | None:
 def check_output_path(path: str | os.PathLike, flag: str = "--audio_out") -> Path:
     """Fail early, before any work, when a WAV cannot be written at `path`: empty, a directory, a missing or
     non-directory parent, this program's own stdout/stderr, a name the filesystem refuses, or a place where no
-    file can be created (probed by creating and removing the temp file `write_wav` will use). Returns the path."""
+    file can be created (probed by creating and removing the temp file `write_wav` will use). Returns the path to
+    write: a symlink's target, so the link stays a link."""
     if not str(path).strip():
         raise OmniError(f"{flag}: the path is empty")
     path = Path(path)
@@ -179,6 +180,8 @@ def check_output_path(path: str | os.PathLike, flag: str = "--audio_out") -> Pat
                             f"{'the answers' if stream == 'standard output' else 'its messages'}; give a file path")
         if path.exists() and not path.is_file():
             return path  # /dev/null, a FIFO: written in place
+        if path.is_symlink():  # write through the link: the rename would replace the link itself
+            path = Path(os.path.realpath(path))
         tmp = temp_path(path)
         with open(tmp, "wb"):
             pass
