@@ -779,7 +779,8 @@ def fifo_with_reader(env: Env) -> None:
     """A FIFO as --audio_out, with `cat` copying what arrives into received.wav."""
     os.mkfifo(env.d / "speech.fifo")
     env.d.joinpath("reader.pid").write_text(str(subprocess.Popen(
-        ["sh", "-c", 'cat "$0" > "$1"', str(env.d / "speech.fifo"), str(env.d / "received.wav")]).pid))
+        ["timeout", "300", "sh", "-c", 'cat "$0" > "$1"', str(env.d / "speech.fifo"), str(env.d / "received.wav")])
+        .pid))  # the timeout: a run that never opens the FIFO must not leave the reader waiting forever
 
 
 def fifo_reader_got_a_whole_wav(env: Env, result: dict) -> None:
