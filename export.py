@@ -17,13 +17,16 @@ and renamed into place at the end, so a failed export leaves nothing behind. inf
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
+import re
 import secrets
 import shutil
+import stat
 import sys
-import tempfile
 import traceback
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -31,8 +34,8 @@ import torch
 from safetensors.torch import save_file
 
 from utils import loading as L
-from utils.checkpoint import find_config, read_torch_file, unwrap
-from utils.errors import OmniError
+from utils.checkpoint import MAX_JSON_BYTES, find_config, read_torch_file, unwrap
+from utils.errors import OmniError, Terminated, handle_signals, interrupt_status, one_line, quiet_stdout
 from utils.export_format import (COMPONENT_PREFIXES, STORAGE_DTYPES, dtype_name, export_config, generation_config,
                                  load_export, merged_state_dict, model_info, preprocessor_config)
 from utils.quant import QUANT_METHOD
@@ -113,7 +116,7 @@ def discover(root: Path) -> dict[str, Path | None]:
     for kind in ("thinker", "audio", "vision", "talker", "vocoder"):
         dirs[kind], where = L.locate_component(kind, root, pointers.get(kind))
         if dirs[kind] is None and kind != "thinker":
-            print(f"note: no {kind} checkpoint (searched {where})", file=sys.stderr)
+            print(f"note: no {kind} checkpoint (searched {one_line(where)})", file=sys.stderr)
     if dirs["omni"] is None and dirs["thinker"] is None:
         raise OmniError(f"--ckpt_root {root}: no omni_sft or thinker checkpoint directory in it")
     return dirs
@@ -155,7 +158,7 @@ def load_sources(dirs: dict[str, Path | None]) -> L.Components:
             loader(comps, dirs[kind])
     L.check_projector_fit(comps, comps.sources["thinker"])
     if comps.ctc_head is not None and comps.ctc_chars is None:
-        print(f"note: {dirs['audio']} has no audio_enc_metadata.json: the export's CTC head cannot transcribe",
+        print(f"note: {one_line(dirs['audio'])} has no audio_enc_metadata.json: the export's CTC head cannot transcribe",
               file=sys.stderr)
     return comps
 
@@ -176,7 +179,13 @@ def config_files(args: argparse.Namespace, dirs: dict[str, Path | None]) -> dict
         cdir = Path(args.configs_dir)
         if not cdir.is_dir():
             raise OmniError(f"--configs_dir {cdir}: no such directory")
-        return {p.name: p for p in sorted(cdir.glob("*.json"))}
+        files = {p.name: p for p in sorted(cdir.glob("*.json"))}
+        for p in files.values():  # a FIFO would block the copy forever, /dev/zero would fill the disk
+            st = p.stat() if p.exists() else None
+            if st is None or not stat.S_ISREG(st.st_mode) or st.st_size > MAX_JSON_BYTES:
+                raise OmniError(f"--configs_dir {cdir}: {p.name} is not a regular JSON file of at most "
+                                f"{MAX_JSON_BYTES:,} bytes")
+        return files
     files = {}
     for d in dirs.values():
         if d is not None:
@@ -187,6 +196,19 @@ def config_files(args: argparse.Namespace, dirs: dict[str, Path | None]) -> dict
 
 
 # ---------------------------------------------------------------- writing
+
+def output_path(value: str) -> Path:
+    """--output_dir as an absolute, normalised path: '.', 'x/..' and '' would otherwise have no usable name."""
+    if not value.strip():
+        raise OmniError("--output_dir: the path is empty")
+    out = Path(os.path.abspath(value))
+    if not out.name:
+        raise OmniError(f"--output_dir {value}: names the filesystem root; give a directory to create")
+    if os.path.exists(out) and os.path.samefile(out, os.curdir):
+        raise OmniError(f"--output_dir {value}: is the current directory, which the finished export would replace; "
+                        f"name a directory to create (e.g. --output_dir export)")
+    return out
+
 
 def check_target(out: Path, force: bool) -> None:
     """Refuse to clobber: an existing export needs --force, anything else that is not empty is never replaced."""
@@ -214,9 +236,13 @@ def write_files(tmp: Path, args: argparse.Namespace, comps: L.Components, dirs: 
     """Every file of the export, into the not yet visible directory `tmp`."""
     tensors = {f"{prefix}.{k}": v for prefix, sd in merged.items() for k, v in sd.items()}
     n_int8 = sum(v.dtype == torch.int8 for v in tensors.values())
-    save_file(tensors, str(tmp / args.output_file),
-              metadata={"format": "pt", "model_type": "muomni", "torch_dtype": dtype_name(dtype),
-                        "quantization": QUANT_METHOD if int8 else "none"})
+    try:
+        save_file(tensors, str(tmp / args.output_file),
+                  metadata={"format": "pt", "model_type": "muomni", "torch_dtype": dtype_name(dtype),
+                            "quantization": QUANT_METHOD if int8 else "none"})
+    except Exception as exc:  # SafetensorError: a full disk (ENOSPC), the file-size limit (EFBIG), ...
+        raise OmniError(f"--output_dir {args.output_dir}: cannot write {args.output_file} "
+                        f"({' '.join(str(exc).split())[:200]})") from exc
     write_json(tmp / "config.json", export_config(comps, dtype, int8, n_int8))
     # safetensors creates its file owner-only; give it the permissions every other file of the export gets
     os.chmod(tmp / args.output_file, (tmp / "config.json").stat().st_mode & 0o777)
@@ -236,19 +262,72 @@ def write_files(tmp: Path, args: argparse.Namespace, comps: L.Components, dirs: 
             shutil.copyfile(path, tmp / "configs" / name)
 
 
-def move_into_place(tmp: Path, out: Path) -> None:
-    """Rename the finished directory to `out`; an export being replaced is moved aside first and removed last."""
-    if not (out.exists() and any(out.iterdir())):
-        os.replace(tmp, out)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    os.replace(out, old)
+def work_name(out: Path, kind: str) -> Path:
+    """A hidden sibling of `out` for this process: `.NAME.tmp-PID-HEX` (the export being written) or
+    `.NAME.old-PID-HEX` (the export being replaced). The pid lets a later run prove it stale."""
+    return out.parent / f".{out.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def pid_alive(pid: int) -> bool:
     try:
-        os.replace(tmp, out)
-    except OSError:
-        os.replace(old, out)
+        os.kill(pid, 0)
+    except ProcessLookupError:  # no such process: its work directory is stale
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def clean_stale(out: Path) -> list[str]:
+    """Remove the work directories that runs killed without cleanup (SIGKILL, a power cut) left beside `out`:
+    only those whose process is gone. A replaced export left aside with no export in its place is restored."""
+    pattern = re.compile(rf"^\.{re.escape(out.name)}\.(tmp|old)-(\d+)-[0-9a-f]+$")
+    notes = []
+    for p in sorted(out.parent.iterdir()):
+        m = pattern.match(p.name)
+        if not m or not p.is_dir() or p.is_symlink() or pid_alive(int(m.group(2))):
+            continue
+        if m.group(1) == "old" and not os.path.lexists(out):
+            os.rename(p, out)
+            notes.append(f"restored {out} from {p.name}, left aside by the dead process {m.group(2)}")
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+            notes.append(f"removed {p}, left by the dead process {m.group(2)}")
+    return notes
+
+
+@contextmanager
+def locked(directory: Path):
+    """An exclusive flock on `directory` (no lock file to leave behind): export.py runs into the same folder
+    check and rename their targets one at a time, so check-then-rename is atomic between them."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def move_into_place(tmp: Path, out: Path, force: bool) -> None:
+    """Rename the finished directory to `out` (under the folder's lock, after checking the target again: another
+    run may have finished first). An export being replaced is moved aside first and removed last."""
+    with locked(out.parent):
+        check_target(out, force)
+        if not (out.exists() and any(out.iterdir())):
+            os.rename(tmp, out)  # POSIX: replaces only an empty directory, never a filled one
+            return
+        old = work_name(out, "old")
+        os.rename(out, old)
+        try:
+            os.rename(tmp, out)
+        except BaseException:
+            os.rename(old, out)
+            raise
+    try:
+        shutil.rmtree(old)
+    except BaseException:  # interrupted: the new export is in place, finish removing the old one, then stop
+        shutil.rmtree(old, ignore_errors=True)
         raise
-    shutil.rmtree(old)
 
 
 # ---------------------------------------------------------------- reporting
@@ -311,19 +390,22 @@ def run(args: argparse.Namespace) -> int:
     if args.ocr_ckpt:
         raise OmniError("--ocr_ckpt: this project has no OCR model (models/ defines none), so OCR weights cannot be "
                         "exported or loaded; leave the flag out")
-    out = Path(args.output_dir)
+    out = output_path(args.output_dir)
+    if out.parent.is_dir():
+        for note in clean_stale(out):
+            print(f"note: {one_line(note)}", file=sys.stderr)
     check_target(out, args.force)
     int8 = args.quantize == "int8"
     dtype = STORAGE_DTYPES[args.dtype or ("float16" if int8 else "float32")]
     dirs = source_dirs(args)
     comps = load_sources(dirs)
     merged = merged_state_dict(comps, dtype, int8)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp = work_name(out, "tmp")
     tmp.mkdir()  # mkdir, not mkdtemp: the export gets the user's usual permissions, not 0700
     try:
         write_files(tmp, args, comps, dirs, merged, dtype, int8)
         report = verify(comps, tmp, exact=dtype == torch.float32 and not int8) if args.verify else []
-        move_into_place(tmp, out)
+        move_into_place(tmp, out, args.force)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -334,15 +416,26 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if hasattr(sys.stdout, "reconfigure"):  # paths in the table: a non-UTF-8 name prints as its bytes
+        sys.stdout.reconfigure(errors="surrogateescape")
     args = build_parser().parse_args(argv)
     try:
         return run(args)
+    except (KeyboardInterrupt, Terminated) as exc:  # the temp directory is already removed
+        print("interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc), file=sys.stderr)
+        return interrupt_status(exc)
+    except BrokenPipeError:  # stdout's reader left (`| head -c 1`): the export is complete, only the table is lost
+        quiet_stdout()
+        return 0
     except (OmniError, OSError) as exc:  # OSError: permissions or a full disk; the partial export is already gone
         if args.verbose:
             traceback.print_exc()
-        print(f"error: {exc}", file=sys.stderr)
+        message = str(exc) if isinstance(exc, OmniError) else \
+            f"cannot write the export ({exc.strerror or exc}{': ' + str(exc.filename) if exc.filename else ''})"
+        print(f"error: {one_line(message)}", file=sys.stderr)
         return 1
 
 
 if __name__ == "__main__":
+    handle_signals()  # the process's policy, so only the script installs it (not a caller of main())
     sys.exit(main())

@@ -3,6 +3,8 @@
 import sys
 
 from utils.cli import main
+from utils.errors import handle_signals
 
 if __name__ == "__main__":
+    handle_signals()  # SIGTERM/SIGHUP as exceptions (cleanup runs, exit 143/129), SIGXFSZ ignored
     sys.exit(main(None, "infer_chat.py", __doc__))

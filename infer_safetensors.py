@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 from utils.cli import build_parser, check_args, main, utf8_streams
-from utils.errors import OmniError
+from utils.errors import OmniError, handle_signals
 from utils.export_format import export_file
 
 PROG = "infer_safetensors.py"
@@ -32,5 +32,6 @@ def refuse_non_export(argv: list[str]) -> int | None:
 
 
 if __name__ == "__main__":
+    handle_signals()  # SIGTERM/SIGHUP as exceptions (cleanup runs, exit 143/129), SIGXFSZ ignored
     status = refuse_non_export(sys.argv[1:])
     sys.exit(status if status is not None else main(None, PROG, __doc__))

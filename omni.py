@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from utils.audio import HOP_LENGTH, load_audio, max_audio_seconds, power_mel, trim_audio, write_wav
+from utils.audio import HOP_LENGTH, check_wave, load_audio, max_audio_seconds, power_mel, trim_audio, write_wav
 from utils.errors import OmniError
 from utils.generation import DECODE_ATTENTION, MAX_SEED, SamplingOptions, generate, generate_batch
 from utils.image import IMAGE_SIZE, load_image, load_video_frames, preprocess_image
@@ -131,7 +131,7 @@ class OmniModel:
             return image
         if isinstance(image, Image.Image):
             return preprocess_image(image, self.image_size)
-        return load_image(image, self.image_size)
+        return load_image(media_path("image", image), self.image_size)
 
     def audio_wave(self, audio: AudioInput) -> np.ndarray:
         """The 16 kHz waveform. From a file only the start a prompt can use is decoded (plus a second, so
@@ -140,10 +140,11 @@ class OmniModel:
             wave = audio.astype(np.float32, copy=False)
             if wave.ndim != 1 or wave.size == 0:
                 raise OmniError(f"audio array: expected a non-empty 1-D waveform, found shape {wave.shape}")
+            check_wave(wave, "audio array")
             return wave
         chat_seconds = None if self.c.audio is None else \
             max_audio_seconds(self.c.ctx_len, self.c.audio.cfg.downsample) + 1.0
-        return load_audio(audio, max_seconds=chat_seconds)
+        return load_audio(media_path("audio", audio), max_seconds=chat_seconds)
 
     @torch.inference_mode()
     def encode_images(self, images: list[torch.Tensor]) -> torch.Tensor:
@@ -207,9 +208,9 @@ class OmniModel:
         images = [self.image_tensor(im) for im in (image if isinstance(image, (list, tuple)) else
                                                    [image] if image is not None else [])]
         if video is not None:
-            if video_frames < 1:
-                raise OmniError(f"video_frames {video_frames}: must be at least 1")
-            images.extend(load_video_frames(video, video_frames, self.image_size))
+            if isinstance(video_frames, bool) or not isinstance(video_frames, int) or video_frames < 1:
+                raise OmniError(f"video_frames {video_frames!r}: must be a positive integer")
+            images.extend(load_video_frames(media_path("video", video), video_frames, self.image_size))
         wave = self.audio_wave(audio) if audio is not None else None
         if text is None:
             text = prompt if prompt is not None else (IMAGE_PROMPT if images else AUDIO_PROMPT if wave is not None
@@ -322,7 +323,8 @@ class OmniModel:
                             raise OmniError(f"'{key}' must be a string, found {type(req[key]).__name__}")
                     text, images, wave = self.gather(req.get("text"), req.get("image"),
                                                      req.get("audio", req.get("audio_in")), req.get("video"),
-                                                     req.get("video_frames", DEFAULT_VIDEO_FRAMES), req.get("prompt"))
+                                                     DEFAULT_VIDEO_FRAMES if req.get("video_frames") is None
+                                                     else req["video_frames"], req.get("prompt"))
                     embeds, ids, notes, max_new = self.build_prompt(
                         text, images, wave, opts.max_new_tokens, fit_max_new=gen.get("max_new_tokens") is None)
                 except OmniError as exc:
@@ -421,6 +423,13 @@ class OmniModel:
         if out_path is not None:
             write_wav(out_path, speech.wave, speech.sample_rate)
         return speech.wave, speech.sample_rate
+
+
+def media_path(what: str, value: Any) -> str | os.PathLike:
+    """A media argument that must name a file (a batch request's "audio": 5 or a list is an error, not a crash)."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise OmniError(f"{what}: expected a file path, found {type(value).__name__}")
+    return value
 
 
 def check_options(opts: SamplingOptions) -> None:

@@ -31,11 +31,14 @@ FUZZ = settings(max_examples=40, deadline=None, database=None, derandomize=True,
 FEW = settings(FUZZ, max_examples=25)
 
 
-def in_temp_file(name: str, data: bytes, fn):
-    """Write `data` to a fresh temp file named `name` and call fn(path); OmniError is the only allowed failure."""
+def in_temp_file(name: str, data: bytes, fn, must_load: bool = False):
+    """Write `data` to a fresh temp file named `name` and call fn(path); OmniError is the only allowed failure,
+    and with `must_load` (an unmodified valid file: the positive control) not even that."""
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / name
         path.write_bytes(data)
+        if must_load:
+            return fn(path)
         try:
             return fn(path)
         except OmniError as exc:
@@ -90,7 +93,8 @@ def test_image_loader_known_magic_then_random(magic: bytes, rest: bytes) -> None
 @FUZZ
 @given(st.sampled_from(["PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP"]), EDITS, CUT)
 def test_image_loader_corrupted_files(fmt: str, edits, cut) -> None:
-    in_temp_file("x." + fmt.lower(), mutate(valid_image_bytes(fmt), edits, cut), check_image)
+    in_temp_file("x." + fmt.lower(), mutate(valid_image_bytes(fmt), edits, cut), check_image,
+                 must_load=not edits and cut is None)
 
 
 @FUZZ
@@ -144,7 +148,8 @@ def test_audio_loader_known_magic_then_random(magic: bytes, rest: bytes) -> None
 @FUZZ
 @given(st.sampled_from(["WAV", "FLAC", "OGG"]), EDITS, CUT)
 def test_audio_loader_corrupted_files(fmt: str, edits, cut) -> None:
-    in_temp_file("x." + fmt.lower(), mutate(valid_audio_bytes(fmt), edits, cut), check_audio)
+    in_temp_file("x." + fmt.lower(), mutate(valid_audio_bytes(fmt), edits, cut), check_audio,
+                 must_load=not edits and cut is None)
 
 
 @FUZZ
@@ -190,7 +195,8 @@ def test_torch_reader_random_bytes(data: bytes) -> None:
 @FUZZ
 @given(st.booleans(), EDITS, CUT)
 def test_torch_reader_corrupted_files(legacy: bool, edits, cut) -> None:
-    in_temp_file("x.pt", mutate(valid_torch_bytes(legacy), edits, cut), check_torch)
+    in_temp_file("x.pt", mutate(valid_torch_bytes(legacy), edits, cut), check_torch,
+                 must_load=not edits and cut is None)
 
 
 PLAIN = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
@@ -231,7 +237,7 @@ def test_safetensors_reader_crafted_headers(dtype, shape, start, end, length, bo
 def test_safetensors_reader_corrupted_files(edits, cut) -> None:
     from safetensors.torch import save
     data = save({"a.w": torch.ones(3, 4), "b.b": torch.zeros(5, dtype=torch.int8)})
-    in_temp_file("x.safetensors", mutate(data, edits, cut), read_safetensors)
+    in_temp_file("x.safetensors", mutate(data, edits, cut), read_safetensors, must_load=not edits and cut is None)
 
 
 @FEW
@@ -245,3 +251,43 @@ def test_load_components_random_weights_file(name: str, data: bytes, with_tokeni
             (root / "tokenizer.model").write_bytes(data[::-1])
         with pytest.raises(OmniError):
             load_components(root)
+
+
+# ---------------------------------------------------------------- positive controls
+# The properties above also hold for a reader that rejects everything. These say the readers accept what they
+# must: every valid file loads to the right values (a reject-all or a garbling reader fails here).
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP"])
+def test_valid_images_load(fmt: str) -> None:
+    t = in_temp_file("x." + fmt.lower(), valid_image_bytes(fmt), load_image, must_load=True)
+    assert t.shape == (3, IMAGE_SIZE, IMAGE_SIZE) and 0.2 < float(t.mean()) < 0.8  # random pixels, not blank
+
+
+@pytest.mark.parametrize("fmt", ["WAV", "FLAC", "OGG"])
+def test_valid_audio_loads(fmt: str) -> None:
+    wave = in_temp_file("x." + fmt.lower(), valid_audio_bytes(fmt), load_audio, must_load=True)
+    t = np.arange(1600) / 16000
+    expected = 0.3 * np.sin(2 * np.pi * 440 * t)
+    assert wave.shape == (1600,) and np.abs(wave - expected).max() < (0.05 if fmt == "OGG" else 1e-3)
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_valid_torch_files_load(legacy: bool) -> None:
+    obj = in_temp_file("x.pt", valid_torch_bytes(legacy), read_torch_file, must_load=True)
+    assert obj["step"] == 3 and torch.equal(obj["model"]["w"], torch.arange(6, dtype=torch.float32).reshape(2, 3))
+
+
+def test_valid_safetensors_load() -> None:
+    from safetensors.torch import save
+    tensors = {"a.w": torch.randn(3, 4), "b.b": torch.arange(5, dtype=torch.int8)}
+    got, meta = in_temp_file("x.safetensors", save(tensors, metadata={"k": "v"}), read_safetensors, must_load=True)
+    assert meta == {"k": "v"} and got.keys() == tensors.keys() and all(torch.equal(got[k], tensors[k]) for k in got)
+
+
+def test_valid_checkpoint_tree_loads_and_answers(tiny_tree: Path) -> None:
+    from omni import OmniModel
+    comps = load_components(tiny_tree)
+    assert all(getattr(comps, part) is not None for part in ("thinker", "vision", "audio", "talker", "vocoder"))
+    answer = OmniModel(comps, torch.device("cpu")).answer("what is one plus two ?", max_new_tokens=3,
+                                                          ignore_eos=True)
+    assert answer.generated_tokens == 3 and answer.prompt_tokens > 1

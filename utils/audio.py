@@ -1,6 +1,7 @@
 """Audio in and out as pure functions: load, resample, power mel spectrogram, WAV writing."""
 from __future__ import annotations
 
+import io
 import os
 from contextlib import ExitStack
 from pathlib import Path
@@ -12,6 +13,7 @@ import soxr
 import torch
 
 from utils.errors import OmniError
+from utils.media import open_container
 
 SAMPLE_RATE = 16000
 N_FFT = 1024
@@ -45,7 +47,7 @@ def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE, max_seco
     header claims); without, the whole file is decoded and files longer than MAX_AUDIO_SECONDS are refused."""
     path = check_audio_path(path)
     try:
-        with sf.SoundFile(str(path)) as f:
+        with sf.SoundFile(os.fsencode(path)) as f:  # bytes: any file name, UTF-8 or not
             sr, declared = f.samplerate, f.frames
             if sr <= 0:
                 raise OmniError(f"audio file {path}: invalid sample rate {sr}")
@@ -73,8 +75,7 @@ def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE, max_seco
         raise OmniError(f"audio file {path}: longer than the limit of {MAX_AUDIO_SECONDS:.0f} s of audio decoded "
                         f"at once")
     wave = np.concatenate(blocks) if len(blocks) > 1 else blocks[0]
-    if not np.isfinite(wave).all():
-        raise OmniError(f"audio file {path}: contains NaN or infinite samples")
+    check_wave(wave, f"audio file {path}")
     return resample(wave, sr, sample_rate)
 
 
@@ -108,10 +109,10 @@ def stream_audio(source: str | os.PathLike | BinaryIO, max_seconds: float, sampl
         path: Any = getattr(source, "name", None) or "(stream)"
         opened: Any = source
     else:
-        path = opened = str(check_audio_path(source))
+        path = opened = check_audio_path(source)
     with ExitStack() as stack:
-        try:
-            f = stack.enter_context(sf.SoundFile(opened))
+        try:  # a path goes to libsndfile as bytes: any file name, UTF-8 or not
+            f = stack.enter_context(sf.SoundFile(os.fsencode(opened) if isinstance(opened, Path) else opened))
             sr, declared, blocks = f.samplerate, f.frames, soundfile_blocks(f, block_frames)
         except Exception as sf_exc:  # soundfile raises several types for data it cannot read
             if hasattr(opened, "seek"):
@@ -135,8 +136,7 @@ def stream_audio(source: str | os.PathLike | BinaryIO, max_seconds: float, sampl
             got += mono.shape[0]
             if got > max_seconds * sr:
                 raise OmniError(f"audio file {path}: longer than {max_seconds:.0f} s, {too_long}")
-            if not np.isfinite(mono).all():
-                raise OmniError(f"audio file {path}: contains NaN or infinite samples")
+            check_wave(mono, f"audio file {path}")
             out = mono if stream is None else stream.resample_chunk(mono, last=last)
             if out.size:
                 yield out
@@ -160,7 +160,9 @@ def av_audio(stack: ExitStack, opened: Any, path: Any, sf_exc: Exception) -> tup
     import av  # imported here: only containers libsndfile cannot read need PyAV
 
     try:
-        container = stack.enter_context(av.open(opened))
+        container = stack.enter_context(open_container(opened, f"audio file {path}"))
+    except OmniError:
+        raise
     except Exception as exc:  # PyAV raises its own error family for unreadable containers
         raise OmniError(f"audio file {path}: cannot decode (libsndfile: {reason(sf_exc)}; FFmpeg: {reason(exc)})") \
             from exc
@@ -183,6 +185,20 @@ def av_audio(stack: ExitStack, opened: Any, path: Any, sf_exc: Exception) -> tup
 
 def reason(exc: Exception) -> str:
     return str(exc).strip() or type(exc).__name__
+
+
+MAX_PEAK = 65536.0  # full scale is 1.0; float files holding raw 16-bit values reach 32768, nothing real goes beyond
+
+
+def check_wave(wave: np.ndarray, what: str) -> None:
+    """Samples must be finite and near full scale: a float file peaking at 1e30 overflows the power spectrum to
+    inf/NaN, and the model would answer (or transcribe) nothing without a word."""
+    if not np.isfinite(wave).all():
+        raise OmniError(f"{what}: contains NaN or infinite samples")
+    peak = float(np.abs(wave).max(initial=0.0))
+    if peak > MAX_PEAK:
+        raise OmniError(f"{what}: samples reach {peak:.3g}, over {MAX_PEAK:g} times full scale (1.0); rescale "
+                        f"the recording")
 
 
 def resample(wave: np.ndarray, src_rate: int, dst_rate: int) -> np.ndarray:
@@ -235,10 +251,27 @@ def temp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
+def same_file_as_std_stream(path: Path) -> str | None:
+    """'standard output' or 'standard error' when `path` (e.g. /dev/stdout, /proc/self/fd/1) is that stream:
+    stdout carries the answers and stderr the messages, so a WAV written there would be mixed with text."""
+    try:
+        st = path.stat()
+    except OSError:  # not there yet: a new file, not a stream
+        return None
+    for fd, name in ((1, "standard output"), (2, "standard error")):
+        try:
+            if os.path.samestat(st, os.fstat(fd)):
+                return name
+        except OSError:  # that descriptor is closed
+            continue
+    return None
+
+
 def check_output_path(path: str | os.PathLike, flag: str = "--audio_out") -> Path:
     """Fail early, before any work, when a WAV cannot be written at `path`: empty, a directory, a missing or
-    non-directory parent, a name the filesystem refuses, or a place where no file can be created (probed by
-    creating and removing the temp file `write_wav` will use). Returns the path."""
+    non-directory parent, this program's own stdout/stderr, a name the filesystem refuses, or a place where no
+    file can be created (probed by creating and removing the temp file `write_wav` will use). Returns the path to
+    write: a symlink's target, so the link stays a link."""
     if not str(path).strip():
         raise OmniError(f"{flag}: the path is empty")
     path = Path(path)
@@ -248,8 +281,14 @@ def check_output_path(path: str | os.PathLike, flag: str = "--audio_out") -> Pat
         if not path.parent.is_dir():
             raise OmniError(f"{flag} {path}: directory {path.parent} does not exist" if not path.parent.exists()
                             else f"{flag} {path}: {path.parent} is not a directory")
+        stream = same_file_as_std_stream(path)
+        if stream:
+            raise OmniError(f"{flag} {path}: is this program's {stream}, which carries "
+                            f"{'the answers' if stream == 'standard output' else 'its messages'}; give a file path")
         if path.exists() and not path.is_file():
             return path  # /dev/null, a FIFO: written in place
+        if path.is_symlink():  # write through the link: the rename would replace the link itself
+            path = Path(os.path.realpath(path))
         tmp = temp_path(path)
         with open(tmp, "wb"):
             pass
@@ -259,26 +298,36 @@ def check_output_path(path: str | os.PathLike, flag: str = "--audio_out") -> Pat
     return path
 
 
+def wav_bytes(wave: np.ndarray, sample_rate: int = SAMPLE_RATE) -> bytes:
+    """A complete 16-bit PCM mono WAV in memory: its size fields are final before a byte reaches the target
+    (a pipe reader gets a correct header), and no library callback ever writes to the user's file."""
+    buf = io.BytesIO()
+    sf.write(buf, np.clip(np.nan_to_num(np.asarray(wave, dtype=np.float32)), -1.0, 1.0), sample_rate,
+             subtype="PCM_16", format="WAV")
+    return buf.getvalue()
+
+
 def write_wav(path: str | os.PathLike, wave: np.ndarray, sample_rate: int = SAMPLE_RATE,
               flag: str = "--audio_out") -> None:
-    """Write 16-bit PCM mono atomically: a temp file in the same directory, then rename, so a failure never
-    leaves a partial file. An existing non-regular target (/dev/null, a FIFO) is written in place instead:
-    renaming over it would replace the device or pipe with a plain file."""
+    """Write 16-bit PCM mono atomically: a temp file in the same directory, then rename, so a failure (a full
+    disk, the file-size limit, a signal) never leaves a partial file. An existing non-regular target
+    (/dev/null, a FIFO) is written in place instead: renaming over it would replace the device or pipe."""
     path = check_output_path(path, flag)
-    data = np.clip(np.nan_to_num(np.asarray(wave, dtype=np.float32)), -1.0, 1.0)
+    data = wav_bytes(wave, sample_rate)
     if path.exists() and not path.is_file():
         try:
             with open(path, "wb") as f:
-                sf.write(f, data, sample_rate, subtype="PCM_16", format="WAV")
-        except Exception as exc:  # soundfile reports unwritable targets as RuntimeError/TypeError
-            raise OmniError(f"{flag} {path}: cannot write ({str(exc).strip() or type(exc).__name__})") from exc
+                f.write(data)
+        except OSError as exc:  # /dev/full: ENOSPC; a FIFO whose reader left: EPIPE
+            raise OmniError(f"{flag} {path}: cannot write ({exc.strerror or exc})") from exc
         return
     tmp = temp_path(path)
     try:
-        sf.write(str(tmp), data, sample_rate, subtype="PCM_16", format="WAV")
+        with open(tmp, "wb") as f:
+            f.write(data)
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as exc:  # soundfile reports unwritable paths as RuntimeError
-        raise OmniError(f"{flag} {path}: cannot write ({str(exc).strip() or type(exc).__name__})") from exc
+    except OSError as exc:
+        raise OmniError(f"{flag} {path}: cannot write ({exc.strerror or exc})") from exc
     finally:
         try:
             tmp.unlink()

@@ -2,7 +2,8 @@
 
 Modes: one-shot when --text/--image/--audio_in/--video is given; otherwise a REPL when stdin is a terminal,
 else one answer per input line (a pipe). stdout carries answers only; everything else goes to stderr.
-Exit codes: 0 ok, 1 error (one `error:` line), 2 usage error (argparse), 130 interrupted.
+Exit codes: 0 ok, 1 error (one `error:` line), 2 usage error (argparse), 130 interrupted (SIGINT), 143 terminated
+(SIGTERM).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from typing import Any, Callable, Iterator, Sequence, TextIO
 from utils.cli_transcribe import add_arguments as add_transcribe_arguments
 from utils.cli_transcribe import check_args as check_transcribe_args
 from utils.cli_transcribe import run_transcribe
-from utils.errors import OmniError
+from utils.errors import OmniError, Terminated, interrupt_status, one_line, quiet_stdout
 from utils.transcript import TranscribeOptions
 
 MAX_SEED = 2**63 - 1  # torch.Generator's limit (as utils.generation.MAX_SEED; here so usage errors skip torch)
@@ -104,7 +105,7 @@ Defaults for the sampling flags come from generation_config.json beside the weig
 Each question is independent: the μOmni thinker has no chat template and no conversation memory.
 
 limits (an input beyond them is refused with one `error:` line and exit status 1):
-  images     at most 64000000 pixels, checked from the header before decoding (decompression bombs)
+  images     at most 64000000 pixels and 200000000 decoded bytes, checked from the header before decoding
   audio      a prompt uses at most (ctx_len // 4) tokens x downsample x 160 / 16000 s (10.24 s at ctx_len 512,
              downsample 8): only that much of the file is decoded, longer audio is trimmed with a warning
              before the spectrogram; --transcribe streams files in bounded memory, up to
@@ -115,7 +116,9 @@ limits (an input beyond them is refused with one `error:` line and exit status 1
              refused and never run; safetensors headers are validated before anything is read; a config
              may not ask for ctx_len above 131072
   --audio_out  written to a temp file then renamed: a failed write leaves no partial file
-exit status: 0 ok, 1 error (one `error:` line on stderr), 2 usage error, 130 interrupted."""
+  files      configs and --batch_file are read only when regular files (JSON at most 16 MiB, a batch file
+             at most 64 MiB); safetensors headers at most 16 MiB and 65536 tensors
+exit status: 0 ok, 1 error (one `error:` line on stderr), 2 usage error, 130 interrupted, 143 terminated."""
 
 
 MODES = ("Modes: one-shot when --text, --image, --audio_in or --video is given; otherwise an interactive chat when "
@@ -264,10 +267,10 @@ class Console:
             print(msg, file=self.err, flush=True)
 
     def warn(self, msg: str) -> None:
-        self.info(f"warning: {msg}")
+        self.info(f"warning: {one_line(msg)}")
 
     def error(self, msg: str) -> None:
-        print(f"error: {msg}", file=self.err, flush=True)
+        print(f"error: {one_line(msg)}", file=self.err, flush=True)
 
     @property
     def progress_enabled(self) -> bool:
@@ -311,7 +314,12 @@ class Out:
         self.stream.flush()
 
     def json(self, obj: dict[str, Any]) -> None:
-        self.stream.write(json.dumps(obj, ensure_ascii=False) + "\n")
+        text = json.dumps(obj, ensure_ascii=False)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates (a non-UTF-8 file name, "\ud800" in a request): JSON escapes
+            text = json.dumps(obj)
+        self.stream.write(text + "\n")
         self.stream.flush()
 
 
@@ -530,10 +538,21 @@ def run_pipe(model: Any, args: argparse.Namespace, con: Console, out: Out, lines
 BATCH_PATH_KEYS = ("image", "audio_in", "video")
 
 
+MAX_BATCH_FILE_BYTES = 64 << 20
+
+
 def read_batch_file(path: str) -> list[tuple[int, Any]]:
-    """(line number, parsed JSON or an OmniError) for each non-blank line of a JSON Lines file."""
+    """(line number, parsed JSON or an OmniError) for each non-blank line of a JSON Lines file: a regular file
+    of at most MAX_BATCH_FILE_BYTES (a FIFO or /dev/zero is refused unread)."""
+    import stat
     try:
-        text = Path(path).read_text(encoding="utf-8", errors="replace")
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise OmniError(f"--batch_file {path}: not a regular file")
+        if st.st_size > MAX_BATCH_FILE_BYTES:
+            raise OmniError(f"--batch_file {path}: {st.st_size:,} bytes, over the limit of {MAX_BATCH_FILE_BYTES:,}")
+        with open(path, "rb") as f:
+            text = f.read(MAX_BATCH_FILE_BYTES).decode("utf-8", errors="replace")
     except OSError as exc:
         raise OmniError(f"--batch_file {path}: cannot read ({exc.strerror or exc})") from exc
     base = Path(path).resolve().parent
@@ -543,7 +562,10 @@ def read_batch_file(path: str) -> list[tuple[int, Any]]:
             continue
         try:
             obj = json.loads(line)
-        except ValueError as exc:
+        except RecursionError:
+            rows.append((number, OmniError("not valid JSON (nested too deeply)")))
+            continue
+        except ValueError as exc:  # JSONDecodeError, or an integer beyond Python's digit limit
             rows.append((number, OmniError(f"not valid JSON ({exc})")))
             continue
         if not isinstance(obj, dict):
@@ -710,13 +732,12 @@ def main(argv: Sequence[str] | None, prog: str, description: str) -> int:
             traceback.print_exc()
         con.error(str(exc))
         return 1
-    except KeyboardInterrupt:
-        con.info("interrupted")
-        return 130
+    except (KeyboardInterrupt, Terminated) as exc:
+        con.info("interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc))
+        return interrupt_status(exc)
     except BrokenPipeError:
         # the reader went away (e.g. `| head -1`): stop quietly, without a second error at interpreter exit
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        quiet_stdout()
         return 0
     except Exception as exc:  # a bug or an environment problem: one line, the traceback on request
         if args.verbose:

@@ -1,5 +1,73 @@
-"""The one exception type for bad input: the CLI prints it as a single `error:` line and exits 1."""
+"""The one exception type for bad input (the CLI prints it as a single `error:` line and exits 1), how such a
+line is kept to one line, and how the apps turn SIGINT/SIGTERM into exceptions so every cleanup runs."""
+from __future__ import annotations
+
+import os
+import signal
+from typing import Any
 
 
 class OmniError(Exception):
     """A problem with the user's files, flags or data, phrased so the user can fix it."""
+
+
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP, raised in the main thread like KeyboardInterrupt is for SIGINT, so `finally` blocks
+    remove temp files; the app exits with `status` (128 + the signal number) and no traceback."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"terminated by signal {signum}")
+        self.status = 128 + signum
+
+
+def interrupt_status(exc: BaseException) -> int:
+    """The exit status for an interruption: 130 for SIGINT (KeyboardInterrupt), 128 + N for Terminated."""
+    return exc.status if isinstance(exc, Terminated) else 128 + signal.SIGINT
+
+
+def handle_signals() -> None:
+    """Install the apps' signal policy for the whole process (the scripts call it before main; a library or a
+    test calling main() in-process keeps its own handlers):
+    - SIGTERM/SIGHUP raise Terminated once (a second one during cleanup is ignored, so cleanup finishes);
+    - SIGXFSZ is ignored, so a write over the file-size limit (ulimit -f) fails with EFBIG and is reported as an
+      error instead of killing the process mid-write;
+    - SIGPIPE keeps Python's default (BrokenPipeError), which the apps treat as "the reader went away"."""
+    def raise_terminated(signum: int, frame: Any) -> None:
+        for s in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(s, signal.SIG_IGN)
+        raise Terminated(signum)
+
+    for s in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(s) != signal.SIG_IGN:  # nohup'd runs keep ignoring SIGHUP
+            signal.signal(s, raise_terminated)
+    if hasattr(signal, "SIGXFSZ"):
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+
+def quiet_stdout() -> None:
+    """After BrokenPipeError on stdout: point fd 1 at /dev/null so the interpreter's final flush is silent."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.close(devnull)
+
+
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def one_line(text: str) -> str:
+    """`text` safe to print as one message line: control characters (a newline in a file name could forge a
+    second `error:` line) and undecodable file-name bytes (lone surrogates) shown as escapes."""
+    out = []
+    for ch in str(text):
+        code = ord(ch)
+        if ch in _ESCAPES:
+            out.append(_ESCAPES[ch])
+        elif code < 0x20 or code == 0x7F or 0x80 <= code < 0xA0 or code in (0x2028, 0x2029):
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+        elif 0xDC80 <= code <= 0xDCFF:  # os.fsdecode's surrogateescape: the raw byte of a non-UTF-8 name
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif 0xD800 <= code <= 0xDFFF:
+            out.append(f"\\u{code:04x}")
+        else:
+            out.append(ch)
+    return "".join(out)

@@ -7,16 +7,20 @@ the modules in the file's float dtype, recorded in `Components.dtype` so callers
 """
 from __future__ import annotations
 
+import json
+import os
+import struct
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import load as safetensors_load
 from torch import nn
 
 from utils.audio import HOP_LENGTH, N_FFT, N_MELS, SAMPLE_RATE, WIN_LENGTH
-from utils.checkpoint import (StateDict, read_json, read_torch_file, split_prefixed,
+from utils.checkpoint import (StateDict, read_json, read_torch_file, regular_file_size, split_prefixed,
                               strip_compile_prefix, unwrap)
 from utils.errors import OmniError
 from utils.image import IMAGE_SIZE
@@ -48,19 +52,53 @@ def read_safetensors(path: Path) -> tuple[StateDict, dict[str, str]]:
     library before any tensor is touched: a header longer than 100 MB, offsets past the end of the file or
     disagreeing with a tensor's shape and dtype are refused, so a header claiming terabytes allocates nothing."""
     path = Path(path)
-    try:
-        size = path.stat().st_size
-    except OSError as exc:
-        raise OmniError(f"safetensors file {path}: cannot read ({exc.strerror or exc})") from exc
+    size = regular_file_size(path, "safetensors file")
     if size < 8:
         raise OmniError(f"safetensors file {path}: truncated ({size} bytes; even the 8-byte header length is "
                         f"missing)")
+    check_safetensors_header(path)
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+        if utf8_name(path):
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+        # the library takes UTF-8 paths only: read the (header-checked) file ourselves
+        data = path.read_bytes()
+        (n,) = struct.unpack("<Q", data[:8])
+        meta = json.loads(data[8:8 + n]).get("__metadata__") or {}
+        return safetensors_load(data), dict(meta)
     except Exception as exc:  # SafetensorError, OSError, ValueError, TypeError, MemoryError ... on bad data
         detail = " ".join(str(exc).split())[:200] or type(exc).__name__
         raise OmniError(f"safetensors file {path}: unreadable, truncated or corrupt ({detail})") from exc
+
+
+MAX_HEADER_BYTES = 16 << 20  # a μOmni export's header is a few tens of kB
+MAX_TENSORS = 65536  # ... and names a few hundred tensors
+
+
+def utf8_name(path: Path) -> bool:
+    try:
+        str(path).encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def check_safetensors_header(path: Path) -> None:
+    """Bound the header before the library parses it (it accepts 100 MB, and a million tensor entries take it
+    most of a minute and gigabytes): at most MAX_HEADER_BYTES, at most MAX_TENSORS entries."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > MAX_HEADER_BYTES:
+            raise OmniError(f"safetensors file {path}: header of {n:,} bytes, over the limit of {MAX_HEADER_BYTES:,} "
+                            f"(header too large)")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (ValueError, RecursionError):
+        return  # not JSON: the library's own message names the problem
+    if isinstance(header, dict) and len(header) > MAX_TENSORS + 1:  # + the __metadata__ entry
+        raise OmniError(f"safetensors file {path}: header lists {len(header) - 1:,} tensors, over the limit of "
+                        f"{MAX_TENSORS:,}")
 
 
 def export_file(d: Path) -> Path:
@@ -78,7 +116,7 @@ def component_config(cfg: dict[str, Any], d: Path, key: str, configs_name: str) 
     if key == "thinker" and any(k in cfg for k in ("n_heads", "vocab_size", "d_model")):
         return {k: v for k, v in cfg.items() if not isinstance(v, (dict, list))}
     copy = d / "configs" / configs_name
-    return read_json(copy) if copy.is_file() else {}
+    return read_json(copy) if os.path.lexists(copy) else {}  # present but not a regular file: an error
 
 
 def stored_float_dtype(sd: StateDict) -> torch.dtype:
@@ -106,7 +144,7 @@ def load_export(d: Path) -> Components:
     path = export_file(d)
     raw, meta = read_safetensors(path)
     cfg_path = d / "config.json"
-    cfg = read_json(cfg_path) if cfg_path.is_file() else {}
+    cfg = read_json(cfg_path) if os.path.lexists(cfg_path) else {}
     check_quantization(cfg, meta, path)
     comps = L.Components(root=d, dtype=stored_float_dtype(raw))
     sd = strip_compile_prefix(dequantize_state_dict(raw, str(path)))
@@ -147,7 +185,7 @@ def load_export(d: Path) -> Components:
     if parts["ctc_head"]:
         comps.ctc_head = L.build_linear(parts["ctc_head"], src("ctc_head"))
         for name in L.CTC_MAP_NAMES:
-            if (d / name).is_file():
+            if os.path.lexists(d / name):
                 comps.ctc_chars = L.read_ctc_chars(d / name)
     vocoder_cfg = component_config(cfg, d, "vocoder", "vocoder_tiny.json")
     if parts["vocoder"]:

@@ -57,7 +57,10 @@ def sample(logits: torch.Tensor, opts: SamplingOptions, generator: torch.Generat
     """Next ids (B,) from last-position logits (B, V): argmax at temperature 0, else top-k/top-p sampling."""
     if opts.temperature <= 0:
         return logits.argmax(-1)
-    logits = logits.float() / opts.temperature
+    # float64, relative to each row's best logit and with +inf (a penalty of 1e-300 makes one) clamped: any
+    # temperature > 0, even 1e-300, then gives finite scaled logits whose best one is 0 (probability > 0).
+    logits = logits.double().nan_to_num(nan=float("-inf"), posinf=torch.finfo(torch.float64).max)
+    logits = (logits - logits.amax(-1, keepdim=True)) / opts.temperature
     if opts.top_k > 0:
         kth = logits.topk(min(opts.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -65,6 +68,7 @@ def sample(logits: torch.Tensor, opts: SamplingOptions, generator: torch.Generat
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         cum = sorted_logits.softmax(-1).cumsum(-1)
         drop = cum - sorted_logits.softmax(-1) >= opts.top_p  # keep the smallest prefix reaching top_p
+        drop[..., 0] = False  # the best id always stays, however small top_p is (1e-300 is 0 in any float)
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = logits.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -10,10 +10,15 @@ import torch
 from PIL import Image, ImageOps
 
 from utils.errors import OmniError
+from utils.media import open_container
 
 IMAGE_SIZE = 224
 MAX_IMAGE_PIXELS = 64_000_000  # refuse larger images (decompression bombs) before decoding them
+MAX_IMAGE_BYTES = 200_000_000  # and larger decoded bitmaps (8000x8000 RGB fits, 8000x8000 float does not)
 MAX_VIDEO_FRAMES = 256  # most frames taken from one video (each becomes an image token)
+# Bytes per pixel of the decoded bitmap for Pillow's modes (others: 4, the widest).
+MODE_BYTES = {"1": 1, "L": 1, "P": 1, "LA": 2, "PA": 2, "La": 2, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2,
+              "RGB": 3, "YCbCr": 3, "LAB": 3, "HSV": 3, "BGR;15": 2, "BGR;16": 2, "BGR;24": 3}
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -45,6 +50,10 @@ def load_image(path: str | os.PathLike, size: int = IMAGE_SIZE) -> torch.Tensor:
                 if img.width * img.height > MAX_IMAGE_PIXELS:
                     raise OmniError(f"image file {path}: {img.width}x{img.height} exceeds the limit of "
                                     f"{MAX_IMAGE_PIXELS} pixels")
+                decoded = img.width * img.height * MODE_BYTES.get(img.mode, 4)
+                if decoded > MAX_IMAGE_BYTES:
+                    raise OmniError(f"image file {path}: {img.width}x{img.height} {img.mode} decodes to "
+                                    f"{decoded:,} bytes, over the limit of {MAX_IMAGE_BYTES:,}")
                 img.load()
                 return preprocess_image(ImageOps.exif_transpose(img), size)
     except OmniError:
@@ -61,8 +70,6 @@ def load_video_frames(path: str | os.PathLike, n_frames: int = 4, size: int = IM
     Memory stays bounded whatever the video's length: the frames are counted from the container's packets
     (nothing decoded), then decoding stops at the last frame needed and only the picked frames are kept.
     Frames larger than MAX_IMAGE_PIXELS are refused, as images are."""
-    import av  # imported here: only video needs PyAV
-
     path = Path(path)
     if not path.is_file():
         raise OmniError(f"video file {path}: not found" if not path.exists() else f"video file {path}: not a file")
@@ -71,8 +78,9 @@ def load_video_frames(path: str | os.PathLike, n_frames: int = 4, size: int = IM
     if not 1 <= n_frames <= MAX_VIDEO_FRAMES:
         raise OmniError(f"video file {path}: {n_frames} frames asked for; between 1 and the limit of "
                         f"{MAX_VIDEO_FRAMES} can be taken")
+    what = f"video file {path}"
     try:
-        with av.open(str(path)) as container:
+        with open_container(path, what) as container:
             if not container.streams.video:
                 raise OmniError(f"video file {path}: has no video stream")
             stream = container.streams.video[0]
@@ -83,7 +91,7 @@ def load_video_frames(path: str | os.PathLike, n_frames: int = 4, size: int = IM
         picks = [min(total - 1, i * total // (n_frames + 1)) for i in range(1, n_frames + 1)]
         kept: dict[int, torch.Tensor] = {}
         last = None
-        with av.open(str(path)) as container:
+        with open_container(path, what) as container:
             for index, frame in enumerate(container.decode(container.streams.video[0])):
                 check_frame_size(path, frame.width, frame.height)
                 last = frame

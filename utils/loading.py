@@ -21,7 +21,7 @@ from models.vision import ViTConfig, ViTTiny
 from models.vocoder import HiFiGANConfig, HiFiGANGenerator
 from utils.checkpoint import (StateDict, check_config_agrees, config_float, config_int, find_config,
                               find_weights_file, load_strict, read_json, read_torch_file, require,
-                              unwrap)
+                              short_repr, unwrap)
 from utils.errors import OmniError
 from utils.tokenizer import Tokenizer
 
@@ -229,13 +229,53 @@ def build_rvq(sd: StateDict, src: str) -> RVQ:
     return model
 
 
+MAX_DILATION = 1024  # HiFi-GAN uses 1-5; a larger one only makes the padding (and the memory) huge
+
+
 def build_vocoder(sd: StateDict, cfg: dict[str, Any], src: str) -> HiFiGANGenerator:
     require(sd, ("conv_pre.weight", "ups.0.weight", "resblocks.0.convs1.0.weight", "conv_post.weight"), src)
-    vc = read_architecture(lambda: HiFiGANConfig.from_state_dict(sd, cfg.get("resblock_dilation_sizes"),
-                                                                 cfg.get("upsample_rates")), src)
+    vc = read_architecture(lambda: HiFiGANConfig.from_state_dict(sd, int_lists(cfg, "resblock_dilation_sizes", 2, src),
+                                                                 int_lists(cfg, "upsample_rates", 1, src)), src)
+    check_vocoder_config(vc, sd, src)
     model = read_architecture(lambda: HiFiGANGenerator(vc), src)
     load_strict(model, sd, src)
     return model
+
+
+def int_lists(cfg: dict[str, Any], key: str, depth: int, src: str) -> list | None:
+    """cfg[key] as a list of integers (depth 1) or of lists of integers (depth 2), or None when absent."""
+    value = cfg.get(key)
+    if value is None:
+        return None
+    rows = value if depth == 2 else [value]
+    if not isinstance(value, list) or not value or not all(
+            isinstance(row, list) and row and all(isinstance(v, int) and not isinstance(v, bool) for v in row)
+            for row in rows):
+        raise OmniError(f"config for {src}: '{key}' must be a non-empty list of "
+                        f"{'lists of ' if depth == 2 else ''}integers, found {short_repr(value)}")
+    return value
+
+
+def check_vocoder_config(vc: HiFiGANConfig, sd: StateDict, src: str) -> None:
+    """Every layer the config describes must be buildable and agree with the weights, at load time (not after
+    the answer and the talker have run): upsampling rates 1..kernel (padding (kernel - rate) / 2 >= 0), one per
+    upsampling layer; dilations 1..MAX_DILATION, one list per resblock kernel, as many as the weights' convs."""
+    n_dil = len({k.split(".")[3] for k in sd if k.startswith("resblocks.0.convs1.")})
+    if len(vc.upsample_rates) != len(vc.upsample_kernel_sizes):
+        raise OmniError(f"config for {src}: upsample_rates {list(vc.upsample_rates)} has "
+                        f"{len(vc.upsample_rates)} entries but the weights have {len(vc.upsample_kernel_sizes)} "
+                        f"upsampling layers")
+    for rate, kernel in zip(vc.upsample_rates, vc.upsample_kernel_sizes):
+        if not 1 <= rate <= kernel:
+            raise OmniError(f"config for {src}: upsample rate {rate} does not fit a kernel of {kernel} (each rate "
+                            f"must be 1 to its kernel size; else the padding is negative)")
+    if len(vc.resblock_dilation_sizes) != len(vc.resblock_kernel_sizes) or any(
+            len(d) != n_dil for d in vc.resblock_dilation_sizes):
+        raise OmniError(f"config for {src}: resblock_dilation_sizes {[list(d) for d in vc.resblock_dilation_sizes]} "
+                        f"does not match the weights ({len(vc.resblock_kernel_sizes)} kernels x {n_dil} dilations)")
+    bad = [d for row in vc.resblock_dilation_sizes for d in row if not 1 <= d <= MAX_DILATION]
+    if bad:
+        raise OmniError(f"config for {src}: dilation {bad[0]} must be 1 to {MAX_DILATION}")
 
 
 def build_linear(sd: StateDict, src: str) -> nn.Linear:
@@ -251,7 +291,13 @@ def read_ctc_chars(path: Path) -> dict[int, str]:
     table = meta.get("char_to_idx")
     if not isinstance(table, dict):
         raise OmniError(f"{path}: missing 'char_to_idx'")
-    return {int(i): c for c, i in table.items()}
+    chars: dict[int, str] = {}
+    for c, i in table.items():  # "one", NaN, [0], 2.5, true or a repeated index would misread the head
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(table) or i in chars:
+            raise OmniError(f"{path}: 'char_to_idx' maps {short_repr(c)} to {short_repr(i)}; each character needs "
+                            f"its own integer index from 0 to {len(table) - 1}")
+        chars[i] = c
+    return chars
 
 
 # ---------------------------------------------------------------- layouts
@@ -407,8 +453,8 @@ def load_audio_dir(comps: Components, d: Path) -> None:
     comps.sources["audio"] = str(path)
     if "head" in obj:
         comps.ctc_head = build_linear(unwrap(obj, "ctc_head", path), f"{path} [head]")
-        meta = next((d / n for n in CTC_MAP_NAMES if (d / n).is_file()), d / CTC_MAP_NAMES[0])
-        if meta.is_file():
+        meta = next((d / n for n in CTC_MAP_NAMES if os.path.lexists(d / n)), d / CTC_MAP_NAMES[0])
+        if os.path.lexists(meta):  # present but not a regular file (a FIFO) is an error, not "no map"
             comps.ctc_chars = read_ctc_chars(meta)
             if len(comps.ctc_chars) != comps.ctc_head.out_features:
                 raise OmniError(f"{meta}: {len(comps.ctc_chars)} characters but the CTC head in {path} has "
@@ -446,7 +492,7 @@ def vocoder_config(d: Path) -> dict[str, Any]:
     if cfg.get("model_type") == "muomni":  # an export's config.json: its nested object or its configs/ copy
         nested = cfg.get("vocoder")
         copy = d / "configs" / "vocoder_tiny.json"
-        return nested if isinstance(nested, dict) else read_json(copy) if copy.is_file() else {}
+        return nested if isinstance(nested, dict) else read_json(copy) if os.path.lexists(copy) else {}
     return cfg
 
 
@@ -469,7 +515,7 @@ def load_vocoder_near(comps: Components, d: Path) -> None:
 
 def read_generation_config(d: Path) -> dict[str, Any]:
     path = d / "generation_config.json"
-    return read_json(path) if path.is_file() else {}
+    return read_json(path) if os.path.lexists(path) else {}
 
 
 def to_device(comps: Components, device: torch.device, dtype: torch.dtype | None) -> None:

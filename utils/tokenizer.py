@@ -26,7 +26,7 @@ class Tokenizer:
         self.path = path
         self.sp = spm.SentencePieceProcessor()
         try:
-            self.sp.Load(str(path))
+            self.sp.LoadFromSerializedProto(path.read_bytes())  # bytes: any file name, UTF-8 or not
         except Exception as exc:  # sentencepiece raises OSError/RuntimeError for corrupt models
             raise OmniError(f"tokenizer {path}: not a valid SentencePiece model ({exc})") from exc
 
