@@ -1181,6 +1181,11 @@ CASES += [
     Case("video_image_pattern_reads_only_itself", ask("--video", "{d}/img%03d.png"), 0, image_sequence),
     Case("audio_ffconcat_script", ask("--audio_in", "{d}/list.txt", "--text", "hi"), 1, concat_script,
          "cannot decode"),
+    # --transcribe streams containers libsndfile cannot read through FFmpeg: the same refusal as --video
+    Case("transcribe_ffconcat_script", chat("--audio_in", "{d}/list.txt", "--transcribe"), 1, concat_script,
+         "concat script"),
+    Case("transcribe_hls_playlist", chat("--audio_in", "{d}/list.m3u8", "--transcribe"), 1, hls_playlist,
+         "playlist"),
     # ---------------- export.py
     export_case("output_dir_dot", export_args("--output_dir", "."), 1, lambda env: (env.d / "notes.txt").write_text("x"),
                 "current directory", check=no_work_dirs),
