@@ -20,6 +20,10 @@ def refuse_non_export(argv: list[str]) -> int | None:
     args = parser.parse_args(argv)
     check_args(parser, args)
     ckpt_dir = Path(args.ckpt_dir)
+    if ckpt_dir.is_file() and ckpt_dir.suffix != ".safetensors":
+        print(f"error: --ckpt_dir {ckpt_dir}: not a .safetensors file; infer_safetensors.py reads merged exports only "
+              f"(use infer_chat.py for trainer checkpoints)", file=sys.stderr)
+        return 1
     if not ckpt_dir.is_dir():
         return None
     try:

@@ -37,7 +37,8 @@ def trim_audio(wave: np.ndarray, max_seconds: float, sample_rate: int = SAMPLE_R
 
 
 def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE, max_seconds: float | None = None) -> np.ndarray:
-    """First channel of a wav/flac/ogg/mp3 file as float32 mono at `sample_rate`.
+    """First channel of a wav/flac/ogg/mp3 file (libsndfile), or of m4a/AAC and other containers FFmpeg reads
+    (PyAV), as float32 mono at `sample_rate`.
 
     With `max_seconds` only the start of the file is decoded (never more than that many seconds, whatever the
     header claims); without, the whole file is decoded and files longer than MAX_AUDIO_SECONDS are refused."""
@@ -68,7 +69,11 @@ def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE, max_seco
     except OmniError:
         raise
     except Exception as exc:  # soundfile raises several types for unreadable data
-        raise OmniError(f"audio file {path}: cannot decode ({str(exc).strip() or type(exc).__name__})") from exc
+        if "not recognised" not in str(exc).lower():
+            raise OmniError(f"audio file {path}: cannot decode ({str(exc).strip() or type(exc).__name__})") from exc
+        # a container libsndfile does not read (m4a/AAC, mp4, webm, ...): FFmpeg through PyAV decodes it
+        blocks, sr = decode_with_av(path, max_seconds)
+        got = sum(b.shape[0] for b in blocks)
     if got == 0:
         raise OmniError(f"audio file {path}: contains no samples")
     if max_seconds is None and got > MAX_AUDIO_SECONDS * sr:
@@ -78,6 +83,36 @@ def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE, max_seco
     if not np.isfinite(wave).all():
         raise OmniError(f"audio file {path}: contains NaN or infinite samples")
     return resample(wave, sr, sample_rate)
+
+
+def decode_with_av(path: Path, max_seconds: float | None) -> tuple[list[np.ndarray], int]:
+    """The first channel of the first audio stream, decoded by FFmpeg (PyAV) as float32 blocks, and its rate.
+    Decoding stops after `max_seconds` (else one sample past MAX_AUDIO_SECONDS, so the caller can refuse it)."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.audio:
+                raise OmniError(f"audio file {path}: no audio stream in it")
+            stream = container.streams.audio[0]
+            sr = stream.codec_context.sample_rate or stream.rate or 0
+            if sr <= 0:
+                raise OmniError(f"audio file {path}: invalid sample rate {sr}")
+            resampler = av.AudioResampler(format="fltp", rate=sr)  # planar float: row 0 is the first channel
+            wanted = int(MAX_AUDIO_SECONDS * sr) + 1 if max_seconds is None else max(1, int(np.ceil(max_seconds * sr)))
+            blocks, got = [], 0
+            for frame in container.decode(stream):
+                for out in resampler.resample(frame):
+                    block = np.array(out.to_ndarray()[0, :wanted - got], dtype=np.float32)
+                    blocks.append(block)
+                    got += block.shape[0]
+                if got >= wanted:
+                    break
+    except OmniError:
+        raise
+    except Exception as exc:  # PyAV/FFmpeg raise their own error types for unreadable data
+        raise OmniError(f"audio file {path}: cannot decode ({str(exc).strip() or type(exc).__name__})") from exc
+    return blocks, sr
 
 
 def resample(wave: np.ndarray, src_rate: int, dst_rate: int) -> np.ndarray:
