@@ -6,7 +6,6 @@ from pathlib import Path
 
 from utils.cli import build_parser, check_args, main, utf8_streams
 from utils.errors import OmniError
-from utils.export_format import export_file
 
 PROG = "infer_safetensors.py"
 
@@ -26,6 +25,7 @@ def refuse_non_export(argv: list[str]) -> int | None:
         return 1
     if not ckpt_dir.is_dir():
         return None
+    from utils.export_format import export_file  # after parsing: --help and --version do not import torch
     try:
         export_file(ckpt_dir)
     except OmniError as exc:

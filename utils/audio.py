@@ -93,11 +93,11 @@ def decode_with_av(path: Path, max_seconds: float | None) -> tuple[list[np.ndarr
     try:
         with av.open(str(path)) as container:
             if not container.streams.audio:
-                raise OmniError(f"audio file {path}: no audio stream in it")
+                raise OmniError(f"audio file {path}: cannot decode (no audio stream in it)")
             stream = container.streams.audio[0]
             sr = stream.codec_context.sample_rate or stream.rate or 0
             if sr <= 0:
-                raise OmniError(f"audio file {path}: invalid sample rate {sr}")
+                raise OmniError(f"audio file {path}: cannot decode (invalid sample rate {sr})")
             resampler = av.AudioResampler(format="fltp", rate=sr)  # planar float: row 0 is the first channel
             wanted = int(MAX_AUDIO_SECONDS * sr) + 1 if max_seconds is None else max(1, int(np.ceil(max_seconds * sr)))
             blocks, got = [], 0

@@ -586,8 +586,8 @@ def run_pipe(model: Any, args: argparse.Namespace, con: Console, out: Out, lines
     """One output line per message line, in order (one JSON object per line with --json): the answer, or for a
     message that failed an error line ({"input", "error"} in JSON, else an empty line on stdout and `error:` on
     stderr). Command lines ('/image PATH', '/video PATH', '/audio PATH', '/reset', '/system TEXT',
-    '/set NAME VALUE') print nothing on stdout; a media command that failed fails the message after it, which is
-    then not answered without its media."""
+    '/set NAME VALUE') print nothing on stdout; a media command that failed fails the message after it (one
+    error, reported there), which is never answered without its media."""
     from omni import decode_timing
 
     out.one_line = True
@@ -627,13 +627,14 @@ def run_pipe(model: Any, args: argparse.Namespace, con: Console, out: Out, lines
                 else:
                     con.info(f"line {number}: " + attach(model, cmd[0], cmd[1], media, args.video_frames))
             except OmniError as exc:
-                con.error(f"line {number}: {exc}")
-                status = 1
-                if cmd[0] in MEDIA_COMMANDS:
-                    media.failed = media.failed or f"/{cmd[0]} on line {number} failed ({exc})"
+                if cmd[0] in MEDIA_COMMANDS:  # reported once, with the message it fails (or at the end)
+                    media.failed = media.failed or f"because of line {number}: {exc}"
+                else:
+                    con.error(f"line {number}: {exc}")
+                    status = 1
             continue
         if media.failed is not None:
-            fail(line, f"not answered: {media.failed}")
+            fail(line, f"not answered, {media.failed}")
             media.clear()
             continue
         if not line.strip() and not media:
@@ -677,7 +678,8 @@ def run_pipe(model: Any, args: argparse.Namespace, con: Console, out: Out, lines
             out.line(ans.text)
         media.clear()
     if media.failed is not None:
-        con.error(f"{media.failed}, and no message followed it")
+        con.error(f"no message followed the media command that failed {media.failed}")
+        status = 1
     if number == 0:
         con.warn("stdin is empty: nothing to answer (give --text, --image, --audio_in or --video, pipe questions "
                  "in, or run in a terminal for the interactive chat)")

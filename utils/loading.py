@@ -372,7 +372,10 @@ def load_weights_file(path: Path) -> Components:
     if path.suffix != ".pt":
         raise OmniError(f"--ckpt_dir {path}: is a file but not a weights file (.pt or .safetensors); give the "
                         f"checkpoint directory or its weights file")
-    kind = model_pt_kind(path)
+    try:
+        kind = model_pt_kind(path)
+    except OmniError as exc:
+        raise OmniError(f"--ckpt_dir {path}: is a file, read as a weights file: {exc}") from exc
     token = CHOSEN_FILES.set({**CHOSEN_FILES.get(), path.parent.resolve(): (kind, path)})
     try:
         return load_components(path.parent)
