@@ -254,7 +254,7 @@ def test_10_weights_file_paths_and_other_names(model, tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------- --version, --info, --timings, --system
 
-@pytest.mark.parametrize("script", ["infer_chat.py", "infer_safetensors.py", "export.py"])
+@pytest.mark.parametrize("script", ["infer_chat.py", "infer_safetensors.py", "export.py", "bench.py"])
 def test_version_names_suite_torch_and_python(script: str) -> None:
     from importlib.metadata import version
 
@@ -264,7 +264,7 @@ def test_version_names_suite_torch_and_python(script: str) -> None:
     assert r.returncode == 0, r.stderr
     assert __version__ in r.stdout and f"torch {version('torch')}" in r.stdout
     assert f"Python {sys.version.split()[0]}" in r.stdout
-    if script != "export.py":  # the chat scripts answer without importing torch
+    if script != "export.py":  # these answer without importing torch
         assert not re.search(r"\|\s+torch$", r.stderr, re.M)
 
 
