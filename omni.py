@@ -300,11 +300,10 @@ class OmniModel:
         t0 = time.perf_counter()
         embeds, ids, notes, opts.max_new_tokens = self.build_prompt(text, images, wave, opts.max_new_tokens)
         detok = IncrementalDecoder(self.c.tokenizer)
-        t_first = t_last = None
+        t_first = None
         for tid in generate(self.c.thinker, embeds, opts, ids):
-            t_last = time.perf_counter()  # decode time runs from the first token to the last one
             if t_first is None:
-                t_first = t_last
+                t_first = time.perf_counter()  # the prefill's token: decode time runs from here
             piece = detok.push(tid)
             if piece:
                 yield piece
@@ -321,7 +320,7 @@ class OmniModel:
         result.append(Answer(detok.text, out, embeds.shape[1], timing, notes))
 
     def answer(self, text: str | None = None, image: ImageInput | list[ImageInput] | None = None,
-               audio: AudioInput | None = None, video: str | os.PathLike | None = None,
+               audio: AudioInput | list[AudioInput] | None = None, video: str | os.PathLike | None = None,
                video_frames: int = DEFAULT_VIDEO_FRAMES, prompt: str | None = None,
                on_text: Callable[[str], None] | None = None, **gen: Any) -> Answer:
         """Generate one answer with its ids and timings; `on_text(piece)` receives the text as it is generated.
@@ -336,12 +335,13 @@ class OmniModel:
         return result[0]
 
     def chat(self, text: str | None = None, image: ImageInput | list[ImageInput] | None = None,
-             audio: AudioInput | None = None, video: str | os.PathLike | None = None, **gen: Any) -> str:
+             audio: AudioInput | list[AudioInput] | None = None, video: str | os.PathLike | None = None,
+             **gen: Any) -> str:
         """The answer text only (see `answer` for the options)."""
         return self.answer(text, image=image, audio=audio, video=video, **gen).text
 
     def stream(self, text: str | None = None, image: ImageInput | list[ImageInput] | None = None,
-               audio: AudioInput | None = None, video: str | os.PathLike | None = None,
+               audio: AudioInput | list[AudioInput] | None = None, video: str | os.PathLike | None = None,
                video_frames: int = DEFAULT_VIDEO_FRAMES, prompt: str | None = None, **gen: Any) -> Iterator[str]:
         """The answer as an iterator of text pieces, produced as the tokens are generated; "".join(pieces) is
         exactly what `chat` returns."""

@@ -36,7 +36,8 @@ OMNI_POINTERS = {"thinker": "thinker_ckpt", "audio": "audio_ckpt", "vision": "vi
 CTC_MAP_NAMES = ("audio_enc_metadata.json", "ctc_vocab.json")
 # A weights file the user named itself (`--ckpt_dir dir/omni_final.pt`): resolved dir -> (kind, file).
 CHOSEN_FILES: ContextVar[dict[Path, tuple[str, Path]]] = ContextVar("CHOSEN_FILES", default={})
-STANDARD_PT = re.compile(r"^(?:model|(?:%s)(?:_step_\d+)?)\.pt$" % "|".join(n for ns in KIND_FILES.values() for n in ns))
+STANDARD_PT = re.compile(r"^(?:model|(?:%s)(?:_step_\d+)?)\.pt$"
+                         % "|".join(n for names in KIND_FILES.values() for n in names))
 
 
 @dataclass
@@ -84,7 +85,10 @@ def dir_kind(d: Path) -> str | None:
         return model_pt_kind(d / "model.pt")
     others = other_pt_files(d)
     if len(others) == 1:
-        return model_pt_kind(others[0])
+        try:
+            return model_pt_kind(others[0])
+        except OmniError:  # another program's file: not a μOmni directory (load_components says why)
+            return None
     return None
 
 
@@ -98,8 +102,9 @@ def other_pt_files(d: Path) -> list[Path]:
 
 def several_weights_error(d: Path, shown: str | Path) -> OmniError:
     files = other_pt_files(d)
-    return OmniError(f"{shown}: several weights files and none with a standard name ({', '.join(p.name for p in files)}); "
-                     f"pick one by passing the file itself, e.g. --ckpt_dir {Path(shown) / files[0].name}")
+    return OmniError(f"{shown}: several weights files and none with a standard name "
+                     f"({', '.join(p.name for p in files)}); pick one by passing the file itself, e.g. "
+                     f"--ckpt_dir {Path(shown) / files[0].name}")
 
 
 def model_dirs_below(d: Path, shown: str | Path) -> list[str]:
@@ -346,8 +351,11 @@ def load_components(ckpt_dir: str | Path) -> Components:
             exports = subdirs_of_kind(d, "export") if thinker is None else []
             if len(exports) == 1:
                 return load_components(exports[0])  # a folder holding one merged export
-            if thinker is None and len(other_pt_files(d)) > 1:
+            others = other_pt_files(d) if thinker is None else []
+            if len(others) > 1:
                 raise several_weights_error(d, ckpt_dir)
+            if len(others) == 1:
+                model_pt_kind(others[0])  # it was not readable as μOmni weights: say why
             if thinker is None:
                 raise OmniError(f"--ckpt_dir {d}: no μOmni checkpoint found (no {', '.join(EXPORT_NAMES)}, no "
                                 f"thinker/omni weights here or in its subdirectories){did_you_mean(d, ckpt_dir)}")
