@@ -452,9 +452,7 @@ def run_one_shot(model: Any, args: argparse.Namespace, con: Console, out: Out) -
         con.warn(note)
     if args.timings or args.verbose:
         print_timings(con, ans)
-    result = ans.to_json()
-    if getattr(args, "random_seed", False):
-        result["seed"] = args.seed
+    result = {**ans.to_json(), **seed_report(args)}
     if args.audio_out is not None:
         result["audio_out"] = speak(model, args, ans.text, con)
     if args.json:
@@ -557,6 +555,11 @@ def set_option(model: Any, args: argparse.Namespace, arg: str) -> str:
             value = random_seed()
     setattr(args, name, value)
     return f"set {name} to {'its default' if value is None else value}"
+
+
+def seed_report(args: argparse.Namespace) -> dict[str, int]:
+    """{"seed": S} for --json when --seed -1 picked S at random (so the answer can be reproduced), else {}."""
+    return {"seed": args.seed} if getattr(args, "random_seed", False) else {}
 
 
 def random_seed() -> int:
@@ -672,7 +675,7 @@ def run_pipe(model: Any, args: argparse.Namespace, con: Console, out: Out, lines
         if args.timings or args.verbose:
             print_timings(con, ans)
         if args.json:
-            out.json({"input": message_input(line), **ans.to_json()})
+            out.json({"input": message_input(line), **ans.to_json(), **seed_report(args)})
         elif stream:
             out.line()
         else:
