@@ -165,6 +165,8 @@ def test_5_repeated_images_and_audio_are_all_used(model) -> None:
 # ---------------------------------------------------------------- 6: --video_frames range, --seed -1
 
 def test_6_video_frames_limit_is_a_usage_error_and_seed_minus_one_is_random() -> None:
+    from utils import cli, image
+    assert cli.MAX_VIDEO_FRAMES == image.MAX_VIDEO_FRAMES  # the usage check and the decoder agree
     r = demo("--video", str(EXAMPLES / "shapes.mp4"), "--video_frames", "300")
     assert r.returncode == 2 and "--video_frames" in r.stderr and "256" in r.stderr
     sampled = ["--text", "Once upon a time", "--temperature", "1.5", "--max_new_tokens", "8", "--json"]

@@ -117,7 +117,8 @@ limits (an input beyond them is refused with one `error:` line and exit status 1
              downsample 8): only that much of the file is decoded, longer audio is trimmed with a warning
              before the spectrogram; --transcribe decodes at most 600 s
   video      at most 256 frames (--video_frames); frames obey the image pixel limit
-  text       a prompt longer than the context is trimmed (its end kept) with a warning
+  text       a prompt too long for the context beside the answer budget is trimmed (its end kept) with a
+             warning; the budget is reduced (with a warning) only when the context cannot hold it at all
   weights    .pt files are unpickled weights-only: tensors and plain data; a pickle that would run code is
              refused and never run; safetensors headers are validated before anything is read; a config
              may not ask for ctx_len above 131072
@@ -192,8 +193,9 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
                         "a random one (shown with --verbose and in --json as \"seed\").")
     g.add_argument("--system", metavar="TEXT",
                    help="System prompt. μOmni has no chat template, so it is prepended to every question as plain "
-                        "text: the prompt becomes [bos] + \"TEXT\\nQUESTION\" (unchanged without --system). In the "
-                        "chat, /system TEXT changes it.")
+                        "text: the prompt becomes [bos] + encode(\"TEXT QUESTION\"), the join the μOmni SFT trainer "
+                        "used (without --system it is [bos] + encode(\"QUESTION\") as always). /system TEXT changes "
+                        "it in the chat and in pipes.")
     g.add_argument("--ignore_eos", action="store_true",
                    help="Keep generating after the end-of-sequence token, up to --max_new_tokens.")
     g.add_argument("--decode_attention", choices=("causal", "reference"), default=None,
