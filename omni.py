@@ -121,7 +121,7 @@ class OmniModel:
         for name, modules in parts.items():
             if modules[0] is None:
                 continue
-            config = c.configs.get(name) or ("config.json of the export" if export else "none found (spec defaults)")
+            config = c.configs.get(name) or (str(c.root / "config.json") if export else "none found (spec defaults)")
             if name == "thinker" and "omni" in c.configs:
                 config = f"{config}; omni config {c.configs['omni']}"
             components[name] = {"parameters": sum(p.numel() for m in modules if m is not None for p in m.parameters()),
