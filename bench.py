@@ -34,6 +34,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from utils.version import version_text
+
 REPO = Path(__file__).resolve().parent
 sys.path.insert(0, str(REPO))
 
@@ -477,6 +479,8 @@ def main(argv: list[str] | None = None) -> int:
                          "shared machine waiting threads make timings erratic; 0 = torch's default)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--ckpt_root", help=argparse.SUPPRESS)
+    ap.add_argument("--version", action="version", version=version_text("bench.py"),
+                    help="print the suite's, torch's and Python's versions and exit")
     args = ap.parse_args(argv)
 
     if args.worker:

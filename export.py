@@ -3,10 +3,10 @@
 
 Name the component directories, or let --ckpt_root find them under a trainers' checkpoints/ folder:
 
-  python export.py --ckpt_root checkpoints --output_dir export
-  python export.py --omni_ckpt checkpoints/omni_sft_tiny --thinker_ckpt checkpoints/thinker_tiny \\
-      --audio_ckpt checkpoints/audio_enc_tiny --vision_ckpt checkpoints/vision_tiny \\
-      --talker_ckpt checkpoints/talker_tiny --vocoder_ckpt checkpoints/vocoder_tiny --output_dir export
+  python export.py --ckpt_root checkpoints/demo --output_dir export
+  python export.py --omni_ckpt checkpoints/demo/omni_sft_tiny --thinker_ckpt checkpoints/demo/thinker_tiny \\
+      --audio_ckpt checkpoints/demo/audio_enc_tiny --vision_ckpt checkpoints/demo/vision_tiny \\
+      --talker_ckpt checkpoints/demo/talker_tiny --output_dir export
 
 The thinker comes from omni.pt when an omni_sft directory is given (it is the fine-tuned one), else from the
 thinker directory. --dtype float16/bfloat16 halves the file; --quantize int8 stores every nn.Linear weight of the
@@ -39,6 +39,7 @@ from utils.errors import OmniError, Terminated, handle_signals, interrupt_status
 from utils.export_format import (COMPONENT_PREFIXES, STORAGE_DTYPES, dtype_name, export_config, generation_config,
                                  load_export, merged_state_dict, model_info, preprocessor_config)
 from utils.quant import QUANT_METHOD
+from utils.version import version_text
 
 VERIFY_PROMPT = "Once upon a time there was"
 # --<flag> -> (directory kind as utils.loading.dir_kind names it)
@@ -79,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(exit 1 if a float32 export differs at all)")
     p.add_argument("--force", action="store_true", help="replace an existing export in --output_dir")
     p.add_argument("--verbose", action="store_true", help="show tracebacks for errors")
+    p.add_argument("--version", action="version", version=version_text("export.py"),
+                   help="print the suite's, torch's and Python's versions and exit")
     return p
 
 
@@ -118,7 +121,8 @@ def discover(root: Path) -> dict[str, Path | None]:
         if dirs[kind] is None and kind != "thinker":
             print(f"note: no {kind} checkpoint (searched {one_line(where)})", file=sys.stderr)
     if dirs["omni"] is None and dirs["thinker"] is None:
-        raise OmniError(f"--ckpt_root {root}: no omni_sft or thinker checkpoint directory in it")
+        raise OmniError(f"--ckpt_root {root}: no omni_sft or thinker checkpoint directory in it"
+                        f"{L.did_you_mean(root, root)}")
     return dirs
 
 

@@ -6,7 +6,6 @@ from pathlib import Path
 
 from utils.cli import build_parser, check_args, main, utf8_streams
 from utils.errors import OmniError, handle_signals
-from utils.export_format import export_file
 
 PROG = "infer_safetensors.py"
 
@@ -20,8 +19,13 @@ def refuse_non_export(argv: list[str]) -> int | None:
     args = parser.parse_args(argv)
     check_args(parser, args)
     ckpt_dir = Path(args.ckpt_dir)
+    if ckpt_dir.is_file() and ckpt_dir.suffix != ".safetensors":
+        print(f"error: --ckpt_dir {ckpt_dir}: not a .safetensors file; infer_safetensors.py reads merged exports only "
+              f"(use infer_chat.py for trainer checkpoints)", file=sys.stderr)
+        return 1
     if not ckpt_dir.is_dir():
         return None
+    from utils.export_format import export_file  # after parsing: --help and --version do not import torch
     try:
         export_file(ckpt_dir)
     except OmniError as exc:

@@ -1,7 +1,7 @@
 """The Python API. The CLIs (utils/cli.py) are thin layers over it.
 
     from omni import load_model
-    model = load_model("checkpoints")                      # or a merged export directory
+    model = load_model("checkpoints/demo")                 # or a merged export, or a weights file
     model.chat("What is one plus two?")                    # -> str
     model.chat(image="cat.png")                            # default prompt "Describe what you see concisely."
     for piece in model.stream("Tell me a story", temperature=0.8, seed=1):
@@ -112,6 +112,44 @@ class OmniModel:
         names = ("thinker", "vision", "audio", "talker", "vocoder")
         return [n for n in names if getattr(self.c, n) is not None]
 
+    def info(self) -> dict[str, Any]:
+        """The model card (`--info`, like `ollama show`): components with parameter counts and the weights and
+        config files they came from, dtype, context, vocabulary, decode mode and generation defaults."""
+        c = self.c
+        export = any(Path(src).suffix == ".safetensors" for src in c.sources.values())
+        parts = {"thinker": [c.thinker, c.proj_a, c.proj_v], "vision": [c.vision], "audio": [c.audio, c.ctc_head],
+                 "talker": [c.talker, c.rvq], "vocoder": [c.vocoder]}
+        components = {}
+        for name, modules in parts.items():
+            if modules[0] is None:
+                continue
+            config = c.configs.get(name) or (str(c.root / "config.json") if export else "none found (spec defaults)")
+            if name == "thinker" and "omni" in c.configs:
+                config = f"{config}; omni config {c.configs['omni']}"
+            components[name] = {"parameters": sum(p.numel() for m in modules if m is not None for p in m.parameters()),
+                                "weights": c.sources.get(name, "?"), "config": config}
+        tc = c.thinker.cfg if c.thinker is not None else None
+        opts = self.options()
+        card: dict[str, Any] = {
+            "path": str(c.root), "format": "merged safetensors export" if export else "μOmni trainer checkpoints",
+            "components": components, "parameters": sum(v["parameters"] for v in components.values()),
+            "dtype": str(self.dtype).replace("torch.", ""), "device": str(self.device),
+            "context_length": c.ctx_len, "decode_attention": opts.decode_attention,
+            "generation_defaults": {"max_new_tokens": opts.max_new_tokens, "temperature": opts.temperature,
+                                    "top_k": opts.top_k, "top_p": opts.top_p,
+                                    "repetition_penalty": opts.repetition_penalty},
+            "generation_config": c.generation_defaults or None,
+            "missing": {k: v for k, v in c.searched.items()},
+        }
+        if tc is not None:
+            b = tc.block
+            card["vocabulary"] = {"embedding_rows": tc.vocab_size, "tokenizer_pieces": c.tokenizer.vocab_size,
+                                  "tokenizer": str(c.tokenizer.path)}
+            card["thinker"] = {"layers": tc.n_layers, "d_model": b.d_model, "heads": b.n_heads,
+                               "kv_heads": b.n_kv_heads, "ffn": b.ffn, "d_ff": b.d_ff, "experts": b.num_experts,
+                               "rope_theta": tc.rope_theta}
+        return card
+
     # ------------------------------------------------------------ inputs
     def require(self, purpose: str, *parts: str) -> None:
         """Raise a clear OmniError when a component `purpose` depends on was not found."""
@@ -162,59 +200,78 @@ class OmniModel:
         return self.c.audio(mel[None])[0]
 
     @torch.inference_mode()
-    def build_prompt(self, text: str, images: list[torch.Tensor], wave: np.ndarray | None,
-                     max_new_tokens: int, fit_max_new: bool = False
-                     ) -> tuple[torch.Tensor, list[int], list[str], int]:
+    def build_prompt(self, text: str, images: list[torch.Tensor], wave: np.ndarray | list[np.ndarray] | None,
+                     max_new_tokens: int) -> tuple[torch.Tensor, list[int], list[str], int]:
         """Embeddings [image tokens, audio tokens, tok_emb([bos] + encode(text))], the text ids used, notes,
-        and max_new_tokens. With `fit_max_new` (max_new_tokens was a default, not asked for) max_new_tokens
-        shrinks to the room the prompt leaves; otherwise the prompt is trimmed to leave room for it."""
+        and max_new_tokens. The answer keeps its budget and a long prompt is trimmed (its end kept); only when
+        the context cannot hold the budget beside the shortest prompt ([bos] + the last text token) is the
+        budget reduced. Both are reported in the notes."""
         self.require("chat", "thinker")
         notes: list[str] = []
         parts = []
         if images:
             parts.append(self.encode_images(images))
-        if wave is not None:
+        waves = [] if wave is None else wave if isinstance(wave, list) else [wave]
+        if waves:  # several clips: their tokens in order, at most ctx_len // 4 in all
             self.require("audio input", "audio", "proj_a")
             limit = self.c.ctx_len // 4
             seconds = max_audio_seconds(self.c.ctx_len, self.c.audio.cfg.downsample)
-            wave, cut = trim_audio(wave, seconds)  # before the mel: a long recording costs only what is used
-            frames = self.encode_audio(wave)[:limit]
-            if cut:
-                notes.append(f"audio trimmed to its first {seconds:.2f} s ({limit} encoder frames) to fit the "
-                             f"context of {self.c.ctx_len}")
-            parts.append(self.c.proj_a(frames))
+            clips = []
+            for w in waves:
+                w, cut = trim_audio(w, seconds)  # before the mel: a long recording costs only what is used
+                clips.append(self.encode_audio(w))
+                if cut:
+                    notes.append(f"audio trimmed to its first {seconds:.2f} s ({limit} encoder frames) to fit the "
+                                 f"context of {self.c.ctx_len}")
+            frames = torch.cat(clips, dim=0)
+            if len(clips) > 1 and frames.shape[0] > limit:
+                notes.append(f"audio clips together give {frames.shape[0]} encoder frames: only the first {limit} "
+                             f"are used (the audio limit for the context of {self.c.ctx_len})")
+            parts.append(self.c.proj_a(frames[:limit]))
         mm_len = sum(p.shape[0] for p in parts)
         ids = self.c.tokenizer.prompt_ids(text)
-        if fit_max_new:
-            max_new_tokens = max(1, min(max_new_tokens, self.c.ctx_len - mm_len - len(ids) - 1))
-        budget = self.c.ctx_len - mm_len - max_new_tokens - 1
-        if budget < 1:
-            raise OmniError(f"--max_new_tokens {max_new_tokens}: no room left for the prompt in the context of "
-                            f"{self.c.ctx_len} tokens ({mm_len} used by image/audio)")
+        room = self.c.ctx_len - mm_len - 1  # text and answer together (spec: text budget ctx - mm - max_new - 1)
+        shortest = min(len(ids), 2)
+        if max_new_tokens > room - shortest:
+            if room - shortest < 1:
+                raise OmniError(f"no room left for an answer in the context of {self.c.ctx_len} tokens "
+                                f"({mm_len} used by image/audio)")
+            notes.append(f"max_new_tokens reduced from {max_new_tokens} to {room - shortest}: the context of "
+                         f"{self.c.ctx_len} tokens cannot hold that many beside the prompt"
+                         + (f" ({mm_len} tokens of image/audio)" if mm_len else ""))
+            max_new_tokens = room - shortest
+        budget = room - max_new_tokens
         if len(ids) > budget:
-            notes.append(f"prompt trimmed from {len(ids)} to {budget} tokens (its end kept) to fit the context "
-                         f"of {self.c.ctx_len}")
+            notes.append(f"prompt trimmed from {len(ids)} to {budget} tokens (its end kept) to leave room for "
+                         f"max_new_tokens {max_new_tokens} in the context of {self.c.ctx_len}")
             ids = ids[:1] + ids[len(ids) - budget + 1:]
         tok = self.c.thinker.tok_emb(torch.tensor(ids, device=self.device))
         embeds = torch.cat(parts + [tok.to(parts[0].dtype if parts else tok.dtype)], dim=0)[None]
         return embeds, ids, notes, max_new_tokens
 
     def gather(self, text: str | None = None, image: ImageInput | list[ImageInput] | None = None,
-               audio: AudioInput | None = None, video: str | os.PathLike | None = None,
-               video_frames: int = DEFAULT_VIDEO_FRAMES, prompt: str | None = None
-               ) -> tuple[str, list[torch.Tensor], np.ndarray | None]:
-        """Decode the inputs: (prompt text, image tensors in order — images, then video frames —, waveform).
-        Without `text`, `prompt` (or a built-in prompt per modality) is used."""
+               audio: AudioInput | list[AudioInput] | None = None, video: str | os.PathLike | None = None,
+               video_frames: int = DEFAULT_VIDEO_FRAMES, prompt: str | None = None, system: str | None = None
+               ) -> tuple[str, list[torch.Tensor], np.ndarray | list[np.ndarray] | None]:
+        """Decode the inputs: (prompt text, image tensors in order — images, then video frames —, waveform, or
+        a list of them for several clips). Without `text`, `prompt` (or a built-in prompt per modality) is used.
+        A `system` prompt is prepended: SYSTEM + " " + TEXT (μOmni has no chat template; the SFT trainer joined
+        its config `prompt` to the text the same way); without one the prompt is exactly TEXT."""
         images = [self.image_tensor(im) for im in (image if isinstance(image, (list, tuple)) else
                                                    [image] if image is not None else [])]
         if video is not None:
             if isinstance(video_frames, bool) or not isinstance(video_frames, int) or video_frames < 1:
                 raise OmniError(f"video_frames {video_frames!r}: must be a positive integer")
             images.extend(load_video_frames(media_path("video", video), video_frames, self.image_size))
-        wave = self.audio_wave(audio) if audio is not None else None
+        if isinstance(audio, (list, tuple)):
+            wave = [self.audio_wave(a) for a in audio] or None
+        else:
+            wave = self.audio_wave(audio) if audio is not None else None
         if text is None:
             text = prompt if prompt is not None else (IMAGE_PROMPT if images else AUDIO_PROMPT if wave is not None
                                                       else "")
+        if system:
+            text = f"{system} {text}" if text else system
         return text, images, wave
 
     # ------------------------------------------------------------ chat
@@ -240,17 +297,16 @@ class OmniModel:
     def _generate(self, result: list[Answer], text: str | None, image: Any, audio: Any, video: Any,
                   video_frames: int, prompt: str | None, gen: dict[str, Any]) -> Iterator[str]:
         """Yield the answer's text pieces as they are generated; append the finished Answer to `result`."""
+        system = gen.pop("system", None)
         opts = self.options(**gen)
-        text, images, wave = self.gather(text, image, audio, video, video_frames, prompt)
+        text, images, wave = self.gather(text, image, audio, video, video_frames, prompt, system)
         t0 = time.perf_counter()
-        embeds, ids, notes, opts.max_new_tokens = self.build_prompt(
-            text, images, wave, opts.max_new_tokens, fit_max_new=gen.get("max_new_tokens") is None)
+        embeds, ids, notes, opts.max_new_tokens = self.build_prompt(text, images, wave, opts.max_new_tokens)
         detok = IncrementalDecoder(self.c.tokenizer)
-        t_first = t_last = None
+        t_first = None
         for tid in generate(self.c.thinker, embeds, opts, ids):
-            t_last = time.perf_counter()  # decode time runs from the first token to the last one
             if t_first is None:
-                t_first = t_last
+                t_first = time.perf_counter()  # the prefill's token: decode time runs from here
             piece = detok.push(tid)
             if piece:
                 yield piece
@@ -260,20 +316,21 @@ class OmniModel:
             yield tail
         out = detok.ids
         t_first = t_first or t_end
-        decode_s = (t_last or t_end) - t_first
-        timing = {"load_s": round(self.load_seconds, 6), "prefill_s": round(t_first - t0, 6),
-                  "decode_s": round(decode_s, 6),
-                  "decode_tokens_per_s": round((len(out) - 1) / decode_s, 3) if len(out) > 1 and decode_s > 0 else 0.0}
+        # Decode steps: forward passes after the prefill, each yielding one token — the answer's tokens after
+        # the first, plus the step whose EOS ended it. Timed from the first token to the end of the last step.
+        steps = max(0, len(out) - 1) + (len(out) < opts.max_new_tokens and not opts.ignore_eos and bool(out))
+        timing = decode_timing(self.load_seconds, t_first - t0, embeds.shape[1], t_end - t_first, steps)
         result.append(Answer(detok.text, out, embeds.shape[1], timing, notes))
 
     def answer(self, text: str | None = None, image: ImageInput | list[ImageInput] | None = None,
-               audio: AudioInput | None = None, video: str | os.PathLike | None = None,
+               audio: AudioInput | list[AudioInput] | None = None, video: str | os.PathLike | None = None,
                video_frames: int = DEFAULT_VIDEO_FRAMES, prompt: str | None = None,
                on_text: Callable[[str], None] | None = None, **gen: Any) -> Answer:
         """Generate one answer with its ids and timings; `on_text(piece)` receives the text as it is generated.
 
         `gen` are SamplingOptions: max_new_tokens, temperature (0 = greedy), top_k, top_p, repetition_penalty,
-        seed, ignore_eos, decode_attention ('reference' or 'causal')."""
+        seed, ignore_eos, decode_attention ('reference' or 'causal'); and `system`, a system prompt (see
+        `gather`). `image` and `audio` may be lists: one token per image, the clips' tokens in order."""
         result: list[Answer] = []
         for piece in self._generate(result, text, image, audio, video, video_frames, prompt, gen):
             if on_text is not None:
@@ -281,12 +338,13 @@ class OmniModel:
         return result[0]
 
     def chat(self, text: str | None = None, image: ImageInput | list[ImageInput] | None = None,
-             audio: AudioInput | None = None, video: str | os.PathLike | None = None, **gen: Any) -> str:
+             audio: AudioInput | list[AudioInput] | None = None, video: str | os.PathLike | None = None,
+             **gen: Any) -> str:
         """The answer text only (see `answer` for the options)."""
         return self.answer(text, image=image, audio=audio, video=video, **gen).text
 
     def stream(self, text: str | None = None, image: ImageInput | list[ImageInput] | None = None,
-               audio: AudioInput | None = None, video: str | os.PathLike | None = None,
+               audio: AudioInput | list[AudioInput] | None = None, video: str | os.PathLike | None = None,
                video_frames: int = DEFAULT_VIDEO_FRAMES, prompt: str | None = None, **gen: Any) -> Iterator[str]:
         """The answer as an iterator of text pieces, produced as the tokens are generated; "".join(pieces) is
         exactly what `chat` returns."""
@@ -303,6 +361,7 @@ class OmniModel:
         Timing: prefill_s is the wait for the batch's first tokens; decode figures are per answer."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise OmniError(f"batch_size {batch_size!r}: must be a positive integer")
+        system = gen.pop("system", None)
         opts = self.options(**gen)
         results: list[Answer | None] = [None] * len(items)
         for lo in range(0, len(items), batch_size):
@@ -324,9 +383,8 @@ class OmniModel:
                     text, images, wave = self.gather(req.get("text"), req.get("image"),
                                                      req.get("audio", req.get("audio_in")), req.get("video"),
                                                      DEFAULT_VIDEO_FRAMES if req.get("video_frames") is None
-                                                     else req["video_frames"], req.get("prompt"))
-                    embeds, ids, notes, max_new = self.build_prompt(
-                        text, images, wave, opts.max_new_tokens, fit_max_new=gen.get("max_new_tokens") is None)
+                                                     else req["video_frames"], req.get("prompt"), system)
+                    embeds, ids, notes, max_new = self.build_prompt(text, images, wave, opts.max_new_tokens)
                 except OmniError as exc:
                     if on_error is None:
                         raise OmniError(f"request {i + 1}: {exc}") from exc
@@ -339,12 +397,11 @@ class OmniModel:
             outs = generate_batch(self.c.thinker, [r[1] for r in ready], [r[2] for r in ready], opts,
                                   max_new_tokens=[r[4] for r in ready], step_times=times)
             t_first = times[0] if times else time.perf_counter()
-            for (i, embeds, _, notes, _), out in zip(ready, outs):
-                decode_s = (times[len(out) - 1] if out else t_first) - t_first
-                timing = {"load_s": round(self.load_seconds, 6), "prefill_s": round(t_first - t0, 6),
-                          "decode_s": round(decode_s, 6),
-                          "decode_tokens_per_s": round((len(out) - 1) / decode_s, 3)
-                          if len(out) > 1 and decode_s > 0 else 0.0,
+            for (i, embeds, _, notes, max_new), out in zip(ready, outs):
+                steps = min(len(out) - 1 + (len(out) < max_new and not opts.ignore_eos), len(times) - 1) \
+                    if out else 0  # as in _generate: the EOS step counts
+                decode_s = times[steps] - t_first if times else 0.0
+                timing = {**decode_timing(self.load_seconds, t_first - t0, embeds.shape[0], decode_s, steps),
                           "batch_size": len(ready)}
                 results[i] = Answer(self.c.tokenizer.decode(out), out, embeds.shape[0], timing, notes)
         return results
@@ -430,6 +487,18 @@ def media_path(what: str, value: Any) -> str | os.PathLike:
     if not isinstance(value, (str, os.PathLike)):
         raise OmniError(f"{what}: expected a file path, found {type(value).__name__}")
     return value
+
+
+def decode_timing(load_s: float, prefill_s: float, prompt_tokens: int, decode_s: float, steps: int
+                  ) -> dict[str, float]:
+    """The `timing` object. decode_tokens_per_s = decode_steps / decode_s: the forward passes after the prefill
+    (each yields one token: the answer's tokens after the first, plus the step that produced the ending EOS) over
+    the time from the first token to the end of the last step — llama.cpp's "eval" figure. It is 0.0 when no step
+    ran (a one-token answer that hit max_new_tokens, or an empty one)."""
+    return {"load_s": round(load_s, 6), "prefill_s": round(prefill_s, 6), "decode_s": round(decode_s, 6),
+            "decode_tokens_per_s": round(steps / decode_s, 3) if steps and decode_s > 0 else 0.0,
+            "prefill_tokens_per_s": round(prompt_tokens / prefill_s, 3) if prefill_s > 0 else 0.0,
+            "decode_steps": steps}
 
 
 def check_options(opts: SamplingOptions) -> None:

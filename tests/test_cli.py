@@ -62,7 +62,7 @@ def test_help_lists_every_flag_with_examples(script: str) -> None:
 
 @pytest.mark.parametrize("bad", [
     ["--temperature", "-1"], ["--top_p", "0"], ["--top_p", "1.5"], ["--top_k", "-3"], ["--max_new_tokens", "0"],
-    ["--max_new_tokens", "ten"], ["--repetition_penalty", "0"], ["--seed", "-1"], ["--video_frames", "0"],
+    ["--max_new_tokens", "ten"], ["--repetition_penalty", "0"], ["--seed", "-2"], ["--video_frames", "0"], ["--video_frames", "300"],
     ["--max_audio_frames", "-5"], ["--temperature", "nan"], ["--decode_attention", "sideways"],
     ["--device", "tpu"], ["--dtype", "int8"], ["--transcribe"], ["--audio_out", "x.wav"],
 ])
@@ -181,7 +181,9 @@ def test_pipe_one_answer_per_line(tiny_tree: Path, fixture_inputs: Path) -> None
     j = run_cli("--ckpt_dir", str(tiny_tree), "--max_new_tokens", "8", "--json", "--quiet", stdin=stdin)
     assert j.returncode == 0 and j.stderr == ""
     objs = [json.loads(l) for l in j.stdout.splitlines()]
-    assert [o["input"] for o in objs] == [l for l in lines if not l.startswith("/")]
+    assert [o["input"]["text"] for o in objs] == [l for l in lines if not l.startswith("/")]
+    assert objs[3]["input"]["image"] == [str(fixture_inputs / "image.png")]  # the media is listed
+    assert [set(o["input"]) for o in objs].count({"text", "image"}) == 1
     assert all(JSON_KEYS <= set(o) for o in objs)
     assert objs[1]["text"] == "" and objs[1]["generated_tokens"] == 0  # empty line, empty answer
     n_text = lambda s: 1 + len(tokenizer(tiny_tree).encode(s))  # noqa: E731

@@ -610,7 +610,7 @@ def test_missing_modality_names_the_search(tree):
 @pytest.mark.parametrize("target", ["nowhere", "vision_tiny", "file"])
 def test_unusable_ckpt_dir(tree, target):
     path = {"nowhere": tree / "nope", "vision_tiny": tree / "vision_tiny",
-            "file": tree / "thinker_tiny" / "thinker.pt"}[target]
+            "file": tree / "thinker_tiny" / "tokenizer.model"}[target]  # a file, but not weights
     with pytest.raises(OmniError, match=str(path.name)):
         load_components(path)
 

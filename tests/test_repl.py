@@ -92,3 +92,48 @@ def test_repl_ctrl_c_stops_an_answer_and_ctrl_d_leaves(long_tree: Path) -> None:
     finally:
         child.close(force=True)
     assert child.exitstatus == 0
+
+
+def test_repl_set_system_and_multiline(long_tree: Path) -> None:
+    from omni import load_model
+    model = load_model(long_tree, device="cpu")
+    child = spawn("--ckpt_dir", str(long_tree), "--max_new_tokens", "6", "--quiet", "--device", "cpu")
+
+    def answer(text: str) -> str:
+        out = ask(child, text)
+        assert out.startswith("μOmni: "), out
+        return out[len("μOmni: "):].rstrip("\n")
+
+    try:
+        shown = ask(child, "/set")
+        assert "max_new_tokens 6" in shown and "temperature 0.0" in shown and "system (none)" in shown
+        assert "set temperature to 0.7" in ask(child, "/set temperature 0.7")
+        assert "set seed to 5" in ask(child, "/set parameter seed 5")  # Ollama's spelling too
+        shown = ask(child, "/set")
+        assert "temperature 0.7" in shown and "seed 5" in shown
+        assert answer("hello there") == model.chat("hello there", max_new_tokens=6, temperature=0.7, seed=5)
+        assert "error:" in ask(child, "/set top_p 2")  # a bad value: message, nothing changed, still running
+        assert "temperature 0.7" in ask(child, "/set")
+        ask(child, "/set temperature default")
+        assert "temperature 0.0" in ask(child, "/set")
+
+        assert "system prompt set" in ask(child, "/system be brief")
+        assert answer("hello") == model.chat("hello", system="be brief", max_new_tokens=6)
+        assert "cleared" in ask(child, "/system")
+        assert answer("hello") == model.chat("hello", max_new_tokens=6)
+
+        child.sendline('"""first line')  # a multi-line message, as in Ollama
+        child.expect(r"\.\.\. ")
+        child.sendline("/image is text here")
+        child.expect(r"\.\.\. ")
+        child.sendline('last"""')
+        child.expect("You: ")
+        out = child.before.replace("\r\n", "\n")
+        said = out[out.index("μOmni: ") + len("μOmni: "):].rstrip("\n")
+        assert said == model.chat("first line\n/image is text here\nlast", max_new_tokens=6)
+
+        child.sendline("/exit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0

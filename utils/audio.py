@@ -41,40 +41,31 @@ def trim_audio(wave: np.ndarray, max_seconds: float, sample_rate: int = SAMPLE_R
 
 
 def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE, max_seconds: float | None = None) -> np.ndarray:
-    """First channel of a wav/flac/ogg/mp3 file as float32 mono at `sample_rate`.
+    """First channel of an audio file (see `open_audio` for the formats) as float32 mono at `sample_rate`.
 
     With `max_seconds` only the start of the file is decoded (never more than that many seconds, whatever the
     header claims); without, the whole file is decoded and files longer than MAX_AUDIO_SECONDS are refused."""
-    path = check_audio_path(path)
-    try:
-        with sf.SoundFile(os.fsencode(path)) as f:  # bytes: any file name, UTF-8 or not
-            sr, declared = f.samplerate, f.frames
-            if sr <= 0:
-                raise OmniError(f"audio file {path}: invalid sample rate {sr}")
-            if max_seconds is None:
-                if declared > MAX_AUDIO_SECONDS * sr:
-                    raise OmniError(f"audio file {path}: {declared / sr:.0f} s long (by its header), over the "
-                                    f"limit of {MAX_AUDIO_SECONDS:.0f} s of audio decoded at once")
-                wanted = int(MAX_AUDIO_SECONDS * sr) + 1
-            else:
-                wanted = max(1, int(np.ceil(max_seconds * sr)))
-            blocks, got = [], 0
-            while got < wanted:
-                block = f.read(min(DECODE_BLOCK_FRAMES, wanted - got), dtype="float32", always_2d=True)
-                if block.shape[0] == 0:
-                    break
-                blocks.append(np.array(block[:, 0], dtype=np.float32))  # first channel only, copied
-                got += block.shape[0]
-    except OmniError:
-        raise
-    except Exception as exc:  # soundfile raises several types for unreadable data
-        raise OmniError(f"audio file {path}: cannot decode ({str(exc).strip() or type(exc).__name__})") from exc
+    with ExitStack() as stack:
+        path, sr, declared, blocks = open_audio(stack, path)
+        if max_seconds is None:
+            if declared > MAX_AUDIO_SECONDS * sr:
+                raise OmniError(f"audio file {path}: {declared / sr:.0f} s long (by its header), over the "
+                                f"limit of {MAX_AUDIO_SECONDS:.0f} s of audio decoded at once")
+            wanted = int(MAX_AUDIO_SECONDS * sr) + 1
+        else:
+            wanted = max(1, int(np.ceil(max_seconds * sr)))
+        kept, got = [], 0
+        for block in decoded(blocks, path):
+            kept.append(np.array(block[:wanted - got], dtype=np.float32))  # copied: decoders reuse buffers
+            got += kept[-1].shape[0]
+            if got >= wanted:
+                break
     if got == 0:
         raise OmniError(f"audio file {path}: contains no samples")
     if max_seconds is None and got > MAX_AUDIO_SECONDS * sr:
         raise OmniError(f"audio file {path}: longer than the limit of {MAX_AUDIO_SECONDS:.0f} s of audio decoded "
                         f"at once")
-    wave = np.concatenate(blocks) if len(blocks) > 1 else blocks[0]
+    wave = np.concatenate(kept) if len(kept) > 1 else kept[0]
     check_wave(wave, f"audio file {path}")
     return resample(wave, sr, sample_rate)
 
@@ -92,58 +83,72 @@ def check_audio_path(path: str | os.PathLike) -> Path:
 def audio_seconds(path: str | os.PathLike) -> float | None:
     """Duration claimed by the file's header (None when the format does not say); for progress bars only."""
     try:
-        info = sf.info(str(path))
-    except Exception:  # unreadable: stream_audio reports it properly
+        info = sf.info(os.fsencode(path))
+    except Exception:  # unreadable or not libsndfile's: reading it reports the problem properly
         return None
     return info.frames / info.samplerate if info.samplerate > 0 and info.frames > 0 else None
 
 
-def stream_audio(source: str | os.PathLike | BinaryIO, max_seconds: float, sample_rate: int = SAMPLE_RATE,
-                 block_frames: int = DECODE_BLOCK_FRAMES) -> Iterator[np.ndarray]:
-    """The first channel of an audio file (a path, or an open binary file such as an upload) as float32 blocks
-    at `sample_rate`, decoded and resampled block by block, so memory stays the same whatever the length.
-    What libsndfile reads (wav, flac, ogg, mp3, ...) is decoded by soundfile, as `load_audio` does; other
-    containers (mp4, m4a, webm, mkv, ...: a video's sound track) by PyAV (FFmpeg). Audio longer than
-    `max_seconds` (by its header, or by what is actually decoded) is refused with OmniError."""
+def open_audio(stack: ExitStack, source: str | os.PathLike | BinaryIO) -> tuple[Any, int, int, Iterator[np.ndarray]]:
+    """(name for messages, sample rate, frames by the header or 0, first-channel float32 blocks) of an audio
+    file, a path or an open binary file such as an upload, closed with `stack`. What libsndfile reads (wav,
+    flac, ogg, mp3, ...) is decoded by soundfile; other containers (m4a/AAC, mp4, webm, mkv, ...: a video's
+    sound track) by FFmpeg through PyAV, under the guards of utils.media."""
     if hasattr(source, "read"):
         path: Any = getattr(source, "name", None) or "(stream)"
         opened: Any = source
     else:
         path = opened = check_audio_path(source)
+    try:  # a path goes to libsndfile as bytes: any file name, UTF-8 or not
+        f = stack.enter_context(sf.SoundFile(os.fsencode(opened) if isinstance(opened, Path) else opened))
+        sr, declared, blocks = f.samplerate, f.frames, soundfile_blocks(f, DECODE_BLOCK_FRAMES)
+    except Exception as sf_exc:  # soundfile raises several types for data it cannot read
+        if hasattr(opened, "seek"):
+            opened.seek(0)
+        sr, declared, blocks = av_audio(stack, opened, path, sf_exc)
+    if sr <= 0:
+        raise OmniError(f"audio file {path}: invalid sample rate {sr}")
+    return path, sr, declared, blocks
+
+
+def decoded(blocks: Iterator[np.ndarray], path: Any) -> Iterator[np.ndarray]:
+    """`blocks`, with either decoder's errors on corrupt data turned into OmniError naming the file."""
+    while True:
+        try:
+            block = next(blocks, None)
+        except Exception as exc:  # soundfile and PyAV raise their own error families
+            raise OmniError(f"audio file {path}: cannot decode ({reason(exc)})") from exc
+        if block is None:
+            return
+        yield block
+
+
+def stream_audio(source: str | os.PathLike | BinaryIO, max_seconds: float, sample_rate: int = SAMPLE_RATE
+                 ) -> Iterator[np.ndarray]:
+    """The first channel of an audio file (as `open_audio`) as float32 blocks at `sample_rate`, decoded and
+    resampled block by block, so memory stays the same whatever the length. Audio longer than `max_seconds`
+    (by its header, or by what is actually decoded) is refused with OmniError."""
     with ExitStack() as stack:
-        try:  # a path goes to libsndfile as bytes: any file name, UTF-8 or not
-            f = stack.enter_context(sf.SoundFile(os.fsencode(opened) if isinstance(opened, Path) else opened))
-            sr, declared, blocks = f.samplerate, f.frames, soundfile_blocks(f, block_frames)
-        except Exception as sf_exc:  # soundfile raises several types for data it cannot read
-            if hasattr(opened, "seek"):
-                opened.seek(0)
-            sr, declared, blocks = av_audio(stack, opened, path, sf_exc)
-        if sr <= 0:
-            raise OmniError(f"audio file {path}: invalid sample rate {sr}")
+        path, sr, declared, blocks = open_audio(stack, source)
         too_long = f"over the transcription limit of {max_seconds:.0f} s"
         if declared > max_seconds * sr:
             raise OmniError(f"audio file {path}: {declared / sr:.0f} s long (by its header), {too_long}")
         stream = None if sr == sample_rate else soxr.ResampleStream(sr, sample_rate, 1, dtype="float32")
         got = 0
-        while True:
-            try:
-                mono = next(blocks, None)
-            except Exception as exc:  # either decoder's errors on corrupt data
-                raise OmniError(f"audio file {path}: cannot decode ({reason(exc)})") from exc
-            last = mono is None
-            if last:
-                mono = np.zeros(0, np.float32)
+        for mono in decoded(blocks, path):
             got += mono.shape[0]
             if got > max_seconds * sr:
                 raise OmniError(f"audio file {path}: longer than {max_seconds:.0f} s, {too_long}")
             check_wave(mono, f"audio file {path}")
-            out = mono if stream is None else stream.resample_chunk(mono, last=last)
+            out = mono if stream is None else stream.resample_chunk(mono)
             if out.size:
                 yield out
-            if last:
-                break
         if got == 0:
             raise OmniError(f"audio file {path}: contains no samples")
+        if stream is not None:
+            tail = stream.resample_chunk(np.zeros(0, np.float32), last=True)
+            if tail.size:
+                yield tail
 
 
 def soundfile_blocks(f: sf.SoundFile, block_frames: int) -> Iterator[np.ndarray]:

@@ -24,8 +24,11 @@ from utils.cli_transcribe import check_args as check_transcribe_args
 from utils.cli_transcribe import run_transcribe
 from utils.errors import OmniError, Terminated, interrupt_status, one_line, quiet_stdout
 from utils.transcript import TranscribeOptions
+from utils.version import version_text
 
 MAX_SEED = 2**63 - 1  # torch.Generator's limit (as utils.generation.MAX_SEED; here so usage errors skip torch)
+MAX_VIDEO_FRAMES = 256  # as utils.image.MAX_VIDEO_FRAMES (here so usage errors skip torch)
+RANDOM_SEED = -1  # --seed -1: a fresh random seed, as in llama.cpp
 
 DEFAULT_VIDEO_FRAMES = 4
 ANSWER_PREFIX = "μOmni: "
@@ -34,8 +37,12 @@ USER_PROMPT = "You: "
 REPL_HELP = """commands:
   /image PATH   attach an image to your next message (several may be attached)
   /video PATH   attach a video (--video_frames evenly spaced frames) to your next message
-  /audio PATH   attach an audio file to your next message
+  /audio PATH   attach an audio file to your next message (several may be attached)
   /reset        drop the attached media
+  /set          show the sampling options; /set NAME VALUE changes one (e.g. /set temperature 0.7,
+                /set seed 7, /set max_new_tokens 16; NAME default restores it), names: SET_NAMES
+  /system TEXT  set the system prompt, prepended to every question ("/system" alone clears it)
+  \"\"\"           start a multi-line message; it ends at a line that ends with \"\"\"
   /help         show this help
   /exit, /quit  leave (Ctrl-D too); Ctrl-C stops an answer and returns to the prompt
 Each turn is independent: the μOmni thinker was trained without a chat template, so it does not see
@@ -69,7 +76,8 @@ def number_in(kind: type, low: float, high: float = math.inf, low_open: bool = F
 
 positive_int = number_in(int, 1)
 non_negative_int = number_in(int, 0)
-seed_value = number_in(int, 0, MAX_SEED)
+seed_value = number_in(int, RANDOM_SEED, MAX_SEED)  # -1 = random
+video_frame_count = number_in(int, 1, MAX_VIDEO_FRAMES)
 non_negative_float = number_in(float, 0.0)
 positive_float = number_in(float, 0.0, low_open=True)
 probability = number_in(float, 0.0, 1, low_open=True)
@@ -78,7 +86,7 @@ probability = number_in(float, 0.0, 1, low_open=True)
 # ---------------------------------------------------------------- parser
 
 def epilog(prog: str) -> str:
-    d = "export" if "safetensors" in prog else "checkpoints"
+    d = "export" if "safetensors" in prog else "checkpoints/demo"
     p = f"python {prog} --ckpt_dir {d}"
     return f"""examples:
   # one question; the answer is printed as it is generated
@@ -98,8 +106,13 @@ def epilog(prog: str) -> str:
   # a pipe: one answer per input line (JSON lines with --json)
   printf 'What is one plus two?\\nHello\\n' | {p}
   printf '/image cat.png\\nWhat is this?\\n' | {p} --json > answers.jsonl
-  # interactive chat (type /help inside)
+  # interactive chat (type /help inside; \"\"\" starts and ends a multi-line message)
   {p}
+  # a system prompt (prepended to each question), the model card, timings, versions
+  {p} --system "Answer briefly." --text "Hi"
+  {p} --info --json
+  {p} --text "Hi" --timings
+  python {prog} --version
 
 Defaults for the sampling flags come from generation_config.json beside the weights when there is one.
 Each question is independent: the μOmni thinker has no chat template and no conversation memory.
@@ -111,7 +124,8 @@ limits (an input beyond them is refused with one `error:` line and exit status 1
              before the spectrogram; --transcribe streams files in bounded memory, up to
              --max_transcribe_seconds (default {TranscribeOptions().max_seconds:.0f} s)
   video      at most 256 frames (--video_frames); frames obey the image pixel limit
-  text       a prompt longer than the context is trimmed (its end kept) with a warning
+  text       a prompt too long for the context beside the answer budget is trimmed (its end kept) with a
+             warning; the budget is reduced (with a warning) only when the context cannot hold it at all
   weights    .pt files are unpickled weights-only: tensors and plain data; a pickle that would run code is
              refused and never run; safetensors headers are validated before anything is read; a config
              may not ask for ctx_len above 131072
@@ -129,7 +143,7 @@ MODES = ("Modes: one-shot when --text, --image, --audio_in or --video is given; 
 def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog, description=(description or "").strip() + "\n\n" + textwrap.fill(MODES, 100),
-        epilog=epilog(prog), formatter_class=argparse.RawDescriptionHelpFormatter)
+        epilog=epilog(prog), formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
 
     g = p.add_argument_group("model")
     g.add_argument("--ckpt_dir", required=True, metavar="DIR",
@@ -149,14 +163,18 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     g.add_argument("--prompt", help="Text used when --text is absent, instead of the built-in prompts "
                                     "(\"Describe what you see concisely.\" with an image or video, "
                                     "\"What did you hear?\" with audio only).")
-    g.add_argument("--image", metavar="PATH", help="Image file (png, jpg, ...) to ask about: one image token.")
+    g.add_argument("--image", metavar="PATH", action="append",
+                   help="Image file (png, jpg, ...) to ask about: one image token. Repeat it for several images "
+                        "(tokens in the order given, before the video frames).")
     g.add_argument("--video", metavar="PATH", help="Video file to ask about: --video_frames evenly spaced frames "
                                                    "become image tokens, in order.")
-    g.add_argument("--video_frames", type=positive_int, default=DEFAULT_VIDEO_FRAMES, metavar="N",
-                   help=f"How many frames to take from --video or /video (default {DEFAULT_VIDEO_FRAMES}).")
-    g.add_argument("--audio_in", metavar="PATH", nargs="+",
-                   help="Audio file (wav, flac, ogg, mp3) to ask about; resampled to 16 kHz mono. Several with "
-                        "--transcribe.")
+    g.add_argument("--video_frames", type=video_frame_count, default=DEFAULT_VIDEO_FRAMES, metavar="N",
+                   help=f"How many frames to take from --video or /video, 1 to {MAX_VIDEO_FRAMES} "
+                        f"(default {DEFAULT_VIDEO_FRAMES}).")
+    g.add_argument("--audio_in", metavar="PATH", action="extend", nargs="+",
+                   help="Audio file (wav, flac, ogg, mp3, m4a/aac, ...) to ask about; resampled to 16 kHz mono. "
+                        "Several (--audio_in a b, or the flag repeated): their tokens follow each other in the "
+                        "order given; with --transcribe, each file is transcribed.")
     g.add_argument("--batch_file", metavar="PATH",
                    help="Answer many requests: a JSON Lines file, one object per line with \"text\" and optional "
                         "\"image\", \"audio_in\", \"video\" paths (relative to the current directory, else to "
@@ -182,7 +200,13 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
                    help="Divide the scores of tokens already in the prompt or answer by R (> 0; 1 = off, "
                         "the default; 1.1-1.3 discourages loops).")
     g.add_argument("--seed", type=seed_value, default=None, metavar="S",
-                   help="Random seed for sampling: the same seed gives the same output (text and speech).")
+                   help="Random seed for sampling: the same seed gives the same output (text and speech); -1 picks "
+                        "a random one (shown with --verbose and in --json as \"seed\").")
+    g.add_argument("--system", metavar="TEXT",
+                   help="System prompt. μOmni has no chat template, so it is prepended to every question as plain "
+                        "text: the prompt becomes [bos] + encode(\"TEXT QUESTION\"), the join the μOmni SFT trainer "
+                        "used (without --system it is [bos] + encode(\"QUESTION\") as always). /system TEXT changes "
+                        "it in the chat and in pipes.")
     g.add_argument("--ignore_eos", action="store_true",
                    help="Keep generating after the end-of-sequence token, up to --max_new_tokens.")
     g.add_argument("--decode_attention", choices=("causal", "reference"), default=None,
@@ -211,12 +235,41 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
                    help="Mel-to-wave: auto (default) uses HiFi-GAN when a vocoder.pt/hifigan.pt was found, "
                         "else Griffin-Lim.")
 
+    g.add_argument("--info", action="store_true",
+                   help="Print the model card and exit: components, parameter counts, dtype, context length, "
+                        "vocabulary, the weights and config file of each component, decode mode, generation "
+                        "defaults (one JSON object with --json).")
     add_transcribe_arguments(p)
 
     g = p.add_argument_group("messages")
     g.add_argument("--quiet", action="store_true", help="Print nothing on stderr except errors.")
-    g.add_argument("--verbose", action="store_true", help="Show Python tracebacks for errors.")
+    g.add_argument("--verbose", action="store_true",
+                   help="Show loading messages, the timing summary and Python tracebacks for errors.")
+    g.add_argument("--timings", action="store_true",
+                   help="After each answer print a timing summary on stderr, as llama.cpp does: load, prompt eval "
+                        "and eval (tokens, ms, ms per token, tokens per second).")
+    g.add_argument("--version", action="version", version=version_text(prog),
+                   help="Print the suite's, torch's and Python's versions and exit.")
+    add_dash_aliases(p)
     return p
+
+
+# Spellings kept working now that prefixes are off (allow_abbrev=False): --temp is llama.cpp's name.
+EXTRA_ALIASES = {"--temperature": ("--temp",)}
+
+
+def add_dash_aliases(parser: argparse.ArgumentParser) -> None:
+    """Every --snake_case flag also answers to --kebab-case (and EXTRA_ALIASES), so both spellings users bring
+    from other tools work; exact names only, never prefixes."""
+    for action in list(parser._actions):
+        for opt in list(action.option_strings):
+            aliases = list(EXTRA_ALIASES.get(opt, ()))
+            if opt.startswith("--") and "_" in opt[2:]:
+                aliases.append("--" + opt[2:].replace("_", "-"))
+            for alias in aliases:
+                if alias not in parser._option_string_actions:
+                    action.option_strings.append(alias)
+                    parser._option_string_actions[alias] = action
 
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -233,6 +286,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     if args.batch_file is not None and (one_shot(args) or args.transcribe or args.audio_out is not None):
         parser.error("--batch_file cannot be combined with --text, --image, --audio_in, --video, --transcribe "
                      "or --audio_out (put the inputs in the file)")
+    if args.info and (one_shot(args) or args.batch_file is not None or args.transcribe or args.audio_out):
+        parser.error("--info prints the model card only: drop the inputs (--text, --image, ...) or --info")
 
 
 def one_shot(args: argparse.Namespace) -> bool:
@@ -244,7 +299,24 @@ def generation_options(args: argparse.Namespace) -> dict[str, Any]:
     opts = {k: getattr(args, k) for k in ("max_new_tokens", "temperature", "top_k", "top_p",
                                           "repetition_penalty", "seed", "decode_attention")}
     opts["ignore_eos"] = args.ignore_eos or None
+    opts["system"] = args.system or None
     return {k: v for k, v in opts.items() if v is not None}
+
+
+def print_timings(con: "Console", ans: Any) -> None:
+    """llama.cpp's end-of-answer summary, on stderr: load, prompt eval and eval (decode steps)."""
+    t = ans.timing
+    prefill_ms, decode_ms, steps = t["prefill_s"] * 1000, t["decode_s"] * 1000, t.get("decode_steps", 0)
+
+    def rate(ms: float, n: int, unit: str) -> str:
+        per = f"{ms / n:8.2f} ms per token, {n * 1000 / ms:9.2f} tokens per second" if n and ms > 0 else \
+            "no tokens timed"
+        return f"{ms:10.2f} ms / {n:5d} {unit} ({per})"
+    con.always(f"timings:        load time = {t['load_s'] * 1000:10.2f} ms")
+    con.always(f"timings: prompt eval time = {rate(prefill_ms, ans.prompt_tokens, 'tokens')}")
+    con.always(f"timings:        eval time = {rate(decode_ms, steps, 'runs  ')}")
+    con.always(f"timings:       total time = {prefill_ms + decode_ms:10.2f} ms / "
+               f"{ans.prompt_tokens + ans.generated_tokens:5d} tokens")
 
 
 # ---------------------------------------------------------------- stderr
@@ -271,6 +343,10 @@ class Console:
 
     def error(self, msg: str) -> None:
         print(f"error: {one_line(msg)}", file=self.err, flush=True)
+
+    def always(self, msg: str) -> None:
+        """Output the user asked for on stderr (--timings): shown even with --quiet."""
+        print(msg, file=self.err, flush=True)
 
     @property
     def progress_enabled(self) -> bool:
@@ -391,7 +467,9 @@ def run_one_shot(model: Any, args: argparse.Namespace, con: Console, out: Out) -
         out.line(ans.text)
     for note in ans.warnings:
         con.warn(note)
-    result = ans.to_json()
+    if args.timings or args.verbose:
+        print_timings(con, ans)
+    result = {**ans.to_json(), **seed_report(args)}
     if args.audio_out is not None:
         result["audio_out"] = speak(model, args, ans.text, con)
     if args.json:
@@ -403,14 +481,16 @@ def run_one_shot(model: Any, args: argparse.Namespace, con: Console, out: Out) -
 class Attachments:
     """Media waiting for the next message (REPL and pipe mode)."""
     images: list[Any] = field(default_factory=list)  # image tensors and video frames, in attach order
-    audio: Any = None
+    audio: list[Any] = field(default_factory=list)  # waveforms, in attach order
     names: list[str] = field(default_factory=list)
+    paths: dict[str, list[str]] = field(default_factory=dict)  # "image"/"video"/"audio_in" -> paths, for `input`
+    failed: str | None = None  # a failed /image, /video or /audio: the next message is not answered without it
 
     def __bool__(self) -> bool:
-        return bool(self.images) or self.audio is not None
+        return bool(self.images) or bool(self.audio) or self.failed is not None
 
     def clear(self) -> None:
-        self.images, self.audio, self.names = [], None, []
+        self.images, self.audio, self.names, self.paths, self.failed = [], [], [], {}, None
 
 
 def attach(model: Any, cmd: str, arg: str, media: Attachments, video_frames: int) -> str:
@@ -427,11 +507,9 @@ def attach(model: Any, cmd: str, arg: str, media: Attachments, video_frames: int
         media.images.extend(load_video_frames(path, video_frames))
     else:
         model.require("/audio", "audio", "proj_a")
-        replaced = media.audio is not None
-        media.audio = model.audio_wave(path)
-        media.names.append(f"audio {path}")
-        return f"attached audio {path}" + (" (replacing the earlier audio: one per message)" if replaced else "")
+        media.audio.append(model.audio_wave(path))
     media.names.append(f"{cmd} {path}")
+    media.paths.setdefault("audio_in" if cmd == "audio" else cmd, []).append(path)
     return f"attached {cmd} {path}" + (f" ({video_frames} frames)" if cmd == "video" else "")
 
 
@@ -449,8 +527,66 @@ def split_command(line: str) -> tuple[str, str] | None:
 
 def ask(model: Any, args: argparse.Namespace, text: str | None, media: Attachments,
         on_text: Callable[[str], None] | None) -> Any:
-    return model.answer(text, image=list(media.images) or None, audio=media.audio, prompt=args.prompt,
-                        on_text=on_text, **generation_options(args))
+    return model.answer(text, image=list(media.images) or None, audio=list(media.audio) or None,
+                        prompt=args.prompt, on_text=on_text, **generation_options(args))
+
+
+# /set NAME VALUE: the generation flags, parsed by the same argparse types as on the command line
+SETTABLE = {"max_new_tokens": positive_int, "temperature": non_negative_float, "top_k": non_negative_int,
+            "top_p": probability, "repetition_penalty": positive_float, "seed": seed_value,
+            "decode_attention": None, "ignore_eos": None}
+SET_ALIASES = {"temp": "temperature", "max_tokens": "max_new_tokens", "num_predict": "max_new_tokens",
+               "repeat_penalty": "repetition_penalty"}
+
+
+def set_option(model: Any, args: argparse.Namespace, arg: str) -> str:
+    """`/set` (show the options in effect), `/set NAME VALUE`, `/set NAME default`; Ollama's
+    `/set parameter NAME VALUE` too. Returns the message to show; a bad name or value is an OmniError."""
+    words = arg.split()
+    if words[:1] == ["parameter"]:
+        words = words[1:]
+    if not words:
+        opts = model.options(**{k: v for k, v in generation_options(args).items() if k != "system"})
+        shown = ", ".join(f"{k} {getattr(opts, k)}" for k in SETTABLE)
+        return f"{shown}, system {args.system!r}" if args.system else f"{shown}, system (none)"
+    name = SET_ALIASES.get(words[0].replace("-", "_"), words[0].replace("-", "_"))
+    if name not in SETTABLE or len(words) != 2:
+        raise OmniError(f"/set {arg}: use /set NAME VALUE with NAME one of {', '.join(SETTABLE)} "
+                        f"(VALUE 'default' restores it); /set alone shows them")
+    value: Any = words[1]
+    if value == "default":
+        value = False if name == "ignore_eos" else None
+    elif name == "ignore_eos":
+        if value.lower() not in ("true", "false", "on", "off", "1", "0"):
+            raise OmniError(f"/set ignore_eos {value}: use true or false")
+        value = value.lower() in ("true", "on", "1")
+    elif name == "decode_attention":
+        if value not in ("reference", "causal"):
+            raise OmniError(f"/set decode_attention {value}: use reference or causal")
+    else:
+        try:
+            value = SETTABLE[name](value)
+        except argparse.ArgumentTypeError as exc:
+            raise OmniError(f"/set {name} {words[1]}: {exc}") from None
+        if name == "seed" and value == RANDOM_SEED:
+            value = random_seed()
+    setattr(args, name, value)
+    return f"set {name} to {'its default' if value is None else value}"
+
+
+def seed_report(args: argparse.Namespace) -> dict[str, int]:
+    """{"seed": S} for --json when --seed -1 picked S at random (so the answer can be reproduced), else {}."""
+    return {"seed": args.seed} if getattr(args, "random_seed", False) else {}
+
+
+def random_seed() -> int:
+    import secrets
+    return secrets.randbelow(MAX_SEED + 1)
+
+
+def set_system(args: argparse.Namespace, arg: str) -> str:
+    args.system = arg or None
+    return f"system prompt set: {arg!r}" if arg else "system prompt cleared"
 
 
 MAX_LINE_CHARS = 1_000_000  # one pipe line; bounds memory when stdin has no newlines (e.g. < /dev/zero)
@@ -468,34 +604,65 @@ def bounded_lines(stream: TextIO) -> Iterator[str | None]:
 
 
 def run_pipe(model: Any, args: argparse.Namespace, con: Console, out: Out, lines: TextIO) -> int:
-    """One answer per input line (one JSON object per line with --json); '/image PATH' lines attach media."""
+    """One output line per message line, in order (one JSON object per line with --json): the answer, or for a
+    message that failed an error line ({"input", "error"} in JSON, else an empty line on stdout and `error:` on
+    stderr). Command lines ('/image PATH', '/video PATH', '/audio PATH', '/reset', '/system TEXT',
+    '/set NAME VALUE') print nothing on stdout; a media command that failed fails the message after it (one
+    error, reported there), which is never answered without its media."""
+    from omni import decode_timing
+
     out.one_line = True
     media = Attachments()
     status = 0
     stream = not (args.json or args.no_stream)
     number = 0
+
+    def fail(line: str | None, message: str) -> None:
+        nonlocal status
+        con.error(f"line {number}: {message}")
+        if args.json:
+            out.json({"input": message_input(line), "error": message})
+        else:
+            out.line()
+        status = 1
+
+    def message_input(line: str | None) -> dict[str, Any]:
+        """The `input` object: the line's text and the media attached to it (as --batch_file's requests)."""
+        return {"text": line, **media.paths}
+
     for number, raw in enumerate(bounded_lines(lines), 1):
         if raw is None:
-            con.error(f"line {number}: longer than {MAX_LINE_CHARS} characters; skipped")
-            status = 1
+            fail(None, f"longer than {MAX_LINE_CHARS} characters; not answered")
+            media.clear()
             continue
         line = raw.rstrip("\r\n")
         cmd = split_command(line)
-        if cmd and cmd[0] in MEDIA_COMMANDS + ("reset",):
+        if cmd and cmd[0] in MEDIA_COMMANDS + ("reset", "system", "set"):
             try:
                 if cmd[0] == "reset":
                     media.clear()
+                elif cmd[0] == "system":
+                    con.info(f"line {number}: " + set_system(args, cmd[1]))
+                elif cmd[0] == "set":
+                    con.info(f"line {number}: " + set_option(model, args, cmd[1]))
                 else:
                     con.info(f"line {number}: " + attach(model, cmd[0], cmd[1], media, args.video_frames))
             except OmniError as exc:
-                con.error(f"line {number}: {exc}")
-                status = 1
+                if cmd[0] in MEDIA_COMMANDS:  # reported once, with the message it fails (or at the end)
+                    media.failed = media.failed or f"because of line {number}: {exc}"
+                else:
+                    con.error(f"line {number}: {exc}")
+                    status = 1
+            continue
+        if media.failed is not None:
+            fail(line, f"not answered, {media.failed}")
+            media.clear()
             continue
         if not line.strip() and not media:
             # keep the answers aligned with the input lines: an empty line gets an empty answer
             if args.json:
-                out.json({"input": line, "text": "", "token_ids": [], "prompt_tokens": 0, "generated_tokens": 0,
-                          "timing": {"load_s": 0.0, "prefill_s": 0.0, "decode_s": 0.0, "decode_tokens_per_s": 0.0}})
+                out.json({"input": message_input(line), "text": "", "token_ids": [], "prompt_tokens": 0,
+                          "generated_tokens": 0, "timing": decode_timing(0.0, 0.0, 0, 0.0, 0)})
             else:
                 out.line()
             continue
@@ -508,27 +675,32 @@ def run_pipe(model: Any, args: argparse.Namespace, con: Console, out: Out, lines
         try:
             ans = ask(model, args, line if line.strip() else None, media, on_text if stream else None)
         except OmniError as exc:
-            con.error(f"line {number}: {exc}")
-            if args.json:
-                out.json({"input": line, "error": str(exc)})
+            if started:
+                out.line()  # ends a partial answer
+                con.error(f"line {number}: {exc}")
+                status = 1
             else:
-                out.line()  # ends a partial answer, or stands in for the missing one
-            status = 1
+                fail(line, str(exc))
             media.clear()
             continue
         except BaseException:
             if started:
                 out.line()
             raise
-        media.clear()
         for note in ans.warnings:
             con.warn(f"line {number}: {note}")
+        if args.timings or args.verbose:
+            print_timings(con, ans)
         if args.json:
-            out.json({"input": line, **ans.to_json()})
+            out.json({"input": message_input(line), **ans.to_json(), **seed_report(args)})
         elif stream:
             out.line()
         else:
             out.line(ans.text)
+        media.clear()
+    if media.failed is not None:
+        con.error(f"no message followed the media command that failed {media.failed}")
+        status = 1
     if number == 0:
         con.warn("stdin is empty: nothing to answer (give --text, --image, --audio_in or --video, pipe questions "
                  "in, or run in a terminal for the interactive chat)")
@@ -634,20 +806,27 @@ def run_repl(model: Any, args: argparse.Namespace, con: Console, out: Out) -> in
     media = Attachments()
     while True:
         try:
-            line = input(USER_PROMPT)
+            line = read_message(input(USER_PROMPT))
         except EOFError:
             out.line()
             return 0
         except KeyboardInterrupt:  # Ctrl-C at the prompt: drop the line, ask again
             out.line()
             continue
-        cmd = split_command(line)
+        cmd = split_command(line) if "\n" not in line else None
         if cmd:
             name, arg = cmd
             if name in ("exit", "quit"):
                 return 0
             if name == "help":
-                out.line(REPL_HELP)
+                out.line(REPL_HELP.replace("SET_NAMES", ", ".join(SETTABLE)))
+            elif name == "set":
+                try:
+                    out.line(set_option(model, args, arg))
+                except OmniError as exc:
+                    con.error(str(exc))
+            elif name == "system":
+                out.line(set_system(args, arg))
             elif name == "reset":
                 dropped = ", ".join(media.names) or "nothing was attached"
                 media.clear()
@@ -686,6 +865,25 @@ def run_repl(model: Any, args: argparse.Namespace, con: Console, out: Out) -> in
             out.line("" if stream else ans.text)
         for note in ans.warnings:
             con.warn(note)
+        if args.timings or args.verbose:
+            print_timings(con, ans)
+
+
+MULTILINE = '"""'
+
+
+def read_message(first: str) -> str:
+    """Ollama's multi-line input: a message starting with three double quotes runs until a line ending with
+    them (the quotes are dropped, the line breaks kept). Anything else is the message as typed."""
+    if not first.lstrip().startswith(MULTILINE):
+        return first
+    text = first.lstrip()[len(MULTILINE):]
+    lines = []
+    while not text.rstrip().endswith(MULTILINE):
+        lines.append(text)
+        text = input("... ")
+    lines.append(text.rstrip()[:-len(MULTILINE)])
+    return "\n".join(lines).strip("\n")
 
 
 # ---------------------------------------------------------------- entry point
@@ -698,6 +896,10 @@ def run(args: argparse.Namespace, con: Console) -> int:
     model = load_model(args.ckpt_dir, device=args.device, dtype=args.dtype, quantize=args.quantize)
     con.status(f"loaded {', '.join(model.components) or 'nothing'} in {model.load_seconds:.1f} s "
              f"on {model.device} ({str(model.dtype).replace('torch.', '')})")
+    if args.info:
+        card = model.info()
+        out.json(card) if args.json else out.line(format_card(card))
+        return 0
     if args.batch_file is not None:
         return run_batch_file(model, args, con, out)
     if one_shot(args):
@@ -705,6 +907,32 @@ def run(args: argparse.Namespace, con: Console) -> int:
     if sys.stdin.isatty():
         return run_repl(model, args, con, out)
     return run_pipe(model, args, con, out, sys.stdin)
+
+
+def format_card(card: dict[str, Any]) -> str:
+    """The human-readable model card (`--info` without --json)."""
+    rows = [("path", card["path"]), ("format", card["format"])]
+    for name, comp in card["components"].items():
+        rows.append((name, f"{comp['parameters']:,} parameters"))
+        rows.append(("  weights", comp["weights"]))
+        rows.append(("  config", comp["config"]))
+    rows.append(("parameters", f"{card['parameters']:,} in all"))
+    if "thinker" in card:
+        t = card["thinker"]
+        rows.append(("architecture", f"{t['layers']} layers, d_model {t['d_model']}, {t['heads']} heads "
+                                     f"({t['kv_heads']} KV), {t['ffn']} FFN d_ff {t['d_ff']}"
+                                     + (f", {t['experts']} experts" if t["experts"] else "")
+                                     + f", rope_theta {t['rope_theta']:g}"))
+    rows += [("dtype", card["dtype"]), ("device", card["device"]), ("context length", card["context_length"])]
+    if "vocabulary" in card:
+        v = card["vocabulary"]
+        rows.append(("vocabulary", f"{v['tokenizer_pieces']} tokenizer pieces, {v['embedding_rows']} embedding rows "
+                                   f"({v['tokenizer']})"))
+    rows.append(("decode mode", card["decode_attention"]))
+    rows.append(("defaults", ", ".join(f"{k} {v}" for k, v in card["generation_defaults"].items())))
+    for name, where in card["missing"].items():
+        rows.append((f"no {name}", f"searched {where}"))
+    return "\n".join(f"{k:<16}{v}" for k, v in rows)
 
 
 def utf8_streams() -> None:
@@ -725,6 +953,9 @@ def main(argv: Sequence[str] | None, prog: str, description: str) -> int:
     check_args(parser, args)
     con = Console(args.quiet, verbose=args.verbose)
     route_warnings(con)
+    if args.seed == RANDOM_SEED:
+        args.seed, args.random_seed = random_seed(), True
+        con.status(f"seed: {args.seed} (--seed -1: random)")
     try:
         return run(args, con)
     except OmniError as exc:

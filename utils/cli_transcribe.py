@@ -42,16 +42,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Usage errors of the transcription flags; afterwards args.audio_files lists every --audio_in and
-    args.audio_in is the first (the chat paths take one)."""
-    files = args.audio_in or []
-    args.audio_files = files
-    args.audio_in = files[0] if files else None
+    """Usage errors of the transcription flags."""
     given = [f for f in ("output_format", "output_dir", "min_silence", "segment_gap", "max_transcribe_seconds")
              if getattr(args, f) is not None] + (["no_vad"] if args.no_vad else [])
     if not args.transcribe:
-        if len(files) > 1:
-            parser.error("several --audio_in files need --transcribe")
         if given:
             parser.error(f"--{given[0]} needs --transcribe")
         return
@@ -92,7 +86,7 @@ def run_transcribe(model: Any, args: argparse.Namespace, con: Any, out: Any) -> 
 
     fmt = args.output_format or ("json" if args.json else "txt")
     formats = OUTPUT_FORMATS if fmt == "all" else (fmt,)
-    files = args.audio_files
+    files = args.audio_in
     to_stdout = args.output_dir is None and len(files) == 1 and fmt != "all"
     paths: list[list[Path]] = []
     if not to_stdout:

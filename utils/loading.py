@@ -6,7 +6,9 @@ component dirs, a single audio-encoder dir (for transcription), or a merged safe
 from __future__ import annotations
 
 import os
+import re
 import warnings
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,10 @@ KIND_FILES = {"omni": ("omni",), "thinker": ("thinker",), "audio": ("audio_enc",
 # Config keys of omni_sft_*.json that point at the component directories.
 OMNI_POINTERS = {"thinker": "thinker_ckpt", "audio": "audio_ckpt", "vision": "vision_ckpt", "talker": "talker_ckpt"}
 CTC_MAP_NAMES = ("audio_enc_metadata.json", "ctc_vocab.json")
+# A weights file the user named itself (`--ckpt_dir dir/omni_final.pt`): resolved dir -> (kind, file).
+CHOSEN_FILES: ContextVar[dict[Path, tuple[str, Path]]] = ContextVar("CHOSEN_FILES", default={})
+STANDARD_PT = re.compile(r"^(?:model|(?:%s)(?:_step_\d+)?)\.pt$"
+                         % "|".join(n for names in KIND_FILES.values() for n in names))
 
 
 @dataclass
@@ -52,6 +58,7 @@ class Components:
     generation_defaults: dict[str, Any] = field(default_factory=dict)
     dtype: torch.dtype = torch.float32  # float dtype the weights were stored in: the default compute dtype
     sources: dict[str, str] = field(default_factory=dict)
+    configs: dict[str, str] = field(default_factory=dict)  # component -> the config file its settings came from
     searched: dict[str, str] = field(default_factory=dict)
     root: Path = Path(".")
 
@@ -63,7 +70,11 @@ class Components:
 # ---------------------------------------------------------------- directory kinds
 
 def dir_kind(d: Path) -> str | None:
-    """What a directory holds, judged by its file names (and a `model.pt`'s wrapper keys)."""
+    """What a directory holds, judged by its file names (and a `model.pt`'s wrapper keys); without any standard
+    name, by the wrapper keys of its one other `.pt` file (`omni_final.pt`, `thinker_best.pt`)."""
+    chosen = CHOSEN_FILES.get().get(d.resolve())
+    if chosen is not None:
+        return chosen[0]
     if any((d / n).is_file() for n in EXPORT_NAMES):
         return "export"
     for kind, names in KIND_FILES.items():
@@ -72,7 +83,47 @@ def dir_kind(d: Path) -> str | None:
                 return kind
     if (d / "model.pt").is_file():
         return model_pt_kind(d / "model.pt")
+    others = other_pt_files(d)
+    if len(others) == 1:
+        try:
+            return model_pt_kind(others[0])
+        except OmniError:  # another program's file: not a μOmni directory (load_components says why)
+            return None
     return None
+
+
+def other_pt_files(d: Path) -> list[Path]:
+    """`.pt` files in `d` without a standard μOmni name (e.g. `omni_final.pt`, `thinker_best.pt`)."""
+    try:
+        return sorted(p for p in d.glob("*.pt") if p.is_file() and not STANDARD_PT.match(p.name))
+    except OSError:
+        return []
+
+
+def several_weights_error(d: Path, shown: str | Path) -> OmniError:
+    files = other_pt_files(d)
+    return OmniError(f"{shown}: several weights files and none with a standard name "
+                     f"({', '.join(p.name for p in files)}); pick one by passing the file itself, e.g. "
+                     f"--ckpt_dir {Path(shown) / files[0].name}")
+
+
+def model_dirs_below(d: Path, shown: str | Path) -> list[str]:
+    """Directories under `d` (one or two levels) that --ckpt_dir would accept, spelled from `shown`: for the
+    "did you mean checkpoints/demo?" hint."""
+    found = []
+    for child in child_dirs(d):
+        try:
+            if dir_kind(child) in ("export", "omni", "thinker") or any(
+                    dir_kind(g) in ("export", "omni", "thinker") for g in child_dirs(child)):
+                found.append(str(Path(shown) / child.name))
+        except OmniError:  # an unreadable file below: not a suggestion
+            continue
+    return found
+
+
+def did_you_mean(d: Path, shown: str | Path) -> str:
+    found = model_dirs_below(d, shown)
+    return f"; did you mean {' or '.join(found[:5])}?" if found else ""
 
 
 def model_pt_kind(path: Path) -> str:
@@ -94,10 +145,19 @@ def model_pt_kind(path: Path) -> str:
 
 
 def weights_file(d: Path, kind: str) -> Path:
+    chosen = CHOSEN_FILES.get().get(d.resolve())
+    if chosen is not None and chosen[0] == kind:
+        return chosen[1]
     for name in KIND_FILES[kind]:
         found = find_weights_file(d, name)
         if found:
             return found
+    others = other_pt_files(d)
+    if len(others) == 1:
+        warnings.warn(f"no standard {kind} weights name in {d}: using its only .pt file, {others[0].name}")
+        return others[0]
+    if len(others) > 1:
+        raise several_weights_error(d, d)
     raise OmniError(f"no {kind} weights in {d} (looked for {KIND_FILES[kind][0]}.pt, model.pt, "
                     f"{KIND_FILES[kind][0]}_step_N.pt)")
 
@@ -309,8 +369,8 @@ def load_components(ckpt_dir: str | Path) -> Components:
     d = Path(os.path.normpath(Path(ckpt_dir).absolute()))
     if not d.exists():
         raise OmniError(f"--ckpt_dir {d}: no such directory")
-    if not d.is_dir():
-        raise OmniError(f"--ckpt_dir {d}: is a file, not a directory")
+    if d.is_file():
+        return load_weights_file(d)
     kind = dir_kind(d)
     if kind == "export":
         from utils.export_format import load_export  # the safetensors layout lives with its writer
@@ -337,9 +397,14 @@ def load_components(ckpt_dir: str | Path) -> Components:
             exports = subdirs_of_kind(d, "export") if thinker is None else []
             if len(exports) == 1:
                 return load_components(exports[0])  # a folder holding one merged export
+            others = other_pt_files(d) if thinker is None else []
+            if len(others) > 1:
+                raise several_weights_error(d, ckpt_dir)
+            if len(others) == 1:
+                model_pt_kind(others[0])  # it was not readable as μOmni weights: say why
             if thinker is None:
                 raise OmniError(f"--ckpt_dir {d}: no μOmni checkpoint found (no {', '.join(EXPORT_NAMES)}, no "
-                                f"thinker/omni weights here or in its subdirectories)")
+                                f"thinker/omni weights here or in its subdirectories){did_you_mean(d, ckpt_dir)}")
             load_thinker_dir(comps, thinker)
             load_siblings(comps, d, {})
     else:
@@ -350,10 +415,37 @@ def load_components(ckpt_dir: str | Path) -> Components:
     return comps
 
 
+def load_weights_file(path: Path) -> Components:
+    """`--ckpt_dir dir/omni_final.pt`: these weights for their component, everything else found around them
+    exactly as for `dir` (llama.cpp's `-m model.gguf`)."""
+    if path.suffix == ".safetensors":
+        if dir_kind(path.parent) == "export" and path.name in EXPORT_NAMES:
+            return load_components(path.parent)
+        raise OmniError(f"--ckpt_dir {path}: not a merged export's weights file (expected one of "
+                        f"{', '.join(EXPORT_NAMES)} beside config.json)")
+    if path.suffix != ".pt":
+        raise OmniError(f"--ckpt_dir {path}: is a file but not a weights file (.pt or .safetensors); give the "
+                        f"checkpoint directory or its weights file")
+    try:
+        kind = model_pt_kind(path)
+    except OmniError as exc:
+        raise OmniError(f"--ckpt_dir {path}: is a file, read as a weights file: {exc}") from exc
+    token = CHOSEN_FILES.set({**CHOSEN_FILES.get(), path.parent.resolve(): (kind, path)})
+    try:
+        return load_components(path.parent)
+    finally:
+        CHOSEN_FILES.reset(token)
+
+
+def config_label(path: Path | None) -> str:
+    return str(path) if path is not None else "none found (spec defaults)"
+
+
 def load_thinker_dir(comps: Components, d: Path, sd: StateDict | None = None,
                      cfg_override: dict[str, Any] | None = None) -> None:
     path = weights_file(d, "thinker")
     cfg, cfg_path = find_config(d)
+    comps.configs["thinker"] = config_label(cfg_path)
     if cfg_override:
         cfg = {**cfg, **cfg_override}
     src = str(path)
@@ -382,7 +474,8 @@ def load_omni_dir(comps: Components, d: Path, base: Path, thinker_dir: Path | No
     name every component itself instead of discovering them."""
     path = weights_file(d, "omni")
     obj = read_torch_file(path)
-    cfg, _ = find_config(d)
+    cfg, omni_cfg_path = find_config(d)
+    comps.configs["omni"] = config_label(omni_cfg_path)
     pointers = {kind: cfg.get(key) for kind, key in OMNI_POINTERS.items()}
     if thinker_dir is None:
         thinker_dir, where = locate_component("thinker", base, pointers["thinker"])
@@ -395,7 +488,9 @@ def load_omni_dir(comps: Components, d: Path, base: Path, thinker_dir: Path | No
         thinker_cfg.setdefault("ctx_len", cfg["ctx_len"])
     comps.root = d
     sd = unwrap(obj, "thinker", path)
-    tcfg, _ = find_config(thinker_dir)
+    tcfg, thinker_cfg_path = find_config(thinker_dir)
+    comps.configs["thinker"] = config_label(thinker_cfg_path) + (f" + the omni config's overrides"
+                                                                 if thinker_cfg else "")
     cfg_merged = {**tcfg, **thinker_cfg}
     comps.thinker = build_thinker(sd, cfg_merged, str(path))
     comps.ctx_len = comps.thinker.cfg.ctx_len
@@ -440,7 +535,8 @@ def load_siblings(comps: Components, base: Path, pointers: dict[str, Any]) -> No
 
 def load_vision_dir(comps: Components, d: Path) -> None:
     path = weights_file(d, "vision")
-    cfg, _ = find_config(d)
+    cfg, cfg_path = find_config(d)
+    comps.configs["vision"] = config_label(cfg_path)
     comps.vision = build_vision(unwrap(read_torch_file(path), "vision_encoder", path), cfg, str(path))
     comps.sources["vision"] = str(path)
 
@@ -448,7 +544,8 @@ def load_vision_dir(comps: Components, d: Path) -> None:
 def load_audio_dir(comps: Components, d: Path) -> None:
     path = weights_file(d, "audio")
     obj = read_torch_file(path)
-    cfg, _ = find_config(d)
+    cfg, cfg_path = find_config(d)
+    comps.configs["audio"] = config_label(cfg_path)
     comps.audio = build_audio(unwrap(obj, "audio_encoder", path), cfg, str(path))
     comps.sources["audio"] = str(path)
     if "head" in obj:
@@ -466,7 +563,8 @@ def load_audio_dir(comps: Components, d: Path) -> None:
 def load_talker_dir(comps: Components, d: Path) -> None:
     path = weights_file(d, "talker")
     obj = read_torch_file(path)
-    cfg, _ = find_config(d)
+    cfg, cfg_path = find_config(d)
+    comps.configs["talker"] = config_label(cfg_path)
     comps.talker = build_talker(unwrap(obj, "talker", path), cfg, str(path))
     comps.rvq = build_rvq(unwrap(obj, "rvq", path), f"{path} [rvq]")
     comps.sources["talker"] = str(path)

@@ -1,0 +1,82 @@
+"""The README's command blocks run as written, in order, in a copy of the repository (as in a fresh clone).
+
+Every ```bash and ```python block is run. Not run: a block preceded by `<!-- readme-test: skip (why) -->`
+(installing packages, the whole suite, retraining) and a bash line ending in `# interactive` (the chat needs a
+terminal). `python` in the blocks is this interpreter.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+SKIP_MARK = "<!-- readme-test: skip"
+INTERACTIVE_MARK = "# interactive"
+BLOCK = re.compile(r"(?P<before>[^\n]*)\n```(?P<lang>bash|python)\n(?P<body>.*?)```", re.S)
+
+
+def copy_ignore(folder: str, names: list[str]) -> set[str]:
+    """What a fresh clone would not have: VCS data, venvs, caches, and exports a user made by following the
+    README (export.py refuses to overwrite them)."""
+    return {n for n in names if n in (".git", ".venv", "__pycache__", ".pytest_cache")
+            or (n.startswith("export") and os.path.isdir(os.path.join(folder, n)))}
+
+
+def readme_blocks() -> list[tuple[str, str, bool]]:
+    """(language, code, skipped) for each command block, in README order."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    return [(m["lang"], m["body"], m["before"].strip().startswith(SKIP_MARK)) for m in BLOCK.finditer(text)]
+
+
+def runnable(lang: str, body: str) -> str:
+    if lang == "python":
+        return body
+    lines = [line for line in body.splitlines() if not line.rstrip().endswith(INTERACTIVE_MARK)]
+    return "\n".join(lines) + "\n"
+
+
+def test_readme_marks_its_skips_and_interactive_lines() -> None:
+    blocks = readme_blocks()
+    assert len(blocks) >= 5
+    assert any(skipped for _, _, skipped in blocks) and not all(skipped for _, _, skipped in blocks)
+    # the one-off commands that cannot run here are all marked
+    for lang, body, skipped in blocks:
+        if "pip install" in body or "pytest" in body:
+            assert skipped, body
+        for line in body.splitlines():
+            if re.fullmatch(r"python infer_\w+\.py --ckpt_dir \S+", line.split("#")[0].strip()):
+                assert line.rstrip().endswith(INTERACTIVE_MARK), line  # no input: the interactive chat
+
+
+@pytest.mark.skipif(not (REPO / "checkpoints" / "demo" / "omni_sft_tiny" / "omni.pt").is_file(),
+                    reason="checkpoints/demo not built (run: python tools/train_demo.py)")
+def test_readme_command_blocks_run_as_written(tmp_path: Path) -> None:
+    copy = tmp_path / "repo"
+    shutil.copytree(REPO, copy, ignore=copy_ignore)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    shim = bin_dir / "python"  # a script, not a symlink: a venv's interpreter finds its venv by its own path
+    shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    shim.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "OMP_NUM_THREADS": "1"}
+    env.pop("PYTHONPATH", None)
+    ran = 0
+    for number, (lang, body, skipped) in enumerate(readme_blocks(), 1):
+        if skipped:
+            continue
+        code = runnable(lang, body)
+        cmd = ["bash", "-euo", "pipefail", "-c", code] if lang == "bash" else [sys.executable, "-c", code]
+        r = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True, timeout=600,
+                           stdin=subprocess.DEVNULL)
+        assert r.returncode == 0, f"README block {number} ({lang}) failed:\n{code}\nstderr:\n{r.stderr[-3000:]}"
+        assert "error:" not in r.stderr, f"README block {number}: {r.stderr[-3000:]}"
+        ran += 1
+    assert ran >= 4
+    assert (copy / "export" / "model.safetensors").is_file() and (copy / "answer.wav").is_file()
