@@ -392,7 +392,6 @@ def test_cli_bad_inputs(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("flags", [
-    ["--audio_in", "a.wav", "b.wav"],
     ["--audio_in", "a.wav", "--output_format", "srt"],
     ["--transcribe", "--audio_in", "a.wav", "--json", "--output_format", "srt"],
     ["--transcribe", "--audio_in", "a.wav", "--segment_gap", "0"],
