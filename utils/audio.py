@@ -1,6 +1,7 @@
 """Audio in and out as pure functions: load, resample, power mel spectrogram, WAV writing."""
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
 
@@ -46,14 +47,27 @@ def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE, max_seco
         raise OmniError(f"audio file {path}: not found" if not path.exists() else f"audio file {path}: not a file")
     if path.stat().st_size == 0:
         raise OmniError(f"audio file {path}: is empty")
+    return _decode_audio(str(path), f"audio file {path}", sample_rate, max_seconds)
+
+
+def load_audio_bytes(data: bytes, sample_rate: int = SAMPLE_RATE, max_seconds: float | None = None,
+                     label: str = "audio") -> np.ndarray:
+    """`load_audio` for audio held in memory (e.g. uploaded to the server); `label` names it in errors."""
+    if not data:
+        raise OmniError(f"{label}: is empty")
+    return _decode_audio(io.BytesIO(data), label, sample_rate, max_seconds)
+
+
+def _decode_audio(source: str | io.BytesIO, label: str, sample_rate: int, max_seconds: float | None) -> np.ndarray:
+    """Decode block by block, never more than the limit (see load_audio)."""
     try:
-        with sf.SoundFile(str(path)) as f:
+        with sf.SoundFile(source) as f:
             sr, declared = f.samplerate, f.frames
             if sr <= 0:
-                raise OmniError(f"audio file {path}: invalid sample rate {sr}")
+                raise OmniError(f"{label}: invalid sample rate {sr}")
             if max_seconds is None:
                 if declared > MAX_AUDIO_SECONDS * sr:
-                    raise OmniError(f"audio file {path}: {declared / sr:.0f} s long (by its header), over the "
+                    raise OmniError(f"{label}: {declared / sr:.0f} s long (by its header), over the "
                                     f"limit of {MAX_AUDIO_SECONDS:.0f} s of audio decoded at once")
                 wanted = int(MAX_AUDIO_SECONDS * sr) + 1
             else:
@@ -68,15 +82,15 @@ def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE, max_seco
     except OmniError:
         raise
     except Exception as exc:  # soundfile raises several types for unreadable data
-        raise OmniError(f"audio file {path}: cannot decode ({str(exc).strip() or type(exc).__name__})") from exc
+        raise OmniError(f"{label}: cannot decode ({str(exc).strip() or type(exc).__name__})") from exc
     if got == 0:
-        raise OmniError(f"audio file {path}: contains no samples")
+        raise OmniError(f"{label}: contains no samples")
     if max_seconds is None and got > MAX_AUDIO_SECONDS * sr:
-        raise OmniError(f"audio file {path}: longer than the limit of {MAX_AUDIO_SECONDS:.0f} s of audio decoded "
+        raise OmniError(f"{label}: longer than the limit of {MAX_AUDIO_SECONDS:.0f} s of audio decoded "
                         f"at once")
     wave = np.concatenate(blocks) if len(blocks) > 1 else blocks[0]
     if not np.isfinite(wave).all():
-        raise OmniError(f"audio file {path}: contains NaN or infinite samples")
+        raise OmniError(f"{label}: contains NaN or infinite samples")
     return resample(wave, sr, sample_rate)
 
 
@@ -179,3 +193,11 @@ def write_wav(path: str | os.PathLike, wave: np.ndarray, sample_rate: int = SAMP
             tmp.unlink()
         except OSError:  # already renamed, never created, or its name is unusable
             pass
+
+
+def wav_bytes(wave: np.ndarray, sample_rate: int = SAMPLE_RATE) -> bytes:
+    """A 16-bit PCM mono WAV file in memory (what the server sends back), clipped to [-1, 1] as write_wav does."""
+    buf = io.BytesIO()
+    sf.write(buf, np.clip(np.nan_to_num(np.asarray(wave, dtype=np.float32)), -1.0, 1.0), sample_rate,
+             subtype="PCM_16", format="WAV")
+    return buf.getvalue()
