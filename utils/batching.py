@@ -114,6 +114,7 @@ class BatchEngine:
         self.closing = False
         self.deadline: float | None = None
         self.steps = 0
+        self.cancelled = 0  # rows freed before finishing (cancel() or shutdown)
         self.thread = threading.Thread(target=self._run, name="omni-scheduler", daemon=True)
         self.thread.start()
 
@@ -200,6 +201,7 @@ class BatchEngine:
                     self._step()
 
     def _finish(self, row: Row, reason: str, error: BaseException | None = None) -> None:
+        self.cancelled += reason == "cancelled"
         try:
             row.on_finish(reason, error)
         except Exception:  # a caller's callback must not take the scheduler down
