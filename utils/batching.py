@@ -108,6 +108,7 @@ class BatchEngine:
         self.views = {n: _RowsView(self.cache, n) for n in range(1, max_batch + 1)} if self.cache else {}
         self.pos = 0
         self.rows: list[Row] = []  # running rows; rows[i] is in slot i
+        self.admitting = 0  # rows taken from the queue whose prefill is under way
         self.waiting: collections.deque[Row] = collections.deque()
         self.jobs: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future]] = collections.deque()
         self.cond = threading.Condition()
@@ -115,6 +116,7 @@ class BatchEngine:
         self.deadline: float | None = None
         self.steps = 0
         self.cancelled = 0  # rows freed before finishing (cancel() or shutdown)
+        self.shifts = 0  # times the running rows' cache columns were moved to place a joining prompt
         self.thread = threading.Thread(target=self._run, name="omni-scheduler", daemon=True)
         self.thread.start()
 
@@ -125,7 +127,8 @@ class BatchEngine:
 
     @property
     def running(self) -> int:
-        return len(self.rows)
+        """Rows in the batch, counting those being prefilled."""
+        return len(self.rows) + self.admitting
 
     def submit(self, prepare: Callable[[], RowPrompt], on_token: Callable[[int], None],
                on_finish: Callable[[str, BaseException | None], None],
@@ -138,7 +141,7 @@ class BatchEngine:
         with self.cond:
             if self.closing:
                 raise EngineClosed("the server is shutting down")
-            free = max(0, self.max_batch - len(self.rows))
+            free = max(0, self.max_batch - self.running)
             if len(self.waiting) - free >= self.max_queue:
                 raise QueueFull(f"{len(self.waiting)} requests are already waiting (max_queue {self.max_queue})")
             self.waiting.append(row)
@@ -180,7 +183,7 @@ class BatchEngine:
                             for row in self.rows:
                                 row.cancel()
                         while self.waiting:
-                            self.waiting.popleft().on_finish("cancelled", EngineClosed("the server is shutting down"))
+                            self._finish(self.waiting.popleft(), "cancelled", EngineClosed("the server is shutting down"))
                         if not self.rows and not jobs:
                             for fn, fut in self.jobs:
                                 fut.set_exception(EngineClosed("the server is shutting down"))
@@ -188,6 +191,7 @@ class BatchEngine:
                     admit = []
                     while self.waiting and len(self.rows) + len(admit) < self.max_batch:
                         admit.append(self.waiting.popleft())
+                    self.admitting = len(admit)
                 for fn, fut in jobs:
                     if fut.set_running_or_notify_cancel():
                         try:
@@ -197,6 +201,7 @@ class BatchEngine:
                 self._drop_cancelled()
                 for row in admit:
                     self._admit(row)
+                    self.admitting -= 1
                 if self.rows:
                     self._step()
 
@@ -300,6 +305,7 @@ class BatchEngine:
             self.anchors[:n] += delta
             self.key_mask[:n, 0, 0] = self.columns[None] >= self.anchors[:n, None]
             self.pos = target
+            self.shifts += 1
         anchor = self.pos - T
         self.cache.k[:, slot, :, anchor:self.pos] = small.k[:, 0]
         self.cache.v[:, slot, :, anchor:self.pos] = small.v[:, 0]
