@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import socket
 import sys
 import traceback
 from typing import Sequence
@@ -86,6 +87,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """Bind before loading the model, so an address in use is one clear error, found at once."""
+    if not 0 <= port <= 65535:
+        raise OmniError(f"--port {port}: must be in 0..65535")
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        return socket.create_server((host, port), family=family, backlog=2048)
+    except OSError as exc:  # socket.gaierror included
+        raise OmniError(f"--host {host} --port {port}: cannot listen ({exc.strerror or exc})") from exc
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s: %(message)s", stream=sys.stderr)
@@ -94,6 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         from omni import load_model
         from utils.server_app import OmniServer, ServerConfig, run_server
+        sock = listen(args.host, args.port)
         if args.threads is not None:
             torch.set_num_threads(args.threads)
         model = load_model(args.ckpt_dir, device=args.device, dtype=args.dtype, quantize=args.quantize)
@@ -104,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         engine = model.batch_engine(max_batch=args.max_batch, max_queue=args.max_queue)
         config = ServerConfig(model_id=args.model_name, api_key=args.api_key,
                               max_body_bytes=int(args.max_body_mb * 2 ** 20), shutdown_timeout=args.shutdown_timeout)
-        run_server(OmniServer(model, engine, config), args.host, args.port, args.log_level)
+        run_server(OmniServer(model, engine, config), sock, args.log_level)
     except OmniError as exc:
         if args.verbose:
             traceback.print_exc()

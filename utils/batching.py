@@ -188,6 +188,9 @@ class BatchEngine:
                             for fn, fut in self.jobs:
                                 fut.set_exception(EngineClosed("the server is shutting down"))
                             return
+                    for row in [r for r in self.waiting if r.cancelled]:  # the client left while waiting
+                        self.waiting.remove(row)
+                        self._finish(row, "cancelled")
                     admit = []
                     while self.waiting and len(self.rows) + len(admit) < self.max_batch:
                         admit.append(self.waiting.popleft())
@@ -203,7 +206,13 @@ class BatchEngine:
                     self._admit(row)
                     self.admitting -= 1
                 if self.rows:
-                    self._step()
+                    try:
+                        self._step()
+                    except Exception as exc:  # a failing model step fails the rows in it, not the scheduler
+                        for slot in range(len(self.rows) - 1, -1, -1):
+                            row = self.rows[slot]
+                            self._release(slot)
+                            self._finish(row, "error", exc)
 
     def _finish(self, row: Row, reason: str, error: BaseException | None = None) -> None:
         self.cancelled += reason == "cancelled"
@@ -218,7 +227,10 @@ class BatchEngine:
             self._finish(row, "stop")
             return True
         row.generated += 1
-        row.on_token(tid)
+        try:
+            row.on_token(tid)
+        except Exception:  # the caller is gone (e.g. its event loop closed): free the row
+            row.cancel()
         if row.generated >= row.opts.max_new_tokens:
             self._finish(row, "length")
             return True

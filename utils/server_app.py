@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import re
+import socket
 import time
 import uuid
 from dataclasses import dataclass
@@ -699,7 +700,7 @@ class Answering:
             self.row.cancel()  # a no-op once finished; frees the row when the client went away
 
 
-def run_server(server: OmniServer, host: str, port: int, log_level: str = "info") -> None:
+def run_server(server: OmniServer, sock: socket.socket, log_level: str = "info") -> None:
     """Serve until SIGTERM/SIGINT: then stop admitting, let running rows finish for up to the configured
     shutdown timeout, cancel the rest, and return (the process exits 0; a second Ctrl-C forces it)."""
     import uvicorn
@@ -724,6 +725,8 @@ def run_server(server: OmniServer, host: str, port: int, log_level: str = "info"
                 loop.call_soon_threadsafe(engine.close, bound, False)
 
     app = server.build(lifespan)
+    host, port = sock.getsockname()[:2]
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
                             timeout_graceful_shutdown=bound + 2, lifespan="on")
-    Graceful(config).run()
+    log.info("serving %s on http://%s:%d", server.config.model_id, host if ":" not in host else f"[{host}]", port)
+    Graceful(config).run(sockets=[sock])
