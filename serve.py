@@ -16,6 +16,7 @@ import sys
 import traceback
 from typing import Sequence
 
+from utils.cli import non_negative_float, non_negative_int, positive_float, positive_int
 from utils.errors import OmniError
 
 EPILOG = """examples:
@@ -25,28 +26,6 @@ EPILOG = """examples:
   python serve.py --ckpt_dir checkpoints --host 0.0.0.0 --api_key "$(cat key.txt)" --max_batch 32
 
 exit status: 0 after a requested stop (SIGTERM, Ctrl-C), 1 on an error (one `error:` line), 2 usage error."""
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
-
-
-def non_negative(kind: type):
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-        if not value >= 0 or value == float("inf"):
-            raise argparse.ArgumentTypeError(f"{text} must be a finite number >= 0")
-        return value
-    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,12 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="The model id /v1/models lists and requests name (default muomni).")
     g.add_argument("--max_batch", type=positive_int, default=16, metavar="N",
                    help="Rows decoded together (default 16); more requests wait in the queue.")
-    g.add_argument("--max_queue", type=non_negative(int), default=64, metavar="N",
+    g.add_argument("--max_queue", type=non_negative_int, default=64, metavar="N",
                    help="Requests that may wait for a row (default 64); past it the answer is 429 with "
                         "Retry-After.")
-    g.add_argument("--max_body_mb", type=non_negative(float), default=32.0, metavar="MB",
+    g.add_argument("--max_body_mb", type=positive_float, default=32.0, metavar="MB",
                    help="Largest request body in MiB (default 32; larger is 413).")
-    g.add_argument("--shutdown_timeout", type=non_negative(float), default=10.0, metavar="S",
+    g.add_argument("--shutdown_timeout", type=non_negative_float, default=10.0, metavar="S",
                    help="On SIGTERM/SIGINT, seconds running answers may take to finish before they are cut "
                         "(default 10).")
     g.add_argument("--log_level", default="info", choices=("debug", "info", "warning", "error"),

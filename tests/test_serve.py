@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+import httpx
+import openai
 import pytest
 
 from tests.conftest import REPO, run_cli
@@ -30,9 +32,6 @@ EXAMPLES = REPO / "examples"
 pytestmark = pytest.mark.skipif(not (DEMO / "omni_sft_tiny" / "omni.pt").is_file() or
                                 not (EXAMPLES / "red_circle.png").is_file(),
                                 reason=f"{DEMO} or examples/ not built (run: python tools/train_demo.py)")
-
-openai = pytest.importorskip("openai")
-httpx = pytest.importorskip("httpx")
 
 
 def free_port() -> int:

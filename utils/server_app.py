@@ -308,7 +308,8 @@ def parse_chat(body: Any) -> ChatRequest:
     if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or len(stops) > MAX_STOP:
         raise ApiError(400, f"'stop' must be a non-empty string or up to {MAX_STOP} of them", "invalid_value", "stop")
     modalities = body.get("modalities") or ["text"]
-    if not isinstance(modalities, list) or not set(modalities) <= {"text", "audio"} or "text" not in modalities:
+    if (not isinstance(modalities, list) or not all(m in ("text", "audio") for m in modalities)
+            or "text" not in modalities):
         raise ApiError(400, "'modalities' must be [\"text\"] or [\"text\", \"audio\"]", "invalid_value", "modalities")
     speak = "audio" in modalities
     if speak:
