@@ -219,6 +219,23 @@ def test_chat_errors(srv: str, body: dict, status: int, words: str) -> None:
     assert words in err["message"] and err["type"] and "code" in err
 
 
+def huge_png_header(width: int = 9000, height: int = 9000) -> bytes:
+    """A PNG whose header claims width x height pixels (81 megapixels) and holds no pixel data."""
+    import struct
+    import zlib
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"") + chunk(b"IEND", b"")
+
+
+def test_image_pixel_limit(srv: str) -> None:
+    url = "data:image/png;base64," + base64.b64encode(huge_png_header()).decode()
+    r = httpx.post(f"{srv}/v1/chat/completions", timeout=60, json={"model": "muomni", "messages": [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]})
+    assert r.status_code == 400 and "exceeds the limit of 64000000 pixels" in r.json()["error"]["message"], r.text
+
+
 def test_bad_json_and_unknown_route(srv: str) -> None:
     r = httpx.post(f"{srv}/v1/chat/completions", content=b"{not json", headers={"Content-Type": "application/json"})
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from utils.errors import OmniError
 
@@ -64,6 +64,8 @@ def _decode_image(source: Path | io.BytesIO, label: str, size: int) -> torch.Ten
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise OmniError(f"{label}: refused as a decompression bomb ({exc})") from exc
+    except UnidentifiedImageError as exc:  # its message names the file object, not the input
+        raise OmniError(f"{label}: cannot decode (not an image format Pillow recognises)") from exc
     except Exception as exc:  # Pillow raises many types for corrupt data
         raise OmniError(f"{label}: cannot decode ({exc})") from exc
 
