@@ -189,6 +189,21 @@ def test_speech_and_spoken_answer_are_wav(client) -> None:
     assert sr == 16000 and len(wave) > 0
 
 
+def test_streamed_spoken_answer(srv: str) -> None:
+    body = {"model": "muomni", "stream": True, "modalities": ["text", "audio"], "audio": {"format": "wav"},
+            "messages": [{"role": "user", "content": "What is 3 plus 4?"}]}
+    with httpx.stream("POST", f"{srv}/v1/chat/completions", json=body, timeout=120) as r:
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    deltas = [json.loads(e)["choices"][0]["delta"] for e in events[:-1]]
+    text = "".join(d.get("content") or "" for d in deltas)
+    audio = [d["audio"] for d in deltas if "audio" in d]
+    assert len(audio) == 1 and audio[0]["transcript"] == text and text
+    import soundfile as sf
+    wave, sr = sf.read(io.BytesIO(base64.b64decode(audio[0]["data"])))
+    assert sr == 16000 and len(wave) > 0
+
+
 def test_models_health_metrics(client, srv: str) -> None:
     assert [m.id for m in client.models.list().data] == ["muomni"]
     assert httpx.get(f"{srv}/health").json()["status"] == "ok"
@@ -298,6 +313,21 @@ def test_disconnect_frees_the_row() -> None:
         assert metric(base, "omni_rows_cancelled_total") == 1
         assert metric(base, "omni_running_rows") == 0
         assert metric(base, "omni_completion_tokens_total") < 480
+        # a non-streaming client that goes away while its answer is generated frees its row too
+        port = int(base.rsplit(":", 1)[1])
+        payload = json.dumps({**body, "stream": False}).encode()
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
+            deadline = time.monotonic() + 30
+            while metric(base, "omni_running_rows") < 1 and time.monotonic() < deadline:
+                time.sleep(0.005)
+            assert metric(base, "omni_running_rows") == 1
+        deadline = time.monotonic() + 30
+        while metric(base, "omni_rows_cancelled_total") < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert metric(base, "omni_rows_cancelled_total") == 2
+        assert metric(base, "omni_running_rows") == 0
 
 
 def test_sigterm_stops_gracefully() -> None:
