@@ -3,7 +3,7 @@ batch at the next step and leave it the moment they finish (as vLLM and llama.cp
 
 The KV cache is allocated once for `max_batch` slots. The running rows always occupy slots 0..n-1 and share
 one write column (`pos`): a decode step writes every row's new key at that column, as
-`models.thinker.ThinkerLM.decode` requires. A row's prompt sits just left of it: a joining request is
+`models.layers.CausalStack.decode_hidden` requires. A row's prompt sits just left of it: a joining request is
 prefilled alone (the very computation `utils.generation.generate` does for it, so its first token is the
 batch-1 one), then its keys are copied into its slot at columns pos-T..pos-1. Each row has an anchor (its
 first column); its positions count from there and its key mask hides everything left of it, so a row's
@@ -183,7 +183,8 @@ class BatchEngine:
                             for row in self.rows:
                                 row.cancel()
                         while self.waiting:
-                            self._finish(self.waiting.popleft(), "cancelled", EngineClosed("the server is shutting down"))
+                            self._finish(self.waiting.popleft(), "cancelled",
+                                         EngineClosed("the server is shutting down"))
                         if not self.rows and not jobs:
                             for fn, fut in self.jobs:
                                 fut.set_exception(EngineClosed("the server is shutting down"))
@@ -281,7 +282,7 @@ class BatchEngine:
                     self.seen[slot, torch.tensor(ids, device=self.device)] = True
             # the prefill generate() does for this prompt alone (batch 1, no padding, is_causal attention)
             small = self.model.new_cache(1, T)
-            logits = self.model(prompt.embeds[None].to(self.device), 0, small, last_only=True)[:, -1]
+            logits = self.model.head(self.model.hidden(prompt.embeds[None].to(self.device), 0, small, last_only=True))
             first = self._pick_one(row, slot, logits)
             if self._emit(row, first):
                 return
@@ -339,16 +340,17 @@ class BatchEngine:
         tokens = self.tokens[:n]
         if any(r.opts.repetition_penalty != 1.0 for r in self.rows):
             self.seen[torch.arange(n, device=self.device), tokens] = True
+        x = self.model.embed_step(tokens)
         if self.reference:
-            h = self.model.decode(tokens, 0, None, None, None, None, [a[:n] for a in self.attn_out], True)
+            h = self.model.decode_hidden(x, 0, None, None, None, None, [a[:n] for a in self.attn_out])
         else:
             pos = self.pos
             torch.sub(pos, self.anchors[:n], out=self.positions[:n])
             torch.index_select(self.model.rotary.cos, 0, self.positions[:n], out=self.cos[:n])
             torch.index_select(self.model.rotary.rot_sin, 0, self.positions[:n], out=self.rot_sin[:n])
             dk = self.cos.shape[-1]
-            h = self.model.decode(tokens, pos, self.views[n], self.cos[:n].view(n, 1, 1, dk),
-                                  self.rot_sin[:n].view(n, 1, 1, dk), self.key_mask[:n, :, :, :pos + 1], None, True)
+            h = self.model.decode_hidden(x, pos, self.views[n], self.cos[:n].view(n, 1, 1, dk),
+                                         self.rot_sin[:n].view(n, 1, 1, dk), self.key_mask[:n, :, :, :pos + 1])
             self.pos += 1
         self.steps += 1
         greedy = [r.greedy for r in self.rows]

@@ -112,7 +112,8 @@ class Metrics:
     def render(self) -> str:
         out = ["# HELP omni_requests_total HTTP requests by endpoint and status code.",
                "# TYPE omni_requests_total counter"]
-        out += [f'omni_requests_total{{endpoint="{e}",status="{s}"}} {n}' for (e, s), n in sorted(self.requests.items())]
+        out += [f'omni_requests_total{{endpoint="{e}",status="{s}"}} {n}'
+                for (e, s), n in sorted(self.requests.items())]
         for name, kind, value, text in (
                 ("omni_prompt_tokens_total", "counter", self.prompt_tokens, "Prompt positions (text, image, audio)."),
                 ("omni_completion_tokens_total", "counter", self.completion_tokens, "Generated tokens."),
@@ -123,7 +124,8 @@ class Metrics:
                 ("omni_max_batch", "gauge", self.engine.max_batch, "Rows the decode batch can hold.")):
             out += [f"# HELP {name} {text}", f"# TYPE {name} {kind}", f"{name} {value}"]
         out += ["# HELP omni_time_to_first_token_seconds From request arrival to the first generated token.",
-                "# TYPE omni_time_to_first_token_seconds histogram", *self.ttft.render("omni_time_to_first_token_seconds"),
+                "# TYPE omni_time_to_first_token_seconds histogram",
+                *self.ttft.render("omni_time_to_first_token_seconds"),
                 "# HELP omni_inter_token_latency_seconds Time between consecutive generated tokens of a request.",
                 "# TYPE omni_inter_token_latency_seconds histogram",
                 *self.itl.render("omni_inter_token_latency_seconds")]
