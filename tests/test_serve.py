@@ -144,6 +144,18 @@ def test_earlier_turns_and_system_are_not_prompted(client, cli_answers) -> None:
     assert raw.parse().choices[0].message.content == cli_answers["text"]
 
 
+def test_long_audio_is_trimmed_with_a_warning(client) -> None:
+    import numpy as np
+    import soundfile as sf
+    buf = io.BytesIO()
+    sf.write(buf, (0.1 * np.sin(np.arange(16000 * 12) * 0.05)).astype(np.float32), 16000, format="WAV")
+    part = {"type": "input_audio", "input_audio": {"data": base64.b64encode(buf.getvalue()).decode(), "format": "wav"}}
+    raw = client.chat.completions.with_raw_response.create(model="muomni", max_tokens=4,
+                                                           messages=[{"role": "user", "content": [part]}])
+    assert re.match(r"audio trimmed to its first [0-9.]+ s", raw.headers["x-omni-warnings"])
+    assert raw.parse().usage.prompt_tokens > 128  # the trimmed audio's frames are in the prompt
+
+
 def test_max_tokens_seed_and_stop(client) -> None:
     msgs = [{"role": "user", "content": "What is 3 plus 4?"}]
     resp = client.chat.completions.create(model="muomni", messages=msgs, max_tokens=3, extra_body={"ignore_eos": True})

@@ -481,6 +481,8 @@ class OmniServer:
         self.metrics.prompt_tokens += prompt.embeds.shape[0]
         chat_id = f"chatcmpl-{uuid.uuid4().hex}"
         headers = {"X-Omni-Ignored-Messages": str(req.ignored)}
+        if prompt.notes:  # e.g. audio trimmed to what a prompt can use: said, not silent
+            headers["X-Omni-Warnings"] = "; ".join(prompt.notes).encode("ascii", "replace").decode()
         answer = Answering(self, req, row, events, t_arrival)
         if req.stream:
             return StreamingResponse(answer.sse(chat_id, prompt), media_type="text/event-stream",
