@@ -90,9 +90,8 @@ class BatchEngine:
         p = model.tok_emb.weight
         dev = p.device
         self.device = dev
-        ctx = model.rotary.max_len
-        self.cache = model.new_cache(max_batch, 2 * ctx) if not self.reference else None
-        S = 2 * ctx
+        S = 2 * model.rotary.max_len  # room for any prompt that fits the context, wherever the column is
+        self.cache = model.new_cache(max_batch, S) if not self.reference else None
         self.columns = torch.arange(S, device=dev)
         self.key_mask = torch.zeros(max_batch, 1, 1, S, dtype=torch.bool, device=dev)
         self.anchors = torch.zeros(max_batch, dtype=torch.long, device=dev)
