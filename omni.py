@@ -27,10 +27,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from utils.audio import HOP_LENGTH, check_wave, load_audio, max_audio_seconds, power_mel, trim_audio, write_wav
+from utils.audio import (HOP_LENGTH, check_wave, load_audio, load_audio_bytes, max_audio_seconds, power_mel,
+                         trim_audio, write_wav)
+from utils.batching import BatchEngine, RowPrompt
 from utils.errors import OmniError
 from utils.generation import DECODE_ATTENTION, MAX_SEED, SamplingOptions, generate, generate_batch
-from utils.image import IMAGE_SIZE, load_image, load_video_frames, preprocess_image
+from utils.image import IMAGE_SIZE, load_image, load_image_bytes, load_video_frames, preprocess_image
 from utils.loading import Components, load_components, to_device
 from utils.quant import quantize_linears_int8
 from utils.speech import Speech, SpeechOptions, frames_for_text, max_talker_frames, synthesize
@@ -38,8 +40,8 @@ from utils.tokenizer import IncrementalDecoder
 from utils.transcribe import transcribe
 from utils.transcript import Transcript, TranscribeOptions
 
-ImageInput = Union[str, os.PathLike, Image.Image, torch.Tensor]
-AudioInput = Union[str, os.PathLike, np.ndarray]
+ImageInput = Union[str, os.PathLike, Image.Image, torch.Tensor, bytes]  # bytes: an encoded image file
+AudioInput = Union[str, os.PathLike, np.ndarray, bytes]  # bytes: an encoded audio file
 
 IMAGE_PROMPT = "Describe what you see concisely."
 AUDIO_PROMPT = "What did you hear?"
@@ -169,6 +171,8 @@ class OmniModel:
             return image
         if isinstance(image, Image.Image):
             return preprocess_image(image, self.image_size)
+        if isinstance(image, bytes):
+            return load_image_bytes(image, self.image_size)
         return load_image(media_path("image", image), self.image_size)
 
     def audio_wave(self, audio: AudioInput) -> np.ndarray:
@@ -182,6 +186,8 @@ class OmniModel:
             return wave
         chat_seconds = None if self.c.audio is None else \
             max_audio_seconds(self.c.ctx_len, self.c.audio.cfg.downsample) + 1.0
+        if isinstance(audio, bytes):
+            return load_audio_bytes(audio, max_seconds=chat_seconds)
         return load_audio(media_path("audio", audio), max_seconds=chat_seconds)
 
     @torch.inference_mode()
@@ -349,6 +355,41 @@ class OmniModel:
         """The answer as an iterator of text pieces, produced as the tokens are generated; "".join(pieces) is
         exactly what `chat` returns."""
         yield from self._generate([], text, image, audio, video, video_frames, prompt, gen)
+
+    # ------------------------------------------------------------ continuous batching (the server)
+    @property
+    def context_length(self) -> int:
+        """The thinker's context in positions (prompt, image/audio tokens and answer together)."""
+        return self.c.ctx_len
+
+    def detokenizer(self) -> IncrementalDecoder:
+        """A streaming detokeniser for this model's ids (push(id) -> new text)."""
+        return IncrementalDecoder(self.c.tokenizer)
+
+    def prepare_chat(self, text: str | None = None, image: ImageInput | list[ImageInput] | None = None,
+                     audio: AudioInput | None = None, prompt: str | None = None, trim: bool = True,
+                     **gen: Any) -> RowPrompt:
+        """One request's prompt as `answer` builds it (embeddings, ids, options with the answer budget), for a
+        BatchEngine. Without `trim`, a text prompt too long for the context is an OmniError instead of being
+        cut (audio is still trimmed to what a prompt can use, with a note, as in the CLI)."""
+        opts = self.options(**gen)
+        text, images, wave = self.gather(text, image, audio, prompt=prompt)
+        embeds, ids, notes, opts.max_new_tokens = self.build_prompt(
+            text, images, wave, opts.max_new_tokens, fit_max_new=gen.get("max_new_tokens") is None)
+        full = len(self.c.tokenizer.prompt_ids(text))
+        if not trim and len(ids) < full:
+            raise OmniError(f"the prompt ({embeds.shape[1] - len(ids) + full} positions) and max_new_tokens "
+                            f"{opts.max_new_tokens} do not fit the context of {self.c.ctx_len}")
+        return RowPrompt(embeds[0], ids, opts, notes)
+
+    def batch_engine(self, max_batch: int = 16, max_queue: int = 64) -> BatchEngine:
+        """A continuous-batching scheduler over this model's thinker (utils.batching): requests prepared with
+        `prepare_chat` join the running batch at its next step; each greedy answer equals `answer`'s.
+        Other model work (transcribe, speak, encoders) should go through its `call` so one thread runs
+        the model."""
+        self.require("chat", "thinker")
+        return BatchEngine(self.c.thinker, max_batch=max_batch, max_queue=max_queue,
+                           decode_attention=self.options().decode_attention)
 
     # ------------------------------------------------------------ batched chat
     def answer_batch(self, items: list[dict[str, Any]], batch_size: int = 8,

@@ -40,33 +40,33 @@ def trim_audio(wave: np.ndarray, max_seconds: float, sample_rate: int = SAMPLE_R
     return (wave[:limit], True) if wave.shape[-1] > limit else (wave, False)
 
 
-def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE, max_seconds: float | None = None) -> np.ndarray:
+def load_audio(path: str | os.PathLike | BinaryIO, sample_rate: int = SAMPLE_RATE, max_seconds: float | None = None) -> np.ndarray:
     """First channel of an audio file (see `open_audio` for the formats) as float32 mono at `sample_rate`.
 
     With `max_seconds` only the start of the file is decoded (never more than that many seconds, whatever the
     header claims); without, the whole file is decoded and files longer than MAX_AUDIO_SECONDS are refused."""
     with ExitStack() as stack:
-        path, sr, declared, blocks = open_audio(stack, path)
+        what, sr, declared, blocks = open_audio(stack, path)
         if max_seconds is None:
             if declared > MAX_AUDIO_SECONDS * sr:
-                raise OmniError(f"audio file {path}: {declared / sr:.0f} s long (by its header), over the "
+                raise OmniError(f"{what}: {declared / sr:.0f} s long (by its header), over the "
                                 f"limit of {MAX_AUDIO_SECONDS:.0f} s of audio decoded at once")
             wanted = int(MAX_AUDIO_SECONDS * sr) + 1
         else:
             wanted = max(1, int(np.ceil(max_seconds * sr)))
         kept, got = [], 0
-        for block in decoded(blocks, path):
+        for block in decoded(blocks, what):
             kept.append(np.array(block[:wanted - got], dtype=np.float32))  # copied: decoders reuse buffers
             got += kept[-1].shape[0]
             if got >= wanted:
                 break
     if got == 0:
-        raise OmniError(f"audio file {path}: contains no samples")
+        raise OmniError(f"{label}: contains no samples")
     if max_seconds is None and got > MAX_AUDIO_SECONDS * sr:
-        raise OmniError(f"audio file {path}: longer than the limit of {MAX_AUDIO_SECONDS:.0f} s of audio decoded "
+        raise OmniError(f"{label}: longer than the limit of {MAX_AUDIO_SECONDS:.0f} s of audio decoded "
                         f"at once")
     wave = np.concatenate(kept) if len(kept) > 1 else kept[0]
-    check_wave(wave, f"audio file {path}")
+    check_wave(wave, what)
     return resample(wave, sr, sample_rate)
 
 
@@ -89,35 +89,36 @@ def audio_seconds(path: str | os.PathLike) -> float | None:
     return info.frames / info.samplerate if info.samplerate > 0 and info.frames > 0 else None
 
 
-def open_audio(stack: ExitStack, source: str | os.PathLike | BinaryIO) -> tuple[Any, int, int, Iterator[np.ndarray]]:
-    """(name for messages, sample rate, frames by the header or 0, first-channel float32 blocks) of an audio
+def open_audio(stack: ExitStack, source: str | os.PathLike | BinaryIO) -> tuple[str, int, int, Iterator[np.ndarray]]:
+    """(what to call it in messages, sample rate, frames by the header or 0, first-channel float32 blocks) of an audio
     file, a path or an open binary file such as an upload, closed with `stack`. What libsndfile reads (wav,
     flac, ogg, mp3, ...) is decoded by soundfile; other containers (m4a/AAC, mp4, webm, mkv, ...: a video's
     sound track) by FFmpeg through PyAV, under the guards of utils.media."""
     if hasattr(source, "read"):
-        path: Any = getattr(source, "name", None) or "(stream)"
+        what = str(getattr(source, "name", None) or "audio stream")
         opened: Any = source
     else:
-        path = opened = check_audio_path(source)
+        opened = check_audio_path(source)
+        what = f"audio file {opened}"
     try:  # a path goes to libsndfile as bytes: any file name, UTF-8 or not
         f = stack.enter_context(sf.SoundFile(os.fsencode(opened) if isinstance(opened, Path) else opened))
         sr, declared, blocks = f.samplerate, f.frames, soundfile_blocks(f, DECODE_BLOCK_FRAMES)
     except Exception as sf_exc:  # soundfile raises several types for data it cannot read
         if hasattr(opened, "seek"):
             opened.seek(0)
-        sr, declared, blocks = av_audio(stack, opened, path, sf_exc)
+        sr, declared, blocks = av_audio(stack, opened, what, sf_exc)
     if sr <= 0:
-        raise OmniError(f"audio file {path}: invalid sample rate {sr}")
-    return path, sr, declared, blocks
+        raise OmniError(f"{what}: invalid sample rate {sr}")
+    return what, sr, declared, blocks
 
 
-def decoded(blocks: Iterator[np.ndarray], path: Any) -> Iterator[np.ndarray]:
+def decoded(blocks: Iterator[np.ndarray], what: str) -> Iterator[np.ndarray]:
     """`blocks`, with either decoder's errors on corrupt data turned into OmniError naming the file."""
     while True:
         try:
             block = next(blocks, None)
         except Exception as exc:  # soundfile and PyAV raise their own error families
-            raise OmniError(f"audio file {path}: cannot decode ({reason(exc)})") from exc
+            raise OmniError(f"{what}: cannot decode ({reason(exc)})") from exc
         if block is None:
             return
         yield block
@@ -129,22 +130,22 @@ def stream_audio(source: str | os.PathLike | BinaryIO, max_seconds: float, sampl
     resampled block by block, so memory stays the same whatever the length. Audio longer than `max_seconds`
     (by its header, or by what is actually decoded) is refused with OmniError."""
     with ExitStack() as stack:
-        path, sr, declared, blocks = open_audio(stack, source)
+        what, sr, declared, blocks = open_audio(stack, source)
         too_long = f"over the transcription limit of {max_seconds:.0f} s"
         if declared > max_seconds * sr:
-            raise OmniError(f"audio file {path}: {declared / sr:.0f} s long (by its header), {too_long}")
+            raise OmniError(f"{what}: {declared / sr:.0f} s long (by its header), {too_long}")
         stream = None if sr == sample_rate else soxr.ResampleStream(sr, sample_rate, 1, dtype="float32")
         got = 0
-        for mono in decoded(blocks, path):
+        for mono in decoded(blocks, what):
             got += mono.shape[0]
             if got > max_seconds * sr:
-                raise OmniError(f"audio file {path}: longer than {max_seconds:.0f} s, {too_long}")
-            check_wave(mono, f"audio file {path}")
+                raise OmniError(f"{what}: longer than {max_seconds:.0f} s, {too_long}")
+            check_wave(mono, what)
             out = mono if stream is None else stream.resample_chunk(mono)
             if out.size:
                 yield out
         if got == 0:
-            raise OmniError(f"audio file {path}: contains no samples")
+            raise OmniError(f"{what}: contains no samples")
         if stream is not None:
             tail = stream.resample_chunk(np.zeros(0, np.float32), last=True)
             if tail.size:
@@ -159,20 +160,20 @@ def soundfile_blocks(f: sf.SoundFile, block_frames: int) -> Iterator[np.ndarray]
         yield np.ascontiguousarray(block[:, 0])
 
 
-def av_audio(stack: ExitStack, opened: Any, path: Any, sf_exc: Exception) -> tuple[int, int, Iterator[np.ndarray]]:
+def av_audio(stack: ExitStack, opened: Any, what: str, sf_exc: Exception) -> tuple[int, int, Iterator[np.ndarray]]:
     """(sample rate, frames by the header or 0, first-channel float32 blocks) of a container's first audio
     stream, through PyAV; OmniError naming both decoders' complaints when neither can read it."""
     import av  # imported here: only containers libsndfile cannot read need PyAV
 
     try:
-        container = stack.enter_context(open_container(opened, f"audio file {path}"))
+        container = stack.enter_context(open_container(opened, what))
     except OmniError:
         raise
     except Exception as exc:  # PyAV raises its own error family for unreadable containers
-        raise OmniError(f"audio file {path}: cannot decode (libsndfile: {reason(sf_exc)}; FFmpeg: {reason(exc)})") \
+        raise OmniError(f"{what}: cannot decode (libsndfile: {reason(sf_exc)}; FFmpeg: {reason(exc)})") \
             from exc
     if not container.streams.audio:
-        raise OmniError(f"audio file {path}: has no audio stream")
+        raise OmniError(f"{what}: has no audio stream")
     stream = container.streams.audio[0]
     sr = stream.codec_context.sample_rate or 0
     seconds = float(stream.duration * stream.time_base) if stream.duration and stream.time_base else \
@@ -193,6 +194,16 @@ def reason(exc: Exception) -> str:
 
 
 MAX_PEAK = 65536.0  # full scale is 1.0; float files holding raw 16-bit values reach 32768, nothing real goes beyond
+
+
+def load_audio_bytes(data: bytes, sample_rate: int = SAMPLE_RATE, max_seconds: float | None = None,
+                     label: str = "audio") -> np.ndarray:
+    """`load_audio` for audio held in memory (e.g. uploaded to the server); `label` names it in errors."""
+    if not data:
+        raise OmniError(f"{label}: is empty")
+    buffer = io.BytesIO(data)
+    buffer.name = label
+    return load_audio(buffer, sample_rate, max_seconds)
 
 
 def check_wave(wave: np.ndarray, what: str) -> None:
@@ -338,3 +349,11 @@ def write_wav(path: str | os.PathLike, wave: np.ndarray, sample_rate: int = SAMP
             tmp.unlink()
         except OSError:  # already renamed, never created, or its name is unusable
             pass
+
+
+def wav_bytes(wave: np.ndarray, sample_rate: int = SAMPLE_RATE) -> bytes:
+    """A 16-bit PCM mono WAV file in memory (what the server sends back), clipped to [-1, 1] as write_wav does."""
+    buf = io.BytesIO()
+    sf.write(buf, np.clip(np.nan_to_num(np.asarray(wave, dtype=np.float32)), -1.0, 1.0), sample_rate,
+             subtype="PCM_16", format="WAV")
+    return buf.getvalue()

@@ -1,13 +1,14 @@
 """Images and video frames -> (3, 224, 224) tensors in [0, 1], exactly as the trainers preprocessed them."""
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from utils.errors import OmniError
 from utils.media import open_container
@@ -43,12 +44,24 @@ def load_image(path: str | os.PathLike, size: int = IMAGE_SIZE) -> torch.Tensor:
         raise OmniError(f"image file {path}: not found" if not path.exists() else f"image file {path}: not a file")
     if path.stat().st_size == 0:
         raise OmniError(f"image file {path}: is empty")
+    return _decode_image(path, f"image file {path}", size)
+
+
+def load_image_bytes(data: bytes, size: int = IMAGE_SIZE, label: str = "image") -> torch.Tensor:
+    """`load_image` for an image held in memory (e.g. sent inline to the server); `label` names it in errors."""
+    if not data:
+        raise OmniError(f"{label}: is empty")
+    return _decode_image(io.BytesIO(data), label, size)
+
+
+def _decode_image(source: Path | io.BytesIO, label: str, size: int) -> torch.Tensor:
+    """Decode with the pixel limit checked from the header first (decompression bombs)."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(source) as img:
                 if img.width * img.height > MAX_IMAGE_PIXELS:
-                    raise OmniError(f"image file {path}: {img.width}x{img.height} exceeds the limit of "
+                    raise OmniError(f"{label}: {img.width}x{img.height} exceeds the limit of "
                                     f"{MAX_IMAGE_PIXELS} pixels")
                 decoded = img.width * img.height * MODE_BYTES.get(img.mode, 4)
                 if decoded > MAX_IMAGE_BYTES:
@@ -59,9 +72,11 @@ def load_image(path: str | os.PathLike, size: int = IMAGE_SIZE) -> torch.Tensor:
     except OmniError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise OmniError(f"image file {path}: refused as a decompression bomb ({exc})") from exc
+        raise OmniError(f"{label}: refused as a decompression bomb ({exc})") from exc
+    except UnidentifiedImageError as exc:  # its message names the file object, not the input
+        raise OmniError(f"{label}: cannot decode (not an image format Pillow recognises)") from exc
     except Exception as exc:  # Pillow raises many types for corrupt data
-        raise OmniError(f"image file {path}: cannot decode ({exc})") from exc
+        raise OmniError(f"{label}: cannot decode ({exc})") from exc
 
 
 def load_video_frames(path: str | os.PathLike, n_frames: int = 4, size: int = IMAGE_SIZE) -> list[torch.Tensor]:
