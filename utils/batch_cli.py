@@ -223,17 +223,16 @@ def run_pipeline(args: argparse.Namespace, rows: list[Row], gen: dict[str, Any],
     rows = [row for row in rows if row.request is not None]
     if not rows:
         return "engine ray (nothing left for the workers)"
-    options: dict[str, Any] = {"address": args.ray_address, "logging_level": logging.WARNING,
-                               "log_to_driver": args.verbose,
+    address = args.ray_address or os.environ.get("RAY_ADDRESS") or "local"  # "local": a new private instance
+    options: dict[str, Any] = {"address": address, "logging_level": logging.WARNING, "log_to_driver": args.verbose,
                                "runtime_env": {"working_dir": stage_code(code_dir)}}
-    if args.ray_address is None and not os.environ.get("RAY_ADDRESS"):
-        options["include_dashboard"] = False  # starting a private local instance: no dashboard
-    con.status("connecting to Ray ..." if options["address"] or os.environ.get("RAY_ADDRESS") else
-               "starting a local Ray instance ...")
+    if address == "local":
+        options["include_dashboard"] = False
+    con.status("starting a local Ray instance ..." if address == "local" else f"connecting to Ray at {address} ...")
     try:
         ray.init(**options)
     except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise OmniError(f"--ray_address {args.ray_address or os.environ.get('RAY_ADDRESS') or '(local)'}: "
+        raise OmniError(f"--ray_address {address}: "
                         f"cannot start or reach Ray ({str(exc).splitlines()[0]}; a cluster with token "
                         f"authentication also needs RAY_AUTH_MODE=token here)") from exc
     try:
@@ -248,7 +247,9 @@ def run_pipeline(args: argparse.Namespace, rows: list[Row], gen: dict[str, Any],
         logging.getLogger("ray.data").setLevel(logging.INFO if args.verbose else logging.CRITICAL)
         items = [{"row": row.to_json(), "media": json.dumps(inline_media(row) if args.inline_media else {})}
                  for row in rows]
-        ds = ray.data.from_items(items, override_num_blocks=math.ceil(len(items) / args.batch_size))
+        blocks = math.ceil(len(items) / args.batch_size)
+        workers = min(workers, blocks)  # an actor with no batch to run would only load the model
+        ds = ray.data.from_items(items, override_num_blocks=blocks)
         with warnings.catch_warnings():
             # Ray 2.60 names no other way to bound an actor pool's restarts and retries than these
             # "ray_remote_args" (deprecated for 2.64); its default, unbounded, would retry a crashing line forever

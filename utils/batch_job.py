@@ -225,8 +225,8 @@ class Journal:
     def open(self, resume: bool) -> dict[int, dict[str, Any]]:
         """Start the journal (or, with `resume`, reload it) and return the records already finished."""
         if self.path.exists() and not resume:
-            raise OmniError(f"{self.path}: an earlier run of this job was interrupted; rerun with --resume to "
-                            f"continue it, or delete this file to start over")
+            raise OmniError(f"{self.path}: left by an interrupted run; rerun it with --resume to continue it, "
+                            f"or delete this file to start over")
         try:
             if resume and self.path.exists():
                 self._load()
