@@ -287,7 +287,7 @@ def run(args: argparse.Namespace, con: Console) -> int:
     resumed = len(rows) - len(pending)
     from tqdm import tqdm
 
-    bar = tqdm(total=len(rows), initial=resumed, unit="line", desc="batch", file=con.err, dynamic_ncols=True,
+    bar = tqdm(total=len(rows), initial=resumed, unit="line", desc="batch", file=con.err,
                disable=not con.progress_enabled)
     new_records: list[dict[str, Any]] = []
 

@@ -157,21 +157,14 @@ class MaterializedMedia:
 def answer_rows(model: Any, rows: list[Row], gen: dict[str, Any]) -> list[dict[str, Any] | OmniError]:
     """For each row, its answer's JSON (omni.Answer.to_json, plus "warnings" when there are any) or the OmniError
     that stopped it. The usable requests are decoded together in one batch (model.answer_batch)."""
-    usable = [row for row in rows if row.request is not None]
+    usable = [i for i, row in enumerate(rows) if row.request is not None]
     failed: dict[int, OmniError] = {}
-    answers = model.answer_batch([{k: v for k, v in row.request.items() if k != "id"} for row in usable],
+    answers = model.answer_batch([{k: v for k, v in rows[i].request.items() if k != "id"} for i in usable],
                                  batch_size=max(1, len(usable)), on_error=failed.__setitem__, **gen)
-    done = {id(row): (failed[k] if ans is None else ans) for k, (row, ans) in enumerate(zip(usable, answers))}
-    results: list[dict[str, Any] | OmniError] = []
-    for row in rows:
-        if row.request is None:
-            results.append(OmniError(row.error))
-            continue
-        ans = done[id(row)]
-        if isinstance(ans, OmniError):
-            results.append(ans)
-            continue
-        results.append({**ans.to_json(), **({"warnings": ans.warnings} if ans.warnings else {})})
+    results: list[dict[str, Any] | OmniError] = [OmniError(row.error) for row in rows]  # for unusable rows
+    for k, (i, ans) in enumerate(zip(usable, answers)):
+        results[i] = failed[k] if ans is None else \
+            {**ans.to_json(), **({"warnings": ans.warnings} if ans.warnings else {})}
     return results
 
 
