@@ -79,7 +79,7 @@ def mixed(tmp_path_factory) -> Path:
 def long_job(tmp_path_factory) -> Path:
     texts = ["what is one plus two", "tell me about the red circle", "once upon a time", "hello there"]
     return write_lines(tmp_path_factory.mktemp("long") / "long.jsonl",
-                       [json.dumps({"text": f"{texts[i % 4]} {i}", "id": f"q{i}"}) for i in range(36)])
+                       [json.dumps({"text": f"{texts[i % 4]} {i}", "id": f"q{i}"}) for i in range(48)])
 
 
 @pytest.fixture(scope="module")
