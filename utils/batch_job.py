@@ -133,7 +133,7 @@ class MaterializedMedia:
     messages name the original paths."""
 
     def __init__(self, rows: list[Row], media: list[dict[str, list[str]]]) -> None:
-        self.dir = tempfile.TemporaryDirectory(prefix="muomni-batch-")
+        self.dir = tempfile.TemporaryDirectory(prefix="muomni-batch-") if any(media) else None
         self.names: dict[str, str] = {}
         for k, (row, files) in enumerate(zip(rows, media)):
             for key, (original, data) in files.items():
@@ -149,7 +149,8 @@ class MaterializedMedia:
         return record
 
     def close(self) -> None:
-        self.dir.cleanup()
+        if self.dir is not None:
+            self.dir.cleanup()
 
 
 # ---------------------------------------------------------------- answering
