@@ -1440,7 +1440,7 @@ def test_help_documents_the_resource_guards(script: str) -> None:
     from utils.audio import max_audio_seconds
     from utils.checkpoint import MAX_CTX_LEN
     from utils.checkpoint import MAX_JSON_BYTES
-    from utils.cli import MAX_BATCH_FILE_BYTES
+    from utils.batch_job import MAX_BATCH_FILE_BYTES
     from utils.export_format import MAX_HEADER_BYTES, MAX_TENSORS
     from utils.image import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, MAX_VIDEO_FRAMES
     from utils.transcript import TranscribeOptions

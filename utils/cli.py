@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence, TextIO
 
+from utils.batch_job import answer_rows, read_batch_file
 from utils.cli_transcribe import add_arguments as add_transcribe_arguments
 from utils.cli_transcribe import check_args as check_transcribe_args
 from utils.cli_transcribe import run_transcribe
@@ -707,57 +708,10 @@ def run_pipe(model: Any, args: argparse.Namespace, con: Console, out: Out, lines
     return status
 
 
-BATCH_PATH_KEYS = ("image", "audio_in", "video")
-
-
-MAX_BATCH_FILE_BYTES = 64 << 20
-
-
-def read_batch_file(path: str) -> list[tuple[int, Any]]:
-    """(line number, parsed JSON or an OmniError) for each non-blank line of a JSON Lines file: a regular file
-    of at most MAX_BATCH_FILE_BYTES (a FIFO or /dev/zero is refused unread)."""
-    import stat
-    try:
-        st = os.stat(path)
-        if not stat.S_ISREG(st.st_mode):
-            raise OmniError(f"--batch_file {path}: not a regular file")
-        if st.st_size > MAX_BATCH_FILE_BYTES:
-            raise OmniError(f"--batch_file {path}: {st.st_size:,} bytes, over the limit of {MAX_BATCH_FILE_BYTES:,}")
-        with open(path, "rb") as f:
-            text = f.read(MAX_BATCH_FILE_BYTES).decode("utf-8", errors="replace")
-    except OSError as exc:
-        raise OmniError(f"--batch_file {path}: cannot read ({exc.strerror or exc})") from exc
-    base = Path(path).resolve().parent
-    rows: list[tuple[int, Any]] = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except RecursionError:
-            rows.append((number, OmniError("not valid JSON (nested too deeply)")))
-            continue
-        except ValueError as exc:  # JSONDecodeError, or an integer beyond Python's digit limit
-            rows.append((number, OmniError(f"not valid JSON ({exc})")))
-            continue
-        if not isinstance(obj, dict):
-            rows.append((number, OmniError(f"expected a JSON object, found {type(obj).__name__}")))
-            continue
-        bad = [k for k in ("text", "prompt", *BATCH_PATH_KEYS) if k in obj and not isinstance(obj[k], str)]
-        if bad:
-            rows.append((number, OmniError(f"{bad[0]} must be a string")))
-            continue
-        for key in BATCH_PATH_KEYS:  # relative to the current directory, else to the batch file
-            if key in obj and not Path(obj[key]).is_absolute() and not Path(obj[key]).exists():
-                if (base / obj[key]).exists():
-                    obj[key] = str(base / obj[key])
-        rows.append((number, obj))
-    return rows
-
-
 def run_batch_file(model: Any, args: argparse.Namespace, con: Console, out: Out) -> int:
     """--batch_file: one JSON object per request line, in order ({"line", "input", answer keys} or
-    {"line", "input", "error"}), printed as each batch of --batch_size requests finishes; exit 1 if any failed."""
+    {"line", "input", "error"}), printed as each batch of --batch_size requests finishes; exit 1 if any failed.
+    (batch.py runs the same requests as a resumable job, locally or on Ray.)"""
     rows = read_batch_file(args.batch_file)
     if not rows:
         con.warn(f"--batch_file {args.batch_file}: no requests in it")
@@ -767,30 +721,19 @@ def run_batch_file(model: Any, args: argparse.Namespace, con: Console, out: Out)
     while start < len(rows):
         end, n = start, 0  # the rows up to the next --batch_size requests
         while end < len(rows) and n < args.batch_size:
-            n += not isinstance(rows[end][1], OmniError)
+            n += rows[end].request is not None
             end += 1
         chunk = rows[start:end]
-        requests = [obj for _, obj in chunk if not isinstance(obj, OmniError)]
-        failed: dict[int, str] = {}
-        answers = model.answer_batch(requests, batch_size=len(requests) or 1,
-                                     on_error=lambda i, exc: failed.__setitem__(i, str(exc)), **gen)
-        k = 0
-        for number, obj in chunk:
-            if isinstance(obj, OmniError):
-                con.error(f"line {number}: {obj}")
-                out.json({"line": number, "error": str(obj)})
+        for row, result in zip(chunk, answer_rows(model, chunk, gen)):
+            given = {} if row.request is None else {"input": row.request}
+            if isinstance(result, OmniError):
+                con.error(f"line {row.line}: {result}")
+                out.json({"line": row.line, **given, "error": str(result)})
                 status = 1
                 continue
-            ans = answers[k]
-            if ans is None:
-                con.error(f"line {number}: {failed[k]}")
-                out.json({"line": number, "input": obj, "error": failed[k]})
-                status = 1
-            else:
-                for note in ans.warnings:
-                    con.warn(f"line {number}: {note}")
-                out.json({"line": number, "input": obj, **ans.to_json()})
-            k += 1
+            for note in result.get("warnings", []):
+                con.warn(f"line {row.line}: {note}")
+            out.json({"line": row.line, **given, **result})
         start = end
     return status
 

@@ -1,0 +1,9 @@
+#!/usr/bin/env python3
+"""Run a batch job: answer every request of a JSON Lines file (or transcribe audio files) with a μOmni model, on
+this machine (--engine local) or on a Ray cluster (--engine ray), resumable after a kill (--resume)."""
+import sys
+
+from utils.batch_cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(None, "batch.py", __doc__))
