@@ -33,7 +33,8 @@ from utils.batching import BatchEngine, RowPrompt
 from utils.errors import OmniError
 from utils.generation import DECODE_ATTENTION, MAX_SEED, SamplingOptions, generate, generate_batch
 from utils.image import IMAGE_SIZE, load_image, load_image_bytes, load_video_frames, preprocess_image
-from utils.loading import Components, load_components, to_device
+from utils.components import Components, to_device
+from utils.loading import load_components
 from utils.quant import quantize_linears_int8
 from utils.speech import Speech, SpeechOptions, frames_for_text, max_talker_frames, synthesize
 from utils.tokenizer import IncrementalDecoder

@@ -1442,7 +1442,8 @@ def test_help_documents_the_resource_guards(script: str) -> None:
     from utils.checkpoint import MAX_JSON_BYTES
     from utils.batch_job import MAX_BATCH_FILE_BYTES
     from utils.export_format import MAX_HEADER_BYTES, MAX_TENSORS
-    from utils.image import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, MAX_VIDEO_FRAMES
+    from utils.defaults import MAX_VIDEO_FRAMES
+    from utils.image import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS
     from utils.transcript import TranscribeOptions
     r = subprocess.run([sys.executable, str(REPO / script), "--help"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
@@ -1518,7 +1519,8 @@ def test_video_frames_are_the_evenly_spaced_ones_with_bounded_memory(tmp_path: P
     import av
     import torch
 
-    from utils.image import MAX_VIDEO_FRAMES, load_video_frames, preprocess_image
+    from utils.defaults import MAX_VIDEO_FRAMES
+    from utils.image import load_video_frames, preprocess_image
     from utils.errors import OmniError
     path = make_video(tmp_path / "v.mp4", frames=11)
     with av.open(str(path)) as c:

@@ -61,9 +61,9 @@ def load_audio(path: str | os.PathLike | BinaryIO, sample_rate: int = SAMPLE_RAT
             if got >= wanted:
                 break
     if got == 0:
-        raise OmniError(f"{label}: contains no samples")
+        raise OmniError(f"{what}: contains no samples")
     if max_seconds is None and got > MAX_AUDIO_SECONDS * sr:
-        raise OmniError(f"{label}: longer than the limit of {MAX_AUDIO_SECONDS:.0f} s of audio decoded "
+        raise OmniError(f"{what}: longer than the limit of {MAX_AUDIO_SECONDS:.0f} s of audio decoded "
                         f"at once")
     wave = np.concatenate(kept) if len(kept) > 1 else kept[0]
     check_wave(wave, what)
@@ -349,11 +349,3 @@ def write_wav(path: str | os.PathLike, wave: np.ndarray, sample_rate: int = SAMP
             tmp.unlink()
         except OSError:  # already renamed, never created, or its name is unusable
             pass
-
-
-def wav_bytes(wave: np.ndarray, sample_rate: int = SAMPLE_RATE) -> bytes:
-    """A 16-bit PCM mono WAV file in memory (what the server sends back), clipped to [-1, 1] as write_wav does."""
-    buf = io.BytesIO()
-    sf.write(buf, np.clip(np.nan_to_num(np.asarray(wave, dtype=np.float32)), -1.0, 1.0), sample_rate,
-             subtype="PCM_16", format="WAV")
-    return buf.getvalue()

@@ -25,12 +25,16 @@ from utils.checkpoint import (StateDict, read_json, read_torch_file, regular_fil
 from utils.errors import OmniError
 from utils.image import IMAGE_SIZE
 from utils.quant import QUANT_METHOD, SCALE_SUFFIX, dequantize_state_dict, linear_weight_names, quantize_state_dict
-from utils.tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
+from utils.components import (CTC_MAP_NAMES, Components, build_audio, build_linear, build_rvq, build_talker,
+                              build_thinker, build_vision, build_vocoder, check_projector_fit, named_vocoder_file,
+                              read_ctc_chars, read_generation_config, set_tokenizer)
+from utils.defaults import BOS_ID, DECODE_ATTENTION, DEFAULT_MAX_NEW_TOKENS, EOS_ID, PAD_ID
+from utils.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
     from models.layers import BlockConfig
-    from utils.loading import Components
 
+EXPORT_NAMES = ("model.safetensors", "muomni.safetensors", "omni.safetensors")  # the weights file, first found wins
 PREFIXES = ("thinker", "audio_encoder", "vision_encoder", "talker", "rvq", "proj_a", "proj_v", "ocr", "ctc_head",
             "vocoder")
 # Components attribute -> key prefix in model.safetensors (spec §1), in the order they are written.
@@ -102,7 +106,6 @@ def check_safetensors_header(path: Path) -> None:
 
 
 def export_file(d: Path) -> Path:
-    from utils.loading import EXPORT_NAMES
     for name in EXPORT_NAMES:
         if (d / name).is_file():
             return d / name
@@ -139,14 +142,13 @@ def check_quantization(cfg: dict[str, Any], meta: dict[str, str], path: Path) ->
 def load_export(d: Path) -> Components:
     """Build Components from a merged export directory: int8 weights dequantized, modules in the file's float
     dtype (recorded in `Components.dtype`)."""
-    from utils import loading as L
 
     path = export_file(d)
     raw, meta = read_safetensors(path)
     cfg_path = d / "config.json"
     cfg = read_json(cfg_path) if os.path.lexists(cfg_path) else {}
     check_quantization(cfg, meta, path)
-    comps = L.Components(root=d, dtype=stored_float_dtype(raw))
+    comps = Components(root=d, dtype=stored_float_dtype(raw))
     sd = strip_compile_prefix(dequantize_state_dict(raw, str(path)))
     parts = {p: split_prefixed(sd, p) for p in PREFIXES}
     unknown = sorted({k.split(".", 1)[0] for k in sd} - set(PREFIXES))
@@ -158,47 +160,47 @@ def load_export(d: Path) -> Components:
     if not parts["thinker"]:
         raise OmniError(f"{path}: no thinker.* tensors")
     thinker_cfg = component_config(cfg, d, "thinker", "thinker_tiny.json")
-    comps.thinker = L.build_thinker(parts["thinker"], thinker_cfg, src("thinker"))
+    comps.thinker = build_thinker(parts["thinker"], thinker_cfg, src("thinker"))
     comps.ctx_len = comps.thinker.cfg.ctx_len
     comps.sources["thinker"] = str(path)
     tok = d / "tokenizer.model"
     if not tok.is_file():
         raise OmniError(f"tokenizer {tok}: not found (an export directory must hold tokenizer.model)")
-    L.set_tokenizer(comps, Tokenizer(tok))
+    set_tokenizer(comps, Tokenizer(tok))
     if parts["vision_encoder"]:
-        comps.vision = L.build_vision(parts["vision_encoder"], component_config(cfg, d, "vision", "vision_tiny.json"),
+        comps.vision = build_vision(parts["vision_encoder"], component_config(cfg, d, "vision", "vision_tiny.json"),
                                       src("vision_encoder"))
         comps.sources["vision"] = str(path)
     if parts["audio_encoder"]:
-        comps.audio = L.build_audio(parts["audio_encoder"], component_config(cfg, d, "audio", "audio_enc_tiny.json"),
+        comps.audio = build_audio(parts["audio_encoder"], component_config(cfg, d, "audio", "audio_enc_tiny.json"),
                                     src("audio_encoder"))
         comps.sources["audio"] = str(path)
     for name in ("proj_a", "proj_v"):
         if parts[name]:
-            setattr(comps, name, L.build_linear(parts[name], src(name)))
+            setattr(comps, name, build_linear(parts[name], src(name)))
     if parts["talker"]:
-        comps.talker = L.build_talker(parts["talker"], component_config(cfg, d, "talker", "talker_tiny.json"),
+        comps.talker = build_talker(parts["talker"], component_config(cfg, d, "talker", "talker_tiny.json"),
                                       src("talker"))
         comps.sources["talker"] = str(path)
     if parts["rvq"]:
-        comps.rvq = L.build_rvq(parts["rvq"], src("rvq"))
+        comps.rvq = build_rvq(parts["rvq"], src("rvq"))
     if parts["ctc_head"]:
-        comps.ctc_head = L.build_linear(parts["ctc_head"], src("ctc_head"))
-        for name in L.CTC_MAP_NAMES:
+        comps.ctc_head = build_linear(parts["ctc_head"], src("ctc_head"))
+        for name in CTC_MAP_NAMES:
             if os.path.lexists(d / name):
-                comps.ctc_chars = L.read_ctc_chars(d / name)
+                comps.ctc_chars = read_ctc_chars(d / name)
     vocoder_cfg = component_config(cfg, d, "vocoder", "vocoder_tiny.json")
     if parts["vocoder"]:
-        comps.vocoder = L.build_vocoder(parts["vocoder"], vocoder_cfg, src("vocoder"))
+        comps.vocoder = build_vocoder(parts["vocoder"], vocoder_cfg, src("vocoder"))
         comps.sources["vocoder"] = str(path)
-    elif (vpath := L.named_vocoder_file(d)) is not None:
-        comps.vocoder = L.build_vocoder(unwrap(read_torch_file(vpath), "vocoder", vpath), vocoder_cfg, str(vpath))
+    elif (vpath := named_vocoder_file(d)) is not None:
+        comps.vocoder = build_vocoder(unwrap(read_torch_file(vpath), "vocoder", vpath), vocoder_cfg, str(vpath))
         comps.sources["vocoder"] = str(vpath)
     for kind, key in (("vision", "vision_encoder"), ("audio", "audio_encoder"), ("talker", "talker")):
         if not parts[key]:
             comps.searched[kind] = f"{path} (no {key}.* tensors)"
-    L.check_projector_fit(comps, str(path))
-    comps.generation_defaults = L.read_generation_config(d)
+    check_projector_fit(comps, str(path))
+    comps.generation_defaults = read_generation_config(d)
     for m in comps.modules():  # a half-precision export runs in half precision unless the caller asks otherwise
         m.to(comps.dtype)
     return comps
@@ -286,12 +288,9 @@ def export_config(comps: Components, dtype: torch.dtype, int8: bool, quantized_t
 def generation_config(source: dict[str, Any]) -> dict[str, Any]:
     """generation_config.json: the μOmni special ids, greedy causal decoding defaults, and the source directory's
     own settings (decode_attention among them) when it had a generation_config.json."""
-    from utils.generation import SamplingOptions
-    opts = SamplingOptions()
     gc: dict[str, Any] = {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID,
-                          "max_new_tokens": opts.max_new_tokens, "do_sample": False, "temperature": 1.0,
-                          "top_p": opts.top_p, "repetition_penalty": opts.repetition_penalty,
-                          "decode_attention": opts.decode_attention}
+                          "max_new_tokens": DEFAULT_MAX_NEW_TOKENS, "do_sample": False, "temperature": 1.0,
+                          "top_p": 1.0, "repetition_penalty": 1.0, "decode_attention": DECODE_ATTENTION[0]}
     for key in ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty",
                 "decode_attention"):
         if key in source:

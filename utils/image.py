@@ -10,13 +10,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from utils.defaults import MAX_VIDEO_FRAMES
 from utils.errors import OmniError
 from utils.media import open_container
 
 IMAGE_SIZE = 224
 MAX_IMAGE_PIXELS = 64_000_000  # refuse larger images (decompression bombs) before decoding them
 MAX_IMAGE_BYTES = 200_000_000  # and larger decoded bitmaps (8000x8000 RGB fits, 8000x8000 float does not)
-MAX_VIDEO_FRAMES = 256  # most frames taken from one video (each becomes an image token)
 # Bytes per pixel of the decoded bitmap for Pillow's modes (others: 4, the widest).
 MODE_BYTES = {"1": 1, "L": 1, "P": 1, "LA": 2, "PA": 2, "La": 2, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2,
               "RGB": 3, "YCbCr": 3, "LAB": 3, "HSV": 3, "BGR;15": 2, "BGR;16": 2, "BGR;24": 3}
@@ -65,7 +65,7 @@ def _decode_image(source: Path | io.BytesIO, label: str, size: int) -> torch.Ten
                                     f"{MAX_IMAGE_PIXELS} pixels")
                 decoded = img.width * img.height * MODE_BYTES.get(img.mode, 4)
                 if decoded > MAX_IMAGE_BYTES:
-                    raise OmniError(f"image file {path}: {img.width}x{img.height} {img.mode} decodes to "
+                    raise OmniError(f"{label}: {img.width}x{img.height} {img.mode} decodes to "
                                     f"{decoded:,} bytes, over the limit of {MAX_IMAGE_BYTES:,}")
                 img.load()
                 return preprocess_image(ImageOps.exif_transpose(img), size)

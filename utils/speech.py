@@ -27,7 +27,8 @@ from models.talker import RVQ, TalkerTiny
 from models.vocoder import HiFiGANGenerator, griffin_lim, mel_to_magnitude
 from utils.audio import SAMPLE_RATE, mel_filterbank
 from utils.errors import OmniError
-from utils.generation import DECODE_ATTENTION, Decoder, SamplingOptions, sample
+from utils.defaults import DECODE_ATTENTION, VOCODERS
+from utils.generation import Decoder, SamplingOptions, sample
 
 FRAME_RATE = 12.5  # talker frames per second
 FRAME_SAMPLES = 1280  # 80 ms at 16 kHz: the talker's training mel hop
@@ -35,7 +36,6 @@ TALKER_N_FFT = 1024  # the talker's training mel: n_fft 1024, win 1024, hop 1280
 FRAMES_PER_WORD = 5  # 12.5 frames/s at ~2.5 words/s
 GRIFFIN_LIM_HOP = 256  # Griffin-Lim needs overlapping frames: run it on the mel stretched to hop 256
 GRIFFIN_LIM_ITERS = 32
-VOCODERS = ("auto", "hifigan", "griffin-lim")
 
 Progress = Callable[[int], None]
 

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from utils.defaults import BOS_ID
 from utils.errors import OmniError
 
-BOS_ID, EOS_ID, PAD_ID = 1, 2, 0
 
 
 def valid_unicode(text: str) -> str:
