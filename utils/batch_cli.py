@@ -29,6 +29,7 @@ from typing import Any, Callable, Sequence
 
 from utils.batch_job import (Journal, MaterializedMedia, Row, audio_rows, inline_media, job_key, process_rows,
                              read_batch_file, record)
+from utils.defaults import DECODE_ATTENTION, DEVICES, DTYPE_NAMES
 from utils.cli import (Console, generation_options, non_negative_float, non_negative_int, positive_float,
                        positive_int, probability, route_warnings, seed_value, utf8_streams)
 from utils.errors import OmniError
@@ -77,9 +78,9 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
 
     g = p.add_argument_group("model")
     g.add_argument("--ckpt_dir", required=True, metavar="DIR", help="Checkpoint directory or merged export.")
-    g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
+    g.add_argument("--device", default="auto", choices=DEVICES,
                    help="Where each worker runs the model (default auto: cuda, then mps, then cpu).")
-    g.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
+    g.add_argument("--dtype", default=None, choices=DTYPE_NAMES,
                    help="Compute precision (default: the stored weights').")
     g.add_argument("--quantize", default=None, choices=("int8",), help="Runtime int8 quantization for speed.")
 
@@ -115,8 +116,10 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
                    help="Penalty for tokens already seen (1 = off).")
     g.add_argument("--seed", type=seed_value, default=None, metavar="S", help="Random seed for sampling.")
     g.add_argument("--ignore_eos", action="store_true", help="Generate --max_new_tokens tokens whatever comes.")
-    g.add_argument("--decode_attention", choices=("reference", "causal"), default=None,
+    g.add_argument("--decode_attention", choices=DECODE_ATTENTION, default=None,
                    help="The decode rule (see infer_chat.py --help).")
+    g.add_argument("--system", default=None, metavar="TEXT",
+                   help="System prompt prepended to every request's text (see infer_chat.py --help).")
 
     g = p.add_argument_group("messages")
     g.add_argument("--quiet", action="store_true", help="Print nothing on stderr except errors.")
