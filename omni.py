@@ -375,8 +375,7 @@ class OmniModel:
         cut (audio is still trimmed to what a prompt can use, with a note, as in the CLI)."""
         opts = self.options(**gen)
         text, images, wave = self.gather(text, image, audio, prompt=prompt)
-        embeds, ids, notes, opts.max_new_tokens = self.build_prompt(
-            text, images, wave, opts.max_new_tokens, fit_max_new=gen.get("max_new_tokens") is None)
+        embeds, ids, notes, opts.max_new_tokens = self.build_prompt(text, images, wave, opts.max_new_tokens)
         full = len(self.c.tokenizer.prompt_ids(text))
         if not trim and len(ids) < full:
             raise OmniError(f"the prompt ({embeds.shape[1] - len(ids) + full} positions) and max_new_tokens "
