@@ -34,9 +34,12 @@ def run_engine(model, engine, items, gen, gap_s=0.01):
     outs = [[] for _ in items]
     finished = threading.Event()
     reasons: dict[int, str] = {}
+    errors: list = []
 
-    def finish(i, reason, error):
-        assert error is None, error
+    def finish(i, reason, error):  # runs on the engine's thread: record, never raise there
+        if error is not None:
+            errors.append(error)
+            finished.set()
         reasons[i] = reason
         if len(reasons) == len(items):
             finished.set()
@@ -46,6 +49,7 @@ def run_engine(model, engine, items, gen, gap_s=0.01):
                       outs[i].append, lambda r, e, i=i: finish(i, r, e))
         time.sleep(gap_s)
     assert finished.wait(300)
+    assert errors == []
     return outs, reasons
 
 
