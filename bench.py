@@ -100,7 +100,7 @@ def convert(comps: dict[str, Any], dtype: str) -> dict[str, Any]:
     """float32 as loaded; bfloat16: every module cast; int8: nn.Linear layers dynamically quantized."""
     import torch
 
-    from utils.quant import quantize_linears_int8
+    from utils.quant import quantize_linears
 
     for m in comps.values():
         m.eval()
@@ -109,7 +109,7 @@ def convert(comps: dict[str, Any], dtype: str) -> dict[str, Any]:
         if dtype == "bfloat16":
             m.to(torch.bfloat16)
         elif dtype == "int8":
-            quantize_linears_int8(m)
+            quantize_linears(m, "int8")
     return comps
 
 

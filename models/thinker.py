@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from models.layers import (Block, BlockConfig, KVCache, RMSNorm, Rotary, block_config_from_state, count_blocks,
@@ -67,14 +68,14 @@ class ThinkerLM(nn.Module):
         """Logits (B, V) for one new token per row (`tokens`: (B,) long) written to cache column `pos`
         (with `hidden`, the final-normed hidden states (B, d) that `head` turns into logits).
 
-        `cos`/`rot_sin`: rotary rows for the new tokens (from `rotary.tables`; (B, 1, 1, dk) when rows sit at
-        different positions). `mask`: None or a boolean (B, 1, 1, pos + 1) view of a preallocated key mask.
+        `cos`/`rot_sin`: rotary rows for the new tokens ((1, dk) from `rotary.tables`; (B, 1, dk) when rows sit
+        at different positions). `mask`: None or a boolean (B, 1, 1, pos + 1) view of a preallocated key mask.
         `attn_out`: per-layer constant attention outputs (`reference_attention`), for the reference decode.
         """
-        x = self.tok_emb(tokens).unsqueeze(1)
+        x = F.embedding(tokens, self.tok_emb.weight)
         for i, block in enumerate(self.blocks):
             x = block.decode(x, cos, rot_sin, i, cache, pos, mask, None if attn_out is None else attn_out[i])
-        x = self.norm(x[:, 0])
+        x = self.norm.fast(x)
         return x if hidden else self.head(x)
 
     @torch.no_grad()

@@ -12,7 +12,7 @@ import utils.generation as gen
 from models.layers import BlockConfig
 from models.thinker import ThinkerConfig, ThinkerLM
 from utils.generation import Decoder, SamplingOptions, generate, generate_batch
-from utils.quant import GreedyHead, Int8Linear, PackedInt8Weight, quantize_int8, quantize_linears_int8
+from utils.quant import GreedyHead, Int8Linear, PackedInt8Weight, quantize_int8, quantize_linears
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -190,7 +190,7 @@ def test_bad_options_are_refused() -> None:
 
 # ---------------------------------------------------------------- bfloat16 / int8
 
-def test_bfloat16_and_int8_paths_run() -> None:
+def test_bfloat16_int8_and_int4_paths_run_batched_as_single() -> None:
     model = tiny_thinker(seed=19)
     embeds, ids = prompts(model)
     opts = SamplingOptions(max_new_tokens=6, ignore_eos=True)
@@ -204,18 +204,19 @@ def test_bfloat16_and_int8_paths_run() -> None:
         assert [len(r) for r in out] == [6] * len(embeds)
         assert generate_batch(bf, bf_embeds, ids, o) == out
 
-    q = copy.deepcopy(model)
-    names = quantize_linears_int8(q)
-    assert "lm_head" in names and "blocks.0.attn.q" in names
-    assert isinstance(q.lm_head, Int8Linear)
-    for mode in MODES:
-        o = SamplingOptions(**{**opts.__dict__, "decode_attention": mode})
-        out = one_by_one(q, embeds, ids, o)
-        assert [len(r) for r in out] == [6] * len(embeds)
-        assert generate_batch(q, embeds, ids, o) == out
-    # close to float: most first tokens agree on this peaky random model
-    agree = sum(a[0] == b[0] for a, b in zip(out, ref))
-    assert agree >= len(ref) - 2
+    for method in ("int8", "int4"):
+        q = copy.deepcopy(model)
+        names = quantize_linears(q, method)
+        assert "blocks.0.attn.q" in names and "blocks.0.mlp.gate_proj" in names
+        assert ("lm_head" in names) == (method == "int8")  # 97 outputs: not a shape the int4 kernel takes
+        for mode in MODES:
+            o = SamplingOptions(**{**opts.__dict__, "decode_attention": mode})
+            out = one_by_one(q, embeds, ids, o)
+            assert [len(r) for r in out] == [6] * len(embeds)
+            assert generate_batch(q, embeds, ids, o) == out
+        # close to float: most first tokens agree on this peaky random model
+        agree = sum(a[0] == b[0] for a, b in zip(out, ref))
+        assert agree >= len(ref) - 2, method
 
 
 def test_int8_linear_is_close_to_linear() -> None:
@@ -232,7 +233,7 @@ def test_int8_linear_is_close_to_linear() -> None:
 def test_quantize_keeps_torch_attention_layers_float() -> None:
     layer = torch.nn.TransformerEncoderLayer(32, 2, 64, batch_first=True, norm_first=True)
     seq = torch.nn.Sequential(layer, torch.nn.Linear(32, 8))
-    assert quantize_linears_int8(seq) == ["1"]
+    assert quantize_linears(seq, "int8") == ["1"]
     assert type(layer.linear1) is torch.nn.Linear
     with torch.no_grad():
         assert seq.eval()(torch.randn(2, 5, 32)).shape == (2, 5, 8)

@@ -24,6 +24,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from models.layers import refresh_fused
 from models.thinker import ThinkerLM
 from utils.quant import GreedyHead, greedy_head_supported
 
@@ -112,6 +113,7 @@ class Decoder:
             check_budget(model, T - p, n, opts)
         dev = embeds.device
         self.model, self.embeds = model, embeds
+        refresh_fused(model)
         self.reference = opts.decode_attention == "reference"
         total = T + max(max_new)
         self.cache = model.new_cache(B, total)
@@ -132,7 +134,7 @@ class Decoder:
             if not self.reference:
                 self.key_mask = real[:, None, None, :]  # (B, 1, 1, total), sliced per step
                 rot = model.rotary
-                self.rope_rows = (rot.cos[positions][:, :, None, None], rot.rot_sin[positions][:, :, None, None])
+                self.rope_rows = (rot.cos[positions][:, :, None], rot.rot_sin[positions][:, :, None])
 
     def prefill(self) -> torch.Tensor:
         """Logits (B, V) after the prompts; fills the cache (and, in reference mode, the attention constants)."""
