@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="float storage type (default float32; float16 for the unquantized tensors of --quantize int8)")
     p.add_argument("--quantize", choices=("int8",), default=None,
                    help="int8: nn.Linear weights of thinker, talker and encoders as int8 with per-channel scales")
+    p.add_argument("--decode_attention", choices=("causal", "reference"), default=None,
+                   help="the decode mode written to generation_config.json (default: the source's "
+                        "generation_config.json, else causal; 'reference' reproduces a defect, for comparison only)")
     p.add_argument("--verify", action="store_true",
                    help="reload the export and compare its thinker logits and weights with the sources "
                         "(exit 1 if a float32 export differs at all)")
@@ -217,7 +220,10 @@ def write_files(tmp: Path, args: argparse.Namespace, comps: L.Components, dirs: 
     write_json(tmp / "config.json", export_config(comps, dtype, int8, n_int8))
     # safetensors creates its file owner-only; give it the permissions every other file of the export gets
     os.chmod(tmp / args.output_file, (tmp / "config.json").stat().st_mode & 0o777)
-    write_json(tmp / "generation_config.json", generation_config(source_generation_config(args, dirs)))
+    source = source_generation_config(args, dirs)
+    if args.decode_attention is not None:
+        source = {**source, "decode_attention": args.decode_attention}
+    write_json(tmp / "generation_config.json", generation_config(source))
     write_json(tmp / "preprocessor_config.json", preprocessor_config(comps))
     write_json(tmp / "model_info.json", model_info(comps, args.output_file, dtype, int8))
     shutil.copyfile(comps.tokenizer.path, tmp / "tokenizer.model")

@@ -422,3 +422,54 @@ def block_config_from_state(sd: dict[str, torch.Tensor], prefix: str, n_heads: i
 def count_blocks(sd: dict[str, torch.Tensor], prefix: str = "blocks.") -> int:
     ids = {int(k[len(prefix):].split(".", 1)[0]) for k in sd if k.startswith(prefix)}
     return max(ids) + 1 if ids else 0
+
+
+class CausalStack(nn.Module):
+    """What the Thinker and the Talker share: Blocks over RoPE and a final norm, run over a whole prompt
+    (`hidden`) or over one new position per row against a KV cache (`decode_hidden`). Subclasses define
+    `blocks`, `norm` and `rotary`, plus `embed_step` (the ids fed back at a decode step -> (B, 1, d)) and `head`
+    (normed hidden states -> logits), so one decode engine (utils.generation.Decoder) serves both models."""
+
+    blocks: nn.ModuleList
+    norm: RMSNorm
+    rotary: Rotary
+
+    def cache_spec(self) -> tuple[int, int, int, torch.Tensor]:
+        """(layers, kv_heads, head_dim, a float parameter giving the cache's dtype and device)."""
+        b = self.blocks[0].attn
+        return len(self.blocks), b.n_kv_heads, b.head_dim, self.norm.weight
+
+    def new_cache(self, batch: int, max_len: int | None = None) -> KVCache:
+        layers, kv_heads, head_dim, p = self.cache_spec()
+        return KVCache(layers, batch, kv_heads, max_len or self.rotary.max_len, head_dim, p.dtype, p.device)
+
+    def hidden(self, x: torch.Tensor, start: int = 0, cache: KVCache | None = None,
+               positions: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+               last_only: bool = False) -> torch.Tensor:
+        """Normed hidden states for input embeddings `x` (B, T, d) at positions start..start+T ((B, d) of the
+        last position with `last_only`). `positions` (B, T) and a boolean `mask` (B, 1, T, S) override the
+        defaults for left-padded batches."""
+        cos, sin = self.rotary.tables(start, x.shape[1], positions)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, i, cache, start, mask)
+        return self.norm(x[:, -1] if last_only else x)
+
+    def decode_hidden(self, x: torch.Tensor, pos: int, cache: KVCache, cos: torch.Tensor | None,
+                      rot_sin: torch.Tensor | None, mask: torch.Tensor | None = None,
+                      attn_out: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Normed hidden states (B, d) for one new position per row (`x`: (B, 1, d), from `embed_step`) written
+        to cache column `pos`. `cos`/`rot_sin`: its rotary rows ((1, dk), or (B, 1, dk) when rows sit at
+        different positions). `mask`: None or a boolean (B, 1, 1, pos + 1) view of a preallocated key mask.
+        `attn_out`: per-layer constant attention outputs (`reference_attention`), for the reference decode.
+        The blocks run on (B, d) rows (`Block.decode`): no transposes, fused projections."""
+        x = x.reshape(x.shape[0], x.shape[-1])
+        for i, block in enumerate(self.blocks):
+            x = block.decode(x, cos, rot_sin, i, cache, pos, mask, None if attn_out is None else attn_out[i])
+        return self.norm.fast(x)
+
+    @torch.no_grad()
+    def reference_attention(self, cache: KVCache, anchors: torch.Tensor) -> list[torch.Tensor]:
+        """Per layer, the attention output (B, 1, d) of a decode step that may see only cache column
+        `anchors[b]` (each row's first real position): that key's value, whatever the query. Exact."""
+        return [block.attn.single_key_output(cache.values_at(i, anchors)) for i, block in enumerate(self.blocks)]
+

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from models.layers import Block, BlockConfig, KVCache, RMSNorm, Rotary, block_config_from_state, count_blocks
+from models.layers import Block, BlockConfig, CausalStack, RMSNorm, Rotary, block_config_from_state, count_blocks
 
 
 @dataclass
@@ -25,7 +25,7 @@ class TalkerConfig:
                    max_frames=max_frames)
 
 
-class TalkerTiny(nn.Module):
+class TalkerTiny(CausalStack):
     def __init__(self, cfg: TalkerConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -43,23 +43,18 @@ class TalkerTiny(nn.Module):
         """codes (B, T, 2) -> emb(base) + emb(residual), one table shared by both codebooks."""
         return self.emb(codes[..., 0]) + self.emb(codes[..., 1])
 
-    def new_cache(self, batch: int) -> KVCache:
-        b = self.cfg.block
-        return KVCache(self.cfg.n_layers, batch, b.n_kv_heads, self.rotary.max_len, b.d_model // b.n_heads,
-                       self.start.dtype, self.start.device)
+    def embed_step(self, frames: torch.Tensor) -> torch.Tensor:
+        """Code frames (B, 2) fed back at a decode step -> (B, 1, d)."""
+        return self.embed(frames[:, None])
 
-    def step(self, x: torch.Tensor, start: int, cache: KVCache | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run embeddings x (B, T, d) at positions start.. and return (base, residual) logits per position."""
-        cos, sin = self.rotary.tables(start, x.shape[1], None)
-        for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, i, cache, start, None)
-        x = self.norm(x)
+    def head(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(base, residual) logits for normed hidden states (..., d)."""
         return self.base_head(x), self.res_head(x)
 
     def forward(self, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher-forced logits predicting the frame after each input frame: (B, T, K) twice."""
         x = torch.cat([self.start.expand(codes.shape[0], -1, -1), self.embed(codes)], dim=1)
-        base, res = self.step(x, 0, None)
+        base, res = self.head(self.hidden(x))
         return base[:, 1:], res[:, 1:]
 
 

@@ -272,9 +272,13 @@ def test_incremental_decoder_holds_back_partial_characters() -> None:
 
 # ---------------------------------------------------------------- the reference fixtures through the CLI
 
-def test_cli_reproduces_reference_ids(fixture_dir: Path, expected: dict) -> None:
+@pytest.mark.parametrize("mode", ["default", "reference"])
+def test_cli_reproduces_reference_ids(fixture_dir: Path, expected: dict, mode: str) -> None:
+    """Causal decoding by default; --decode_attention reference gives the reference implementation's ids."""
+    extra = [] if mode == "default" else ["--decode_attention", "reference"]
     r = run_cli("--ckpt_dir", str(fixture_dir / "export"), "--image", str(fixture_dir / "inputs" / "image.png"),
                 "--audio_in", str(fixture_dir / "inputs" / "audio_16k.wav"), "--text", expected["mm_prompt"],
-                "--max_new_tokens", "16", "--json", "--quiet", "--device", "cpu", script="infer_safetensors.py")
+                "--max_new_tokens", "16", "--json", "--quiet", "--device", "cpu", *extra, script="infer_safetensors.py")
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["token_ids"] == expected["mm_greedy_16_image_audio"][:16]
+    key = "mm_greedy_16_image_audio" + ("_causal" if mode == "default" else "")
+    assert json.loads(r.stdout)["token_ids"] == expected[key][:16]

@@ -82,3 +82,17 @@ def test_cli_on_examples() -> None:
     assert out.returncode == 0 and out.stdout.strip() == "a green triangle", (out.stdout, out.stderr)
     out = run_cli(*base, "--audio_in", str(EXAMPLES / "green_triangle.wav"), "--text", "What did you hear?")
     assert out.returncode == 0 and "green triangle" in out.stdout, out.stderr
+
+
+def test_demo_answers_correctly_without_generation_config(tmp_path) -> None:
+    """Causal decoding is the default, not something generation_config.json has to ask for: a copy of the demo
+    without that file still answers correctly (the reference decode answered 'square square ...' here)."""
+    import shutil
+    copy = tmp_path / "demo"
+    shutil.copytree(DEMO, copy)
+    (copy / "generation_config.json").unlink()
+    out = run_cli("--ckpt_dir", str(copy), "--text", "What is 3 plus 4?", "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["text"].strip() == "7"
+    out = run_cli("--ckpt_dir", str(copy), "--text", "What is 3 plus 4?", "--decode_attention", "reference")
+    assert out.returncode == 0 and out.stdout.strip() != "7", out.stdout

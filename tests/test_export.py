@@ -326,7 +326,8 @@ def fixture_exports(fixture_dir: Path, tmp_path_factory: pytest.TempPathFactory)
     runs = {"explicit": explicit_flags(fixture_dir), "root": ["--ckpt_root", str(fixture_dir)],
             "bf16": ["--ckpt_root", str(fixture_dir), "--dtype", "bfloat16"],
             "fp16": ["--ckpt_root", str(fixture_dir), "--dtype", "float16"],
-            "int8": ["--ckpt_root", str(fixture_dir), "--quantize", "int8"]}
+            "int8": ["--ckpt_root", str(fixture_dir), "--quantize", "int8"],
+            "reference": ["--ckpt_root", str(fixture_dir), "--decode_attention", "reference"]}
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(out)
         for name, args in runs.items():
@@ -342,10 +343,13 @@ def mm_answer(export_dir: Path, fixture_dir: Path, cwd: Path) -> dict:
     return json.loads(r.stdout)
 
 
-@pytest.mark.parametrize("layout", ["explicit", "root"])
+@pytest.mark.parametrize("layout", ["explicit", "root", "reference"])
 def test_fixture_export_reproduces_reference_ids(fixture_exports: dict[str, Path], fixture_dir: Path,
                                                  expected: dict, layout: str, tmp_path: Path) -> None:
-    want = expected["mm_greedy_16_image_audio"]
+    """Exports decode causally unless told otherwise (export.py --decode_attention reference)."""
+    mode = json.loads((fixture_exports[layout] / "generation_config.json").read_text())["decode_attention"]
+    assert mode == ("reference" if layout == "reference" else "causal")
+    want = expected["mm_greedy_16_image_audio" + ("" if layout == "reference" else "_causal")]
     want = want[:want.index(EOS)] if EOS in want else want
     assert mm_answer(fixture_exports[layout], fixture_dir, tmp_path)["token_ids"] == want
 

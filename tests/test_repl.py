@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -83,10 +82,10 @@ def test_repl_ctrl_c_stops_an_answer_and_ctrl_d_leaves(long_tree: Path) -> None:
         child.sendline("once upon a time")
         child.expect("μOmni: ")
         child.expect(r"\S")  # some text has been streamed
-        t0 = time.monotonic()
         child.sendintr()  # Ctrl-C during the answer: stop it, back to the prompt
         child.expect(r"\[stopped\]")
-        assert time.monotonic() - t0 < 10
+        # "[stopped]" is printed only for an interrupted answer (2000 tokens would take far longer than the
+        # expect timeout), so reaching it is the event that shows Ctrl-C stopped the answer
         child.expect("You: ")
         child.sendcontrol("d")
         child.expect(pexpect.EOF)

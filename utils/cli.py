@@ -177,10 +177,11 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
                    help="Random seed for sampling: the same seed gives the same output (text and speech).")
     g.add_argument("--ignore_eos", action="store_true",
                    help="Keep generating after the end-of-sequence token, up to --max_new_tokens.")
-    g.add_argument("--decode_attention", choices=("reference", "causal"), default=None,
-                   help="'reference' (default) reproduces the μOmni reference decode, where each generated token "
-                        "attends to the first position only; 'causal' attends to every earlier position, as the "
-                        "models were trained.")
+    g.add_argument("--decode_attention", choices=("causal", "reference"), default=None,
+                   help="'causal' (the default, also a generation_config.json's unless it says otherwise) attends "
+                        "to every earlier position, as the models were trained. 'reference' reproduces a DEFECT of "
+                        "the μOmni reference implementation (each generated token attends to the first position "
+                        "only), kept only to compare with its old outputs; answers are wrong in that mode.")
 
     g = p.add_argument_group("output")
     g.add_argument("--json", action="store_true",

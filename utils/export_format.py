@@ -246,13 +246,14 @@ def export_config(comps: Components, dtype: torch.dtype, int8: bool, quantized_t
 
 
 def generation_config(source: dict[str, Any]) -> dict[str, Any]:
-    """generation_config.json: the μOmni special ids, greedy decoding defaults, and the source directory's own
-    settings (decode_attention among them) when it had a generation_config.json."""
+    """generation_config.json: the μOmni special ids, greedy causal decoding defaults, and the source directory's
+    own settings (decode_attention among them) when it had a generation_config.json."""
     from utils.generation import SamplingOptions
     opts = SamplingOptions()
     gc: dict[str, Any] = {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "pad_token_id": PAD_ID,
                           "max_new_tokens": opts.max_new_tokens, "do_sample": False, "temperature": 1.0,
-                          "top_p": opts.top_p, "repetition_penalty": opts.repetition_penalty}
+                          "top_p": opts.top_p, "repetition_penalty": opts.repetition_penalty,
+                          "decode_attention": opts.decode_attention}
     for key in ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty",
                 "decode_attention"):
         if key in source:

@@ -1,10 +1,11 @@
-"""Autoregressive decoding for the Thinker: prefill, one-token decode steps, sampling, and the generate loops
-(`generate`: one sequence, streamed; `generate_batch`: several prompts at once, left-padded).
+"""Autoregressive decoding for the Thinker and the Talker: one KV-cached engine (`Decoder`: prefill, then one
+position per step), sampling, and the Thinker's generate loops (`generate`: one sequence, streamed;
+`generate_batch`: several prompts at once, left-padded). utils.speech drives the same Decoder for the Talker.
 
-Decode attention: the reference μOmni implementation's KV-cached decode lets every generated token attend to
-the first position of the sequence only (its incremental mask is `ones(1, S).tril()`), and the μOmni expected
-outputs were produced that way. `decode_attention="reference"` reproduces it (the same ids; logits equal up to
-the rounding order of the matmul kernels); "causal" attends to every earlier position, as the models were trained.
+Decode attention: "causal" (the default) attends to every earlier position, as the models were trained, so
+the ids equal a full causal forward at every step. "reference" reproduces a defect of the reference μOmni
+implementation, kept only for comparing with old outputs: its KV-cached decode let every generated token
+attend to the first position of the sequence only (its incremental mask is `ones(1, S).tril()`, spec §4).
 
 Speed: the KV cache, the masks and the per-row rotary rows are allocated once per generation and only
 sliced afterwards; the one host sync per step is reading the sampled ids. In reference mode every decode
@@ -19,18 +20,18 @@ from __future__ import annotations
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import nn
 
-from models.layers import refresh_fused
+from models.layers import CausalStack, refresh_fused
 from models.thinker import ThinkerLM
 from utils.quant import GreedyHead, greedy_head_supported
 
 EOS_ID = 2
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit value
-DECODE_ATTENTION = ("reference", "causal")
+DECODE_ATTENTION = ("causal", "reference")  # the first is the default
 
 
 @dataclass
@@ -42,15 +43,8 @@ class SamplingOptions:
     repetition_penalty: float = 1.0
     seed: int | None = None
     ignore_eos: bool = False
-    decode_attention: str = "reference"
+    decode_attention: str = DECODE_ATTENTION[0]
     fast_greedy: bool = True  # greedy on CPU: the int8-screened exact argmax (utils.quant.GreedyHead)
-
-
-def first_key_mask(max_len: int, anchors: torch.Tensor) -> torch.Tensor:
-    """(B, 1, 1, max_len) boolean mask that is True only at each row's first real position."""
-    mask = torch.zeros(anchors.shape[0], 1, 1, max_len, dtype=torch.bool, device=anchors.device)
-    mask[torch.arange(anchors.shape[0]), 0, 0, anchors] = True
-    return mask
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -76,7 +70,7 @@ def sample(logits: torch.Tensor, opts: SamplingOptions, generator: torch.Generat
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def check_budget(model: ThinkerLM, prompt_len: int, max_new_tokens: int, opts: SamplingOptions) -> None:
+def check_budget(model: CausalStack, prompt_len: int, max_new_tokens: int, opts: SamplingOptions) -> None:
     """Programming errors (the API validates user input earlier): bad mode, or a prompt that cannot fit."""
     if opts.decode_attention not in DECODE_ATTENTION:
         raise ValueError(f"decode_attention {opts.decode_attention!r}: use one of {', '.join(DECODE_ATTENTION)}")
@@ -90,7 +84,8 @@ def check_budget(model: ThinkerLM, prompt_len: int, max_new_tokens: int, opts: S
 
 
 class Decoder:
-    """KV-cached decoding of B prompts, left-padded to a common length T (row b starts at column pads[b]).
+    """KV-cached decoding of B prompts, left-padded to a common length T (row b starts at column pads[b]), for
+    any `CausalStack` (the Thinker: token ids in, logits out; the Talker: code frames in, a pair of logits out).
 
     Row b's positions count from 0 at its first real column, so its numbers equal those of decoding it
     alone. Prefill mask: causal and only real keys (a padding query sees itself, so no softmax row is
@@ -98,7 +93,7 @@ class Decoder:
     the constant attention output described in the module docstring). All of it is built here, once.
     """
 
-    def __init__(self, model: ThinkerLM, embeds: torch.Tensor, pads: list[int] | None, opts: SamplingOptions,
+    def __init__(self, model: CausalStack, embeds: torch.Tensor, pads: list[int] | None, opts: SamplingOptions,
                  max_new: list[int] | None = None) -> None:
         """`max_new`: per-row token budgets (default: opts.max_new_tokens for every row); the cache has room
         for the largest, and each row's prompt plus its own budget must fit the context."""
@@ -136,28 +131,33 @@ class Decoder:
                 rot = model.rotary
                 self.rope_rows = (rot.cos[positions][:, :, None], rot.rot_sin[positions][:, :, None])
 
-    def prefill(self) -> torch.Tensor:
-        """Logits (B, V) after the prompts; fills the cache (and, in reference mode, the attention constants)."""
-        logits = self.model(self.embeds, 0, self.cache, positions=self.prefill_positions, mask=self.prefill_mask,
-                            last_only=True)[:, -1]
+    def prefill(self) -> Any:
+        """Logits after the prompts ((B, V); the model's `head` decides); fills the cache (and, in reference
+        mode, the attention constants)."""
+        logits = self.model.head(self.model.hidden(self.embeds, 0, self.cache, self.prefill_positions,
+                                                   self.prefill_mask, last_only=True))
         if self.reference:
             self.attn_out = self.model.reference_attention(self.cache, self.anchors)
         self.embeds = None  # not needed any more
         return logits
 
-    def step(self, tokens: torch.Tensor, hidden: bool = False) -> torch.Tensor:
-        """Logits (B, V) after appending `tokens` (B,) at the next column (`hidden`: the normed hidden states)."""
+    def step(self, tokens: torch.Tensor, hidden: bool = False) -> Any:
+        """Logits after appending `tokens` (what the model's `embed_step` takes, one entry per row) at the next
+        column (`hidden`: the normed hidden states (B, d) instead)."""
         pos = self.pos
         self.pos += 1
+        x = self.model.embed_step(tokens)
         if self.reference:
-            return self.model.decode(tokens, pos, self.cache, None, None, None, self.attn_out, hidden)
-        if self.rope_rows is not None:
-            cos, rot_sin = self.rope_rows[0][:, pos], self.rope_rows[1][:, pos]
+            h = self.model.decode_hidden(x, pos, self.cache, None, None, None, self.attn_out)
         else:
-            rot = self.model.rotary
-            cos, rot_sin = rot.cos[pos:pos + 1], rot.rot_sin[pos:pos + 1]
-        mask = self.key_mask[..., :pos + 1] if self.key_mask is not None else None
-        return self.model.decode(tokens, pos, self.cache, cos, rot_sin, mask, None, hidden)
+            if self.rope_rows is not None:
+                cos, rot_sin = self.rope_rows[0][:, pos], self.rope_rows[1][:, pos]
+            else:
+                rot = self.model.rotary
+                cos, rot_sin = rot.cos[pos:pos + 1], rot.rot_sin[pos:pos + 1]
+            mask = self.key_mask[..., :pos + 1] if self.key_mask is not None else None
+            h = self.model.decode_hidden(x, pos, self.cache, cos, rot_sin, mask)
+        return h if hidden else self.model.head(h)
 
 
 SCREEN_MIN_VOCAB = 1024

@@ -4,10 +4,10 @@ The μOmni Talker is an unconditional language model over two-codebook speech co
 answer text (spec §2). So the number of frames is chosen from the answer's length (about 5 frames per
 word: 12.5 frames per second of speech at ~2.5 words per second), or given explicitly.
 
-Generation mirrors utils/generation.py: one preallocated KVCache, a causal prefill of [start, emb(0)+emb(0)]
-at positions 0 and 1, then one frame per step. `decode_attention="reference"` reproduces the μOmni reference
-decode, where each new frame attends only to key position 0 (the `start` slot); "causal" attends to every
-earlier position.
+Generation runs on the Thinker's engine (utils.generation.Decoder): a causal prefill of
+[start, emb(0)+emb(0)] at positions 0 and 1 into a preallocated KV cache, then one frame per step, each frame
+attending to every earlier position ("causal", the default). `decode_attention="reference"` reproduces the
+reference implementation's defect (each new frame attends only to the `start` slot), for comparison only.
 
 Timing: each talker frame is 80 ms (1280 samples at 16 kHz). The reference fed these frames straight into a
 hop-256 vocoder, so its speech ran 5x too fast. Here the mel is first stretched (linear interpolation) to the
@@ -23,12 +23,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models.layers import KVCache
 from models.talker import RVQ, TalkerTiny
 from models.vocoder import HiFiGANGenerator, griffin_lim, mel_to_magnitude
 from utils.audio import SAMPLE_RATE, mel_filterbank
 from utils.errors import OmniError
-from utils.generation import DECODE_ATTENTION, SamplingOptions, first_key_mask, sample
+from utils.generation import DECODE_ATTENTION, Decoder, SamplingOptions, sample
 
 FRAME_RATE = 12.5  # talker frames per second
 FRAME_SAMPLES = 1280  # 80 ms at 16 kHz: the talker's training mel hop
@@ -47,7 +46,7 @@ class SpeechOptions:
     temperature: float = 0.0
     top_k: int = 0
     seed: int | None = None
-    decode_attention: str = "reference"
+    decode_attention: str = DECODE_ATTENTION[0]
 
     def check(self) -> None:
         if self.temperature < 0:
@@ -88,16 +87,6 @@ def max_talker_frames(talker: TalkerTiny) -> int:
     return talker.rotary.max_len - 2
 
 
-def _talker_forward(talker: TalkerTiny, x: torch.Tensor, start: int, cache: KVCache,
-                    mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """TalkerTiny.step with an explicit decode mask: last position's (base, residual) logits, (B, K) each."""
-    cos, sin = talker.rotary.tables(start, x.shape[1], None)
-    for i, block in enumerate(talker.blocks):
-        x = block(x, cos, sin, i, cache, start, mask)
-    x = talker.norm(x[:, -1])
-    return talker.base_head(x), talker.res_head(x)
-
-
 @torch.inference_mode()
 def generate_codes(talker: TalkerTiny, n_frames: int, opts: SpeechOptions | None = None,
                    progress: Progress | None = None) -> torch.Tensor:
@@ -108,20 +97,15 @@ def generate_codes(talker: TalkerTiny, n_frames: int, opts: SpeechOptions | None
     if not 1 <= n_frames <= limit:
         raise OmniError(f"speech of {n_frames} frames: the talker generates 1 to {limit} frames "
                         f"({limit / FRAME_RATE:.0f} s) at a time")
-    device, dtype = talker.start.device, talker.start.dtype
-    total = n_frames + 1  # positions: start slot 0, frame [0,0] at 1, generated frames 2..n_frames (last not fed)
-    b = talker.cfg.block
-    cache = KVCache(talker.cfg.n_layers, 1, b.n_kv_heads, total, b.d_model // b.n_heads, dtype, device)
+    device = talker.start.device
     generator = torch.Generator(device=device).manual_seed(opts.seed) if opts.seed is not None else None
-    sampling = SamplingOptions(temperature=opts.temperature, top_k=opts.top_k)
-    decode_mask = None
-    if opts.decode_attention == "reference":
-        decode_mask = first_key_mask(total, torch.zeros(1, dtype=torch.long, device=device))
+    sampling = SamplingOptions(temperature=opts.temperature, top_k=opts.top_k,
+                               decode_attention=opts.decode_attention, max_new_tokens=n_frames - 1)
     first = torch.zeros(1, 1, 2, dtype=torch.long, device=device)
-    x = torch.cat([talker.start.expand(1, -1, -1), talker.embed(first)], dim=1)
-    base, res = _talker_forward(talker, x, 0, cache, None)  # causal prefill over positions 0, 1
+    prompt = torch.cat([talker.start, talker.embed(first)], dim=1)  # positions 0 (start slot) and 1 (frame [0,0])
+    dec = Decoder(talker, prompt, None, sampling)  # the last frame is never fed back: n_frames - 1 steps
+    base, res = dec.prefill()
     codes = torch.empty(n_frames, 2, dtype=torch.long, device=device)
-    pos = 2
     for i in range(n_frames):
         frame = torch.stack([sample(base, sampling, generator), sample(res, sampling, generator)], dim=-1)
         codes[i] = frame[0]
@@ -129,9 +113,7 @@ def generate_codes(talker: TalkerTiny, n_frames: int, opts: SpeechOptions | None
             progress(1)
         if i + 1 == n_frames:
             break
-        mask = decode_mask[..., :pos + 1] if decode_mask is not None else None
-        base, res = _talker_forward(talker, talker.embed(frame[:, None]), pos, cache, mask)
-        pos += 1
+        base, res = dec.step(frame)
     return codes.cpu()
 
 
