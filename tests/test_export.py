@@ -311,11 +311,12 @@ def test_infer_safetensors_cli(tiny_tree: Path, tiny_exports: dict[str, Path], t
     assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and "merged exports only" in r.stderr
 
 
-def test_int8_agreement_tool(tiny_tree: Path, capsys: pytest.CaptureFixture) -> None:
-    from tools.int8_agreement import main
-    assert main(["--ckpt_root", str(tiny_tree), "--steps", "24"]) == 0
+@pytest.mark.parametrize("method", ("export-int8", "int4"))
+def test_quant_agreement_tool(method: str, tiny_tree: Path, capsys: pytest.CaptureFixture) -> None:
+    from tools.quant_agreement import main
+    assert main(["--ckpt_root", str(tiny_tree), "--steps", "24", "--method", method]) == 0
     out = capsys.readouterr().out.strip().splitlines()
-    assert len(out) == 1 and out[0].startswith("int8 vs float32 top-1 agreement: ") and "/24 " in out[0]
+    assert len(out) == 1 and out[0].startswith(f"{method} vs float32 top-1 agreement: ") and "/24 " in out[0]
 
 
 # ---------------------------------------------------------------- the μOmni reference fixture (../shared)
