@@ -120,8 +120,8 @@ class RMSNorm(nn.Module):
         return y.to(x.dtype) * self.weight
 
     def fast(self, x: torch.Tensor) -> torch.Tensor:
-        """`forward` in one fused op for float32 (decode steps: one op instead of six; rounding may differ in
-        the last bit); other dtypes go through `forward`, which computes in float32."""
+        """`forward` through F.rms_norm for float32 (decode steps: one call instead of six; rounding may differ
+        in the last bit); other dtypes go through `forward`, which computes in float32."""
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         return self.forward(x)
@@ -380,20 +380,17 @@ class Block(nn.Module):
 
     def decode(self, x: torch.Tensor, cos: torch.Tensor, rot_sin: torch.Tensor, layer: int, cache: KVCache,
                pos: int, mask: torch.Tensor | None, attn_out: torch.Tensor | None = None) -> torch.Tensor:
-        """One decode step (x: (B, 1, d) or (B, d); returns the same shape). `attn_out` (B, 1, d), when
-        given, replaces the attention sub-layer's output: the decode of `decode_attention="reference"`, where
-        every new token sees only its row's first key, makes that output one constant per row (see
+        """One decode step on rows x (B, d), one new position each. `attn_out` (B, 1, d), when given, replaces
+        the attention sub-layer's output: the decode of `decode_attention="reference"`, where every new token
+        sees only its row's first key, makes that output one constant per row (see
         `Attention.single_key_output`)."""
-        shape = x.shape
-        x = x.reshape(shape[0], shape[-1])
         if attn_out is None:
             heads = self.attn.decode(self.norm1.fast(x), cos, rot_sin, layer, cache, pos, mask)
             x = residual_linear(self.attn.o, heads, x)
         else:
             x = x + attn_out.view_as(x)
         h = self.norm2.fast(x)
-        x = self.moe(h) + x if hasattr(self, "moe") else self.mlp.decode(h, x)
-        return x.view(shape)
+        return self.moe(h) + x if hasattr(self, "moe") else self.mlp.decode(h, x)
 
 
 def block_config_from_state(sd: dict[str, torch.Tensor], prefix: str, n_heads: int,

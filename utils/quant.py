@@ -138,6 +138,9 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", scale.float())
         self.register_buffer("bias", bias.detach().clone() if bias is not None else None)
         self._packed: tuple | None = None  # (key, PackedInt8Weight or None), built on first use
+        self._scale_bf16: torch.Tensor | None = None  # the decode kernel's scales, made on first use (so
+        # change the scales by replacing the module, not in place)
+        self._large = self.qweight.numel() >= self.PACKED_MIN_WEIGHTS
 
     @classmethod
     def from_linear(cls, lin: nn.Linear) -> "Int8Linear":
@@ -162,11 +165,16 @@ class Int8Linear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         cpu = x.device.type == "cpu"
-        packed = self.packed() if cpu and self.qweight.numel() >= self.PACKED_MIN_WEIGHTS else None
-        if cpu and _one_position(x) and packed is None and _INT8PACK:
-            y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.qweight,
-                                                   self.scale.to(torch.bfloat16)).float()
-        elif _int_mm_ok(x.device):
+        if cpu and not self._large and _INT8PACK and _one_position(x):
+            scale = self._scale_bf16
+            if scale is None or scale.device != x.device or scale.shape != self.scale.shape:
+                scale = self._scale_bf16 = self.scale.to(torch.bfloat16)
+            y = torch.ops.aten._weight_int8pack_mm(x2.to(torch.bfloat16), self.qweight, scale)
+            if self.bias is not None:
+                y = y.float() + self.bias.float()
+            return y.to(x.dtype).view(*shape[:-1], self.out_features)
+        packed = self.packed() if cpu and self._large else None
+        if _int_mm_ok(x.device):
             xq, step = quantize_rows(x2)
             y = (packed(xq) if packed is not None else torch._int_mm(xq, self.qweight.t()) * self.scale) * step
         else:
@@ -249,10 +257,10 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group, self.scale_zero).float()
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group, self.scale_zero)
         if self.bias is not None:
-            y = y + self.bias.float()
-        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+            y = y.float() + self.bias.float()
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, group={self.group}, "
