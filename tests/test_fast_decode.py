@@ -179,3 +179,42 @@ def test_without_a_compiler_compile_says_so_and_runs_eager(tmp_path) -> None:
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["timing"]["decode_engine"] == "eager"
     assert "decode: eager (no C++ compiler found" in r.stderr
+
+
+# ---------------------------------------------------------------- --quantize int4 and --threads in the CLI
+
+def test_cli_quantize_int4_and_threads(tmp_path, demo) -> None:
+    """`--quantize int4 --threads 1` answers with the ids the library gives for the same settings; a negative
+    thread count is a usage error."""
+    import json
+    import subprocess
+    import sys
+
+    from omni import load_model
+    want = load_model(DEMO, device="cpu", quantize="int4").answer("What is 3 plus 4?", max_new_tokens=8)
+    cmd = [sys.executable, str(REPO / "infer_chat.py"), "--ckpt_dir", str(DEMO), "--text", "What is 3 plus 4?",
+           "--max_new_tokens", "8", "--json"]
+    r = subprocess.run(cmd + ["--quantize", "int4", "--threads", "1"], capture_output=True, text=True,
+                       timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["token_ids"] == want.token_ids
+    r = subprocess.run(cmd + ["--threads", "-1"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 2 and "--threads" in r.stderr and r.stdout == ""
+
+
+def test_threads_default_is_one_unless_the_environment_says(monkeypatch) -> None:
+    import torch
+
+    from omni import set_threads
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+        torch.set_num_threads(2)
+        assert set_threads(None) == 1
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        torch.set_num_threads(2)
+        assert set_threads(None) == 2  # the environment's count stands
+        assert set_threads(3) == 3
+    finally:
+        torch.set_num_threads(before)
