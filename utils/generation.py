@@ -14,6 +14,9 @@ sub-layer returns that key's value whatever the query: its output is computed on
 reused (bit-identical to running the masked attention each step, and it skips q/k/v, RoPE and the cache
 writes that nothing would ever read). Greedy steps on CPU read the vocabulary projection as int8 and rescore
 the few candidates exactly (utils.quant.GreedyHead): the same argmax for a quarter of the memory traffic.
+A step runs on (B, d) rows with q/k/v and gate/up fused into one matmul each (models.layers.Block.decode; the
+fused weight copies are refreshed once per Decoder, so a weight change between generations is seen);
+`compile_decode` optionally hands the step to torch.compile.
 """
 from __future__ import annotations
 
