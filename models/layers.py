@@ -99,11 +99,15 @@ class Fused:
 
 
 def refresh_fused(module: nn.Module) -> None:
-    """Bring every fused copy inside `module` up to date with its layers (once per generation, not per step)."""
+    """Bring every fused copy and Block decode plan inside `module` up to date with its layers (once per
+    generation, not per step)."""
     for m in module.modules():
         for value in vars(m).values():
             if isinstance(value, Fused):
                 value.refresh()
+    for m in module.modules():
+        if isinstance(m, Block):
+            m.refresh_plan()
 
 
 class RMSNorm(nn.Module):
@@ -255,13 +259,8 @@ class Attention(nn.Module):
         repeated. `cos`/`rot_sin`: (1, dk), or (B, 1, dk) for rows at different positions. `mask`: None (all
         columns) or a boolean (B, 1, 1, pos + 1) view of a preallocated mask.
         """
-        B = x.shape[0]
-        h, g, dk = self.n_heads, self.n_kv_heads, self.head_dim
-        qkv = self.qkv_rows(x)
-        qk = apply_rotary(qkv[:, :(h + g) * dk].view(B, h + g, dk), cos, rot_sin)
-        keys, values = cache.update(layer, pos, qk[:, h:].unsqueeze(2), qkv[:, (h + g) * dk:].view(B, g, 1, dk))
-        out = F.scaled_dot_product_attention(qk[:, :h].view(B, g, h // g, dk), keys, values, attn_mask=mask)
-        return out.view(B, h * dk)
+        return attend_rows(self.qkv_rows(x), cos, rot_sin, layer, cache, pos, mask, self.n_heads, self.n_kv_heads,
+                           self.head_dim)
 
     def single_key_output(self, values: torch.Tensor) -> torch.Tensor:
         """The attention output of a query allowed to see exactly one key: softmax over one score is exactly
@@ -359,6 +358,38 @@ class BlockConfig:
     num_experts_per_tok: int = 2
 
 
+def attend_rows(qkv: torch.Tensor, cos: torch.Tensor, rot_sin: torch.Tensor, layer: int, cache: KVCache, pos: int,
+                mask: torch.Tensor | None, h: int, g: int, dk: int) -> torch.Tensor:
+    """`Attention.decode` from the rows' q/k/v side by side (B, (h + 2g) dk): RoPE, cache write, attention."""
+    B = qkv.shape[0]
+    qk = apply_rotary(qkv[:, :(h + g) * dk].view(B, h + g, dk), cos, rot_sin)
+    keys, values = cache.update(layer, pos, qk[:, h:].unsqueeze(2), qkv[:, (h + g) * dk:].view(B, g, 1, dk))
+    out = F.scaled_dot_product_attention(qk[:, :h].view(B, g, h // g, dk), keys, values, attn_mask=mask)
+    return out.view(B, h * dk)
+
+
+@dataclass
+class FloatPlan:
+    """Direct references to the float32 tensors of a Block's decode step (fused q/k/v and gate/up, transposed
+    views of the output projections): a step then makes no nn.Module attribute lookups or dispatch checks,
+    which cost the demo-size thinker about a fifth of its step."""
+    shape: tuple[int]
+    norm1: torch.Tensor
+    eps1: float
+    qkv: torch.Tensor
+    o_t: torch.Tensor
+    norm2: torch.Tensor
+    eps2: float
+    gate_up: torch.Tensor
+    down_t: torch.Tensor
+    d_ff: int
+    heads: tuple[int, int, int]
+
+
+def _plain_float32(layer: nn.Module | None) -> bool:
+    return type(layer) is nn.Linear and layer.bias is None and layer.weight.dtype == torch.float32
+
+
 class Block(nn.Module):
     """Pre-norm residual block: x += attn(norm1(x)); x += ffn(norm2(x))."""
 
@@ -371,6 +402,23 @@ class Block(nn.Module):
             self.moe = MoE(cfg.d_model, cfg.d_ff, cfg.num_experts, cfg.num_experts_per_tok, cfg.ffn)
         else:
             self.mlp = make_ffn(cfg.ffn, cfg.d_model, cfg.d_ff)
+        self._plan: FloatPlan | None = None
+
+    def refresh_plan(self) -> None:
+        """The FloatPlan of this block's current weights, where the step is all float32 matmuls without bias
+        (SwiGLU, fused q/k/v and gate/up); else None and `decode` goes through the modules. Called by
+        `refresh_fused` (after the fused copies), so a plan never outlives the weights it was made from."""
+        self._plan = None
+        attn, mlp = self.attn, getattr(self, "mlp", None)
+        qkv = attn.qkv if attn.fused_qkv else attn._qkv.get()
+        if not (isinstance(mlp, SwiGLU) and self.norm1.weight.dtype == self.norm2.weight.dtype == torch.float32
+                and all(_plain_float32(m) for m in (qkv, attn.o, mlp._gate_up.get(), mlp.down_proj))):
+            return
+        self._plan = FloatPlan(
+            shape=tuple(self.norm1.weight.shape), norm1=self.norm1.weight.detach(), eps1=self.norm1.eps,
+            qkv=qkv.weight.detach(), o_t=attn.o.weight.detach().t(), norm2=self.norm2.weight.detach(),
+            eps2=self.norm2.eps, gate_up=mlp._gate_up.get().weight.detach(), down_t=mlp.down_proj.weight.detach().t(),
+            d_ff=mlp.down_proj.in_features, heads=(attn.n_heads, attn.n_kv_heads, attn.head_dim))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int,
                 cache: KVCache | None, start: int, mask: torch.Tensor | None) -> torch.Tensor:
@@ -384,6 +432,12 @@ class Block(nn.Module):
         the attention sub-layer's output: the decode of `decode_attention="reference"`, where every new token
         sees only its row's first key, makes that output one constant per row (see
         `Attention.single_key_output`)."""
+        p = self._plan
+        if p is not None and attn_out is None and x.dtype == torch.float32:
+            qkv = F.linear(F.rms_norm(x, p.shape, p.norm1, p.eps1), p.qkv)
+            x = torch.addmm(x, attend_rows(qkv, cos, rot_sin, layer, cache, pos, mask, *p.heads), p.o_t)
+            gate_up = F.linear(F.rms_norm(x, p.shape, p.norm2, p.eps2), p.gate_up)
+            return torch.addmm(x, F.silu(gate_up[:, :p.d_ff]) * gate_up[:, p.d_ff:], p.down_t)
         if attn_out is None:
             heads = self.attn.decode(self.norm1.fast(x), cos, rot_sin, layer, cache, pos, mask)
             x = residual_linear(self.attn.o, heads, x)
