@@ -4,7 +4,6 @@
     python bench.py                      # both models, float32 / bfloat16 / int8 / int4; several minutes
     python bench.py --quick              # a smoke run (short prompts, few tokens, few repeats)
     python bench.py --models demo --dtypes float32,int8 --json_out bench.json
-    python bench.py --compile            # plus the opt-in torch.compile'd decode step (float32)
 
 Models: "tiny" = the real μOmni tiny configuration (Thinker: 4 layers, d 256, 4 heads, 2 KV heads, SwiGLU 1024,
 vocab 32000, ctx 512; ViT d 128 x4; audio encoder d 192 x4; Talker d 192 x4 + RVQ + HiFi-GAN) with random
@@ -387,19 +386,6 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         res[f"{key}_bound_tok_s"] = bw / per_token
         res[f"{key}_bound_fraction"] = res[f"{key}_causal_tok_cpu_s"] / res[f"{key}_bound_tok_s"]
 
-    if dtype == "float32" and args.compile:
-        from utils.generation import compile_decode
-        log(f"{model_name} {dtype}: torch.compile of the decode step")
-        res["compiled_engine"] = compile_decode(thinker)
-        if res["compiled_engine"] == "inductor":
-            opts = SamplingOptions(max_new_tokens=N, ignore_eos=True)
-            from utils.generation import generate
-            start = Clock()
-            list(generate(thinker, x, opts))  # the first answer compiles
-            res["compile_s"] = start.since()[0]
-            b1 = decode_rates_b1(thinker, x, opts, reps)
-            res["b1_compiled_tok_s"], res["b1_compiled_tok_cpu_s"] = b1["tok_s"], b1["tok_cpu_s"]
-
     if dtype != "float32":
         log(f"{model_name} {dtype}: agreement with float32")
         reference = thinker_of(load(model_name, "float32", tree, args.threads))
@@ -446,9 +432,6 @@ ROWS = [
     ("**decode batch 8, causal (tokens/s, all rows)**", "b8_causal_tok_s", "{:,.0f}"),
     ("decode batch 8, causal (tokens per CPU-second)", "b8_causal_tok_cpu_s", "{:,.0f}"),
     ("batch 8 / batch 1 (causal, wall)", "b8_over_b1", "{:.2f}x"),
-    ("decode batch 1, causal, torch.compile'd step (tokens/s)", "b1_compiled_tok_s", "{:,.0f}"),
-    ("decode batch 1, causal, torch.compile'd step (tokens per CPU-second)", "b1_compiled_tok_cpu_s", "{:,.0f}"),
-    ("first answer with torch.compile (s: compiling included)", "compile_s", "{:.1f}"),
     ("prefill (tokens/s, {P} tokens)", "prefill_tok_s", "{:,.0f}"),
     ("time to first token (ms, {P}-token prompt)", "ttft_ms", "{:.1f}"),
     ("bytes read per token, batch 1 (MB)", "b1_mb_per_token", "{:.2f}"),
@@ -510,8 +493,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtypes", default=",".join(DTYPES), help="comma-separated subset of " + ",".join(DTYPES))
     ap.add_argument("--threads", type=int, default=None,
                     help="torch threads (as --threads of the CLIs; default 1, or OMP_NUM_THREADS when set)")
-    ap.add_argument("--compile", action="store_true",
-                    help="also time the torch.compile'd decode step (float32; tens of seconds of compiling each)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--tree", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -537,8 +518,6 @@ def main(argv: list[str] | None = None) -> int:
                 cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", f"{m}:{d}", "--tree", tmp]
                 if args.quick:
                     cmd.append("--quick")
-                if args.compile:
-                    cmd.append("--compile")
                 if args.threads is not None:
                     cmd += ["--threads", str(args.threads)]
                 proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=REPO)

@@ -29,7 +29,7 @@ from PIL import Image
 from models.audio import ctc_greedy_decode
 from utils.audio import load_audio, max_audio_seconds, power_mel, trim_audio, write_wav
 from utils.errors import OmniError
-from utils.generation import DECODE_ATTENTION, MAX_SEED, SamplingOptions, compile_decode, generate, generate_batch
+from utils.generation import DECODE_ATTENTION, MAX_SEED, SamplingOptions, generate, generate_batch
 from utils.image import IMAGE_SIZE, load_image, load_video_frames, preprocess_image
 from utils.loading import Components, load_components, to_device
 from utils.quant import QUANTIZE_METHODS, quantize_linears
@@ -50,7 +50,7 @@ class Answer:
     text: str
     token_ids: list[int]
     prompt_tokens: int
-    timing: dict[str, Any] = field(default_factory=dict)
+    timing: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -102,7 +102,6 @@ class OmniModel:
         self.device = device
         self.dtype = dtype or comps.dtype
         self.load_seconds = load_seconds
-        self.decode_engine = "eager"  # or what load_model(compile=True) got: 'inductor' or 'eager (<why>)'
         to_device(comps, device, self.dtype)
 
     @property
@@ -261,8 +260,7 @@ class OmniModel:
         decode_s = (t_last or t_end) - t_first
         timing = {"load_s": round(self.load_seconds, 6), "prefill_s": round(t_first - t0, 6),
                   "decode_s": round(decode_s, 6),
-                  "decode_tokens_per_s": round((len(out) - 1) / decode_s, 3) if len(out) > 1 and decode_s > 0 else 0.0,
-                  "decode_engine": self.decode_engine.split(" ")[0]}
+                  "decode_tokens_per_s": round((len(out) - 1) / decode_s, 3) if len(out) > 1 and decode_s > 0 else 0.0}
         result.append(Answer(detok.text, out, embeds.shape[1], timing, notes))
 
     def answer(self, text: str | None = None, image: ImageInput | list[ImageInput] | None = None,
@@ -343,7 +341,7 @@ class OmniModel:
                           "decode_s": round(decode_s, 6),
                           "decode_tokens_per_s": round((len(out) - 1) / decode_s, 3)
                           if len(out) > 1 and decode_s > 0 else 0.0,
-                          "batch_size": len(ready), "decode_engine": self.decode_engine.split(" ")[0]}
+                          "batch_size": len(ready)}
                 results[i] = Answer(self.c.tokenizer.decode(out), out, embeds.shape[0], timing, notes)
         return results
 
@@ -461,13 +459,11 @@ def set_threads(threads: int | None) -> int:
 
 
 def load_model(path: str | os.PathLike, device: str = "auto", dtype: str | torch.dtype | None = None,
-               quantize: str | None = None, threads: int | None = None, compile: bool = False) -> OmniModel:
+               quantize: str | None = None, threads: int | None = None) -> OmniModel:
     """Load every component found under `path` (see utils.loading) onto `device` ('auto', 'cpu', 'cuda', 'mps')
     in `dtype` ('float32', 'float16', 'bfloat16'; default: the stored weights' dtype, float32 for μOmni);
     `quantize='int8'` / `'int4'` then quantizes the linear layers (OmniModel.quantize). `threads`: torch's
-    CPU thread count for the process (see `set_threads`; default 1 unless OMP_NUM_THREADS is set). `compile`:
-    torch.compile the decode steps of the thinker and the talker (utils.generation.compile_decode: CPU with a
-    C++ compiler; the first answer of each shape compiles for tens of seconds); `decode_engine` says what runs."""
+    CPU thread count for the process (see `set_threads`; default 1 unless OMP_NUM_THREADS is set)."""
     t0 = time.perf_counter()
     set_threads(threads)
     dev = pick_device(device)
@@ -481,9 +477,5 @@ def load_model(path: str | os.PathLike, device: str = "auto", dtype: str | torch
     model = OmniModel(comps, dev, dtype)
     if quantize is not None:
         model.quantize(quantize)
-    if compile:
-        model.decode_engine = compile_decode(comps.thinker) if comps.thinker is not None else "eager (no thinker)"
-        if comps.talker is not None:
-            compile_decode(comps.talker)
     model.load_seconds = time.perf_counter() - t0
     return model

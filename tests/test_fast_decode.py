@@ -144,43 +144,6 @@ def test_fixture_causal_ids_through_every_fast_path(fixture_dir, expected) -> No
     assert got[1] == want
 
 
-# ---------------------------------------------------------------- torch.compile of the decode step (opt-in)
-
-def test_compiled_decode_gives_the_eager_ids() -> None:
-    """load_model(compile=True): the inductor-compiled step answers with the eager step's ids (batch 1 and a
-    padded batch), and the answer's timing names the engine."""
-    from omni import load_model
-    from utils.generation import c_compiler
-    if c_compiler() is None:
-        pytest.skip("no C++ compiler on this machine: the compiled decode step cannot be built")
-    eager = load_model(DEMO, device="cpu")
-    compiled = load_model(DEMO, device="cpu", compile=True)
-    assert (eager.decode_engine, compiled.decode_engine) == ("eager", "inductor")
-    want = eager.answer("What is 3 plus 4?", max_new_tokens=24, ignore_eos=True)
-    got = compiled.answer("What is 3 plus 4?", max_new_tokens=24, ignore_eos=True)
-    assert got.token_ids == want.token_ids and len(want.token_ids) == 24
-    assert (want.timing["decode_engine"], got.timing["decode_engine"]) == ("eager", "inductor")
-    items = [{"text": "What is 3 plus 4?"}, {"text": "Name a colour."}]
-    assert compiled.chat_batch(items, max_new_tokens=12) == eager.chat_batch(items, max_new_tokens=12)
-
-
-def test_without_a_compiler_compile_says_so_and_runs_eager(tmp_path) -> None:
-    """No C++ compiler on PATH: `--compile` still answers, with the eager step, and says why (--verbose on
-    stderr, --json timing)."""
-    import json
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in __import__("os").environ.items() if k != "CXX"}
-    env["PATH"] = str(tmp_path)  # an empty directory: no c++, g++ or clang++
-    r = subprocess.run([sys.executable, str(REPO / "infer_chat.py"), "--ckpt_dir", str(DEMO), "--text",
-                        "What is 3 plus 4?", "--compile", "--json", "--verbose", "--max_new_tokens", "4"],
-                       capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["timing"]["decode_engine"] == "eager"
-    assert "decode: eager (no C++ compiler found" in r.stderr
-
-
 # ---------------------------------------------------------------- --quantize int4 and --threads in the CLI
 
 def test_cli_quantize_int4_and_threads(tmp_path, demo) -> None:

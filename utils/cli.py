@@ -134,9 +134,6 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     g.add_argument("--quantize", default=None, choices=("int8", "int4"),
                    help="Quantize the linear layers for speed: int8 (weights per output channel) or int4 (CPU; "
                         "4-bit weights in groups of 32); answers may differ slightly from float32.")
-    g.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode step (CPU, needs a C++ compiler): faster steps after a first "
-                        "answer that compiles for tens of seconds; --verbose says which engine runs.")
     g.add_argument("--threads", type=non_negative_int, default=None, metavar="N",
                    help="CPU threads for torch (default 1, or OMP_NUM_THREADS when set: more threads rarely "
                         "help models this small and slow them down badly on a busy machine; 0 = one per core).")
@@ -670,9 +667,9 @@ def run(args: argparse.Namespace, con: Console) -> int:
     out = Out()
     con.status(f"loading μOmni from {args.ckpt_dir} ...")
     model = load_model(args.ckpt_dir, device=args.device, dtype=args.dtype, quantize=args.quantize,
-                       threads=args.threads, compile=args.compile)
+                       threads=args.threads)
     con.status(f"loaded {', '.join(model.components) or 'nothing'} in {model.load_seconds:.1f} s "
-             f"on {model.device} ({str(model.dtype).replace('torch.', '')}); decode: {model.decode_engine}")
+             f"on {model.device} ({str(model.dtype).replace('torch.', '')})")
     if args.batch_file is not None:
         return run_batch_file(model, args, con, out)
     if one_shot(args):

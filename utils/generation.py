@@ -15,14 +15,11 @@ reused (bit-identical to running the masked attention each step, and it skips q/
 writes that nothing would ever read). Greedy steps on CPU read the vocabulary projection as int8 and rescore
 the few candidates exactly (utils.quant.GreedyHead): the same argmax for a quarter of the memory traffic.
 A step runs on (B, d) rows with q/k/v and gate/up fused into one matmul each (models.layers.Block.decode; the
-fused weight copies are refreshed once per Decoder, so a weight change between generations is seen);
-`compile_decode` optionally hands the step to torch.compile.
+fused weight copies and per-block plans are refreshed once per Decoder, so a weight change between
+generations is seen).
 """
 from __future__ import annotations
 
-import functools
-import os
-import shutil
 import time
 import weakref
 from dataclasses import dataclass
@@ -89,40 +86,6 @@ def check_budget(model: CausalStack, prompt_len: int, max_new_tokens: int, opts:
                          f"context of {model.rotary.max_len}")
 
 
-_COMPILED: "weakref.WeakKeyDictionary[nn.Module, Any]" = weakref.WeakKeyDictionary()
-
-
-def c_compiler() -> str | None:
-    """The C++ compiler torch's inductor would use (CXX, else c++/g++/clang++ on PATH), or None."""
-    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
-        if name and shutil.which(name):
-            return shutil.which(name)
-    return None
-
-
-def compile_decode(model: CausalStack) -> str:
-    """Compile `model`'s decode step (`decode_hidden`) with torch.compile (inductor, C++ wrapper) for every
-    later Decoder on it; returns the engine that will run, 'inductor' or 'eager (<why>)'. Opt-in: the first
-    step of each new shape variant (batch 1, a padded batch, reference mode) compiles for tens of seconds
-    (inductor's on-disk cache shortens later runs), after which a step costs a fraction of the eager one's
-    per-op overhead. CPU only; without a C++ compiler the eager step is kept, and the answer says so."""
-    if model in _COMPILED:
-        return "inductor"
-    device = model.norm.weight.device
-    if device.type != "cpu":
-        return f"eager (torch.compile of the decode step is set up for CPU only; this model is on {device.type})"
-    if c_compiler() is None:
-        return "eager (no C++ compiler found for torch.compile: install g++ or set CXX)"
-    # the unbound function (called with the model first), so the cache holds no reference to the model
-    _COMPILED[model] = torch.compile(type(model).decode_hidden, dynamic=True, options={"cpp_wrapper": True})
-    return "inductor"
-
-
-def decode_engine(model: CausalStack) -> str:
-    """'inductor' when `compile_decode` compiled this model's decode step, else 'eager'."""
-    return "inductor" if model in _COMPILED else "eager"
-
-
 class Decoder:
     """KV-cached decoding of B prompts, left-padded to a common length T (row b starts at column pads[b]), for
     any `CausalStack` (the Thinker: token ids in, logits out; the Talker: code frames in, a pair of logits out).
@@ -149,8 +112,6 @@ class Decoder:
         dev = embeds.device
         self.model, self.embeds = model, embeds
         refresh_fused(model)
-        compiled = _COMPILED.get(model)
-        self.decode_hidden = functools.partial(compiled, model) if compiled is not None else model.decode_hidden
         self.reference = opts.decode_attention == "reference"
         total = T + max(max_new)
         self.cache = model.new_cache(B, total)
@@ -190,7 +151,7 @@ class Decoder:
         self.pos += 1
         x = self.model.embed_step(tokens)
         if self.reference:
-            h = self.decode_hidden(x, pos, self.cache, None, None, None, self.attn_out)
+            h = self.model.decode_hidden(x, pos, self.cache, None, None, None, self.attn_out)
         else:
             if self.rope_rows is not None:
                 cos, rot_sin = self.rope_rows[0][:, pos], self.rope_rows[1][:, pos]
@@ -198,7 +159,7 @@ class Decoder:
                 rot = self.model.rotary
                 cos, rot_sin = rot.cos[pos:pos + 1], rot.rot_sin[pos:pos + 1]
             mask = self.key_mask[..., :pos + 1] if self.key_mask is not None else None
-            h = self.decode_hidden(x, pos, self.cache, cos, rot_sin, mask)
+            h = self.model.decode_hidden(x, pos, self.cache, cos, rot_sin, mask)
         return h if hidden else self.model.head(h)
 
 
