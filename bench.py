@@ -1,24 +1,23 @@
 #!/usr/bin/env python3
-"""Speed benchmark of the real tiny μOmni configuration, with random weights, through the project's own code.
+"""Speed benchmark of μOmni inference through the library's public functions (omni.load_model, utils.generation).
 
-    python bench.py                      # float32, bfloat16 and int8; a few minutes on 2 CPU cores
-    python bench.py --quick              # a smoke run (seconds)
-    python bench.py --json_out bench.json --threads 0   # torch's default thread count (default here: 1)
+    python bench.py                      # both models, float32 / bfloat16 / int8 / int4; several minutes
+    python bench.py --quick              # a smoke run (short prompts, few tokens, few repeats)
+    python bench.py --models demo --dtypes float32,int8 --json_out bench.json
 
-Components (the trainers' tiny configs): ThinkerLM (4 layers, d 256, 4 heads, 2 KV heads, SwiGLU 1024,
-vocab 32000, ctx 512), ViTTiny (d 128, 4 layers, 2 heads, ff 512, 224 px), AudioEncoderTiny (d 192, 4 layers,
-3 heads, ff 768, downsample 8), TalkerTiny (d 192, 4 layers, 3 heads, ff 768) + RVQ + HiFi-GAN (initial
-channels 128). Random weights are written once as trainers' checkpoint files and every dtype loads them
-with utils.loading, each dtype in its own process (so peak RSS is per dtype).
+Models: "tiny" = the real μOmni tiny configuration (Thinker: 4 layers, d 256, 4 heads, 2 KV heads, SwiGLU 1024,
+vocab 32000, ctx 512; ViT d 128 x4; audio encoder d 192 x4; Talker d 192 x4 + RVQ + HiFi-GAN) with random
+weights, written once as a trainers' checkpoint tree and loaded with omni.load_model; "demo" = the trained demo
+model in checkpoints/demo (Thinker d 128, 4 layers, vocab 512). Each (model, dtype) runs in its own process.
 
-Reported per dtype (float32, bfloat16, int8 = dynamic int8 quantization of the nn.Linear layers):
-load time, prefill tokens/s, time to first token, batch-1 and batch-8 greedy decode tokens/s (decode
-rate = tokens after the first / time after the first), image encode ms, audio encoder real-time factor
-(10 s of audio, mel included), speech-out real-time factor (talker codes + RVQ + HiFi-GAN, 80 ms per frame),
-peak RSS, top-1 agreement with float32; and a baseline decode loop written the way the μOmni reference
-wrote it (KV cache grown by torch.cat, a NaN/Inf check on every tensor, masks rebuilt and K/V
-repeat_interleave'd every step) on the same weights, with the speed-up over it.
-The table goes to stdout, progress to stderr. Timings are medians over repeats.
+Headline: greedy decoding with causal attention (the default), batch 1 and batch 8 (ragged prompts, left
+padded), decode rate = tokens after the first / time after the first; prefill tokens/s and time to first
+token; the bytes a decode step reads per token (weights, the int8 vocabulary screen or the head, the KV cache
+at the mean position), the bandwidth bound that implies for the single-thread read bandwidth measured in the
+same process, and the fraction of it reached. Reference-mode decode (the μOmni defect kept for comparison)
+is a secondary row. Rates are also given per CPU-second of the process (one thread: robust against other
+processes sharing the cores, which stretch wall time but not our CPU time). Quantized columns report top-1
+agreement with float32 on teacher-forced decode steps. The table goes to stdout, progress to stderr.
 """
 from __future__ import annotations
 
@@ -26,6 +25,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -39,7 +39,9 @@ from utils.version import version_text
 REPO = Path(__file__).resolve().parent
 sys.path.insert(0, str(REPO))
 
-DTYPES = ("float32", "bfloat16", "int8")
+DTYPES = ("float32", "bfloat16", "int8", "int4")
+MODELS = ("tiny", "demo")
+DEMO = REPO / "checkpoints" / "demo"
 SEED = 0
 
 
@@ -47,10 +49,11 @@ def log(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
-# ---------------------------------------------------------------- building the tiny components
+# ---------------------------------------------------------------- the random tiny tree (trainers' layout)
 
-def write_checkpoints(root: Path) -> None:
-    """Random weights for every component, saved the way the trainers save them."""
+def write_tree(root: Path) -> None:
+    """Random weights for every component of the μOmni tiny configuration, saved the way the trainers save
+    them (component directories, configs/*.json); the demo's tokenizer stands in (its 512 pieces fit)."""
     import torch
 
     from models.audio import AudioEncoderConfig, AudioEncoderTiny
@@ -69,50 +72,35 @@ def write_checkpoints(root: Path) -> None:
                                      block=BlockConfig(d_model=192, n_heads=3, n_kv_heads=1, d_ff=768)))
     with torch.no_grad():  # a non-zero start slot, as a trained talker has
         talker.start.normal_(0, 0.02)
-    rvq = RVQ()
     vocoder = HiFiGANGenerator(HiFiGANConfig(upsample_initial_channel=128))
-    root.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": thinker.state_dict()}, root / "thinker.pt")
-    torch.save({"vit": vision.state_dict()}, root / "vision.pt")
-    torch.save({"enc": audio.state_dict()}, root / "audio_enc.pt")
-    torch.save({"talker": talker.state_dict(), "rvq": rvq.state_dict()}, root / "talker.pt")
-    torch.save({"generator": vocoder.state_dict()}, root / "vocoder.pt")
+    proj_a, proj_v = torch.nn.Linear(192, 256), torch.nn.Linear(128, 256)
 
+    def save(obj: dict, rel: str) -> None:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        torch.save(obj, root / rel)
 
-def load_components(root: Path) -> dict[str, Any]:
-    """Read the checkpoint files and build the networks with utils.loading's builders (strict loading)."""
-    from utils import loading
-    from utils.checkpoint import read_torch_file
+    def config(name: str, cfg: dict) -> None:
+        (root / "configs").mkdir(parents=True, exist_ok=True)
+        (root / "configs" / f"{name}.json").write_text(json.dumps({**cfg, "save_dir": f"checkpoints/{name}"}))
 
-    def sd(name: str, key: str) -> dict:
-        return read_torch_file(root / name)[key]
-
-    talker_file = read_torch_file(root / "talker.pt")
-    return {
-        "thinker": loading.build_thinker(sd("thinker.pt", "model"), {"n_heads": 4}, "thinker.pt"),
-        "vision": loading.build_vision(sd("vision.pt", "vit"), {"n_heads": 2}, "vision.pt"),
-        "audio": loading.build_audio(sd("audio_enc.pt", "enc"), {"n_heads": 3}, "audio_enc.pt"),
-        "talker": loading.build_talker(talker_file["talker"], {"n_heads": 3}, "talker.pt"),
-        "rvq": loading.build_rvq(talker_file["rvq"], "talker.pt"),
-        "vocoder": loading.build_vocoder(sd("vocoder.pt", "generator"), {}, "vocoder.pt"),
-    }
-
-
-def convert(comps: dict[str, Any], dtype: str) -> dict[str, Any]:
-    """float32 as loaded; bfloat16: every module cast; int8: nn.Linear layers dynamically quantized."""
-    import torch
-
-    from utils.quant import quantize_linears_int8
-
-    for m in comps.values():
-        m.eval()
-        for p in m.parameters():
-            p.requires_grad_(False)
-        if dtype == "bfloat16":
-            m.to(torch.bfloat16)
-        elif dtype == "int8":
-            quantize_linears_int8(m)
-    return comps
+    thinker_cfg = {"vocab_size": 32000, "d_model": 256, "n_layers": 4, "n_heads": 4, "kv_groups": 2, "d_ff": 1024,
+                   "use_gqa": True, "use_swiglu": True, "rope_theta": 10000.0, "ctx_len": 512}
+    save({"model": thinker.state_dict()}, "thinker_tiny/thinker.pt")
+    shutil.copy(DEMO / "thinker_tiny" / "tokenizer.model", root / "thinker_tiny" / "tokenizer.model")
+    config("thinker_tiny", thinker_cfg)
+    save({"vit": vision.state_dict()}, "vision_tiny/vision.pt")
+    config("vision_tiny", {"img_size": 224, "patch": 16, "d_model": 128, "n_layers": 4, "n_heads": 2, "d_ff": 512})
+    save({"enc": audio.state_dict()}, "audio_enc_tiny/audio_enc.pt")
+    config("audio_enc_tiny", {"d_model": 192, "n_layers": 4, "n_heads": 3, "d_ff": 768, "downsample_time": 8})
+    save({"talker": talker.state_dict(), "rvq": RVQ().state_dict()}, "talker_tiny/talker.pt")
+    config("talker_tiny", {"d_model": 192, "n_layers": 4, "n_heads": 3, "d_ff": 768, "rope_theta": 10000.0})
+    save({"generator": vocoder.state_dict()}, "vocoder_tiny/vocoder.pt")
+    config("vocoder_tiny", {"upsample_initial_channel": 128})
+    save({"thinker": thinker.state_dict(), "proj_a": proj_a.state_dict(), "proj_v": proj_v.state_dict()},
+         "omni_sft_tiny/omni.pt")
+    config("omni_sft_tiny", {"thinker_ckpt": "checkpoints/thinker_tiny", "audio_ckpt": "checkpoints/audio_enc_tiny",
+                             "vision_ckpt": "checkpoints/vision_tiny", "talker_ckpt": "checkpoints/talker_tiny",
+                             "ctx_len": 512, "thinker": thinker_cfg})
 
 
 # ---------------------------------------------------------------- the reference-style baseline
@@ -210,6 +198,16 @@ def baseline_generate(model, embeds, n_new: int, causal: bool = False) -> list[i
 
 # ---------------------------------------------------------------- measurements
 
+class Clock:
+    """Wall and process-CPU time together."""
+
+    def __init__(self) -> None:
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def since(self) -> tuple[float, float]:
+        return time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+
 def timed(fn: Callable[[], Any], reps: int, warmup: int = 1) -> float:
     """Median wall seconds of `fn` over `reps` runs after `warmup` runs."""
     for _ in range(warmup):
@@ -222,250 +220,270 @@ def timed(fn: Callable[[], Any], reps: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
-def decode_rate_b1(model, embeds, opts, reps: int) -> tuple[float, float, list[int]]:
-    """(decode tokens/s, time to first token s, ids) for `generate`, medians over reps."""
+def read_bandwidth(mb: int = 256, reps: int = 5) -> float:
+    """Bytes per CPU-second one thread reads from memory (a sum over a buffer far larger than the caches),
+    the median of `reps` (CPU time, like the rates it bounds)."""
+    import torch
+
+    buf = torch.ones(mb * (1 << 20) // 4)
+    buf.sum()
+    times = []
+    for _ in range(reps):
+        t0 = time.process_time()
+        buf.sum()
+        times.append(time.process_time() - t0)
+    return buf.numel() * 4 / statistics.median(times)
+
+
+def decode_rates_b1(thinker, embeds, opts, reps: int) -> dict[str, float]:
+    """Batch-1 `generate`: decode tokens/s (wall and per CPU-second), time to first token; medians."""
     from utils.generation import generate
 
-    rates, ttfts, ids = [], [], []
+    wall, cpu, ttft = [], [], []
     for r in range(reps + 1):
-        t0 = time.perf_counter()
-        first = last = None
-        ids = []
-        for tid in generate(model, embeds, opts):
-            last = time.perf_counter()
-            first = first or last
-            ids.append(tid)
+        start = Clock()
+        first = None
+        n = 0
+        for _ in generate(thinker, embeds, opts):
+            n += 1
+            if first is None:
+                first = Clock()
+                ttft.append(first.wall - start.wall)
+        w, c = first.since()
         if r:  # the first run is a warm-up
-            ttfts.append(first - t0)
-            rates.append((len(ids) - 1) / (last - first))
-    return statistics.median(rates), statistics.median(ttfts), ids
+            wall.append((n - 1) / w)
+            cpu.append((n - 1) / c)
+    return {"tok_s": statistics.median(wall), "tok_cpu_s": statistics.median(cpu),
+            "ttft_ms": statistics.median(ttft[1:]) * 1e3}
 
 
-def decode_rate_batch(model, embeds_list, opts, reps: int) -> float:
-    """Decode tokens/s of generate_batch's loop (all rows, after the first token), median over reps."""
-    import torch
+def decode_rates_batch(thinker, embeds_list, opts, reps: int) -> dict[str, float]:
+    """`generate_batch` decode rate over all rows after the first token (wall and per CPU-second), medians."""
+    from utils.generation import generate_batch
 
-    from utils.generation import Decoder, Picker, left_pad
+    class Stamps(list):  # generate_batch appends time.perf_counter(); keep the CPU clock beside it
+        def append(self, t: float) -> None:
+            super().append((t, time.process_time()))
 
-    rates = []
+    wall, cpu = [], []
     for r in range(reps + 1):
-        with torch.inference_mode():
-            x, pads = left_pad(embeds_list)
-            dec = Decoder(model, x, pads, opts)
-            picker = Picker(model, dec, opts, [[] for _ in embeds_list], x.device)
-            tokens = picker.first()
-            tokens.tolist()
-            t0 = time.perf_counter()
-            for _ in range(opts.max_new_tokens - 1):
-                tokens = picker.next(tokens)
-                tokens.tolist()
-            dt = time.perf_counter() - t0
+        stamps = Stamps()
+        out = generate_batch(thinker, embeds_list, None, opts, step_times=stamps)
+        tokens = sum(len(o) for o in out) - len(out)
         if r:
-            rates.append(len(embeds_list) * (opts.max_new_tokens - 1) / dt)
-    return statistics.median(rates)
+            wall.append(tokens / (stamps[-1][0] - stamps[0][0]))
+            cpu.append(tokens / (stamps[-1][1] - stamps[0][1]))
+    return {"tok_s": statistics.median(wall), "tok_cpu_s": statistics.median(cpu)}
 
 
-def agreement(model, ref: dict, embeds_fn) -> dict[str, float]:
-    """Top-1 agreement with float32: teacher-forced over the float32 greedy sequence, and the greedy ids."""
+def decode_bytes(thinker, batch: int, context: float, screened: bool) -> float:
+    """Bytes one decode step reads per generated token: every block tensor (weights as stored: float, int8
+    or packed int4, plus scales), the vocabulary projection (its int8 screen when greedy float decoding uses
+    one, else the head's own tensors), the embedding row, and each row's KV cache up to `context`
+    positions. MoE experts are all counted (an upper bound)."""
+    blocks = sum(t.numel() * t.element_size() for t in (*thinker.blocks.parameters(), *thinker.blocks.buffers()))
+    blocks += sum(t.numel() * t.element_size() for t in thinker.norm.parameters())
+    head = thinker.lm_head
+    if screened:
+        head_bytes = head.weight.numel()  # int8 copy (+ a few candidate rows)
+    else:
+        head_bytes = sum(t.numel() * t.element_size() for t in (*head.parameters(), *head.buffers()))
+    emb = thinker.tok_emb.weight
+    attn = thinker.blocks[0].attn
+    kv = 2 * len(thinker.blocks) * attn.n_kv_heads * attn.head_dim * context * emb.element_size()
+    return (blocks + head_bytes) / batch + kv + emb.shape[1] * emb.element_size()
+
+
+def teacher_forced_agreement(reference, candidate, prompt: list[int], steps: int) -> float:
+    """Top-1 agreement of `candidate` with `reference` over `steps` KV-cached decode steps fed the
+    reference's greedy continuation of `prompt` (teacher forcing: one early difference does not spread)."""
     import torch
 
-    with torch.inference_mode():
-        logits = model(embeds_fn(ref["sequence"]), 0, None)[0]
-    top1 = logits.float().argmax(-1).tolist()
-    agree = sum(a == b for a, b in zip(top1, ref["top1"])) / len(top1)
-    same = 0
-    for a, b in zip(ref["greedy_test"], ref["greedy_ids"]):
-        if a != b:
-            break
-        same += 1
-    return {"top1_agreement": agree, "greedy_same_prefix": same}
+    from utils.generation import Decoder, SamplingOptions, generate
+
+    opts = SamplingOptions(max_new_tokens=steps, ignore_eos=True)
+
+    def embed(model):
+        with torch.inference_mode():
+            return model.tok_emb(torch.tensor(prompt))[None]
+
+    cont = list(generate(reference, embed(reference), opts))
+
+    def top1(model) -> torch.Tensor:
+        with torch.inference_mode():
+            dec = Decoder(model, embed(model), None, opts)
+            out = [dec.prefill()]
+            out += [dec.step(torch.tensor([t])) for t in cont[:-1]]
+        return torch.cat(out).float().argmax(-1)
+
+    return float((top1(reference) == top1(candidate)).float().mean())
+
+
+def load(model_name: str, dtype: str, tree: Path, threads: int):
+    from omni import load_model
+
+    path = tree if model_name == "tiny" else DEMO
+    return load_model(path, device="cpu", dtype="bfloat16" if dtype == "bfloat16" else None,
+                      quantize=dtype if dtype in ("int8", "int4") else None, threads=threads)
+
+
+def thinker_of(model):
+    return model.c.thinker
 
 
 def worker(args: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    dtype = args.worker
-    root = Path(args.ckpt_root)
-    res: dict[str, Any] = {"dtype": dtype, "threads": torch.get_num_threads()}
+    from utils.generation import SCREEN_MIN_VOCAB, Decoder, SamplingOptions
+
+    model_name, dtype = args.worker.split(":")
+    tree = Path(args.tree)
     q = args.quick
     P, N = (24, 32) if q else (128, 64)
     reps = 2 if q else 5
-
-    from utils.generation import SamplingOptions, generate
-
-    # float32 references for the agreement numbers, on the same weights
-    g = torch.Generator().manual_seed(1)
-    prompt = [1] + torch.randint(3, 32000, (P - 1,), generator=g).tolist()
-    ref: dict[str, Any] = {}
-    if dtype != "float32":
-        f32 = load_components(root)["thinker"].eval()
-        with torch.inference_mode():
-            e = f32.tok_emb(torch.tensor(prompt))[None]
-            ref["greedy_ids"] = list(generate(f32, e, SamplingOptions(max_new_tokens=N, ignore_eos=True)))
-            ref["sequence"] = prompt + ref["greedy_ids"]
-            ref["top1"] = f32(f32.tok_emb(torch.tensor(ref["sequence"]))[None], 0, None)[0].argmax(-1).tolist()
-        del f32
-
-    log(f"{dtype}: loading")
+    res: dict[str, Any] = {"model": model_name, "dtype": dtype}
+    log(f"{model_name} {dtype}: loading")
     t0 = time.perf_counter()
-    comps = convert(load_components(root), dtype)
+    model = load(model_name, dtype, tree, args.threads)
     res["load_s"] = time.perf_counter() - t0
-    thinker = comps["thinker"]
+    res["threads"] = torch.get_num_threads()
+    thinker = thinker_of(model)
+    vocab = thinker.cfg.vocab_size
+    g = torch.Generator().manual_seed(1)
+    prompt = [1] + torch.randint(3, vocab, (P - 1,), generator=g).tolist()
     emb_dtype = thinker.tok_emb.weight.dtype
 
     def embed(ids):
         with torch.inference_mode():
-            return thinker.tok_emb(torch.tensor(ids))[None].to(emb_dtype)
+            return thinker.tok_emb(torch.tensor(ids)).to(emb_dtype)
 
-    # ---- thinker
-    log(f"{dtype}: prefill / time to first token")
-    x = embed(prompt)
-    from utils.generation import Decoder
+    x = embed(prompt)[None]
+    log(f"{model_name} {dtype}: prefill")
 
     def prefill():
         with torch.inference_mode():
             Decoder(thinker, x, None, SamplingOptions(max_new_tokens=1)).prefill()
     res["prefill_tok_s"] = P / timed(prefill, reps)
 
-    log(f"{dtype}: batch-1 decode")
-    for mode in ("reference", "causal"):
-        opts = SamplingOptions(max_new_tokens=N, ignore_eos=True, decode_attention=mode)
-        rate, ttft, ids = decode_rate_b1(thinker, x, opts, reps)
-        res[f"decode_b1_{mode}_tok_s"] = rate
-        if mode == "reference":
-            res["ttft_ms"] = ttft * 1e3
-            ref_ids = ids
-    if dtype == "float32":
-        opts = SamplingOptions(max_new_tokens=N, ignore_eos=True, fast_greedy=False)
-        res["decode_b1_reference_full_head_tok_s"] = decode_rate_b1(thinker, x, opts, reps)[0]
-    res["greedy_ids_head"] = ref_ids[:8]
-
-    log(f"{dtype}: batch-8 decode")
+    log(f"{model_name} {dtype}: decode")
     lens = [P - 3 * i for i in range(8)]  # ragged: left padding exercised
-    batch = [embed(prompt[:n])[0] for n in lens]
-    for mode in ("reference", "causal"):
+    batch = [embed(prompt[:n]) for n in lens]
+    for mode in ("causal", "reference"):
         opts = SamplingOptions(max_new_tokens=N, ignore_eos=True, decode_attention=mode)
-        res[f"decode_b8_{mode}_tok_s"] = decode_rate_batch(thinker, batch, opts, max(2, reps // 2))
+        b1 = decode_rates_b1(thinker, x, opts, reps)
+        b8 = decode_rates_batch(thinker, batch, opts, max(2, reps // 2))
+        res[f"b1_{mode}_tok_s"], res[f"b1_{mode}_tok_cpu_s"] = b1["tok_s"], b1["tok_cpu_s"]
+        res[f"b8_{mode}_tok_s"], res[f"b8_{mode}_tok_cpu_s"] = b8["tok_s"], b8["tok_cpu_s"]
+        if mode == "causal":
+            res["ttft_ms"] = b1["ttft_ms"]
+    res["b8_over_b1"] = res["b8_causal_tok_s"] / res["b1_causal_tok_s"]
 
-    log(f"{dtype}: reference-style baseline decode")
-    for mode, causal in (("reference", False), ("causal", True)):
-        base_rates = []
-        for r in range(max(2, reps // 2) + 1):
-            t0 = time.perf_counter()
-            baseline_generate(thinker, x, 1, causal)  # prefill + first token only: subtracted below
-            t_pre = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            base_ids = baseline_generate(thinker, x, N, causal)
-            dt = time.perf_counter() - t0 - t_pre
-            if r:
-                base_rates.append((N - 1) / dt)
-        res[f"baseline_decode_b1_{mode}_tok_s"] = statistics.median(base_rates)
-        res[f"speedup_vs_baseline_{mode}"] = res[f"decode_b1_{mode}_tok_s"] / res[f"baseline_decode_b1_{mode}_tok_s"]
-        if mode == "reference":
-            res["baseline_ids_match"] = base_ids == ref_ids
+    screened = type(thinker.lm_head) is torch.nn.Linear and vocab >= SCREEN_MIN_VOCAB
+    bw = read_bandwidth(64 if q else 256)
+    res["read_gb_s"] = bw / 1e9
+    for b, key in ((1, "b1"), (8, "b8")):
+        per_token = decode_bytes(thinker, b, P + N / 2, screened)
+        res[f"{key}_mb_per_token"] = per_token / 1e6
+        res[f"{key}_bound_tok_s"] = bw / per_token
+        res[f"{key}_bound_fraction"] = res[f"{key}_causal_tok_cpu_s"] / res[f"{key}_bound_tok_s"]
 
     if dtype != "float32":
-        res.update(agreement(thinker, {**ref, "greedy_test": ref_ids}, embed))
+        log(f"{model_name} {dtype}: agreement with float32")
+        reference = thinker_of(load(model_name, "float32", tree, args.threads))
+        res["top1_agreement"] = teacher_forced_agreement(reference, thinker, prompt, N)
+        del reference
     else:
-        res.update({"top1_agreement": 1.0, "greedy_same_prefix": N})
+        res["top1_agreement"] = 1.0
 
-    # ---- encoders
-    log(f"{dtype}: image encode")
-    vit = comps["vision"]
-    img = torch.rand(1, 3, 224, 224, generator=g).to(emb_dtype)
-
-    def encode_image():
-        with torch.inference_mode():
-            vit(img)
-    res["image_encode_ms"] = timed(encode_image, reps) * 1e3
-
-    log(f"{dtype}: audio encoder")
-    from utils.audio import SAMPLE_RATE, power_mel
-    seconds = 2.0 if q else 10.0
-    wave = (np.random.default_rng(0).standard_normal(int(seconds * SAMPLE_RATE)) * 0.1).astype(np.float32)
-    enc = comps["audio"]
-
-    def encode_audio():
-        with torch.inference_mode():
-            enc(power_mel(wave).to(emb_dtype)[None])
-    res["audio_rtf"] = timed(encode_audio, max(2, reps // 2)) / seconds
-    res["audio_seconds"] = seconds
-
-    log(f"{dtype}: speech out")
-    frames = 13 if q else 63  # ~1 s / ~5 s of speech at 80 ms per frame
-    res["speech_seconds"] = frames * 0.08
-    res["speech_rtf"] = timed(lambda: speak(comps, frames), max(1, reps // 3) if q else 2) / res["speech_seconds"]
-
+    if model_name == "tiny":
+        if dtype == "float32":
+            log(f"{model_name} {dtype}: reference-style baseline decode")
+            for mode, causal in (("reference", False), ("causal", True)):
+                rates = []
+                for r in range(max(2, reps // 2) + 1):
+                    t1 = time.perf_counter()
+                    baseline_generate(thinker, x, 1, causal)  # prefill + first token only: subtracted below
+                    t_pre = time.perf_counter() - t1
+                    t1 = time.perf_counter()
+                    baseline_generate(thinker, x, N, causal)
+                    if r:
+                        rates.append((N - 1) / (time.perf_counter() - t1 - t_pre))
+                res[f"baseline_b1_{mode}_tok_s"] = statistics.median(rates)
+                res[f"speedup_vs_baseline_{mode}"] = res[f"b1_{mode}_tok_s"] / res[f"baseline_b1_{mode}_tok_s"]
+        log(f"{model_name} {dtype}: encoders and speech")
+        img = torch.rand(3, 224, 224, generator=g)
+        res["image_encode_ms"] = timed(lambda: model.encode_images([img]), reps) * 1e3
+        seconds = 2.0 if q else 10.0
+        wave = (np.random.default_rng(0).standard_normal(int(seconds * 16000)) * 0.1).astype(np.float32)
+        res["audio_rtf"] = timed(lambda: model.encode_audio(wave), max(2, reps // 2)) / seconds
+        res["audio_seconds"] = seconds
+        frames = 13 if q else 63  # ~1 s / ~5 s of speech at 80 ms per frame
+        res["speech_seconds"] = frames * 0.08
+        res["speech_rtf"] = timed(lambda: model.speak(frames=frames, vocoder="hifigan"),
+                                  1 if q else 2) / res["speech_seconds"]
     res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return res
-
-
-def speak(comps: dict[str, Any], frames: int) -> None:
-    """Talker codes -> RVQ mel -> HiFi-GAN waveform, through the CLI's own speech path."""
-    from utils.speech import synthesize
-
-    synthesize(comps["talker"], comps["rvq"], comps["vocoder"], frames, which="hifigan")
 
 
 # ---------------------------------------------------------------- the report
 
 ROWS = [
-    ("load time (s)", "load_s", "{:.2f}"),
+    ("**decode batch 1, causal (tokens/s)**", "b1_causal_tok_s", "{:,.0f}"),
+    ("decode batch 1, causal (tokens per CPU-second)", "b1_causal_tok_cpu_s", "{:,.0f}"),
+    ("**decode batch 8, causal (tokens/s, all rows)**", "b8_causal_tok_s", "{:,.0f}"),
+    ("decode batch 8, causal (tokens per CPU-second)", "b8_causal_tok_cpu_s", "{:,.0f}"),
+    ("batch 8 / batch 1 (causal, wall)", "b8_over_b1", "{:.2f}x"),
     ("prefill (tokens/s, {P} tokens)", "prefill_tok_s", "{:,.0f}"),
-    ("time to first token (ms)", "ttft_ms", "{:.1f}"),
-    ("decode batch 1, reference (tokens/s)", "decode_b1_reference_tok_s", "{:,.0f}"),
-    ("decode batch 1, causal (tokens/s)", "decode_b1_causal_tok_s", "{:,.0f}"),
-    ("decode batch 1, reference, full lm_head argmax (tokens/s)", "decode_b1_reference_full_head_tok_s", "{:,.0f}"),
-    ("decode batch 8, reference (tokens/s, all rows)", "decode_b8_reference_tok_s", "{:,.0f}"),
-    ("decode batch 8, causal (tokens/s, all rows)", "decode_b8_causal_tok_s", "{:,.0f}"),
-    ("batch 8 / batch 1 (reference)", "b8_over_b1_reference", "{:.2f}x"),
-    ("batch 8 / batch 1 (causal)", "b8_over_b1_causal", "{:.2f}x"),
-    ("baseline decode batch 1, reference-style loop, reference (tokens/s)", "baseline_decode_b1_reference_tok_s",
-     "{:,.0f}"),
-    ("baseline decode batch 1, reference-style loop, causal (tokens/s)", "baseline_decode_b1_causal_tok_s",
-     "{:,.0f}"),
-    ("speed-up over the baseline, reference (same dtype)", "speedup_vs_baseline_reference", "{:.2f}x"),
-    ("speed-up over the baseline, causal (same dtype)", "speedup_vs_baseline_causal", "{:.2f}x"),
-    ("speed-up over the float32 baseline, reference", "speedup_vs_f32_baseline", "{:.2f}x"),
-    ("baseline ids == fast ids (reference)", "baseline_ids_match", "{}"),
-    ("top-1 agreement with float32 (teacher-forced)", "top1_agreement", "{:.1%}"),
-    ("greedy ids identical to float32 (first N)", "greedy_same_prefix", "{} / {N}"),
+    ("time to first token (ms, {P}-token prompt)", "ttft_ms", "{:.1f}"),
+    ("bytes read per token, batch 1 (MB)", "b1_mb_per_token", "{:.2f}"),
+    ("bandwidth bound, batch 1 (tokens per CPU-second)", "b1_bound_tok_s", "{:,.0f}"),
+    ("fraction of the bound reached, batch 1", "b1_bound_fraction", "{:.0%}"),
+    ("bytes read per token, batch 8 (MB)", "b8_mb_per_token", "{:.2f}"),
+    ("bandwidth bound, batch 8 (tokens per CPU-second)", "b8_bound_tok_s", "{:,.0f}"),
+    ("fraction of the bound reached, batch 8", "b8_bound_fraction", "{:.0%}"),
+    ("single-thread read bandwidth measured (GB per CPU-second)", "read_gb_s", "{:.1f}"),
+    ("top-1 agreement with float32 (teacher-forced decode steps)", "top1_agreement", "{:.1%}"),
+    ("decode batch 1, reference mode (tokens/s)", "b1_reference_tok_s", "{:,.0f}"),
+    ("decode batch 8, reference mode (tokens/s, all rows)", "b8_reference_tok_s", "{:,.0f}"),
+    ("baseline: the reference's decode loop, causal (tokens/s)", "baseline_b1_causal_tok_s", "{:,.0f}"),
+    ("speed-up over that baseline, causal", "speedup_vs_baseline_causal", "{:.2f}x"),
+    ("baseline: the reference's decode loop, reference mode (tokens/s)", "baseline_b1_reference_tok_s", "{:,.0f}"),
+    ("speed-up over that baseline, reference mode", "speedup_vs_baseline_reference", "{:.2f}x"),
     ("image encode (ms, 1 image)", "image_encode_ms", "{:.1f}"),
     ("audio encoder RTF ({A:g} s, mel incl.)", "audio_rtf", "{:.4f}"),
     ("speech out RTF ({S:.2f} s: talker + RVQ + HiFi-GAN)", "speech_rtf", "{:.3f}"),
+    ("load time (s)", "load_s", "{:.2f}"),
     ("peak RSS (MB)", "peak_rss_mb", "{:,.0f}"),
 ]
 
+TITLES = {"tiny": "μOmni tiny configuration (random weights; Thinker d 256, 4 layers, vocab 32000)",
+          "demo": "demo thinker (checkpoints/demo; d 128, 4 layers, vocab 512)"}
 
 NOTES = """
-Greedy decoding of a {prompt_tokens}-token prompt, {new_tokens} new tokens, EOS ignored. Decode rate = tokens after the
-first / time after the first. "reference" = the μOmni reference decode (each new token attends to the first
-position only; the fixtures' semantics), "causal" = attention over every earlier position. float32/bfloat16
-greedy steps use the exact int8-screened argmax over the vocabulary (utils.quant.GreedyHead); the "full
-lm_head argmax" row turns it off. int8 = dynamic int8 nn.Linear layers (thinker, audio encoder, talker,
-RVQ); torch's TransformerEncoderLayer (ViT) and the convolutions stay float, so int8 image encode and vocoder
-time are float32's. Baseline = the reference's decode loop on the same weights and dtype (cache grown by
-torch.cat, NaN/Inf .any() checks on every tensor, masks rebuilt and K/V repeat_interleave'd each step, plain
-nn.Linear calls; the fast path's float32 matmuls go through oneDNN, see models.layers.linear)."""
+Greedy decoding of a {prompt_tokens}-token prompt, {new_tokens} new tokens, EOS ignored; batch 8 = 8 ragged prompts
+(left-padded). Decode rate = tokens after the first / time after the first; "per CPU-second" divides by the
+process's CPU time instead of wall time (one thread: other processes on the same cores do not count). Causal
+is the default decode; "reference mode" reproduces the μOmni reference's defect (each new token attends to the
+first position only). float32 / bfloat16 greedy steps read the vocabulary projection through the exact
+int8-screened argmax (utils.quant.GreedyHead). int8 = Int8Linear (weight-only int8 for decode steps), int4 =
+Int4Linear (4-bit weights in groups of 32; shapes the kernel cannot take stay float). Bytes per token: every
+block tensor as stored, the vocabulary projection as read (int8 screen or the head itself), the embedding row
+and the KV cache at the mean position; the bound is the measured single-thread read bandwidth divided by it.
+The baseline is the reference's decode loop on the same weights (cache grown by torch.cat, NaN/Inf .any()
+checks on every tensor, masks rebuilt and K/V repeat_interleave'd each step)."""
 
 
 def render(results: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
     cols = [d for d in DTYPES if d in results]
-    lines = ["| metric | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
     any_res = next(iter(results.values()))
-    fmt_args = {"P": meta["prompt_tokens"], "N": meta["new_tokens"], "A": any_res.get("audio_seconds", 10),
+    fmt_args = {"P": meta["prompt_tokens"], "A": any_res.get("audio_seconds", 10),
                 "S": any_res.get("speech_seconds", 0)}
+    lines = ["| metric | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
     for label, key, fmt in ROWS:
-        cells = []
-        for d in cols:
-            v = results[d].get(key)
-            cells.append("–" if v is None else fmt.format(v, **fmt_args))
-        if all(c == "–" for c in cells):
-            continue
-        lines.append(f"| {label.format(**fmt_args)} | " + " | ".join(cells) + " |")
+        cells = ["–" if results[d].get(key) is None else fmt.format(results[d][key]) for d in cols]
+        if any(c != "–" for c in cells):
+            lines.append(f"| {label.format(**fmt_args)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -473,12 +491,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="short prompts, few tokens, few repeats: a smoke run")
     ap.add_argument("--json_out", help="also write the results as JSON here")
+    ap.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ",".join(MODELS))
     ap.add_argument("--dtypes", default=",".join(DTYPES), help="comma-separated subset of " + ",".join(DTYPES))
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch intra-op threads (default 1: these tiny models gain little from more, and on a "
-                         "shared machine waiting threads make timings erratic; 0 = torch's default)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (as --threads of the CLIs; default 1, or OMP_NUM_THREADS when set)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
-    ap.add_argument("--ckpt_root", help=argparse.SUPPRESS)
+    ap.add_argument("--tree", help=argparse.SUPPRESS)
     ap.add_argument("--version", action="version", version=version_text("bench.py"),
                     help="print the suite's, torch's and Python's versions and exit")
     args = ap.parse_args(argv)
@@ -487,40 +505,40 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(worker(args)))
         return 0
 
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
-    bad = [d for d in dtypes if d not in DTYPES]
-    if bad:
-        ap.error(f"--dtypes: unknown {bad} (use {', '.join(DTYPES)})")
+    if [m for m in models if m not in MODELS] or not models:
+        ap.error(f"--models: use a subset of {', '.join(MODELS)}")
+    if [d for d in dtypes if d not in DTYPES] or not dtypes:
+        ap.error(f"--dtypes: use a subset of {', '.join(DTYPES)}")
     t_start = time.perf_counter()
-    results: dict[str, dict[str, Any]] = {}
+    results: dict[str, dict[str, dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory(prefix="muomni_bench_") as tmp:
-        log("writing random tiny checkpoints")
-        write_checkpoints(Path(tmp))
-        for d in dtypes:
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", d, "--ckpt_root", tmp]
-            if args.quick:
-                cmd.append("--quick")
-            if args.threads:
-                cmd += ["--threads", str(args.threads)]
-            proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=REPO)
-            if proc.returncode != 0:
-                log(f"{d}: worker failed (exit {proc.returncode})")
-                return 1
-            results[d] = json.loads(proc.stdout.strip().splitlines()[-1])
-    base32 = results.get("float32", {}).get("baseline_decode_b1_reference_tok_s")
-    for r in results.values():
-        for mode in ("reference", "causal"):
-            r[f"b8_over_b1_{mode}"] = r[f"decode_b8_{mode}_tok_s"] / r[f"decode_b1_{mode}_tok_s"]
-        if base32:
-            r["speedup_vs_f32_baseline"] = r["decode_b1_reference_tok_s"] / base32
+        if "tiny" in models:
+            log("writing the random tiny checkpoint tree")
+            write_tree(Path(tmp))
+        for m in models:
+            for d in dtypes:
+                cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", f"{m}:{d}", "--tree", tmp]
+                if args.quick:
+                    cmd.append("--quick")
+                if args.threads is not None:
+                    cmd += ["--threads", str(args.threads)]
+                proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=REPO)
+                if proc.returncode != 0:
+                    log(f"{m} {d}: worker failed (exit {proc.returncode})")
+                    return 1
+                results.setdefault(m, {})[d] = json.loads(proc.stdout.strip().splitlines()[-1])
     import torch
+    first = next(iter(next(iter(results.values())).values()))
     meta = {"prompt_tokens": 24 if args.quick else 128, "new_tokens": 32 if args.quick else 64,
-            "quick": args.quick, "threads": next(iter(results.values()))["threads"], "torch": torch.__version__,
+            "quick": args.quick, "threads": first["threads"], "torch": torch.__version__,
             "cpu_count": os.cpu_count(), "wall_s": round(time.perf_counter() - t_start, 1)}
-    table = render(results, meta)
-    print(f"μOmni tiny benchmark (torch {meta['torch']}, {meta['threads']} threads, {meta['cpu_count']} CPUs"
-          f"{', quick' if args.quick else ''}; medians)\n")
-    print(table)
+    print(f"μOmni benchmark (torch {meta['torch']}, {meta['threads']} thread(s), {meta['cpu_count']} CPUs"
+          f"{', quick' if args.quick else ''}; medians)")
+    for m, res in results.items():
+        print(f"\n### {TITLES[m]}\n")
+        print(render(res, meta))
     print(NOTES.format(**meta))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps({"meta": meta, "results": results}, indent=1))

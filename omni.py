@@ -30,12 +30,13 @@ from PIL import Image
 from utils.audio import (HOP_LENGTH, check_wave, load_audio, load_audio_bytes, max_audio_seconds, power_mel,
                          trim_audio, write_wav)
 from utils.batching import BatchEngine, RowPrompt
+from utils.defaults import QUANTIZATIONS
 from utils.errors import OmniError
 from utils.generation import DECODE_ATTENTION, MAX_SEED, SamplingOptions, generate, generate_batch
 from utils.image import IMAGE_SIZE, load_image, load_image_bytes, load_video_frames, preprocess_image
 from utils.components import Components, to_device
 from utils.loading import load_components
-from utils.quant import quantize_linears_int8
+from utils.quant import quantize_linears
 from utils.speech import Speech, SpeechOptions, frames_for_text, max_talker_frames, synthesize
 from utils.tokenizer import IncrementalDecoder
 from utils.transcribe import transcribe
@@ -452,16 +453,20 @@ class OmniModel:
         return [a.text for a in self.answer_batch(items, batch_size=batch_size, **gen)]
 
     def quantize(self, method: str) -> list[str]:
-        """Runtime quantization for speed: 'int8' swaps the nn.Linear layers inside the networks for dynamically
-        quantized int8 ones (utils.quant.Int8Linear; torch's own attention layers stay float). Returns the
-        names replaced. Top-1 agreement with float32 is high but not exact."""
-        if method != "int8":
-            raise OmniError(f"--quantize {method}: unknown (use int8)")
+        """Runtime quantization for speed: 'int8' / 'int4' swap the nn.Linear layers inside the networks for
+        int8 (utils.quant.Int8Linear) or 4-bit group-wise (utils.quant.Int4Linear, CPU) ones; torch's own
+        attention layers stay float. Returns the names replaced. Top-1 agreement with float32 is high but
+        not exact (tools/quant_agreement.py measures it)."""
+        if method not in QUANTIZATIONS:
+            raise OmniError(f"--quantize {method}: unknown (use {', '.join(QUANTIZATIONS)})")
+        if method == "int4" and self.device.type != "cpu":
+            raise OmniError(f"--quantize int4: runs on the CPU only (the device here is {self.device.type}; "
+                            f"use --quantize int8 or --device cpu)")
         done = []
         for name in ("thinker", "vision", "audio", "talker", "rvq"):
             module = getattr(self.c, name)
             if module is not None:
-                done += [f"{name}.{n}" for n in quantize_linears_int8(module)]
+                done += [f"{name}.{n}" for n in quantize_linears(module, method)]
         return done
 
     # ------------------------------------------------------------ transcription
@@ -571,12 +576,32 @@ def check_options(opts: SamplingOptions) -> None:
         raise OmniError("generation options: " + "; ".join(problems))
 
 
+def set_threads(threads: int | None) -> int:
+    """torch's intra-op thread count for this process (process-wide), returned. None: 1, unless the
+    environment names a count (OMP_NUM_THREADS / MKL_NUM_THREADS, which torch already follows); 0: torch's
+    own default (one per core); N >= 1: N. One thread is the default because these models are small: on a
+    busy 2-core machine two threads made decode 10-20x slower (their barriers wait on a preempted
+    sibling), and on an idle one a second thread gains little on one-row decode steps."""
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 0):
+        raise OmniError(f"--threads {threads!r}: must be an integer >= 0 (0 = one per core)")
+    if threads is None:
+        if not (os.environ.get("OMP_NUM_THREADS") or os.environ.get("MKL_NUM_THREADS")):
+            torch.set_num_threads(1)
+    elif threads == 0:
+        torch.set_num_threads(os.cpu_count() or 1)
+    else:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
 def load_model(path: str | os.PathLike, device: str = "auto", dtype: str | torch.dtype | None = None,
-               quantize: str | None = None) -> OmniModel:
+               quantize: str | None = None, threads: int | None = None) -> OmniModel:
     """Load every component found under `path` (see utils.loading) onto `device` ('auto', 'cpu', 'cuda', 'mps')
     in `dtype` ('float32', 'float16', 'bfloat16'; default: the stored weights' dtype, float32 for μOmni);
-    `quantize='int8'` then quantizes the linear layers (OmniModel.quantize)."""
+    `quantize='int8'` / `'int4'` then quantizes the linear layers (OmniModel.quantize). `threads`: torch's
+    CPU thread count for the process (see `set_threads`; default 1 unless OMP_NUM_THREADS is set)."""
     t0 = time.perf_counter()
+    set_threads(threads)
     dev = pick_device(device)
     if isinstance(dtype, str):
         if dtype not in DTYPES:

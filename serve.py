@@ -17,6 +17,7 @@ import traceback
 from typing import Sequence
 
 from utils.cli import non_negative_float, non_negative_int, positive_float, positive_int
+from utils.defaults import DTYPE_NAMES, QUANTIZATIONS
 from utils.errors import OmniError
 
 EPILOG = """examples:
@@ -36,12 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Checkpoint directory: a trainers' checkpoints/ root, an omni_sft dir or a merged export.")
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
                    help="Where to run (default auto: cuda, then mps, then cpu).")
-    g.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
+    g.add_argument("--dtype", default=None, choices=DTYPE_NAMES,
                    help="Compute precision (default: the stored weights' precision).")
-    g.add_argument("--quantize", default=None, choices=("int8",),
+    g.add_argument("--quantize", default=None, choices=QUANTIZATIONS,
                    help="Quantize the linear layers for speed (answers may differ slightly from float32).")
-    g.add_argument("--threads", type=positive_int, default=None, metavar="N",
-                   help="CPU threads for the model (default: torch's choice).")
+    g.add_argument("--threads", type=non_negative_int, default=None, metavar="N",
+                   help="CPU threads for torch (default 1, or OMP_NUM_THREADS when set; 0: one per core), as "
+                        "infer_chat.py.")
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1",
                    help="Address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it).")
@@ -86,9 +88,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from omni import load_model
         from utils.server_app import OmniServer, ServerConfig, run_server
         sock = listen(args.host, args.port)
-        if args.threads is not None:
-            torch.set_num_threads(args.threads)
-        model = load_model(args.ckpt_dir, device=args.device, dtype=args.dtype, quantize=args.quantize)
+        model = load_model(args.ckpt_dir, device=args.device, dtype=args.dtype, quantize=args.quantize,
+                           threads=args.threads)
         if "thinker" not in model.components:
             raise OmniError(f"--ckpt_dir {args.ckpt_dir}: no thinker checkpoint found: nothing to chat with")
         logging.getLogger("muomni.server").info(

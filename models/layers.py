@@ -25,15 +25,89 @@ def _onednn_linear():
 _ONEDNN_LINEAR = _onednn_linear()
 
 
+ONEDNN_MIN_ROWS = 32  # below this many rows oneDNN's per-call setup costs more than its faster kernel saves
+
+
 def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """`layer(x)`; for a float32 nn.Linear on CPU at inference (no autograd) through oneDNN's matmul, which
-    measured about 2x faster than the BLAS behind nn.Linear for every shape of these models on the AMD CPU
-    used for development (1 to 512 rows: decode, batches, prefill). Same maths, other rounding order."""
-    if (_ONEDNN_LINEAR is not None and type(layer) is nn.Linear and x.device.type == "cpu"
-            and x.dtype == torch.float32 and layer.weight.dtype == torch.float32 and not torch.is_grad_enabled()):
+    """`layer(x)`. A float32 nn.Linear on CPU at inference (no autograd) with many rows (prefill, encoders) goes
+    through oneDNN's matmul, which measured up to 2x faster than the BLAS behind nn.Linear there; with a few
+    rows (decode steps) oneDNN's per-call setup (14-17 µs) costs more than the product, so plain F.linear.
+    Same maths, other rounding order."""
+    if type(layer) is not nn.Linear:
+        return layer(x)
+    if (_ONEDNN_LINEAR is not None and x.device.type == "cpu" and x.dtype == torch.float32
+            and layer.weight.dtype == torch.float32 and not torch.is_grad_enabled()
+            and x.numel() >= ONEDNN_MIN_ROWS * x.shape[-1]):
         out = _ONEDNN_LINEAR(x.reshape(-1, x.shape[-1]), layer.weight, layer.bias, "none", [], "")
         return out.view(*x.shape[:-1], out.shape[-1])
-    return layer(x)
+    return F.linear(x, layer.weight, layer.bias)
+
+
+def fuse_linears(layers: list[nn.Module]) -> nn.Module | None:
+    """One module computing `cat([layer(x) for layer in layers], -1)` in a single product (q/k/v, gate/up):
+    fewer, larger matmuls per decode step. Float nn.Linear layers are concatenated here; other linear types
+    fuse through their own `fuse` classmethod (utils.quant's int8/int4 layers). None when they cannot fuse.
+    The result holds copies of the weights (the originals stay what state_dict() and exports see)."""
+    first = layers[0]
+    if any(type(layer) is not type(first) for layer in layers):
+        return None
+    if type(first) is nn.Linear:
+        if any(layer.weight.dtype != first.weight.dtype or layer.weight.device != first.weight.device
+               or (layer.bias is None) != (first.bias is None) for layer in layers):
+            return None
+        fused = nn.Linear(first.in_features, sum(layer.out_features for layer in layers),
+                          bias=first.bias is not None, device="meta")
+        fused.weight = nn.Parameter(torch.cat([layer.weight.detach() for layer in layers]), requires_grad=False)
+        if first.bias is not None:
+            fused.bias = nn.Parameter(torch.cat([layer.bias.detach() for layer in layers]), requires_grad=False)
+        return fused
+    fuse = getattr(type(first), "fuse", None)
+    return fuse(layers) if fuse is not None else None
+
+
+def _weights_key(layers: list[nn.Module]) -> tuple:
+    """What a fused copy depends on: identity, version, dtype and device of every tensor of `layers`."""
+    key = []
+    for layer in layers:
+        for t in (*layer.parameters(), *layer.buffers()):
+            key.append((t.data_ptr(), t.dtype, t.device, None if t.is_inference() else t._version))
+    return tuple(key)
+
+
+class Fused:
+    """A lazily built `fuse_linears` of sibling layers `names` of `owner`, rebuilt by `refresh` when any of
+    them changed (new weights, `.to(...)`, quantization replacing them). Not a submodule: state_dict(),
+    exports and `.to()` see only the original layers."""
+
+    def __init__(self, owner: nn.Module, names: tuple[str, ...]) -> None:
+        self.owner, self.names = owner, names
+        self.key: tuple | None = None
+        self.module: nn.Module | None = None
+
+    def refresh(self) -> None:
+        layers = [getattr(self.owner, name) for name in self.names]
+        key = (tuple(id(layer) for layer in layers), _weights_key(layers))
+        if key != self.key:
+            with torch.no_grad():
+                self.module = fuse_linears(layers)
+            self.key = key
+
+    def get(self) -> nn.Module | None:
+        if self.key is None:
+            self.refresh()
+        return self.module
+
+
+def refresh_fused(module: nn.Module) -> None:
+    """Bring every fused copy and Block decode plan inside `module` up to date with its layers (once per
+    generation, not per step)."""
+    for m in module.modules():
+        for value in vars(m).values():
+            if isinstance(value, Fused):
+                value.refresh()
+    for m in module.modules():
+        if isinstance(m, Block):
+            m.refresh_plan()
 
 
 class RMSNorm(nn.Module):
@@ -48,6 +122,13 @@ class RMSNorm(nn.Module):
         xf = x.float()
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return y.to(x.dtype) * self.weight
+
+    def fast(self, x: torch.Tensor) -> torch.Tensor:
+        """`forward` through F.rms_norm for float32 (decode steps: one call instead of six; rounding may differ
+        in the last bit); other dtypes go through `forward`, which computes in float32."""
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        return self.forward(x)
 
 
 class Rotary(nn.Module):
@@ -93,6 +174,7 @@ class KVCache:
         shape = (n_layers, batch, n_kv_heads, max_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.k_layers, self.v_layers = self.k.unbind(0), self.v.unbind(0)  # views, so a step indexes less
 
     @property
     def max_len(self) -> int:
@@ -101,9 +183,10 @@ class KVCache:
     def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k/v for positions start..start+T and return views of everything cached so far."""
         end = start + k.shape[2]
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        keys, values = self.k_layers[layer], self.v_layers[layer]
+        keys[:, :, start:end] = k
+        values[:, :, start:end] = v
+        return keys[:, :, :end], values[:, :, :end]
 
     def values_at(self, layer: int, columns: torch.Tensor) -> torch.Tensor:
         """The cached values of `layer` at one column per row (`columns`: (B,) long): (B, kv_heads, head_dim)."""
@@ -125,6 +208,7 @@ class Attention(nn.Module):
             self.q = nn.Linear(d_model, n_heads * self.head_dim, bias=False)
             self.k = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=False)
             self.v = nn.Linear(d_model, n_kv_heads * self.head_dim, bias=False)
+            self._qkv = Fused(self, ("q", "k", "v"))
         self.o = nn.Linear(d_model, d_model, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int,
@@ -155,26 +239,28 @@ class Attention(nn.Module):
                                                  enable_gqa=group > 1)
         return linear(self.o, out.transpose(1, 2).reshape(B, T, -1))
 
+    def qkv_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """q, k and v of rows x (B, d) side by side, (B, (heads + 2 kv_heads) * dk), in one product."""
+        if self.fused_qkv:
+            return linear(self.qkv, x)
+        fused = self._qkv.get()
+        if fused is not None:
+            return linear(fused, x)
+        return torch.cat([linear(self.q, x), linear(self.k, x), linear(self.v, x)], dim=-1)
+
     def decode(self, x: torch.Tensor, cos: torch.Tensor, rot_sin: torch.Tensor, layer: int, cache: KVCache,
                pos: int, mask: torch.Tensor | None) -> torch.Tensor:
-        """One new position per row (x: (B, 1, d)) written to cache column `pos`, attending to columns 0..pos.
+        """The heads' outputs (B, heads * dk), before `o`, for one new position per row (x: (B, d), normed)
+        written to cache column `pos`, attending to columns 0..pos.
 
-        Same arithmetic as `forward` with T == 1, minus the transposes: with a single query the (B, 1, h*dk)
-        projections are already laid out as (B, heads, 1, dk), and the query heads sharing a KV head are
-        folded into the query axis (B, kv_heads, group, dk) so K/V are never repeated. `mask`: None (all
+        Same arithmetic as `forward` with T == 1, in fewer ops: q/k/v in one product, RoPE on q and k at once,
+        no transposes (with a single query the projections are already laid out as (B, heads, dk)), and the
+        query heads sharing a KV head folded into the query axis (B, kv_heads, group, dk), so K/V are never
+        repeated. `cos`/`rot_sin`: (1, dk), or (B, 1, dk) for rows at different positions. `mask`: None (all
         columns) or a boolean (B, 1, 1, pos + 1) view of a preallocated mask.
         """
-        B = x.shape[0]
-        g, dk = self.n_kv_heads, self.head_dim
-        if self.fused_qkv:
-            q, k, v = linear(self.qkv, x).chunk(3, dim=-1)
-        else:
-            q, k, v = linear(self.q, x), linear(self.k, x), linear(self.v, x)
-        q = apply_rotary(q.view(B, g, self.n_heads // g, dk), cos, rot_sin)
-        k = apply_rotary(k.view(B, g, 1, dk), cos, rot_sin)
-        keys, values = cache.update(layer, pos, k, v.view(B, g, 1, dk))
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-        return linear(self.o, out.view(B, 1, -1))
+        return attend_rows(self.qkv_rows(x), cos, rot_sin, layer, cache, pos, mask, self.n_heads, self.n_kv_heads,
+                           self.head_dim)
 
     def single_key_output(self, values: torch.Tensor) -> torch.Tensor:
         """The attention output of a query allowed to see exactly one key: softmax over one score is exactly
@@ -196,9 +282,21 @@ class SwiGLU(nn.Module):
         self.gate_proj = nn.Linear(d_model, d_ff, bias=False)
         self.up_proj = nn.Linear(d_model, d_ff, bias=False)
         self.down_proj = nn.Linear(d_ff, d_model, bias=False)
+        self._gate_up = Fused(self, ("gate_proj", "up_proj"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(self.down_proj, F.silu(linear(self.gate_proj, x)) * linear(self.up_proj, x))
+
+    def decode(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """residual + forward(x) for rows x (B, d): gate and up in one product, the residual added by the
+        down projection's own matmul."""
+        fused = self._gate_up.get()
+        if fused is None:
+            return residual_linear(self.down_proj, F.silu(linear(self.gate_proj, x)) * linear(self.up_proj, x),
+                                   residual)
+        gate_up = linear(fused, x)
+        d_ff = gate_up.shape[-1] // 2
+        return residual_linear(self.down_proj, F.silu(gate_up[:, :d_ff]) * gate_up[:, d_ff:], residual)
 
 
 class GeluMLP(nn.Module):
@@ -209,6 +307,17 @@ class GeluMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(self.fc2, F.gelu(linear(self.fc1, x)))
+
+    def decode(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return residual_linear(self.fc2, F.gelu(linear(self.fc1, x)), residual)
+
+
+def residual_linear(layer: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """residual + layer(x) for rows (B, features); a float nn.Linear without bias adds the residual inside its
+    matmul (torch.addmm: one op instead of two)."""
+    if type(layer) is nn.Linear and layer.bias is None and layer.weight.dtype == x.dtype:
+        return torch.addmm(residual, x, layer.weight.t())
+    return residual + linear(layer, x)
 
 
 def make_ffn(kind: str, d_model: int, d_ff: int) -> nn.Module:
@@ -249,6 +358,38 @@ class BlockConfig:
     num_experts_per_tok: int = 2
 
 
+def attend_rows(qkv: torch.Tensor, cos: torch.Tensor, rot_sin: torch.Tensor, layer: int, cache: KVCache, pos: int,
+                mask: torch.Tensor | None, h: int, g: int, dk: int) -> torch.Tensor:
+    """`Attention.decode` from the rows' q/k/v side by side (B, (h + 2g) dk): RoPE, cache write, attention."""
+    B = qkv.shape[0]
+    qk = apply_rotary(qkv[:, :(h + g) * dk].view(B, h + g, dk), cos, rot_sin)
+    keys, values = cache.update(layer, pos, qk[:, h:].unsqueeze(2), qkv[:, (h + g) * dk:].view(B, g, 1, dk))
+    out = F.scaled_dot_product_attention(qk[:, :h].view(B, g, h // g, dk), keys, values, attn_mask=mask)
+    return out.view(B, h * dk)
+
+
+@dataclass
+class FloatPlan:
+    """Direct references to the float32 tensors of a Block's decode step (fused q/k/v and gate/up, transposed
+    views of the output projections): a step then makes no nn.Module attribute lookups or dispatch checks,
+    which cost the demo-size thinker about a fifth of its step."""
+    shape: tuple[int]
+    norm1: torch.Tensor
+    eps1: float
+    qkv: torch.Tensor
+    o_t: torch.Tensor
+    norm2: torch.Tensor
+    eps2: float
+    gate_up: torch.Tensor
+    down_t: torch.Tensor
+    d_ff: int
+    heads: tuple[int, int, int]
+
+
+def _plain_float32(layer: nn.Module | None) -> bool:
+    return type(layer) is nn.Linear and layer.bias is None and layer.weight.dtype == torch.float32
+
+
 class Block(nn.Module):
     """Pre-norm residual block: x += attn(norm1(x)); x += ffn(norm2(x))."""
 
@@ -261,6 +402,23 @@ class Block(nn.Module):
             self.moe = MoE(cfg.d_model, cfg.d_ff, cfg.num_experts, cfg.num_experts_per_tok, cfg.ffn)
         else:
             self.mlp = make_ffn(cfg.ffn, cfg.d_model, cfg.d_ff)
+        self._plan: FloatPlan | None = None
+
+    def refresh_plan(self) -> None:
+        """The FloatPlan of this block's current weights, where the step is all float32 matmuls without bias
+        (SwiGLU, fused q/k/v and gate/up); else None and `decode` goes through the modules. Called by
+        `refresh_fused` (after the fused copies), so a plan never outlives the weights it was made from."""
+        self._plan = None
+        attn, mlp = self.attn, getattr(self, "mlp", None)
+        qkv = attn.qkv if attn.fused_qkv else attn._qkv.get()
+        if not (isinstance(mlp, SwiGLU) and self.norm1.weight.dtype == self.norm2.weight.dtype == torch.float32
+                and all(_plain_float32(m) for m in (qkv, attn.o, mlp._gate_up.get(), mlp.down_proj))):
+            return
+        self._plan = FloatPlan(
+            shape=tuple(self.norm1.weight.shape), norm1=self.norm1.weight.detach(), eps1=self.norm1.eps,
+            qkv=qkv.weight.detach(), o_t=attn.o.weight.detach().t(), norm2=self.norm2.weight.detach(),
+            eps2=self.norm2.eps, gate_up=mlp._gate_up.get().weight.detach(), down_t=mlp.down_proj.weight.detach().t(),
+            d_ff=mlp.down_proj.in_features, heads=(attn.n_heads, attn.n_kv_heads, attn.head_dim))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int,
                 cache: KVCache | None, start: int, mask: torch.Tensor | None) -> torch.Tensor:
@@ -270,14 +428,23 @@ class Block(nn.Module):
 
     def decode(self, x: torch.Tensor, cos: torch.Tensor, rot_sin: torch.Tensor, layer: int, cache: KVCache,
                pos: int, mask: torch.Tensor | None, attn_out: torch.Tensor | None = None) -> torch.Tensor:
-        """One decode step (x: (B, 1, d)). `attn_out`, when given, replaces the attention sub-layer's output:
-        the decode of `decode_attention="reference"`, where every new token sees only its row's first key,
-        makes that output one constant per row (see `Attention.single_key_output`)."""
+        """One decode step on rows x (B, d), one new position each. `attn_out` (B, 1, d), when given, replaces
+        the attention sub-layer's output: the decode of `decode_attention="reference"`, where every new token
+        sees only its row's first key, makes that output one constant per row (see
+        `Attention.single_key_output`)."""
+        p = self._plan
+        if p is not None and attn_out is None and x.dtype == torch.float32:
+            qkv = F.linear(F.rms_norm(x, p.shape, p.norm1, p.eps1), p.qkv)
+            x = torch.addmm(x, attend_rows(qkv, cos, rot_sin, layer, cache, pos, mask, *p.heads), p.o_t)
+            gate_up = F.linear(F.rms_norm(x, p.shape, p.norm2, p.eps2), p.gate_up)
+            return torch.addmm(x, F.silu(gate_up[:, :p.d_ff]) * gate_up[:, p.d_ff:], p.down_t)
         if attn_out is None:
-            attn_out = self.attn.decode(self.norm1(x), cos, rot_sin, layer, cache, pos, mask)
-        x = x + attn_out
-        ffn = self.moe if hasattr(self, "moe") else self.mlp
-        return x + ffn(self.norm2(x))
+            heads = self.attn.decode(self.norm1.fast(x), cos, rot_sin, layer, cache, pos, mask)
+            x = residual_linear(self.attn.o, heads, x)
+        else:
+            x = x + attn_out.view_as(x)
+        h = self.norm2.fast(x)
+        return self.moe(h) + x if hasattr(self, "moe") else self.mlp.decode(h, x)
 
 
 def block_config_from_state(sd: dict[str, torch.Tensor], prefix: str, n_heads: int,
@@ -342,12 +509,14 @@ class CausalStack(nn.Module):
                       rot_sin: torch.Tensor | None, mask: torch.Tensor | None = None,
                       attn_out: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Normed hidden states (B, d) for one new position per row (`x`: (B, 1, d), from `embed_step`) written
-        to cache column `pos`. `cos`/`rot_sin`: its rotary rows ((B, 1, 1, dk) when rows sit at different
-        positions). `mask`: None or a boolean (B, 1, 1, pos + 1) view of a preallocated key mask. `attn_out`:
-        per-layer constant attention outputs (`reference_attention`), for the reference decode."""
+        to cache column `pos`. `cos`/`rot_sin`: its rotary rows ((1, dk), or (B, 1, dk) when rows sit at
+        different positions). `mask`: None or a boolean (B, 1, 1, pos + 1) view of a preallocated key mask.
+        `attn_out`: per-layer constant attention outputs (`reference_attention`), for the reference decode.
+        The blocks run on (B, d) rows (`Block.decode`): no transposes, fused projections."""
+        x = x.reshape(x.shape[0], x.shape[-1])
         for i, block in enumerate(self.blocks):
             x = block.decode(x, cos, rot_sin, i, cache, pos, mask, None if attn_out is None else attn_out[i])
-        return self.norm(x[:, 0])
+        return self.norm.fast(x)
 
     @torch.no_grad()
     def reference_attention(self, cache: KVCache, anchors: torch.Tensor) -> list[torch.Tensor]:

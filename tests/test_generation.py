@@ -12,7 +12,7 @@ import utils.generation as gen
 from models.layers import BlockConfig
 from models.thinker import ThinkerConfig, ThinkerLM
 from utils.generation import Decoder, SamplingOptions, generate, generate_batch
-from utils.quant import GreedyHead, Int8Linear, PackedInt8Weight, quantize_int8, quantize_linears_int8
+from utils.quant import GreedyHead, Int8Linear, PackedInt8Weight, quantize_int8, quantize_linears
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -190,7 +190,7 @@ def test_bad_options_are_refused() -> None:
 
 # ---------------------------------------------------------------- bfloat16 / int8
 
-def test_bfloat16_and_int8_paths_run() -> None:
+def test_bfloat16_int8_and_int4_paths_run_batched_as_single() -> None:
     model = tiny_thinker(seed=19)
     embeds, ids = prompts(model)
     opts = SamplingOptions(max_new_tokens=6, ignore_eos=True)
@@ -204,18 +204,19 @@ def test_bfloat16_and_int8_paths_run() -> None:
         assert [len(r) for r in out] == [6] * len(embeds)
         assert generate_batch(bf, bf_embeds, ids, o) == out
 
-    q = copy.deepcopy(model)
-    names = quantize_linears_int8(q)
-    assert "lm_head" in names and "blocks.0.attn.q" in names
-    assert isinstance(q.lm_head, Int8Linear)
-    for mode in MODES:
-        o = SamplingOptions(**{**opts.__dict__, "decode_attention": mode})
-        out = one_by_one(q, embeds, ids, o)
-        assert [len(r) for r in out] == [6] * len(embeds)
-        assert generate_batch(q, embeds, ids, o) == out
-    # close to float: most first tokens agree on this peaky random model
-    agree = sum(a[0] == b[0] for a, b in zip(out, ref))
-    assert agree >= len(ref) - 2
+    for method in ("int8", "int4"):
+        q = copy.deepcopy(model)
+        names = quantize_linears(q, method)
+        assert "blocks.0.attn.q" in names and "blocks.0.mlp.gate_proj" in names
+        assert ("lm_head" in names) == (method == "int8")  # 97 outputs: not a shape the int4 kernel takes
+        for mode in MODES:
+            o = SamplingOptions(**{**opts.__dict__, "decode_attention": mode})
+            out = one_by_one(q, embeds, ids, o)
+            assert [len(r) for r in out] == [6] * len(embeds)
+            assert generate_batch(q, embeds, ids, o) == out
+        # close to float: most first tokens agree on this peaky random model
+        agree = sum(a[0] == b[0] for a, b in zip(out, ref))
+        assert agree >= len(ref) - 2, method
 
 
 def test_int8_linear_is_close_to_linear() -> None:
@@ -232,7 +233,7 @@ def test_int8_linear_is_close_to_linear() -> None:
 def test_quantize_keeps_torch_attention_layers_float() -> None:
     layer = torch.nn.TransformerEncoderLayer(32, 2, 64, batch_first=True, norm_first=True)
     seq = torch.nn.Sequential(layer, torch.nn.Linear(32, 8))
-    assert quantize_linears_int8(seq) == ["1"]
+    assert quantize_linears(seq, "int8") == ["1"]
     assert type(layer.linear1) is torch.nn.Linear
     with torch.no_grad():
         assert seq.eval()(torch.randn(2, 5, 32)).shape == (2, 5, 8)
@@ -399,7 +400,8 @@ def test_api_chat_batch_equals_chat(tiny_tree) -> None:
 
 
 def test_bench_quick_runs(tmp_path) -> None:
-    """bench.py --quick end to end for one dtype: the table on stdout and the JSON file (no timing checks)."""
+    """bench.py --quick end to end for one dtype on both models: the tables on stdout and the JSON file (no
+    timing checks)."""
     import subprocess
     import sys
 
@@ -409,12 +411,19 @@ def test_bench_quick_runs(tmp_path) -> None:
     r = subprocess.run([sys.executable, str(REPO / "bench.py"), "--quick", "--dtypes", "float32", "--threads", "1",
                         "--json_out", str(out)], capture_output=True, text=True, timeout=600, cwd=REPO)
     assert r.returncode == 0, r.stderr
-    assert "| decode batch 1, reference (tokens/s) |" in r.stdout
-    res = json.loads(out.read_text())["results"]["float32"]
-    assert res["baseline_ids_match"] is True
-    for key in ("load_s", "prefill_tok_s", "ttft_ms", "decode_b1_reference_tok_s", "decode_b8_causal_tok_s",
-                "image_encode_ms", "audio_rtf", "speech_rtf", "peak_rss_mb", "speedup_vs_baseline_reference"):
-        assert res[key] > 0
+    assert r.stdout.count("| **decode batch 1, causal (tokens/s)** |") == 2
+    results = json.loads(out.read_text())["results"]
+    for model in ("tiny", "demo"):
+        res = results[model]["float32"]
+        assert res["threads"] == 1 and res["top1_agreement"] == 1.0
+        for key in ("load_s", "prefill_tok_s", "ttft_ms", "b1_causal_tok_s", "b8_causal_tok_s", "b1_reference_tok_s",
+                    "b1_mb_per_token", "b1_bound_tok_s", "b1_bound_fraction", "peak_rss_mb"):
+            assert res[key] > 0, (model, key)
+    tiny = results["tiny"]["float32"]
+    # the tiny thinker's blocks (4 x 0.98 M float32 weights) + the int8 vocabulary screen (32000 x 256)
+    assert 23 < tiny["b1_mb_per_token"] < 26
+    for key in ("image_encode_ms", "audio_rtf", "speech_rtf", "speedup_vs_baseline_causal"):
+        assert tiny[key] > 0, key
 
 
 def test_greedy_head_fallback_handles_only_undecided_rows() -> None:

@@ -29,7 +29,7 @@ from typing import Any, Callable, Sequence
 
 from utils.batch_job import (Journal, MaterializedMedia, Row, audio_rows, inline_media, job_key, process_rows,
                              read_batch_file, record)
-from utils.defaults import DECODE_ATTENTION, DEVICES, DTYPE_NAMES
+from utils.defaults import DECODE_ATTENTION, DEVICES, DTYPE_NAMES, QUANTIZATIONS
 from utils.cli import (Console, generation_options, non_negative_float, non_negative_int, positive_float,
                        positive_int, probability, route_warnings, seed_value, utf8_streams)
 from utils.errors import OmniError
@@ -82,7 +82,8 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
                    help="Where each worker runs the model (default auto: cuda, then mps, then cpu).")
     g.add_argument("--dtype", default=None, choices=DTYPE_NAMES,
                    help="Compute precision (default: the stored weights').")
-    g.add_argument("--quantize", default=None, choices=("int8",), help="Runtime int8 quantization for speed.")
+    g.add_argument("--quantize", default=None, choices=QUANTIZATIONS,
+                   help="Weight quantization at load time for faster decode (see infer_chat.py --help).")
 
     g = p.add_argument_group("engine")
     g.add_argument("--engine", choices=("local", "ray"), default="local",

@@ -155,9 +155,12 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
                         "machine lacks is an error (exit 1).")
     g.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
                    help="Compute precision (default: the stored weights' precision, float32 for μOmni).")
-    g.add_argument("--quantize", default=None, choices=("int8",),
-                   help="Quantize the linear layers for speed: int8 = dynamic int8 (weights per output channel, "
-                        "activations per row; fastest on CPU; answers may differ slightly from float32).")
+    g.add_argument("--quantize", default=None, choices=("int8", "int4"),
+                   help="Quantize the linear layers for speed: int8 (weights per output channel) or int4 (CPU; "
+                        "4-bit weights in groups of 32); answers may differ slightly from float32.")
+    g.add_argument("--threads", type=non_negative_int, default=None, metavar="N",
+                   help="CPU threads for torch (default 1, or OMP_NUM_THREADS when set: more threads rarely "
+                        "help models this small and slow them down badly on a busy machine; 0 = one per core).")
 
     g = p.add_argument_group("input (any of these makes it a one-shot question)")
     g.add_argument("--text", help="The question or instruction.")
@@ -836,7 +839,8 @@ def run(args: argparse.Namespace, con: Console) -> int:
 
     out = Out()
     con.status(f"loading μOmni from {args.ckpt_dir} ...")
-    model = load_model(args.ckpt_dir, device=args.device, dtype=args.dtype, quantize=args.quantize)
+    model = load_model(args.ckpt_dir, device=args.device, dtype=args.dtype, quantize=args.quantize,
+                       threads=args.threads)
     con.status(f"loaded {', '.join(model.components) or 'nothing'} in {model.load_seconds:.1f} s "
              f"on {model.device} ({str(model.dtype).replace('torch.', '')})")
     if args.info:

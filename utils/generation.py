@@ -14,6 +14,9 @@ sub-layer returns that key's value whatever the query: its output is computed on
 reused (bit-identical to running the masked attention each step, and it skips q/k/v, RoPE and the cache
 writes that nothing would ever read). Greedy steps on CPU read the vocabulary projection as int8 and rescore
 the few candidates exactly (utils.quant.GreedyHead): the same argmax for a quarter of the memory traffic.
+A step runs on (B, d) rows with q/k/v and gate/up fused into one matmul each (models.layers.Block.decode; the
+fused weight copies and per-block plans are refreshed once per Decoder, so a weight change between
+generations is seen).
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from models.layers import CausalStack
+from models.layers import CausalStack, refresh_fused
 from models.thinker import ThinkerLM
 from utils.quant import GreedyHead, greedy_head_supported
 
@@ -112,6 +115,7 @@ class Decoder:
             check_budget(model, T - p, n, opts)
         dev = embeds.device
         self.model, self.embeds = model, embeds
+        refresh_fused(model)
         self.reference = opts.decode_attention == "reference"
         total = T + max(max_new)
         self.cache = model.new_cache(B, total)
@@ -132,7 +136,7 @@ class Decoder:
             if not self.reference:
                 self.key_mask = real[:, None, None, :]  # (B, 1, 1, total), sliced per step
                 rot = model.rotary
-                self.rope_rows = (rot.cos[positions][:, :, None, None], rot.rot_sin[positions][:, :, None, None])
+                self.rope_rows = (rot.cos[positions][:, :, None], rot.rot_sin[positions][:, :, None])
 
     def prefill(self) -> Any:
         """Logits after the prompts ((B, V); the model's `head` decides); fills the cache (and, in reference
