@@ -83,8 +83,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s: %(message)s", stream=sys.stderr)
     try:
-        import torch
-
         from omni import load_model
         from utils.server_app import OmniServer, ServerConfig, run_server
         sock = listen(args.host, args.port)
