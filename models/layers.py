@@ -188,6 +188,14 @@ class KVCache:
         values[:, :, start:end] = v
         return keys[:, :, :end], values[:, :, :end]
 
+    def first_rows(self, n: int) -> "KVCache":
+        """The first `n` rows as a cache of their own: views of the same storage, no copy (a continuous batch
+        decodes its running rows in the slots at the front)."""
+        view = KVCache.__new__(KVCache)
+        view.k, view.v = self.k[:, :n], self.v[:, :n]
+        view.k_layers, view.v_layers = view.k.unbind(0), view.v.unbind(0)
+        return view
+
     def values_at(self, layer: int, columns: torch.Tensor) -> torch.Tensor:
         """The cached values of `layer` at one column per row (`columns`: (B,) long): (B, kv_heads, head_dim)."""
         rows = torch.arange(self.v.shape[1], device=self.v.device)

@@ -68,14 +68,6 @@ class Row:
         self.cancelled = True
 
 
-class _RowsView(KVCache):
-    """The first n slots of a KVCache (views, no copy): the cache the running rows decode with."""
-
-    def __init__(self, full: KVCache, n: int) -> None:  # noqa: D107 - shares the full cache's storage
-        self.k = full.k[:, :n]
-        self.v = full.v[:, :n]
-
-
 class BatchEngine:
     """The scheduler: `submit` a request (it waits in a bounded queue), receive its tokens through callbacks
     run on the scheduler thread; `call` runs other model work (encoders, speech, CTC) between steps."""
@@ -104,7 +96,7 @@ class BatchEngine:
                          for _ in model.blocks] if self.reference else None
         self.seen = torch.zeros(max_batch, model.cfg.vocab_size, dtype=torch.bool, device=dev)
         self.screen = greedy_head(model) if fast_greedy else None
-        self.views = {n: _RowsView(self.cache, n) for n in range(1, max_batch + 1)} if self.cache else {}
+        self.views = {n: self.cache.first_rows(n) for n in range(1, max_batch + 1)} if self.cache else {}
         self.pos = 0
         self.rows: list[Row] = []  # running rows; rows[i] is in slot i
         self.admitting = 0  # rows taken from the queue whose prefill is under way
@@ -348,8 +340,8 @@ class BatchEngine:
             torch.index_select(self.model.rotary.cos, 0, self.positions[:n], out=self.cos[:n])
             torch.index_select(self.model.rotary.rot_sin, 0, self.positions[:n], out=self.rot_sin[:n])
             dk = self.cos.shape[-1]
-            h = self.model.decode_hidden(x, pos, self.views[n], self.cos[:n].view(n, 1, 1, dk),
-                                         self.rot_sin[:n].view(n, 1, 1, dk), self.key_mask[:n, :, :, :pos + 1])
+            h = self.model.decode_hidden(x, pos, self.views[n], self.cos[:n].view(n, 1, dk),
+                                         self.rot_sin[:n].view(n, 1, dk), self.key_mask[:n, :, :, :pos + 1])
             self.pos += 1
         self.steps += 1
         greedy = [r.greedy for r in self.rows]
