@@ -29,8 +29,9 @@ from typing import Any, Callable, Sequence
 
 from utils.batch_job import (Journal, MaterializedMedia, Row, audio_rows, inline_media, job_key, process_rows,
                              read_batch_file, record)
-from utils.cli import (Console, generation_options, non_negative_float, non_negative_int, positive_float,
-                       positive_int, probability, route_warnings, seed_value, utf8_streams)
+from utils.cli_args import (generation_options, non_negative_float, non_negative_int, positive_float, positive_int,
+                            probability, seed_value)
+from utils.console import Console, route_warnings, utf8_streams
 from utils.errors import OmniError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -35,11 +35,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from omni import OmniModel
-from utils.audio import SAMPLE_RATE, wav_bytes
-from utils.batching import BatchEngine, EngineClosed, QueueFull, RowPrompt
-from utils.errors import OmniError
-from utils.generation import MAX_SEED
+from omni import MAX_SEED, BatchEngine, EngineClosed, OmniError, OmniModel, QueueFull, RowPrompt, wav_bytes
 from utils.transcript import Transcript, format_transcript
 
 TRANSCRIPTION_FORMATS = ("json", "text", "verbose_json", "srt", "vtt")
@@ -417,9 +413,8 @@ class OmniServer:
         from starlette.concurrency import run_in_threadpool
 
         def work() -> tuple[list[Any], Any]:
-            images = [self.model.image_tensor(b) for b in req.images]
-            wave = self.model.audio_wave(req.audio) if req.audio is not None else None
-            return images, wave
+            media = self.model.load_media(image=req.images or None, audio=req.audio)
+            return media.images, media.audio[0] if media.audio else None
         try:
             return await run_in_threadpool(work)
         except OmniError as exc:
