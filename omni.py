@@ -50,8 +50,8 @@ DEFAULT_VIDEO_FRAMES = 4
 
 # What the apps (CLI, server, batch jobs) use besides OmniModel: re-exported so they stand on this module only.
 __all__ = ["Answer", "AudioInput", "BatchEngine", "EngineClosed", "ImageInput", "MAX_SEED", "Media", "OmniError",
-           "OmniModel", "QueueFull", "RowPrompt", "SAMPLE_RATE", "SpeechPlan", "Transcript", "check_output_path",
-           "decode_timing", "load_model", "wav_bytes", "write_wav"]
+           "OmniModel", "QueueFull", "RowPrompt", "SAMPLE_RATE", "SpeechPlan", "Transcript", "answer_timing",
+           "check_output_path", "load_model", "wav_bytes", "write_wav"]
 
 
 @dataclass
@@ -372,7 +372,7 @@ class OmniModel:
         # Decode steps: forward passes after the prefill, each yielding one token — the answer's tokens after
         # the first, plus the step whose EOS ended it. Timed from the first token to the end of the last step.
         steps = max(0, len(out) - 1) + (len(out) < opts.max_new_tokens and not opts.ignore_eos and bool(out))
-        timing = decode_timing(self.load_seconds, t_first - t0, embeds.shape[1], t_end - t_first, steps)
+        timing = answer_timing(self.load_seconds, t_first - t0, embeds.shape[1], t_end - t_first, steps)
         result.append(Answer(detok.text, out, embeds.shape[1], timing, notes))
 
     def answer(self, text: str | None = None, image: ImageInput | list[ImageInput] | None = None,
@@ -382,8 +382,8 @@ class OmniModel:
         """Generate one answer with its ids and timings; `on_text(piece)` receives the text as it is generated.
 
         `gen` are SamplingOptions: max_new_tokens, temperature (0 = greedy), top_k, top_p, repetition_penalty,
-        seed, ignore_eos, decode_attention ('reference' or 'causal'); and `system`, a system prompt (see
-        `_gather_inputs`). `image` and `audio` may be lists: one token per image, the clips' tokens in order."""
+        seed, ignore_eos, decode_attention ('reference' or 'causal'); and `system`, a system prompt joined before
+        the text as "SYSTEM TEXT" (μOmni has no chat template). `image` and `audio` may be lists: one token per image, the clips' tokens in order."""
         result: list[Answer] = []
         for piece in self._generate(result, text, image, audio, video, video_frames, prompt, gen):
             if on_text is not None:
@@ -489,7 +489,7 @@ class OmniModel:
                 steps = min(len(out) - 1 + (len(out) < max_new and not opts.ignore_eos), len(times) - 1) \
                     if out else 0  # as in _generate: the EOS step counts
                 decode_s = times[steps] - t_first if times else 0.0
-                timing = {**decode_timing(self.load_seconds, t_first - t0, embeds.shape[0], decode_s, steps),
+                timing = {**answer_timing(self.load_seconds, t_first - t0, embeds.shape[0], decode_s, steps),
                           "batch_size": len(ready)}
                 results[i] = Answer(self._parts.tokenizer.decode(out), out, embeds.shape[0], timing, notes)
         return results
@@ -589,7 +589,7 @@ def media_path(what: str, value: Any) -> str | os.PathLike:
     return value
 
 
-def decode_timing(load_s: float, prefill_s: float, prompt_tokens: int, decode_s: float, steps: int
+def answer_timing(load_s: float, prefill_s: float, prompt_tokens: int, decode_s: float, steps: int
                   ) -> dict[str, float]:
     """The `timing` object. decode_tokens_per_s = decode_steps / decode_s: the forward passes after the prefill
     (each yields one token: the answer's tokens after the first, plus the step that produced the ending EOS) over

@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import export
+from utils import export_writer
 from tests.conftest import run_cli
 from utils.errors import OmniError
 from utils.export_format import load_export
@@ -169,14 +170,14 @@ def test_verify_reports_exact_match(tiny_tree: Path, tmp_path: Path, capsys: pyt
 
 def test_verify_fails_a_differing_float32_export(tiny_tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                  capsys: pytest.CaptureFixture) -> None:
-    real = export.merged_state_dict
+    real = export_writer.merged_state_dict
 
     def corrupted(*args, **kwargs):  # noqa: ANN002, ANN003 - same signature as the real one
         merged = real(*args, **kwargs)
         merged["thinker"]["norm.weight"] = merged["thinker"]["norm.weight"] + 1e-3
         return merged
 
-    monkeypatch.setattr(export, "merged_state_dict", corrupted)
+    monkeypatch.setattr(export_writer, "merged_state_dict", corrupted)
     assert run_export("--ckpt_root", str(tiny_tree), "--output_dir", str(tmp_path / "e"), "--verify") == 1
     assert "differs from its source" in capsys.readouterr().err
     assert not (tmp_path / "e").exists() and leftovers(tmp_path) == []
@@ -187,7 +188,7 @@ def test_failed_export_leaves_nothing(tiny_tree: Path, tmp_path: Path, monkeypat
     def boom(*_args) -> None:  # noqa: ANN002
         raise OmniError("disk full (simulated)")
 
-    monkeypatch.setattr(export, "preprocessor_config", boom)  # fails after model.safetensors is written
+    monkeypatch.setattr(export_writer, "preprocessor_config", boom)  # fails after model.safetensors is written
     assert run_export("--ckpt_root", str(tiny_tree), "--output_dir", str(tmp_path / "e")) == 1
     assert "disk full" in capsys.readouterr().err
     assert not (tmp_path / "e").exists() and leftovers(tmp_path) == []
@@ -203,7 +204,7 @@ def test_refuses_to_overwrite_without_force(tiny_tree: Path, tmp_path: Path, mon
     assert "pass --force" in capsys.readouterr().err
     assert (out / "model.safetensors").read_bytes() == before
     # a --force export that fails keeps the old export intact
-    monkeypatch.setattr(export, "model_info", lambda *a: (_ for _ in ()).throw(OmniError("simulated failure")))
+    monkeypatch.setattr(export_writer, "model_info", lambda *a: (_ for _ in ()).throw(OmniError("simulated failure")))
     assert run_export("--ckpt_root", str(tiny_tree), "--output_dir", str(out), "--dtype", "bfloat16", "--force") == 1
     assert (out / "model.safetensors").read_bytes() == before and leftovers(tmp_path) == []
     monkeypatch.undo()

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """How often an int8 export picks the same next token as the float32 export of the same checkpoints.
 
-Exports the checkpoints under --ckpt_root twice with export.py (float32, and `--quantize int8`) into a temporary
+Exports the checkpoints under --ckpt_root twice with utils.export_writer.export_checkpoints (float32, and int8 as `export.py --quantize int8`) into a temporary
 directory, greedy-decodes --steps tokens from --prompt with the float32 thinker (EOS ignored, causal decode), then
 runs both thinkers teacher-forced over that same sequence and counts the positions whose argmax agrees. Teacher
 forcing keeps one early disagreement from turning every later step into a disagreement. Both run in float32
@@ -12,7 +12,6 @@ compute, so the number measures what int8 storage costs. Prints the agreement (a
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 import tempfile
 from pathlib import Path
@@ -22,9 +21,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 import torch  # noqa: E402
 
-import export  # noqa: E402
 from utils.errors import OmniError  # noqa: E402
 from utils.export_format import load_export  # noqa: E402
+from utils.export_writer import export_checkpoints  # noqa: E402
 from utils.generation import SamplingOptions, generate  # noqa: E402
 from utils.loading import Components  # noqa: E402
 
@@ -41,10 +40,8 @@ def agreement(ckpt_root: Path, prompt: str, steps: int) -> tuple[int, int, int]:
     """(agreeing steps, steps, identical leading tokens when the int8 model decodes on its own)."""
     with tempfile.TemporaryDirectory(prefix="int8_agreement-") as tmp:
         dirs = {"fp32": Path(tmp) / "fp32", "int8": Path(tmp) / "int8"}
-        with contextlib.redirect_stdout(sys.stderr):  # export's table is a log here; stdout gets the number only
-            for name, extra in (("fp32", []), ("int8", ["--quantize", "int8"])):
-                if export.main(["--ckpt_root", str(ckpt_root), "--output_dir", str(dirs[name]), *extra]) != 0:
-                    raise OmniError(f"exporting {ckpt_root} ({name}) failed (see the error above)")
+        for name, quantize in (("fp32", None), ("int8", "int8")):
+            export_checkpoints(dirs[name], ckpt_root=ckpt_root, quantize=quantize)
         models = {name: load_export(d) for name, d in dirs.items()}
     for comps in models.values():
         for m in comps.modules():

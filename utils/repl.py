@@ -151,7 +151,7 @@ def run_pipe(model: OmniModel, args: argparse.Namespace, con: Console, out: Out,
     stderr). Command lines ('/image PATH', '/video PATH', '/audio PATH', '/reset', '/system TEXT',
     '/set NAME VALUE') print nothing on stdout; a media command that failed fails the message after it (one
     error, reported there), which is never answered without its media."""
-    from omni import decode_timing
+    from omni import answer_timing
 
     out.one_line = True
     media = Attachments()
@@ -204,7 +204,7 @@ def run_pipe(model: OmniModel, args: argparse.Namespace, con: Console, out: Out,
             # keep the answers aligned with the input lines: an empty line gets an empty answer
             if args.json:
                 out.json({"input": message_input(line), "text": "", "token_ids": [], "prompt_tokens": 0,
-                          "generated_tokens": 0, "timing": decode_timing(0.0, 0.0, 0, 0.0, 0)})
+                          "generated_tokens": 0, "timing": answer_timing(0.0, 0.0, 0, 0.0, 0)})
             else:
                 out.line()
             continue

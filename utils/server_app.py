@@ -408,7 +408,7 @@ class OmniServer:
         except OmniError as exc:
             raise ApiError(400, str(exc), "invalid_input") from exc
 
-    async def decode_media(self, req: ChatRequest) -> tuple[list[Any], Any]:
+    async def load_request_media(self, req: ChatRequest) -> tuple[list[Any], Any]:
         """Image and audio bytes -> tensors / waveform, in a worker thread (no model weights are involved)."""
         from starlette.concurrency import run_in_threadpool
 
@@ -451,7 +451,7 @@ class OmniServer:
         if req.speak and "talker" not in self.model.components:
             raise ApiError(400, "audio output needs a talker checkpoint, and this model has none", "invalid_value",
                            "modalities")
-        images, wave = await self.decode_media(req)
+        images, wave = await self.load_request_media(req)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
