@@ -143,11 +143,6 @@ class OmniModel:
         that work below the chat API; the apps use the methods."""
         return self._parts
 
-    @property
-    def vocoder_available(self) -> bool:
-        """Whether a HiFi-GAN vocoder was found (else speech uses Griffin-Lim)."""
-        return self._parts.vocoder is not None
-
     def info(self) -> dict[str, Any]:
         """The model card (`--info`, like `ollama show`): components with parameter counts and the weights and
         config files they came from, dtype, context, vocabulary, decode mode and generation defaults."""
@@ -534,7 +529,7 @@ class OmniModel:
         return self._parts.ctc_head(self.encode_audio(wave)).float().cpu()
 
     # ------------------------------------------------------------ speech out
-    def speech_frames(self, text: str, max_frames: int | None = None) -> int:
+    def _speech_frames(self, text: str, max_frames: int | None = None) -> int:
         """Talker frames for speaking `text` (~5 per word, 80 ms each), capped by `max_frames` and the talker."""
         self._require_parts("speech output", "talker", "rvq")
         limit = max_talker_frames(self._parts.talker)
@@ -549,7 +544,7 @@ class OmniModel:
         steps 0), so a caller can fail before generating the answer it will speak."""
         self._require_parts(purpose, "talker", "rvq")
         kind = choose_vocoder(self._parts.vocoder, vocoder)
-        frames = 0 if text is None else self.speech_frames(text, max_frames)
+        frames = 0 if text is None else self._speech_frames(text, max_frames)
         source = self._parts.sources.get("vocoder", "?") if kind == "hifigan" else None
         steps = frames + (GRIFFIN_LIM_ITERS if kind == "griffin-lim" and frames else 0)
         return SpeechPlan(frames, kind, source, steps)
@@ -567,7 +562,7 @@ class OmniModel:
             if text is None or not text.strip():
                 raise OmniError("speech output: the text to speak is empty (give frames= / --max_audio_frames "
                                 "to synthesise a fixed length anyway)")
-            frames = self.speech_frames(text, max_frames)
+            frames = self._speech_frames(text, max_frames)
         opts = SpeechOptions(temperature=temperature, top_k=top_k, seed=seed,
                              decode_attention=decode_attention or self.sampling_options().decode_attention)
         return synthesize(self._parts.talker, self._parts.rvq, self._parts.vocoder, frames, opts, vocoder, progress)

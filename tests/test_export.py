@@ -102,6 +102,27 @@ def test_root_discovery_equals_named_flags(tiny_exports: dict[str, Path]) -> Non
         assert (a / name).read_text() == (b / name).read_text(), name
 
 
+def test_library_export_equals_the_scripts(tiny_tree: Path, tiny_exports: dict[str, Path], tmp_path: Path,
+                                          capsys: pytest.CaptureFixture) -> None:
+    """export.py is a thin command line over utils.export_writer: the library writes the same export from Python
+    (write_export from loaded components, export_checkpoints from a checkpoints root), and prints nothing."""
+    from utils.export_writer import export_checkpoints, find_sources, load_sources, write_export
+    script = tiny_exports["int8"]
+    whole = export_checkpoints(tmp_path / "whole", ckpt_root=tiny_tree, quantize="int8")
+    comps = load_sources(find_sources(tiny_tree))
+    parts = write_export(comps, tmp_path / "parts", quantize="int8", configs=None)
+    assert capsys.readouterr().out == ""
+    assert whole.int8 and whole.weights == tmp_path / "whole" / "model.safetensors"
+    for got in (whole.weights, parts.weights):
+        assert tensors_equal(got, script / "model.safetensors")
+    for name in ("config.json", "model_info.json", "preprocessor_config.json"):
+        assert (tmp_path / "whole" / name).read_text() == (script / name).read_text() == \
+            (tmp_path / "parts" / name).read_text(), name
+    assert (tmp_path / "whole" / "generation_config.json").read_text() == \
+        (script / "generation_config.json").read_text()
+    assert (tmp_path / "whole" / "configs").is_dir() and not (tmp_path / "parts" / "configs").exists()
+
+
 def test_export_answers_like_the_checkpoints(tiny_tree: Path, tiny_exports: dict[str, Path]) -> None:
     from omni import load_model
     image = Image.new("RGB", (64, 48), (200, 30, 30))
