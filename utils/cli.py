@@ -21,7 +21,6 @@ from utils.console import Console, Out, format_card, print_timings, route_warnin
 from utils.errors import OmniError, Terminated, interrupt_status, quiet_stdout
 from utils.repl import run_batch_file, run_pipe, run_repl
 
-
 if TYPE_CHECKING:
     from omni import OmniModel
 
@@ -62,7 +61,6 @@ def check_audio_out(model: OmniModel, args: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------- modes
 
-
 def run_one_shot(model: OmniModel, args: argparse.Namespace, con: Console, out: Out) -> int:
     if args.transcribe:
         return run_transcribe(model, args, con, out)
@@ -102,7 +100,6 @@ def run_one_shot(model: OmniModel, args: argparse.Namespace, con: Console, out: 
 
 
 # ---------------------------------------------------------------- entry point
-
 
 def run(args: argparse.Namespace, con: Console) -> int:
     from omni import load_model

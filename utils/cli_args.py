@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import secrets
 import textwrap
 from typing import Any, Callable
 
@@ -21,7 +22,6 @@ DEFAULT_VIDEO_FRAMES = 4
 
 
 # ---------------------------------------------------------------- argparse value types
-
 
 def _number(text: str, kind: type) -> Any:
     try:
@@ -55,7 +55,6 @@ probability = number_in(float, 0.0, 1, low_open=True)
 
 
 # ---------------------------------------------------------------- parser
-
 
 def epilog(prog: str) -> str:
     d = "export" if "safetensors" in prog else "checkpoints/demo"
@@ -281,5 +280,4 @@ def seed_report(args: argparse.Namespace) -> dict[str, int]:
 
 
 def random_seed() -> int:
-    import secrets
     return secrets.randbelow(MAX_SEED + 1)

@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from utils.errors import one_line
 
-
 if TYPE_CHECKING:
     from omni import Answer
 
@@ -32,7 +31,6 @@ def print_timings(con: "Console", ans: Answer) -> None:
 
 
 # ---------------------------------------------------------------- stderr
-
 
 class Console:
     """stderr messages: info and warnings unless --quiet; errors always. Loading chatter (`status`) only on a
@@ -83,7 +81,6 @@ def route_warnings(con: Console) -> None:
 
 
 # ---------------------------------------------------------------- output
-
 
 class Out:
     """stdout, flushed after every write (answers stream as they are generated)."""
