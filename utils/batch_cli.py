@@ -118,6 +118,8 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     g.add_argument("--ignore_eos", action="store_true", help="Generate --max_new_tokens tokens whatever comes.")
     g.add_argument("--decode_attention", choices=("reference", "causal"), default=None,
                    help="The decode rule (see infer_chat.py --help).")
+    g.add_argument("--system", metavar="TEXT",
+                   help="System prompt joined before every request's text, as infer_chat.py --system does.")
 
     g = p.add_argument_group("messages")
     g.add_argument("--quiet", action="store_true", help="Print nothing on stderr except errors.")
