@@ -13,38 +13,26 @@ thinker directory. --dtype float16/bfloat16 halves the file; --quantize int8 sto
 thinker, talker and encoders as int8 with per-output-channel scales (utils/quant.py documents the keys), the other
 float tensors in --dtype (float16 unless named). The export is written into a temporary directory beside the target
 and renamed into place at the end, so a failed export leaves nothing behind. infer_safetensors.py loads the result.
+The work is done by utils/export_writer.py (export_checkpoints, write_export); this script is its command line.
 """
 from __future__ import annotations
 
 import argparse
-import fcntl
-import json
-import os
-import re
-import secrets
-import shutil
-import stat
 import sys
 import traceback
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
-from safetensors.torch import save_file
 
-from utils import loading as L
-from utils.checkpoint import MAX_JSON_BYTES, find_config, read_torch_file, unwrap
+from utils.checkpoint import find_config
 from utils.errors import OmniError, Terminated, handle_signals, interrupt_status, one_line, quiet_stdout
-from utils.export_format import (COMPONENT_PREFIXES, STORAGE_DTYPES, dtype_name, export_config, generation_config,
-                                 load_export, merged_state_dict, model_info, preprocessor_config)
+from utils.export_format import COMPONENT_PREFIXES, STORAGE_DTYPES, dtype_name
+from utils.export_writer import COMPONENT_FLAGS, DEFAULT_OUTPUT_FILE, ExportResult, export_checkpoints
+from utils.loading import EXPORT_NAMES
 from utils.quant import QUANT_METHOD
 from utils.version import version_text
 
-VERIFY_PROMPT = "Once upon a time there was"
-# --<flag> -> (directory kind as utils.loading.dir_kind names it)
-COMPONENT_FLAGS = {"omni_ckpt": "omni", "thinker_ckpt": "thinker", "audio_ckpt": "audio", "vision_ckpt": "vision",
-                   "talker_ckpt": "talker", "vocoder_ckpt": "vocoder"}
 SOURCE_LABELS = {"thinker": "thinker", "proj_a": "thinker", "proj_v": "thinker", "audio": "audio",
                  "ctc_head": "audio", "vision": "vision", "talker": "talker", "rvq": "talker", "vocoder": "vocoder"}
 
@@ -62,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocoder_ckpt", help="HiFi-GAN vocoder directory (vocoder.pt or hifigan.pt)")
     p.add_argument("--ocr_ckpt", help="not supported: this project has no OCR model")
     p.add_argument("--output_dir", required=True, help="export directory to create")
-    p.add_argument("--output_file", default="model.safetensors", choices=L.EXPORT_NAMES,
+    p.add_argument("--output_file", default=DEFAULT_OUTPUT_FILE, choices=EXPORT_NAMES,
                    help="weights file name inside --output_dir (default model.safetensors)")
     p.add_argument("--configs_dir", help="copy every *.json of this directory into <output_dir>/configs (default: "
                                          "the trainer configs that were used). Hyper-parameters are always read from "
@@ -85,259 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# ---------------------------------------------------------------- finding the sources
-
-def named_dir(flag: str, value: str, kind: str) -> Path:
-    """A --*_ckpt directory, checked to hold the component its flag names."""
-    d = Path(value)
-    if not d.is_dir():
-        raise OmniError(f"--{flag} {d}: {'is a file, not a directory' if d.exists() else 'no such directory'}")
-    found = L.dir_kind(d)
-    if found != kind:
-        held = f"holds {found} weights" if found else "holds no μOmni weights"
-        raise OmniError(f"--{flag} {d}: {held}, expected a {kind} checkpoint directory")
-    return d
-
-
-def discover(root: Path) -> dict[str, Path | None]:
-    """Component directories under a checkpoints root: the omni config's pointers, else the one dir of each kind."""
-    if not root.is_dir():
-        raise OmniError(f"--ckpt_root {root}: {'is a file, not a directory' if root.exists() else 'no such directory'}")
-    kind = L.dir_kind(root)
-    if kind is not None:
-        raise OmniError(f"--ckpt_root {root}: is itself a{'n' if kind[0] in 'aeio' else ''} {kind} directory; point "
-                        f"it at the folder that holds the component directories, or name them with --*_ckpt flags")
-    omni = L.subdirs_of_kind(root, "omni")
-    if len(omni) > 1:
-        raise OmniError(f"--ckpt_root {root}: several omni checkpoint directories ({', '.join(p.name for p in omni)});"
-                        f" name one with --omni_ckpt")
-    dirs: dict[str, Path | None] = {"omni": omni[0] if omni else None}
-    pointers = {}
-    if dirs["omni"] is not None:
-        cfg, _ = find_config(dirs["omni"])
-        pointers = {kind: cfg.get(key) for kind, key in L.OMNI_POINTERS.items()}
-    for kind in ("thinker", "audio", "vision", "talker", "vocoder"):
-        dirs[kind], where = L.locate_component(kind, root, pointers.get(kind))
-        if dirs[kind] is None and kind != "thinker":
-            print(f"note: no {kind} checkpoint (searched {one_line(where)})", file=sys.stderr)
-    if dirs["omni"] is None and dirs["thinker"] is None:
-        raise OmniError(f"--ckpt_root {root}: no omni_sft or thinker checkpoint directory in it"
-                        f"{L.did_you_mean(root, root)}")
-    return dirs
-
-
-def source_dirs(args: argparse.Namespace) -> dict[str, Path | None]:
-    named = {flag: getattr(args, flag) for flag in COMPONENT_FLAGS if getattr(args, flag)}
-    if args.ckpt_root:
-        if named:
-            raise OmniError(f"--ckpt_root finds every component itself; drop {', '.join('--' + f for f in named)} "
-                            f"or name all components without --ckpt_root")
-        return discover(Path(args.ckpt_root))
-    if not (args.omni_ckpt or args.thinker_ckpt):
-        raise OmniError("nothing to export: give --ckpt_root, or --omni_ckpt and/or --thinker_ckpt (plus the other "
-                        "--*_ckpt directories to include)")
-    return {kind: named_dir(flag, named[flag], kind) if flag in named else None
-            for flag, kind in COMPONENT_FLAGS.items()}
-
-
-def load_vocoder_dir(comps: L.Components, d: Path) -> None:
-    path = L.weights_file(d, "vocoder")
-    cfg, _ = find_config(d)
-    comps.vocoder = L.build_vocoder(unwrap(read_torch_file(path), "vocoder", path), cfg, str(path))
-    comps.sources["vocoder"] = str(path)
-
-
-def load_sources(dirs: dict[str, Path | None]) -> L.Components:
-    """Build exactly the named components (strict loads: a wrong file fails here, before anything is written)."""
-    omni, thinker = dirs["omni"], dirs["thinker"]
-    comps = L.Components(root=omni or thinker)
-    if omni is not None:
-        L.load_omni_dir(comps, omni, omni.parent, thinker_dir=thinker, siblings=False)
-    else:
-        L.load_thinker_dir(comps, thinker)
-    loaders = {"audio": L.load_audio_dir, "vision": L.load_vision_dir, "talker": L.load_talker_dir,
-               "vocoder": load_vocoder_dir}
-    for kind, loader in loaders.items():
-        if dirs[kind] is not None:
-            loader(comps, dirs[kind])
-    L.check_projector_fit(comps, comps.sources["thinker"])
-    if comps.ctc_head is not None and comps.ctc_chars is None:
-        print(f"note: {one_line(dirs['audio'])} has no audio_enc_metadata.json: the export's CTC head cannot transcribe",
-              file=sys.stderr)
-    return comps
-
-
-def source_generation_config(args: argparse.Namespace, dirs: dict[str, Path | None]) -> dict[str, Any]:
-    """The first generation_config.json among the checkpoints root, the omni dir and the thinker dir."""
-    for d in ([Path(args.ckpt_root)] if args.ckpt_root else []) + [dirs["omni"], dirs["thinker"]]:
-        if d is not None:
-            gc = L.read_generation_config(d)
-            if gc:
-                return gc
-    return {}
-
-
-def config_files(args: argparse.Namespace, dirs: dict[str, Path | None]) -> dict[str, Path]:
-    """{name inside configs/: source file} for the export's configs/ copies."""
-    if args.configs_dir:
-        cdir = Path(args.configs_dir)
-        if not cdir.is_dir():
-            raise OmniError(f"--configs_dir {cdir}: no such directory")
-        files = {p.name: p for p in sorted(cdir.glob("*.json"))}
-        for p in files.values():  # a FIFO would block the copy forever, /dev/zero would fill the disk
-            st = p.stat() if p.exists() else None
-            if st is None or not stat.S_ISREG(st.st_mode) or st.st_size > MAX_JSON_BYTES:
-                raise OmniError(f"--configs_dir {cdir}: {p.name} is not a regular JSON file of at most "
-                                f"{MAX_JSON_BYTES:,} bytes")
-        return files
-    files = {}
-    for d in dirs.values():
-        if d is not None:
-            _, path = find_config(d)
-            if path is not None:
-                files[f"{d.name}.json" if path.name == "config.json" else path.name] = path
-    return files
-
-
-# ---------------------------------------------------------------- writing
-
-def output_path(value: str) -> Path:
-    """--output_dir as an absolute, normalised path: '.', 'x/..' and '' would otherwise have no usable name."""
-    if not value.strip():
-        raise OmniError("--output_dir: the path is empty")
-    out = Path(os.path.abspath(value))
-    if not out.name:
-        raise OmniError(f"--output_dir {value}: names the filesystem root; give a directory to create")
-    if os.path.exists(out) and os.path.samefile(out, os.curdir):
-        raise OmniError(f"--output_dir {value}: is the current directory, which the finished export would replace; "
-                        f"name a directory to create (e.g. --output_dir export)")
-    return out
-
-
-def check_target(out: Path, force: bool) -> None:
-    """Refuse to clobber: an existing export needs --force, anything else that is not empty is never replaced."""
-    if out.is_symlink():
-        raise OmniError(f"--output_dir {out}: is a symbolic link; give the real path")
-    if out.exists():
-        if not out.is_dir():
-            raise OmniError(f"--output_dir {out}: exists and is not a directory")
-        if any(out.iterdir()):
-            if L.dir_kind(out) != "export":
-                raise OmniError(f"--output_dir {out}: exists, is not empty and holds no μOmni export; refusing to "
-                                f"replace it (even with --force)")
-            if not force:
-                raise OmniError(f"--output_dir {out}: already holds an export; pass --force to replace it")
-    if not out.parent.is_dir():
-        raise OmniError(f"--output_dir {out}: parent directory {out.parent} does not exist")
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
-def write_files(tmp: Path, args: argparse.Namespace, comps: L.Components, dirs: dict[str, Path | None],
-                merged: dict[str, dict[str, torch.Tensor]], dtype: torch.dtype, int8: bool) -> None:
-    """Every file of the export, into the not yet visible directory `tmp`."""
-    tensors = {f"{prefix}.{k}": v for prefix, sd in merged.items() for k, v in sd.items()}
-    n_int8 = sum(v.dtype == torch.int8 for v in tensors.values())
-    try:
-        save_file(tensors, str(tmp / args.output_file),
-                  metadata={"format": "pt", "model_type": "muomni", "torch_dtype": dtype_name(dtype),
-                            "quantization": QUANT_METHOD if int8 else "none"})
-    except Exception as exc:  # SafetensorError: a full disk (ENOSPC), the file-size limit (EFBIG), ...
-        raise OmniError(f"--output_dir {args.output_dir}: cannot write {args.output_file} "
-                        f"({' '.join(str(exc).split())[:200]})") from exc
-    write_json(tmp / "config.json", export_config(comps, dtype, int8, n_int8))
-    # safetensors creates its file owner-only; give it the permissions every other file of the export gets
-    os.chmod(tmp / args.output_file, (tmp / "config.json").stat().st_mode & 0o777)
-    source = source_generation_config(args, dirs)
-    if args.decode_attention is not None:
-        source = {**source, "decode_attention": args.decode_attention}
-    write_json(tmp / "generation_config.json", generation_config(source))
-    write_json(tmp / "preprocessor_config.json", preprocessor_config(comps))
-    write_json(tmp / "model_info.json", model_info(comps, args.output_file, dtype, int8))
-    shutil.copyfile(comps.tokenizer.path, tmp / "tokenizer.model")
-    if comps.ctc_chars is not None:
-        shutil.copyfile(Path(comps.sources["audio"]).parent / "audio_enc_metadata.json",
-                        tmp / "audio_enc_metadata.json")
-    if not args.skip_component_configs:
-        (tmp / "configs").mkdir()
-        for name, path in config_files(args, dirs).items():
-            shutil.copyfile(path, tmp / "configs" / name)
-
-
-def work_name(out: Path, kind: str) -> Path:
-    """A hidden sibling of `out` for this process: `.NAME.tmp-PID-HEX` (the export being written) or
-    `.NAME.old-PID-HEX` (the export being replaced). The pid lets a later run prove it stale."""
-    return out.parent / f".{out.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:  # no such process: its work directory is stale
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
-
-
-def clean_stale(out: Path) -> list[str]:
-    """Remove the work directories that runs killed without cleanup (SIGKILL, a power cut) left beside `out`:
-    only those whose process is gone. A replaced export left aside with no export in its place is restored."""
-    pattern = re.compile(rf"^\.{re.escape(out.name)}\.(tmp|old)-(\d+)-[0-9a-f]+$")
-    notes = []
-    for p in sorted(out.parent.iterdir()):
-        m = pattern.match(p.name)
-        if not m or not p.is_dir() or p.is_symlink() or pid_alive(int(m.group(2))):
-            continue
-        if m.group(1) == "old" and not os.path.lexists(out):
-            os.rename(p, out)
-            notes.append(f"restored {out} from {p.name}, left aside by the dead process {m.group(2)}")
-        else:
-            shutil.rmtree(p, ignore_errors=True)
-            notes.append(f"removed {p}, left by the dead process {m.group(2)}")
-    return notes
-
-
-@contextmanager
-def locked(directory: Path):
-    """An exclusive flock on `directory` (no lock file to leave behind): export.py runs into the same folder
-    check and rename their targets one at a time, so check-then-rename is atomic between them."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
-def move_into_place(tmp: Path, out: Path, force: bool) -> None:
-    """Rename the finished directory to `out` (under the folder's lock, after checking the target again: another
-    run may have finished first). An export being replaced is moved aside first and removed last."""
-    with locked(out.parent):
-        check_target(out, force)
-        if not (out.exists() and any(out.iterdir())):
-            os.rename(tmp, out)  # POSIX: replaces only an empty directory, never a filled one
-            return
-        old = work_name(out, "old")
-        os.rename(out, old)
-        try:
-            os.rename(tmp, out)
-        except BaseException:
-            os.rename(old, out)
-            raise
-    try:
-        shutil.rmtree(old)
-    except BaseException:  # interrupted: the new export is in place, finish removing the old one, then stop
-        shutil.rmtree(old, ignore_errors=True)
-        raise
-
-
 # ---------------------------------------------------------------- reporting
 
-def print_table(comps: L.Components, merged: dict[str, dict[str, torch.Tensor]], weights: Path, dtype: torch.dtype,
-                int8: bool) -> None:
+def print_table(result: ExportResult) -> None:
+    """Per component: tensors, int8 tensors, bytes, and the weights and config file it came from."""
+    comps, merged, weights, dtype, int8 = result.components, result.merged, result.weights, result.dtype, result.int8
     rows = [("component", "tensors", "int8", "bytes", "source", "config")]
     total_t = total_q = total_b = 0
     for attr, prefix in COMPONENT_PREFIXES.items():
@@ -359,62 +99,20 @@ def print_table(comps: L.Components, merged: dict[str, dict[str, torch.Tensor]],
     print(f"wrote {weights} ({weights.stat().st_size:,} bytes; {stored})")
 
 
-def verify(source: L.Components, export_dir: Path, exact: bool) -> list[str]:
-    """Reload the export and compare it with the source modules (report lines); a float32 export must match bit for
-    bit."""
-    exported = load_export(export_dir)
-    ids = torch.tensor([source.tokenizer.prompt_ids(VERIFY_PROMPT)])
-    with torch.inference_mode():
-        a = source.thinker(source.thinker.tok_emb(ids))[0].float()
-        b = exported.thinker(exported.thinker.tok_emb(ids))[0].float()
-    logit_diff = (a - b).abs().max().item()
-    agree = int((a.argmax(-1) == b.argmax(-1)).sum())
-    weight_diff, n = 0.0, 0
-    for attr in COMPONENT_PREFIXES:
-        src, got = getattr(source, attr), getattr(exported, attr)
-        if (src is None) != (got is None):
-            raise OmniError(f"verify: {attr} is {'missing from' if got is None else 'unexpectedly in'} the export")
-        if src is None:
-            continue
-        theirs = got.state_dict()
-        for k, v in src.state_dict().items():
-            weight_diff = max(weight_diff, (v.float() - theirs[k].float()).abs().max().item() if v.numel() else 0.0)
-            n += 1
-    if exact and (logit_diff != 0.0 or weight_diff != 0.0):
-        raise OmniError(f"verify: the float32 export differs from its source checkpoints (logits {logit_diff:.6g}, "
-                        f"weights {weight_diff:.6g}); nothing was written")
-    return [f"verify: thinker logits on {VERIFY_PROMPT!r} ({ids.shape[1]} positions): max abs diff {logit_diff:.6g}, "
-            f"top-1 agreement {agree}/{ids.shape[1]} ({100.0 * agree / ids.shape[1]:.2f}%)",
-            f"verify: weights: max abs diff {weight_diff:.6g} over {n} tensors"]
-
-
 # ---------------------------------------------------------------- main
 
 def run(args: argparse.Namespace) -> int:
     if args.ocr_ckpt:
         raise OmniError("--ocr_ckpt: this project has no OCR model (models/ defines none), so OCR weights cannot be "
                         "exported or loaded; leave the flag out")
-    out = output_path(args.output_dir)
-    if out.parent.is_dir():
-        for note in clean_stale(out):
-            print(f"note: {one_line(note)}", file=sys.stderr)
-    check_target(out, args.force)
-    int8 = args.quantize == "int8"
-    dtype = STORAGE_DTYPES[args.dtype or ("float16" if int8 else "float32")]
-    dirs = source_dirs(args)
-    comps = load_sources(dirs)
-    merged = merged_state_dict(comps, dtype, int8)
-    tmp = work_name(out, "tmp")
-    tmp.mkdir()  # mkdir, not mkdtemp: the export gets the user's usual permissions, not 0700
-    try:
-        write_files(tmp, args, comps, dirs, merged, dtype, int8)
-        report = verify(comps, tmp, exact=dtype == torch.float32 and not int8) if args.verify else []
-        move_into_place(tmp, out, args.force)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    print_table(comps, merged, out / args.output_file, dtype, int8)
-    for line in report:
+    result = export_checkpoints(args.output_dir, ckpt_root=args.ckpt_root,
+                                named={flag: getattr(args, flag) for flag in COMPONENT_FLAGS},
+                                dtype=args.dtype, quantize=args.quantize, verify=args.verify, force=args.force,
+                                output_file=args.output_file, configs_dir=args.configs_dir,
+                                component_configs=not args.skip_component_configs,
+                                decode_attention=args.decode_attention)
+    print_table(result)
+    for line in result.verify:
         print(line)
     return 0
 

@@ -4,7 +4,9 @@ or the μOmni reference export). The weights are memory-mapped by safetensors: n
 import sys
 from pathlib import Path
 
-from utils.cli import build_parser, check_args, main, utf8_streams
+from utils.cli import main
+from utils.cli_args import build_parser, check_args
+from utils.console import utf8_streams
 from utils.errors import OmniError, handle_signals
 
 PROG = "infer_safetensors.py"

@@ -27,17 +27,18 @@ import numpy as np
 import torch
 from PIL import Image
 
-from utils.audio import (HOP_LENGTH, check_wave, load_audio, load_audio_bytes, max_audio_seconds, power_mel,
-                         trim_audio, write_wav)
-from utils.batching import BatchEngine, RowPrompt
+from utils.audio import (HOP_LENGTH, SAMPLE_RATE, check_output_path, check_wave, load_audio, load_audio_bytes,
+                         max_audio_seconds, power_mel, trim_audio, wav_bytes, write_wav)
+from utils.batching import BatchEngine, EngineClosed, QueueFull, RowPrompt
+from utils.components import Components, to_device
 from utils.defaults import QUANTIZATIONS
 from utils.errors import OmniError
 from utils.generation import DECODE_ATTENTION, MAX_SEED, SamplingOptions, generate, generate_batch
 from utils.image import IMAGE_SIZE, load_image, load_image_bytes, load_video_frames, preprocess_image
-from utils.components import Components, to_device
 from utils.loading import load_components
 from utils.quant import quantize_linears
-from utils.speech import Speech, SpeechOptions, frames_for_text, max_talker_frames, synthesize
+from utils.speech import (GRIFFIN_LIM_ITERS, Speech, SpeechOptions, choose_vocoder, frames_for_text, max_talker_frames,
+                          synthesize)
 from utils.tokenizer import IncrementalDecoder
 from utils.transcribe import transcribe
 from utils.transcript import Transcript, TranscribeOptions
@@ -48,6 +49,11 @@ AudioInput = Union[str, os.PathLike, np.ndarray, bytes]  # bytes: an encoded aud
 IMAGE_PROMPT = "Describe what you see concisely."
 AUDIO_PROMPT = "What did you hear?"
 DEFAULT_VIDEO_FRAMES = 4
+
+# What the apps (CLI, server, batch jobs) use besides OmniModel: re-exported so they stand on this module only.
+__all__ = ["Answer", "AudioInput", "BatchEngine", "EngineClosed", "ImageInput", "MAX_SEED", "Media", "OmniError",
+           "OmniModel", "QueueFull", "RowPrompt", "SAMPLE_RATE", "SpeechPlan", "Transcript", "answer_timing",
+           "check_output_path", "load_model", "wav_bytes", "write_wav"]
 
 
 @dataclass
@@ -99,27 +105,50 @@ PARTS = {"thinker": ("a thinker checkpoint", "thinker"), "vision": ("a vision en
          "talker": ("a talker checkpoint", "talker"), "rvq": ("a talker checkpoint (RVQ codec)", "talker")}
 
 
+@dataclass
+class Media:
+    """Decoded inputs (OmniModel.load_media): image tensors in order (images, then video frames) and 16 kHz
+    waveforms; `answer`, `prepare_chat` and the other chat methods take them as they are."""
+    images: list[torch.Tensor] = field(default_factory=list)
+    audio: list[np.ndarray] = field(default_factory=list)
+
+
+@dataclass
+class SpeechPlan:
+    """What `speak` will do for a text: talker frames, the vocoder it uses ('hifigan' or 'griffin-lim') and
+    that vocoder's weights file (None for Griffin-Lim); `steps` sizes a progress bar over the synthesis."""
+    frames: int
+    vocoder: str
+    vocoder_source: str | None
+    steps: int
+
+
 class OmniModel:
     """A loaded μOmni model: thinker + whichever encoders, talker and vocoder the checkpoint provides."""
 
-    def __init__(self, comps: Components, device: torch.device, dtype: torch.dtype | None = None,
-                 load_seconds: float = 0.0) -> None:
-        self.c = comps
+    def __init__(self, comps: Components, device: torch.device, dtype: torch.dtype | None = None) -> None:
+        self._parts = comps
         self.device = device
         self.dtype = dtype or comps.dtype
-        self.load_seconds = load_seconds
+        self.load_seconds = 0.0  # set by load_model
         to_device(comps, device, self.dtype)
 
     @property
     def components(self) -> list[str]:
         """Names of the loaded parts, e.g. ['thinker', 'vision', 'audio', 'talker', 'vocoder']."""
         names = ("thinker", "vision", "audio", "talker", "vocoder")
-        return [n for n in names if getattr(self.c, n) is not None]
+        return [n for n in names if getattr(self._parts, n) is not None]
+
+    @property
+    def parts(self) -> Components:
+        """The loaded networks, tokenizer and where each came from (utils.loading.Components), for tools and tests
+        that work below the chat API; the apps use the methods."""
+        return self._parts
 
     def info(self) -> dict[str, Any]:
         """The model card (`--info`, like `ollama show`): components with parameter counts and the weights and
         config files they came from, dtype, context, vocabulary, decode mode and generation defaults."""
-        c = self.c
+        c = self._parts
         export = any(Path(src).suffix == ".safetensors" for src in c.sources.values())
         parts = {"thinker": [c.thinker, c.proj_a, c.proj_v], "vision": [c.vision], "audio": [c.audio, c.ctc_head],
                  "talker": [c.talker, c.rvq], "vocoder": [c.vocoder]}
@@ -133,7 +162,7 @@ class OmniModel:
             components[name] = {"parameters": sum(p.numel() for m in modules if m is not None for p in m.parameters()),
                                 "weights": c.sources.get(name, "?"), "config": config}
         tc = c.thinker.cfg if c.thinker is not None else None
-        opts = self.options()
+        opts = self.sampling_options()
         card: dict[str, Any] = {
             "path": str(c.root), "format": "merged safetensors export" if export else "μOmni trainer checkpoints",
             "components": components, "parameters": sum(v["parameters"] for v in components.values()),
@@ -155,20 +184,20 @@ class OmniModel:
         return card
 
     # ------------------------------------------------------------ inputs
-    def require(self, purpose: str, *parts: str) -> None:
+    def _require_parts(self, purpose: str, *parts: str) -> None:
         """Raise a clear OmniError when a component `purpose` depends on was not found."""
         for part in parts:
-            if getattr(self.c, part) is None:
+            if getattr(self._parts, part) is None:
                 label, key = PARTS[part]
-                where = self.c.searched.get(key, str(self.c.root))
+                where = self._parts.searched.get(key, str(self._parts.root))
                 raise OmniError(f"{purpose} needs {label}, but none was found (searched {where})")
 
     @property
     def image_size(self) -> int:
         """The vision checkpoint's input size (224 for every μOmni release), so Pillow does the resize."""
-        return self.c.vision.cfg.img_size if self.c.vision is not None else IMAGE_SIZE
+        return self._parts.vision.cfg.img_size if self._parts.vision is not None else IMAGE_SIZE
 
-    def image_tensor(self, image: ImageInput) -> torch.Tensor:
+    def _image_tensor(self, image: ImageInput) -> torch.Tensor:
         if isinstance(image, torch.Tensor):
             return image
         if isinstance(image, Image.Image):
@@ -177,87 +206,100 @@ class OmniModel:
             return load_image_bytes(image, self.image_size)
         return load_image(media_path("image", image), self.image_size)
 
-    def audio_wave(self, audio: AudioInput) -> np.ndarray:
+    def _audio_wave(self, audio: AudioInput) -> np.ndarray:
         """The 16 kHz waveform. From a file only the start a prompt can use is decoded (plus a second, so
-        build_prompt notices and reports the trim)."""
+        _build_prompt notices and reports the trim)."""
         if isinstance(audio, np.ndarray):
             wave = audio.astype(np.float32, copy=False)
             if wave.ndim != 1 or wave.size == 0:
                 raise OmniError(f"audio array: expected a non-empty 1-D waveform, found shape {wave.shape}")
             check_wave(wave, "audio array")
             return wave
-        chat_seconds = None if self.c.audio is None else \
-            max_audio_seconds(self.c.ctx_len, self.c.audio.cfg.downsample) + 1.0
+        chat_seconds = None if self._parts.audio is None else \
+            max_audio_seconds(self._parts.ctx_len, self._parts.audio.cfg.downsample) + 1.0
         if isinstance(audio, bytes):
             return load_audio_bytes(audio, max_seconds=chat_seconds)
         return load_audio(media_path("audio", audio), max_seconds=chat_seconds)
 
+    def load_media(self, image: ImageInput | list[ImageInput] | None = None,
+                   audio: AudioInput | list[AudioInput] | None = None, video: str | os.PathLike | None = None,
+                   video_frames: int = DEFAULT_VIDEO_FRAMES, purpose: str | None = None) -> Media:
+        """Decode media now (a bad file fails here, before any generation), exactly as a chat call would: images
+        and video frames at the vision checkpoint's size, audio up to what a prompt can use. With `purpose`
+        (e.g. '/video'), a model lacking the encoder for a given kind is an OmniError naming that purpose."""
+        if purpose is not None and (image is not None or video is not None):
+            self._require_parts(purpose, "vision", "proj_v")
+        if purpose is not None and audio is not None:
+            self._require_parts(purpose, "audio", "proj_a")
+        _, images, wave = self._gather_inputs("", image, audio, video, video_frames)
+        return Media(images, [] if wave is None else wave if isinstance(wave, list) else [wave])
+
     @torch.inference_mode()
     def encode_images(self, images: list[torch.Tensor]) -> torch.Tensor:
         """One Thinker token per image: proj_v(ViT cls), shape (N, d)."""
-        self.require("image or video input", "vision", "proj_v")
+        self._require_parts("image or video input", "vision", "proj_v")
         batch = torch.stack(images).to(self.device, self.dtype)
-        cls, _ = self.c.vision(batch)
-        return self.c.proj_v(cls[:, 0])
+        cls, _ = self._parts.vision(batch)
+        return self._parts.proj_v(cls[:, 0])
 
     @torch.inference_mode()
     def encode_audio(self, wave: np.ndarray) -> torch.Tensor:
         """Audio encoder frames, (T', d_audio)."""
-        self.require("audio input", "audio")
+        self._require_parts("audio input", "audio")
         mel = power_mel(wave).to(self.device, self.dtype)
-        return self.c.audio(mel[None])[0]
+        return self._parts.audio(mel[None])[0]
 
     @torch.inference_mode()
-    def build_prompt(self, text: str, images: list[torch.Tensor], wave: np.ndarray | list[np.ndarray] | None,
+    def _build_prompt(self, text: str, images: list[torch.Tensor], wave: np.ndarray | list[np.ndarray] | None,
                      max_new_tokens: int) -> tuple[torch.Tensor, list[int], list[str], int]:
         """Embeddings [image tokens, audio tokens, tok_emb([bos] + encode(text))], the text ids used, notes,
         and max_new_tokens. The answer keeps its budget and a long prompt is trimmed (its end kept); only when
         the context cannot hold the budget beside the shortest prompt ([bos] + the last text token) is the
         budget reduced. Both are reported in the notes."""
-        self.require("chat", "thinker")
+        self._require_parts("chat", "thinker")
         notes: list[str] = []
         parts = []
         if images:
             parts.append(self.encode_images(images))
         waves = [] if wave is None else wave if isinstance(wave, list) else [wave]
         if waves:  # several clips: their tokens in order, at most ctx_len // 4 in all
-            self.require("audio input", "audio", "proj_a")
-            limit = self.c.ctx_len // 4
-            seconds = max_audio_seconds(self.c.ctx_len, self.c.audio.cfg.downsample)
+            self._require_parts("audio input", "audio", "proj_a")
+            limit = self._parts.ctx_len // 4
+            seconds = max_audio_seconds(self._parts.ctx_len, self._parts.audio.cfg.downsample)
             clips = []
             for w in waves:
                 w, cut = trim_audio(w, seconds)  # before the mel: a long recording costs only what is used
                 clips.append(self.encode_audio(w))
                 if cut:
                     notes.append(f"audio trimmed to its first {seconds:.2f} s ({limit} encoder frames) to fit the "
-                                 f"context of {self.c.ctx_len}")
+                                 f"context of {self._parts.ctx_len}")
             frames = torch.cat(clips, dim=0)
             if len(clips) > 1 and frames.shape[0] > limit:
                 notes.append(f"audio clips together give {frames.shape[0]} encoder frames: only the first {limit} "
-                             f"are used (the audio limit for the context of {self.c.ctx_len})")
-            parts.append(self.c.proj_a(frames[:limit]))
+                             f"are used (the audio limit for the context of {self._parts.ctx_len})")
+            parts.append(self._parts.proj_a(frames[:limit]))
         mm_len = sum(p.shape[0] for p in parts)
-        ids = self.c.tokenizer.prompt_ids(text)
-        room = self.c.ctx_len - mm_len - 1  # text and answer together (spec: text budget ctx - mm - max_new - 1)
+        ids = self._parts.tokenizer.prompt_ids(text)
+        room = self._parts.ctx_len - mm_len - 1  # text and answer together (spec: text budget ctx - mm - max_new - 1)
         shortest = min(len(ids), 2)
         if max_new_tokens > room - shortest:
             if room - shortest < 1:
-                raise OmniError(f"no room left for an answer in the context of {self.c.ctx_len} tokens "
+                raise OmniError(f"no room left for an answer in the context of {self._parts.ctx_len} tokens "
                                 f"({mm_len} used by image/audio)")
             notes.append(f"max_new_tokens reduced from {max_new_tokens} to {room - shortest}: the context of "
-                         f"{self.c.ctx_len} tokens cannot hold that many beside the prompt"
+                         f"{self._parts.ctx_len} tokens cannot hold that many beside the prompt"
                          + (f" ({mm_len} tokens of image/audio)" if mm_len else ""))
             max_new_tokens = room - shortest
         budget = room - max_new_tokens
         if len(ids) > budget:
             notes.append(f"prompt trimmed from {len(ids)} to {budget} tokens (its end kept) to leave room for "
-                         f"max_new_tokens {max_new_tokens} in the context of {self.c.ctx_len}")
+                         f"max_new_tokens {max_new_tokens} in the context of {self._parts.ctx_len}")
             ids = ids[:1] + ids[len(ids) - budget + 1:]
-        tok = self.c.thinker.tok_emb(torch.tensor(ids, device=self.device))
+        tok = self._parts.thinker.tok_emb(torch.tensor(ids, device=self.device))
         embeds = torch.cat(parts + [tok.to(parts[0].dtype if parts else tok.dtype)], dim=0)[None]
         return embeds, ids, notes, max_new_tokens
 
-    def gather(self, text: str | None = None, image: ImageInput | list[ImageInput] | None = None,
+    def _gather_inputs(self, text: str | None = None, image: ImageInput | list[ImageInput] | None = None,
                audio: AudioInput | list[AudioInput] | None = None, video: str | os.PathLike | None = None,
                video_frames: int = DEFAULT_VIDEO_FRAMES, prompt: str | None = None, system: str | None = None
                ) -> tuple[str, list[torch.Tensor], np.ndarray | list[np.ndarray] | None]:
@@ -265,16 +307,16 @@ class OmniModel:
         a list of them for several clips). Without `text`, `prompt` (or a built-in prompt per modality) is used.
         A `system` prompt is prepended: SYSTEM + " " + TEXT (μOmni has no chat template; the SFT trainer joined
         its config `prompt` to the text the same way); without one the prompt is exactly TEXT."""
-        images = [self.image_tensor(im) for im in (image if isinstance(image, (list, tuple)) else
+        images = [self._image_tensor(im) for im in (image if isinstance(image, (list, tuple)) else
                                                    [image] if image is not None else [])]
         if video is not None:
             if isinstance(video_frames, bool) or not isinstance(video_frames, int) or video_frames < 1:
                 raise OmniError(f"video_frames {video_frames!r}: must be a positive integer")
             images.extend(load_video_frames(media_path("video", video), video_frames, self.image_size))
         if isinstance(audio, (list, tuple)):
-            wave = [self.audio_wave(a) for a in audio] or None
+            wave = [self._audio_wave(a) for a in audio] or None
         else:
-            wave = self.audio_wave(audio) if audio is not None else None
+            wave = self._audio_wave(audio) if audio is not None else None
         if text is None:
             text = prompt if prompt is not None else (IMAGE_PROMPT if images else AUDIO_PROMPT if wave is not None
                                                       else "")
@@ -283,10 +325,10 @@ class OmniModel:
         return text, images, wave
 
     # ------------------------------------------------------------ chat
-    def options(self, **overrides: Any) -> SamplingOptions:
+    def sampling_options(self, **overrides: Any) -> SamplingOptions:
         """Sampling options: library defaults < generation_config.json beside the weights < explicit arguments
         (None means "not given")."""
-        gc = self.c.generation_defaults
+        gc = self._parts.generation_defaults
         opts = SamplingOptions()
         names = {f.name for f in fields(SamplingOptions)}
         for key in ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "decode_attention"):
@@ -306,13 +348,13 @@ class OmniModel:
                   video_frames: int, prompt: str | None, gen: dict[str, Any]) -> Iterator[str]:
         """Yield the answer's text pieces as they are generated; append the finished Answer to `result`."""
         system = gen.pop("system", None)
-        opts = self.options(**gen)
-        text, images, wave = self.gather(text, image, audio, video, video_frames, prompt, system)
+        opts = self.sampling_options(**gen)
+        text, images, wave = self._gather_inputs(text, image, audio, video, video_frames, prompt, system)
         t0 = time.perf_counter()
-        embeds, ids, notes, opts.max_new_tokens = self.build_prompt(text, images, wave, opts.max_new_tokens)
-        detok = IncrementalDecoder(self.c.tokenizer)
+        embeds, ids, notes, opts.max_new_tokens = self._build_prompt(text, images, wave, opts.max_new_tokens)
+        detok = IncrementalDecoder(self._parts.tokenizer)
         t_first = None
-        for tid in generate(self.c.thinker, embeds, opts, ids):
+        for tid in generate(self._parts.thinker, embeds, opts, ids):
             if t_first is None:
                 t_first = time.perf_counter()  # the prefill's token: decode time runs from here
             piece = detok.push(tid)
@@ -327,7 +369,7 @@ class OmniModel:
         # Decode steps: forward passes after the prefill, each yielding one token — the answer's tokens after
         # the first, plus the step whose EOS ended it. Timed from the first token to the end of the last step.
         steps = max(0, len(out) - 1) + (len(out) < opts.max_new_tokens and not opts.ignore_eos and bool(out))
-        timing = decode_timing(self.load_seconds, t_first - t0, embeds.shape[1], t_end - t_first, steps)
+        timing = answer_timing(self.load_seconds, t_first - t0, embeds.shape[1], t_end - t_first, steps)
         result.append(Answer(detok.text, out, embeds.shape[1], timing, notes))
 
     def answer(self, text: str | None = None, image: ImageInput | list[ImageInput] | None = None,
@@ -337,8 +379,8 @@ class OmniModel:
         """Generate one answer with its ids and timings; `on_text(piece)` receives the text as it is generated.
 
         `gen` are SamplingOptions: max_new_tokens, temperature (0 = greedy), top_k, top_p, repetition_penalty,
-        seed, ignore_eos, decode_attention ('reference' or 'causal'); and `system`, a system prompt (see
-        `gather`). `image` and `audio` may be lists: one token per image, the clips' tokens in order."""
+        seed, ignore_eos, decode_attention ('reference' or 'causal'); and `system`, a system prompt joined before
+        the text as "SYSTEM TEXT" (μOmni has no chat template). `image` and `audio` may be lists: one token per image, the clips' tokens in order."""
         result: list[Answer] = []
         for piece in self._generate(result, text, image, audio, video, video_frames, prompt, gen):
             if on_text is not None:
@@ -362,11 +404,11 @@ class OmniModel:
     @property
     def context_length(self) -> int:
         """The thinker's context in positions (prompt, image/audio tokens and answer together)."""
-        return self.c.ctx_len
+        return self._parts.ctx_len
 
     def detokenizer(self) -> IncrementalDecoder:
         """A streaming detokeniser for this model's ids (push(id) -> new text)."""
-        return IncrementalDecoder(self.c.tokenizer)
+        return IncrementalDecoder(self._parts.tokenizer)
 
     def prepare_chat(self, text: str | None = None, image: ImageInput | list[ImageInput] | None = None,
                      audio: AudioInput | None = None, prompt: str | None = None, trim: bool = True,
@@ -374,13 +416,13 @@ class OmniModel:
         """One request's prompt as `answer` builds it (embeddings, ids, options with the answer budget), for a
         BatchEngine. Without `trim`, a text prompt too long for the context is an OmniError instead of being
         cut (audio is still trimmed to what a prompt can use, with a note, as in the CLI)."""
-        opts = self.options(**gen)
-        text, images, wave = self.gather(text, image, audio, prompt=prompt)
-        embeds, ids, notes, opts.max_new_tokens = self.build_prompt(text, images, wave, opts.max_new_tokens)
-        full = len(self.c.tokenizer.prompt_ids(text))
+        opts = self.sampling_options(**gen)
+        text, images, wave = self._gather_inputs(text, image, audio, prompt=prompt)
+        embeds, ids, notes, opts.max_new_tokens = self._build_prompt(text, images, wave, opts.max_new_tokens)
+        full = len(self._parts.tokenizer.prompt_ids(text))
         if not trim and len(ids) < full:
             raise OmniError(f"the prompt ({embeds.shape[1] - len(ids) + full} positions) and max_new_tokens "
-                            f"{opts.max_new_tokens} do not fit the context of {self.c.ctx_len}")
+                            f"{opts.max_new_tokens} do not fit the context of {self._parts.ctx_len}")
         return RowPrompt(embeds[0], ids, opts, notes)
 
     def batch_engine(self, max_batch: int = 16, max_queue: int = 64) -> BatchEngine:
@@ -388,9 +430,9 @@ class OmniModel:
         `prepare_chat` join the running batch at its next step; each greedy answer equals `answer`'s.
         Other model work (transcribe, speak, encoders) should go through its `call` so one thread runs
         the model."""
-        self.require("chat", "thinker")
-        return BatchEngine(self.c.thinker, max_batch=max_batch, max_queue=max_queue,
-                           decode_attention=self.options().decode_attention)
+        self._require_parts("chat", "thinker")
+        return BatchEngine(self._parts.thinker, max_batch=max_batch, max_queue=max_queue,
+                           decode_attention=self.sampling_options().decode_attention)
 
     # ------------------------------------------------------------ batched chat
     def answer_batch(self, items: list[dict[str, Any]], batch_size: int = 8,
@@ -404,7 +446,7 @@ class OmniModel:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise OmniError(f"batch_size {batch_size!r}: must be a positive integer")
         system = gen.pop("system", None)
-        opts = self.options(**gen)
+        opts = self.sampling_options(**gen)
         results: list[Answer | None] = [None] * len(items)
         for lo in range(0, len(items), batch_size):
             t0 = time.perf_counter()
@@ -422,11 +464,11 @@ class OmniModel:
                     for key in ("text", "prompt"):
                         if req.get(key) is not None and not isinstance(req[key], str):
                             raise OmniError(f"'{key}' must be a string, found {type(req[key]).__name__}")
-                    text, images, wave = self.gather(req.get("text"), req.get("image"),
+                    text, images, wave = self._gather_inputs(req.get("text"), req.get("image"),
                                                      req.get("audio", req.get("audio_in")), req.get("video"),
                                                      DEFAULT_VIDEO_FRAMES if req.get("video_frames") is None
                                                      else req["video_frames"], req.get("prompt"), system)
-                    embeds, ids, notes, max_new = self.build_prompt(text, images, wave, opts.max_new_tokens)
+                    embeds, ids, notes, max_new = self._build_prompt(text, images, wave, opts.max_new_tokens)
                 except OmniError as exc:
                     if on_error is None:
                         raise OmniError(f"request {i + 1}: {exc}") from exc
@@ -436,16 +478,16 @@ class OmniModel:
             if not ready:
                 continue
             times: list[float] = []
-            outs = generate_batch(self.c.thinker, [r[1] for r in ready], [r[2] for r in ready], opts,
+            outs = generate_batch(self._parts.thinker, [r[1] for r in ready], [r[2] for r in ready], opts,
                                   max_new_tokens=[r[4] for r in ready], step_times=times)
             t_first = times[0] if times else time.perf_counter()
             for (i, embeds, _, notes, max_new), out in zip(ready, outs):
                 steps = min(len(out) - 1 + (len(out) < max_new and not opts.ignore_eos), len(times) - 1) \
                     if out else 0  # as in _generate: the EOS step counts
                 decode_s = times[steps] - t_first if times else 0.0
-                timing = {**decode_timing(self.load_seconds, t_first - t0, embeds.shape[0], decode_s, steps),
+                timing = {**answer_timing(self.load_seconds, t_first - t0, embeds.shape[0], decode_s, steps),
                           "batch_size": len(ready)}
-                results[i] = Answer(self.c.tokenizer.decode(out), out, embeds.shape[0], timing, notes)
+                results[i] = Answer(self._parts.tokenizer.decode(out), out, embeds.shape[0], timing, notes)
         return results
 
     def chat_batch(self, items: list[dict[str, Any]], batch_size: int = 8, **gen: Any) -> list[str]:
@@ -464,7 +506,7 @@ class OmniModel:
                             f"use --quantize int8 or --device cpu)")
         done = []
         for name in ("thinker", "vision", "audio", "talker", "rvq"):
-            module = getattr(self.c, name)
+            module = getattr(self._parts, name)
             if module is not None:
                 done += [f"{name}.{n}" for n in quantize_linears(module, method)]
         return done
@@ -479,26 +521,38 @@ class OmniModel:
         waveform. `options`: fields of utils.transcript.TranscribeOptions (vad, min_silence, segment_gap,
         window, max_seconds, ...); `progress` is called with the seconds of audio read so far and the total
         (None when unknown)."""
-        self.require("transcription", "audio", "ctc_head", "ctc_chars")
+        self._require_parts("transcription", "audio", "ctc_head", "ctc_chars")
         opts = TranscribeOptions(word_timestamps=word_timestamps, **options)
         if isinstance(audio, np.ndarray):
-            audio = self.audio_wave(audio)
-        return transcribe(self._ctc_logits, audio, self.c.ctc_chars, HOP_LENGTH * self.c.audio.cfg.downsample,
+            audio = self._audio_wave(audio)
+        return transcribe(self._ctc_logits, audio, self._parts.ctc_chars, HOP_LENGTH * self._parts.audio.cfg.downsample,
                           opts, progress)
 
     @torch.inference_mode()
     def _ctc_logits(self, wave: np.ndarray) -> torch.Tensor:
         """CTC character logits (frames, characters) of a 16 kHz waveform, as float32 on the CPU."""
-        return self.c.ctc_head(self.encode_audio(wave)).float().cpu()
+        return self._parts.ctc_head(self.encode_audio(wave)).float().cpu()
 
     # ------------------------------------------------------------ speech out
-    def speech_frames(self, text: str, max_frames: int | None = None) -> int:
+    def _speech_frames(self, text: str, max_frames: int | None = None) -> int:
         """Talker frames for speaking `text` (~5 per word, 80 ms each), capped by `max_frames` and the talker."""
-        self.require("speech output", "talker", "rvq")
-        limit = max_talker_frames(self.c.talker)
+        self._require_parts("speech output", "talker", "rvq")
+        limit = max_talker_frames(self._parts.talker)
         if max_frames is not None and not 1 <= max_frames <= limit:
             raise OmniError(f"--max_audio_frames {max_frames}: the talker generates 1 to {limit} frames")
         return min(frames_for_text(text), max_frames or limit)
+
+    def speech_plan(self, text: str | None, max_frames: int | None = None, vocoder: str = "auto",
+                    purpose: str = "speech output") -> SpeechPlan:
+        """Check that speech can be made (talker, RVQ and the asked vocoder present; `purpose` names the request in
+        errors) and plan it for `text`: frames, vocoder, progress steps. `text=None` only checks (frames and
+        steps 0), so a caller can fail before generating the answer it will speak."""
+        self._require_parts(purpose, "talker", "rvq")
+        kind = choose_vocoder(self._parts.vocoder, vocoder)
+        frames = 0 if text is None else self._speech_frames(text, max_frames)
+        source = self._parts.sources.get("vocoder", "?") if kind == "hifigan" else None
+        steps = frames + (GRIFFIN_LIM_ITERS if kind == "griffin-lim" and frames else 0)
+        return SpeechPlan(frames, kind, source, steps)
 
     def speak(self, text: str | None = None, frames: int | None = None, max_frames: int | None = None,
               temperature: float = 0.0, top_k: int = 0, seed: int | None = None,
@@ -508,15 +562,15 @@ class OmniModel:
         conditioned on text: the text only sets the length (~5 frames = 0.4 s per word).
         `vocoder`: 'auto' (HiFi-GAN when a vocoder checkpoint was found, else Griffin-Lim), 'hifigan',
         'griffin-lim'."""
-        self.require("speech output", "talker", "rvq")
+        self._require_parts("speech output", "talker", "rvq")
         if frames is None:
             if text is None or not text.strip():
                 raise OmniError("speech output: the text to speak is empty (give frames= / --max_audio_frames "
                                 "to synthesise a fixed length anyway)")
-            frames = self.speech_frames(text, max_frames)
+            frames = self._speech_frames(text, max_frames)
         opts = SpeechOptions(temperature=temperature, top_k=top_k, seed=seed,
-                             decode_attention=decode_attention or self.options().decode_attention)
-        return synthesize(self.c.talker, self.c.rvq, self.c.vocoder, frames, opts, vocoder, progress)
+                             decode_attention=decode_attention or self.sampling_options().decode_attention)
+        return synthesize(self._parts.talker, self._parts.rvq, self._parts.vocoder, frames, opts, vocoder, progress)
 
     def generate_speech(self, text: str, out_path: str | os.PathLike | None = None,
                         **speech_options: Any) -> tuple[np.ndarray, int]:
@@ -535,7 +589,7 @@ def media_path(what: str, value: Any) -> str | os.PathLike:
     return value
 
 
-def decode_timing(load_s: float, prefill_s: float, prompt_tokens: int, decode_s: float, steps: int
+def answer_timing(load_s: float, prefill_s: float, prompt_tokens: int, decode_s: float, steps: int
                   ) -> dict[str, float]:
     """The `timing` object. decode_tokens_per_s = decode_steps / decode_s: the forward passes after the prefill
     (each yields one token: the answer's tokens after the first, plus the step that produced the ending EOS) over

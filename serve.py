@@ -16,7 +16,7 @@ import sys
 import traceback
 from typing import Sequence
 
-from utils.cli import non_negative_float, non_negative_int, positive_float, positive_int
+from utils.cli_args import non_negative_float, non_negative_int, positive_float, positive_int
 from utils.defaults import DTYPE_NAMES, QUANTIZATIONS
 from utils.errors import OmniError
 

@@ -132,6 +132,19 @@ def test_infer_chat_batch_file_agrees_with_batch_py(mixed, tmp_path) -> None:
     assert chat[0]["input"]["id"] == "sum"  # an id is accepted (and echoed) by --batch_file too
 
 
+def test_system_prompt_as_in_infer_chat(tmp_path) -> None:
+    """batch.py --system joins the system prompt before each request's text, as infer_chat.py --system does."""
+    requests = write_lines(tmp_path / "in.jsonl", [json.dumps({"text": "What is one plus two?"})])
+    out = tmp_path / "out.jsonl"
+    r = run_batch(str(requests), "-o", str(out), *GEN, "--system", "Answer briefly.", "--quiet")
+    assert r.returncode == 0, r.stderr
+    chat = run_cli("--ckpt_dir", str(DEMO), "--text", "What is one plus two?", "--system", "Answer briefly.", *GEN,
+                   "--json", "--quiet")
+    assert chat.returncode == 0, chat.stderr
+    got, want = records(out)[0], json.loads(chat.stdout)
+    assert got["token_ids"] == want["token_ids"] and got["prompt_tokens"] == want["prompt_tokens"]
+
+
 def test_local_resume_after_kill_with_a_torn_journal_line(long_job, long_expected, tmp_path) -> None:
     out = tmp_path / "out.jsonl"
     journal = tmp_path / "out.jsonl.journal"

@@ -58,7 +58,7 @@ def test_joined_rows_equal_batch_one(model, mode) -> None:
     from utils.batching import BatchEngine
     gen = dict(max_new_tokens=60, ignore_eos=True, decode_attention=mode)
     expected = [model.answer(**it, **gen).token_ids for it in ITEMS]
-    engine = BatchEngine(model.c.thinker, max_batch=3, max_queue=16, decode_attention=mode)
+    engine = BatchEngine(model.parts.thinker, max_batch=3, max_queue=16, decode_attention=mode)
     cache_ptr = engine.cache.k.data_ptr() if engine.cache is not None else None
     try:
         outs, reasons = run_engine(model, engine, ITEMS * 2, gen)

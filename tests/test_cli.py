@@ -251,7 +251,7 @@ def test_stream_joins_to_chat_and_spaces_survive(tiny_tree: Path) -> None:
     pieces = list(model.stream("hello world", max_new_tokens=20, ignore_eos=True, decode_attention="causal"))
     assert "".join(pieces) == model.chat("hello world", max_new_tokens=20, ignore_eos=True,
                                          decode_attention="causal")
-    tok = model.c.tokenizer
+    tok = model.parts.tokenizer
     text = "hello world how are you"
     dec = IncrementalDecoder(tok)
     assert "".join(dec.push(i) for i in tok.encode(text)) + dec.flush() == text

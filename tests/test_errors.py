@@ -1470,12 +1470,12 @@ def test_audio_is_trimmed_before_the_mel_spectrogram(tiny_tree: Path, monkeypatc
     seen = []
     real = omni.power_mel
     monkeypatch.setattr(omni, "power_mel", lambda wave: seen.append(len(wave)) or real(wave))
-    limit_s = max_audio_seconds(model.c.ctx_len, model.c.audio.cfg.downsample)
-    assert limit_s == (model.c.ctx_len // 4) * model.c.audio.cfg.downsample * HOP_LENGTH / SAMPLE_RATE
+    limit_s = max_audio_seconds(model.parts.ctx_len, model.parts.audio.cfg.downsample)
+    assert limit_s == (model.parts.ctx_len // 4) * model.parts.audio.cfg.downsample * HOP_LENGTH / SAMPLE_RATE
     ans = model.answer("what ?", audio=tone(TEN_MINUTES), max_new_tokens=2)
     assert seen == [int(limit_s * SAMPLE_RATE)]
     assert any("audio trimmed" in w for w in ans.warnings)
-    assert ans.prompt_tokens == model.c.ctx_len // 4 + len(model.c.tokenizer.prompt_ids("what ?"))
+    assert ans.prompt_tokens == model.parts.ctx_len // 4 + len(model.parts.tokenizer.prompt_ids("what ?"))
     seen.clear()
     ans = model.answer("what ?", audio=tone(0.5), max_new_tokens=2)  # short audio: untouched, no warning
     assert seen == [8000] and not ans.warnings
@@ -1571,7 +1571,7 @@ def test_extreme_sampling_values_answer_what_they_mean(tiny_tree: Path, one_thre
     for extreme in (dict(temperature=1e-300, seed=1), dict(temperature=5e-324, seed=2),
                     dict(temperature=1.0, top_p=1e-300, seed=3), dict(temperature=50.0, top_k=1, seed=4)):
         assert model.answer("what is one plus two ?", **common, **extreme).token_ids == greedy, extreme
-    vocab = model.c.thinker.cfg.vocab_size
+    vocab = model.parts.thinker.cfg.vocab_size
     for penalty in (1e-300, 1e300):
         ids = model.answer("what is one plus two ?", **common, temperature=1.0, repetition_penalty=penalty,
                            seed=5).token_ids

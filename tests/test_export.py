@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import export
+from utils import export_writer
 from tests.conftest import run_cli
 from utils.errors import OmniError
 from utils.export_format import load_export
@@ -101,6 +102,27 @@ def test_root_discovery_equals_named_flags(tiny_exports: dict[str, Path]) -> Non
         assert (a / name).read_text() == (b / name).read_text(), name
 
 
+def test_library_export_equals_the_scripts(tiny_tree: Path, tiny_exports: dict[str, Path], tmp_path: Path,
+                                          capsys: pytest.CaptureFixture) -> None:
+    """export.py is a thin command line over utils.export_writer: the library writes the same export from Python
+    (write_export from loaded components, export_checkpoints from a checkpoints root), and prints nothing."""
+    from utils.export_writer import export_checkpoints, find_sources, load_sources, write_export
+    script = tiny_exports["int8"]
+    whole = export_checkpoints(tmp_path / "whole", ckpt_root=tiny_tree, quantize="int8")
+    comps = load_sources(find_sources(tiny_tree))
+    parts = write_export(comps, tmp_path / "parts", quantize="int8", configs=None)
+    assert capsys.readouterr().out == ""
+    assert whole.int8 and whole.weights == tmp_path / "whole" / "model.safetensors"
+    for got in (whole.weights, parts.weights):
+        assert tensors_equal(got, script / "model.safetensors")
+    for name in ("config.json", "model_info.json", "preprocessor_config.json"):
+        assert (tmp_path / "whole" / name).read_text() == (script / name).read_text() == \
+            (tmp_path / "parts" / name).read_text(), name
+    assert (tmp_path / "whole" / "generation_config.json").read_text() == \
+        (script / "generation_config.json").read_text()
+    assert (tmp_path / "whole" / "configs").is_dir() and not (tmp_path / "parts" / "configs").exists()
+
+
 def test_export_answers_like_the_checkpoints(tiny_tree: Path, tiny_exports: dict[str, Path]) -> None:
     from omni import load_model
     image = Image.new("RGB", (64, 48), (200, 30, 30))
@@ -169,14 +191,14 @@ def test_verify_reports_exact_match(tiny_tree: Path, tmp_path: Path, capsys: pyt
 
 def test_verify_fails_a_differing_float32_export(tiny_tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                  capsys: pytest.CaptureFixture) -> None:
-    real = export.merged_state_dict
+    real = export_writer.merged_state_dict
 
     def corrupted(*args, **kwargs):  # noqa: ANN002, ANN003 - same signature as the real one
         merged = real(*args, **kwargs)
         merged["thinker"]["norm.weight"] = merged["thinker"]["norm.weight"] + 1e-3
         return merged
 
-    monkeypatch.setattr(export, "merged_state_dict", corrupted)
+    monkeypatch.setattr(export_writer, "merged_state_dict", corrupted)
     assert run_export("--ckpt_root", str(tiny_tree), "--output_dir", str(tmp_path / "e"), "--verify") == 1
     assert "differs from its source" in capsys.readouterr().err
     assert not (tmp_path / "e").exists() and leftovers(tmp_path) == []
@@ -187,7 +209,7 @@ def test_failed_export_leaves_nothing(tiny_tree: Path, tmp_path: Path, monkeypat
     def boom(*_args) -> None:  # noqa: ANN002
         raise OmniError("disk full (simulated)")
 
-    monkeypatch.setattr(export, "preprocessor_config", boom)  # fails after model.safetensors is written
+    monkeypatch.setattr(export_writer, "preprocessor_config", boom)  # fails after model.safetensors is written
     assert run_export("--ckpt_root", str(tiny_tree), "--output_dir", str(tmp_path / "e")) == 1
     assert "disk full" in capsys.readouterr().err
     assert not (tmp_path / "e").exists() and leftovers(tmp_path) == []
@@ -203,7 +225,7 @@ def test_refuses_to_overwrite_without_force(tiny_tree: Path, tmp_path: Path, mon
     assert "pass --force" in capsys.readouterr().err
     assert (out / "model.safetensors").read_bytes() == before
     # a --force export that fails keeps the old export intact
-    monkeypatch.setattr(export, "model_info", lambda *a: (_ for _ in ()).throw(OmniError("simulated failure")))
+    monkeypatch.setattr(export_writer, "model_info", lambda *a: (_ for _ in ()).throw(OmniError("simulated failure")))
     assert run_export("--ckpt_root", str(tiny_tree), "--output_dir", str(out), "--dtype", "bfloat16", "--force") == 1
     assert (out / "model.safetensors").read_bytes() == before and leftovers(tmp_path) == []
     monkeypatch.undo()

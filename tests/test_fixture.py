@@ -86,7 +86,7 @@ def compute(key: str, m, thinker_m, expected: dict, tensors: dict, inputs: dict)
     from utils.audio import load_audio, power_mel
     from utils.image import load_image
 
-    c = m.c
+    c = m.parts
     img = load_image(inputs["image"])
     wave = load_audio(inputs["audio"])
     codes = torch.tensor(expected["talker_greedy_24"])
@@ -100,14 +100,14 @@ def compute(key: str, m, thinker_m, expected: dict, tensors: dict, inputs: dict)
     if key == "audio_encoder_out":
         return m.encode_audio(wave)
     if key == "thinker_logits":
-        t = thinker_m.c.thinker
-        ids = torch.tensor(thinker_m.c.tokenizer.prompt_ids(expected["prompt"]))
+        t = thinker_m.parts.thinker
+        ids = torch.tensor(thinker_m.parts.tokenizer.prompt_ids(expected["prompt"]))
         return t(t.tok_emb(ids)[None])[0]
     if key == "mm_prefill_logits_image_audio":
-        embeds = m.build_prompt(expected["mm_prompt"], [img], wave, 16)[0]
+        embeds = m.prepare_chat(expected["mm_prompt"], image=img, audio=wave, max_new_tokens=16).embeds[None]
         return c.thinker(embeds)[0]
     if key == "mm_prefill_logits_audio":
-        embeds = m.build_prompt(expected["audio_prompt"], [], wave, 16)[0]
+        embeds = m.prepare_chat(expected["audio_prompt"], audio=wave, max_new_tokens=16).embeds[None]
         return c.thinker(embeds)[0]
     if key in ("talker_base_logits", "talker_res_logits"):
         base, res = c.talker(torch.cat([torch.zeros(1, 2, dtype=torch.long), codes])[None])
@@ -156,7 +156,7 @@ def test_tensor(key, layout, fixture_dir, expected, tensors, inputs):
 
 def test_prompt_ids(fixture_dir, expected):
     for layout in ("thinker_tiny", "omni_sft_tiny", "export"):
-        assert model_at(fixture_dir / layout).c.tokenizer.prompt_ids(expected["prompt"]) == expected["prompt_ids"]
+        assert model_at(fixture_dir / layout).parts.tokenizer.prompt_ids(expected["prompt"]) == expected["prompt_ids"]
 
 
 # Default commands give the `_causal` ids; decode_attention="reference" reproduces the reference's own ids.
@@ -193,11 +193,11 @@ def test_image_alone_uses_the_default_image_prompt(fixture_dir, expected, inputs
 def test_ctc_greedy_text(layout, fixture_dir, expected, inputs):
     m = model_at(fixture_dir / layout)
     if layout == "export":  # the fixture's export ships without audio_enc_metadata.json: no character map
-        assert m.c.ctc_chars is None
+        assert m.parts.ctc_chars is None
         with pytest.raises(OmniError, match="CTC"):
             m.transcribe(inputs["audio"])
         return
-    assert m.c.ctc_head is not None, f"{layout}: the CTC head was not loaded"
+    assert m.parts.ctc_head is not None, f"{layout}: the CTC head was not loaded"
     assert m.transcribe(inputs["audio"]).text == expected["ctc_greedy_text"]
 
 
@@ -211,15 +211,15 @@ def test_talker_greedy_24(layout, mode, fixture_dir, expected):
     speech = m.speak(frames=24, vocoder="griffin-lim", **gen)
     assert speech.codes.tolist() == want
     with torch.inference_mode():
-        assert talker_greedy_by_recompute(m.c.talker, 24, reference=mode == "reference") == want
+        assert talker_greedy_by_recompute(m.parts.talker, 24, reference=mode == "reference") == want
 
 
 def test_vocoder_found_for_every_layout(fixture_dir):
     """vocoder_tiny/vocoder.pt beside the omni dir (preferred over the export's copy), the export's own copy."""
     for layout, where in (("omni_sft_tiny", "vocoder_tiny"), (".", "vocoder_tiny"), ("export", "export")):
         m = model_at(fixture_dir / layout)
-        assert m.c.vocoder is not None, layout
-        source = Path(m.c.sources["vocoder"])
+        assert m.parts.vocoder is not None, layout
+        source = Path(m.parts.sources["vocoder"])
         assert (source.parent.name, source.name) == (where, "vocoder.pt"), layout
 
 
@@ -344,8 +344,8 @@ def test_renamed_tree_in_process(renamed_tree, expected, inputs, monkeypatch, tm
     from omni import load_model
     monkeypatch.chdir(tmp_path)  # the pointers' cwd-relative form cannot resolve: found by basename
     m = load_model(renamed_tree / "my_omni", device="cpu")
-    assert m.c.thinker.cfg.block.n_heads == 4 and m.c.ctx_len == 512
-    assert {k: Path(v).parent.name for k, v in m.c.sources.items()} == {
+    assert m.parts.thinker.cfg.block.n_heads == 4 and m.parts.ctx_len == 512
+    assert {k: Path(v).parent.name for k, v in m.parts.sources.items()} == {
         "thinker": "my_omni", "vision": "eyes", "audio": "ears", "talker": "voice", "vocoder": "hifi"}
     ans = m.answer(expected["mm_prompt"], image=inputs["image"], audio=inputs["audio"], max_new_tokens=16)
     assert ans.token_ids == until_eos(expected["mm_greedy_16_image_audio_causal"])

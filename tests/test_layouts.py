@@ -213,6 +213,33 @@ def test_vision_checkpoint_of_another_image_size(tree):
     assert ans.prompt_tokens > 1
 
 
+def test_repl_video_uses_the_checkpoints_image_size(tree):
+    """/video (REPL and pipes) decodes frames at the vision checkpoint's size, as --video does: with a 112 px ViT
+    the piped /video answer equals the one-shot --video answer and the API's (224 px frames would not fit)."""
+    from models.vision import ViTConfig, ViTTiny
+    from omni import load_model
+    vit = random_init(ViTTiny(ViTConfig(d_model=16, n_layers=1, n_heads=2, d_ff=32, patch=8, img_size=112)), 4)
+    torch.save({"vit": vit.state_dict()}, tree / "vision_tiny" / "vision.pt")
+    video = REPO / "examples" / "shapes.mp4"
+    model = load_model(tree / "omni_sft_tiny", device="cpu")
+    from utils.repl import Attachments, attach
+    attached = Attachments()
+    attach(model, "video", str(video), attached, 2)  # the REPL's and pipes' /video
+    frames = model.load_media(video=video, video_frames=2).images  # what --video and the API use
+    assert [f.shape for f in attached.images] == [f.shape for f in frames] == [(3, 112, 112)] * 2
+    assert all(torch.equal(a, b) for a, b in zip(attached.images, frames))
+    want = model.answer("what is it ?", video=video, video_frames=2, max_new_tokens=4).token_ids
+    base = [sys.executable, str(REPO / "infer_chat.py"), "--ckpt_dir", str(tree / "omni_sft_tiny"), "--device", "cpu",
+            "--max_new_tokens", "4", "--video_frames", "2", "--json"]
+    piped = subprocess.run(base, input=f"/video {video}\nwhat is it ?\n", capture_output=True, text=True,
+                           timeout=120)
+    assert piped.returncode == 0, piped.stderr
+    one_shot = subprocess.run(base + ["--video", str(video), "--text", "what is it ?"], capture_output=True, text=True,
+                              timeout=120)
+    assert one_shot.returncode == 0, one_shot.stderr
+    assert json.loads(piped.stdout)["token_ids"] == json.loads(one_shot.stdout)["token_ids"] == want
+
+
 def test_ctx_len_from_config(tree):
     edit_cfg(tree / "configs" / "thinker_tiny.json", ctx_len=64)
     comps = load_components(tree / "thinker_tiny")
@@ -230,7 +257,7 @@ def test_ctx_len_limits_the_audio_tokens(tree):
     edit_cfg(tree / "configs" / "omni_sft_tiny.json", ctx_len=40, thinker=None)
     edit_cfg(tree / "configs" / "thinker_tiny.json", ctx_len=None)
     m = OmniModel(load_components(tree / "omni_sft_tiny"), torch.device("cpu"))
-    assert m.c.ctx_len == 40
+    assert m.parts.ctx_len == 40
     ans = m.answer("what did you hear ?", audio=np.tile(WAVE, 4), max_new_tokens=4)
     assert any("audio trimmed" in w for w in ans.warnings)
     assert ans.prompt_tokens <= 40 - 4
@@ -601,7 +628,7 @@ def test_missing_modality_names_the_search(tree):
     from omni import OmniModel
     shutil.rmtree(tree / "vision_tiny")
     m = OmniModel(load_components(tree / "omni_sft_tiny"), torch.device("cpu"))
-    assert m.c.vision is None  # never random weights
+    assert m.parts.vision is None  # never random weights
     with pytest.raises(OmniError, match=r"vision.*checkpoint.*searched .*vision_tiny"):
         m.answer("what do you see ?", image=torch.rand(3, 224, 224), max_new_tokens=2)
     assert m.answer("hello", max_new_tokens=2) is not None  # text alone still works

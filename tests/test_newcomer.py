@@ -66,8 +66,8 @@ def test_2_long_prompt_is_trimmed_and_the_answer_keeps_its_budget(model) -> None
     long_text = (QUESTION + " ") * 400
     r = demo("--text", long_text, "--json")
     obj = one_json(r)
-    budget = model.options().max_new_tokens  # generation_config.json's
-    assert obj["prompt_tokens"] == model.c.ctx_len - budget - 1
+    budget = model.sampling_options().max_new_tokens  # generation_config.json's
+    assert obj["prompt_tokens"] == model.parts.ctx_len - budget - 1
     assert "warning: prompt trimmed" in r.stderr and f"max_new_tokens {budget}" in r.stderr
     assert obj["text"] == short["text"] and obj["generated_tokens"] == short["generated_tokens"]
     assert obj["text"] == model.chat(long_text)
@@ -75,7 +75,7 @@ def test_2_long_prompt_is_trimmed_and_the_answer_keeps_its_budget(model) -> None
     # only a budget the context cannot hold is reduced, and that is said
     r = demo("--text", long_text, "--json", "--max_new_tokens", "600")
     obj = one_json(r)
-    assert f"max_new_tokens reduced from 600 to {model.c.ctx_len - 3}" in r.stderr
+    assert f"max_new_tokens reduced from 600 to {model.parts.ctx_len - 3}" in r.stderr
     assert obj["prompt_tokens"] == 2
 
     # the same in a pipe
@@ -152,12 +152,12 @@ def test_5_repeated_images_and_audio_are_all_used(model) -> None:
     obj = one_json(demo("--image", circle, "--image", square, "--json"))
     assert obj["text"] == model.chat(image=[circle, square])
     assert obj["text"] != model.chat(image=square)
-    n_text = len(model.c.tokenizer.prompt_ids("Describe what you see concisely."))
+    n_text = len(model.parts.tokenizer.prompt_ids("Describe what you see concisely."))
     assert obj["prompt_tokens"] == 2 + n_text
     clip = str(EXAMPLES / "green_triangle.wav")
     one = one_json(demo("--audio_in", clip, "--json"))
     two = one_json(demo("--audio_in", clip, "--audio_in", clip, "--json"))
-    n_text = len(model.c.tokenizer.prompt_ids("What did you hear?"))
+    n_text = len(model.parts.tokenizer.prompt_ids("What did you hear?"))
     assert two["prompt_tokens"] - n_text == 2 * (one["prompt_tokens"] - n_text)
     assert two["text"] == model.chat(audio=[clip, clip])
 
@@ -165,8 +165,8 @@ def test_5_repeated_images_and_audio_are_all_used(model) -> None:
 # ---------------------------------------------------------------- 6: --video_frames range, --seed -1
 
 def test_6_video_frames_limit_is_a_usage_error_and_seed_minus_one_is_random() -> None:
-    from utils import cli, image
-    assert cli.MAX_VIDEO_FRAMES == image.MAX_VIDEO_FRAMES  # the usage check and the decoder agree
+    from utils import cli_args, image
+    assert cli_args.MAX_VIDEO_FRAMES == image.MAX_VIDEO_FRAMES  # the usage check and the decoder agree
     r = demo("--video", str(EXAMPLES / "shapes.mp4"), "--video_frames", "300")
     assert r.returncode == 2 and "--video_frames" in r.stderr and "256" in r.stderr
     sampled = ["--text", "Once upon a time", "--temperature", "1.5", "--max_new_tokens", "8", "--json"]
@@ -195,7 +195,7 @@ def test_8_decode_rate_counts_every_decode_step(model) -> None:
     ans = model.answer(QUESTION)  # a short answer ended by EOS
     short = one_json(demo("--text", QUESTION, "--json"))
     t = short["timing"]
-    assert short["token_ids"] == ans.token_ids and len(ans.token_ids) < model.options().max_new_tokens
+    assert short["token_ids"] == ans.token_ids and len(ans.token_ids) < model.sampling_options().max_new_tokens
     assert t["decode_steps"] == short["generated_tokens"]  # the tokens after the first, and the EOS step
     assert t["decode_s"] > 0 and t["decode_tokens_per_s"] == pytest.approx(t["decode_steps"] / t["decode_s"], rel=1e-3)
     one = one_json(demo("--text", QUESTION, "--json", "--max_new_tokens", "1"))["timing"]
@@ -280,13 +280,13 @@ def test_info_model_card(model) -> None:
     vision = torch.load(DEMO / "vision_tiny" / "vision.pt", weights_only=True)
     vision_sd = vision.get("vit", vision)
     assert card["components"]["vision"]["parameters"] == sum(t.numel() for t in vision_sd.values())
-    assert card["context_length"] == model.c.ctx_len and card["dtype"] == "float32"
-    assert card["vocabulary"]["tokenizer_pieces"] == model.c.tokenizer.vocab_size
-    assert card["decode_attention"] == model.options().decode_attention
+    assert card["context_length"] == model.parts.ctx_len and card["dtype"] == "float32"
+    assert card["vocabulary"]["tokenizer_pieces"] == model.parts.tokenizer.vocab_size
+    assert card["decode_attention"] == model.sampling_options().decode_attention
     assert card["components"]["vision"]["config"].endswith("configs/vision_tiny.json")
     assert card["components"]["thinker"]["weights"].endswith("omni_sft_tiny/omni.pt")
     human = demo("--info")
-    assert human.returncode == 0 and f"context length  {model.c.ctx_len}" in human.stdout
+    assert human.returncode == 0 and f"context length  {model.parts.ctx_len}" in human.stdout
     assert "decode mode" in human.stdout and f"{thinker_params:,} parameters" in human.stdout
     assert demo("--info", "--text", "hi").returncode == 2
 
@@ -307,9 +307,9 @@ def test_timings_summary_on_stderr() -> None:
 def test_system_prompt_is_prepended_and_absent_by_default(model) -> None:
     system = "Answer with digits."
     plain = one_json(demo("--text", QUESTION, "--json"))
-    assert plain["prompt_tokens"] == len(model.c.tokenizer.prompt_ids(QUESTION))  # format unchanged
+    assert plain["prompt_tokens"] == len(model.parts.tokenizer.prompt_ids(QUESTION))  # format unchanged
     obj = one_json(demo("--text", QUESTION, "--system", system, "--json"))
-    assert obj["prompt_tokens"] == len(model.c.tokenizer.prompt_ids(f"{system} {QUESTION}"))
+    assert obj["prompt_tokens"] == len(model.parts.tokenizer.prompt_ids(f"{system} {QUESTION}"))
     assert obj["text"] == model.chat(f"{system} {QUESTION}") == model.chat(QUESTION, system=system)
 
 

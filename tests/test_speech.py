@@ -25,7 +25,7 @@ def test_talker_greedy_24_via_api(fixture_dir: Path, expected: dict) -> None:
     assert speech.codes.tolist() == expected["talker_greedy_24_causal"]
     assert speech.wave.shape == (24 * 1280,) and speech.sample_rate == 16000
     # the reference implementation's decode defect, on request only
-    reference = generate_codes(model.c.talker, 24, SpeechOptions(decode_attention="reference"))
+    reference = generate_codes(model.parts.talker, 24, SpeechOptions(decode_attention="reference"))
     assert reference.tolist() == expected["talker_greedy_24"]
 
 
@@ -53,7 +53,7 @@ def test_hifigan_output_lasts_80_ms_per_frame(tiny_tree: Path) -> None:
     from omni import load_model
     model = load_model(tiny_tree, device="cpu")
     mel = torch.rand(7, 128)
-    assert vocode_hifigan(model.c.vocoder, mel).shape == (7 * 1280,)
+    assert vocode_hifigan(model.parts.vocoder, mel).shape == (7 * 1280,)
     a = model.speak(frames=6, temperature=1.5, seed=4)
     b = model.speak(frames=6, temperature=1.5, seed=4)
     assert a.vocoder == "hifigan" and torch.equal(a.codes, b.codes) and np.array_equal(a.wave, b.wave)

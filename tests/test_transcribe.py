@@ -143,8 +143,8 @@ def test_short_clip_without_silence_is_the_greedy_ctc_of_the_whole(model) -> Non
     from models.audio import ctc_greedy_decode
     wave = sf.read(str(REPO / "examples" / "green_triangle.wav"), dtype="float32")[0]
     with torch.inference_mode():
-        logits = model.c.ctc_head(model.encode_audio(wave)).float()
-    assert model.transcribe(wave).text == ctc_greedy_decode(logits, model.c.ctc_chars) == "a green triangle"
+        logits = model.parts.ctc_head(model.encode_audio(wave)).float()
+    assert model.transcribe(wave).text == ctc_greedy_decode(logits, model.parts.ctc_chars) == "a green triangle"
 
 
 @needs_demo

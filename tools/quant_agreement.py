@@ -4,8 +4,8 @@
   python tools/quant_agreement.py --ckpt_root checkpoints/demo                    # the int8 export
   python tools/quant_agreement.py --ckpt_root checkpoints/demo --method int4      # --quantize int4 at runtime
 
---method export-int8 (default) exports the checkpoints twice with export.py (float32, and `--quantize int8`) into a
-temporary directory and compares the two exports (both computed in float32: the number measures what int8
+--method export-int8 (default) exports the checkpoints twice with the library behind export.py
+(utils.export_writer.export_checkpoints: float32, and int8) into a temporary directory and compares the two exports (both computed in float32: the number measures what int8
 storage costs). int8 / int4 / bfloat16 compare `load_model(..., quantize=...)` (or dtype=bfloat16) with the
 float32 model at runtime: the kernels the CLI's `--quantize` / `--dtype` use. Either way the float32 thinker
 greedy-decodes --steps tokens from --prompt (EOS ignored, causal), then both thinkers run the KV-cached decode
@@ -15,7 +15,6 @@ keeps one early disagreement from turning every later step into one). Prints one
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 import tempfile
 from pathlib import Path
@@ -25,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 import torch  # noqa: E402
 
-import export  # noqa: E402
 from omni import load_model  # noqa: E402
+from utils.export_writer import export_checkpoints  # noqa: E402
 from utils.errors import OmniError  # noqa: E402
 from utils.generation import Decoder, SamplingOptions, generate  # noqa: E402
 
@@ -49,10 +48,8 @@ def models_for(ckpt_root: Path, method: str, tmp: Path):
         compared = load_model(ckpt_root, device="cpu", dtype="bfloat16" if method == "bfloat16" else None,
                               quantize=None if method == "bfloat16" else method)
         return load_model(ckpt_root, device="cpu"), compared
-    with contextlib.redirect_stdout(sys.stderr):  # export's table is a log here; stdout gets the number only
-        for name, extra in (("fp32", []), ("int8", ["--quantize", "int8"])):
-            if export.main(["--ckpt_root", str(ckpt_root), "--output_dir", str(tmp / name), *extra]) != 0:
-                raise OmniError(f"exporting {ckpt_root} ({name}) failed (see the error above)")
+    for name, quantize in (("fp32", None), ("int8", "int8")):
+        export_checkpoints(tmp / name, ckpt_root=ckpt_root, quantize=quantize)
     return load_model(tmp / "fp32", device="cpu", dtype="float32"), load_model(tmp / "int8", device="cpu",
                                                                                dtype="float32")
 
@@ -61,8 +58,8 @@ def agreement(ckpt_root: Path, prompt: str, steps: int, method: str = "export-in
     """(agreeing steps, steps, identical leading tokens when the compared model decodes on its own)."""
     with tempfile.TemporaryDirectory(prefix="quant_agreement-") as tmp:
         ref_model, model = models_for(ckpt_root, method, Path(tmp))
-    ref, cand = ref_model.c.thinker, model.c.thinker
-    prompt_ids = ref_model.c.tokenizer.prompt_ids(prompt)
+    ref, cand = ref_model.parts.thinker, model.parts.thinker
+    prompt_ids = ref_model.parts.tokenizer.prompt_ids(prompt)
     if len(prompt_ids) + steps > ref.cfg.ctx_len:
         raise OmniError(f"--steps {steps}: the prompt ({len(prompt_ids)} tokens) plus {steps} steps exceed the "
                         f"context of {ref.cfg.ctx_len}; use fewer steps")

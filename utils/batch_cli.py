@@ -29,9 +29,10 @@ from typing import Any, Callable, Sequence
 
 from utils.batch_job import (Journal, MaterializedMedia, Row, audio_rows, inline_media, job_key, process_rows,
                              read_batch_file, record)
+from utils.cli_args import (generation_options, non_negative_float, non_negative_int, positive_float, positive_int,
+                            probability, seed_value)
+from utils.console import Console, route_warnings, utf8_streams
 from utils.defaults import DECODE_ATTENTION, DEVICES, DTYPE_NAMES, QUANTIZATIONS
-from utils.cli import (Console, generation_options, non_negative_float, non_negative_int, positive_float,
-                       positive_int, probability, route_warnings, seed_value, utf8_streams)
 from utils.errors import OmniError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,8 +120,8 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     g.add_argument("--ignore_eos", action="store_true", help="Generate --max_new_tokens tokens whatever comes.")
     g.add_argument("--decode_attention", choices=DECODE_ATTENTION, default=None,
                    help="The decode rule (see infer_chat.py --help).")
-    g.add_argument("--system", default=None, metavar="TEXT",
-                   help="System prompt prepended to every request's text (see infer_chat.py --help).")
+    g.add_argument("--system", metavar="TEXT",
+                   help="System prompt joined before every request's text, as infer_chat.py --system does.")
 
     g = p.add_argument_group("messages")
     g.add_argument("--quiet", action="store_true", help="Print nothing on stderr except errors.")

@@ -12,10 +12,14 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from utils.errors import OmniError
 from utils.transcript import OUTPUT_FORMATS, TranscribeOptions, format_transcript, write_text_atomic
+
+if TYPE_CHECKING:
+    from omni import OmniModel
+    from utils.console import Console, Out
 
 DEFAULTS = TranscribeOptions()
 BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s of audio [{elapsed}<{remaining}]"
@@ -80,7 +84,7 @@ def output_paths(files: list[str], out_dir: Path, formats: tuple[str, ...]) -> l
     return [[out_dir / f"{Path(f).stem}.{fmt}" for fmt in formats] for f in files]
 
 
-def run_transcribe(model: Any, args: argparse.Namespace, con: Any, out: Any) -> int:
+def run_transcribe(model: OmniModel, args: argparse.Namespace, con: Console, out: Out) -> int:
     """Transcribe every --audio_in; a file that fails is reported (one `error:` line) and the rest go on."""
     from tqdm import tqdm
 

@@ -35,11 +35,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from omni import OmniModel
-from utils.audio import SAMPLE_RATE, wav_bytes
-from utils.batching import BatchEngine, EngineClosed, QueueFull, RowPrompt
-from utils.errors import OmniError
-from utils.generation import MAX_SEED
+from omni import MAX_SEED, BatchEngine, EngineClosed, OmniError, OmniModel, QueueFull, RowPrompt, wav_bytes
 from utils.transcript import Transcript, format_transcript
 
 TRANSCRIPTION_FORMATS = ("json", "text", "verbose_json", "srt", "vtt")
@@ -412,14 +408,13 @@ class OmniServer:
         except OmniError as exc:
             raise ApiError(400, str(exc), "invalid_input") from exc
 
-    async def decode_media(self, req: ChatRequest) -> tuple[list[Any], Any]:
+    async def load_request_media(self, req: ChatRequest) -> tuple[list[Any], Any]:
         """Image and audio bytes -> tensors / waveform, in a worker thread (no model weights are involved)."""
         from starlette.concurrency import run_in_threadpool
 
         def work() -> tuple[list[Any], Any]:
-            images = [self.model.image_tensor(b) for b in req.images]
-            wave = self.model.audio_wave(req.audio) if req.audio is not None else None
-            return images, wave
+            media = self.model.load_media(image=req.images or None, audio=req.audio)
+            return media.images, media.audio[0] if media.audio else None
         try:
             return await run_in_threadpool(work)
         except OmniError as exc:
@@ -456,7 +451,7 @@ class OmniServer:
         if req.speak and "talker" not in self.model.components:
             raise ApiError(400, "audio output needs a talker checkpoint, and this model has none", "invalid_value",
                            "modalities")
-        images, wave = await self.decode_media(req)
+        images, wave = await self.load_request_media(req)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
