@@ -328,7 +328,7 @@ def load(model_name: str, dtype: str, tree: Path, threads: int):
 
 
 def thinker_of(model):
-    return model.c.thinker
+    return model.parts.thinker
 
 
 def worker(args: argparse.Namespace) -> dict[str, Any]:

@@ -412,13 +412,13 @@ def test_fixture_half_and_int8_agree_with_float32(fixture_exports: dict[str, Pat
     from tests.test_fast_decode import decode_logits
     from utils.generation import SamplingOptions, generate
 
-    ref = load_model(fixture_exports["root"], device="cpu").c.thinker
+    ref = load_model(fixture_exports["root"], device="cpu").parts.thinker
     ids = expected["prompt_ids"]
     with torch.inference_mode():
         cont = list(generate(ref, ref.tok_emb(torch.tensor(ids))[None],
                              SamplingOptions(max_new_tokens=48, ignore_eos=True)))
     a = decode_logits(ref, ids, cont[:-1])
-    b = decode_logits(load_model(fixture_exports[kind], device="cpu").c.thinker, ids, cont[:-1])
+    b = decode_logits(load_model(fixture_exports[kind], device="cpu").parts.thinker, ids, cont[:-1])
     assert float((a.argmax(-1) == b.argmax(-1)).float().mean()) >= 0.97
     assert float((a - b).pow(2).mean().sqrt() / a.pow(2).mean().sqrt()) <= 0.02
 

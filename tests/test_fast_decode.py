@@ -34,7 +34,7 @@ def demo():
 
 
 def prompt_ids(model, text: str) -> list[int]:
-    return model.c.tokenizer.prompt_ids(text)
+    return model.parts.tokenizer.prompt_ids(text)
 
 
 def full_forward_greedy(thinker, ids: list[int], steps: int) -> list[int]:
@@ -53,7 +53,7 @@ def embed(thinker, ids: list[int]) -> torch.Tensor:
 
 
 def test_fast_causal_decode_equals_full_forward(demo) -> None:
-    thinker = demo.c.thinker
+    thinker = demo.parts.thinker
     opts = SamplingOptions(max_new_tokens=STEPS, ignore_eos=True, decode_attention="causal")
     ids = [prompt_ids(demo, p) for p in PROMPTS]
     want = [full_forward_greedy(thinker, i, STEPS) for i in ids]
@@ -64,7 +64,7 @@ def test_fast_causal_decode_equals_full_forward(demo) -> None:
 
 
 def test_fused_projections_equal_separate_ones(demo) -> None:
-    attn, mlp = demo.c.thinker.blocks[0].attn, demo.c.thinker.blocks[0].mlp
+    attn, mlp = demo.parts.thinker.blocks[0].attn, demo.parts.thinker.blocks[0].mlp
     x = torch.randn(3, attn.q.in_features, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         fused = fuse_linears([attn.q, attn.k, attn.v])
@@ -106,7 +106,7 @@ def agreement(reference, candidate, demo) -> tuple[float, float]:
 
 @pytest.mark.parametrize("method", ("bfloat16", "int8", "int4"))
 def test_quantized_decode_agrees_with_float32(method, demo) -> None:
-    reference = demo.c.thinker
+    reference = demo.parts.thinker
     candidate = copy.deepcopy(reference)
     if method == "bfloat16":
         candidate.to(torch.bfloat16)
@@ -119,13 +119,13 @@ def test_quantized_decode_agrees_with_float32(method, demo) -> None:
 
 def test_a_broken_quantizer_fails_the_agreement_measure(demo) -> None:
     """Positive control: int8 weights whose per-channel scales are off (rotated by one channel) must fail."""
-    candidate = copy.deepcopy(demo.c.thinker)
+    candidate = copy.deepcopy(demo.parts.thinker)
     quantize_linears(candidate, "int8")
     with torch.no_grad():
         for m in candidate.modules():
             if isinstance(m, Int8Linear):
                 m.scale.copy_(m.scale.roll(1))
-    top1, distance = agreement(demo.c.thinker, candidate, demo)
+    top1, distance = agreement(demo.parts.thinker, candidate, demo)
     assert top1 < 0.97 or distance > LOGIT_DISTANCE["int8"]
 
 
@@ -134,7 +134,7 @@ def test_fixture_causal_ids_through_every_fast_path(fixture_dir, expected) -> No
     the reference's own code): batch 1, and as one row of a left-padded batch."""
     from omni import load_model
     model = load_model(fixture_dir / "thinker_tiny", device="cpu")
-    thinker, ids = model.c.thinker, expected["prompt_ids"]
+    thinker, ids = model.parts.thinker, expected["prompt_ids"]
     want = expected["thinker_greedy_16_causal"]
     want = want[:want.index(2)] if 2 in want else want
     opts = SamplingOptions(max_new_tokens=16, decode_attention="causal")

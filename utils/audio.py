@@ -108,7 +108,7 @@ def open_audio(stack: ExitStack, source: str | os.PathLike | BinaryIO) -> tuple[
             opened.seek(0)
         sr, declared, blocks = av_audio(stack, opened, what, sf_exc)
     if sr <= 0:
-        raise OmniError(f"{what}: invalid sample rate {sr}")
+        raise OmniError(f"{what}: cannot decode (invalid sample rate {sr})")
     return what, sr, declared, blocks
 
 

@@ -22,7 +22,7 @@ from typing import Any, Iterable
 
 from utils.errors import OmniError
 
-BATCH_PATH_KEYS = ("image", "audio_in", "video")  # request keys holding a file path
+BATCH_PATH_KEYS = ("image", "audio_in", "audio", "video")  # request keys holding a file path ("audio": an alias)
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")  # what `--task transcribe` picks from a directory
 JOURNAL_FORMAT = "muomni-batch-journal/1"
 MAX_BATCH_FILE_BYTES = 64 << 20  # a batch file is read whole: bounded
