@@ -22,17 +22,16 @@ import shutil
 import sys
 import tempfile
 import time
-import traceback
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from utils.batch_job import (Journal, MaterializedMedia, Row, audio_rows, inline_media, job_key, process_rows,
                              read_batch_file, record)
-from utils.cli_args import (generation_options, non_negative_float, non_negative_int, positive_float, positive_int,
-                            probability, seed_value)
-from utils.console import Console, route_warnings, utf8_streams
-from utils.defaults import DECODE_ATTENTION, DEVICES, DTYPE_NAMES, QUANTIZATIONS
+from utils.cli_args import (add_generation_arguments, generation_options, non_negative_float, non_negative_int,
+                            positive_float, positive_int, resolve_random_seed)
+from utils.console import Console, guarded, route_warnings, utf8_streams
+from utils.defaults import DEVICES, DTYPE_NAMES, QUANTIZATIONS
 from utils.errors import OmniError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,21 +106,7 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
                    help="Ship the media files' bytes in the dataset instead of their paths (for workers that "
                         "cannot see the driver's files).")
 
-    g = p.add_argument_group("generation (chat)")
-    g.add_argument("--max_new_tokens", type=positive_int, default=None, metavar="N",
-                   help="Most tokens per answer (default: generation_config.json, else 64).")
-    g.add_argument("--temperature", type=non_negative_float, default=None, metavar="T",
-                   help="0 = greedy (the default); with sampling, answers depend on how lines are batched.")
-    g.add_argument("--top_k", type=non_negative_int, default=None, metavar="K", help="Top-k sampling (0 = off).")
-    g.add_argument("--top_p", type=probability, default=None, metavar="P", help="Nucleus sampling (1 = off).")
-    g.add_argument("--repetition_penalty", type=positive_float, default=None, metavar="R",
-                   help="Penalty for tokens already seen (1 = off).")
-    g.add_argument("--seed", type=seed_value, default=None, metavar="S", help="Random seed for sampling.")
-    g.add_argument("--ignore_eos", action="store_true", help="Generate --max_new_tokens tokens whatever comes.")
-    g.add_argument("--decode_attention", choices=DECODE_ATTENTION, default=None,
-                   help="The decode rule (see infer_chat.py --help).")
-    g.add_argument("--system", metavar="TEXT",
-                   help="System prompt joined before every request's text, as infer_chat.py --system does.")
+    add_generation_arguments(p)  # as infer_chat.py; with sampling, answers depend on how lines are batched
 
     g = p.add_argument_group("messages")
     g.add_argument("--quiet", action="store_true", help="Print nothing on stderr except errors.")
@@ -341,19 +326,6 @@ def main(argv: Sequence[str] | None, prog: str, description: str) -> int:
     check_args(parser, args)
     con = Console(args.quiet, verbose=args.verbose)
     route_warnings(con)
-    try:
-        return run(args, con)
-    except OmniError as exc:
-        if args.verbose:
-            traceback.print_exc()
-        con.error(str(exc))
-        return 1
-    except KeyboardInterrupt:
-        con.info("interrupted")
-        return 130
-    except Exception as exc:  # a bug or an environment problem: one line, the traceback on request
-        if args.verbose:
-            traceback.print_exc()
-        con.error(f"unexpected {type(exc).__name__}: {exc}" + ("" if args.verbose else
-                                                              " (run with --verbose for the traceback)"))
-        return 1
+    if resolve_random_seed(args):
+        con.info(f"seed: {args.seed} (--seed -1: random)")
+    return guarded(lambda: run(args, con), con, args.verbose)

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import traceback
 from typing import TYPE_CHECKING, Any, Sequence
 
-from utils.cli_args import build_parser, check_args, generation_options, one_shot, random_seed, seed_report
-from utils.defaults import RANDOM_SEED
+from utils.cli_args import (build_parser, check_args, generation_options, one_shot, resolve_random_seed,
+                            seed_report)
 from utils.cli_transcribe import run_transcribe
-from utils.console import Console, Out, format_card, print_timings, route_warnings, utf8_streams
-from utils.errors import OmniError, Terminated, interrupt_status, quiet_stdout
+from utils.console import Console, Out, format_card, guarded, print_timings, route_warnings, utf8_streams
+from utils.errors import OmniError
 from utils.repl import run_batch_file, run_pipe, run_repl
 
 if TYPE_CHECKING:
@@ -131,26 +130,6 @@ def main(argv: Sequence[str] | None, prog: str, description: str) -> int:
     check_args(parser, args)
     con = Console(args.quiet, verbose=args.verbose)
     route_warnings(con)
-    if args.seed == RANDOM_SEED:
-        args.seed, args.random_seed = random_seed(), True
+    if resolve_random_seed(args):
         con.status(f"seed: {args.seed} (--seed -1: random)")
-    try:
-        return run(args, con)
-    except OmniError as exc:
-        if args.verbose:
-            traceback.print_exc()
-        con.error(str(exc))
-        return 1
-    except (KeyboardInterrupt, Terminated) as exc:
-        con.info("interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc))
-        return interrupt_status(exc)
-    except BrokenPipeError:
-        # the reader went away (e.g. `| head -1`): stop quietly, without a second error at interpreter exit
-        quiet_stdout()
-        return 0
-    except Exception as exc:  # a bug or an environment problem: one line, the traceback on request
-        if args.verbose:
-            traceback.print_exc()
-        con.error(f"unexpected {type(exc).__name__}: {exc}" + ("" if args.verbose else
-                                                              " (run with --verbose for the traceback)"))
-        return 1
+    return guarded(lambda: run(args, con), con, args.verbose)

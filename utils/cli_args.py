@@ -155,35 +155,7 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
                    help="Transcribe the --audio_in files with the audio encoder's CTC character head (segment "
                         "and word timestamps; any length, streamed) and exit; see 'transcription' below.")
 
-    g = p.add_argument_group("generation")
-    g.add_argument("--max_new_tokens", type=positive_int, default=None, metavar="N",
-                   help="Most tokens to generate (default: generation_config.json, else 64; never more than "
-                        "the context has room for).")
-    g.add_argument("--temperature", type=non_negative_float, default=None, metavar="T",
-                   help="Sampling temperature; 0 means greedy decoding (the default).")
-    g.add_argument("--top_k", type=non_negative_int, default=None, metavar="K",
-                   help="Sample only among the K most likely tokens (0 = no limit, the default).")
-    g.add_argument("--top_p", type=probability, default=None, metavar="P",
-                   help="Nucleus sampling: sample among the most likely tokens whose probabilities sum to P, "
-                        "in (0, 1] (default 1 = off).")
-    g.add_argument("--repetition_penalty", type=positive_float, default=None, metavar="R",
-                   help="Divide the scores of tokens already in the prompt or answer by R (> 0; 1 = off, "
-                        "the default; 1.1-1.3 discourages loops).")
-    g.add_argument("--seed", type=seed_value, default=None, metavar="S",
-                   help="Random seed for sampling: the same seed gives the same output (text and speech); -1 picks "
-                        "a random one (shown with --verbose and in --json as \"seed\").")
-    g.add_argument("--system", metavar="TEXT",
-                   help="System prompt. μOmni has no chat template, so it is prepended to every question as plain "
-                        "text: the prompt becomes [bos] + encode(\"TEXT QUESTION\"), the join the μOmni SFT trainer "
-                        "used (without --system it is [bos] + encode(\"QUESTION\") as always). /system TEXT changes "
-                        "it in the chat and in pipes.")
-    g.add_argument("--ignore_eos", action="store_true",
-                   help="Keep generating after the end-of-sequence token, up to --max_new_tokens.")
-    g.add_argument("--decode_attention", choices=DECODE_ATTENTION, default=None,
-                   help="'causal' (the default, also a generation_config.json's unless it says otherwise) attends "
-                        "to every earlier position, as the models were trained. 'reference' reproduces a DEFECT of "
-                        "the μOmni reference implementation (each generated token attends to the first position "
-                        "only), kept only to compare with its old outputs; answers are wrong in that mode.")
+    add_generation_arguments(p)
 
     g = p.add_argument_group("output")
     g.add_argument("--json", action="store_true",
@@ -242,6 +214,40 @@ def add_dash_aliases(parser: argparse.ArgumentParser) -> None:
                     parser._option_string_actions[alias] = action
 
 
+def add_generation_arguments(p: argparse.ArgumentParser) -> None:
+    """The sampling flags, shared by infer_chat.py / infer_safetensors.py and batch.py (only the flags given reach
+    the library: the rest come from generation_config.json or its defaults)."""
+    g = p.add_argument_group("generation")
+    g.add_argument("--max_new_tokens", type=positive_int, default=None, metavar="N",
+                   help="Most tokens to generate (default: generation_config.json, else 64; never more than "
+                        "the context has room for).")
+    g.add_argument("--temperature", type=non_negative_float, default=None, metavar="T",
+                   help="Sampling temperature; 0 means greedy decoding (the default).")
+    g.add_argument("--top_k", type=non_negative_int, default=None, metavar="K",
+                   help="Sample only among the K most likely tokens (0 = no limit, the default).")
+    g.add_argument("--top_p", type=probability, default=None, metavar="P",
+                   help="Nucleus sampling: sample among the most likely tokens whose probabilities sum to P, "
+                        "in (0, 1] (default 1 = off).")
+    g.add_argument("--repetition_penalty", type=positive_float, default=None, metavar="R",
+                   help="Divide the scores of tokens already in the prompt or answer by R (> 0; 1 = off, "
+                        "the default; 1.1-1.3 discourages loops).")
+    g.add_argument("--seed", type=seed_value, default=None, metavar="S",
+                   help="Random seed for sampling: the same seed gives the same output (text and speech); -1 picks "
+                        "a random one (shown with --verbose and in --json as \"seed\").")
+    g.add_argument("--system", metavar="TEXT",
+                   help="System prompt. μOmni has no chat template, so it is prepended to every question as plain "
+                        "text: the prompt becomes [bos] + encode(\"TEXT QUESTION\"), the join the μOmni SFT trainer "
+                        "used (without --system it is [bos] + encode(\"QUESTION\") as always). /system TEXT changes "
+                        "it in the chat and in pipes.")
+    g.add_argument("--ignore_eos", action="store_true",
+                   help="Keep generating after the end-of-sequence token, up to --max_new_tokens.")
+    g.add_argument("--decode_attention", choices=DECODE_ATTENTION, default=None,
+                   help="'causal' (the default, also a generation_config.json's unless it says otherwise) attends "
+                        "to every earlier position, as the models were trained. 'reference' reproduces a DEFECT of "
+                        "the μOmni reference implementation (each generated token attends to the first position "
+                        "only), kept only to compare with its old outputs; answers are wrong in that mode.")
+
+
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Usage errors that argparse cannot express on its own (exit 2)."""
     check_transcribe_args(parser, args)
@@ -280,3 +286,11 @@ def seed_report(args: argparse.Namespace) -> dict[str, int]:
 
 def random_seed() -> int:
     return secrets.randbelow(MAX_SEED + 1)
+
+
+def resolve_random_seed(args: argparse.Namespace) -> bool:
+    """--seed -1 (as in llama.cpp): replace it by a fresh random seed, remembered for `seed_report`; True if so."""
+    if args.seed != RANDOM_SEED:
+        return False
+    args.seed, args.random_seed = random_seed(), True
+    return True

@@ -1,14 +1,15 @@
 """Console output of the command-line apps: stdout for answers (`Out`), stderr for messages (`Console`: status,
 warnings, errors, tqdm progress on a terminal), Python warnings routed there, UTF-8 streams, and the formatting of
-timing summaries and the model card."""
+timing summaries and the model card; `guarded` turns an app's outcome into its exit status."""
 from __future__ import annotations
 
 import json
 import sys
+import traceback
 import warnings
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, Callable, TextIO
 
-from utils.errors import one_line
+from utils.errors import OmniError, Terminated, interrupt_status, one_line, quiet_stdout
 
 if TYPE_CHECKING:
     from omni import Answer
@@ -145,3 +146,28 @@ def utf8_streams() -> None:
                 stream.reconfigure(encoding="utf-8", errors="replace")
             except (AttributeError, ValueError):
                 pass
+
+
+def guarded(run: Callable[[], int], con: Console, verbose: bool) -> int:
+    """An app's exit status around `run`: bad input is one `error:` line and 1; Ctrl-C 130 and SIGTERM 143 (with
+    utils.errors.handle_signals); a reader that went away (`| head -1`) a quiet 0; anything else, a bug or an
+    environment problem, one line too, with the traceback only with --verbose."""
+    try:
+        return run()
+    except OmniError as exc:
+        if verbose:
+            traceback.print_exc()
+        con.error(str(exc))
+        return 1
+    except (KeyboardInterrupt, Terminated) as exc:
+        con.info("interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc))
+        return interrupt_status(exc)
+    except BrokenPipeError:  # stop quietly, without a second error at interpreter exit
+        quiet_stdout()
+        return 0
+    except Exception as exc:  # noqa: BLE001 - the last resort of a command line: never a bare traceback
+        if verbose:
+            traceback.print_exc()
+        con.error(f"unexpected {type(exc).__name__}: {exc}" + ("" if verbose else
+                                                              " (run with --verbose for the traceback)"))
+        return 1

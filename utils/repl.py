@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, TextIO
 from utils.batch_job import answer_rows, read_batch_file
 from utils.cli_args import (generation_options, non_negative_float, non_negative_int, positive_float,
                             positive_int, probability, random_seed, seed_value, seed_report)
-from utils.defaults import RANDOM_SEED
 from utils.console import Console, Out, print_timings
+from utils.defaults import RANDOM_SEED
 from utils.errors import OmniError
 
 if TYPE_CHECKING:
