@@ -31,9 +31,10 @@ from utils.audio import (HOP_LENGTH, SAMPLE_RATE, check_output_path, check_wave,
                          max_audio_seconds, power_mel, trim_audio, wav_bytes, write_wav)
 from utils.batching import BatchEngine, EngineClosed, QueueFull, RowPrompt
 from utils.components import Components, to_device
-from utils.defaults import QUANTIZATIONS
+from utils.defaults import (AUDIO_PROMPT, DECODE_ATTENTION, DEFAULT_VIDEO_FRAMES, DTYPE_NAMES, IMAGE_PROMPT, MAX_SEED,
+                            QUANTIZATIONS)
 from utils.errors import OmniError
-from utils.generation import DECODE_ATTENTION, MAX_SEED, SamplingOptions, generate, generate_batch
+from utils.generation import SamplingOptions, generate, generate_batch
 from utils.image import IMAGE_SIZE, load_image, load_image_bytes, load_video_frames, preprocess_image
 from utils.loading import load_components
 from utils.quant import quantize_linears
@@ -46,12 +47,9 @@ from utils.transcript import Transcript, TranscribeOptions
 ImageInput = Union[str, os.PathLike, Image.Image, torch.Tensor, bytes]  # bytes: an encoded image file
 AudioInput = Union[str, os.PathLike, np.ndarray, bytes]  # bytes: an encoded audio file
 
-IMAGE_PROMPT = "Describe what you see concisely."
-AUDIO_PROMPT = "What did you hear?"
-DEFAULT_VIDEO_FRAMES = 4
 
 # What the apps (CLI, server, batch jobs) use besides OmniModel: re-exported so they stand on this module only.
-__all__ = ["Answer", "AudioInput", "BatchEngine", "EngineClosed", "ImageInput", "MAX_SEED", "Media", "OmniError",
+__all__ = ["Answer", "AudioInput", "BatchEngine", "EngineClosed", "ImageInput", "Media", "OmniError",
            "OmniModel", "QueueFull", "RowPrompt", "SAMPLE_RATE", "SpeechPlan", "Transcript", "answer_timing",
            "check_output_path", "load_model", "wav_bytes", "write_wav"]
 
@@ -92,7 +90,7 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 BATCH_KEYS = {"text", "image", "audio", "audio_in", "video", "video_frames", "prompt"}  # answer_batch requests
 
 # What a missing component is called in messages, and which `Components.searched` entry says where it was sought.

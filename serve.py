@@ -16,8 +16,7 @@ import sys
 import traceback
 from typing import Sequence
 
-from utils.cli_args import non_negative_float, non_negative_int, positive_float, positive_int
-from utils.defaults import DTYPE_NAMES, QUANTIZATIONS
+from utils.cli_args import add_model_arguments, non_negative_float, non_negative_int, positive_float, positive_int
 from utils.errors import OmniError
 
 EPILOG = """examples:
@@ -32,18 +31,8 @@ exit status: 0 after a requested stop (SIGTERM, Ctrl-C), 1 on an error (one `err
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="serve.py", description=__doc__, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("model (as infer_chat.py)")
-    g.add_argument("--ckpt_dir", required=True, metavar="DIR",
-                   help="Checkpoint directory: a trainers' checkpoints/ root, an omni_sft dir or a merged export.")
-    g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
-                   help="Where to run (default auto: cuda, then mps, then cpu).")
-    g.add_argument("--dtype", default=None, choices=DTYPE_NAMES,
-                   help="Compute precision (default: the stored weights' precision).")
-    g.add_argument("--quantize", default=None, choices=QUANTIZATIONS,
-                   help="Quantize the linear layers for speed (answers may differ slightly from float32).")
-    g.add_argument("--threads", type=non_negative_int, default=None, metavar="N",
-                   help="CPU threads for torch (default 1, or OMP_NUM_THREADS when set; 0: one per core), as "
-                        "infer_chat.py.")
+    add_model_arguments(p, "Checkpoint directory: a trainers' checkpoints/ root, an omni_sft dir, a merged export "
+                           "or one weights file (as infer_chat.py).")
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1",
                    help="Address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it).")

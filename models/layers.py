@@ -145,7 +145,6 @@ class Rotary(nn.Module):
         emb = torch.cat([ang, ang], dim=-1)
         sin = emb.sin()
         self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", sin, persistent=False)
         self.register_buffer("rot_sin", torch.cat([-sin[:, :head_dim // 2], sin[:, head_dim // 2:]], dim=-1),
                              persistent=False)
 

@@ -28,10 +28,9 @@ from typing import Any, Callable, Sequence
 
 from utils.batch_job import (Journal, MaterializedMedia, Row, audio_rows, inline_media, job_key, process_rows,
                              read_batch_file, record)
-from utils.cli_args import (add_generation_arguments, generation_options, non_negative_float, non_negative_int,
-                            positive_float, positive_int, resolve_random_seed)
-from utils.console import Console, guarded, route_warnings, utf8_streams
-from utils.defaults import DEVICES, DTYPE_NAMES, QUANTIZATIONS
+from utils.cli_args import (add_generation_arguments, add_model_arguments, generation_options, non_negative_float,
+                            non_negative_int, positive_float, positive_int, run_command)
+from utils.console import Console
 from utils.errors import OmniError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,14 +75,8 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="Continue an interrupted job from OUTPUT.journal: finished lines are not redone.")
 
-    g = p.add_argument_group("model")
-    g.add_argument("--ckpt_dir", required=True, metavar="DIR", help="Checkpoint directory or merged export.")
-    g.add_argument("--device", default="auto", choices=DEVICES,
-                   help="Where each worker runs the model (default auto: cuda, then mps, then cpu).")
-    g.add_argument("--dtype", default=None, choices=DTYPE_NAMES,
-                   help="Compute precision (default: the stored weights').")
-    g.add_argument("--quantize", default=None, choices=QUANTIZATIONS,
-                   help="Weight quantization at load time for faster decode (see infer_chat.py --help).")
+    add_model_arguments(p, "Checkpoint directory or merged export (as infer_chat.py); with --engine ray every "
+                           "worker opens it, so it must be visible to them under the same path.")
 
     g = p.add_argument_group("engine")
     g.add_argument("--engine", choices=("local", "ray"), default="local",
@@ -147,7 +140,8 @@ def run_local(args: argparse.Namespace, rows: list[Row], gen: dict[str, Any], co
     from omni import load_model
 
     con.status(f"loading μOmni from {args.ckpt_dir} ...")
-    model = load_model(args.ckpt_dir, device=args.device, dtype=args.dtype, quantize=args.quantize)
+    model = load_model(args.ckpt_dir, device=args.device, dtype=args.dtype, quantize=args.quantize,
+                       threads=args.threads)
     for lo in range(0, len(rows), args.batch_size):
         finished(process_rows(model, rows[lo:lo + args.batch_size], args.task, gen))
     return f"engine local, {model.device}"
@@ -320,12 +314,4 @@ def run(args: argparse.Namespace, con: Console) -> int:
 
 
 def main(argv: Sequence[str] | None, prog: str, description: str) -> int:
-    utf8_streams()
-    parser = build_parser(prog, description)
-    args = parser.parse_args(argv)
-    check_args(parser, args)
-    con = Console(args.quiet, verbose=args.verbose)
-    route_warnings(con)
-    if resolve_random_seed(args):
-        con.info(f"seed: {args.seed} (--seed -1: random)")
-    return guarded(lambda: run(args, con), con, args.verbose)
+    return run_command(lambda: build_parser(prog, description), check_args, run, argv)

@@ -29,8 +29,8 @@ import torch
 
 from models.layers import KVCache
 from models.thinker import ThinkerLM
-from utils.generation import (EOS_ID, SamplingOptions, apply_repetition_penalty, check_budget, greedy_head,
-                              sample)
+from utils.defaults import EOS_ID
+from utils.generation import SamplingOptions, apply_repetition_penalty, check_budget, greedy_head, sample
 
 
 @dataclass

@@ -14,10 +14,9 @@ import argparse
 import sys
 from typing import TYPE_CHECKING, Any, Sequence
 
-from utils.cli_args import (build_parser, check_args, generation_options, one_shot, resolve_random_seed,
-                            seed_report)
+from utils.cli_args import build_parser, check_args, generation_options, one_shot, run_command, seed_report
 from utils.cli_transcribe import run_transcribe
-from utils.console import Console, Out, format_card, guarded, print_timings, route_warnings, utf8_streams
+from utils.console import Console, Out, format_card, print_timings
 from utils.errors import OmniError
 from utils.repl import run_batch_file, run_pipe, run_repl
 
@@ -124,12 +123,4 @@ def run(args: argparse.Namespace, con: Console) -> int:
 
 
 def main(argv: Sequence[str] | None, prog: str, description: str) -> int:
-    utf8_streams()
-    parser = build_parser(prog, description)
-    args = parser.parse_args(argv)
-    check_args(parser, args)
-    con = Console(args.quiet, verbose=args.verbose)
-    route_warnings(con)
-    if resolve_random_seed(args):
-        con.status(f"seed: {args.seed} (--seed -1: random)")
-    return guarded(lambda: run(args, con), con, args.verbose)
+    return run_command(lambda: build_parser(prog, description), check_args, run, argv)

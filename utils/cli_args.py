@@ -1,16 +1,18 @@
 """The command line's arguments: argparse value types, the parser with its examples and dash aliases, the usage
-checks argparse cannot express, and the generation options they give. Torch-free at import, so `--help`,
-`--version` and usage errors (exit 2) answer at once."""
+checks argparse cannot express, the generation options they give, and `run_command`, the life of a command line
+(parse, check, console, exit status). Torch-free at import, so `--help`, `--version` and usage errors (exit 2)
+answer at once."""
 from __future__ import annotations
 
 import argparse
 import math
 import secrets
 import textwrap
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from utils.cli_transcribe import add_arguments as add_transcribe_arguments
 from utils.cli_transcribe import check_args as check_transcribe_args
+from utils.console import Console, guarded, route_warnings, utf8_streams
 from utils.defaults import (DECODE_ATTENTION, DEFAULT_VIDEO_FRAMES, DEVICES, DTYPE_NAMES, MAX_SEED, MAX_VIDEO_FRAMES,
                             QUANTIZATIONS, RANDOM_SEED, VOCODERS)
 from utils.transcript import TranscribeOptions
@@ -112,21 +114,9 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
         prog=prog, description=(description or "").strip() + "\n\n" + textwrap.fill(MODES, 100),
         epilog=epilog(prog), formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
 
-    g = p.add_argument_group("model")
-    g.add_argument("--ckpt_dir", required=True, metavar="DIR",
-                   help="Checkpoint directory: a thinker dir, an omni_sft dir, a trainers' checkpoints/ root, an "
-                        "audio encoder dir (with --transcribe) or a merged safetensors export.")
-    g.add_argument("--device", default="auto", choices=DEVICES,
-                   help="Where to run: auto picks cuda, then mps, then cpu (default auto); naming a device this "
-                        "machine lacks is an error (exit 1).")
-    g.add_argument("--dtype", default=None, choices=DTYPE_NAMES,
-                   help="Compute precision (default: the stored weights' precision, float32 for μOmni).")
-    g.add_argument("--quantize", default=None, choices=QUANTIZATIONS,
-                   help="Quantize the linear layers for speed: int8 (weights per output channel) or int4 (CPU; "
-                        "4-bit weights in groups of 32); answers may differ slightly from float32.")
-    g.add_argument("--threads", type=non_negative_int, default=None, metavar="N",
-                   help="CPU threads for torch (default 1, or OMP_NUM_THREADS when set: more threads rarely "
-                        "help models this small and slow them down badly on a busy machine; 0 = one per core).")
+    add_model_arguments(p, "Checkpoint directory: a thinker dir, an omni_sft dir, a trainers' checkpoints/ root, "
+                           "an audio encoder dir (with --transcribe), a merged safetensors export, or one weights "
+                           "file.")
 
     g = p.add_argument_group("input (any of these makes it a one-shot question)")
     g.add_argument("--text", help="The question or instruction.")
@@ -214,6 +204,23 @@ def add_dash_aliases(parser: argparse.ArgumentParser) -> None:
                     parser._option_string_actions[alias] = action
 
 
+def add_model_arguments(p: argparse.ArgumentParser, ckpt_help: str) -> None:
+    """Which model and how to run it: shared by infer_chat.py / infer_safetensors.py, serve.py and batch.py."""
+    g = p.add_argument_group("model")
+    g.add_argument("--ckpt_dir", required=True, metavar="DIR", help=ckpt_help)
+    g.add_argument("--device", default="auto", choices=DEVICES,
+                   help="Where to run: auto picks cuda, then mps, then cpu (default auto); naming a device this "
+                        "machine lacks is an error (exit 1).")
+    g.add_argument("--dtype", default=None, choices=DTYPE_NAMES,
+                   help="Compute precision (default: the stored weights' precision, float32 for μOmni).")
+    g.add_argument("--quantize", default=None, choices=QUANTIZATIONS,
+                   help="Quantize the linear layers for speed: int8 (weights per output channel) or int4 (CPU; "
+                        "4-bit weights in groups of 32); answers may differ slightly from float32.")
+    g.add_argument("--threads", type=non_negative_int, default=None, metavar="N",
+                   help="CPU threads for torch (default 1, or OMP_NUM_THREADS when set: more threads rarely "
+                        "help models this small and slow them down badly on a busy machine; 0 = one per core).")
+
+
 def add_generation_arguments(p: argparse.ArgumentParser) -> None:
     """The sampling flags, shared by infer_chat.py / infer_safetensors.py and batch.py (only the flags given reach
     the library: the rest come from generation_config.json or its defaults)."""
@@ -294,3 +301,19 @@ def resolve_random_seed(args: argparse.Namespace) -> bool:
         return False
     args.seed, args.random_seed = random_seed(), True
     return True
+
+
+def run_command(make_parser: Callable[[], argparse.ArgumentParser],
+                check: Callable[[argparse.ArgumentParser, argparse.Namespace], None],
+                run: Callable[[argparse.Namespace, Console], int], argv: Sequence[str] | None) -> int:
+    """The life of a command line (infer_chat.py, infer_safetensors.py, batch.py): UTF-8 streams, parse and check
+    the flags (usage errors exit 2), a console for stderr, --seed -1 resolved, then `run` under `guarded`."""
+    utf8_streams()
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    check(parser, args)
+    con = Console(args.quiet, verbose=args.verbose)
+    route_warnings(con)
+    if resolve_random_seed(args):
+        con.status(f"seed: {args.seed} (--seed -1: random)")
+    return guarded(lambda: run(args, con), con, args.verbose)

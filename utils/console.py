@@ -171,3 +171,4 @@ def guarded(run: Callable[[], int], con: Console, verbose: bool) -> int:
         con.error(f"unexpected {type(exc).__name__}: {exc}" + ("" if verbose else
                                                               " (run with --verbose for the traceback)"))
         return 1
+

@@ -30,16 +30,14 @@ from torch import nn
 
 from models.layers import CausalStack, refresh_fused
 from models.thinker import ThinkerLM
+from utils.defaults import DECODE_ATTENTION, DEFAULT_MAX_NEW_TOKENS, EOS_ID
 from utils.quant import GreedyHead, greedy_head_supported
 
-EOS_ID = 2
-MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit value
-DECODE_ATTENTION = ("causal", "reference")  # the first is the default
 
 
 @dataclass
 class SamplingOptions:
-    max_new_tokens: int = 64
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0

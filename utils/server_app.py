@@ -35,7 +35,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from omni import MAX_SEED, BatchEngine, EngineClosed, OmniError, OmniModel, QueueFull, RowPrompt, wav_bytes
+from omni import BatchEngine, EngineClosed, OmniError, OmniModel, QueueFull, RowPrompt, wav_bytes
+from utils.defaults import MAX_SEED
 from utils.transcript import Transcript, format_transcript
 
 TRANSCRIPTION_FORMATS = ("json", "text", "verbose_json", "srt", "vtt")
