@@ -13,6 +13,7 @@ import soxr
 import torch
 
 from utils.errors import OmniError
+from utils.fileio import temp_path, write_atomic
 from utils.media import open_container
 
 SAMPLE_RATE = 16000
@@ -263,10 +264,6 @@ def power_mel(wave: np.ndarray | torch.Tensor, n_fft: int = N_FFT, hop_length: i
     return (spec.transpose(-1, -2) @ _FILTERS[key]).contiguous()
 
 
-def temp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
 def same_file_as_std_stream(path: Path) -> str | None:
     """'standard output' or 'standard error' when `path` (e.g. /dev/stdout, /proc/self/fd/1) is that stream:
     stdout carries the answers and stderr the messages, so a WAV written there would be mixed with text."""
@@ -337,15 +334,4 @@ def write_wav(path: str | os.PathLike, wave: np.ndarray, sample_rate: int = SAMP
         except OSError as exc:  # /dev/full: ENOSPC; a FIFO whose reader left: EPIPE
             raise OmniError(f"{flag} {path}: cannot write ({exc.strerror or exc})") from exc
         return
-    tmp = temp_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise OmniError(f"{flag} {path}: cannot write ({exc.strerror or exc})") from exc
-    finally:
-        try:
-            tmp.unlink()
-        except OSError:  # already renamed, never created, or its name is unusable
-            pass
+    write_atomic(path, data, f"{flag} {path}")

@@ -9,10 +9,10 @@ import json
 import math
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 from utils.errors import OmniError
+from utils.fileio import write_atomic
 
 OUTPUT_FORMATS = ("txt", "json", "srt", "vtt", "tsv")
 
@@ -108,18 +108,5 @@ def format_transcript(result: dict[str, Any], fmt: str) -> str:
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write UTF-8 text through a temp file in the same directory and a rename: an interrupted or failed write
-    leaves no partial file (and an existing file untouched)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise OmniError(f"{path}: cannot write ({exc.strerror or exc})") from exc
-    finally:
-        try:
-            tmp.unlink()
-        except OSError:  # already renamed, or never created
-            pass
+    """Write UTF-8 text atomically (utils.fileio.write_atomic): no partial file, an existing one untouched."""
+    write_atomic(path, text.encode("utf-8"))
