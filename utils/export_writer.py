@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import save_file
 
 from utils import loading as L
-from utils.checkpoint import MAX_JSON_BYTES, find_config, read_torch_file, unwrap
+from utils.checkpoint import MAX_JSON_BYTES, find_config
 from utils.errors import OmniError, one_line
 from utils.export_format import (COMPONENT_PREFIXES, STORAGE_DTYPES, dtype_name, export_config, generation_config, load_export,
                                  merged_state_dict, model_info, preprocessor_config)
@@ -122,13 +122,6 @@ def find_sources(ckpt_root: str | os.PathLike | None = None, named: dict[str, st
             for flag, kind in COMPONENT_FLAGS.items()}
 
 
-def load_vocoder_dir(comps: L.Components, d: Path) -> None:
-    path = L.weights_file(d, "vocoder")
-    cfg, _ = find_config(d)
-    comps.vocoder = L.build_vocoder(unwrap(read_torch_file(path), "vocoder", path), cfg, str(path))
-    comps.sources["vocoder"] = str(path)
-
-
 def load_sources(dirs: dict[str, Path | None], note: Note = stderr_note) -> L.Components:
     """Build exactly the named components (strict loads: a wrong file fails here, before anything is written)."""
     omni, thinker = dirs["omni"], dirs["thinker"]
@@ -138,7 +131,7 @@ def load_sources(dirs: dict[str, Path | None], note: Note = stderr_note) -> L.Co
     else:
         L.load_thinker_dir(comps, thinker)
     loaders = {"audio": L.load_audio_dir, "vision": L.load_vision_dir, "talker": L.load_talker_dir,
-               "vocoder": load_vocoder_dir}
+               "vocoder": L.load_vocoder_dir}
     for kind, loader in loaders.items():
         if dirs[kind] is not None:
             loader(comps, dirs[kind])

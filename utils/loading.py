@@ -312,21 +312,24 @@ def load_siblings(comps: Components, base: Path, pointers: dict[str, Any]) -> No
             loader(comps, found)
 
 
-def load_vision_dir(comps: Components, d: Path) -> None:
-    path = weights_file(d, "vision")
+def read_component(comps: Components, d: Path, kind: str) -> tuple[Path, Any, dict[str, Any]]:
+    """(weights file, its unpickled contents, config) of a `kind` directory, recorded in comps.sources/configs."""
+    path = weights_file(d, kind)
+    obj = read_torch_file(path)
     cfg, cfg_path = find_config(d)
-    comps.configs["vision"] = config_label(cfg_path)
-    comps.vision = build_vision(unwrap(read_torch_file(path), "vision_encoder", path), cfg, str(path))
-    comps.sources["vision"] = str(path)
+    comps.configs[kind] = config_label(cfg_path)
+    comps.sources[kind] = str(path)
+    return path, obj, cfg
+
+
+def load_vision_dir(comps: Components, d: Path) -> None:
+    path, obj, cfg = read_component(comps, d, "vision")
+    comps.vision = build_vision(unwrap(obj, "vision_encoder", path), cfg, str(path))
 
 
 def load_audio_dir(comps: Components, d: Path) -> None:
-    path = weights_file(d, "audio")
-    obj = read_torch_file(path)
-    cfg, cfg_path = find_config(d)
-    comps.configs["audio"] = config_label(cfg_path)
+    path, obj, cfg = read_component(comps, d, "audio")
     comps.audio = build_audio(unwrap(obj, "audio_encoder", path), cfg, str(path))
-    comps.sources["audio"] = str(path)
     if "head" in obj:
         comps.ctc_head = build_linear(unwrap(obj, "ctc_head", path), f"{path} [head]")
         meta = next((d / n for n in CTC_MAP_NAMES if os.path.lexists(d / n)), d / CTC_MAP_NAMES[0])
@@ -339,14 +342,16 @@ def load_audio_dir(comps: Components, d: Path) -> None:
             comps.searched["ctc_chars"] = str(meta)
 
 
+def load_vocoder_dir(comps: Components, d: Path) -> None:
+    """A HiFi-GAN directory named explicitly (export.py --vocoder_ckpt); `load_vocoder_near` searches instead."""
+    path, obj, cfg = read_component(comps, d, "vocoder")
+    comps.vocoder = build_vocoder(unwrap(obj, "vocoder", path), cfg, str(path))
+
+
 def load_talker_dir(comps: Components, d: Path) -> None:
-    path = weights_file(d, "talker")
-    obj = read_torch_file(path)
-    cfg, cfg_path = find_config(d)
-    comps.configs["talker"] = config_label(cfg_path)
+    path, obj, cfg = read_component(comps, d, "talker")
     comps.talker = build_talker(unwrap(obj, "talker", path), cfg, str(path))
     comps.rvq = build_rvq(unwrap(obj, "rvq", path), f"{path} [rvq]")
-    comps.sources["talker"] = str(path)
 
 
 def child_dirs(parent: Path) -> list[Path]:
