@@ -436,8 +436,8 @@ class Block(nn.Module):
     def decode(self, x: torch.Tensor, cos: torch.Tensor, rot_sin: torch.Tensor, layer: int, cache: KVCache,
                pos: int, mask: torch.Tensor | None, attn_out: torch.Tensor | None = None) -> torch.Tensor:
         """One decode step on rows x (B, d), one new position each. `attn_out` (B, 1, d), when given, replaces
-        the attention sub-layer's output: the decode of `decode_attention="reference"`, where every new token
-        sees only its row's first key, makes that output one constant per row (see
+        the attention sub-layer's output: the reference decode mode (decode_attention "reference"), where every
+        new token sees only its row's first key, makes that output one constant per row (see
         `Attention.single_key_output`)."""
         p = self._plan
         if p is not None and attn_out is None and x.dtype == torch.float32:

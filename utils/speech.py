@@ -6,7 +6,7 @@ word: 12.5 frames per second of speech at ~2.5 words per second), or given expli
 
 Generation runs on the Thinker's engine (utils.generation.Decoder): a causal prefill of
 [start, emb(0)+emb(0)] at positions 0 and 1 into a preallocated KV cache, then one frame per step, each frame
-attending to every earlier position ("causal", the default). `decode_attention="reference"` reproduces the
+attending to every earlier position ("causal", the default). The "reference" decode_attention mode reproduces the
 reference implementation's defect (each new frame attends only to the `start` slot), for comparison only.
 
 Timing: each talker frame is 80 ms (1280 samples at 16 kHz). The reference fed these frames straight into a
