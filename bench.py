@@ -220,12 +220,13 @@ def timed(fn: Callable[[], Any], reps: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
-def read_bandwidth(mb: int = 256, reps: int = 5) -> float:
-    """Bytes per CPU-second one thread reads from memory (a sum over a buffer far larger than the caches),
-    the median of `reps` (CPU time, like the rates it bounds)."""
+def read_bandwidth(nbytes: float, reps: int = 5) -> float:
+    """Bytes per CPU-second one thread reads (a sum) from a buffer of `nbytes`, the size of what a decode step
+    reads, so the caches help it as much as they help the step; the median of `reps` (CPU time, like the rates
+    it bounds)."""
     import torch
 
-    buf = torch.ones(mb * (1 << 20) // 4)
+    buf = torch.ones(max(1 << 16, int(nbytes) // 4))
     buf.sum()
     times = []
     for _ in range(reps):
@@ -240,11 +241,12 @@ def decode_rates_b1(thinker, embeds, opts, reps: int) -> dict[str, float]:
     from utils.generation import generate
 
     wall, cpu, ttft = [], [], []
+    info: dict[str, Any] = {}
     for r in range(reps + 1):
         start = Clock()
         first = None
         n = 0
-        for _ in generate(thinker, embeds, opts):
+        for _ in generate(thinker, embeds, opts, None, info):
             n += 1
             if first is None:
                 first = Clock()
@@ -254,7 +256,7 @@ def decode_rates_b1(thinker, embeds, opts, reps: int) -> dict[str, float]:
             wall.append((n - 1) / w)
             cpu.append((n - 1) / c)
     return {"tok_s": statistics.median(wall), "tok_cpu_s": statistics.median(cpu),
-            "ttft_ms": statistics.median(ttft[1:]) * 1e3}
+            "ttft_ms": statistics.median(ttft[1:]) * 1e3, "kernel": info["decode_kernel"]}
 
 
 def decode_rates_batch(thinker, embeds_list, opts, reps: int) -> dict[str, float]:
@@ -377,13 +379,21 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         res[f"b8_{mode}_tok_s"], res[f"b8_{mode}_tok_cpu_s"] = b8["tok_s"], b8["tok_cpu_s"]
         if mode == "causal":
             res["ttft_ms"] = b1["ttft_ms"]
+            res["decode_kernel_full"] = b1["kernel"]
+            res["decode_kernel"] = b1["kernel"].split(" (")[0]
     res["b8_over_b1"] = res["b8_causal_tok_s"] / res["b1_causal_tok_s"]
+    if res["decode_kernel"] == "c":  # the torch step on the same weights, for comparison
+        opts = SamplingOptions(max_new_tokens=N, ignore_eos=True, decode_kernel="torch")
+        res["b1_torch_tok_s"] = decode_rates_b1(thinker, x, opts, reps)["tok_s"]
+        res["b8_torch_tok_s"] = decode_rates_batch(thinker, batch, opts, max(2, reps // 2))["tok_s"]
+        res["c_over_torch_b1"] = res["b1_causal_tok_s"] / res["b1_torch_tok_s"]
+        res["c_over_torch_b8"] = res["b8_causal_tok_s"] / res["b8_torch_tok_s"]
 
     screened = type(thinker.lm_head) is torch.nn.Linear and vocab >= SCREEN_MIN_VOCAB
-    bw = read_bandwidth(64 if q else 256)
-    res["read_gb_s"] = bw / 1e9
     for b, key in ((1, "b1"), (8, "b8")):
         per_token = decode_bytes(thinker, b, P + N / 2, screened)
+        bw = read_bandwidth(per_token * b)
+        res[f"{key}_read_gb_s"] = bw / 1e9
         res[f"{key}_mb_per_token"] = per_token / 1e6
         res[f"{key}_bound_tok_s"] = bw / per_token
         res[f"{key}_bound_fraction"] = res[f"{key}_causal_tok_cpu_s"] / res[f"{key}_bound_tok_s"]
@@ -429,20 +439,25 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
 # ---------------------------------------------------------------- the report
 
 ROWS = [
+    ("decode step (`--decode_kernel auto`)", "decode_kernel", "{}"),
     ("**decode batch 1, causal (tokens/s)**", "b1_causal_tok_s", "{:,.0f}"),
     ("decode batch 1, causal (tokens per CPU-second)", "b1_causal_tok_cpu_s", "{:,.0f}"),
     ("**decode batch 8, causal (tokens/s, all rows)**", "b8_causal_tok_s", "{:,.0f}"),
     ("decode batch 8, causal (tokens per CPU-second)", "b8_causal_tok_cpu_s", "{:,.0f}"),
     ("batch 8 / batch 1 (causal, wall)", "b8_over_b1", "{:.2f}x"),
+    ("decode batch 1, causal, torch step (tokens/s)", "b1_torch_tok_s", "{:,.0f}"),
+    ("decode batch 8, causal, torch step (tokens/s, all rows)", "b8_torch_tok_s", "{:,.0f}"),
+    ("C step / torch step, batch 1", "c_over_torch_b1", "{:.2f}x"),
+    ("C step / torch step, batch 8", "c_over_torch_b8", "{:.2f}x"),
     ("prefill (tokens/s, {P} tokens)", "prefill_tok_s", "{:,.0f}"),
     ("time to first token (ms, {P}-token prompt)", "ttft_ms", "{:.1f}"),
     ("bytes read per token, batch 1 (MB)", "b1_mb_per_token", "{:.2f}"),
+    ("read bandwidth for that many bytes (GB per CPU-second)", "b1_read_gb_s", "{:.1f}"),
     ("bandwidth bound, batch 1 (tokens per CPU-second)", "b1_bound_tok_s", "{:,.0f}"),
     ("fraction of the bound reached, batch 1", "b1_bound_fraction", "{:.0%}"),
     ("bytes read per token, batch 8 (MB)", "b8_mb_per_token", "{:.2f}"),
     ("bandwidth bound, batch 8 (tokens per CPU-second)", "b8_bound_tok_s", "{:,.0f}"),
     ("fraction of the bound reached, batch 8", "b8_bound_fraction", "{:.0%}"),
-    ("single-thread read bandwidth measured (GB per CPU-second)", "read_gb_s", "{:.1f}"),
     ("top-1 agreement with float32 (teacher-forced decode steps)", "top1_agreement", "{:.1%}"),
     ("decode batch 1, reference mode (tokens/s)", "b1_reference_tok_s", "{:,.0f}"),
     ("decode batch 8, reference mode (tokens/s, all rows)", "b8_reference_tok_s", "{:,.0f}"),
@@ -465,11 +480,15 @@ Greedy decoding of a {prompt_tokens}-token prompt, {new_tokens} new tokens, EOS 
 (left-padded). Decode rate = tokens after the first / time after the first; "per CPU-second" divides by the
 process's CPU time instead of wall time (one thread: other processes on the same cores do not count). Causal
 is the default decode; "reference mode" reproduces the μOmni reference's defect (each new token attends to the
-first position only). float32 / bfloat16 greedy steps read the vocabulary projection through the exact
-int8-screened argmax (utils.quant.GreedyHead). int8 = Int8Linear (weight-only int8 for decode steps), int4 =
-Int4Linear (4-bit weights in groups of 32; shapes the kernel cannot take stay float). Bytes per token: every
-block tensor as stored, the vocabulary projection as read (int8 screen or the head itself), the embedding row
-and the KV cache at the mean position; the bound is the measured single-thread read bandwidth divided by it.
+first position only). Decode step: "c" = the C step (utils/native_decode.c: float32 and int8 weights, causal),
+"torch" = the torch step (bfloat16, int4, and the reference mode always take it); the torch rows time the torch
+step on the same weights in the same process. float32 / bfloat16 greedy steps read the vocabulary projection
+through the exact int8-screened argmax (utils.quant.GreedyHead). int8 = Int8Linear (int8 weights per output
+channel; the C step quantizes activations per row to int8, the torch step multiplies bfloat16 activations),
+int4 = Int4Linear (4-bit weights in groups of 32; shapes the kernel cannot take stay float). Bytes per token:
+every block tensor as stored, the vocabulary projection as read (int8 screen or the head itself), the embedding
+row and the KV cache at the mean position; the bound is the single-thread read bandwidth measured over a buffer
+of that size, divided by it.
 The baseline is the reference's decode loop on the same weights (cache grown by torch.cat, NaN/Inf .any()
 checks on every tensor, masks rebuilt and K/V repeat_interleave'd each step)."""
 

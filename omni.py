@@ -31,7 +31,7 @@ from utils.audio import (HOP_LENGTH, SAMPLE_RATE, check_output_path, check_wave,
                          max_audio_seconds, power_mel, trim_audio, wav_bytes, write_wav)
 from utils.batching import BatchEngine, EngineClosed, QueueFull, RowPrompt
 from utils.components import Components, to_device
-from utils.defaults import (AUDIO_PROMPT, DECODE_ATTENTION, DEFAULT_VIDEO_FRAMES, DTYPE_NAMES, IMAGE_PROMPT, MAX_SEED,
+from utils.defaults import (AUDIO_PROMPT, DECODE_ATTENTION, DECODE_KERNELS, DEFAULT_VIDEO_FRAMES, DTYPE_NAMES, IMAGE_PROMPT, MAX_SEED,
                             QUANTIZATIONS)
 from utils.errors import OmniError
 from utils.generation import SamplingOptions, generate, generate_batch
@@ -352,7 +352,8 @@ class OmniModel:
         embeds, ids, notes, opts.max_new_tokens = self._build_prompt(text, images, wave, opts.max_new_tokens)
         detok = IncrementalDecoder(self._parts.tokenizer)
         t_first = None
-        for tid in generate(self._parts.thinker, embeds, opts, ids):
+        info: dict[str, Any] = {}
+        for tid in generate(self._parts.thinker, embeds, opts, ids, info):
             if t_first is None:
                 t_first = time.perf_counter()  # the prefill's token: decode time runs from here
             piece = detok.push(tid)
@@ -367,7 +368,7 @@ class OmniModel:
         # Decode steps: forward passes after the prefill, each yielding one token — the answer's tokens after
         # the first, plus the step whose EOS ended it. Timed from the first token to the end of the last step.
         steps = max(0, len(out) - 1) + (len(out) < opts.max_new_tokens and not opts.ignore_eos and bool(out))
-        timing = answer_timing(self.load_seconds, t_first - t0, embeds.shape[1], t_end - t_first, steps)
+        timing = {**answer_timing(self.load_seconds, t_first - t0, embeds.shape[1], t_end - t_first, steps), **info}
         result.append(Answer(detok.text, out, embeds.shape[1], timing, notes))
 
     def answer(self, text: str | None = None, image: ImageInput | list[ImageInput] | None = None,
@@ -377,7 +378,9 @@ class OmniModel:
         """Generate one answer with its ids and timings; `on_text(piece)` receives the text as it is generated.
 
         `gen` are SamplingOptions: max_new_tokens, temperature (0 = greedy), top_k, top_p, repetition_penalty,
-        seed, ignore_eos, decode_attention ('reference' or 'causal'); and `system`, a system prompt joined before
+        seed, ignore_eos, decode_attention ('reference' or 'causal'), decode_kernel ('auto', 'c' or 'torch': the
+        decode step in C where it applies, see utils.native_decode; timing["decode_kernel"] says which ran and
+        why); and `system`, a system prompt joined before
         the text as "SYSTEM TEXT" (μOmni has no chat template). `image` and `audio` may be lists: one token per image, the clips' tokens in order."""
         result: list[Answer] = []
         for piece in self._generate(result, text, image, audio, video, video_frames, prompt, gen):
@@ -429,8 +432,9 @@ class OmniModel:
         Other model work (transcribe, speak, encoders) should go through its `call` so one thread runs
         the model."""
         self._require_parts("chat", "thinker")
+        opts = self.sampling_options()
         return BatchEngine(self._parts.thinker, max_batch=max_batch, max_queue=max_queue,
-                           decode_attention=self.sampling_options().decode_attention)
+                           decode_attention=opts.decode_attention, decode_kernel=opts.decode_kernel)
 
     # ------------------------------------------------------------ batched chat
     def answer_batch(self, items: list[dict[str, Any]], batch_size: int = 8,
@@ -476,15 +480,16 @@ class OmniModel:
             if not ready:
                 continue
             times: list[float] = []
+            info: dict[str, Any] = {}
             outs = generate_batch(self._parts.thinker, [r[1] for r in ready], [r[2] for r in ready], opts,
-                                  max_new_tokens=[r[4] for r in ready], step_times=times)
+                                  max_new_tokens=[r[4] for r in ready], step_times=times, info=info)
             t_first = times[0] if times else time.perf_counter()
             for (i, embeds, _, notes, max_new), out in zip(ready, outs):
                 steps = min(len(out) - 1 + (len(out) < max_new and not opts.ignore_eos), len(times) - 1) \
                     if out else 0  # as in _generate: the EOS step counts
                 decode_s = times[steps] - t_first if times else 0.0
                 timing = {**answer_timing(self.load_seconds, t_first - t0, embeds.shape[0], decode_s, steps),
-                          "batch_size": len(ready)}
+                          "batch_size": len(ready), **info}
                 results[i] = Answer(self._parts.tokenizer.decode(out), out, embeds.shape[0], timing, notes)
         return results
 
@@ -624,6 +629,8 @@ def check_options(opts: SamplingOptions) -> None:
         problems.append(f"repetition_penalty {opts.repetition_penalty} must be > 0")
     if opts.decode_attention not in DECODE_ATTENTION:
         problems.append(f"decode_attention {opts.decode_attention!r} must be one of {', '.join(DECODE_ATTENTION)}")
+    if opts.decode_kernel not in DECODE_KERNELS:
+        problems.append(f"decode_kernel {opts.decode_kernel!r} must be one of {', '.join(DECODE_KERNELS)}")
     if problems:
         raise OmniError("generation options: " + "; ".join(problems))
 

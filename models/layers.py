@@ -65,7 +65,7 @@ def fuse_linears(layers: list[nn.Module]) -> nn.Module | None:
     return fuse(layers) if fuse is not None else None
 
 
-def _weights_key(layers: list[nn.Module]) -> tuple:
+def weights_key(layers: list[nn.Module]) -> tuple:
     """What a fused copy depends on: identity, version, dtype and device of every tensor of `layers`."""
     key = []
     for layer in layers:
@@ -86,7 +86,7 @@ class Fused:
 
     def refresh(self) -> None:
         layers = [getattr(self.owner, name) for name in self.names]
-        key = (tuple(id(layer) for layer in layers), _weights_key(layers))
+        key = (tuple(id(layer) for layer in layers), weights_key(layers))
         if key != self.key:
             with torch.no_grad():
                 self.module = fuse_linears(layers)

@@ -15,6 +15,21 @@ SHARED_FIXTURE = REPO.parent / "shared" / "fixtures" / "muomni_small"
 sys.path.insert(0, str(REPO))
 
 
+def c_step_missing() -> str | None:
+    """Why the C decode step (utils/native_decode.py) cannot be built here, or None. Outside CI a test of it
+    skips with that reason; in CI (which installs a compiler) it fails instead."""
+    from utils.native_decode import library
+    lib, why = library()
+    return None if lib is not None or os.environ.get("CI") else why
+
+
+def c_step_param(*before: object):
+    """The "c" case of a decode-kernel parametrization (after the values `before` it), skipped with the reason
+    where the step cannot build."""
+    why = c_step_missing()
+    return pytest.param(*before, "c", marks=pytest.mark.skipif(why is not None, reason=f"no C decode step: {why}"))
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models gain nothing from intra-op threads, and on a shared machine the threads' spin-waiting makes

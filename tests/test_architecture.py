@@ -18,7 +18,7 @@ LAYER_OF = {
     "models": 0,
     "utils": 1, "utils.errors": 1, "utils.defaults": 1, "utils.audio": 1, "utils.image": 1, "utils.video": 1,
     "utils.tokenizer": 1, "utils.checkpoint": 1,
-    "utils.components": 2, "utils.loading": 2, "utils.export_format": 2, "utils.quant": 2,
+    "utils.components": 2, "utils.loading": 2, "utils.export_format": 2, "utils.quant": 2, "utils.native_decode": 2,
     "utils.media": 1, "utils.transcript": 1, "utils.version": 1, "utils.fileio": 1,
     "utils.generation": 3, "utils.speech": 3, "utils.transcribe": 3, "utils.batching": 3, "utils.export_writer": 3,
     "utils.batch_job": 3,

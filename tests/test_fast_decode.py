@@ -15,6 +15,8 @@ from models.layers import fuse_linears
 from utils.generation import Decoder, SamplingOptions, generate, generate_batch
 from utils.quant import Int4Linear, Int8Linear, quantize_linears
 
+from tests.conftest import c_step_param
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,9 +54,10 @@ def embed(thinker, ids: list[int]) -> torch.Tensor:
         return thinker.tok_emb(torch.tensor(ids))
 
 
-def test_fast_causal_decode_equals_full_forward(demo) -> None:
+@pytest.mark.parametrize("kernel", (c_step_param(), "torch"))
+def test_fast_causal_decode_equals_full_forward(kernel, demo) -> None:
     thinker = demo.parts.thinker
-    opts = SamplingOptions(max_new_tokens=STEPS, ignore_eos=True, decode_attention="causal")
+    opts = SamplingOptions(max_new_tokens=STEPS, ignore_eos=True, decode_attention="causal", decode_kernel=kernel)
     ids = [prompt_ids(demo, p) for p in PROMPTS]
     want = [full_forward_greedy(thinker, i, STEPS) for i in ids]
     single = [list(generate(thinker, embed(thinker, i)[None], opts, i)) for i in ids]
@@ -75,10 +78,10 @@ def test_fused_projections_equal_separate_ones(demo) -> None:
             assert torch.equal(got, torch.cat([p(x) for p in parts], -1)), cls.__name__
 
 
-def decode_logits(thinker, ids: list[int], continuation: list[int]) -> torch.Tensor:
+def decode_logits(thinker, ids: list[int], continuation: list[int], kernel: str = "auto") -> torch.Tensor:
     """The logits of each decode step (prefill, then one cached step per token of `continuation`):
     teacher-forced, so one early disagreement does not change every later step."""
-    opts = SamplingOptions(max_new_tokens=len(continuation) + 1, decode_attention="causal")
+    opts = SamplingOptions(max_new_tokens=len(continuation) + 1, decode_attention="causal", decode_kernel=kernel)
     dtype = thinker.tok_emb.weight.dtype
     with torch.inference_mode():
         dec = Decoder(thinker, embed(thinker, ids)[None].to(dtype), None, opts)
@@ -88,31 +91,32 @@ def decode_logits(thinker, ids: list[int], continuation: list[int]) -> torch.Ten
     return torch.stack(out).float()
 
 
-def agreement(reference, candidate, demo) -> tuple[float, float]:
-    """(top-1 agreement, worst relative RMS logit distance) of `candidate` with `reference` over the
-    float32 greedy continuations of PROMPTS."""
+def agreement(reference, candidate, demo, kernel: str = "auto") -> tuple[float, float]:
+    """(top-1 agreement, worst relative RMS logit distance) of `candidate` (decoded with `kernel`) with
+    `reference` over the float32 greedy continuations of PROMPTS."""
     agree = total = 0
     worst = 0.0
     opts = SamplingOptions(max_new_tokens=STEPS, ignore_eos=True, decode_attention="causal")
     for text in PROMPTS:
         ids = prompt_ids(demo, text)
         cont = list(generate(reference, embed(reference, ids)[None], opts, ids))
-        a, b = decode_logits(reference, ids, cont[:-1]), decode_logits(candidate, ids, cont[:-1])
+        a, b = decode_logits(reference, ids, cont[:-1]), decode_logits(candidate, ids, cont[:-1], kernel)
         agree += int((a.argmax(-1) == b.argmax(-1)).sum())
         total += a.shape[0]
         worst = max(worst, float((a - b).pow(2).mean().sqrt() / a.pow(2).mean().sqrt()))
     return agree / total, worst
 
 
-@pytest.mark.parametrize("method", ("bfloat16", "int8", "int4"))
-def test_quantized_decode_agrees_with_float32(method, demo) -> None:
+@pytest.mark.parametrize("method,kernel", (("bfloat16", "torch"), c_step_param("int8"), ("int8", "torch"),
+                                           ("int4", "torch")))
+def test_quantized_decode_agrees_with_float32(method, kernel, demo) -> None:
     reference = demo.parts.thinker
     candidate = copy.deepcopy(reference)
     if method == "bfloat16":
         candidate.to(torch.bfloat16)
     else:
         assert "blocks.0.attn.q" in quantize_linears(candidate, method)
-    top1, distance = agreement(reference, candidate, demo)
+    top1, distance = agreement(reference, candidate, demo, kernel)
     assert top1 >= 0.97, (method, top1)
     assert distance <= LOGIT_DISTANCE[method], (method, distance)
 
@@ -129,15 +133,17 @@ def test_a_broken_quantizer_fails_the_agreement_measure(demo) -> None:
     assert top1 < 0.97 or distance > LOGIT_DISTANCE["int8"]
 
 
-def test_fixture_causal_ids_through_every_fast_path(fixture_dir, expected) -> None:
+@pytest.mark.parametrize("kernel", (c_step_param(), "torch"))
+def test_fixture_causal_ids_through_every_fast_path(kernel, fixture_dir, expected) -> None:
     """The fixture thinker's `thinker_greedy_16_causal` ids (a full causal forward per step, computed by
-    the reference's own code): batch 1, and as one row of a left-padded batch."""
+    the reference's own code): batch 1, and as one row of a left-padded batch, through the C step and the
+    torch step."""
     from omni import load_model
     model = load_model(fixture_dir / "thinker_tiny", device="cpu")
     thinker, ids = model.parts.thinker, expected["prompt_ids"]
     want = expected["thinker_greedy_16_causal"]
     want = want[:want.index(2)] if 2 in want else want
-    opts = SamplingOptions(max_new_tokens=16, decode_attention="causal")
+    opts = SamplingOptions(max_new_tokens=16, decode_attention="causal", decode_kernel=kernel)
     assert list(generate(thinker, embed(thinker, ids)[None], opts, ids)) == want
     longer = ids + ids[1:]
     got = generate_batch(thinker, [embed(thinker, longer), embed(thinker, ids)], [longer, ids], opts)

@@ -31,6 +31,7 @@ from models.layers import KVCache
 from models.thinker import ThinkerLM
 from utils.defaults import EOS_ID
 from utils.generation import SamplingOptions, apply_repetition_penalty, check_budget, greedy_head, sample
+from utils.native_decode import NativeSession, native_model
 
 
 @dataclass
@@ -73,7 +74,7 @@ class BatchEngine:
     run on the scheduler thread; `call` runs other model work (encoders, speech, CTC) between steps."""
 
     def __init__(self, model: ThinkerLM, max_batch: int = 16, max_queue: int = 64,
-                 decode_attention: str = "causal", fast_greedy: bool = True) -> None:
+                 decode_attention: str = "causal", fast_greedy: bool = True, decode_kernel: str = "auto") -> None:
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch {max_batch} must be >= 1 and max_queue {max_queue} >= 0")
         self.model, self.max_batch, self.max_queue = model, max_batch, max_queue
@@ -97,6 +98,8 @@ class BatchEngine:
         self.seen = torch.zeros(max_batch, model.cfg.vocab_size, dtype=torch.bool, device=dev)
         self.screen = greedy_head(model) if fast_greedy else None
         self.views = {n: self.cache.first_rows(n) for n in range(1, max_batch + 1)} if self.cache else {}
+        native, self.kernel = native_model(model, decode_kernel, self.reference, self.screen)
+        self.native = NativeSession(native, self.cache.k, self.cache.v) if native is not None else None
         self.pos = 0
         self.rows: list[Row] = []  # running rows; rows[i] is in slot i
         self.admitting = 0  # rows taken from the queue whose prefill is under way
@@ -271,9 +274,13 @@ class BatchEngine:
                 ids = [i for i in prompt.ids if 0 <= i < self.seen.shape[1]]
                 if ids:
                     self.seen[slot, torch.tensor(ids, device=self.device)] = True
-            # the prefill generate() does for this prompt alone (batch 1, no padding, is_causal attention)
+            # the prefill generate() does for this prompt alone (batch 1, no padding, causal attention)
             small = self.model.new_cache(1, T)
-            logits = self.model.head(self.model.hidden(prompt.embeds[None].to(self.device), 0, small, last_only=True))
+            embeds = prompt.embeds.to(self.device)
+            if self.native is not None:
+                logits = NativeSession(self.native.native, small.k, small.v, T).prefill(embeds, 0, 0, greedy=False)
+            else:
+                logits = self.model.head(self.model.hidden(embeds[None], 0, small, last_only=True))
             first = self._pick_one(row, slot, logits)
             if self._emit(row, first):
                 return
@@ -331,6 +338,13 @@ class BatchEngine:
         tokens = self.tokens[:n]
         if any(r.opts.repetition_penalty != 1.0 for r in self.rows):
             self.seen[torch.arange(n, device=self.device), tokens] = True
+        greedy = [r.greedy for r in self.rows]
+        if self.native is not None:  # the C step (utils.native_decode): same rows, positions and masks
+            out = self.native.step(tokens, self.pos, self.anchors[:n], all(greedy))
+            self.pos += 1
+            self.steps += 1
+            self._deliver(out.tolist() if all(greedy) else self._pick_rows(out, greedy))
+            return
         x = self.model.embed_step(tokens)
         if self.reference:
             h = self.model.decode_hidden(x, 0, None, None, None, None, [a[:n] for a in self.attn_out])
@@ -344,16 +358,22 @@ class BatchEngine:
                                          self.rot_sin[:n].view(n, 1, dk), self.key_mask[:n, :, :, :pos + 1])
             self.pos += 1
         self.steps += 1
-        greedy = [r.greedy for r in self.rows]
         if all(greedy):
             ids = self.screen.argmax(h, self._full_argmax) if self.screen is not None else self._full_argmax(h)
-            picked = ids.tolist()  # the one host sync per step
+            self._deliver(ids.tolist())  # the one host sync per step
         else:
-            logits = self.model.head(h)
-            picked = logits.argmax(-1).tolist()
-            for b, row in enumerate(self.rows):
-                if not greedy[b]:
-                    picked[b] = self._pick_one(row, b, logits[b:b + 1])
+            self._deliver(self._pick_rows(self.model.head(h), greedy))
+
+    def _pick_rows(self, logits: torch.Tensor, greedy: list[bool]) -> list[int]:
+        """Each row's next id from the step's logits (n, V): argmax for greedy rows, its own sampling else."""
+        picked = logits.argmax(-1).tolist()
+        for b, row in enumerate(self.rows):
+            if not greedy[b]:
+                picked[b] = self._pick_one(row, b, logits[b:b + 1])
+        return picked
+
+    def _deliver(self, picked: list[int]) -> None:
+        """Emit each running row's picked id; free the rows that finished or were cancelled."""
         done = []  # (slot, cancelled)
         for b, (row, tid) in enumerate(zip(self.rows, picked)):
             if row.cancelled:

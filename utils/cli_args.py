@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 from utils.cli_transcribe import add_arguments as add_transcribe_arguments
 from utils.cli_transcribe import check_args as check_transcribe_args
 from utils.console import Console, guarded, route_warnings, utf8_streams
-from utils.defaults import (DECODE_ATTENTION, DEFAULT_VIDEO_FRAMES, DEVICES, DTYPE_NAMES, MAX_SEED, MAX_VIDEO_FRAMES,
+from utils.defaults import (DECODE_ATTENTION, DECODE_KERNELS, DEFAULT_VIDEO_FRAMES, DEVICES, DTYPE_NAMES, MAX_SEED, MAX_VIDEO_FRAMES,
                             QUANTIZATIONS, RANDOM_SEED, VOCODERS)
 from utils.transcript import TranscribeOptions
 from utils.version import version_text
@@ -253,6 +253,11 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
                         "to every earlier position, as the models were trained. 'reference' reproduces a DEFECT of "
                         "the μOmni reference implementation (each generated token attends to the first position "
                         "only), kept only to compare with its old outputs; answers are wrong in that mode.")
+    g.add_argument("--decode_kernel", choices=DECODE_KERNELS, default=None,
+                   help="The decode step: 'auto' (the default) runs it in C, compiled on first use with the "
+                        "machine's C compiler (float32 or int8 thinker on the CPU, causal decoding), else in torch; "
+                        "'c' requires the C step (an error says why it cannot run); 'torch' never uses it. "
+                        "--verbose and --json (timing.decode_kernel) say which ran and why.")
 
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -280,7 +285,7 @@ def one_shot(args: argparse.Namespace) -> bool:
 def generation_options(args: argparse.Namespace) -> dict[str, Any]:
     """Only the flags that were given: the rest come from generation_config.json or the library defaults."""
     opts = {k: getattr(args, k) for k in ("max_new_tokens", "temperature", "top_k", "top_p",
-                                          "repetition_penalty", "seed", "decode_attention")}
+                                          "repetition_penalty", "seed", "decode_attention", "decode_kernel")}
     opts["ignore_eos"] = args.ignore_eos or None
     opts["system"] = args.system or None
     return {k: v for k, v in opts.items() if v is not None}

@@ -29,6 +29,8 @@ def print_timings(con: "Console", ans: Answer) -> None:
     con.always(f"timings:        eval time = {rate(decode_ms, steps, 'runs  ')}")
     con.always(f"timings:       total time = {prefill_ms + decode_ms:10.2f} ms / "
                f"{ans.prompt_tokens + ans.generated_tokens:5d} tokens")
+    if "decode_kernel" in t:
+        con.always(f"timings:    decode kernel = {t['decode_kernel']}")
 
 
 # ---------------------------------------------------------------- stderr

@@ -7,6 +7,7 @@ BOS_ID, EOS_ID, PAD_ID = 1, 2, 0  # the μOmni tokenizer's special ids (spec §3
 # Generation defaults (a generation_config.json beside the weights overrides them, explicit options override both).
 DEFAULT_MAX_NEW_TOKENS = 64
 DECODE_ATTENTION = ("causal", "reference")  # the first is the default; "reference" reproduces a defect (spec §4)
+DECODE_KERNELS = ("auto", "c", "torch")  # the decode step: C where it applies (utils/native_decode.py), or torch
 MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit value
 RANDOM_SEED = -1  # --seed -1: a fresh random seed, as in llama.cpp
 

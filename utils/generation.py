@@ -30,7 +30,8 @@ from torch import nn
 
 from models.layers import CausalStack, refresh_fused
 from models.thinker import ThinkerLM
-from utils.defaults import DECODE_ATTENTION, DEFAULT_MAX_NEW_TOKENS, EOS_ID
+from utils.defaults import DECODE_ATTENTION, DECODE_KERNELS, DEFAULT_MAX_NEW_TOKENS, EOS_ID
+from utils.native_decode import NativeSession, native_model
 from utils.quant import GreedyHead, greedy_head_supported
 
 
@@ -46,6 +47,7 @@ class SamplingOptions:
     ignore_eos: bool = False
     decode_attention: str = DECODE_ATTENTION[0]
     fast_greedy: bool = True  # greedy on CPU: the int8-screened exact argmax (utils.quant.GreedyHead)
+    decode_kernel: str = DECODE_KERNELS[0]  # "auto": the C step where it applies (utils.native_decode)
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
@@ -99,9 +101,11 @@ class Decoder:
     """
 
     def __init__(self, model: CausalStack, embeds: torch.Tensor, pads: list[int] | None, opts: SamplingOptions,
-                 max_new: list[int] | None = None) -> None:
+                 max_new: list[int] | None = None, screen: GreedyHead | None = None) -> None:
         """`max_new`: per-row token budgets (default: opts.max_new_tokens for every row); the cache has room
-        for the largest, and each row's prompt plus its own budget must fit the context."""
+        for the largest, and each row's prompt plus its own budget must fit the context. `screen`: the
+        int8-screened greedy argmax to use (`greedy_screen`). The decode steps run in C where
+        `opts.decode_kernel` and the model allow (utils.native_decode); `kernel` says which path and why."""
         B, T, _ = embeds.shape
         pads = list(pads) if pads is not None else [0] * B
         if len(pads) != B or not all(0 <= p < T for p in pads):
@@ -135,10 +139,19 @@ class Decoder:
                 self.key_mask = real[:, None, None, :]  # (B, 1, 1, total), sliced per step
                 rot = model.rotary
                 self.rope_rows = (rot.cos[positions][:, :, None], rot.rot_sin[positions][:, :, None])
+        self.screen = screen
+        native, self.kernel = native_model(model, opts.decode_kernel, self.reference, screen)
+        self.native = NativeSession(native, self.cache.k, self.cache.v, T) if native is not None else None
+        self.pads = pads
 
-    def prefill(self) -> Any:
+    def prefill(self, greedy: bool = False) -> Any:
         """Logits after the prompts ((B, V); the model's `head` decides); fills the cache (and, in reference
-        mode, the attention constants)."""
+        mode, the attention constants). With the C step each row's real positions are run on their own (so
+        a row's numbers do not depend on its batch); `greedy` then returns the greedy ids (B,) instead."""
+        if self.native is not None:
+            out = [self.native.prefill(self.embeds[b, p:], b, p, greedy).clone() for b, p in enumerate(self.pads)]
+            self.embeds = None
+            return torch.cat(out)
         logits = self.model.head(self.model.hidden(self.embeds, 0, self.cache, self.prefill_positions,
                                                    self.prefill_mask, last_only=True))
         if self.reference:
@@ -146,9 +159,18 @@ class Decoder:
         self.embeds = None  # not needed any more
         return logits
 
+    def native_step(self, tokens: torch.Tensor, greedy: bool) -> torch.Tensor:
+        """The C step (when `native`): greedy ids (B,), or logits (B, V), after appending `tokens` (B,) at the
+        next column; views of buffers that the next step overwrites."""
+        pos = self.pos
+        self.pos += 1
+        return self.native.step(tokens, pos, self.anchors if self.padded else None, greedy)
+
     def step(self, tokens: torch.Tensor, hidden: bool = False) -> Any:
         """Logits after appending `tokens` (what the model's `embed_step` takes, one entry per row) at the next
-        column (`hidden`: the normed hidden states (B, d) instead)."""
+        column (`hidden`: the normed hidden states (B, d) instead, from the torch step)."""
+        if self.native is not None and not hidden:
+            return self.native_step(tokens, greedy=False).clone()
         pos = self.pos
         self.pos += 1
         x = self.model.embed_step(tokens)
@@ -168,6 +190,13 @@ class Decoder:
 SCREEN_MIN_VOCAB = 1024
 SCREEN_MIN_TOKENS = 32  # building the int8 copy costs about as much as this many float32 steps save
 _GREEDY_HEADS: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, GreedyHead]]" = weakref.WeakKeyDictionary()
+
+
+def greedy_screen(model: ThinkerLM, opts: SamplingOptions) -> GreedyHead | None:
+    """The int8 screen plain greedy decoding (no repetition penalty) uses with `opts`, if any."""
+    if opts.temperature > 0 or opts.repetition_penalty != 1.0 or not opts.fast_greedy:
+        return None
+    return greedy_head(model, build=opts.max_new_tokens >= SCREEN_MIN_TOKENS)
 
 
 def greedy_head(model: ThinkerLM, build: bool = True) -> GreedyHead | None:
@@ -194,7 +223,8 @@ def greedy_head(model: ThinkerLM, build: bool = True) -> GreedyHead | None:
 
 class Picker:
     """Turns the decoder's output into the next ids: sampling options, repetition penalty, and for plain
-    greedy float32 decoding on CPU the int8-screened exact argmax (see utils.quant.GreedyHead)."""
+    greedy float32 decoding on CPU the int8-screened exact argmax (the decoder's `screen`); greedy C steps
+    return the ids themselves."""
 
     def __init__(self, model: ThinkerLM, dec: Decoder, opts: SamplingOptions, prompts: list[list[int]],
                  device: torch.device) -> None:
@@ -203,9 +233,8 @@ class Picker:
         self.penalty = opts.repetition_penalty != 1.0
         self.seen = _seen_mask(prompts, len(prompts), model.cfg.vocab_size, device) if self.penalty else None
         self.rows = torch.arange(len(prompts), device=device)
-        greedy = opts.temperature <= 0 and not self.penalty
-        self.screen = greedy_head(model, build=opts.max_new_tokens >= SCREEN_MIN_TOKENS) \
-            if greedy and opts.fast_greedy else None
+        self.greedy = opts.temperature <= 0 and not self.penalty
+        self.screen = dec.screen
 
     def pick(self, logits: torch.Tensor) -> torch.Tensor:
         if self.penalty:
@@ -213,12 +242,17 @@ class Picker:
         return sample(logits, self.opts, self.generator)
 
     def first(self) -> torch.Tensor:
+        if self.dec.native is not None and self.greedy:
+            return self.dec.prefill(greedy=True)
         return self.pick(self.dec.prefill())
 
     def next(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed `tokens` (B,) and return the ids that follow them."""
         if self.penalty:
             self.seen[self.rows, tokens] = True
+        if self.dec.native is not None:
+            out = self.dec.native_step(tokens, self.greedy)
+            return out if self.greedy else self.pick(out)
         if self.screen is None:
             return self.pick(self.dec.step(tokens))
         return self.screen.argmax(self.dec.step(tokens, hidden=True), self._full_argmax)
@@ -241,12 +275,15 @@ def _generator(opts: SamplingOptions, device: torch.device) -> torch.Generator |
 
 
 def generate(model: ThinkerLM, embeds: torch.Tensor, opts: SamplingOptions,
-             prompt_ids: list[int] | None = None) -> Iterator[int]:
-    """Yield new token ids for one sequence (batch 1) until EOS or `max_new_tokens`. EOS is not yielded."""
+             prompt_ids: list[int] | None = None, info: dict[str, Any] | None = None) -> Iterator[int]:
+    """Yield new token ids for one sequence (batch 1) until EOS or `max_new_tokens`. EOS is not yielded.
+    `info`, if given, receives "decode_kernel": the decode path taken (see Decoder.kernel)."""
     if opts.max_new_tokens <= 0:
         return
     with torch.inference_mode():
-        dec = Decoder(model, embeds, None, opts)
+        dec = Decoder(model, embeds, None, opts, screen=greedy_screen(model, opts))
+        if info is not None:
+            info["decode_kernel"] = dec.kernel
         picker = Picker(model, dec, opts, [prompt_ids or []], embeds.device)
         token = picker.first()
         for step in range(opts.max_new_tokens):
@@ -272,7 +309,8 @@ def left_pad(embeds: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
 
 def generate_batch(model: ThinkerLM, embeds: list[torch.Tensor], prompt_ids: list[list[int]] | None,
                    opts: SamplingOptions, max_new_tokens: list[int] | None = None,
-                   step_times: list[float] | None = None) -> list[list[int]]:
+                   step_times: list[float] | None = None, info: dict[str, Any] | None = None
+                   ) -> list[list[int]]:
     """New token ids for several prompts at once (each embeds[i] is (T_i, d)), EOS not included.
 
     Prompts are left-padded to a common length; each row's positions and masks make its greedy answer equal
@@ -280,7 +318,7 @@ def generate_batch(model: ThinkerLM, embeds: list[torch.Tensor], prompt_ids: lis
     (`max_new_tokens[i]`, default `opts.max_new_tokens`); the loop ends when every row has finished.
     Sampling uses one generator for the whole batch, so sampled answers depend on the batch they are in
     (greedy ones do not). `step_times`, if given, receives time.perf_counter() as each step's ids arrive
-    (entry i: when every row's i-th token was known).
+    (entry i: when every row's i-th token was known). `info` as for `generate`.
     """
     if not embeds:
         return []
@@ -300,7 +338,9 @@ def generate_batch(model: ThinkerLM, embeds: list[torch.Tensor], prompt_ids: lis
     device = embeds[0].device
     with torch.inference_mode():
         x, pads = left_pad(embeds)
-        dec = Decoder(model, x, pads, opts, [max(n, 0) for n in budgets])
+        dec = Decoder(model, x, pads, opts, [max(n, 0) for n in budgets], screen=greedy_screen(model, opts))
+        if info is not None:
+            info["decode_kernel"] = dec.kernel
         picker = Picker(model, dec, opts, prompt_ids, device)
         tokens = picker.first()
         while True:

@@ -141,6 +141,9 @@ class Int8Linear(nn.Module):
         self._scale_bf16: torch.Tensor | None = None  # the decode kernel's scales, made on first use (so
         # change the scales by replacing the module, not in place)
         self._large = self.qweight.numel() >= self.PACKED_MIN_WEIGHTS
+        # torch's _weight_int8pack_mm gave NaN now and then for inner sizes that are not multiples of 16
+        # (seen with 72 and 200 on torch 2.13 CPU): those take the quantized-rows path
+        self._int8pack_ok = _INT8PACK and self.in_features % 16 == 0
 
     @classmethod
     def from_linear(cls, lin: nn.Linear) -> "Int8Linear":
@@ -165,7 +168,7 @@ class Int8Linear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         cpu = x.device.type == "cpu"
-        if cpu and not self._large and _INT8PACK and _one_position(x):
+        if cpu and not self._large and self._int8pack_ok and _one_position(x):
             scale = self._scale_bf16
             if scale is None or scale.device != x.device or scale.shape != self.scale.shape:
                 scale = self._scale_bf16 = self.scale.to(torch.bfloat16)

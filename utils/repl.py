@@ -12,7 +12,7 @@ from utils.batch_job import answer_rows, read_batch_file
 from utils.cli_args import (generation_options, non_negative_float, non_negative_int, positive_float,
                             positive_int, probability, random_seed, seed_value, seed_report)
 from utils.console import Console, Out, print_timings
-from utils.defaults import RANDOM_SEED
+from utils.defaults import DECODE_ATTENTION, DECODE_KERNELS, RANDOM_SEED
 from utils.errors import OmniError
 
 if TYPE_CHECKING:
@@ -87,7 +87,8 @@ def ask(model: OmniModel, args: argparse.Namespace, text: str | None, media: Att
 # /set NAME VALUE: the generation flags, parsed by the same argparse types as on the command line
 SETTABLE = {"max_new_tokens": positive_int, "temperature": non_negative_float, "top_k": non_negative_int,
             "top_p": probability, "repetition_penalty": positive_float, "seed": seed_value,
-            "decode_attention": None, "ignore_eos": None}
+            "decode_attention": None, "decode_kernel": None, "ignore_eos": None}
+CHOICES = {"decode_attention": DECODE_ATTENTION, "decode_kernel": DECODE_KERNELS}
 SET_ALIASES = {"temp": "temperature", "max_tokens": "max_new_tokens", "num_predict": "max_new_tokens",
                "repeat_penalty": "repetition_penalty"}
 
@@ -113,9 +114,9 @@ def set_option(model: OmniModel, args: argparse.Namespace, arg: str) -> str:
         if value.lower() not in ("true", "false", "on", "off", "1", "0"):
             raise OmniError(f"/set ignore_eos {value}: use true or false")
         value = value.lower() in ("true", "on", "1")
-    elif name == "decode_attention":
-        if value not in ("reference", "causal"):
-            raise OmniError(f"/set decode_attention {value}: use reference or causal")
+    elif name in CHOICES:
+        if value not in CHOICES[name]:
+            raise OmniError(f"/set {name} {value}: use {' or '.join(CHOICES[name])}")
     else:
         try:
             value = SETTABLE[name](value)
