@@ -1,4 +1,5 @@
-/* One KV-cached decode step of a μOmni Thinker on the CPU, in C (built and loaded by utils/native_decode.py).
+/* KV-cached decoding of a μOmni Thinker on the CPU, in C (built and loaded by utils/native_decode.py): a decode
+   step for a batch of rows (mu_step) and the prefill of one prompt (mu_prefill).
 
    Why C: a decode step of these small models is a few dozen tiny matrix-vector products; through torch each
    costs 2-17 µs of dispatch on top of the arithmetic, so the step was bound by per-op overhead, not by the
@@ -369,6 +370,17 @@ static inline __attribute__((always_inline)) void linear_tiles(const int WR, con
                 if (accumulate)
                     v = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, yt), v);
                 _mm512_mask_storeu_ps(yt, mask, v);
+            } else if (AR == 4) {  /* four rows of four outputs: 128-bit pieces */
+                const __mmask8 m4 = (__mmask8)((1u << nw) - 1u);
+                float part[16];
+                _mm512_storeu_ps(part, v);
+                for (int a = 0; a < na; a++) {
+                    __m128 pv = _mm_loadu_ps(part + 4 * a);
+                    float *ya = yt + (size_t)a * ldy;
+                    if (accumulate)
+                        pv = _mm_add_ps(_mm_maskz_loadu_ps(m4, ya), pv);
+                    _mm_mask_storeu_ps(ya, m4, pv);
+                }
             } else {
                 if (accumulate)
                     v = _mm512_add_ps(_mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, vout, yt, 4), v);
