@@ -4,7 +4,6 @@ leaves at the next step, the queue is bounded. On the demo model (skipped when c
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 
@@ -29,25 +28,34 @@ def model(one_thread):
     return load_model(DEMO, device="cpu")
 
 
-def run_engine(model, engine, items, gen, gap_s=0.01):
-    """Submit `items` one after another (`gap_s` apart, so they join a running batch); their ids and reasons."""
+def run_engine(model, engine, items, gen, join_running=True):
+    """Submit `items` one after another and return their ids and finish reasons. With `join_running`, each
+    item is submitted once the one before it has produced a token, so it joins a running batch however fast
+    the decode step is; else all are submitted at once."""
     outs = [[] for _ in items]
     finished = threading.Event()
+    started = [threading.Event() for _ in items]
     reasons: dict[int, str] = {}
     errors: list = []
+
+    def token(i, tid):  # runs on the engine's thread
+        outs[i].append(tid)
+        started[i].set()
 
     def finish(i, reason, error):  # runs on the engine's thread: record, never raise there
         if error is not None:
             errors.append(error)
             finished.set()
         reasons[i] = reason
+        started[i].set()
         if len(reasons) == len(items):
             finished.set()
 
     for i, it in enumerate(items):
         engine.submit(lambda it=it: model.prepare_chat(**{**gen, **it}),
-                      outs[i].append, lambda r, e, i=i: finish(i, r, e))
-        time.sleep(gap_s)
+                      lambda tid, i=i: token(i, tid), lambda r, e, i=i: finish(i, r, e))
+        if join_running:
+            assert started[i].wait(300)
     assert finished.wait(300)
     assert errors == []
     return outs, reasons
@@ -82,7 +90,7 @@ def test_long_running_batch_reuses_columns(model) -> None:
     engine = model.batch_engine(max_batch=2, max_queue=16)
     assert isinstance(engine, BatchEngine)
     try:
-        outs, _ = run_engine(model, engine, items, gen, gap_s=0.0)
+        outs, _ = run_engine(model, engine, items, gen, join_running=False)
     finally:
         engine.close()
     assert outs == [expected[it["text"]] for it in items]

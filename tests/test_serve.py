@@ -230,7 +230,8 @@ def test_streamed_spoken_answer(srv: str) -> None:
 
 def test_models_health_metrics(client, srv: str) -> None:
     assert [m.id for m in client.models.list().data] == ["muomni"]
-    assert httpx.get(f"{srv}/health").json()["status"] == "ok"
+    health = httpx.get(f"{srv}/health").json()
+    assert health["status"] == "ok" and health["decode_kernel"].startswith(("c (", "torch ("))
     text = httpx.get(f"{srv}/metrics").text
     for name in ("omni_requests_total", "omni_prompt_tokens_total", "omni_completion_tokens_total",
                  "omni_queue_length", "omni_running_rows", "omni_time_to_first_token_seconds_bucket",

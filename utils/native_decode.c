@@ -519,7 +519,7 @@ static void attend_head_any(int32_t dk, const float *q, const float *kc, const f
                             int64_t pos, float scale, float *scores, float *out) {
     float best = -INFINITY;
     for (int64_t c = first; c <= pos; c++) {
-        float sc = dot_f32(kc + c * dk, q, dk) * scale;
+        float sc = dot_attn(kc + c * dk, q, dk) * scale;
         scores[c - first] = sc;
         best = sc > best ? sc : best;
     }

@@ -425,7 +425,8 @@ class OmniServer:
     async def health(self, request: Request) -> Response:
         if self.engine.closing:
             return JSONResponse({"status": "shutting_down"}, status_code=503)
-        return JSONResponse({"status": "ok", "running": self.engine.running, "queued": self.engine.queued})
+        return JSONResponse({"status": "ok", "running": self.engine.running, "queued": self.engine.queued,
+                             "decode_kernel": self.engine.kernel})
 
     async def metrics_route(self, request: Request) -> Response:
         return PlainTextResponse(self.metrics.render(), media_type="text/plain; version=0.0.4")
