@@ -29,10 +29,12 @@
 #endif
 
 typedef struct {
-    const void *w;       /* float32 [n][k], or uint8 [n][k] holding int8 weights + 128 */
+    const void *w;       /* float32 [n][k] (or in panels, see below), or uint8 [n][k] holding int8 weights + 128 */
     const float *scale;  /* int8: per-row scale [n]; NULL for float32 */
     const float *bias;   /* [n] or NULL */
     int32_t n, k;
+    int32_t panels;      /* float32 only, 1: stored as ceil(n / 64) panels [k][64] (row 64 p + l of W at column l of
+                            panel p, zero rows past n), the layout of linear_panels (mu_f32_panels() says if used) */
 } mu_linear;
 
 typedef struct {
@@ -108,6 +110,15 @@ static size_t carve(const mu_model *m, int32_t rows, int32_t positions, int32_t 
 
 size_t mu_scratch_bytes(const mu_model *m, int32_t rows, int32_t positions, int32_t columns) {
     return carve(m, rows, positions, columns, NULL, NULL);
+}
+
+/* 1 when float32 weights should come in panels (this build has the AVX-512 panel kernel), else 0. */
+int mu_f32_panels(void) {
+#if defined(MU_AVX512)
+    return 1;
+#else
+    return 0;
+#endif
 }
 
 const char *mu_features(void) {
@@ -225,6 +236,70 @@ static inline __attribute__((always_inline)) __m512 tile_f32(const int WR, const
         }
     }
     return reduce16_ps(acc);
+}
+#endif
+
+#if defined(MU_AVX512)
+/* Float32 weights in panels of 64 output rows stored column by column ([k][64]): for each k, four vectors of 16
+   weights times the broadcast input, so each accumulator holds 16 outputs and is never reduced across lanes,
+   and a panel is read as one sequential stream. A tile is one panel x R input rows (4 R accumulators); every
+   output sums its products over k = 0, 1, ... in order in its own lane, whatever the tile, so a row's outputs
+   do not depend on its batch. Rows past the end of a partial tile repeat the last one and are not stored. */
+static inline __attribute__((always_inline)) void panel_tile(const int R, const float *wp, int32_t k,
+                                                             const float *x, int32_t ldx, int32_t nr, __m512 *acc) {
+    const float *xr[4];
+    for (int r = 0; r < R; r++)
+        xr[r] = x + (size_t)(r < nr ? r : nr - 1) * ldx;
+    for (int i = 0; i < 4 * R; i++)
+        acc[i] = _mm512_setzero_ps();
+    for (int32_t i = 0; i < k; i++) {
+        const float *wi = wp + (size_t)i * 64;
+        const __m512 w0 = _mm512_loadu_ps(wi), w1 = _mm512_loadu_ps(wi + 16);
+        const __m512 w2 = _mm512_loadu_ps(wi + 32), w3 = _mm512_loadu_ps(wi + 48);
+        for (int r = 0; r < R; r++) {
+            const __m512 xv = _mm512_set1_ps(xr[r][i]);
+            acc[4 * r] = _mm512_fmadd_ps(w0, xv, acc[4 * r]);
+            acc[4 * r + 1] = _mm512_fmadd_ps(w1, xv, acc[4 * r + 1]);
+            acc[4 * r + 2] = _mm512_fmadd_ps(w2, xv, acc[4 * r + 2]);
+            acc[4 * r + 3] = _mm512_fmadd_ps(w3, xv, acc[4 * r + 3]);
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) void linear_panels_r(const int R, const mu_linear *L, int32_t rows,
+        const float *x, int32_t ldx, float *y, int32_t ldy, int accumulate) {
+    const int32_t n = L->n, k = L->k, P = (n + 63) / 64;
+    __m512 acc[16];
+    for (int32_t p = 0; p < P; p++) {
+        const float *wp = (const float *)L->w + (size_t)p * k * 64;
+        for (int32_t r0 = 0; r0 < rows; r0 += R) {
+            const int32_t nr = rows - r0 < R ? rows - r0 : R;
+            panel_tile(R, wp, k, x + (size_t)r0 * ldx, ldx, nr, acc);
+            for (int32_t t = 0; t < 4; t++) {
+                const int32_t j = p * 64 + t * 16, left = n - j;
+                if (left <= 0)
+                    break;
+                const __mmask16 mask = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
+                const __m512 bias = L->bias ? _mm512_maskz_loadu_ps(mask, L->bias + j) : _mm512_setzero_ps();
+                for (int32_t r = 0; r < nr; r++) {
+                    float *yr = y + (size_t)(r0 + r) * ldy + j;
+                    __m512 v = _mm512_add_ps(acc[4 * r + t], bias);
+                    if (accumulate)
+                        v = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, yr), v);
+                    _mm512_mask_storeu_ps(yr, mask, v);
+                }
+            }
+        }
+    }
+}
+
+/* Y[r] (=, or += with `accumulate`) x[r] W^T (+ bias) for float32 weights in panels. */
+static void linear_panels(const mu_linear *L, int32_t rows, const float *x, int32_t ldx, float *y, int32_t ldy,
+                          int accumulate) {
+    if (rows == 1)
+        linear_panels_r(1, L, rows, x, ldx, y, ldy, accumulate);
+    else
+        linear_panels_r(4, L, rows, x, ldx, y, ldy, accumulate);
 }
 #endif
 
@@ -400,6 +475,10 @@ static void linear(const mu_linear *L, int32_t rows, const float *x, int32_t ldx
     const int32_t n = L->n, k = L->k;
     const size_t ldq = round_up((size_t)k);
 #if defined(MU_AVX512)
+    if (L->panels) {
+        linear_panels(L, rows, x, ldx, y, ldy, accumulate);
+        return;
+    }
 #if defined(MU_VNNI)
     const int vector = L->scale ? k % 64 == 0 : k % 16 == 0;
 #else
@@ -649,12 +728,47 @@ static int64_t argmax(const float *v, int32_t n) {
     return j >= 0 ? j : 0;
 }
 
+/* The indices j (ascending) with v[j] >= threshold, at most `most` of them, into out; returns how many. */
+static int32_t at_least(const float *v, int32_t n, float threshold, int32_t most, int32_t *out) {
+    int32_t j = 0, count = 0;
+#if defined(MU_AVX512)
+    const __m512 t = _mm512_set1_ps(threshold);
+    for (; j + 16 <= n && count < most; j += 16) {
+        __mmask16 hit = _mm512_cmp_ps_mask(_mm512_loadu_ps(v + j), t, _CMP_GE_OQ);
+        while (hit && count < most) {
+            out[count++] = j + __builtin_ctz(hit);
+            hit &= (__mmask16)(hit - 1);
+        }
+    }
+#endif
+    for (; j < n && count < most; j++)
+        if (v[j] >= threshold)
+            out[count++] = j;
+    return count;
+}
+
+/* The float32 head's score of id j for the normed row h, computed as the full projection computes it (its
+   panel of 16 in the panel layout). */
+static float head_score(const mu_model *m, const float *h, int32_t j, const mu_buffers *b) {
+    const int32_t d = m->d;
+    if (m->head.panels) {
+        const int32_t p = j / 64, n = m->vocab - p * 64 < 64 ? m->vocab - p * 64 : 64;
+        const mu_linear panel = {(const float *)m->head.w + (size_t)p * d * 64, NULL, NULL, n, d, 1};
+        float out[64];
+        linear(&panel, 1, h, d, out, 64, 0, b, 0);
+        return out[j % 64];
+    }
+    const mu_linear one = {(const float *)m->head.w + (size_t)j * d, NULL, NULL, 1, d, 0};
+    float score;
+    linear(&one, 1, h, d, &score, 1, 0, b, 0);
+    return score;
+}
+
 /* Greedy ids through the int8 screen of a float32 head (utils.quant.GreedyHead): approximate scores of every
    id, a bound on their error, exact float32 scores for the ids within twice the bound of the best, and the
    full projection for a row with no or more than screen_k such ids (near-ties) or non-finite values. */
 static void screened_argmax(const mu_model *m, int32_t rows, mu_buffers *b, int64_t *ids) {
     const int32_t d = m->d, V = m->vocab;
-    const float *W = (const float *)m->head.w;
     quantize_rows(b->h, rows, d, d, b);
     linear(&m->screen, rows, b->h, d, b->out, V, 0, b, 0);
     for (int32_t r = 0; r < rows; r++) {
@@ -666,17 +780,13 @@ static void screened_argmax(const mu_model *m, int32_t rows, mu_buffers *b, int6
         float threshold = best - 2.0f * bound;
         int32_t count = 0;
         if (isfinite(threshold))
-            for (int32_t j = 0; j < V && count <= m->screen_k; j++)
-                if (approx[j] >= threshold)
-                    b->cand[count++] = j;
+            count = at_least(approx, V, threshold, m->screen_k + 1, b->cand);
         if (count >= 1 && count <= m->screen_k) {
             /* exact scores through `linear`, so they equal what the full projection computes */
             int32_t top = -1;
             float top_score = 0.0f;
             for (int32_t c = 0; c < count; c++) {
-                const mu_linear one = {W + (size_t)b->cand[c] * d, NULL, NULL, 1, d};
-                float sc;
-                linear(&one, 1, h, d, &sc, 1, 0, b, 0);
+                const float sc = head_score(m, h, b->cand[c], b);
                 if (top < 0 || sc > top_score || isnan(sc)) {
                     top_score = sc;
                     top = b->cand[c];

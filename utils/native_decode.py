@@ -43,7 +43,7 @@ COMPILE_TIMEOUT_S = 300
 
 class _Linear(ctypes.Structure):
     _fields_ = [("w", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p),
-                ("n", ctypes.c_int32), ("k", ctypes.c_int32)]
+                ("n", ctypes.c_int32), ("k", ctypes.c_int32), ("panels", ctypes.c_int32)]
 
 
 class _Layer(ctypes.Structure):
@@ -137,6 +137,7 @@ def library() -> tuple[ctypes.CDLL | None, str]:
     lib.mu_scratch_bytes.restype = ctypes.c_size_t
     lib.mu_scratch_bytes.argtypes = [ctypes.POINTER(_Model), ctypes.c_int32, ctypes.c_int32, ctypes.c_int32]
     lib.mu_features.restype = ctypes.c_char_p
+    lib.mu_f32_panels.restype = ctypes.c_int
     compiler = (version.splitlines() or [cc])[0]
     return lib, f"c ({lib.mu_features().decode()}, {compiler})"
 
@@ -149,6 +150,15 @@ def _f32(t: torch.Tensor, what: str) -> torch.Tensor:
     if t.dtype != torch.float32 or t.device.type != "cpu":
         raise Unsupported(f"{what} is {t.dtype} on {t.device.type} (the C step takes float32 on the CPU)")
     return t.detach().contiguous()
+
+
+def to_panels(w: torch.Tensor) -> torch.Tensor:
+    """A float32 weight (n, k) as ceil(n / 64) panels (k, 64): row 64 p + l of `w` in column l of panel p, zero
+    rows past n (the layout of the C file's linear_panels)."""
+    n, k = w.shape
+    padded = torch.zeros(-(-n // 64) * 64, k, dtype=w.dtype)
+    padded[:n] = w
+    return padded.view(-1, 64, k).transpose(1, 2).contiguous()
 
 
 class NativeModel:
@@ -198,9 +208,12 @@ class NativeModel:
 
     def _linear(self, mods: list[nn.Module], what: str) -> _Linear:
         """One C linear computing the modules' outputs side by side (all float32 nn.Linear, or all Int8Linear)."""
+        panels = 0
         if all(type(m) is nn.Linear for m in mods):
             w = torch.cat([_f32(m.weight, what) for m in mods]) if len(mods) > 1 else _f32(mods[0].weight, what)
             scale = None
+            if self.lib.mu_f32_panels():
+                w, panels = to_panels(w), 1
         elif all(type(m) is Int8Linear for m in mods):
             w = (torch.cat([m.qweight for m in mods]).view(torch.uint8) ^ 128).contiguous()
             scale = torch.cat([m.scale for m in mods]).float().contiguous()
@@ -212,8 +225,9 @@ class NativeModel:
             raise Unsupported(f"{what}: bias on some parts only")
         bias = None if biases[0] is None else torch.cat([_f32(b, what) for b in biases]).contiguous()
         self.keep += [t for t in (w, scale, bias) if t is not None]
+        n, k = sum(m.out_features for m in mods), mods[0].in_features
         return _Linear(w.data_ptr(), None if scale is None else scale.data_ptr(),
-                       None if bias is None else bias.data_ptr(), w.shape[0], w.shape[1])
+                       None if bias is None else bias.data_ptr(), n, k, panels)
 
     def _layer(self, block: Block, i: int, gelu: bool, heads: tuple[int, int, int]) -> _Layer:
         attn, ffn = block.attn, getattr(block, "mlp", None)
