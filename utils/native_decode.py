@@ -161,11 +161,21 @@ def to_panels(w: torch.Tensor) -> torch.Tensor:
     return padded.view(-1, 64, k).transpose(1, 2).contiguous()
 
 
-class NativeModel:
-    """A Thinker's weights laid out for the C step (fused q/k/v and gate/up copies; int8 weights with their
-    sign bit flipped) and the C struct pointing at them. Holds every tensor the struct points to."""
+class NativeView:
+    """A NativeModel with one greedy screen (or none): the C struct a session passes to the step."""
 
-    def __init__(self, lib: ctypes.CDLL, model: ThinkerLM, screen: GreedyHead | None) -> None:
+    def __init__(self, native: "NativeModel", struct: _Model, keep: list[torch.Tensor]) -> None:
+        self.lib, self.vocab, self.struct, self.keep = native.lib, native.vocab, struct, keep
+        self.native = native  # what the struct's weight pointers point into
+        self.ref = ctypes.byref(struct)
+
+
+class NativeModel:
+    """A Thinker's weights laid out for the C step (fused q/k/v and gate/up copies, float32 weights in panels,
+    int8 weights with their sign bit flipped) and the C struct pointing at them. Holds every tensor the struct
+    points to; `view(screen)` adds a greedy screen (the int8 copy of the head) without redoing the rest."""
+
+    def __init__(self, lib: ctypes.CDLL, model: ThinkerLM) -> None:
         self.lib, self.keep = lib, []
         blocks = list(model.blocks)
         if not blocks:
@@ -186,20 +196,31 @@ class NativeModel:
         cos, rot_sin = _f32(rot.cos, "the rotary table"), _f32(rot.rot_sin, "the rotary table")
         self.keep += [layers, emb, cos, rot_sin]
         self.struct = _Model(n_layers=len(blocks), d=d, heads=h, kv_heads=g, head_dim=dk, d_ff=d_ff, vocab=vocab,
-                             gelu=int(gelu), rope_len=cos.shape[0], screen_k=screen.k if screen else 0,
+                             gelu=int(gelu), rope_len=cos.shape[0], screen_k=0,
                              layers=layers, emb=emb.data_ptr(), norm=self._norm(model.norm, "final norm"),
                              eps=model.norm.eps, head=self._linear([model.lm_head], "lm_head"),
                              cos=cos.data_ptr(), rot_sin=rot_sin.data_ptr())
-        if screen is not None and self.struct.head.scale is None:
+        self.vocab = vocab
+        self.views: "weakref.WeakKeyDictionary[GreedyHead, NativeView]" = weakref.WeakKeyDictionary()
+        self.plain = NativeView(self, self.struct, [])
+
+    def view(self, screen: GreedyHead | None) -> NativeView:
+        """The struct with `screen` (a float32 head's int8 screen; ignored for an int8 head), built once per
+        screen."""
+        if screen is None or self.struct.head.scale is not None:
+            return self.plain
+        hit = self.views.get(screen)
+        if hit is None:
             flipped = (screen.qweight.view(torch.uint8) ^ 128).contiguous()
             scale = screen.scale.float().contiguous()
-            self.keep += [flipped, scale]
-            self.struct.screen = _Linear(flipped.data_ptr(), scale.data_ptr(), None, *flipped.shape)
-            self.struct.screen_x = screen.err_max + screen.fp_term
-            self.struct.screen_c = screen.half_n1_max
-            self.struct.screen_slack = GreedyHead.SLACK
-        self.vocab = vocab
-        self.ref = ctypes.byref(self.struct)
+            struct = _Model.from_buffer_copy(self.struct)
+            struct.screen = _Linear(flipped.data_ptr(), scale.data_ptr(), None, *flipped.shape)
+            struct.screen_k = screen.k
+            struct.screen_x = screen.err_max + screen.fp_term
+            struct.screen_c = screen.half_n1_max
+            struct.screen_slack = GreedyHead.SLACK
+            hit = self.views[screen] = NativeView(self, struct, [flipped, scale])
+        return hit
 
     def _norm(self, norm: nn.Module, what: str) -> int:
         w = _f32(norm.weight, what)
@@ -249,7 +270,7 @@ class NativeSession:
     positions per call (a prefill's length; at least the cache's rows), both allocated once; `prefill` and
     `step` allocate nothing."""
 
-    def __init__(self, native: NativeModel, cache_k: torch.Tensor, cache_v: torch.Tensor, positions: int = 1) -> None:
+    def __init__(self, native: NativeView, cache_k: torch.Tensor, cache_v: torch.Tensor, positions: int = 1) -> None:
         if cache_k.dtype != torch.float32 or cache_k.stride() != cache_v.stride() or cache_k.stride(-1) != 1 \
                 or cache_k.stride(-2) != cache_k.shape[-1]:
             raise Unsupported("the KV cache layout")
@@ -303,10 +324,10 @@ _MODELS: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, NativeModel]]" = wea
 
 
 def native_model(model: nn.Module, kernel: str, reference: bool, screen: GreedyHead | None
-                 ) -> tuple[NativeModel | None, str]:
-    """(the C step's view of `model`, "c (...)"), or (None, "torch (why)") — the decode path a generation with
-    decode_kernel `kernel` takes. `kernel` "c" raises OmniError instead of falling back. Built once per weight
-    version and screen."""
+                 ) -> tuple[NativeView | None, str]:
+    """(the C step's view of `model` with `screen`, "c (...)"), or (None, "torch (why)") — the decode path a
+    generation with decode_kernel `kernel` takes. `kernel` "c" raises OmniError instead of falling back. The
+    weights are laid out once per weight version."""
     if kernel not in DECODE_KERNELS:
         raise ValueError(f"decode_kernel {kernel!r}: use one of {', '.join(DECODE_KERNELS)}")
     if kernel == "torch":
@@ -322,17 +343,17 @@ def native_model(model: nn.Module, kernel: str, reference: bool, screen: GreedyH
     if lib is None:
         reason = detail
     else:
-        key = (weights_key([model]), id(screen))
+        key = weights_key([model])
         hit = _MODELS.get(model)
         if hit is not None and hit[0] == key:
-            return hit[1], detail
+            return hit[1].view(screen), detail
         try:
-            native = NativeModel(lib, model, screen)
+            native = NativeModel(lib, model)
         except Unsupported as exc:
             reason = str(exc)
         else:
             _MODELS[model] = (key, native)
-            return native, detail
+            return native.view(screen), detail
     if kernel == "c":
         raise OmniError(f"--decode_kernel c: the C decode step cannot run here: {reason}")
     return None, f"torch ({reason})"
