@@ -242,12 +242,13 @@ static inline __attribute__((always_inline)) __m512 tile_f32(const int WR, const
 #if defined(MU_AVX512)
 /* Float32 weights in panels of 64 output rows stored column by column ([k][64]): for each k, four vectors of 16
    weights times the broadcast input, so each accumulator holds 16 outputs and is never reduced across lanes,
-   and a panel is read as one sequential stream. A tile is one panel x R input rows (4 R accumulators); every
+   and a panel is read as one sequential stream. A tile is one panel x R input rows (4 R accumulators, R up to
+   6); every
    output sums its products over k = 0, 1, ... in order in its own lane, whatever the tile, so a row's outputs
    do not depend on its batch. Rows past the end of a partial tile repeat the last one and are not stored. */
 static inline __attribute__((always_inline)) void panel_tile(const int R, const float *wp, int32_t k,
                                                              const float *x, int32_t ldx, int32_t nr, __m512 *acc) {
-    const float *xr[4];
+    const float *xr[6];
     for (int r = 0; r < R; r++)
         xr[r] = x + (size_t)(r < nr ? r : nr - 1) * ldx;
     for (int i = 0; i < 4 * R; i++)
@@ -269,7 +270,7 @@ static inline __attribute__((always_inline)) void panel_tile(const int R, const 
 static inline __attribute__((always_inline)) void linear_panels_r(const int R, const mu_linear *L, int32_t rows,
         const float *x, int32_t ldx, float *y, int32_t ldy, int accumulate) {
     const int32_t n = L->n, k = L->k, P = (n + 63) / 64;
-    __m512 acc[16];
+    __m512 acc[24];
     for (int32_t p = 0; p < P; p++) {
         const float *wp = (const float *)L->w + (size_t)p * k * 64;
         for (int32_t r0 = 0; r0 < rows; r0 += R) {
@@ -298,8 +299,10 @@ static void linear_panels(const mu_linear *L, int32_t rows, const float *x, int3
                           int accumulate) {
     if (rows == 1)
         linear_panels_r(1, L, rows, x, ldx, y, ldy, accumulate);
-    else
+    else if (rows <= 4)
         linear_panels_r(4, L, rows, x, ldx, y, ldy, accumulate);
+    else  /* six rows per tile (24 accumulators): each weight vector read from cache serves more products */
+        linear_panels_r(6, L, rows, x, ldx, y, ldy, accumulate);
 }
 #endif
 
