@@ -14,9 +14,10 @@ sub-layer returns that key's value whatever the query: its output is computed on
 reused (bit-identical to running the masked attention each step, and it skips q/k/v, RoPE and the cache
 writes that nothing would ever read). Greedy steps on CPU read the vocabulary projection as int8 and rescore
 the few candidates exactly (utils.quant.GreedyHead): the same argmax for a quarter of the memory traffic.
-A step runs on (B, d) rows with q/k/v and gate/up fused into one matmul each (models.layers.Block.decode; the
-fused weight copies and per-block plans are refreshed once per Decoder, so a weight change between
-generations is seen).
+The C step (utils.native_decode) runs the prefill and every step of a float32 or int8 thinker on the CPU in
+one call each, for the whole batch. The torch step runs on (B, d) rows with q/k/v and gate/up fused into one
+matmul each (models.layers.Block.decode; the fused weight copies and per-block plans are refreshed at a
+Decoder's first torch step, so a weight change between generations is seen).
 """
 from __future__ import annotations
 
@@ -117,7 +118,7 @@ class Decoder:
             check_budget(model, T - p, n, opts)
         dev = embeds.device
         self.model, self.embeds = model, embeds
-        refresh_fused(model)
+        self.fused_fresh = False  # the torch step's fused weight copies are refreshed on its first use
         self.reference = opts.decode_attention == "reference"
         total = T + max(max_new)
         self.cache = model.new_cache(B, total)
@@ -171,6 +172,9 @@ class Decoder:
         column (`hidden`: the normed hidden states (B, d) instead, from the torch step)."""
         if self.native is not None and not hidden:
             return self.native_step(tokens, greedy=False).clone()
+        if not self.fused_fresh:
+            refresh_fused(self.model)
+            self.fused_fresh = True
         pos = self.pos
         self.pos += 1
         x = self.model.embed_step(tokens)
