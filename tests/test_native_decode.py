@@ -215,17 +215,36 @@ def test_a_failing_compiler_leaves_nothing_behind(tmp_path: Path) -> None:
     assert list(cache.iterdir()) == []  # no partial library
 
 
-@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="builds for an x86-64 baseline CPU")
-def test_a_build_without_avx512_gives_the_same_answers(tmp_path: Path, fixture_dir: Path, expected: dict) -> None:
-    """The portable C path (what a CPU without AVX-512 runs): the fixture's causal ids, reported as generic."""
-    env = {"MUOMNI_CFLAGS": "-march=x86-64-v2", "MUOMNI_CACHE_DIR": str(tmp_path / "cache")}
-    code = ("import json, sys; from omni import load_model; m = load_model(sys.argv[1], device='cpu'); "
-            "a = m.answer(sys.argv[2], max_new_tokens=16, decode_kernel='c'); "
-            "print(json.dumps([a.token_ids, a.timing['decode_kernel']]))")
-    done = subprocess.run([sys.executable, "-c", code, str(fixture_dir / "thinker_tiny"), expected["prompt"]],
-                          capture_output=True, text=True, timeout=180, cwd=REPO, env={**os.environ, **env})
+def cpu_has(flag: str) -> bool:
+    try:
+        return f" {flag} " in Path("/proc/cpuinfo").read_text() + " "
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="builds for other x86-64 CPUs")
+@pytest.mark.parametrize("flags,features", [
+    ("-march=x86-64-v2", "generic"),  # the portable C path, what a CPU without AVX-512 runs
+    pytest.param("-mno-avx512vnni", "avx512", marks=pytest.mark.skipif(
+        not cpu_has("avx512f"), reason="this CPU has no AVX-512")),  # float32 panels, portable int8
+])
+def test_builds_for_other_cpus_give_the_same_answers(flags: str, features: str, tmp_path: Path, fixture_dir: Path,
+                                                    expected: dict) -> None:
+    """The C step built for a CPU with fewer vector instructions: the fixture's causal ids, the same int8 ids as
+    this build (int8 sums are exact in every path), and the build says which paths it has."""
+    env = {"MUOMNI_CFLAGS": flags, "MUOMNI_CACHE_DIR": str(tmp_path / "cache")}
+    code = ("import json, sys; from omni import load_model\n"
+            "def ask(**load):\n"
+            "    a = load_model(sys.argv[1], device='cpu', **load).answer(sys.argv[2], max_new_tokens=16, "
+            "decode_kernel='c')\n"
+            "    return [a.token_ids, a.timing['decode_kernel']]\n"
+            "print(json.dumps([ask(), ask(quantize='int8')]))")
+    run = [sys.executable, "-c", code, str(fixture_dir / "thinker_tiny"), expected["prompt"]]
+    done = subprocess.run(run, capture_output=True, text=True, timeout=180, cwd=REPO, env={**os.environ, **env})
     assert done.returncode == 0, done.stderr
-    ids, kernel = json.loads(done.stdout)
+    (ids, kernel), (int8_ids, _) = json.loads(done.stdout)
     want = expected["thinker_greedy_16_causal"]
     assert ids == (want[:want.index(2)] if 2 in want else want)
-    assert kernel.startswith("c (generic, ")
+    assert kernel.startswith(f"c ({features}, ")
+    here = subprocess.run(run, capture_output=True, text=True, timeout=180, cwd=REPO)
+    assert json.loads(here.stdout)[1][0] == int8_ids

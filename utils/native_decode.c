@@ -149,12 +149,8 @@ static inline int32_t dot_u8s8(const uint8_t *w, const int8_t *x, int32_t k) {
 }
 
 #if defined(MU_AVX512)
-/* Vector tiles: 16 accumulators, one per output, for WR weight rows x AR activation rows (16 x 1, 8 x 2 or
-   4 x 4: a batch reads each weight from memory once, and from registers for every row of the tile). An
-   output's accumulator sums its products over k in steps of 16 floats (64 bytes for int8) and the 16
-   accumulators are then reduced together by one fixed tree (`reduce16_*`) that adds every accumulator's lanes
-   in the same order, so an output's value does not depend on the tile shape, hence on the batch. Rows past
-   the end of a partial tile repeat the last row; their lanes are not stored. */
+/* Sixteen 16-lane accumulators reduced together by one fixed tree: the 16 attention scores of a block of keys
+   (float32), the 16 outputs of an int8 tile (exact int32 sums). */
 
 #define MU_SHUF_LO 0x88 /* 128-bit lanes 0, 2 of a, then 0, 2 of b */
 #define MU_SHUF_HI 0xDD /* lanes 1, 3 of a, then 1, 3 of b */
@@ -208,35 +204,6 @@ static inline __m512 exp512(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
-/* Lane a * WR + t: W row t . X row a over k (a multiple of 16). */
-static inline __attribute__((always_inline)) __m512 tile_f32(const int WR, const int AR, const float *w, int32_t k,
-                                                             int32_t nw, const float *x, int32_t ldx, int32_t na) {
-    __m512 acc[16];
-    const float *wr[16], *xr[4];
-    for (int t = 0; t < WR; t++)
-        wr[t] = w + (size_t)(t < nw ? t : nw - 1) * k;
-    for (int a = 0; a < AR; a++)
-        xr[a] = x + (size_t)(a < na ? a : na - 1) * ldx;
-    for (int i = 0; i < 16; i++)
-        acc[i] = _mm512_setzero_ps();
-    for (int32_t i = 0; i < k; i += 16) {
-        if (AR == 1) {  /* one activation row: weights straight from memory into the products */
-            const __m512 xv = _mm512_loadu_ps(xr[0] + i);
-            for (int t = 0; t < WR; t++)
-                acc[t] = _mm512_fmadd_ps(_mm512_loadu_ps(wr[t] + i), xv, acc[t]);
-            continue;
-        }
-        __m512 wv[8];
-        for (int t = 0; t < WR; t++)
-            wv[t] = _mm512_loadu_ps(wr[t] + i);
-        for (int a = 0; a < AR; a++) {
-            __m512 xv = _mm512_loadu_ps(xr[a] + i);
-            for (int t = 0; t < WR; t++)
-                acc[a * WR + t] = _mm512_fmadd_ps(wv[t], xv, acc[a * WR + t]);
-        }
-    }
-    return reduce16_ps(acc);
-}
 #endif
 
 #if defined(MU_AVX512)
@@ -307,7 +274,11 @@ static void linear_panels(const mu_linear *L, int32_t rows, const float *x, int3
 #endif
 
 #if defined(MU_VNNI)
-/* Lane a * WR + t: sum (W_u8 row t * X_s8 row a) over k (a multiple of 64), exact. */
+/* int8 tiles: 16 accumulators, one per output, for WR weight rows x AR activation rows (16 x 1, 8 x 2 or 4 x 4:
+   a batch reads each weight from memory once, and from registers for every row of the tile); integer sums are
+   exact in any order, so an output does not depend on the tile shape, hence on the batch. Rows past the end of
+   a partial tile repeat the last row; their lanes are not stored.
+   Lane a * WR + t: sum (W_u8 row t * X_s8 row a) over k (a multiple of 64). */
 static inline __attribute__((always_inline)) __m512i tile_u8s8(const int WR, const int AR, const uint8_t *w,
                                                                int32_t k, int32_t nw, const int8_t *x, size_t ldx,
                                                                int32_t na) {
@@ -400,11 +371,10 @@ static void quantize_rows(const float *x, int32_t rows, int32_t k, int32_t ldx, 
     }
 }
 
-#if defined(MU_AVX512)
-/* The vector path of `linear` for one tile shape: lanes a * WR + t hold outputs (row r0 + a, column j + t). */
+#if defined(MU_VNNI)
+/* The int8 vector path of `linear` for one tile shape: lanes a * WR + t hold outputs (row r0 + a, column j + t). */
 static inline __attribute__((always_inline)) void linear_tiles(const int WR, const int AR, const mu_linear *L,
-        int32_t rows, const float *x, int32_t ldx, float *y, int32_t ldy, int accumulate, const mu_buffers *b,
-        int with_step) {
+        int32_t rows, float *y, int32_t ldy, int accumulate, const mu_buffers *b, int with_step) {
     const int32_t n = L->n, k = L->k;
     const size_t ldq = round_up((size_t)k);
     int32_t lane_t[16], lane_a[16], lane_out[16];
@@ -418,29 +388,19 @@ static inline __attribute__((always_inline)) void linear_tiles(const int WR, con
     for (int32_t j = 0; j < n; j += WR) {
         const int32_t nw = n - j < WR ? n - j : WR;
         const __mmask16 wmask = _mm512_cmplt_epi32_mask(vt, _mm512_set1_epi32(nw));
-        __m512 scale = _mm512_setzero_ps(), bias = _mm512_setzero_ps();
-        if (L->scale)
-            scale = _mm512_mask_i32gather_ps(scale, wmask, vt, L->scale + j, 4);
+        const __m512 scale = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), wmask, vt, L->scale + j, 4);
+        __m512 bias = _mm512_setzero_ps();
         if (L->bias)
             bias = _mm512_mask_i32gather_ps(bias, wmask, vt, L->bias + j, 4);
         for (int32_t r0 = 0; r0 < rows; r0 += AR) {
             const int32_t na = rows - r0 < AR ? rows - r0 : AR;
             const __mmask16 mask = wmask & _mm512_cmplt_epi32_mask(va, _mm512_set1_epi32(na));
-            __m512 v;
-            if (L->scale == NULL) {
-                v = tile_f32(WR, AR, (const float *)L->w + (size_t)j * k, k, nw, x + (size_t)r0 * ldx, ldx, na);
-            } else {
-#if defined(MU_VNNI)
-                __m512i iv = tile_u8s8(WR, AR, (const uint8_t *)L->w + (size_t)j * k, k, nw,
-                                       b->xq + (size_t)r0 * ldq, ldq, na);
-#else
-                __m512i iv = _mm512_setzero_si512();  /* not reached: int8 takes the portable path */
-#endif
-                iv = _mm512_add_epi32(iv, _mm512_mask_i32gather_epi32(iv, mask, va, b->corr + r0, 4));
-                v = _mm512_mul_ps(_mm512_cvtepi32_ps(iv), scale);
-                if (with_step)
-                    v = _mm512_mul_ps(v, _mm512_mask_i32gather_ps(v, mask, va, b->step + r0, 4));
-            }
+            __m512i iv = tile_u8s8(WR, AR, (const uint8_t *)L->w + (size_t)j * k, k, nw, b->xq + (size_t)r0 * ldq,
+                                   ldq, na);
+            iv = _mm512_add_epi32(iv, _mm512_mask_i32gather_epi32(iv, mask, va, b->corr + r0, 4));
+            __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(iv), scale);
+            if (with_step)
+                v = _mm512_mul_ps(v, _mm512_mask_i32gather_ps(v, mask, va, b->step + r0, 4));
             if (L->bias)
                 v = _mm512_add_ps(v, bias);
             float *yt = y + (size_t)r0 * ldy + j;
@@ -482,18 +442,15 @@ static void linear(const mu_linear *L, int32_t rows, const float *x, int32_t ldx
         linear_panels(L, rows, x, ldx, y, ldy, accumulate);
         return;
     }
-#if defined(MU_VNNI)
-    const int vector = L->scale ? k % 64 == 0 : k % 16 == 0;
-#else
-    const int vector = L->scale == NULL && k % 16 == 0;
 #endif
-    if (vector) {
+#if defined(MU_VNNI)
+    if (L->scale != NULL && k % 64 == 0) {
         if (rows == 1)
-            linear_tiles(16, 1, L, rows, x, ldx, y, ldy, accumulate, b, with_step);
+            linear_tiles(16, 1, L, rows, y, ldy, accumulate, b, with_step);
         else if (rows == 2)
-            linear_tiles(8, 2, L, rows, x, ldx, y, ldy, accumulate, b, with_step);
+            linear_tiles(8, 2, L, rows, y, ldy, accumulate, b, with_step);
         else
-            linear_tiles(4, 4, L, rows, x, ldx, y, ldy, accumulate, b, with_step);
+            linear_tiles(4, 4, L, rows, y, ldy, accumulate, b, with_step);
         return;
     }
 #endif
