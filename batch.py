@@ -3,7 +3,7 @@
 this machine (--engine local) or on a Ray cluster (--engine ray), resumable after a kill (--resume)."""
 import sys
 
-from utils.batch_cli import main
+from utils.batch.main import main
 
 if __name__ == "__main__":
     sys.exit(main(None, "batch.py", __doc__))

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Speed benchmark of μOmni inference through the library's public functions (omni.load_model, utils.generation).
+"""Speed benchmark of μOmni inference through the library's public functions (omni.load_model, utils.engine.generation).
 
     python bench.py                      # both models, float32 / bfloat16 / int8 / int4; several minutes
     python bench.py --quick              # a smoke run (short prompts, few tokens, few repeats)
@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from utils.version import version_text
+from utils.base.version import version_text
 
 REPO = Path(__file__).resolve().parent
 sys.path.insert(0, str(REPO))
@@ -238,7 +238,7 @@ def read_bandwidth(nbytes: float, reps: int = 5) -> float:
 
 def decode_rates_b1(thinker, embeds, opts, reps: int) -> dict[str, float]:
     """Batch-1 `generate`: decode tokens/s (wall and per CPU-second), time to first token; medians."""
-    from utils.generation import generate
+    from utils.engine.generation import generate
 
     wall, cpu, ttft = [], [], []
     info: dict[str, Any] = {}
@@ -261,7 +261,7 @@ def decode_rates_b1(thinker, embeds, opts, reps: int) -> dict[str, float]:
 
 def decode_rates_batch(thinker, embeds_list, opts, reps: int) -> dict[str, float]:
     """`generate_batch` decode rate over all rows after the first token (wall and per CPU-second), medians."""
-    from utils.generation import generate_batch
+    from utils.engine.generation import generate_batch
 
     class Stamps(list):  # generate_batch appends time.perf_counter(); keep the CPU clock beside it
         def append(self, t: float) -> None:
@@ -301,7 +301,7 @@ def teacher_forced_agreement(reference, candidate, prompt: list[int], steps: int
     reference's greedy continuation of `prompt` (teacher forcing: one early difference does not spread)."""
     import torch
 
-    from utils.generation import Decoder, SamplingOptions, generate
+    from utils.engine.generation import Decoder, SamplingOptions, generate
 
     opts = SamplingOptions(max_new_tokens=steps, ignore_eos=True)
 
@@ -337,7 +337,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    from utils.generation import SCREEN_MIN_VOCAB, Decoder, SamplingOptions
+    from utils.engine.generation import SCREEN_MIN_VOCAB, Decoder, SamplingOptions
 
     model_name, dtype = args.worker.split(":")
     tree = Path(args.tree)
@@ -480,10 +480,10 @@ Greedy decoding of a {prompt_tokens}-token prompt, {new_tokens} new tokens, EOS 
 (left-padded). Decode rate = tokens after the first / time after the first; "per CPU-second" divides by the
 process's CPU time instead of wall time (one thread: other processes on the same cores do not count). Causal
 is the default decode; "reference mode" reproduces the μOmni reference's defect (each new token attends to the
-first position only). Decode step: "c" = the C step (utils/native_decode.c: float32 and int8 weights, causal),
+first position only). Decode step: "c" = the C step (utils/engine/native/step.c: float32 and int8 weights, causal),
 "torch" = the torch step (bfloat16, int4, and the reference mode always take it); the torch rows time the torch
 step on the same weights in the same process. float32 / bfloat16 greedy steps read the vocabulary projection
-through the exact int8-screened argmax (utils.quant.GreedyHead). int8 = Int8Linear (int8 weights per output
+through the exact int8-screened argmax (utils.weights.quant.GreedyHead). int8 = Int8Linear (int8 weights per output
 channel; the C step quantizes activations per row to int8, the torch step multiplies bfloat16 activations),
 int4 = Int4Linear (4-bit weights in groups of 32; shapes the kernel cannot take stay float). Bytes per token:
 every block tensor as stored, the vocabulary projection as read (int8 screen or the head itself), the embedding

@@ -10,10 +10,10 @@ Name the component directories, or let --ckpt_root find them under a trainers' c
 
 The thinker comes from omni.pt when an omni_sft directory is given (it is the fine-tuned one), else from the
 thinker directory. --dtype float16/bfloat16 halves the file; --quantize int8 stores every nn.Linear weight of the
-thinker, talker and encoders as int8 with per-output-channel scales (utils/quant.py documents the keys), the other
+thinker, talker and encoders as int8 with per-output-channel scales (utils/weights/quant.py documents the keys), the other
 float tensors in --dtype (float16 unless named). The export is written into a temporary directory beside the target
 and renamed into place at the end, so a failed export leaves nothing behind. infer_safetensors.py loads the result.
-The work is done by utils/export_writer.py (export_checkpoints, write_export); this script is its command line.
+The work is done by utils/weights/export_writer.py (export_checkpoints, write_export); this script is its command line.
 """
 from __future__ import annotations
 
@@ -25,13 +25,13 @@ from typing import Sequence
 
 import torch
 
-from utils.checkpoint import find_config
-from utils.errors import OmniError, Terminated, handle_signals, interrupt_status, one_line, quiet_stdout
-from utils.export_format import COMPONENT_PREFIXES, STORAGE_DTYPES, dtype_name
-from utils.export_writer import COMPONENT_FLAGS, DEFAULT_OUTPUT_FILE, ExportResult, export_checkpoints
-from utils.loading import EXPORT_NAMES
-from utils.quant import QUANT_METHOD
-from utils.version import version_text
+from utils.weights.checkpoint import find_config
+from utils.base.errors import OmniError, Terminated, handle_signals, interrupt_status, one_line, quiet_stdout
+from utils.weights.export_format import COMPONENT_PREFIXES, STORAGE_DTYPES, dtype_name
+from utils.weights.export_writer import COMPONENT_FLAGS, DEFAULT_OUTPUT_FILE, ExportResult, export_checkpoints
+from utils.weights.loading import EXPORT_NAMES
+from utils.weights.quant import QUANT_METHOD
+from utils.base.version import version_text
 
 SOURCE_LABELS = {"thinker": "thinker", "proj_a": "thinker", "proj_v": "thinker", "audio": "audio",
                  "ctc_head": "audio", "vision": "vision", "talker": "talker", "rvq": "talker", "vocoder": "vocoder"}

@@ -2,8 +2,8 @@
 """Chat with a μOmni model from its trainers' checkpoint directories (or a merged export)."""
 import sys
 
-from utils.cli import main
-from utils.errors import handle_signals
+from utils.cli.main import main
+from utils.base.errors import handle_signals
 
 if __name__ == "__main__":
     handle_signals()  # SIGTERM/SIGHUP as exceptions (cleanup runs, exit 143/129), SIGXFSZ ignored

@@ -4,10 +4,10 @@ or the μOmni reference export). The weights are memory-mapped by safetensors: n
 import sys
 from pathlib import Path
 
-from utils.cli import main
-from utils.cli_args import build_parser, check_args
-from utils.console import utf8_streams
-from utils.errors import OmniError, handle_signals
+from utils.cli.main import main
+from utils.cli.args import build_parser, check_args
+from utils.cli.console import utf8_streams
+from utils.base.errors import OmniError, handle_signals
 
 PROG = "infer_safetensors.py"
 
@@ -27,7 +27,7 @@ def refuse_non_export(argv: list[str]) -> int | None:
         return 1
     if not ckpt_dir.is_dir():
         return None
-    from utils.export_format import export_file  # after parsing: --help and --version do not import torch
+    from utils.weights.export_format import export_file  # after parsing: --help and --version do not import torch
     try:
         export_file(ckpt_dir)
     except OmniError as exc:

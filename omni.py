@@ -1,4 +1,4 @@
-"""The Python API. The CLIs (utils/cli.py) are thin layers over it.
+"""The Python API. The CLIs (utils/cli/main.py) are thin layers over it.
 
     from omni import load_model
     model = load_model("checkpoints/demo")                 # or a merged export, or a weights file
@@ -27,22 +27,22 @@ import numpy as np
 import torch
 from PIL import Image
 
-from utils.audio import (HOP_LENGTH, SAMPLE_RATE, check_output_path, check_wave, load_audio, load_audio_bytes,
+from utils.media.audio import (HOP_LENGTH, SAMPLE_RATE, check_output_path, check_wave, load_audio, load_audio_bytes,
                          max_audio_seconds, power_mel, trim_audio, wav_bytes, write_wav)
-from utils.batching import BatchEngine, EngineClosed, QueueFull, RowPrompt
-from utils.components import Components, to_device
-from utils.defaults import (AUDIO_PROMPT, DECODE_ATTENTION, DECODE_KERNELS, DEFAULT_VIDEO_FRAMES, DTYPE_NAMES, IMAGE_PROMPT, MAX_SEED,
+from utils.engine.batching import BatchEngine, EngineClosed, QueueFull, RowPrompt
+from utils.weights.components import Components, to_device
+from utils.base.defaults import (AUDIO_PROMPT, DECODE_ATTENTION, DECODE_KERNELS, DEFAULT_VIDEO_FRAMES, DTYPE_NAMES, IMAGE_PROMPT, MAX_SEED,
                             QUANTIZATIONS)
-from utils.errors import OmniError
-from utils.generation import SamplingOptions, generate, generate_batch
-from utils.image import IMAGE_SIZE, load_image, load_image_bytes, load_video_frames, preprocess_image
-from utils.loading import load_components
-from utils.quant import quantize_linears
-from utils.speech import (GRIFFIN_LIM_ITERS, Speech, SpeechOptions, choose_vocoder, frames_for_text, max_talker_frames,
+from utils.base.errors import OmniError
+from utils.engine.generation import SamplingOptions, generate, generate_batch
+from utils.media.image import IMAGE_SIZE, load_image, load_image_bytes, load_video_frames, preprocess_image
+from utils.weights.loading import load_components
+from utils.weights.quant import quantize_linears
+from utils.engine.speech import (GRIFFIN_LIM_ITERS, Speech, SpeechOptions, choose_vocoder, frames_for_text, max_talker_frames,
                           synthesize)
-from utils.tokenizer import IncrementalDecoder
-from utils.transcribe import transcribe
-from utils.transcript import Transcript, TranscribeOptions
+from utils.media.tokenizer import IncrementalDecoder
+from utils.engine.transcribe import transcribe
+from utils.base.transcript import Transcript, TranscribeOptions
 
 ImageInput = Union[str, os.PathLike, Image.Image, torch.Tensor, bytes]  # bytes: an encoded image file
 AudioInput = Union[str, os.PathLike, np.ndarray, bytes]  # bytes: an encoded audio file
@@ -139,7 +139,7 @@ class OmniModel:
 
     @property
     def parts(self) -> Components:
-        """The loaded networks, tokenizer and where each came from (utils.loading.Components), for tools and tests
+        """The loaded networks, tokenizer and where each came from (utils.weights.loading.Components), for tools and tests
         that work below the chat API; the apps use the methods."""
         return self._parts
 
@@ -379,7 +379,7 @@ class OmniModel:
 
         `gen` are SamplingOptions: max_new_tokens, temperature (0 = greedy), top_k, top_p, repetition_penalty,
         seed, ignore_eos, decode_attention ('reference' or 'causal'), decode_kernel ('auto', 'c' or 'torch': the
-        decode step in C where it applies, see utils.native_decode; timing["decode_kernel"] says which ran and
+        decode step in C where it applies, see utils.engine.native.step; timing["decode_kernel"] says which ran and
         why); and `system`, a system prompt joined before
         the text as "SYSTEM TEXT" (μOmni has no chat template). `image` and `audio` may be lists: one token per image, the clips' tokens in order."""
         result: list[Answer] = []
@@ -427,7 +427,7 @@ class OmniModel:
         return RowPrompt(embeds[0], ids, opts, notes)
 
     def batch_engine(self, max_batch: int = 16, max_queue: int = 64) -> BatchEngine:
-        """A continuous-batching scheduler over this model's thinker (utils.batching): requests prepared with
+        """A continuous-batching scheduler over this model's thinker (utils.engine.batching): requests prepared with
         `prepare_chat` join the running batch at its next step; each greedy answer equals `answer`'s.
         Other model work (transcribe, speak, encoders) should go through its `call` so one thread runs
         the model."""
@@ -439,7 +439,7 @@ class OmniModel:
     # ------------------------------------------------------------ batched chat
     def answer_batch(self, items: list[dict[str, Any]], batch_size: int = 8,
                      on_error: Callable[[int, OmniError], None] | None = None, **gen: Any) -> list[Answer | None]:
-        """Answers for several requests, decoded together `batch_size` at a time (utils.generation.generate_batch:
+        """Answers for several requests, decoded together `batch_size` at a time (utils.engine.generation.generate_batch:
         left-padded, each greedy answer equal to the one `answer` gives). Each item is a dict with `text` and
         optional `image`, `audio` (or `audio_in`), `video`, `video_frames`, `prompt`. A request that cannot be
         prepared raises ("request N: ..."), or with `on_error(index, error)` is reported there and its slot is
@@ -499,7 +499,7 @@ class OmniModel:
 
     def quantize(self, method: str) -> list[str]:
         """Runtime quantization for speed: 'int8' / 'int4' swap the nn.Linear layers inside the networks for
-        int8 (utils.quant.Int8Linear) or 4-bit group-wise (utils.quant.Int4Linear, CPU) ones; torch's own
+        int8 (utils.weights.quant.Int8Linear) or 4-bit group-wise (utils.weights.quant.Int4Linear, CPU) ones; torch's own
         attention layers stay float. Returns the names replaced. Top-1 agreement with float32 is high but
         not exact (tools/quant_agreement.py measures it)."""
         if method not in QUANTIZATIONS:
@@ -519,9 +519,9 @@ class OmniModel:
     def transcribe(self, audio: AudioInput | BinaryIO, word_timestamps: bool = True,
                    progress: Callable[[float, float | None], None] | None = None, **options: Any) -> Transcript:
         """Greedy CTC transcript from the audio encoder's character head, with segment and word timestamps:
-        a dict in whisper's JSON shape whose `.text` is the plain transcript (utils/transcribe.py says how).
+        a dict in whisper's JSON shape whose `.text` is the plain transcript (utils/engine/transcribe.py says how).
         A file (a path or an open binary file) is streamed: any length, bounded memory; an array is a 16 kHz
-        waveform. `options`: fields of utils.transcript.TranscribeOptions (vad, min_silence, segment_gap,
+        waveform. `options`: fields of utils.base.transcript.TranscribeOptions (vad, min_silence, segment_gap,
         window, max_seconds, ...); `progress` is called with the seconds of audio read so far and the total
         (None when unknown)."""
         self._require_parts("transcription", "audio", "ctc_head", "ctc_chars")
@@ -655,7 +655,7 @@ def set_threads(threads: int | None) -> int:
 
 def load_model(path: str | os.PathLike, device: str = "auto", dtype: str | torch.dtype | None = None,
                quantize: str | None = None, threads: int | None = None) -> OmniModel:
-    """Load every component found under `path` (see utils.loading) onto `device` ('auto', 'cpu', 'cuda', 'mps')
+    """Load every component found under `path` (see utils.weights.loading) onto `device` ('auto', 'cpu', 'cuda', 'mps')
     in `dtype` ('float32', 'float16', 'bfloat16'; default: the stored weights' dtype, float32 for μOmni);
     `quantize='int8'` / `'int4'` then quantizes the linear layers (OmniModel.quantize). `threads`: torch's
     CPU thread count for the process (see `set_threads`; default 1 unless OMP_NUM_THREADS is set)."""

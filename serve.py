@@ -16,8 +16,8 @@ import sys
 import traceback
 from typing import Sequence
 
-from utils.cli_args import add_model_arguments, non_negative_float, non_negative_int, positive_float, positive_int
-from utils.errors import OmniError
+from utils.cli.args import add_model_arguments, non_negative_float, non_negative_int, positive_float, positive_int
+from utils.base.errors import OmniError
 
 EPILOG = """examples:
   python serve.py --ckpt_dir checkpoints/demo --port 8080
@@ -73,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s: %(message)s", stream=sys.stderr)
     try:
         from omni import load_model
-        from utils.server_app import OmniServer, ServerConfig, run_server
+        from utils.server.app import OmniServer, ServerConfig, run_server
         sock = listen(args.host, args.port)
         model = load_model(args.ckpt_dir, device=args.device, dtype=args.dtype, quantize=args.quantize,
                            threads=args.threads)

@@ -46,7 +46,7 @@ def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def fuse_linears(layers: list[nn.Module]) -> nn.Module | None:
     """One module computing `cat([layer(x) for layer in layers], -1)` in a single product (q/k/v, gate/up):
     fewer, larger matmuls per decode step. Float nn.Linear layers are concatenated here; other linear types
-    fuse through their own `fuse` classmethod (utils.quant's int8/int4 layers). None when they cannot fuse.
+    fuse through their own `fuse` classmethod (utils.weights.quant's int8/int4 layers). None when they cannot fuse.
     The result holds copies of the weights (the originals stay what state_dict() and exports see)."""
     first = layers[0]
     if any(type(layer) is not type(first) for layer in layers):
@@ -486,7 +486,7 @@ class CausalStack(nn.Module):
     """What the Thinker and the Talker share: Blocks over RoPE and a final norm, run over a whole prompt
     (`hidden`) or over one new position per row against a KV cache (`decode_hidden`). Subclasses define
     `blocks`, `norm` and `rotary`, plus `embed_step` (the ids fed back at a decode step -> (B, 1, d)) and `head`
-    (normed hidden states -> logits), so one decode engine (utils.generation.Decoder) serves both models."""
+    (normed hidden states -> logits), so one decode engine (utils.engine.generation.Decoder) serves both models."""
 
     blocks: nn.ModuleList
     norm: RMSNorm

@@ -16,9 +16,9 @@ sys.path.insert(0, str(REPO))
 
 
 def c_step_missing() -> str | None:
-    """Why the C decode step (utils/native_decode.py) cannot be built here, or None. Outside CI a test of it
+    """Why the C decode step (utils/engine/native/step.py) cannot be built here, or None. Outside CI a test of it
     skips with that reason; in CI (which installs a compiler) it fails instead."""
-    from utils.native_decode import library
+    from utils.engine.native.step import library
     lib, why = library()
     return None if lib is not None or os.environ.get("CI") else why
 

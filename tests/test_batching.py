@@ -1,4 +1,4 @@
-"""utils.batching.BatchEngine: rows that join a running batch at different steps give the ids `answer` gives
+"""utils.engine.batching.BatchEngine: rows that join a running batch at different steps give the ids `answer` gives
 each request alone (greedy, causal and reference decode; seeded sampling), slots are reused, a cancelled row
 leaves at the next step, the queue is bounded. On the demo model (skipped when checkpoints/demo is absent)."""
 from __future__ import annotations
@@ -63,7 +63,7 @@ def run_engine(model, engine, items, gen, join_running=True):
 
 @pytest.mark.parametrize("mode", ["causal", "reference"])
 def test_joined_rows_equal_batch_one(model, mode) -> None:
-    from utils.batching import BatchEngine
+    from utils.engine.batching import BatchEngine
     gen = dict(max_new_tokens=60, ignore_eos=True, decode_attention=mode)
     expected = [model.answer(**it, **gen).token_ids for it in ITEMS]
     engine = BatchEngine(model.parts.thinker, max_batch=3, max_queue=16, decode_attention=mode)
@@ -81,7 +81,7 @@ def test_joined_rows_equal_batch_one(model, mode) -> None:
 
 def test_long_running_batch_reuses_columns(model) -> None:
     """Never empty for long: the shared column passes the cache's end and the rows are moved back."""
-    from utils.batching import BatchEngine
+    from utils.engine.batching import BatchEngine
     gen = dict(ignore_eos=True)
     # three budgets, so the two rows never finish at the same step (the batch would empty and start afresh)
     items = [dict(text="What is 3 plus 4?", max_new_tokens=250), dict(text="Hello", max_new_tokens=170),
@@ -112,7 +112,7 @@ def test_natural_stops_and_seeded_sampling(model) -> None:
 
 
 def test_cancel_queue_limit_and_close(model) -> None:
-    from utils.batching import EngineClosed, QueueFull
+    from utils.engine.batching import EngineClosed, QueueFull
     engine = model.batch_engine(max_batch=1, max_queue=1)
     got: list[int] = []
     done: dict[str, tuple] = {}

@@ -44,7 +44,7 @@ def make_video(path: Path, n_frames: int = 8, size: int = 32) -> Path:
 
 
 def tokenizer(tree: Path):
-    from utils.tokenizer import Tokenizer
+    from utils.media.tokenizer import Tokenizer
     return Tokenizer(tree / "thinker_tiny" / "tokenizer.model")
 
 
@@ -90,7 +90,7 @@ def test_unexpected_exceptions_and_interrupts(monkeypatch: pytest.MonkeyPatch, c
     """In-process: a bug becomes one `error:` line suggesting --verbose; --verbose adds the traceback;
     KeyboardInterrupt exits 130."""
     import omni
-    from utils.cli import main
+    from utils.cli.main import main
 
     def broken(*a, **k):
         raise RuntimeError("kaboom")
@@ -111,7 +111,7 @@ def test_unexpected_exceptions_and_interrupts(monkeypatch: pytest.MonkeyPatch, c
 def test_bad_inputs_are_one_line_errors(capsys: pytest.CaptureFixture, tiny_tree: Path, tmp_path: Path,
                                         fixture_inputs: Path) -> None:
     """In-process (the subprocess path of OmniError is covered above): missing dirs, a file with no video."""
-    from utils.cli import main
+    from utils.cli.main import main
     assert main(["--ckpt_dir", str(tmp_path / "nowhere"), "--text", "hi", "--quiet"], "infer_chat.py", "") == 1
     out = capsys.readouterr()
     assert out.out == "" and out.err.startswith("error:") and out.err.count("\n") == 1
@@ -246,7 +246,7 @@ def long_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_stream_joins_to_chat_and_spaces_survive(tiny_tree: Path) -> None:
     from omni import load_model
-    from utils.tokenizer import IncrementalDecoder
+    from utils.media.tokenizer import IncrementalDecoder
     model = load_model(tiny_tree, device="cpu")
     pieces = list(model.stream("hello world", max_new_tokens=20, ignore_eos=True, decode_attention="causal"))
     assert "".join(pieces) == model.chat("hello world", max_new_tokens=20, ignore_eos=True,
@@ -259,7 +259,7 @@ def test_stream_joins_to_chat_and_spaces_survive(tiny_tree: Path) -> None:
 
 def test_incremental_decoder_holds_back_partial_characters() -> None:
     """Byte-level ids: a multi-byte character is emitted only once all its bytes are there."""
-    from utils.tokenizer import IncrementalDecoder
+    from utils.media.tokenizer import IncrementalDecoder
 
     class ByteTokenizer:
         def decode(self, ids):

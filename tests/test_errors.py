@@ -1337,9 +1337,9 @@ def batch_main(jobs_file: str, results_file: str) -> None:
     import torch  # noqa: F401
 
     import omni  # noqa: F401
-    import utils.cli  # noqa: F401
-    import utils.export_format  # noqa: F401
-    import utils.speech  # noqa: F401
+    import utils.cli.main  # noqa: F401
+    import utils.weights.export_format  # noqa: F401
+    import utils.engine.speech  # noqa: F401
     sys.path.insert(0, str(REPO))
     import export  # noqa: F401 - warms its imports for the export.py cases
     results = {job["id"]: run_forked(job) for job in json.loads(Path(jobs_file).read_text())}
@@ -1433,14 +1433,14 @@ def test_battery_size() -> None:
 @pytest.mark.parametrize("script", ["infer_chat.py", "infer_safetensors.py"])
 def test_help_documents_the_resource_guards(script: str) -> None:
     """--help states each limit with the value the code enforces."""
-    from utils.audio import max_audio_seconds
-    from utils.checkpoint import MAX_CTX_LEN
-    from utils.checkpoint import MAX_JSON_BYTES
-    from utils.batch_job import MAX_BATCH_FILE_BYTES
-    from utils.export_format import MAX_HEADER_BYTES, MAX_TENSORS
-    from utils.defaults import MAX_VIDEO_FRAMES
-    from utils.image import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS
-    from utils.transcript import TranscribeOptions
+    from utils.media.audio import max_audio_seconds
+    from utils.weights.checkpoint import MAX_CTX_LEN
+    from utils.weights.checkpoint import MAX_JSON_BYTES
+    from utils.batch.job import MAX_BATCH_FILE_BYTES
+    from utils.weights.export_format import MAX_HEADER_BYTES, MAX_TENSORS
+    from utils.base.defaults import MAX_VIDEO_FRAMES
+    from utils.media.image import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS
+    from utils.base.transcript import TranscribeOptions
     r = subprocess.run([sys.executable, str(REPO / script), "--help"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     text = " ".join(r.stdout.split())
@@ -1460,8 +1460,8 @@ def test_audio_is_trimmed_before_the_mel_spectrogram(tiny_tree: Path, monkeypatc
     import torch
 
     import omni
-    from utils.audio import HOP_LENGTH, SAMPLE_RATE, max_audio_seconds
-    from utils.loading import load_components
+    from utils.media.audio import HOP_LENGTH, SAMPLE_RATE, max_audio_seconds
+    from utils.weights.loading import load_components
     model = omni.OmniModel(load_components(tiny_tree), torch.device("cpu"))
     seen = []
     real = omni.power_mel
@@ -1479,8 +1479,8 @@ def test_audio_is_trimmed_before_the_mel_spectrogram(tiny_tree: Path, monkeypatc
 
 
 def test_load_audio_decodes_only_what_is_asked(tmp_path: Path) -> None:
-    from utils.audio import MAX_AUDIO_SECONDS, load_audio
-    from utils.errors import OmniError
+    from utils.media.audio import MAX_AUDIO_SECONDS, load_audio
+    from utils.base.errors import OmniError
     path = tmp_path / "long.wav"
     write_audio(path, tone(30.0, 48000, 2), 48000, subtype="PCM_16")
     head = load_audio(path, max_seconds=3.0)
@@ -1495,7 +1495,7 @@ def test_load_audio_decodes_only_what_is_asked(tmp_path: Path) -> None:
 def test_exif_orientation_is_applied(tmp_path: Path) -> None:
     from PIL import Image
 
-    from utils.image import load_image, preprocess_image
+    from utils.media.image import load_image, preprocess_image
     base = Image.new("RGB", (40, 20), (0, 0, 255))
     base.paste((255, 0, 0), (0, 0, 10, 20))  # a red stripe on the left
     exif = base.getexif()
@@ -1515,9 +1515,9 @@ def test_video_frames_are_the_evenly_spaced_ones_with_bounded_memory(tmp_path: P
     import av
     import torch
 
-    from utils.defaults import MAX_VIDEO_FRAMES
-    from utils.image import load_video_frames, preprocess_image
-    from utils.errors import OmniError
+    from utils.base.defaults import MAX_VIDEO_FRAMES
+    from utils.media.image import load_video_frames, preprocess_image
+    from utils.base.errors import OmniError
     path = make_video(tmp_path / "v.mp4", frames=11)
     with av.open(str(path)) as c:
         every = [preprocess_image(f.to_image()) for f in c.decode(c.streams.video[0])]
@@ -1535,8 +1535,8 @@ def test_write_wav_is_atomic(tmp_path: Path) -> None:
     import resource
     import signal
 
-    from utils import audio
-    from utils.errors import OmniError
+    from utils.media import audio
+    from utils.base.errors import OmniError
     target = tmp_path / "speech.wav"
     target.write_bytes(b"the previous take")
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)

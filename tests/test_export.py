@@ -19,11 +19,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import export
-from utils import export_writer
+from utils.weights import export_writer
 from tests.conftest import run_cli
-from utils.errors import OmniError
-from utils.export_format import load_export
-from utils.quant import QUANT_METHOD, SCALE_SUFFIX, dequantize_int8, dequantize_state_dict, quantize_int8
+from utils.base.errors import OmniError
+from utils.weights.export_format import load_export
+from utils.weights.quant import QUANT_METHOD, SCALE_SUFFIX, dequantize_int8, dequantize_state_dict, quantize_int8
 
 EOS = 2
 COMPONENT_DIRS = {"omni_ckpt": "omni_sft_tiny", "thinker_ckpt": "thinker_tiny", "audio_ckpt": "audio_enc_tiny",
@@ -104,9 +104,9 @@ def test_root_discovery_equals_named_flags(tiny_exports: dict[str, Path]) -> Non
 
 def test_library_export_equals_the_scripts(tiny_tree: Path, tiny_exports: dict[str, Path], tmp_path: Path,
                                           capsys: pytest.CaptureFixture) -> None:
-    """export.py is a thin command line over utils.export_writer: the library writes the same export from Python
+    """export.py is a thin command line over utils.weights.export_writer: the library writes the same export from Python
     (write_export from loaded components, export_checkpoints from a checkpoints root), and prints nothing."""
-    from utils.export_writer import export_checkpoints, find_sources, load_sources, write_export
+    from utils.weights.export_writer import export_checkpoints, find_sources, load_sources, write_export
     script = tiny_exports["int8"]
     whole = export_checkpoints(tmp_path / "whole", ckpt_root=tiny_tree, quantize="int8")
     comps = load_sources(find_sources(tiny_tree))
@@ -410,7 +410,7 @@ def test_fixture_half_and_int8_agree_with_float32(fixture_exports: dict[str, Pat
     (measured: bf16 100% / 0.5%, fp16 97.9% / 0.07%, int8 97.9% / 0.6%), so a broken export fails."""
     from omni import load_model
     from tests.test_fast_decode import decode_logits
-    from utils.generation import SamplingOptions, generate
+    from utils.engine.generation import SamplingOptions, generate
 
     ref = load_model(fixture_exports["root"], device="cpu").parts.thinker
     ids = expected["prompt_ids"]

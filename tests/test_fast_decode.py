@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from models.layers import fuse_linears
-from utils.generation import Decoder, SamplingOptions, generate, generate_batch
-from utils.quant import Int4Linear, Int8Linear, quantize_linears
+from utils.engine.generation import Decoder, SamplingOptions, generate, generate_batch
+from utils.weights.quant import Int4Linear, Int8Linear, quantize_linears
 
 from tests.conftest import c_step_param
 

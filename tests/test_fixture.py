@@ -1,6 +1,6 @@
 """Issue 2, "μOmni-compatible core": every number the reference computed on ../shared/fixtures/muomni_small.
 
-The comparisons run through the code paths the CLIs use (utils.loading discovery, omni.load_model, the image and
+The comparisons run through the code paths the CLIs use (utils.weights.loading discovery, omni.load_model, the image and
 audio preprocessing, the generation loop), and the ids are also checked through real CLI subprocesses. Without
 ../shared every test here skips (the `fixture_dir` fixture says why).
 """
@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import REPO
-from utils.errors import OmniError
+from utils.base.errors import OmniError
 
 EOS = 2
 RTOL, ATOL = 1e-4, 1e-5
@@ -62,7 +62,7 @@ def talker_greedy_by_recompute(talker, n_frames: int, reference: bool) -> list[l
     through the talker's blocks at every step, under an explicit full mask. Causal: every position sees all
     earlier ones (what training did). `reference`: the generated positions see position 0 only (the reference
     implementation's incremental-mask defect). It reuses the project's Blocks (checked tensor by tensor in
-    test_tensor), but none of utils.generation / utils.speech."""
+    test_tensor), but none of utils.engine.generation / utils.engine.speech."""
     frames: list[list[int]] = []
     x = torch.cat([talker.start, talker.embed(torch.zeros(1, 1, 2, dtype=torch.long))], dim=1)
     while len(frames) < n_frames:
@@ -83,8 +83,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def compute(key: str, m, thinker_m, expected: dict, tensors: dict, inputs: dict) -> torch.Tensor:
     """The tensor named `key` of expected.safetensors, computed with the loaded model `m`."""
-    from utils.audio import load_audio, power_mel
-    from utils.image import load_image
+    from utils.media.audio import load_audio, power_mel
+    from utils.media.image import load_image
 
     c = m.parts
     img = load_image(inputs["image"])
@@ -204,7 +204,7 @@ def test_ctc_greedy_text(layout, fixture_dir, expected, inputs):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_talker_greedy_24(layout, mode, fixture_dir, expected):
-    """Through the path --audio_out uses (OmniModel.speak -> utils.speech), and by full recompute."""
+    """Through the path --audio_out uses (OmniModel.speak -> utils.engine.speech), and by full recompute."""
     m = model_at(fixture_dir / layout)
     want = expected["talker_greedy_24" + MODES[mode]]
     gen = {} if mode == "causal" else {"decode_attention": mode}
@@ -333,7 +333,7 @@ def renamed_tree(fixture_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 def test_renamed_tree_config_association(renamed_tree):
-    from utils.checkpoint import find_config
+    from utils.weights.checkpoint import find_config
     for new in RENAMES.values():
         cfg, path = find_config(renamed_tree / new)
         assert path is not None and path.name.startswith("run_"), (new, path)

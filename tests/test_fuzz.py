@@ -19,12 +19,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from utils.audio import load_audio
-from utils.checkpoint import read_torch_file
-from utils.errors import OmniError
-from utils.export_format import read_safetensors
-from utils.image import IMAGE_SIZE, load_image
-from utils.loading import load_components
+from utils.media.audio import load_audio
+from utils.weights.checkpoint import read_torch_file
+from utils.base.errors import OmniError
+from utils.weights.export_format import read_safetensors
+from utils.media.image import IMAGE_SIZE, load_image
+from utils.weights.loading import load_components
 
 FUZZ = settings(max_examples=40, deadline=None, database=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

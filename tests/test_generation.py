@@ -8,11 +8,11 @@ import json
 import pytest
 import torch
 
-import utils.generation as gen
+import utils.engine.generation as gen
 from models.layers import BlockConfig
 from models.thinker import ThinkerConfig, ThinkerLM
-from utils.generation import Decoder, SamplingOptions, generate, generate_batch
-from utils.quant import GreedyHead, Int8Linear, PackedInt8Weight, quantize_int8, quantize_linears
+from utils.engine.generation import Decoder, SamplingOptions, generate, generate_batch
+from utils.weights.quant import GreedyHead, Int8Linear, PackedInt8Weight, quantize_int8, quantize_linears
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -392,7 +392,7 @@ def test_api_chat_batch_equals_chat(tiny_tree) -> None:
         single = [model.chat(it["text"], max_new_tokens=8, decode_attention=mode) for it in items]
         assert model.chat_batch(items, max_new_tokens=8, decode_attention=mode) == single
         assert model.chat_batch(items, batch_size=2, max_new_tokens=8, decode_attention=mode) == single
-    from utils.errors import OmniError
+    from utils.base.errors import OmniError
     with pytest.raises(OmniError, match="request 2"):
         model.chat_batch([{"text": "hello"}, {"text": 5}])
 

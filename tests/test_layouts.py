@@ -21,8 +21,8 @@ import torch
 from tests.conftest import REPO
 from tests.factory import compiled_keys, make_export, make_tree, random_init, reference_modules, thinker_config
 from models.thinker import ThinkerLM
-from utils.errors import OmniError
-from utils.loading import Components, load_components
+from utils.base.errors import OmniError
+from utils.weights.loading import Components, load_components
 
 IDS = [1, 5, 17, 33, 8, 99, 3, 120, 42]
 ATOL = 1e-5
@@ -222,7 +222,7 @@ def test_repl_video_uses_the_checkpoints_image_size(tree):
     torch.save({"vit": vit.state_dict()}, tree / "vision_tiny" / "vision.pt")
     video = REPO / "examples" / "shapes.mp4"
     model = load_model(tree / "omni_sft_tiny", device="cpu")
-    from utils.repl import Attachments, attach
+    from utils.cli.repl import Attachments, attach
     attached = Attachments()
     attach(model, "video", str(video), attached, 2)  # the REPL's and pipes' /video
     frames = model.load_media(video=video, video_frames=2).images  # what --video and the API use
@@ -583,7 +583,7 @@ def test_every_malformed_tensor_is_a_clean_error(component):
     """Each key dropped, grown by one in every dimension, or replaced by a scalar (and each matrix flattened):
     always an OmniError naming the source, never a traceback from deep inside torch, never accepted."""
     import warnings
-    from utils import loading as L
+    from utils.weights import loading as L
     sd0 = reference_modules(moe=component == "thinker")[component].state_dict()
     for key, value in sd0.items():
         variants = {"drop": None, "grow": torch.zeros(*[n + 1 for n in value.shape]), "scalar": torch.tensor(1.0)}

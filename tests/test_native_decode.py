@@ -1,4 +1,4 @@
-"""The C decode step (utils/native_decode.c) against the torch step: the same logits up to float rounding for
+"""The C decode step (utils/engine/native/step.c) against the torch step: the same logits up to float rounding for
 every block variant it takes (GQA / MHA, SwiGLU / GELU with biases, head sizes with and without the vector
 path), left-padded batches, int8 weights close to float32; a row's numbers independent of its batch (bit for
 bit); the screened greedy id equal to the full argmax; the path reported and chosen as documented (auto, c,
@@ -19,10 +19,10 @@ import torch
 
 from models.layers import BlockConfig
 from models.thinker import ThinkerConfig, ThinkerLM
-from utils.errors import OmniError
-from utils.generation import Decoder, SamplingOptions, generate, greedy_head, left_pad
-from utils.native_decode import NativeSession, native_model
-from utils.quant import quantize_linears
+from utils.base.errors import OmniError
+from utils.engine.generation import Decoder, SamplingOptions, generate, greedy_head, left_pad
+from utils.engine.native.step import NativeSession, native_model
+from utils.weights.quant import quantize_linears
 
 from tests.conftest import c_step_missing
 

@@ -131,7 +131,7 @@ def write_m4a(wave: np.ndarray, sr: int, path: Path) -> Path:
 def test_4_m4a_audio_is_decoded(model, tmp_path: Path) -> None:
     import soundfile as sf
 
-    from utils.audio import load_audio
+    from utils.media.audio import load_audio
     wav = EXAMPLES / "green_triangle.wav"
     wave, sr = sf.read(str(wav), dtype="float32")
     m4a = write_m4a(wave if wave.ndim == 1 else wave[:, 0], sr, tmp_path / "green_triangle.m4a")
@@ -165,7 +165,8 @@ def test_5_repeated_images_and_audio_are_all_used(model) -> None:
 # ---------------------------------------------------------------- 6: --video_frames range, --seed -1
 
 def test_6_video_frames_limit_is_a_usage_error_and_seed_minus_one_is_random() -> None:
-    from utils import cli_args, image
+    from utils.cli import args as cli_args
+    from utils.media import image
     assert cli_args.MAX_VIDEO_FRAMES == image.MAX_VIDEO_FRAMES  # the usage check and the decoder agree
     r = demo("--video", str(EXAMPLES / "shapes.mp4"), "--video_frames", "300")
     assert r.returncode == 2 and "--video_frames" in r.stderr and "256" in r.stderr
@@ -260,7 +261,7 @@ def test_10_weights_file_paths_and_other_names(model, tmp_path: Path) -> None:
 def test_version_names_suite_torch_and_python(script: str) -> None:
     from importlib.metadata import version
 
-    from utils.version import __version__
+    from utils.base.version import __version__
     r = subprocess.run([sys.executable, "-X", "importtime", str(REPO / script), "--version"], cwd=REPO,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr

@@ -60,8 +60,8 @@ DRIVER = textwrap.dedent('''
         setattr(module, name, wrapped)
 
     if phase == "load":
-        import utils.loading
-        before(utils.loading, "read_torch_file")
+        import utils.weights.loading
+        before(utils.weights.loading, "read_torch_file")
     elif phase == "generate":
         import omni
         original = omni.generate
@@ -77,8 +77,8 @@ DRIVER = textwrap.dedent('''
         import safetensors.torch
         after(safetensors.torch, "save_file")
     elif phase == "export_verify":
-        import utils.export_format
-        before(utils.export_format, "load_export")
+        import utils.weights.export_format
+        before(utils.weights.export_format, "load_export")
     elif phase == "export_replace":  # the new export is in place, the replaced one is being removed
         import shutil
         before(shutil, "rmtree", lambda path, *a, **k: ".old-" in os.path.basename(str(path)))

@@ -11,9 +11,9 @@ import soundfile as sf
 import torch
 
 from tests.conftest import run_cli
-from utils.speech import (SpeechOptions, frames_for_text, generate_codes, vocode_griffin_lim,
+from utils.engine.speech import (SpeechOptions, frames_for_text, generate_codes, vocode_griffin_lim,
                           vocode_hifigan)
-from utils.errors import OmniError
+from utils.base.errors import OmniError
 
 
 # ---------------------------------------------------------------- reference fixtures
@@ -33,7 +33,7 @@ def test_talker_greedy_24_via_api(fixture_dir: Path, expected: dict) -> None:
 
 def talker_mel(wave: np.ndarray) -> torch.Tensor:
     """The talker's training mel: power, n_fft 1024, win 1024, hop 1280, 128 HTK bands."""
-    from utils.audio import power_mel
+    from utils.media.audio import power_mel
     return power_mel(wave, n_fft=1024, hop_length=1280, win_length=1024)
 
 
@@ -110,7 +110,7 @@ def test_audio_out_falls_back_to_griffin_lim(tiny_tree: Path, tmp_path: Path) ->
 def test_missing_vocoder_is_an_error_not_a_tone(tiny_tree: Path, tmp_path: Path,
                                                 capsys: pytest.CaptureFixture) -> None:
     """In-process: --vocoder hifigan without a vocoder checkpoint fails before anything is generated."""
-    from utils.cli import main
+    from utils.cli.main import main
     tree = tmp_path / "checkpoints"
     shutil.copytree(tiny_tree, tree)
     shutil.rmtree(tree / "vocoder_tiny")

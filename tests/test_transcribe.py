@@ -1,4 +1,4 @@
-"""Transcription with timestamps (utils/transcribe.py, utils/transcript.py, --transcribe).
+"""Transcription with timestamps (utils/engine/transcribe.py, utils/base/transcript.py, --transcribe).
 
 Speech with known boundaries: examples/phrases.wav (committed; examples/phrases.json says where each phrase's
 sound starts and ends, written by tools/make_examples.py) and, with espeak-ng, phrases synthesised here.
@@ -23,9 +23,9 @@ import torch
 from tests.conftest import REPO, run_cli
 from tools import synth
 from tools.transcribe_speed import example_pieces, write_repeated
-from utils.audio import HOP_LENGTH, SAMPLE_RATE
-from utils.transcribe import transcribe
-from utils.transcript import TranscribeOptions, format_transcript
+from utils.media.audio import HOP_LENGTH, SAMPLE_RATE
+from utils.engine.transcribe import transcribe
+from utils.base.transcript import TranscribeOptions, format_transcript
 
 DEMO_AUDIO = REPO / "checkpoints" / "demo" / "audio_enc_tiny"
 EXAMPLE = REPO / "examples" / "phrases.wav"
@@ -290,7 +290,7 @@ def test_segments_end_at_gaps_and_at_max_segment() -> None:
 
 
 def test_options_are_checked() -> None:
-    from utils.errors import OmniError
+    from utils.base.errors import OmniError
     for bad in ({"window": 2.0, "overlap": 1.5}, {"min_silence": 0}, {"speech_pad": 1.0},
                 {"max_seconds": float("inf")}):
         with pytest.raises(OmniError):

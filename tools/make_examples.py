@@ -27,7 +27,7 @@ if str(REPO) not in sys.path:
 import numpy as np  # noqa: E402
 
 from tools import synth  # noqa: E402
-from utils.audio import SAMPLE_RATE, write_wav  # noqa: E402
+from utils.media.audio import SAMPLE_RATE, write_wav  # noqa: E402
 
 VIDEO_SCENES = [("red", "circle"), ("blue", "square"), ("green", "triangle")]
 VIDEO_FPS, VIDEO_SIZE, VIDEO_SECONDS = 12, 160, 2

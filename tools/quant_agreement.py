@@ -5,7 +5,7 @@
   python tools/quant_agreement.py --ckpt_root checkpoints/demo --method int4      # --quantize int4 at runtime
 
 --method export-int8 (default) exports the checkpoints twice with the library behind export.py
-(utils.export_writer.export_checkpoints: float32, and int8) into a temporary directory and compares the two exports (both computed in float32: the number measures what int8
+(utils.weights.export_writer.export_checkpoints: float32, and int8) into a temporary directory and compares the two exports (both computed in float32: the number measures what int8
 storage costs). int8 / int4 / bfloat16 compare `load_model(..., quantize=...)` (or dtype=bfloat16) with the
 float32 model at runtime: the kernels the CLI's `--quantize` / `--dtype` use. Either way the float32 thinker
 greedy-decodes --steps tokens from --prompt (EOS ignored, causal), then both thinkers run the KV-cached decode
@@ -25,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 import torch  # noqa: E402
 
 from omni import load_model  # noqa: E402
-from utils.export_writer import export_checkpoints  # noqa: E402
-from utils.errors import OmniError  # noqa: E402
-from utils.generation import Decoder, SamplingOptions, generate  # noqa: E402
+from utils.weights.export_writer import export_checkpoints  # noqa: E402
+from utils.base.errors import OmniError  # noqa: E402
+from utils.engine.generation import Decoder, SamplingOptions, generate  # noqa: E402
 
 METHODS = ("export-int8", "int8", "int4", "bfloat16")
 

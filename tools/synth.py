@@ -15,7 +15,7 @@ import numpy as np
 import soundfile as sf
 from PIL import Image, ImageDraw
 
-from utils.audio import SAMPLE_RATE, resample
+from utils.media.audio import SAMPLE_RATE, resample
 
 COLOURS = {  # nominal RGB; every drawing jitters it a little
     "red": (215, 35, 35),

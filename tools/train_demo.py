@@ -50,8 +50,8 @@ from models.talker import RVQ, TalkerConfig, TalkerTiny  # noqa: E402
 from models.thinker import ThinkerConfig, ThinkerLM  # noqa: E402
 from models.vision import ViTConfig, ViTTiny  # noqa: E402
 from tools import synth  # noqa: E402
-from utils.audio import power_mel  # noqa: E402
-from utils.image import preprocess_image  # noqa: E402
+from utils.media.audio import power_mel  # noqa: E402
+from utils.media.image import preprocess_image  # noqa: E402
 
 BOS, EOS = 1, 2
 CTC_CHARS = ["<BLANK>", "<UNK>", " "] + [chr(c) for c in range(ord("a"), ord("z") + 1)]
@@ -150,7 +150,7 @@ def tokenizer_corpus(rng: random.Random) -> list[str]:
 def train_tokenizer(path: Path, recipe: Recipe, rng: random.Random):
     import sentencepiece as spm
 
-    from utils.tokenizer import Tokenizer
+    from utils.media.tokenizer import Tokenizer
 
     model = io.BytesIO()  # trained from memory: no file paths end up in the model's trainer spec
     spm.SentencePieceTrainer.Train(

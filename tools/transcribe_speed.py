@@ -26,7 +26,7 @@ if str(REPO) not in sys.path:
 import numpy as np  # noqa: E402
 import soundfile as sf  # noqa: E402
 
-from utils.audio import HOP_LENGTH, SAMPLE_RATE  # noqa: E402
+from utils.media.audio import HOP_LENGTH, SAMPLE_RATE  # noqa: E402
 
 EXAMPLE = REPO / "examples" / "phrases.wav"
 TRUTH = REPO / "examples" / "phrases.json"

@@ -1,0 +1,179 @@
+"""The one table of generation options: name, type, default, range and meaning of each, declared once.
+
+Every front end derives its form of an option from this table, so a value is accepted or refused the same way
+everywhere: argparse types and help (utils.cli.args), the REPL's `/set`, the server's request parsing
+(utils.server), the API's keyword checks (`SamplingOptions.checked`), generation_config.json. Each front end
+reports a refusal in its own form (exit 2, HTTP 400 naming the field, OmniError); the reason is the table's.
+Torch-free: `--help` and usage errors never import torch.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+from utils.base.defaults import DECODE_ATTENTION, DECODE_KERNELS, DEFAULT_MAX_NEW_TOKENS, MAX_SEED
+
+
+class OptionError(ValueError):
+    """A value an option's row refuses; `name` is the option, the message says why (without the name)."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(f"{name} {reason}")
+        self.name, self.reason = name, reason
+
+
+@dataclass(frozen=True)
+class Option:
+    """One row of the table. `kind` is int, float, bool or str; numbers lie in [low, high] (low excluded
+    with `low_open`); a str option takes one of `choices`; `nullable` options may be None (meaning "not
+    set": the engine decides, e.g. a seed drawn from the global generator)."""
+    name: str
+    kind: type
+    default: Any
+    help: str
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    choices: tuple[str, ...] | None = None
+    nullable: bool = False
+    metavar: str | None = None
+
+    def range_text(self) -> str:
+        """The accepted values in words, for help texts and refusals."""
+        if self.kind is bool:
+            return "true or false"
+        if self.choices is not None:
+            return "one of " + ", ".join(self.choices)
+        noun = "an integer" if self.kind is int else "a number"
+        low, high = self.low, self.high
+        if low is not None and high is not None and high != math.inf:
+            return f"{noun} in {'(' if self.low_open else '['}{low:g}, {high:g}]"
+        if low is not None:
+            return f"{noun} {'>' if self.low_open else '>='} {low:g}"
+        return noun
+
+    def check(self, value: Any) -> Any:
+        """The value, if this row accepts it (ints accepted for float options, as float); else OptionError.
+        Python types only: text is parsed by `parse` first."""
+        if value is None:
+            if self.nullable:
+                return None
+            raise OptionError(self.name, f"must be {self.range_text()}, not null")
+        if self.kind is bool:
+            if not isinstance(value, bool):
+                raise OptionError(self.name, f"{value!r} must be true or false")
+            return value
+        if self.kind is str:
+            if not isinstance(value, str) or value not in (self.choices or ()):
+                raise OptionError(self.name, f"{value!r} must be {self.range_text()}")
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise OptionError(self.name, f"{value!r} must be {self.range_text()}")
+        if self.kind is int and not isinstance(value, int):
+            if not (isinstance(value, float) and value.is_integer()):
+                raise OptionError(self.name, f"{value!r} must be {self.range_text()}")
+            value = int(value)
+        if self.kind is float:
+            if not math.isfinite(value):
+                raise OptionError(self.name, f"{value!r} must be a finite number")
+            value = float(value)
+        low, high = self.low, self.high
+        if (low is not None and (value < low or (self.low_open and value == low))) or \
+                (high is not None and value > high):
+            raise OptionError(self.name, f"{value!r} must be {self.range_text()}")
+        return value
+
+    def parse(self, text: str) -> Any:
+        """A value from command-line or REPL text, checked."""
+        if self.kind is bool:
+            low = text.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise OptionError(self.name, f"{text!r} must be true or false")
+        if self.kind is str:
+            return self.check(text)
+        try:
+            value = self.kind(text)
+        except ValueError:
+            raise OptionError(self.name, f"{text!r} is not {'an integer' if self.kind is int else 'a number'}") \
+                from None
+        return self.check(value)
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("max_new_tokens", int, DEFAULT_MAX_NEW_TOKENS, low=1, metavar="N",
+           help="Most tokens to generate (an upper bound: never more than the context has room for)."),
+    Option("temperature", float, 0.0, low=0.0, metavar="T",
+           help="Sampling temperature; 0 means greedy decoding."),
+    Option("top_k", int, 0, low=0, metavar="K",
+           help="Sample only among the K most likely tokens (0 = no limit)."),
+    Option("top_p", float, 1.0, low=0.0, high=1.0, low_open=True, metavar="P",
+           help="Nucleus sampling: sample among the most likely tokens whose probabilities sum to P (1 = off)."),
+    Option("repetition_penalty", float, 1.0, low=0.0, low_open=True, metavar="R",
+           help="Divide the scores of tokens already in the prompt or answer by R (1 = off; 1.1-1.3 discourages "
+                "loops)."),
+    Option("seed", int, None, low=0, high=MAX_SEED, nullable=True, metavar="S",
+           help="Random seed for sampling: the same seed gives the same output."),
+    Option("ignore_eos", bool, False,
+           help="Keep generating after the end-of-sequence token, up to max_new_tokens."),
+    Option("decode_attention", str, DECODE_ATTENTION[0], choices=DECODE_ATTENTION,
+           help="'causal' attends to every earlier position, as the models were trained. 'reference' reproduces "
+                "a DEFECT of the μOmni reference implementation (each generated token attends to the first "
+                "position only), kept only to compare with its old outputs."),
+    Option("decode_kernel", str, DECODE_KERNELS[0], choices=DECODE_KERNELS,
+           help="The decode step: 'auto' runs it in C where it applies (float32 or int8 thinker on the CPU, "
+                "causal decoding), else in torch; 'c' requires the C step; 'torch' never uses it."),
+    Option("fast_greedy", bool, True,
+           help="Greedy decoding on the CPU through the int8-screened exact argmax (the same ids; off only to "
+                "measure it)."),
+)
+BY_NAME: dict[str, Option] = {o.name: o for o in OPTIONS}
+
+
+@dataclass
+class SamplingOptions:
+    """One generation's options, one field per row of OPTIONS (same names, same defaults)."""
+    max_new_tokens: int = BY_NAME["max_new_tokens"].default
+    temperature: float = BY_NAME["temperature"].default
+    top_k: int = BY_NAME["top_k"].default
+    top_p: float = BY_NAME["top_p"].default
+    repetition_penalty: float = BY_NAME["repetition_penalty"].default
+    seed: int | None = BY_NAME["seed"].default
+    ignore_eos: bool = BY_NAME["ignore_eos"].default
+    decode_attention: str = BY_NAME["decode_attention"].default
+    decode_kernel: str = BY_NAME["decode_kernel"].default
+    fast_greedy: bool = BY_NAME["fast_greedy"].default
+
+    @property
+    def greedy(self) -> bool:
+        """Picks the argmax with no penalty: the path the int8 screen and the C step's own argmax take."""
+        return self.temperature <= 0 and self.repetition_penalty == 1.0
+
+    def updated(self, **values: Any) -> "SamplingOptions":
+        """A copy with `values` set, each checked by its row (None leaves a field as it is); an unknown name
+        is an OptionError naming it."""
+        for name in values:
+            if name not in BY_NAME:
+                raise OptionError(name, f"is not a generation option (known: {', '.join(BY_NAME)})")
+        return replace(self, **{k: BY_NAME[k].check(v) for k, v in values.items() if v is not None})
+
+    def checked(self) -> "SamplingOptions":
+        """Self, after checking every field against its row (OptionError for the first bad one)."""
+        for f in fields(self):
+            BY_NAME[f.name].check(getattr(self, f.name))
+        return self
+
+
+def _table_matches_dataclass() -> None:
+    names = [f.name for f in fields(SamplingOptions)]
+    if names != list(BY_NAME):
+        raise AssertionError(f"SamplingOptions fields {names} != OPTIONS {list(BY_NAME)}")
+    for f in fields(SamplingOptions):
+        if f.default != BY_NAME[f.name].default:
+            raise AssertionError(f"SamplingOptions.{f.name} default {f.default!r} != the table's")
+
+
+_table_matches_dataclass()

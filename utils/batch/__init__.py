@@ -1,0 +1,1 @@
+"""App: batch jobs of batch.py (local or Ray Data), their records and journal."""

@@ -1,0 +1,300 @@
+"""Batch jobs as data: requests in (JSON Lines, or audio files to transcribe), one record per request out, in input
+order, and an append-only journal so that a job killed halfway continues where it stopped (`--resume`) without
+redoing or repeating a line.
+
+The model is passed in (anything with omni.OmniModel's `answer_batch` / `transcribe`), so this module stays below
+omni.py; the engines that drive it (in-process, or Ray Data actors) are in utils/batch/main.py, and
+infer_chat.py's --batch_file reads and answers its lines through the same functions. Torch-free, so the CLIs'
+usage errors stay fast.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import stat
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+from utils.base.errors import OmniError
+
+BATCH_PATH_KEYS = ("image", "audio_in", "audio", "video")  # request keys holding a file path ("audio": an alias)
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")  # what `--task transcribe` picks from a directory
+JOURNAL_FORMAT = "muomni-batch-journal/1"
+MAX_BATCH_FILE_BYTES = 64 << 20  # a batch file is read whole: bounded
+
+
+@dataclass
+class Row:
+    """One request of a batch job."""
+    line: int                       # 1-based: the line in the JSON Lines file, or the place in the file list
+    id: Any                         # the request's "id", else `line`
+    request: dict[str, Any] | None  # the request as given (paths made absolute); None when the line is unusable
+    error: str | None = None        # why the line is unusable
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Row":
+        return cls(**json.loads(text))
+
+
+# ---------------------------------------------------------------- reading requests
+
+def parse_request(number: int, line: str, base: Path) -> Row:
+    """One JSON Lines request. Relative media paths resolve against the current directory, else against `base`
+    (the batch file's directory), and are made absolute so that any process can open them."""
+    try:
+        obj = json.loads(line)
+    except RecursionError:
+        return Row(number, number, None, "not valid JSON (nested too deeply)")
+    except ValueError as exc:  # JSONDecodeError, or an integer beyond Python's digit limit
+        return Row(number, number, None, f"not valid JSON ({exc})")
+    if not isinstance(obj, dict):
+        return Row(number, number, None, f"expected a JSON object, found {type(obj).__name__}")
+    rid = obj.get("id", number)
+    if isinstance(rid, bool) or not isinstance(rid, (str, int)):
+        return Row(number, number, None, "id must be a string or an integer")
+    bad = [k for k in ("text", "prompt", *BATCH_PATH_KEYS) if k in obj and not isinstance(obj[k], str)]
+    if bad:
+        return Row(number, rid, None, f"{bad[0]} must be a string")
+    for key in BATCH_PATH_KEYS:
+        if key in obj:
+            path = Path(obj[key])
+            if not path.is_absolute():
+                path = path if path.exists() or not (base / path).exists() else base / path
+            obj[key] = os.path.abspath(path)
+    return Row(number, rid, obj)
+
+
+def read_batch_file(path: str | os.PathLike, flag: str = "--batch_file") -> list[Row]:
+    """A Row for each non-blank line of a JSON Lines file (blank lines keep their numbers but yield nothing): a
+    regular file of at most MAX_BATCH_FILE_BYTES (a FIFO or /dev/zero is refused unread)."""
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise OmniError(f"{flag} {path}: not a regular file")
+        if st.st_size > MAX_BATCH_FILE_BYTES:
+            raise OmniError(f"{flag} {path}: {st.st_size:,} bytes, over the limit of {MAX_BATCH_FILE_BYTES:,}")
+        with open(path, "rb") as f:
+            text = f.read(MAX_BATCH_FILE_BYTES).decode("utf-8", errors="replace")
+    except OSError as exc:
+        raise OmniError(f"{flag} {path}: cannot read ({exc.strerror or exc})") from exc
+    base = Path(path).resolve().parent
+    return [parse_request(n, line, base) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+
+
+def audio_rows(paths: Iterable[str | os.PathLike]) -> list[Row]:
+    """`--task transcribe` inputs: each file as given, each directory's audio files (AUDIO_SUFFIXES, recursively,
+    in sorted order). The id is the path as the user wrote it (or the directory joined with the file's place)."""
+    rows: list[Row] = []
+    for given in paths:
+        path = Path(given)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file())
+            if not found:
+                raise OmniError(f"{given}: no audio files ({', '.join(AUDIO_SUFFIXES)}) in this directory")
+        elif path.exists():
+            found = [path]
+        else:
+            raise OmniError(f"{given}: not found")
+        rows += [Row(len(rows) + k + 1, str(p), {"audio_in": os.path.abspath(p)}) for k, p in enumerate(found)]
+    return rows
+
+
+def job_key(rows: list[Row], settings: dict[str, Any]) -> str:
+    """What makes two runs the same job: the requests and everything that changes an answer (not the engine, the
+    worker count or the batch size: greedy answers do not depend on them). A journal of another job is refused."""
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    for row in rows:
+        digest.update(row.to_json().encode() + b"\n")
+        if row.request is not None and "audio_in" in row.request and len(row.request) == 1:
+            try:  # transcription inputs: a changed file is another job (size and time, not the bytes)
+                st = os.stat(row.request["audio_in"])
+                digest.update(f"{st.st_size}:{st.st_mtime_ns}\n".encode())
+            except OSError:
+                pass
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------- media shipped in the dataset (--inline_media)
+
+def inline_media(row: Row) -> dict[str, list[str]]:
+    """{key: [path, base64 bytes]} for each media file of `row` the driver can read; a file it cannot read is
+    left as a path, so the worker reports it exactly as the local engine would."""
+    media = {}
+    for key in BATCH_PATH_KEYS:
+        path = (row.request or {}).get(key)
+        if path is None:
+            continue
+        try:
+            media[key] = [path, base64.b64encode(Path(path).read_bytes()).decode("ascii")]
+        except OSError:
+            continue
+    return media
+
+
+class MaterializedMedia:
+    """Inline media written to temporary files for the duration of a batch (the loaders read paths); error
+    messages name the original paths."""
+
+    def __init__(self, rows: list[Row], media: list[dict[str, list[str]]]) -> None:
+        self.dir = tempfile.TemporaryDirectory(prefix="muomni-batch-") if any(media) else None
+        self.names: dict[str, str] = {}
+        for k, (row, files) in enumerate(zip(rows, media)):
+            for key, (original, data) in files.items():
+                tmp = os.path.join(self.dir.name, f"{k}-{key}{Path(original).suffix}")
+                Path(tmp).write_bytes(base64.b64decode(data))
+                row.request = {**row.request, key: tmp}
+                self.names[tmp] = original
+
+    def restore(self, record: dict[str, Any]) -> dict[str, Any]:
+        if "error" in record:
+            for tmp, original in self.names.items():
+                record["error"] = record["error"].replace(tmp, original)
+        return record
+
+    def close(self) -> None:
+        if self.dir is not None:
+            self.dir.cleanup()
+
+
+# ---------------------------------------------------------------- answering
+
+def answer_rows(model: Any, rows: list[Row], gen: dict[str, Any]) -> list[dict[str, Any] | OmniError]:
+    """For each row, its answer's JSON (omni.Answer.to_json, plus "warnings" when there are any) or the OmniError
+    that stopped it. The usable requests are decoded together in one batch (model.answer_batch)."""
+    usable = [i for i, row in enumerate(rows) if row.request is not None]
+    failed: dict[int, OmniError] = {}
+    answers = model.answer_batch([{k: v for k, v in rows[i].request.items() if k != "id"} for i in usable],
+                                 batch_size=max(1, len(usable)), on_error=failed.__setitem__, **gen)
+    results: list[dict[str, Any] | OmniError] = [OmniError(row.error) for row in rows]  # for unusable rows
+    for k, (i, ans) in enumerate(zip(usable, answers)):
+        results[i] = failed[k] if ans is None else \
+            {**ans.to_json(), **({"warnings": ans.warnings} if ans.warnings else {})}
+    return results
+
+
+def transcribe_rows(model: Any, rows: list[Row]) -> list[dict[str, Any] | OmniError]:
+    """For each row, {"text", "timing"} of its greedy CTC transcript, or the OmniError that stopped it."""
+    results: list[dict[str, Any] | OmniError] = []
+    for row in rows:
+        if row.request is None:
+            results.append(OmniError(row.error))
+            continue
+        t0 = time.perf_counter()
+        try:
+            text = model.transcribe(row.request["audio_in"])
+        except OmniError as exc:
+            results.append(exc)
+            continue
+        results.append({"text": text, "timing": {"transcribe_s": round(time.perf_counter() - t0, 6)}})
+    return results
+
+
+def record(row: Row, result: dict[str, Any] | OmniError) -> dict[str, Any]:
+    """The output line of one request: {"line", "id", answer keys} or {"line", "id", "error"}."""
+    if isinstance(result, OmniError):
+        return {"line": row.line, "id": row.id, "error": str(result)}
+    return {"line": row.line, "id": row.id, **result}
+
+
+def process_rows(model: Any, rows: list[Row], task: str, gen: dict[str, Any]) -> list[dict[str, Any]]:
+    """The output records of a batch of rows, in order: what each engine runs per batch."""
+    results = transcribe_rows(model, rows) if task == "transcribe" else answer_rows(model, rows, gen)
+    return [record(row, result) for row, result in zip(rows, results)]
+
+
+# ---------------------------------------------------------------- journal and output
+
+def temp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+class Journal:
+    """`OUTPUT.journal`: a header naming the job, then each finished record, appended and flushed (fsync) once
+    per batch. Records are keyed by line, so a record written twice (a batch finished just before a kill and
+    redone) counts once; a line torn by a kill is dropped when the journal is reopened."""
+
+    def __init__(self, output: Path, key: str) -> None:
+        self.path = output.with_name(output.name + ".journal")
+        self.key = key
+        self.done: dict[int, dict[str, Any]] = {}
+        self.file = None
+
+    def open(self, resume: bool) -> dict[int, dict[str, Any]]:
+        """Start the journal (or, with `resume`, reload it) and return the records already finished."""
+        if self.path.exists() and not resume:
+            raise OmniError(f"{self.path}: left by an interrupted run; rerun it with --resume to continue it, "
+                            f"or delete this file to start over")
+        try:
+            if resume and self.path.exists():
+                self._load()
+                self.file = open(self.path, "a", encoding="utf-8")
+            else:
+                self.file = open(self.path, "w", encoding="utf-8")
+                self.file.write(json.dumps({"journal": JOURNAL_FORMAT, "job": self.key}) + "\n")
+                self._sync()
+        except OSError as exc:
+            raise OmniError(f"{self.path}: cannot write the journal ({exc.strerror or exc})") from exc
+        return self.done
+
+    def _load(self) -> None:
+        data = self.path.read_bytes()
+        good = data.rfind(b"\n") + 1  # a kill mid-write leaves at most one unterminated line
+        lines = data[:good].decode("utf-8").splitlines()
+        try:
+            header = json.loads(lines[0]) if lines else {}
+        except ValueError:
+            header = {}
+        if header.get("journal") != JOURNAL_FORMAT:
+            raise OmniError(f"{self.path}: not a μOmni batch journal (delete it to start over)")
+        if header.get("job") != self.key:
+            raise OmniError(f"{self.path}: written for a different job (the input, the model or the generation "
+                            f"options changed); delete it to start over")
+        for text in lines[1:]:
+            rec = json.loads(text)
+            self.done.setdefault(rec["line"], rec)
+        if good < len(data):
+            with open(self.path, "r+b") as f:
+                f.truncate(good)
+
+    def _sync(self) -> None:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+
+    def append(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Journal the records not seen before; returns them."""
+        new = [r for r in records if r["line"] not in self.done]
+        for rec in new:
+            self.done[rec["line"]] = rec
+            self.file.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        self._sync()
+        return new
+
+    def finish(self, output: Path) -> None:
+        """Write every record, in line order, to `output` atomically (temp file, then rename); then drop the
+        journal. Killed before the rename, the journal is still there for --resume."""
+        tmp = temp_name(output)
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                for line in sorted(self.done):
+                    f.write(json.dumps(self.done[line], ensure_ascii=False) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, output)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise OmniError(f"{output}: cannot write ({exc.strerror or exc})") from exc
+        self.close()
+        self.path.unlink()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None

@@ -1,0 +1,324 @@
+"""The command line's arguments: argparse value types, the parser with its examples and dash aliases, the usage
+checks argparse cannot express, the generation options they give, and `run_command`, the life of a command line
+(parse, check, console, exit status). Torch-free at import, so `--help`, `--version` and usage errors (exit 2)
+answer at once."""
+from __future__ import annotations
+
+import argparse
+import math
+import secrets
+import textwrap
+from typing import Any, Callable, Sequence
+
+from utils.cli.transcribe_command import add_arguments as add_transcribe_arguments
+from utils.cli.transcribe_command import check_args as check_transcribe_args
+from utils.cli.console import Console, guarded, route_warnings, utf8_streams
+from utils.base.defaults import (DECODE_ATTENTION, DECODE_KERNELS, DEFAULT_VIDEO_FRAMES, DEVICES, DTYPE_NAMES, MAX_SEED, MAX_VIDEO_FRAMES,
+                            QUANTIZATIONS, RANDOM_SEED, VOCODERS)
+from utils.base.transcript import TranscribeOptions
+from utils.base.version import version_text
+
+
+# ---------------------------------------------------------------- argparse value types
+
+def _number(text: str, kind: type) -> Any:
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+    if kind is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def number_in(kind: type, low: float, high: float = math.inf, low_open: bool = False) -> Callable[[str], Any]:
+    """An argparse type: a `kind` number in [low, high] (or (low, high] with `low_open`)."""
+    def parse(text: str) -> Any:
+        value = _number(text, kind)
+        if value < low or (low_open and value == low) or value > high:
+            bounds = f"{'(' if low_open else '['}{low:g}, {high}]" if high != math.inf else \
+                (f"greater than {low:g}" if low_open else f"at least {low:g}")
+            raise argparse.ArgumentTypeError(f"{value} must be {'in ' if high != math.inf else ''}{bounds}")
+        return value
+    return parse
+
+
+positive_int = number_in(int, 1)
+non_negative_int = number_in(int, 0)
+seed_value = number_in(int, RANDOM_SEED, MAX_SEED)  # -1 = random
+video_frame_count = number_in(int, 1, MAX_VIDEO_FRAMES)
+non_negative_float = number_in(float, 0.0)
+positive_float = number_in(float, 0.0, low_open=True)
+probability = number_in(float, 0.0, 1, low_open=True)
+
+
+# ---------------------------------------------------------------- parser
+
+def epilog(prog: str) -> str:
+    d = "export" if "safetensors" in prog else "checkpoints/demo"
+    p = f"python {prog} --ckpt_dir {d}"
+    return f"""examples:
+  # one question; the answer is printed as it is generated
+  {p} --text "What is one plus two?"
+  # an image, a video (4 frames), an audio question, a transcript
+  {p} --image cat.png --text "What colour is it?"
+  {p} --video clip.mp4 --video_frames 4
+  {p} --audio_in question.wav
+  {p} --audio_in speech.wav --transcribe
+  {p} --audio_in talk1.flac talk2.mp3 --transcribe --output_format srt --output_dir subs/
+  # also speak the answer into a WAV file
+  {p} --text "Say hello" --audio_out hello.wav
+  # sampling (the same seed gives the same answer)
+  {p} --text "Once upon a time" --temperature 0.8 --top_p 0.9 --seed 7
+  # machine-readable: one JSON object
+  {p} --text "Hi" --json
+  # a pipe: one answer per input line (JSON lines with --json)
+  printf 'What is one plus two?\\nHello\\n' | {p}
+  printf '/image cat.png\\nWhat is this?\\n' | {p} --json > answers.jsonl
+  # interactive chat (type /help inside; \"\"\" starts and ends a multi-line message)
+  {p}
+  # a system prompt (prepended to each question), the model card, timings, versions
+  {p} --system "Answer briefly." --text "Hi"
+  {p} --info --json
+  {p} --text "Hi" --timings
+  python {prog} --version
+
+Defaults for the sampling flags come from generation_config.json beside the weights when there is one.
+Each question is independent: the μOmni thinker has no chat template and no conversation memory.
+
+limits (an input beyond them is refused with one `error:` line and exit status 1):
+  images     at most 64000000 pixels and 200000000 decoded bytes, checked from the header before decoding
+  audio      a prompt uses at most (ctx_len // 4) tokens x downsample x 160 / 16000 s (10.24 s at ctx_len 512,
+             downsample 8): only that much of the file is decoded, longer audio is trimmed with a warning
+             before the spectrogram; --transcribe streams files in bounded memory, up to
+             --max_transcribe_seconds (default {TranscribeOptions().max_seconds:.0f} s)
+  video      at most 256 frames (--video_frames); frames obey the image pixel limit
+  text       a prompt too long for the context beside the answer budget is trimmed (its end kept) with a
+             warning; the budget is reduced (with a warning) only when the context cannot hold it at all
+  weights    .pt files are unpickled weights-only: tensors and plain data; a pickle that would run code is
+             refused and never run; safetensors headers are validated before anything is read; a config
+             may not ask for ctx_len above 131072
+  --audio_out  written to a temp file then renamed: a failed write leaves no partial file
+  files      configs and --batch_file are read only when regular files (JSON at most 16 MiB, a batch file
+             at most 64 MiB); safetensors headers at most 16 MiB and 65536 tensors
+exit status: 0 ok, 1 error (one `error:` line on stderr), 2 usage error, 130 interrupted, 143 terminated."""
+
+
+MODES = ("Modes: one-shot when --text, --image, --audio_in or --video is given; otherwise an interactive chat when "
+         "stdin is a terminal, else one answer per line of stdin (lines '/image PATH', '/video PATH', '/audio PATH' "
+         "attach media to the next line). Answers go to stdout; loading messages, warnings and progress to stderr.")
+
+
+def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog, description=(description or "").strip() + "\n\n" + textwrap.fill(MODES, 100),
+        epilog=epilog(prog), formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+
+    add_model_arguments(p, "Checkpoint directory: a thinker dir, an omni_sft dir, a trainers' checkpoints/ root, "
+                           "an audio encoder dir (with --transcribe), a merged safetensors export, or one weights "
+                           "file.")
+
+    g = p.add_argument_group("input (any of these makes it a one-shot question)")
+    g.add_argument("--text", help="The question or instruction.")
+    g.add_argument("--prompt", help="Text used when --text is absent, instead of the built-in prompts "
+                                    "(\"Describe what you see concisely.\" with an image or video, "
+                                    "\"What did you hear?\" with audio only).")
+    g.add_argument("--image", metavar="PATH", action="append",
+                   help="Image file (png, jpg, ...) to ask about: one image token. Repeat it for several images "
+                        "(tokens in the order given, before the video frames).")
+    g.add_argument("--video", metavar="PATH", help="Video file to ask about: --video_frames evenly spaced frames "
+                                                   "become image tokens, in order.")
+    g.add_argument("--video_frames", type=video_frame_count, default=DEFAULT_VIDEO_FRAMES, metavar="N",
+                   help=f"How many frames to take from --video or /video, 1 to {MAX_VIDEO_FRAMES} "
+                        f"(default {DEFAULT_VIDEO_FRAMES}).")
+    g.add_argument("--audio_in", metavar="PATH", action="extend", nargs="+",
+                   help="Audio file (wav, flac, ogg, mp3, m4a/aac, ...) to ask about; resampled to 16 kHz mono. "
+                        "Several (--audio_in a b, or the flag repeated): their tokens follow each other in the "
+                        "order given; with --transcribe, each file is transcribed.")
+    g.add_argument("--batch_file", metavar="PATH",
+                   help="Answer many requests: a JSON Lines file, one object per line with \"text\" and optional "
+                        "\"image\", \"audio_in\", \"video\" paths (relative to the current directory, else to "
+                        "the file's). Decoded --batch_size at a time; one JSON answer per line on stdout, in order.")
+    g.add_argument("--batch_size", type=positive_int, default=8, metavar="N",
+                   help="Requests decoded together with --batch_file (default 8).")
+    g.add_argument("--transcribe", action="store_true",
+                   help="Transcribe the --audio_in files with the audio encoder's CTC character head (segment "
+                        "and word timestamps; any length, streamed) and exit; see 'transcription' below.")
+
+    add_generation_arguments(p)
+
+    g = p.add_argument_group("output")
+    g.add_argument("--json", action="store_true",
+                   help="Print one JSON object per answer (keys text, token_ids, prompt_tokens, generated_tokens, "
+                        "timing; plus audio_out with --audio_out, input in pipe mode) instead of plain text.")
+    g.add_argument("--no_stream", action="store_true",
+                   help="Print each answer when it is complete instead of token by token.")
+    g.add_argument("--audio_out", metavar="PATH",
+                   help="Also speak the answer into this 16 kHz mono WAV (one-shot only). The μOmni Talker is "
+                        "not conditioned on the text: only the length follows the answer (about 5 frames of "
+                        "80 ms per word, i.e. 12.5 frames/s at ~2.5 words/s).")
+    g.add_argument("--audio_temperature", type=non_negative_float, default=0.0, metavar="T",
+                   help="Talker sampling temperature (0 = greedy, the default).")
+    g.add_argument("--audio_top_k", type=non_negative_int, default=0, metavar="K",
+                   help="Talker top-k sampling (0 = no limit, the default).")
+    g.add_argument("--max_audio_frames", type=positive_int, default=None, metavar="N",
+                   help="Cap the speech at N talker frames (N x 80 ms; default: the talker's limit).")
+    g.add_argument("--vocoder", choices=VOCODERS, default="auto",
+                   help="Mel-to-wave: auto (default) uses HiFi-GAN when a vocoder.pt/hifigan.pt was found, "
+                        "else Griffin-Lim.")
+
+    g.add_argument("--info", action="store_true",
+                   help="Print the model card and exit: components, parameter counts, dtype, context length, "
+                        "vocabulary, the weights and config file of each component, decode mode, generation "
+                        "defaults (one JSON object with --json).")
+    add_transcribe_arguments(p)
+
+    g = p.add_argument_group("messages")
+    g.add_argument("--quiet", action="store_true", help="Print nothing on stderr except errors.")
+    g.add_argument("--verbose", action="store_true",
+                   help="Show loading messages, the timing summary and Python tracebacks for errors.")
+    g.add_argument("--timings", action="store_true",
+                   help="After each answer print a timing summary on stderr, as llama.cpp does: load, prompt eval "
+                        "and eval (tokens, ms, ms per token, tokens per second).")
+    g.add_argument("--version", action="version", version=version_text(prog),
+                   help="Print the suite's, torch's and Python's versions and exit.")
+    add_dash_aliases(p)
+    return p
+
+
+# Spellings kept working now that prefixes are off (allow_abbrev=False): --temp is llama.cpp's name.
+EXTRA_ALIASES = {"--temperature": ("--temp",)}
+
+
+def add_dash_aliases(parser: argparse.ArgumentParser) -> None:
+    """Every --snake_case flag also answers to --kebab-case (and EXTRA_ALIASES), so both spellings users bring
+    from other tools work; exact names only, never prefixes."""
+    for action in list(parser._actions):
+        for opt in list(action.option_strings):
+            aliases = list(EXTRA_ALIASES.get(opt, ()))
+            if opt.startswith("--") and "_" in opt[2:]:
+                aliases.append("--" + opt[2:].replace("_", "-"))
+            for alias in aliases:
+                if alias not in parser._option_string_actions:
+                    action.option_strings.append(alias)
+                    parser._option_string_actions[alias] = action
+
+
+def add_model_arguments(p: argparse.ArgumentParser, ckpt_help: str) -> None:
+    """Which model and how to run it: shared by infer_chat.py / infer_safetensors.py, serve.py and batch.py."""
+    g = p.add_argument_group("model")
+    g.add_argument("--ckpt_dir", required=True, metavar="DIR", help=ckpt_help)
+    g.add_argument("--device", default="auto", choices=DEVICES,
+                   help="Where to run: auto picks cuda, then mps, then cpu (default auto); naming a device this "
+                        "machine lacks is an error (exit 1).")
+    g.add_argument("--dtype", default=None, choices=DTYPE_NAMES,
+                   help="Compute precision (default: the stored weights' precision, float32 for μOmni).")
+    g.add_argument("--quantize", default=None, choices=QUANTIZATIONS,
+                   help="Quantize the linear layers for speed: int8 (weights per output channel) or int4 (CPU; "
+                        "4-bit weights in groups of 32); answers may differ slightly from float32.")
+    g.add_argument("--threads", type=non_negative_int, default=None, metavar="N",
+                   help="CPU threads for torch (default 1, or OMP_NUM_THREADS when set: more threads rarely "
+                        "help models this small and slow them down badly on a busy machine; 0 = one per core).")
+
+
+def add_generation_arguments(p: argparse.ArgumentParser) -> None:
+    """The sampling flags, shared by infer_chat.py / infer_safetensors.py and batch.py (only the flags given reach
+    the library: the rest come from generation_config.json or its defaults)."""
+    g = p.add_argument_group("generation")
+    g.add_argument("--max_new_tokens", type=positive_int, default=None, metavar="N",
+                   help="Most tokens to generate (default: generation_config.json, else 64; never more than "
+                        "the context has room for).")
+    g.add_argument("--temperature", type=non_negative_float, default=None, metavar="T",
+                   help="Sampling temperature; 0 means greedy decoding (the default).")
+    g.add_argument("--top_k", type=non_negative_int, default=None, metavar="K",
+                   help="Sample only among the K most likely tokens (0 = no limit, the default).")
+    g.add_argument("--top_p", type=probability, default=None, metavar="P",
+                   help="Nucleus sampling: sample among the most likely tokens whose probabilities sum to P, "
+                        "in (0, 1] (default 1 = off).")
+    g.add_argument("--repetition_penalty", type=positive_float, default=None, metavar="R",
+                   help="Divide the scores of tokens already in the prompt or answer by R (> 0; 1 = off, "
+                        "the default; 1.1-1.3 discourages loops).")
+    g.add_argument("--seed", type=seed_value, default=None, metavar="S",
+                   help="Random seed for sampling: the same seed gives the same output (text and speech); -1 picks "
+                        "a random one (shown with --verbose and in --json as \"seed\").")
+    g.add_argument("--system", metavar="TEXT",
+                   help="System prompt. μOmni has no chat template, so it is prepended to every question as plain "
+                        "text: the prompt becomes [bos] + encode(\"TEXT QUESTION\"), the join the μOmni SFT trainer "
+                        "used (without --system it is [bos] + encode(\"QUESTION\") as always). /system TEXT changes "
+                        "it in the chat and in pipes.")
+    g.add_argument("--ignore_eos", action="store_true",
+                   help="Keep generating after the end-of-sequence token, up to --max_new_tokens.")
+    g.add_argument("--decode_attention", choices=DECODE_ATTENTION, default=None,
+                   help="'causal' (the default, also a generation_config.json's unless it says otherwise) attends "
+                        "to every earlier position, as the models were trained. 'reference' reproduces a DEFECT of "
+                        "the μOmni reference implementation (each generated token attends to the first position "
+                        "only), kept only to compare with its old outputs; answers are wrong in that mode.")
+    g.add_argument("--decode_kernel", choices=DECODE_KERNELS, default=None,
+                   help="The decode step: 'auto' (the default) runs it in C, compiled on first use with the "
+                        "machine's C compiler (float32 or int8 thinker on the CPU, causal decoding), else in torch; "
+                        "'c' requires the C step (an error says why it cannot run); 'torch' never uses it. "
+                        "--verbose and --json (timing.decode_kernel) say which ran and why.")
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Usage errors that argparse cannot express on its own (exit 2)."""
+    check_transcribe_args(parser, args)
+    if args.transcribe and not args.audio_in:
+        parser.error("--transcribe needs --audio_in")
+    if args.transcribe and args.audio_out is not None:
+        parser.error("--transcribe and --audio_out cannot be combined")
+    if args.audio_out is not None and not one_shot(args):
+        parser.error("--audio_out needs a one-shot question (--text, --image, --audio_in or --video)")
+    if args.quiet and args.verbose:
+        parser.error("--quiet and --verbose cannot be combined")
+    if args.batch_file is not None and (one_shot(args) or args.transcribe or args.audio_out is not None):
+        parser.error("--batch_file cannot be combined with --text, --image, --audio_in, --video, --transcribe "
+                     "or --audio_out (put the inputs in the file)")
+    if args.info and (one_shot(args) or args.batch_file is not None or args.transcribe or args.audio_out):
+        parser.error("--info prints the model card only: drop the inputs (--text, --image, ...) or --info")
+
+
+def one_shot(args: argparse.Namespace) -> bool:
+    return any(v is not None for v in (args.text, args.image, args.audio_in, args.video))
+
+
+def generation_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Only the flags that were given: the rest come from generation_config.json or the library defaults."""
+    opts = {k: getattr(args, k) for k in ("max_new_tokens", "temperature", "top_k", "top_p",
+                                          "repetition_penalty", "seed", "decode_attention", "decode_kernel")}
+    opts["ignore_eos"] = args.ignore_eos or None
+    opts["system"] = args.system or None
+    return {k: v for k, v in opts.items() if v is not None}
+
+
+def seed_report(args: argparse.Namespace) -> dict[str, int]:
+    """{"seed": S} for --json when --seed -1 picked S at random (so the answer can be reproduced), else {}."""
+    return {"seed": args.seed} if getattr(args, "random_seed", False) else {}
+
+
+def random_seed() -> int:
+    return secrets.randbelow(MAX_SEED + 1)
+
+
+def resolve_random_seed(args: argparse.Namespace) -> bool:
+    """--seed -1 (as in llama.cpp): replace it by a fresh random seed, remembered for `seed_report`; True if so."""
+    if args.seed != RANDOM_SEED:
+        return False
+    args.seed, args.random_seed = random_seed(), True
+    return True
+
+
+def run_command(make_parser: Callable[[], argparse.ArgumentParser],
+                check: Callable[[argparse.ArgumentParser, argparse.Namespace], None],
+                run: Callable[[argparse.Namespace, Console], int], argv: Sequence[str] | None) -> int:
+    """The life of a command line (infer_chat.py, infer_safetensors.py, batch.py): UTF-8 streams, parse and check
+    the flags (usage errors exit 2), a console for stderr, --seed -1 resolved, then `run` under `guarded`."""
+    utf8_streams()
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    check(parser, args)
+    con = Console(args.quiet, verbose=args.verbose)
+    route_warnings(con)
+    if resolve_random_seed(args):
+        con.status(f"seed: {args.seed} (--seed -1: random)")
+    return guarded(lambda: run(args, con), con, args.verbose)

@@ -1,0 +1,854 @@
+/* KV-cached decoding of a μOmni Thinker on the CPU, in C (built and loaded by utils/engine/native/step.py): a decode
+   step for a batch of rows (mu_step) and the prefill of one prompt (mu_prefill).
+
+   Why C: a decode step of these small models is a few dozen tiny matrix-vector products; through torch each
+   costs 2-17 µs of dispatch on top of the arithmetic, so the step was bound by per-op overhead, not by the
+   memory it reads. Here a whole step (embedding row, every block, final norm, vocabulary projection and, for
+   greedy decoding, the argmax) is one call that reads each weight once for all rows of the batch.
+
+   Numbers: the same formulas as models/layers.py (RMSNorm, rotate-half RoPE, softmax attention over the row's
+   real keys, SwiGLU or exact-erf GELU); sums run in another order than torch's kernels, so results agree with
+   the torch path up to float rounding. Every output is computed by the same instruction sequence whatever the
+   batch size and its place in the batch, so a row's numbers do not depend on the batch it is in.
+
+   int8 weights (utils.weights.quant.Int8Linear: per-output-channel scales) are stored here with their sign bit flipped
+   (w + 128 as unsigned bytes) so AVX-512 VNNI's unsigned-by-signed byte product applies; activations are
+   quantized per row to int8 (step = max|x| / 127), so sum_k (w_k + 128) x_k - 128 sum_k x_k = sum_k w_k x_k is
+   exact in int32, and the output is that sum times the channel's scale times the row's step. */
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define MU_AVX512 1
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define MU_VNNI 1
+#endif
+
+typedef struct {
+    const void *w;       /* float32 [n][k] (or in panels, see below), or uint8 [n][k] holding int8 weights + 128 */
+    const float *scale;  /* int8: per-row scale [n]; NULL for float32 */
+    const float *bias;   /* [n] or NULL */
+    int32_t n, k;
+    int32_t panels;      /* float32 only, 1: stored as ceil(n / 64) panels [k][64] (row 64 p + l of W at column l of
+                            panel p, zero rows past n), the layout of linear_panels (mu_f32_panels() says if used) */
+} mu_linear;
+
+typedef struct {
+    const float *norm1, *norm2;
+    float eps1, eps2;
+    mu_linear qkv;  /* q (heads * head_dim rows), then k and v (kv_heads * head_dim rows each) */
+    mu_linear o;
+    mu_linear up;   /* SwiGLU: gate rows then up rows (2 * d_ff); GELU: fc1 (d_ff) */
+    mu_linear down;
+} mu_layer;
+
+typedef struct {
+    int32_t n_layers, d, heads, kv_heads, head_dim, d_ff, vocab, gelu, rope_len, screen_k;
+    const mu_layer *layers;
+    const float *emb;     /* [vocab][d] */
+    const float *norm;
+    float eps;
+    mu_linear head;       /* float32 or int8 */
+    mu_linear screen;     /* int8 copy of a float32 head for the greedy screen, or n == 0 */
+    float screen_x, screen_c, screen_slack;  /* bound = (|h|_1 * screen_x / step + screen_c) * screen_slack */
+    const float *cos, *rot_sin;              /* [rope_len][head_dim] (models.layers.Rotary) */
+} mu_model;
+
+typedef struct {
+    float *k, *v;                              /* KVCache tensors, (layers, rows, kv_heads, columns, head_dim) */
+    int64_t layer_stride, row_stride, head_stride;  /* in floats; a column is head_dim floats */
+    int32_t columns, rows;
+    int32_t positions;                         /* most positions one call computes (>= rows; a prefill's length) */
+    unsigned char *scratch;                    /* mu_scratch_bytes(model, rows, positions, columns) bytes */
+} mu_session;
+
+/* ------------------------------------------------------------------ scratch layout */
+
+typedef struct {
+    float *x, *h, *qkv, *att, *ff, *scores, *out, *step;
+    int8_t *xq;
+    int32_t *corr, *cand;
+    int64_t *row, *column, *first;  /* per position: its cache row, its cache column, its sequence's first column */
+} mu_buffers;
+
+static size_t round_up(size_t n) { return (n + 63) & ~(size_t)63; }
+
+static int32_t max_k(const mu_model *m) {
+    int32_t k = m->d > m->d_ff ? m->d : m->d_ff;
+    int32_t att = m->heads * m->head_dim;
+    return k > att ? k : att;
+}
+
+/* Scratch for `positions` positions computed at once, logits of up to `rows` rows, attention over `columns`. */
+static size_t carve(const mu_model *m, int32_t rows, int32_t positions, int32_t columns, unsigned char *base,
+                    mu_buffers *b) {
+    size_t qkv = (size_t)(m->heads + 2 * m->kv_heads) * m->head_dim, att = (size_t)m->heads * m->head_dim;
+    size_t ff = (size_t)(m->gelu ? 1 : 2) * m->d_ff, off = 0, n = (size_t)positions;
+#define TAKE(field, type, count) do { if (b) b->field = (type *)(base + off); \
+        off += round_up(sizeof(type) * (size_t)(count)); } while (0)
+    TAKE(x, float, n * m->d);
+    TAKE(h, float, n * m->d);
+    TAKE(qkv, float, n * qkv);
+    TAKE(att, float, n * att);
+    TAKE(ff, float, n * ff);
+    TAKE(scores, float, columns);
+    TAKE(out, float, (size_t)rows * m->vocab);
+    TAKE(step, float, n);
+    TAKE(xq, int8_t, n * round_up(max_k(m)));
+    TAKE(corr, int32_t, n);
+    TAKE(cand, int32_t, m->vocab);
+    TAKE(row, int64_t, n);
+    TAKE(column, int64_t, n);
+    TAKE(first, int64_t, n);
+#undef TAKE
+    return off;
+}
+
+size_t mu_scratch_bytes(const mu_model *m, int32_t rows, int32_t positions, int32_t columns) {
+    return carve(m, rows, positions, columns, NULL, NULL);
+}
+
+/* 1 when float32 weights should come in panels (this build has the AVX-512 panel kernel), else 0. */
+int mu_f32_panels(void) {
+#if defined(MU_AVX512)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+const char *mu_features(void) {
+#if defined(MU_VNNI)
+    return "avx512-vnni";
+#elif defined(MU_AVX512)
+    return "avx512";
+#else
+    return "generic";
+#endif
+}
+
+/* ------------------------------------------------------------------ dot products */
+
+/* Portable dot products (the path without AVX-512, and for inner sizes the vector tiles do not take). */
+static inline float dot_f32(const float *w, const float *x, int32_t k) {
+    float s = 0.0f;
+    for (int32_t i = 0; i < k; i++)
+        s += w[i] * x[i];
+    return s;
+}
+
+static inline int32_t dot_u8s8(const uint8_t *w, const int8_t *x, int32_t k) {
+    int32_t s = 0;
+    for (int32_t i = 0; i < k; i++)
+        s += (int32_t)w[i] * (int32_t)x[i];
+    return s;
+}
+
+#if defined(MU_AVX512)
+/* Sixteen 16-lane accumulators reduced together by one fixed tree: the 16 attention scores of a block of keys
+   (float32), the 16 outputs of an int8 tile (exact int32 sums). */
+
+#define MU_SHUF_LO 0x88 /* 128-bit lanes 0, 2 of a, then 0, 2 of b */
+#define MU_SHUF_HI 0xDD /* lanes 1, 3 of a, then 1, 3 of b */
+
+/* Lane i of the result: the sum of the 16 lanes of a[i], as ((l0 + l2) + (l1 + l3)) within each 128-bit lane,
+   then ((L0 + L1) + (L2 + L3)) across them. */
+static inline __m512 reduce16_ps(const __m512 *a) {
+    __m512 q[8], r[4];
+    for (int i = 0; i < 8; i++)
+        q[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+    for (int i = 0; i < 4; i++) {
+        __m512d lo = _mm512_unpacklo_pd(_mm512_castps_pd(q[2 * i]), _mm512_castps_pd(q[2 * i + 1]));
+        __m512d hi = _mm512_unpackhi_pd(_mm512_castps_pd(q[2 * i]), _mm512_castps_pd(q[2 * i + 1]));
+        r[i] = _mm512_add_ps(_mm512_castpd_ps(lo), _mm512_castpd_ps(hi));
+    }
+    __m512 u01 = _mm512_add_ps(_mm512_shuffle_f32x4(r[0], r[1], MU_SHUF_LO), _mm512_shuffle_f32x4(r[0], r[1], MU_SHUF_HI));
+    __m512 u23 = _mm512_add_ps(_mm512_shuffle_f32x4(r[2], r[3], MU_SHUF_LO), _mm512_shuffle_f32x4(r[2], r[3], MU_SHUF_HI));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(u01, u23, MU_SHUF_LO), _mm512_shuffle_f32x4(u01, u23, MU_SHUF_HI));
+}
+
+static inline __m512i reduce16_epi32(const __m512i *a) {
+    __m512i q[8], r[4];
+    for (int i = 0; i < 8; i++)
+        q[i] = _mm512_add_epi32(_mm512_unpacklo_epi32(a[2 * i], a[2 * i + 1]),
+                                _mm512_unpackhi_epi32(a[2 * i], a[2 * i + 1]));
+    for (int i = 0; i < 4; i++)
+        r[i] = _mm512_add_epi32(_mm512_unpacklo_epi64(q[2 * i], q[2 * i + 1]),
+                                _mm512_unpackhi_epi64(q[2 * i], q[2 * i + 1]));
+    __m512i u01 = _mm512_add_epi32(_mm512_shuffle_i32x4(r[0], r[1], MU_SHUF_LO),
+                                   _mm512_shuffle_i32x4(r[0], r[1], MU_SHUF_HI));
+    __m512i u23 = _mm512_add_epi32(_mm512_shuffle_i32x4(r[2], r[3], MU_SHUF_LO),
+                                   _mm512_shuffle_i32x4(r[2], r[3], MU_SHUF_HI));
+    return _mm512_add_epi32(_mm512_shuffle_i32x4(u01, u23, MU_SHUF_LO), _mm512_shuffle_i32x4(u01, u23, MU_SHUF_HI));
+}
+
+/* exp(x) for 16 floats, within about 1 ulp of expf (Cody-Waite reduction by ln 2, the Cephes polynomial,
+   scaling by 2^n): the softmax and SiLU of a step call it thousands of times. NaN stays NaN. */
+static inline __m512 exp512(__m512 x) {
+    x = _mm512_max_ps(_mm512_set1_ps(-103.972084f), _mm512_min_ps(_mm512_set1_ps(88.3762626f), x));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+#endif
+
+#if defined(MU_AVX512)
+/* Float32 weights in panels of 64 output rows stored column by column ([k][64]): for each k, four vectors of 16
+   weights times the broadcast input, so each accumulator holds 16 outputs and is never reduced across lanes,
+   and a panel is read as one sequential stream. A tile is one panel x R input rows (4 R accumulators, R up to
+   6); every
+   output sums its products over k = 0, 1, ... in order in its own lane, whatever the tile, so a row's outputs
+   do not depend on its batch. Rows past the end of a partial tile repeat the last one and are not stored. */
+static inline __attribute__((always_inline)) void panel_tile(const int R, const float *wp, int32_t k,
+                                                             const float *x, int32_t ldx, int32_t nr, __m512 *acc) {
+    const float *xr[6];
+    for (int r = 0; r < R; r++)
+        xr[r] = x + (size_t)(r < nr ? r : nr - 1) * ldx;
+    for (int i = 0; i < 4 * R; i++)
+        acc[i] = _mm512_setzero_ps();
+    for (int32_t i = 0; i < k; i++) {
+        const float *wi = wp + (size_t)i * 64;
+        const __m512 w0 = _mm512_loadu_ps(wi), w1 = _mm512_loadu_ps(wi + 16);
+        const __m512 w2 = _mm512_loadu_ps(wi + 32), w3 = _mm512_loadu_ps(wi + 48);
+        for (int r = 0; r < R; r++) {
+            const __m512 xv = _mm512_set1_ps(xr[r][i]);
+            acc[4 * r] = _mm512_fmadd_ps(w0, xv, acc[4 * r]);
+            acc[4 * r + 1] = _mm512_fmadd_ps(w1, xv, acc[4 * r + 1]);
+            acc[4 * r + 2] = _mm512_fmadd_ps(w2, xv, acc[4 * r + 2]);
+            acc[4 * r + 3] = _mm512_fmadd_ps(w3, xv, acc[4 * r + 3]);
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) void linear_panels_r(const int R, const mu_linear *L, int32_t rows,
+        const float *x, int32_t ldx, float *y, int32_t ldy, int accumulate) {
+    const int32_t n = L->n, k = L->k, P = (n + 63) / 64;
+    __m512 acc[24];
+    for (int32_t p = 0; p < P; p++) {
+        const float *wp = (const float *)L->w + (size_t)p * k * 64;
+        for (int32_t r0 = 0; r0 < rows; r0 += R) {
+            const int32_t nr = rows - r0 < R ? rows - r0 : R;
+            panel_tile(R, wp, k, x + (size_t)r0 * ldx, ldx, nr, acc);
+            for (int32_t t = 0; t < 4; t++) {
+                const int32_t j = p * 64 + t * 16, left = n - j;
+                if (left <= 0)
+                    break;
+                const __mmask16 mask = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
+                const __m512 bias = L->bias ? _mm512_maskz_loadu_ps(mask, L->bias + j) : _mm512_setzero_ps();
+                for (int32_t r = 0; r < nr; r++) {
+                    float *yr = y + (size_t)(r0 + r) * ldy + j;
+                    __m512 v = _mm512_add_ps(acc[4 * r + t], bias);
+                    if (accumulate)
+                        v = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, yr), v);
+                    _mm512_mask_storeu_ps(yr, mask, v);
+                }
+            }
+        }
+    }
+}
+
+/* Y[r] (=, or += with `accumulate`) x[r] W^T (+ bias) for float32 weights in panels. */
+static void linear_panels(const mu_linear *L, int32_t rows, const float *x, int32_t ldx, float *y, int32_t ldy,
+                          int accumulate) {
+    if (rows == 1)
+        linear_panels_r(1, L, rows, x, ldx, y, ldy, accumulate);
+    else if (rows <= 4)
+        linear_panels_r(4, L, rows, x, ldx, y, ldy, accumulate);
+    else  /* six rows per tile (24 accumulators): each weight vector read from cache serves more products */
+        linear_panels_r(6, L, rows, x, ldx, y, ldy, accumulate);
+}
+#endif
+
+#if defined(MU_VNNI)
+/* int8 tiles: 16 accumulators, one per output, for WR weight rows x AR activation rows (16 x 1, 8 x 2 or 4 x 4:
+   a batch reads each weight from memory once, and from registers for every row of the tile); integer sums are
+   exact in any order, so an output does not depend on the tile shape, hence on the batch. Rows past the end of
+   a partial tile repeat the last row; their lanes are not stored.
+   Lane a * WR + t: sum (W_u8 row t * X_s8 row a) over k (a multiple of 64). */
+static inline __attribute__((always_inline)) __m512i tile_u8s8(const int WR, const int AR, const uint8_t *w,
+                                                               int32_t k, int32_t nw, const int8_t *x, size_t ldx,
+                                                               int32_t na) {
+    __m512i acc[16];
+    const uint8_t *wr[16];
+    const int8_t *xr[4];
+    for (int t = 0; t < WR; t++)
+        wr[t] = w + (size_t)(t < nw ? t : nw - 1) * k;
+    for (int a = 0; a < AR; a++)
+        xr[a] = x + (size_t)(a < na ? a : na - 1) * ldx;
+    for (int i = 0; i < 16; i++)
+        acc[i] = _mm512_setzero_si512();
+    for (int32_t i = 0; i < k; i += 64) {
+        if (AR == 1) {
+            const __m512i xv = _mm512_loadu_si512(xr[0] + i);
+            for (int t = 0; t < WR; t++)
+                acc[t] = _mm512_dpbusd_epi32(acc[t], _mm512_loadu_si512(wr[t] + i), xv);
+            continue;
+        }
+        __m512i wv[8];
+        for (int t = 0; t < WR; t++)
+            wv[t] = _mm512_loadu_si512(wr[t] + i);
+        for (int a = 0; a < AR; a++) {
+            __m512i xv = _mm512_loadu_si512(xr[a] + i);
+            for (int t = 0; t < WR; t++)
+                acc[a * WR + t] = _mm512_dpbusd_epi32(acc[a * WR + t], wv[t], xv);
+        }
+    }
+    return reduce16_epi32(acc);
+}
+#endif
+
+/* ------------------------------------------------------------------ layers */
+
+/* q . k for attention scores (a row's own keys: no batch invariance to keep). */
+static inline float dot_attn(const float *a, const float *b, int32_t k) {
+    int32_t i = 0;
+    float s = 0.0f;
+#if defined(MU_AVX512)
+    __m512 acc = _mm512_setzero_ps();
+    for (; i + 16 <= k; i += 16)
+        acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+    s = _mm512_reduce_add_ps(acc);
+#endif
+    for (; i < k; i++)
+        s += a[i] * b[i];
+    return s;
+}
+
+/* Per-row int8 quantization of activations (B rows of k, leading dimension ldx) as utils.weights.quant.quantize_rows:
+   step = max(max|x|, 1e-30) / 127, q = round-half-even(x / step); corr = -128 * sum q. */
+static void quantize_rows(const float *x, int32_t rows, int32_t k, int32_t ldx, mu_buffers *b) {
+    for (int32_t r = 0; r < rows; r++) {
+        const float *xr = x + (size_t)r * ldx;
+        int8_t *q = b->xq + (size_t)r * round_up((size_t)k);
+        int32_t i = 0, sum = 0;
+        float amax = 0.0f;
+#if defined(MU_AVX512)
+        __m512 m = _mm512_setzero_ps();
+        for (; i + 16 <= k; i += 16)
+            m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(xr + i)));
+        amax = _mm512_reduce_max_ps(m);
+#endif
+        for (; i < k; i++) {
+            float a = fabsf(xr[i]);
+            amax = a > amax ? a : amax;
+        }
+        const float step = (amax > 1e-30f ? amax : 1e-30f) / 127.0f;
+        i = 0;
+#if defined(MU_AVX512)
+        const __m512 vstep = _mm512_set1_ps(step), lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
+        __m512i vsum = _mm512_setzero_si512();
+        for (; i + 16 <= k; i += 16) {
+            __m512 v = _mm512_roundscale_ps(_mm512_div_ps(_mm512_loadu_ps(xr + i), vstep),
+                                            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            __m512i iv = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(v, lo), hi));
+            _mm_storeu_si128((__m128i *)(q + i), _mm512_cvtsepi32_epi8(iv));
+            vsum = _mm512_add_epi32(vsum, iv);
+        }
+        sum = _mm512_reduce_add_epi32(vsum);
+#endif
+        for (; i < k; i++) {
+            float v = nearbyintf(xr[i] / step);
+            v = v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v);
+            q[i] = (int8_t)v;
+            sum += q[i];
+        }
+        b->step[r] = step;
+        b->corr[r] = -128 * sum;
+    }
+}
+
+#if defined(MU_VNNI)
+/* The int8 vector path of `linear` for one tile shape: lanes a * WR + t hold outputs (row r0 + a, column j + t). */
+static inline __attribute__((always_inline)) void linear_tiles(const int WR, const int AR, const mu_linear *L,
+        int32_t rows, float *y, int32_t ldy, int accumulate, const mu_buffers *b, int with_step) {
+    const int32_t n = L->n, k = L->k;
+    const size_t ldq = round_up((size_t)k);
+    int32_t lane_t[16], lane_a[16], lane_out[16];
+    for (int l = 0; l < 16; l++) {
+        lane_t[l] = l % WR;
+        lane_a[l] = l / WR;
+        lane_out[l] = lane_a[l] * ldy + lane_t[l];
+    }
+    const __m512i vt = _mm512_loadu_si512(lane_t), va = _mm512_loadu_si512(lane_a);
+    const __m512i vout = _mm512_loadu_si512(lane_out);
+    for (int32_t j = 0; j < n; j += WR) {
+        const int32_t nw = n - j < WR ? n - j : WR;
+        const __mmask16 wmask = _mm512_cmplt_epi32_mask(vt, _mm512_set1_epi32(nw));
+        const __m512 scale = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), wmask, vt, L->scale + j, 4);
+        __m512 bias = _mm512_setzero_ps();
+        if (L->bias)
+            bias = _mm512_mask_i32gather_ps(bias, wmask, vt, L->bias + j, 4);
+        for (int32_t r0 = 0; r0 < rows; r0 += AR) {
+            const int32_t na = rows - r0 < AR ? rows - r0 : AR;
+            const __mmask16 mask = wmask & _mm512_cmplt_epi32_mask(va, _mm512_set1_epi32(na));
+            __m512i iv = tile_u8s8(WR, AR, (const uint8_t *)L->w + (size_t)j * k, k, nw, b->xq + (size_t)r0 * ldq,
+                                   ldq, na);
+            iv = _mm512_add_epi32(iv, _mm512_mask_i32gather_epi32(iv, mask, va, b->corr + r0, 4));
+            __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(iv), scale);
+            if (with_step)
+                v = _mm512_mul_ps(v, _mm512_mask_i32gather_ps(v, mask, va, b->step + r0, 4));
+            if (L->bias)
+                v = _mm512_add_ps(v, bias);
+            float *yt = y + (size_t)r0 * ldy + j;
+            if (AR == 1) {
+                if (accumulate)
+                    v = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, yt), v);
+                _mm512_mask_storeu_ps(yt, mask, v);
+            } else if (AR == 4) {  /* four rows of four outputs: 128-bit pieces */
+                const __mmask8 m4 = (__mmask8)((1u << nw) - 1u);
+                float part[16];
+                _mm512_storeu_ps(part, v);
+                for (int a = 0; a < na; a++) {
+                    __m128 pv = _mm_loadu_ps(part + 4 * a);
+                    float *ya = yt + (size_t)a * ldy;
+                    if (accumulate)
+                        pv = _mm_add_ps(_mm_maskz_loadu_ps(m4, ya), pv);
+                    _mm_mask_storeu_ps(ya, m4, pv);
+                }
+            } else {
+                if (accumulate)
+                    v = _mm512_add_ps(_mm512_mask_i32gather_ps(_mm512_setzero_ps(), mask, vout, yt, 4), v);
+                _mm512_mask_i32scatter_ps(yt, mask, vout, v, 4);
+            }
+        }
+    }
+}
+#endif
+
+/* Y[r] (=, or += with `accumulate`) x[r] W^T (+ bias) for `rows` rows. int8 weights read the rows quantized
+   in b->xq / step / corr (quantize_rows first); `with_step` 0 leaves the int8 outputs unscaled by the row's
+   step (the greedy screen compares scores of one row, where the step changes nothing). The path depends on
+   the weights only (never on `rows`), so a row's outputs are the same in any batch. */
+static void linear(const mu_linear *L, int32_t rows, const float *x, int32_t ldx, float *y, int32_t ldy,
+                   int accumulate, const mu_buffers *b, int with_step) {
+    const int32_t n = L->n, k = L->k;
+    const size_t ldq = round_up((size_t)k);
+#if defined(MU_AVX512)
+    if (L->panels) {
+        linear_panels(L, rows, x, ldx, y, ldy, accumulate);
+        return;
+    }
+#endif
+#if defined(MU_VNNI)
+    if (L->scale != NULL && k % 64 == 0) {
+        if (rows == 1)
+            linear_tiles(16, 1, L, rows, y, ldy, accumulate, b, with_step);
+        else if (rows == 2)
+            linear_tiles(8, 2, L, rows, y, ldy, accumulate, b, with_step);
+        else
+            linear_tiles(4, 4, L, rows, y, ldy, accumulate, b, with_step);
+        return;
+    }
+#endif
+    for (int32_t j = 0; j < n; j++) {
+        for (int32_t r = 0; r < rows; r++) {
+            float v;
+            if (L->scale == NULL) {
+                v = dot_f32((const float *)L->w + (size_t)j * k, x + (size_t)r * ldx, k);
+            } else {
+                int32_t dot = dot_u8s8((const uint8_t *)L->w + (size_t)j * k, b->xq + (size_t)r * ldq, k);
+                v = (float)(dot + b->corr[r]) * L->scale[j];
+                if (with_step)
+                    v *= b->step[r];
+            }
+            if (L->bias)
+                v += L->bias[j];
+            float *yr = y + (size_t)r * ldy + j;
+            *yr = accumulate ? *yr + v : v;
+        }
+    }
+}
+
+/* linear() on rows x, quantizing them first when the weights are int8. */
+static void project(const mu_linear *L, int32_t rows, const float *x, int32_t ldx, float *y, int32_t ldy,
+                    int accumulate, mu_buffers *b) {
+    if (L->scale != NULL)
+        quantize_rows(x, rows, L->k, ldx, b);
+    linear(L, rows, x, ldx, y, ldy, accumulate, b, 1);
+}
+
+static void rms_norm(const float *x, const float *w, float eps, int32_t d, float *y) {
+    float ss = 0.0f;
+    for (int32_t i = 0; i < d; i++)
+        ss += x[i] * x[i];
+    float r = 1.0f / sqrtf(ss / (float)d + eps);
+    for (int32_t i = 0; i < d; i++)
+        y[i] = x[i] * r * w[i];
+}
+
+/* x * cos + roll(x, dk / 2) * rot_sin for each of `heads` vectors of dk (models.layers.apply_rotary). */
+static void rope(float *x, int32_t heads, int32_t dk, const float *cos, const float *rot_sin) {
+    int32_t half = dk / 2;
+    for (int32_t h = 0; h < heads; h++) {
+        float *v = x + (size_t)h * dk;
+        for (int32_t i = 0; i < half; i++) {
+            float a = v[i], c = v[i + half];
+            v[i] = a * cos[i] + c * rot_sin[i];
+            v[i + half] = c * cos[i + half] + a * rot_sin[i + half];
+        }
+    }
+}
+
+#if defined(MU_AVX512)
+/* One query head over columns first..pos of its KV head's cache (kc, vc: head_dim floats a column), NV = head_dim
+   / 16 vectors: scores 16 columns at a time (one reduction tree for 16 dot products), softmax with exp512,
+   and the weighted sum of values kept in registers. */
+static inline __attribute__((always_inline)) void attend_head(const int NV, const float *q, const float *kc,
+        const float *vc, int64_t first, int64_t pos, float scale, float *scores, float *out) {
+    const int32_t dk = NV * 16, n = (int32_t)(pos - first + 1);
+    __m512 qv[8];
+    for (int v = 0; v < NV; v++)
+        qv[v] = _mm512_loadu_ps(q + 16 * v);
+    const __m512 vscale = _mm512_set1_ps(scale);
+    __m512 vbest = _mm512_set1_ps(-INFINITY);
+    for (int32_t c0 = 0; c0 < n; c0 += 16) {
+        const int32_t nc = n - c0 < 16 ? n - c0 : 16;
+        __m512 acc[16];
+        for (int t = 0; t < 16; t++) {
+            const float *kr = kc + (first + c0 + (t < nc ? t : nc - 1)) * dk;
+            acc[t] = _mm512_mul_ps(_mm512_loadu_ps(kr), qv[0]);
+            for (int v = 1; v < NV; v++)
+                acc[t] = _mm512_fmadd_ps(_mm512_loadu_ps(kr + 16 * v), qv[v], acc[t]);
+        }
+        const __mmask16 mask = (__mmask16)((1u << nc) - 1u);
+        const __m512 sc = _mm512_mul_ps(reduce16_ps(acc), vscale);
+        _mm512_mask_storeu_ps(scores + c0, mask, sc);
+        vbest = _mm512_mask_max_ps(vbest, mask, vbest, sc);
+    }
+    const __m512 best = _mm512_set1_ps(_mm512_reduce_max_ps(vbest));
+    __m512 vtotal = _mm512_setzero_ps();
+    for (int32_t c0 = 0; c0 < n; c0 += 16) {
+        const int32_t nc = n - c0 < 16 ? n - c0 : 16;
+        const __mmask16 mask = (__mmask16)((1u << nc) - 1u);
+        __m512 e = exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, scores + c0), best));
+        _mm512_mask_storeu_ps(scores + c0, mask, e);
+        vtotal = _mm512_mask_add_ps(vtotal, mask, vtotal, e);
+    }
+    __m512 o[8];
+    for (int v = 0; v < NV; v++)
+        o[v] = _mm512_setzero_ps();
+    for (int32_t c = 0; c < n; c++) {
+        const __m512 p = _mm512_set1_ps(scores[c]);
+        const float *vr = vc + (first + c) * dk;
+        for (int v = 0; v < NV; v++)
+            o[v] = _mm512_fmadd_ps(p, _mm512_loadu_ps(vr + 16 * v), o[v]);
+    }
+    const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(vtotal));
+    for (int v = 0; v < NV; v++)
+        _mm512_storeu_ps(out + 16 * v, _mm512_mul_ps(o[v], inv));
+}
+#endif
+
+/* The same for any head_dim, one column at a time. */
+static void attend_head_any(int32_t dk, const float *q, const float *kc, const float *vc, int64_t first,
+                            int64_t pos, float scale, float *scores, float *out) {
+    float best = -INFINITY;
+    for (int64_t c = first; c <= pos; c++) {
+        float sc = dot_attn(kc + c * dk, q, dk) * scale;
+        scores[c - first] = sc;
+        best = sc > best ? sc : best;
+    }
+    float total = 0.0f;
+    for (int64_t c = first; c <= pos; c++) {
+        float e = expf(scores[c - first] - best);
+        scores[c - first] = e;
+        total += e;
+    }
+    memset(out, 0, sizeof(float) * dk);
+    for (int64_t c = first; c <= pos; c++) {
+        const float p = scores[c - first], *vr = vc + c * dk;
+        for (int32_t t = 0; t < dk; t++)
+            out[t] += p * vr[t];
+    }
+    const float inv = 1.0f / total;
+    for (int32_t t = 0; t < dk; t++)
+        out[t] *= inv;
+}
+
+/* Position p of a layer: RoPE on its q and k at (column - first), its k and v written to its cache column. A
+   row past its own budget (batched rows finish at different steps) may run beyond the rotary table: its
+   position is clamped, as utils.engine.generation.Decoder does, and its outputs are never used. */
+static void store_kv(const mu_model *m, const mu_session *s, int32_t layer, float *qkv, int64_t row,
+                     int64_t column, int64_t first) {
+    const int32_t H = m->heads, G = m->kv_heads, dk = m->head_dim;
+    const int64_t position = column - first < m->rope_len ? column - first : m->rope_len - 1;
+    float *q = qkv, *k = qkv + (size_t)H * dk, *v = k + (size_t)G * dk;
+    rope(q, H, dk, m->cos + position * dk, m->rot_sin + position * dk);
+    rope(k, G, dk, m->cos + position * dk, m->rot_sin + position * dk);
+    for (int32_t g = 0; g < G; g++) {
+        size_t base = (size_t)(layer * s->layer_stride + row * s->row_stride + g * s->head_stride);
+        memcpy(s->k + base + column * dk, k + (size_t)g * dk, sizeof(float) * dk);
+        memcpy(s->v + base + column * dk, v + (size_t)g * dk, sizeof(float) * dk);
+    }
+}
+
+/* Position p's attention: every query head over columns first..column of its KV head in the cache row.
+   Output: heads * head_dim floats. */
+static void attend(const mu_model *m, const mu_session *s, int32_t layer, const float *q, int64_t row,
+                   int64_t column, int64_t first, float *out, float *scores) {
+    const int32_t H = m->heads, G = m->kv_heads, dk = m->head_dim, group = H / G;
+    const float scale = 1.0f / sqrtf((float)dk);
+    for (int32_t g = 0; g < G; g++) {
+        size_t base = (size_t)(layer * s->layer_stride + row * s->row_stride + g * s->head_stride);
+        const float *kc = s->k + base, *vc = s->v + base;
+        for (int32_t i = g * group; i < (g + 1) * group; i++) {
+            const float *qi = q + (size_t)i * dk;
+            float *o = out + (size_t)i * dk;
+#if defined(MU_AVX512)
+            switch (dk) {
+            case 16: attend_head(1, qi, kc, vc, first, column, scale, scores, o); continue;
+            case 32: attend_head(2, qi, kc, vc, first, column, scale, scores, o); continue;
+            case 48: attend_head(3, qi, kc, vc, first, column, scale, scores, o); continue;
+            case 64: attend_head(4, qi, kc, vc, first, column, scale, scores, o); continue;
+            case 96: attend_head(6, qi, kc, vc, first, column, scale, scores, o); continue;
+            case 128: attend_head(8, qi, kc, vc, first, column, scale, scores, o); continue;
+            default: break;
+            }
+#endif
+            attend_head_any(dk, qi, kc, vc, first, column, scale, scores, o);
+        }
+    }
+}
+
+/* f[i] = silu(f[i]) * f[d_ff + i] (SwiGLU) or gelu(f[i]) for one row. */
+static void activate(const mu_model *m, float *f) {
+    int32_t i = 0;
+    if (m->gelu) {
+        for (; i < m->d_ff; i++)
+            f[i] = 0.5f * f[i] * (1.0f + erff(f[i] * 0.70710678118654752440f));
+        return;
+    }
+#if defined(MU_AVX512)
+    const __m512 one = _mm512_set1_ps(1.0f);
+    for (; i + 16 <= m->d_ff; i += 16) {
+        __m512 g = _mm512_loadu_ps(f + i), u = _mm512_loadu_ps(f + m->d_ff + i);
+        __m512 sig = _mm512_div_ps(g, _mm512_add_ps(one, exp512(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+        _mm512_storeu_ps(f + i, _mm512_mul_ps(sig, u));
+    }
+#endif
+    for (; i < m->d_ff; i++)
+        f[i] = f[i] / (1.0f + expf(-f[i])) * f[m->d_ff + i];
+}
+
+/* ------------------------------------------------------------------ the head */
+
+/* The largest of n values (NaN: none is larger), vectorized where AVX-512 is. */
+static float max_value(const float *v, int32_t n) {
+    int32_t j = 0;
+    float best = -INFINITY;
+#if defined(MU_AVX512)
+    __m512 m = _mm512_set1_ps(-INFINITY);
+    for (; j + 16 <= n; j += 16)
+        m = _mm512_max_ps(m, _mm512_loadu_ps(v + j));
+    best = _mm512_reduce_max_ps(m);
+#endif
+    for (; j < n; j++)
+        best = v[j] > best ? v[j] : best;
+    return best;
+}
+
+/* The first j with v[j] == value (or, with `nan`, with v[j] a NaN); -1 if none. */
+static int64_t find_first(const float *v, int32_t n, float value, int nan) {
+    int32_t j = 0;
+#if defined(MU_AVX512)
+    const __m512 target = _mm512_set1_ps(value);
+    for (; j + 16 <= n; j += 16) {
+        __m512 x = _mm512_loadu_ps(v + j);
+        __mmask16 hit = nan ? _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q) : _mm512_cmp_ps_mask(x, target, _CMP_EQ_OQ);
+        if (hit)
+            return j + __builtin_ctz(hit);
+    }
+#endif
+    for (; j < n; j++)
+        if (nan ? isnan(v[j]) : v[j] == value)
+            return j;
+    return -1;
+}
+
+/* Index of the largest of n values, the first on ties; a NaN counts as the largest (as torch.argmax). */
+static int64_t argmax(const float *v, int32_t n) {
+    int64_t j = find_first(v, n, 0.0f, 1);
+    if (j >= 0)
+        return j;
+    j = find_first(v, n, max_value(v, n), 0);
+    return j >= 0 ? j : 0;
+}
+
+/* The indices j (ascending) with v[j] >= threshold, at most `most` of them, into out; returns how many. */
+static int32_t at_least(const float *v, int32_t n, float threshold, int32_t most, int32_t *out) {
+    int32_t j = 0, count = 0;
+#if defined(MU_AVX512)
+    const __m512 t = _mm512_set1_ps(threshold);
+    for (; j + 16 <= n && count < most; j += 16) {
+        __mmask16 hit = _mm512_cmp_ps_mask(_mm512_loadu_ps(v + j), t, _CMP_GE_OQ);
+        while (hit && count < most) {
+            out[count++] = j + __builtin_ctz(hit);
+            hit &= (__mmask16)(hit - 1);
+        }
+    }
+#endif
+    for (; j < n && count < most; j++)
+        if (v[j] >= threshold)
+            out[count++] = j;
+    return count;
+}
+
+/* The float32 head's score of id j for the normed row h, computed as the full projection computes it (its
+   panel of 16 in the panel layout). */
+static float head_score(const mu_model *m, const float *h, int32_t j, const mu_buffers *b) {
+    const int32_t d = m->d;
+    if (m->head.panels) {
+        const int32_t p = j / 64, n = m->vocab - p * 64 < 64 ? m->vocab - p * 64 : 64;
+        const mu_linear panel = {(const float *)m->head.w + (size_t)p * d * 64, NULL, NULL, n, d, 1};
+        float out[64];
+        linear(&panel, 1, h, d, out, 64, 0, b, 0);
+        return out[j % 64];
+    }
+    const mu_linear one = {(const float *)m->head.w + (size_t)j * d, NULL, NULL, 1, d, 0};
+    float score;
+    linear(&one, 1, h, d, &score, 1, 0, b, 0);
+    return score;
+}
+
+/* Greedy ids through the int8 screen of a float32 head (utils.weights.quant.GreedyHead): approximate scores of every
+   id, a bound on their error, exact float32 scores for the ids within twice the bound of the best, and the
+   full projection for a row with no or more than screen_k such ids (near-ties) or non-finite values. */
+static void screened_argmax(const mu_model *m, int32_t rows, mu_buffers *b, int64_t *ids) {
+    const int32_t d = m->d, V = m->vocab;
+    quantize_rows(b->h, rows, d, d, b);
+    linear(&m->screen, rows, b->h, d, b->out, V, 0, b, 0);
+    for (int32_t r = 0; r < rows; r++) {
+        const float *h = b->h + (size_t)r * d, *approx = b->out + (size_t)r * V;
+        float best = max_value(approx, V), l1 = 0.0f;
+        for (int32_t i = 0; i < d; i++)
+            l1 += fabsf(h[i]);
+        float bound = (l1 * m->screen_x / b->step[r] + m->screen_c) * m->screen_slack;
+        float threshold = best - 2.0f * bound;
+        int32_t count = 0;
+        if (isfinite(threshold))
+            count = at_least(approx, V, threshold, m->screen_k + 1, b->cand);
+        if (count >= 1 && count <= m->screen_k) {
+            /* exact scores through `linear`, so they equal what the full projection computes */
+            int32_t top = -1;
+            float top_score = 0.0f;
+            for (int32_t c = 0; c < count; c++) {
+                const float sc = head_score(m, h, b->cand[c], b);
+                if (top < 0 || sc > top_score || isnan(sc)) {
+                    top_score = sc;
+                    top = b->cand[c];
+                    if (isnan(sc))
+                        break;
+                }
+            }
+            ids[r] = top;
+        } else {
+            float *full = b->out + (size_t)r * V;  /* this row's screen scores are no longer needed */
+            linear(&m->head, 1, h, d, full, V, 0, b, 0);
+            ids[r] = argmax(full, V);
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ the step and the prefill */
+
+/* Every block for the n positions in b->x (position p: cache row b->row[p], column b->column[p], sequence from
+   column b->first[p]); the caller has checked the rows and columns. All k/v of a layer are stored before any
+   position attends, so a prefill's positions see each other causally. Leaves the normed rows in b->h. */
+static void forward(const mu_model *m, const mu_session *s, int32_t n, mu_buffers *b) {
+    const int32_t d = m->d, nqkv = (m->heads + 2 * m->kv_heads) * m->head_dim, natt = m->heads * m->head_dim;
+    const int32_t nff = (m->gelu ? 1 : 2) * m->d_ff;
+    for (int32_t l = 0; l < m->n_layers; l++) {
+        const mu_layer *L = &m->layers[l];
+        for (int32_t p = 0; p < n; p++)
+            rms_norm(b->x + (size_t)p * d, L->norm1, L->eps1, d, b->h + (size_t)p * d);
+        project(&L->qkv, n, b->h, d, b->qkv, nqkv, 0, b);
+        for (int32_t p = 0; p < n; p++)
+            store_kv(m, s, l, b->qkv + (size_t)p * nqkv, b->row[p], b->column[p], b->first[p]);
+        for (int32_t p = 0; p < n; p++)
+            attend(m, s, l, b->qkv + (size_t)p * nqkv, b->row[p], b->column[p], b->first[p],
+                   b->att + (size_t)p * natt, b->scores);
+        project(&L->o, n, b->att, natt, b->x, d, 1, b);
+        for (int32_t p = 0; p < n; p++)
+            rms_norm(b->x + (size_t)p * d, L->norm2, L->eps2, d, b->h + (size_t)p * d);
+        project(&L->up, n, b->h, d, b->ff, nff, 0, b);
+        for (int32_t p = 0; p < n; p++)
+            activate(m, b->ff + (size_t)p * nff);
+        project(&L->down, n, b->ff, nff, b->x, d, 1, b);
+    }
+    for (int32_t p = 0; p < n; p++)
+        rms_norm(b->x + (size_t)p * d, m->norm, m->eps, d, b->h + (size_t)p * d);
+}
+
+/* The head on `rows` normed rows at h: logits (when `logits` is not NULL) and/or greedy ids (when `ids` is not
+   NULL; with logits == NULL a float32 head goes through the int8 screen when the model has one). */
+static void head(const mu_model *m, int32_t rows, const float *h, mu_buffers *b, float *logits, int64_t *ids) {
+    if (h != b->h)
+        memmove(b->h, h, sizeof(float) * (size_t)rows * m->d);
+    if (logits == NULL && ids != NULL && m->head.scale == NULL && m->screen.n > 0) {
+        screened_argmax(m, rows, b, ids);
+        return;
+    }
+    float *out = logits ? logits : b->out;
+    project(&m->head, rows, b->h, m->d, out, m->vocab, 0, b);
+    if (ids != NULL)
+        for (int32_t r = 0; r < rows; r++)
+            ids[r] = argmax(out + (size_t)r * m->vocab, m->vocab);
+}
+
+/* Feed tokens[r] to row r at cache column `pos` (row r's sequence starts at column first[r]; NULL: 0) and
+   produce, per row, logits (V floats) and/or the greedy id, as `head`. Returns 0, or -1 for a token outside
+   the vocabulary, -2 for a column outside the cache or before a row's first, or more rows than the session. */
+int mu_step(const mu_model *m, const mu_session *s, int32_t rows, const int64_t *tokens, int64_t pos,
+            const int64_t *first, float *logits, int64_t *ids) {
+    mu_buffers b;
+    carve(m, s->rows, s->positions, s->columns, s->scratch, &b);
+    if (rows > s->rows || pos < 0 || pos >= s->columns)
+        return -2;
+    for (int32_t r = 0; r < rows; r++) {
+        b.row[r] = r;
+        b.column[r] = pos;
+        b.first[r] = first ? first[r] : 0;
+        if (tokens[r] < 0 || tokens[r] >= m->vocab)
+            return -1;
+        if (b.first[r] < 0 || b.first[r] > pos)
+            return -2;
+        memcpy(b.x + (size_t)r * m->d, m->emb + tokens[r] * m->d, sizeof(float) * m->d);
+    }
+    forward(m, s, rows, &b);
+    head(m, rows, b.h, &b, logits, ids);
+    return 0;
+}
+
+/* The prefill of one sequence: input embeddings `embeds` (n x d floats) at columns first..first+n-1 of cache row
+   `row`, attending causally from column `first`. Produces the last position's logits and/or greedy id, as
+   `head`. Returns 0, or -2 for columns or a row outside the cache or more positions than the session holds. */
+int mu_prefill(const mu_model *m, const mu_session *s, int32_t row, int32_t n, const float *embeds, int64_t first,
+               float *logits, int64_t *id) {
+    mu_buffers b;
+    carve(m, s->rows, s->positions, s->columns, s->scratch, &b);
+    if (n < 1 || n > s->positions || row < 0 || row >= s->rows || first < 0 || first + n > s->columns)
+        return -2;
+    for (int32_t p = 0; p < n; p++) {
+        b.row[p] = row;
+        b.column[p] = first + p;
+        b.first[p] = first;
+    }
+    memcpy(b.x, embeds, sizeof(float) * (size_t)n * m->d);
+    forward(m, s, n, &b);
+    head(m, 1, b.h + (size_t)(n - 1) * m->d, &b, logits, id);
+    return 0;
+}

@@ -1,0 +1,87 @@
+"""SentencePiece tokenizer with the μOmni special ids (unk 0, bos 1, eos 2, padding with 0)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import sentencepiece as spm
+
+from utils.base.defaults import BOS_ID
+from utils.base.errors import OmniError
+
+
+
+def valid_unicode(text: str) -> str:
+    """Undecodable bytes (argv/stdin that is not UTF-8 arrives as lone surrogates) become U+FFFD."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "replace").decode("utf-8")
+
+
+class Tokenizer:
+    def __init__(self, path: str | Path) -> None:
+        path = Path(path)
+        if not path.is_file():
+            raise OmniError(f"tokenizer {path}: not found")
+        self.path = path
+        self.sp = spm.SentencePieceProcessor()
+        try:
+            self.sp.LoadFromSerializedProto(path.read_bytes())  # bytes: any file name, UTF-8 or not
+        except Exception as exc:  # sentencepiece raises OSError/RuntimeError for corrupt models
+            raise OmniError(f"tokenizer {path}: not a valid SentencePiece model ({exc})") from exc
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.GetPieceSize()
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp.EncodeAsIds(valid_unicode(text))
+
+    def prompt_ids(self, text: str) -> list[int]:
+        """`[bos] + encode(text)`, the layout every μOmni trainer used."""
+        return [BOS_ID] + self.encode(text)
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of `ids`. Ids the tokenizer does not have (a thinker's embedding table may be larger than the
+        SentencePiece vocabulary, so a model can emit them) carry no text and are skipped."""
+        n = self.vocab_size
+        return self.sp.DecodeIds([int(i) for i in ids if 0 <= int(i) < n])
+
+
+class IncrementalDecoder:
+    """Streaming detokenisation: `push(id)` returns the text that id adds to the answer so far.
+
+    SentencePiece renders a piece differently depending on what precedes it (the leading "▁" of the first
+    piece is dropped, byte-fallback pieces only form a character together), so decoding ids one by one
+    loses spaces and splits multi-byte characters. Instead the whole id list is decoded each time and the
+    new suffix is emitted, held back while the text ends in U+FFFD (an incomplete UTF-8 sequence).
+    The concatenated pieces equal `decode(ids)` once `flush()` has been called.
+    """
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.emitted = ""
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(int(token_id))
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""  # wait for the rest of the character
+        return self._emit(text)
+
+    def flush(self) -> str:
+        """Whatever is still held back (e.g. a byte sequence that never completed)."""
+        return self._emit(self.tokenizer.decode(self.ids)) if self.ids else ""
+
+    @property
+    def text(self) -> str:
+        return self.tokenizer.decode(self.ids)
+
+    def _emit(self, text: str) -> str:
+        # By length, not by prefix: if a later piece ever re-renders earlier text (rare), what was already
+        # printed cannot be retracted, and the stream still advances by the right number of characters.
+        if len(text) <= len(self.emitted):
+            return ""
+        new, self.emitted = text[len(self.emitted):], text
+        return new

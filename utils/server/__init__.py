@@ -1,0 +1,1 @@
+"""App: the OpenAI-compatible HTTP server of serve.py."""
