@@ -28,8 +28,8 @@ import torch
 from PIL import Image
 
 from utils.media.audio import (HOP_LENGTH, SAMPLE_RATE, check_output_path, check_wave, load_audio, load_audio_bytes,
-                         max_audio_seconds, power_mel, trim_audio, wav_bytes, write_wav)
-from utils.engine.batching import BatchEngine, EngineClosed, QueueFull, RowPrompt
+                         max_audio_seconds, power_mel, trim_audio, write_wav)
+from utils.engine.batching import BatchEngine, RowPrompt
 from utils.weights.components import Components, to_device
 from utils.base.defaults import (AUDIO_PROMPT, DECODE_ATTENTION, DECODE_KERNELS, DEFAULT_VIDEO_FRAMES, DTYPE_NAMES, IMAGE_PROMPT, MAX_SEED,
                             QUANTIZATIONS)
@@ -37,6 +37,7 @@ from utils.base.errors import OmniError
 from utils.engine.generation import SamplingOptions, generate, generate_batch
 from utils.media.image import IMAGE_SIZE, load_image, load_image_bytes, load_video_frames, preprocess_image
 from utils.weights.loading import load_components
+from utils.engine.native.step import native_model
 from utils.weights.quant import quantize_linears
 from utils.engine.speech import (GRIFFIN_LIM_ITERS, Speech, SpeechOptions, choose_vocoder, frames_for_text, max_talker_frames,
                           synthesize)
@@ -49,9 +50,8 @@ AudioInput = Union[str, os.PathLike, np.ndarray, bytes]  # bytes: an encoded aud
 
 
 # What the apps (CLI, server, batch jobs) use besides OmniModel: re-exported so they stand on this module only.
-__all__ = ["Answer", "AudioInput", "BatchEngine", "EngineClosed", "ImageInput", "Media", "OmniError",
-           "OmniModel", "QueueFull", "RowPrompt", "SAMPLE_RATE", "SpeechPlan", "Transcript", "answer_timing",
-           "check_output_path", "load_model", "wav_bytes", "write_wav"]
+__all__ = ["Answer", "AudioInput", "ImageInput", "Media", "OmniError", "OmniModel", "SAMPLE_RATE", "SpeechPlan",
+           "Transcript", "answer_timing", "check_output_path", "load_model", "write_wav"]
 
 
 @dataclass
@@ -425,6 +425,14 @@ class OmniModel:
             raise OmniError(f"the prompt ({embeds.shape[1] - len(ids) + full} positions) and max_new_tokens "
                             f"{opts.max_new_tokens} do not fit the context of {self._parts.ctx_len}")
         return RowPrompt(embeds[0], ids, opts, notes)
+
+    def decode_kernel(self, decode_kernel: str = "auto") -> str:
+        """The decode step a causal generation with `decode_kernel` takes, built and loaded now (so a server or
+        a batch job compiles the C step before it accepts work): "c (FEATURES, COMPILER)" or "torch (why)".
+        "c" where the C step cannot run is an OmniError saying why."""
+        self._require_parts("chat", "thinker")
+        opts = self.sampling_options(decode_kernel=decode_kernel)
+        return native_model(self._parts.thinker, opts.decode_kernel, False, None)[1]
 
     def batch_engine(self, max_batch: int = 16, max_queue: int = 64) -> BatchEngine:
         """A continuous-batching scheduler over this model's thinker (utils.engine.batching): requests prepared with

@@ -112,7 +112,7 @@ def test_natural_stops_and_seeded_sampling(model) -> None:
 
 
 def test_cancel_queue_limit_and_close(model) -> None:
-    from utils.engine.batching import EngineClosed, QueueFull
+    from utils.base.errors import EngineClosed, QueueFull
     engine = model.batch_engine(max_batch=1, max_queue=1)
     got: list[int] = []
     done: dict[str, tuple] = {}

@@ -11,6 +11,14 @@ class OmniError(Exception):
     """A problem with the user's files, flags or data, phrased so the user can fix it."""
 
 
+class QueueFull(Exception):
+    """More requests are waiting for a decode row than the engine's `max_queue` allows (the server: 429)."""
+
+
+class EngineClosed(Exception):
+    """The engine is shutting down and admits nothing new (the server: 503)."""
+
+
 class Terminated(BaseException):
     """SIGTERM or SIGHUP, raised in the main thread like KeyboardInterrupt is for SIGINT, so `finally` blocks
     remove temp files; the app exits with `status` (128 + the signal number) and no traceback."""

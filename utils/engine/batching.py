@@ -30,6 +30,7 @@ import torch
 from models.layers import KVCache
 from models.thinker import ThinkerLM
 from utils.base.defaults import EOS_ID
+from utils.base.errors import EngineClosed, QueueFull
 from utils.engine.generation import SamplingOptions, apply_repetition_penalty, check_budget, greedy_head, sample
 from utils.engine.native.step import NativeSession, native_model
 
@@ -42,14 +43,6 @@ class RowPrompt:
     ids: list[int]
     opts: SamplingOptions
     notes: list[str] = field(default_factory=list)
-
-
-class QueueFull(Exception):
-    """More requests are waiting than the engine's `max_queue` allows."""
-
-
-class EngineClosed(Exception):
-    """The engine is shutting down and admits nothing new."""
 
 
 class Row:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from models.talker import RVQ, TalkerTiny
 from models.vocoder import HiFiGANGenerator, griffin_lim, mel_to_magnitude
-from utils.media.audio import SAMPLE_RATE, mel_filterbank
+from utils.media.audio import SAMPLE_RATE, mel_filterbank, wav_bytes
 from utils.base.errors import OmniError
 from utils.base.defaults import DECODE_ATTENTION, VOCODERS
 from utils.engine.generation import Decoder, SamplingOptions, sample
@@ -73,6 +73,10 @@ class Speech:
     @property
     def seconds(self) -> float:
         return self.wave.shape[0] / self.sample_rate
+
+    def wav_bytes(self) -> bytes:
+        """The utterance as a complete 16-bit mono WAV file in memory (what the server sends)."""
+        return wav_bytes(self.wave, self.sample_rate)
 
 
 def frames_for_text(text: str) -> int:

@@ -35,7 +35,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from omni import BatchEngine, EngineClosed, OmniError, OmniModel, QueueFull, RowPrompt, wav_bytes
+from omni import OmniError, OmniModel
+from utils.base.errors import EngineClosed, QueueFull
 from utils.base.defaults import MAX_SEED
 from utils.base.transcript import Transcript, format_transcript
 
@@ -102,7 +103,7 @@ class Histogram:
 class Metrics:
     """Counters and histograms, updated on the event loop's thread only; gauges read from the engine."""
 
-    def __init__(self, engine: BatchEngine) -> None:
+    def __init__(self, engine: Any) -> None:
         self.engine = engine
         self.requests: dict[tuple[str, int], int] = {}
         self.prompt_tokens = 0
@@ -372,7 +373,7 @@ class StopScanner:
 # ---------------------------------------------------------------- the app
 
 class OmniServer:
-    def __init__(self, model: OmniModel, engine: BatchEngine, config: ServerConfig) -> None:
+    def __init__(self, model: OmniModel, engine: Any, config: ServerConfig) -> None:
         self.model, self.engine, self.config = model, engine, config
         self.metrics = Metrics(engine)
         self.started = int(time.time())
@@ -460,7 +461,7 @@ class OmniServer:
         def put(*event: Any) -> None:
             loop.call_soon_threadsafe(events.put_nowait, event)
 
-        def prepare() -> RowPrompt:
+        def prepare() -> Any:
             return self.model.prepare_chat(req.text, image=images or None, audio=wave, trim=False, **req.gen)
 
         try:
@@ -478,7 +479,7 @@ class OmniServer:
         except BaseException:
             row.cancel()
             raise
-        prompt: RowPrompt = first[1]
+        prompt: Any = first[1]
         self.metrics.prompt_tokens += prompt.embeds.shape[0]
         chat_id = f"chatcmpl-{uuid.uuid4().hex}"
         headers = {"X-Omni-Ignored-Messages": str(req.ignored)}
@@ -501,7 +502,7 @@ class OmniServer:
     async def speech_b64(self, text: str) -> tuple[str, float]:
         speech = await self.on_engine(lambda: self.model.speak(text))
         from starlette.concurrency import run_in_threadpool
-        data = await run_in_threadpool(wav_bytes, speech.wave, speech.sample_rate)
+        data = await run_in_threadpool(speech.wav_bytes)
         return base64.b64encode(data).decode("ascii"), speech.seconds
 
     async def transcriptions(self, request: Request) -> Response:
@@ -560,7 +561,7 @@ class OmniServer:
                            "response_format")
         speech = await self.on_engine(lambda: self.model.speak(text))
         from starlette.concurrency import run_in_threadpool
-        return Response(await run_in_threadpool(wav_bytes, speech.wave, speech.sample_rate), media_type="audio/wav")
+        return Response(await run_in_threadpool(speech.wav_bytes), media_type="audio/wav")
 
     def build(self, lifespan: Any = None) -> Any:
         v1 = [Route("/v1/chat/completions", self.chat, methods=["POST"]),
@@ -637,11 +638,11 @@ class Answering:
                 yield ("finish", "stop" if reason == "stop" else reason, error)
                 return
 
-    def usage(self, prompt: RowPrompt) -> dict[str, int]:
+    def usage(self, prompt: Any) -> dict[str, int]:
         n = prompt.embeds.shape[0]
         return {"prompt_tokens": n, "completion_tokens": self.generated, "total_tokens": n + self.generated}
 
-    async def whole(self, chat_id: str, prompt: RowPrompt, request: Request, headers: dict[str, str]) -> Response:
+    async def whole(self, chat_id: str, prompt: Any, request: Request, headers: dict[str, str]) -> Response:
         async def watch() -> None:  # a client that goes away frees its row at the next step
             while (await request.receive())["type"] != "http.disconnect":
                 pass
@@ -669,7 +670,7 @@ class Answering:
                                           "logprobs": None}],
                              "usage": self.usage(prompt)}, headers=headers)
 
-    async def sse(self, chat_id: str, prompt: RowPrompt) -> AsyncIterator[str]:
+    async def sse(self, chat_id: str, prompt: Any) -> AsyncIterator[str]:
         created = int(time.time())
         model_id = self.server.config.model_id
 
