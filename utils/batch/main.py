@@ -33,7 +33,7 @@ from utils.cli.args import (add_generation_arguments, add_model_arguments, gener
 from utils.cli.console import Console
 from utils.base.errors import OmniError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # What a Ray worker imports of this checkout (omni.py and the layers below it): shipped to every node as the
 # job's working_dir. Weights and media are not shipped: the workers read them from paths they can see.
 WORKER_CODE = ("omni.py", "utils", "models")
