@@ -341,6 +341,15 @@ Rows = Callable[[torch.Tensor], torch.Tensor]
 ResidualRows = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def row_norm(norm: RMSNorm) -> Rows:
+    """`norm.fast` on decode rows with its tensors bound once (a module's parameter lookups cost about as
+    much as the F.rms_norm call itself at decode sizes)."""
+    if norm.weight.dtype != torch.float32:
+        return norm.forward
+    weight, shape, eps, forward = norm.weight.detach(), tuple(norm.weight.shape), norm.eps, norm.forward
+    return lambda x: F.rms_norm(x, shape, weight, eps) if x.dtype == torch.float32 else forward(x)
+
+
 def row_linear(layer: nn.Module) -> Rows:
     """`layer` on decode rows (B, k). A float nn.Linear becomes F.linear on its tensors: at decode sizes a
     module call and `linear`'s dispatch checks cost about as much as the product. Other linears (int8, int4)
@@ -430,8 +439,8 @@ class Block(nn.Module):
         the fused copies, so a step never outlives the weights it was made from)."""
         attn = self.attn
         qkv = row_linear(attn.qkv) if attn.fused_qkv else row_linears([attn.q, attn.k, attn.v], attn._qkv)
-        self._step = DecodeStep(norm1=self.norm1.fast, qkv=qkv, heads=(attn.n_heads, attn.n_kv_heads, attn.head_dim),
-                                o=row_residual(attn.o), norm2=self.norm2.fast,
+        self._step = DecodeStep(norm1=row_norm(self.norm1), qkv=qkv, heads=(attn.n_heads, attn.n_kv_heads, attn.head_dim),
+                                o=row_residual(attn.o), norm2=row_norm(self.norm2),
                                 ffn=row_ffn(self.moe if hasattr(self, "moe") else self.mlp))
         return self._step
 
