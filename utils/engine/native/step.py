@@ -135,6 +135,7 @@ def compile_flags() -> list[str]:
 
 
 def _digest(*parts: bytes) -> str:
+    """12 hex digits naming `parts` in a build's file name (collisions are as unlikely as they need to be)."""
     return hashlib.sha256(b"\0".join(parts)).hexdigest()[:12]
 
 
