@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Speed benchmark of μOmni inference through the library's public functions (omni.load_model, utils.engine.generation).
+"""Speed benchmark of μOmni inference through the public API (omni.load_model, OmniModel.answer / answer_batch).
 
     python bench.py                      # both models, float32 / bfloat16 / int8 / int4; several minutes
     python bench.py --quick              # a smoke run (short prompts, few tokens, few repeats)
@@ -7,11 +7,13 @@
 
 Models: "tiny" = the real μOmni tiny configuration (Thinker: 4 layers, d 256, 4 heads, 2 KV heads, SwiGLU 1024,
 vocab 32000, ctx 512; ViT d 128 x4; audio encoder d 192 x4; Talker d 192 x4 + RVQ + HiFi-GAN) with random
-weights, written once as a trainers' checkpoint tree and loaded with omni.load_model; "demo" = the trained demo
-model in checkpoints/demo (Thinker d 128, 4 layers, vocab 512). Each (model, dtype) runs in its own process.
+weights, written once as a trainers' checkpoint tree (tools/bench_models.py) and loaded with omni.load_model;
+"demo" = the trained demo model in checkpoints/demo (Thinker d 128, 4 layers, vocab 512). Each (model, dtype)
+runs in its own process. What cannot be seen through the API (the reference's decode loop, the bytes a step
+reads, teacher-forced agreement) is measured by tools/bench_reference.py.
 
-Headline: greedy decoding with causal attention (the default), batch 1 and batch 8 (ragged prompts, left
-padded), decode rate = tokens after the first / time after the first; prefill tokens/s and time to first
+Headline: greedy decoding with causal attention (the default), batch 1 (`answer`) and batch 8 (`answer_batch`,
+ragged prompts), decode rate = tokens after the first / time after the first; prefill tokens/s and time to first
 token; the bytes a decode step reads per token (weights, the int8 vocabulary screen or the head, the KV cache
 at the mean position), the bandwidth bound that implies for the single-thread read bandwidth measured in the
 same process, and the fraction of it reached. Reference-mode decode (the μOmni defect kept for comparison)
@@ -24,8 +26,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import resource
-import shutil
 import statistics
 import subprocess
 import sys
@@ -34,179 +36,21 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from utils.base.version import version_text
-
 REPO = Path(__file__).resolve().parent
 sys.path.insert(0, str(REPO))
+
+from utils.base.version import version_text  # noqa: E402
 
 DTYPES = ("float32", "bfloat16", "int8", "int4")
 MODELS = ("tiny", "demo")
 DEMO = REPO / "checkpoints" / "demo"
-SEED = 0
 
 
 def log(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
 
 
-# ---------------------------------------------------------------- the random tiny tree (trainers' layout)
-
-def write_tree(root: Path) -> None:
-    """Random weights for every component of the μOmni tiny configuration, saved the way the trainers save
-    them (component directories, configs/*.json); the demo's tokenizer stands in (its 512 pieces fit)."""
-    import torch
-
-    from models.audio import AudioEncoderConfig, AudioEncoderTiny
-    from models.layers import BlockConfig
-    from models.talker import RVQ, TalkerConfig, TalkerTiny
-    from models.thinker import ThinkerConfig, ThinkerLM
-    from models.vision import ViTConfig, ViTTiny
-    from models.vocoder import HiFiGANConfig, HiFiGANGenerator
-
-    torch.manual_seed(SEED)
-    thinker = ThinkerLM(ThinkerConfig(vocab_size=32000, n_layers=4, ctx_len=512,
-                                      block=BlockConfig(d_model=256, n_heads=4, n_kv_heads=2, d_ff=1024)))
-    vision = ViTTiny(ViTConfig(d_model=128, n_layers=4, n_heads=2, d_ff=512, img_size=224))
-    audio = AudioEncoderTiny(AudioEncoderConfig(d_model=192, n_layers=4, n_heads=3, d_ff=768, downsample=8))
-    talker = TalkerTiny(TalkerConfig(codebook_size=128, n_layers=4,
-                                     block=BlockConfig(d_model=192, n_heads=3, n_kv_heads=1, d_ff=768)))
-    with torch.no_grad():  # a non-zero start slot, as a trained talker has
-        talker.start.normal_(0, 0.02)
-    vocoder = HiFiGANGenerator(HiFiGANConfig(upsample_initial_channel=128))
-    proj_a, proj_v = torch.nn.Linear(192, 256), torch.nn.Linear(128, 256)
-
-    def save(obj: dict, rel: str) -> None:
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        torch.save(obj, root / rel)
-
-    def config(name: str, cfg: dict) -> None:
-        (root / "configs").mkdir(parents=True, exist_ok=True)
-        (root / "configs" / f"{name}.json").write_text(json.dumps({**cfg, "save_dir": f"checkpoints/{name}"}))
-
-    thinker_cfg = {"vocab_size": 32000, "d_model": 256, "n_layers": 4, "n_heads": 4, "kv_groups": 2, "d_ff": 1024,
-                   "use_gqa": True, "use_swiglu": True, "rope_theta": 10000.0, "ctx_len": 512}
-    save({"model": thinker.state_dict()}, "thinker_tiny/thinker.pt")
-    shutil.copy(DEMO / "thinker_tiny" / "tokenizer.model", root / "thinker_tiny" / "tokenizer.model")
-    config("thinker_tiny", thinker_cfg)
-    save({"vit": vision.state_dict()}, "vision_tiny/vision.pt")
-    config("vision_tiny", {"img_size": 224, "patch": 16, "d_model": 128, "n_layers": 4, "n_heads": 2, "d_ff": 512})
-    save({"enc": audio.state_dict()}, "audio_enc_tiny/audio_enc.pt")
-    config("audio_enc_tiny", {"d_model": 192, "n_layers": 4, "n_heads": 3, "d_ff": 768, "downsample_time": 8})
-    save({"talker": talker.state_dict(), "rvq": RVQ().state_dict()}, "talker_tiny/talker.pt")
-    config("talker_tiny", {"d_model": 192, "n_layers": 4, "n_heads": 3, "d_ff": 768, "rope_theta": 10000.0})
-    save({"generator": vocoder.state_dict()}, "vocoder_tiny/vocoder.pt")
-    config("vocoder_tiny", {"upsample_initial_channel": 128})
-    save({"thinker": thinker.state_dict(), "proj_a": proj_a.state_dict(), "proj_v": proj_v.state_dict()},
-         "omni_sft_tiny/omni.pt")
-    config("omni_sft_tiny", {"thinker_ckpt": "checkpoints/thinker_tiny", "audio_ckpt": "checkpoints/audio_enc_tiny",
-                             "vision_ckpt": "checkpoints/vision_tiny", "talker_ckpt": "checkpoints/talker_tiny",
-                             "ctx_len": 512, "thinker": thinker_cfg})
-
-
-# ---------------------------------------------------------------- the reference-style baseline
-
-def baseline_generate(model, embeds, n_new: int, causal: bool = False) -> list[int]:
-    """Greedy decode written the way the μOmni reference wrote it, on the project's modules: the KV cache
-    grows by torch.cat every step, every tensor is checked for NaN/Inf with .any() (a host sync each), the
-    causal / incremental masks are rebuilt every step, and K/V are repeat_interleave'd to the query heads.
-    Reference decode semantics (each new token sees the first position only: mask ones(1, S).tril()), or
-    with `causal` every earlier position (mask ones(1, S))."""
-    import torch
-    import torch.nn.functional as F
-
-    from models.layers import apply_rotary
-
-    def check(*tensors):
-        for t in tensors:
-            if torch.isnan(t).any() or torch.isinf(t).any():
-                raise RuntimeError("NaN/Inf")
-
-    L = len(model.blocks)
-    keys: list = [None] * L
-    values: list = [None] * L
-
-    def forward(x, start):
-        B, T, _ = x.shape
-        S = start + T
-        mask = torch.ones(T, S, device=x.device).tril(diagonal=start).bool()  # rebuilt every call
-        cos, sin = model.rotary.tables(start, T, None)
-        for i, block in enumerate(model.blocks):
-            attn = block.attn
-            h = block.norm1(x)
-            check(h)
-            q = attn.q(h).view(B, T, attn.n_heads, attn.head_dim).transpose(1, 2)
-            k = attn.k(h).view(B, T, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
-            v = attn.v(h).view(B, T, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-            check(q, k, v)
-            keys[i] = k if keys[i] is None else torch.cat([keys[i], k], dim=2)
-            values[i] = v if values[i] is None else torch.cat([values[i], v], dim=2)
-            group = attn.n_heads // attn.n_kv_heads
-            kk = keys[i].repeat_interleave(group, dim=1)
-            vv = values[i].repeat_interleave(group, dim=1)
-            out = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask)
-            out = attn.o(out.transpose(1, 2).reshape(B, T, -1))
-            check(out)
-            x = x + out
-            x = x + (block.moe if hasattr(block, "moe") else block.mlp)(block.norm2(x))
-            check(x)
-        logits = model.lm_head(model.norm(x[:, -1]))
-        check(logits)
-        return logits
-
-    out: list[int] = []
-    with torch.no_grad():
-        logits = forward(embeds, 0)
-        pos = embeds.shape[1]
-        for step in range(n_new):
-            token = logits.argmax(-1)
-            out.append(int(token))
-            if step + 1 == n_new:
-                break
-            x = model.tok_emb(token[:, None])
-            # the reference's incremental mask: ones(1, S).tril() -> only the first key is visible
-            S = pos + 1
-            cos, sin = model.rotary.tables(pos, 1, None)
-            B = 1
-            for i, block in enumerate(model.blocks):
-                attn = block.attn
-                h = block.norm1(x)
-                check(h)
-                q = attn.q(h).view(B, 1, attn.n_heads, attn.head_dim).transpose(1, 2)
-                k = attn.k(h).view(B, 1, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
-                v = attn.v(h).view(B, 1, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
-                q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-                check(q, k, v)
-                keys[i] = torch.cat([keys[i], k], dim=2)
-                values[i] = torch.cat([values[i], v], dim=2)
-                group = attn.n_heads // attn.n_kv_heads
-                kk = keys[i].repeat_interleave(group, dim=1)
-                vv = values[i].repeat_interleave(group, dim=1)
-                mask = torch.ones(1, S, device=x.device)
-                mask = (mask if causal else mask.tril()).bool()
-                o = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask)
-                o = attn.o(o.transpose(1, 2).reshape(B, 1, -1))
-                check(o)
-                x = x + o
-                x = x + (block.moe if hasattr(block, "moe") else block.mlp)(block.norm2(x))
-                check(x)
-            logits = model.lm_head(model.norm(x[:, -1]))
-            check(logits)
-            pos += 1
-    return out
-
-
 # ---------------------------------------------------------------- measurements
-
-class Clock:
-    """Wall and process-CPU time together."""
-
-    def __init__(self) -> None:
-        self.wall, self.cpu = time.perf_counter(), time.process_time()
-
-    def since(self) -> tuple[float, float]:
-        return time.perf_counter() - self.wall, time.process_time() - self.cpu
-
 
 def timed(fn: Callable[[], Any], reps: int, warmup: int = 1) -> float:
     """Median wall seconds of `fn` over `reps` runs after `warmup` runs."""
@@ -236,92 +80,53 @@ def read_bandwidth(nbytes: float, reps: int = 5) -> float:
     return buf.numel() * 4 / statistics.median(times)
 
 
-def decode_rates_b1(thinker, embeds, opts, reps: int) -> dict[str, float]:
-    """Batch-1 `generate`: decode tokens/s (wall and per CPU-second), time to first token; medians."""
-    from utils.engine.generation import generate
+WORDS = ("the a of and to in is what how many plus minus one two three four five six seven eight nine ten you do "
+         "see it are this that color sound picture").split()
 
-    wall, cpu, ttft = [], [], []
-    info: dict[str, Any] = {}
+
+def prompt_text(tokens: int, seed: int, count: Callable[[str], int]) -> str:
+    """A reproducible text of random common words, the longest whose prompt (`count`: text -> prompt tokens)
+    has at most `tokens` tokens."""
+    rng = random.Random(seed)
+    words = [rng.choice(WORDS) for _ in range(tokens)]
+    n = len(words)
+    while n > 1 and count(" ".join(words[:n])) > tokens:
+        n -= 1
+    return " ".join(words[:n])
+
+
+def decode_rates(model, texts: list[str], gen: dict[str, Any], reps: int) -> dict[str, Any]:
+    """Greedy decode rates of `texts` (one: OmniModel.answer; several: answer_batch, decoded together) with the
+    generation options `gen` (max_new_tokens among them), medians over `reps` runs after a warm-up:
+    tokens/s over all rows after their first token (wall, from the answers' timing), tokens per CPU-second (the
+    process's CPU time of the run less that of a one-token run, which is its prefill and first token), time
+    to first token and prefill rate (batch 1), and the decode step that ran."""
+    def run(max_new: int) -> tuple[list, float]:
+        t0 = time.process_time()
+        if len(texts) == 1:
+            answers = [model.answer(texts[0], **{**gen, "max_new_tokens": max_new})]
+        else:
+            answers = model.answer_batch([{"text": t} for t in texts], batch_size=len(texts),
+                                         **{**gen, "max_new_tokens": max_new})
+        return answers, time.process_time() - t0
+
+    wall, cpu, ttft, prefill = [], [], [], []
+    kernel = prompt_tokens = None
     for r in range(reps + 1):
-        start = Clock()
-        first = None
-        n = 0
-        for _ in generate(thinker, embeds, opts, None, info):
-            n += 1
-            if first is None:
-                first = Clock()
-                ttft.append(first.wall - start.wall)
-        w, c = first.since()
+        _, cpu_first = run(1)
+        answers, cpu_all = run(gen["max_new_tokens"])
+        steps = sum(a.timing["decode_steps"] for a in answers)
         if r:  # the first run is a warm-up
-            wall.append((n - 1) / w)
-            cpu.append((n - 1) / c)
-    return {"tok_s": statistics.median(wall), "tok_cpu_s": statistics.median(cpu),
-            "ttft_ms": statistics.median(ttft[1:]) * 1e3, "kernel": info["decode_kernel"]}
+            wall.append(steps / max(a.timing["decode_s"] for a in answers))
+            cpu.append(steps / (cpu_all - cpu_first))
+            ttft.append(answers[0].timing["prefill_s"] * 1e3)
+            prefill.append(answers[0].timing["prefill_tokens_per_s"])
+        kernel, prompt_tokens = answers[0].timing["decode_kernel"], answers[0].prompt_tokens
+    return {"tok_s": statistics.median(wall), "tok_cpu_s": statistics.median(cpu), "ttft_ms": statistics.median(ttft),
+            "prefill_tok_s": statistics.median(prefill), "kernel": kernel, "prompt_tokens": prompt_tokens}
 
 
-def decode_rates_batch(thinker, embeds_list, opts, reps: int) -> dict[str, float]:
-    """`generate_batch` decode rate over all rows after the first token (wall and per CPU-second), medians."""
-    from utils.engine.generation import generate_batch
-
-    class Stamps(list):  # generate_batch appends time.perf_counter(); keep the CPU clock beside it
-        def append(self, t: float) -> None:
-            super().append((t, time.process_time()))
-
-    wall, cpu = [], []
-    for r in range(reps + 1):
-        stamps = Stamps()
-        out = generate_batch(thinker, embeds_list, None, opts, step_times=stamps)
-        tokens = sum(len(o) for o in out) - len(out)
-        if r:
-            wall.append(tokens / (stamps[-1][0] - stamps[0][0]))
-            cpu.append(tokens / (stamps[-1][1] - stamps[0][1]))
-    return {"tok_s": statistics.median(wall), "tok_cpu_s": statistics.median(cpu)}
-
-
-def decode_bytes(thinker, batch: int, context: float, screened: bool) -> float:
-    """Bytes one decode step reads per generated token: every block tensor (weights as stored: float, int8
-    or packed int4, plus scales), the vocabulary projection (its int8 screen when greedy float decoding uses
-    one, else the head's own tensors), the embedding row, and each row's KV cache up to `context`
-    positions. MoE experts are all counted (an upper bound)."""
-    blocks = sum(t.numel() * t.element_size() for t in (*thinker.blocks.parameters(), *thinker.blocks.buffers()))
-    blocks += sum(t.numel() * t.element_size() for t in thinker.norm.parameters())
-    head = thinker.lm_head
-    if screened:
-        head_bytes = head.weight.numel()  # int8 copy (+ a few candidate rows)
-    else:
-        head_bytes = sum(t.numel() * t.element_size() for t in (*head.parameters(), *head.buffers()))
-    emb = thinker.tok_emb.weight
-    attn = thinker.blocks[0].attn
-    kv = 2 * len(thinker.blocks) * attn.n_kv_heads * attn.head_dim * context * emb.element_size()
-    return (blocks + head_bytes) / batch + kv + emb.shape[1] * emb.element_size()
-
-
-def teacher_forced_agreement(reference, candidate, prompt: list[int], steps: int) -> float:
-    """Top-1 agreement of `candidate` with `reference` over `steps` KV-cached decode steps fed the
-    reference's greedy continuation of `prompt` (teacher forcing: one early difference does not spread)."""
-    import torch
-
-    from utils.engine.generation import Decoder, SamplingOptions, generate
-
-    opts = SamplingOptions(max_new_tokens=steps, ignore_eos=True)
-
-    def embed(model):
-        with torch.inference_mode():
-            return model.tok_emb(torch.tensor(prompt))[None]
-
-    cont = list(generate(reference, embed(reference), opts))
-
-    def top1(model) -> torch.Tensor:
-        with torch.inference_mode():
-            dec = Decoder(model, embed(model), None, opts)
-            out = [dec.prefill()]
-            out += [dec.step(torch.tensor([t])) for t in cont[:-1]]
-        return torch.cat(out).float().argmax(-1)
-
-    return float((top1(reference) == top1(candidate)).float().mean())
-
-
-def load(model_name: str, dtype: str, tree: Path, threads: int):
+def load(model_name: str, dtype: str, tree: Path, threads: int | None):
     from omni import load_model
 
     path = tree if model_name == "tiny" else DEMO
@@ -329,15 +134,11 @@ def load(model_name: str, dtype: str, tree: Path, threads: int):
                       quantize=dtype if dtype in ("int8", "int4") else None, threads=threads)
 
 
-def thinker_of(model):
-    return model.parts.thinker
-
-
 def worker(args: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    from utils.engine.generation import SCREEN_MIN_VOCAB, Decoder, SamplingOptions
+    from tools.bench_reference import baseline_rate, decode_bytes, teacher_forced_agreement
 
     model_name, dtype = args.worker.split(":")
     tree = Path(args.tree)
@@ -350,58 +151,45 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     model = load(model_name, dtype, tree, args.threads)
     res["load_s"] = time.perf_counter() - t0
     res["threads"] = torch.get_num_threads()
-    thinker = thinker_of(model)
-    vocab = thinker.cfg.vocab_size
-    g = torch.Generator().manual_seed(1)
-    prompt = [1] + torch.randint(3, vocab, (P - 1,), generator=g).tolist()
-    emb_dtype = thinker.tok_emb.weight.dtype
-
-    def embed(ids):
-        with torch.inference_mode():
-            return thinker.tok_emb(torch.tensor(ids)).to(emb_dtype)
-
-    x = embed(prompt)[None]
-    log(f"{model_name} {dtype}: prefill")
-
-    def prefill():
-        with torch.inference_mode():
-            Decoder(thinker, x, None, SamplingOptions(max_new_tokens=1)).prefill()
-    res["prefill_tok_s"] = P / timed(prefill, reps)
+    thinker = model.parts.thinker
+    def count(t: str) -> int:
+        return len(model.parts.tokenizer.prompt_ids(t))
+    text = prompt_text(P, 1, count)
+    batch = [prompt_text(P - 3 * i, 2 + i, count) for i in range(8)]  # ragged: left padding exercised
 
     log(f"{model_name} {dtype}: decode")
-    lens = [P - 3 * i for i in range(8)]  # ragged: left padding exercised
-    batch = [embed(prompt[:n]) for n in lens]
     for mode in ("causal", "reference"):
-        opts = SamplingOptions(max_new_tokens=N, ignore_eos=True, decode_attention=mode)
-        b1 = decode_rates_b1(thinker, x, opts, reps)
-        b8 = decode_rates_batch(thinker, batch, opts, max(2, reps // 2))
+        gen = {"max_new_tokens": N, "ignore_eos": True, "decode_attention": mode}
+        b1 = decode_rates(model, [text], gen, reps)
+        b8 = decode_rates(model, batch, gen, max(2, reps // 2))
         res[f"b1_{mode}_tok_s"], res[f"b1_{mode}_tok_cpu_s"] = b1["tok_s"], b1["tok_cpu_s"]
         res[f"b8_{mode}_tok_s"], res[f"b8_{mode}_tok_cpu_s"] = b8["tok_s"], b8["tok_cpu_s"]
         if mode == "causal":
-            res["ttft_ms"] = b1["ttft_ms"]
+            res["ttft_ms"], res["prefill_tok_s"], res["prompt_tokens"] = b1["ttft_ms"], b1["prefill_tok_s"], \
+                b1["prompt_tokens"]
             res["decode_kernel_full"] = b1["kernel"]
             res["decode_kernel"] = b1["kernel"].split(" (")[0]
     res["b8_over_b1"] = res["b8_causal_tok_s"] / res["b1_causal_tok_s"]
     if res["decode_kernel"] == "c":  # the torch step on the same weights, for comparison
-        opts = SamplingOptions(max_new_tokens=N, ignore_eos=True, decode_kernel="torch")
-        res["b1_torch_tok_s"] = decode_rates_b1(thinker, x, opts, reps)["tok_s"]
-        res["b8_torch_tok_s"] = decode_rates_batch(thinker, batch, opts, max(2, reps // 2))["tok_s"]
+        gen = {"max_new_tokens": N, "ignore_eos": True, "decode_kernel": "torch"}
+        res["b1_torch_tok_s"] = decode_rates(model, [text], gen, reps)["tok_s"]
+        res["b8_torch_tok_s"] = decode_rates(model, batch, gen, max(2, reps // 2))["tok_s"]
         res["c_over_torch_b1"] = res["b1_causal_tok_s"] / res["b1_torch_tok_s"]
         res["c_over_torch_b8"] = res["b8_causal_tok_s"] / res["b8_torch_tok_s"]
 
-    screened = type(thinker.lm_head) is torch.nn.Linear and vocab >= SCREEN_MIN_VOCAB
     for b, key in ((1, "b1"), (8, "b8")):
-        per_token = decode_bytes(thinker, b, P + N / 2, screened)
+        per_token = decode_bytes(thinker, b, res["prompt_tokens"] + N / 2)
         bw = read_bandwidth(per_token * b)
         res[f"{key}_read_gb_s"] = bw / 1e9
         res[f"{key}_mb_per_token"] = per_token / 1e6
         res[f"{key}_bound_tok_s"] = bw / per_token
         res[f"{key}_bound_fraction"] = res[f"{key}_causal_tok_cpu_s"] / res[f"{key}_bound_tok_s"]
 
+    prompt_ids = model.parts.tokenizer.prompt_ids(text)
     if dtype != "float32":
         log(f"{model_name} {dtype}: agreement with float32")
-        reference = thinker_of(load(model_name, "float32", tree, args.threads))
-        res["top1_agreement"] = teacher_forced_agreement(reference, thinker, prompt, N)
+        reference = load(model_name, "float32", tree, args.threads).parts.thinker
+        res["top1_agreement"] = teacher_forced_agreement(reference, thinker, prompt_ids, N)
         del reference
     else:
         res["top1_agreement"] = 1.0
@@ -410,18 +198,10 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         if dtype == "float32":
             log(f"{model_name} {dtype}: reference-style baseline decode")
             for mode, causal in (("reference", False), ("causal", True)):
-                rates = []
-                for r in range(max(2, reps // 2) + 1):
-                    t1 = time.perf_counter()
-                    baseline_generate(thinker, x, 1, causal)  # prefill + first token only: subtracted below
-                    t_pre = time.perf_counter() - t1
-                    t1 = time.perf_counter()
-                    baseline_generate(thinker, x, N, causal)
-                    if r:
-                        rates.append((N - 1) / (time.perf_counter() - t1 - t_pre))
-                res[f"baseline_b1_{mode}_tok_s"] = statistics.median(rates)
+                res[f"baseline_b1_{mode}_tok_s"] = baseline_rate(thinker, prompt_ids, N, causal, max(2, reps // 2))
                 res[f"speedup_vs_baseline_{mode}"] = res[f"b1_{mode}_tok_s"] / res[f"baseline_b1_{mode}_tok_s"]
         log(f"{model_name} {dtype}: encoders and speech")
+        g = torch.Generator().manual_seed(1)
         img = torch.rand(3, 224, 224, generator=g)
         res["image_encode_ms"] = timed(lambda: model.encode_images([img]), reps) * 1e3
         seconds = 2.0 if q else 10.0
@@ -530,12 +310,14 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--models: use a subset of {', '.join(MODELS)}")
     if [d for d in dtypes if d not in DTYPES] or not dtypes:
         ap.error(f"--dtypes: use a subset of {', '.join(DTYPES)}")
+    from tools.bench_models import write_tree
+
     t_start = time.perf_counter()
     results: dict[str, dict[str, dict[str, Any]]] = {}
     with tempfile.TemporaryDirectory(prefix="muomni_bench_") as tmp:
         if "tiny" in models:
             log("writing the random tiny checkpoint tree")
-            write_tree(Path(tmp))
+            write_tree(Path(tmp))  # tools.bench_models
         for m in models:
             for d in dtypes:
                 cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", f"{m}:{d}", "--tree", tmp]
@@ -550,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
                 results.setdefault(m, {})[d] = json.loads(proc.stdout.strip().splitlines()[-1])
     import torch
     first = next(iter(next(iter(results.values())).values()))
-    meta = {"prompt_tokens": 24 if args.quick else 128, "new_tokens": 32 if args.quick else 64,
+    meta = {"prompt_tokens": first["prompt_tokens"], "new_tokens": 32 if args.quick else 64,
             "quick": args.quick, "threads": first["threads"], "torch": torch.__version__,
             "cpu_count": os.cpu_count(), "wall_s": round(time.perf_counter() - t_start, 1)}
     print(f"μOmni benchmark (torch {meta['torch']}, {meta['threads']} thread(s), {meta['cpu_count']} CPUs"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -99,15 +100,15 @@ class Fused:
 
 
 def refresh_fused(module: nn.Module) -> None:
-    """Bring every fused copy and Block decode plan inside `module` up to date with its layers (once per
-    generation, not per step)."""
+    """Bring every fused copy and Block decode step inside `module` up to date with its layers: once per
+    generation (and whenever the weights may have changed), not per step."""
     for m in module.modules():
         for value in vars(m).values():
             if isinstance(value, Fused):
                 value.refresh()
     for m in module.modules():
         if isinstance(m, Block):
-            m.refresh_plan()
+            m.refresh_step()
 
 
 class RMSNorm(nn.Module):
@@ -246,29 +247,6 @@ class Attention(nn.Module):
                                                  enable_gqa=group > 1)
         return linear(self.o, out.transpose(1, 2).reshape(B, T, -1))
 
-    def qkv_rows(self, x: torch.Tensor) -> torch.Tensor:
-        """q, k and v of rows x (B, d) side by side, (B, (heads + 2 kv_heads) * dk), in one product."""
-        if self.fused_qkv:
-            return linear(self.qkv, x)
-        fused = self._qkv.get()
-        if fused is not None:
-            return linear(fused, x)
-        return torch.cat([linear(self.q, x), linear(self.k, x), linear(self.v, x)], dim=-1)
-
-    def decode(self, x: torch.Tensor, cos: torch.Tensor, rot_sin: torch.Tensor, layer: int, cache: KVCache,
-               pos: int, mask: torch.Tensor | None) -> torch.Tensor:
-        """The heads' outputs (B, heads * dk), before `o`, for one new position per row (x: (B, d), normed)
-        written to cache column `pos`, attending to columns 0..pos.
-
-        Same arithmetic as `forward` with T == 1, in fewer ops: q/k/v in one product, RoPE on q and k at once,
-        no transposes (with a single query the projections are already laid out as (B, heads, dk)), and the
-        query heads sharing a KV head folded into the query axis (B, kv_heads, group, dk), so K/V are never
-        repeated. `cos`/`rot_sin`: (1, dk), or (B, 1, dk) for rows at different positions. `mask`: None (all
-        columns) or a boolean (B, 1, 1, pos + 1) view of a preallocated mask.
-        """
-        return attend_rows(self.qkv_rows(x), cos, rot_sin, layer, cache, pos, mask, self.n_heads, self.n_kv_heads,
-                           self.head_dim)
-
     def single_key_output(self, values: torch.Tensor) -> torch.Tensor:
         """The attention output of a query allowed to see exactly one key: softmax over one score is exactly
         1, so each head returns that key's value unchanged. `values` (B, kv_heads, dk) -> (B, 1, d) after `o`."""
@@ -294,17 +272,6 @@ class SwiGLU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(self.down_proj, F.silu(linear(self.gate_proj, x)) * linear(self.up_proj, x))
 
-    def decode(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """residual + forward(x) for rows x (B, d): gate and up in one product, the residual added by the
-        down projection's own matmul."""
-        fused = self._gate_up.get()
-        if fused is None:
-            return residual_linear(self.down_proj, F.silu(linear(self.gate_proj, x)) * linear(self.up_proj, x),
-                                   residual)
-        gate_up = linear(fused, x)
-        d_ff = gate_up.shape[-1] // 2
-        return residual_linear(self.down_proj, F.silu(gate_up[:, :d_ff]) * gate_up[:, d_ff:], residual)
-
 
 class GeluMLP(nn.Module):
     def __init__(self, d_model: int, d_ff: int) -> None:
@@ -314,18 +281,6 @@ class GeluMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(self.fc2, F.gelu(linear(self.fc1, x)))
-
-    def decode(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return residual_linear(self.fc2, F.gelu(linear(self.fc1, x)), residual)
-
-
-def residual_linear(layer: nn.Module, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    """residual + layer(x) for rows (B, features); a float nn.Linear without bias adds the residual inside its
-    matmul (torch.addmm: one op instead of two)."""
-    if type(layer) is nn.Linear and layer.bias is None and layer.weight.dtype == x.dtype:
-        return torch.addmm(residual, x, layer.weight.t())
-    return residual + linear(layer, x)
-
 
 def make_ffn(kind: str, d_model: int, d_ff: int) -> nn.Module:
     return SwiGLU(d_model, d_ff) if kind == "swiglu" else GeluMLP(d_model, d_ff)
@@ -367,7 +322,14 @@ class BlockConfig:
 
 def attend_rows(qkv: torch.Tensor, cos: torch.Tensor, rot_sin: torch.Tensor, layer: int, cache: KVCache, pos: int,
                 mask: torch.Tensor | None, h: int, g: int, dk: int) -> torch.Tensor:
-    """`Attention.decode` from the rows' q/k/v side by side (B, (h + 2g) dk): RoPE, cache write, attention."""
+    """The heads' outputs (B, h * dk), before `o`, for one new position per row from its q, k and v side by side
+    (B, (h + 2g) dk), written to cache column `pos` and attending to columns 0..pos.
+
+    Same arithmetic as `Attention.forward` with T == 1, in fewer ops: RoPE on q and k at once, no transposes
+    (with a single query the projections are already laid out as (B, heads, dk)), and the query heads sharing
+    a KV head folded into the query axis (B, g, h / g, dk), so K/V are never repeated. `cos`/`rot_sin`: (1, dk),
+    or (B, 1, dk) for rows at different positions. `mask`: None (all columns) or a boolean (B, 1, 1, pos + 1)
+    view of a preallocated mask."""
     B = qkv.shape[0]
     qk = apply_rotary(qkv[:, :(h + g) * dk].view(B, h + g, dk), cos, rot_sin)
     keys, values = cache.update(layer, pos, qk[:, h:].unsqueeze(2), qkv[:, (h + g) * dk:].view(B, g, 1, dk))
@@ -375,26 +337,76 @@ def attend_rows(qkv: torch.Tensor, cos: torch.Tensor, rot_sin: torch.Tensor, lay
     return out.view(B, h * dk)
 
 
-@dataclass
-class FloatPlan:
-    """Direct references to the float32 tensors of a Block's decode step (fused q/k/v and gate/up, transposed
-    views of the output projections): a step then makes no nn.Module attribute lookups or dispatch checks,
-    which cost the demo-size thinker about a fifth of its step."""
-    shape: tuple[int]
-    norm1: torch.Tensor
-    eps1: float
-    qkv: torch.Tensor
-    o_t: torch.Tensor
-    norm2: torch.Tensor
-    eps2: float
-    gate_up: torch.Tensor
-    down_t: torch.Tensor
-    d_ff: int
-    heads: tuple[int, int, int]
+Rows = Callable[[torch.Tensor], torch.Tensor]
+ResidualRows = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _plain_float32(layer: nn.Module | None) -> bool:
-    return type(layer) is nn.Linear and layer.bias is None and layer.weight.dtype == torch.float32
+def row_norm(norm: RMSNorm) -> Rows:
+    """`norm.fast` on decode rows with its tensors bound once (a module's parameter lookups cost about as
+    much as the F.rms_norm call itself at decode sizes)."""
+    if norm.weight.dtype != torch.float32:
+        return norm.forward
+    weight, shape, eps, forward = norm.weight.detach(), tuple(norm.weight.shape), norm.eps, norm.forward
+    return lambda x: F.rms_norm(x, shape, weight, eps) if x.dtype == torch.float32 else forward(x)
+
+
+def row_linear(layer: nn.Module) -> Rows:
+    """`layer` on decode rows (B, k). A float nn.Linear becomes F.linear on its tensors: at decode sizes a
+    module call and `linear`'s dispatch checks cost about as much as the product. Other linears (int8, int4)
+    are called as they are."""
+    if type(layer) is not nn.Linear:
+        return layer
+    weight, bias = layer.weight.detach(), None if layer.bias is None else layer.bias.detach()
+    return lambda x: F.linear(x, weight, bias)
+
+
+def row_linears(layers: list[nn.Module], fused: Fused) -> Rows:
+    """cat([layer(x) for layer in layers], -1) on decode rows: one product through `fused` (their fused copy)
+    where the layers fuse (`fuse_linears`), else one product per layer."""
+    if fused.get() is not None:
+        return row_linear(fused.get())
+    parts = [row_linear(layer) for layer in layers]
+    return lambda x: torch.cat([part(x) for part in parts], dim=-1)
+
+
+def row_residual(layer: nn.Module) -> ResidualRows:
+    """(x, residual) -> residual + layer(x) on decode rows; a float nn.Linear without bias adds the residual
+    inside its matmul (torch.addmm: one op instead of two)."""
+    if type(layer) is nn.Linear and layer.bias is None:
+        weight_t = layer.weight.detach().t()
+        return lambda x, residual: torch.addmm(residual, x, weight_t)
+    rows = row_linear(layer)
+    return lambda x, residual: residual + rows(x)
+
+
+def row_ffn(ffn: nn.Module) -> ResidualRows:
+    """(normed rows h, residual x) -> x + ffn(h) on decode rows: SwiGLU's gate and up in one product, the
+    down projection adding the residual; GELU likewise; MoE through its module."""
+    if isinstance(ffn, SwiGLU):
+        gate_up, down, d_ff = row_linears([ffn.gate_proj, ffn.up_proj], ffn._gate_up), row_residual(ffn.down_proj), \
+            ffn.down_proj.in_features
+
+        def swiglu(h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+            both = gate_up(h)
+            return down(F.silu(both[:, :d_ff]) * both[:, d_ff:], x)
+        return swiglu
+    if isinstance(ffn, GeluMLP):
+        fc1, fc2 = row_linear(ffn.fc1), row_residual(ffn.fc2)
+        return lambda h, x: fc2(F.gelu(fc1(h)), x)
+    return lambda h, x: ffn(h) + x
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeStep:
+    """A Block's decode step bound to its current weights (`Block.refresh_step`): fused q/k/v and gate/up
+    copies and bare tensor ops in place of module calls, which cost a demo-size thinker about a fifth of its
+    step. Built once per generation (`refresh_fused`), never per token."""
+    norm1: Rows
+    qkv: Rows              # normed rows -> q, k, v side by side (B, (h + 2g) dk)
+    heads: tuple[int, int, int]  # (h, g, dk)
+    o: ResidualRows        # (heads' outputs, residual) -> residual + o(heads)
+    norm2: Rows
+    ffn: ResidualRows      # (normed rows, residual) -> residual + ffn(rows)
 
 
 class Block(nn.Module):
@@ -409,23 +421,7 @@ class Block(nn.Module):
             self.moe = MoE(cfg.d_model, cfg.d_ff, cfg.num_experts, cfg.num_experts_per_tok, cfg.ffn)
         else:
             self.mlp = make_ffn(cfg.ffn, cfg.d_model, cfg.d_ff)
-        self._plan: FloatPlan | None = None
-
-    def refresh_plan(self) -> None:
-        """The FloatPlan of this block's current weights, where the step is all float32 matmuls without bias
-        (SwiGLU, fused q/k/v and gate/up); else None and `decode` goes through the modules. Called by
-        `refresh_fused` (after the fused copies), so a plan never outlives the weights it was made from."""
-        self._plan = None
-        attn, mlp = self.attn, getattr(self, "mlp", None)
-        qkv = attn.qkv if attn.fused_qkv else attn._qkv.get()
-        if not (isinstance(mlp, SwiGLU) and self.norm1.weight.dtype == self.norm2.weight.dtype == torch.float32
-                and all(_plain_float32(m) for m in (qkv, attn.o, mlp._gate_up.get(), mlp.down_proj))):
-            return
-        self._plan = FloatPlan(
-            shape=tuple(self.norm1.weight.shape), norm1=self.norm1.weight.detach(), eps1=self.norm1.eps,
-            qkv=qkv.weight.detach(), o_t=attn.o.weight.detach().t(), norm2=self.norm2.weight.detach(),
-            eps2=self.norm2.eps, gate_up=mlp._gate_up.get().weight.detach(), down_t=mlp.down_proj.weight.detach().t(),
-            d_ff=mlp.down_proj.in_features, heads=(attn.n_heads, attn.n_kv_heads, attn.head_dim))
+        self._step: DecodeStep | None = None
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer: int,
                 cache: KVCache | None, start: int, mask: torch.Tensor | None) -> torch.Tensor:
@@ -433,25 +429,34 @@ class Block(nn.Module):
         ffn = self.moe if hasattr(self, "moe") else self.mlp
         return x + ffn(self.norm2(x))
 
+    def __getstate__(self) -> dict:
+        """Copies and pickles carry no DecodeStep (its closures point at this block's own tensors): a copy
+        builds its own on first use."""
+        return {**self.__dict__, "_step": None}
+
+    def refresh_step(self) -> DecodeStep:
+        """This block's DecodeStep for its current weights and fused copies (called by `refresh_fused`, after
+        the fused copies, so a step never outlives the weights it was made from)."""
+        attn = self.attn
+        qkv = row_linear(attn.qkv) if attn.fused_qkv else row_linears([attn.q, attn.k, attn.v], attn._qkv)
+        self._step = DecodeStep(norm1=row_norm(self.norm1), qkv=qkv, heads=(attn.n_heads, attn.n_kv_heads, attn.head_dim),
+                                o=row_residual(attn.o), norm2=row_norm(self.norm2),
+                                ffn=row_ffn(self.moe if hasattr(self, "moe") else self.mlp))
+        return self._step
+
     def decode(self, x: torch.Tensor, cos: torch.Tensor, rot_sin: torch.Tensor, layer: int, cache: KVCache,
                pos: int, mask: torch.Tensor | None, attn_out: torch.Tensor | None = None) -> torch.Tensor:
-        """One decode step on rows x (B, d), one new position each. `attn_out` (B, 1, d), when given, replaces
-        the attention sub-layer's output: the reference decode mode (decode_attention "reference"), where every
-        new token sees only its row's first key, makes that output one constant per row (see
-        `Attention.single_key_output`)."""
-        p = self._plan
-        if p is not None and attn_out is None and x.dtype == torch.float32:
-            qkv = F.linear(F.rms_norm(x, p.shape, p.norm1, p.eps1), p.qkv)
-            x = torch.addmm(x, attend_rows(qkv, cos, rot_sin, layer, cache, pos, mask, *p.heads), p.o_t)
-            gate_up = F.linear(F.rms_norm(x, p.shape, p.norm2, p.eps2), p.gate_up)
-            return torch.addmm(x, F.silu(gate_up[:, :p.d_ff]) * gate_up[:, p.d_ff:], p.down_t)
+        """`forward` for one new position per row, x (B, d), at cache column `pos` (see `attend_rows` for cos,
+        rot_sin and mask), through the DecodeStep (built here if `refresh_fused` has not run yet). `attn_out`
+        (B, 1, d), when given, replaces the attention sub-layer's output: the reference decode mode
+        (decode_attention "reference"), where every new token sees only its row's first key, makes that output
+        one constant per row (see `Attention.single_key_output`)."""
+        step = self._step or self.refresh_step()
         if attn_out is None:
-            heads = self.attn.decode(self.norm1.fast(x), cos, rot_sin, layer, cache, pos, mask)
-            x = residual_linear(self.attn.o, heads, x)
+            x = step.o(attend_rows(step.qkv(step.norm1(x)), cos, rot_sin, layer, cache, pos, mask, *step.heads), x)
         else:
             x = x + attn_out.view_as(x)
-        h = self.norm2.fast(x)
-        return self.moe(h) + x if hasattr(self, "moe") else self.mlp.decode(h, x)
+        return step.ffn(step.norm2(x), x)
 
 
 def block_config_from_state(sd: dict[str, torch.Tensor], prefix: str, n_heads: int,

@@ -7,11 +7,14 @@ test_fast_decode.py and test_fixture.py (the default path)."""
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -21,8 +24,9 @@ from models.layers import BlockConfig
 from models.thinker import ThinkerConfig, ThinkerLM
 from utils.base.errors import OmniError
 from utils.engine.generation import Decoder, SamplingOptions, generate, greedy_head, left_pad
+from utils.engine.native import step
 from utils.engine.native.step import NativeSession, native_model
-from utils.weights.quant import quantize_linears
+from utils.weights.quant import quantize_int8, quantize_linears
 
 from tests.conftest import c_step_missing
 
@@ -211,7 +215,7 @@ def test_a_failing_compiler_leaves_nothing_behind(tmp_path: Path) -> None:
     ans = cli("--text", "What is 3 plus 4?", "--json", env={"CC": str(cc), "MUOMNI_CACHE_DIR": str(cache)})
     out = json.loads(ans.stdout)
     assert out["text"] == "7"
-    assert out["timing"]["decode_kernel"] == "torch (the C compiler failed on native_decode.c: boom: no)"
+    assert out["timing"]["decode_kernel"] == "torch (the C compiler failed on step.c: boom: no)"
     assert list(cache.iterdir()) == []  # no partial library
 
 
@@ -248,3 +252,188 @@ def test_builds_for_other_cpus_give_the_same_answers(flags: str, features: str, 
     assert kernel.startswith(f"c ({features}, ")
     here = subprocess.run(run, capture_output=True, text=True, timeout=180, cwd=REPO)
     assert json.loads(here.stdout)[1][0] == int8_ids
+
+
+# ---------------------------------------------------------------- greedy ids: ties, NaN, the screen's near-ties
+
+def decode_rows(model: ThinkerLM, screen=None, rows: int = 8, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """One C decode step of `rows` rows over a random cache (rows starting at different columns): (the greedy
+    ids (rows,), the full logits (rows, V)) of the same step."""
+    native, _ = native_model(model, "c", False, screen)
+    g = torch.Generator().manual_seed(seed)
+    cache = model.new_cache(rows, 32)
+    cache.k.copy_(torch.randn(cache.k.shape, generator=g))
+    cache.v.copy_(torch.randn(cache.v.shape, generator=g))
+    tokens = torch.randint(3, model.cfg.vocab_size, (rows,), generator=g)
+    first = torch.arange(rows) % 4
+    out = []
+    for greedy in (True, False):
+        session = NativeSession(native, cache.k, cache.v)
+        with torch.inference_mode():
+            out.append(session.step(tokens, 20, first, greedy=greedy).clone())
+    return out[0], out[1]
+
+
+def torch_hidden(model: ThinkerLM, rows: int = 8, seed: int = 1) -> torch.Tensor:
+    """The normed hidden states (rows, d) of `decode_rows`'s step, through the torch step."""
+    g = torch.Generator().manual_seed(seed)
+    cache = model.new_cache(rows, 32)
+    cache.k.copy_(torch.randn(cache.k.shape, generator=g))
+    cache.v.copy_(torch.randn(cache.v.shape, generator=g))
+    tokens = torch.randint(3, model.cfg.vocab_size, (rows,), generator=g)
+    first = torch.arange(rows) % 4
+    rot = model.rotary
+    cos, rot_sin = rot.cos[20 - first][:, None], rot.rot_sin[20 - first][:, None]
+    mask = (torch.arange(21)[None] >= first[:, None])[:, None, None]
+    with torch.inference_mode():
+        return model.decode_hidden(model.embed_step(tokens), 20, cache, cos, rot_sin, mask)
+
+
+@pytest.mark.parametrize("vocab", (300, 4096))  # the full projection's argmax; the int8 screen's rescoring
+def test_c_greedy_ties_give_the_lowest_id_as_torch_argmax(vocab: int) -> None:
+    """The head makes ids 5 and 9 score 30 h_c and ids 6 and 10 score -30 h_c (all others 0), exactly, for a
+    coordinate c of the normed hidden state whose sign differs between rows: every row's best score is a tie,
+    at 5 for some rows and at 6 for others; the C greedy id is the lowest of the tie, as torch.argmax of its own
+    logits."""
+    model = ThinkerLM(ThinkerConfig(vocab_size=vocab, n_layers=2, ctx_len=64, block=BlockConfig(
+        d_model=64, n_heads=4, n_kv_heads=2, d_ff=128))).eval()
+    with torch.no_grad():
+        model.norm.weight.fill_(10.0)  # |h_c| well above the screen's bound
+        h = torch_hidden(model)
+        c = int(((h > 1).any(0) & (h < -1).any(0)).nonzero()[0])
+        w = model.lm_head.weight
+        w.zero_()
+        w[[5, 9], c], w[[6, 10], c] = 30.0, -30.0
+    screen = greedy_head(model) if vocab >= 1024 else None
+    assert (screen is not None) == (vocab >= 1024)
+    ids, logits = decode_rows(model, screen)
+    assert torch.equal(logits[:, 5], logits[:, 9]) and torch.equal(logits[:, 6], logits[:, 10])
+    want = logits.argmax(-1)
+    assert set(want.tolist()) == {5, 6}  # both ties occur
+    assert torch.equal(ids, want)
+
+
+def test_c_greedy_with_nan_logits_picks_what_torch_argmax_picks() -> None:
+    """Id 7's head row is (inf, inf, 0, ...): its score is NaN where h_0 and h_1 have opposite signs, +-inf
+    elsewhere. torch.argmax takes the first NaN; the C greedy id does the same, and the other rows' ids are
+    their argmax as before."""
+    model = thinker("gqa-swiglu")
+    with torch.no_grad():
+        model.lm_head.weight[7, :2] = float("inf")
+    ids, logits = decode_rows(model)
+    nan_rows = logits.isnan().any(-1)
+    assert nan_rows.any() and not nan_rows.all()
+    assert logits[nan_rows].isnan().sum(-1).eq(1).all()  # id 7 only
+    finite_best = logits.nan_to_num(nan=float("-inf")).argmax(-1)
+    assert not torch.equal(finite_best[nan_rows], torch.full_like(finite_best[nan_rows], 7))  # NaN decides
+    assert torch.equal(ids, logits.argmax(-1))
+
+
+def test_screen_near_tie_is_decided_by_the_exact_scores() -> None:
+    """Ids 1000 and 3000 share their int8 screen row exactly (row 1000 on the int8 grid, 3000 = 1000 + delta e_j
+    with delta a quarter of the row's step): their screened scores tie, and only the exact rescoring tells them
+    apart (3000 wins where h_j > 0, 1000 where h_j < 0). The C greedy id equals the full projection's argmax on
+    every row."""
+    model = ThinkerLM(ThinkerConfig(vocab_size=4096, n_layers=2, ctx_len=64, block=BlockConfig(
+        d_model=64, n_heads=4, n_kv_heads=2, d_ff=128))).eval()
+    h = torch_hidden(model)
+    u = (h / h.norm(dim=-1, keepdim=True)).sum(0)
+    q, scale = quantize_int8((5 * u / u.norm())[None])
+    u = q[0].float() * scale[0]  # on the int8 grid: a quarter step more rounds back to it
+    assert (h @ u).min() > 1.0  # ids 1000 and 3000 lead every row
+    j = int(((h > 0.3).any(0) & (h < -0.3).any(0) & (u.abs() < 0.5 * u.abs().max())).nonzero()[0])
+    with torch.no_grad():
+        w = model.lm_head.weight
+        w.normal_(0, 0.02, generator=torch.Generator().manual_seed(2))
+        w[1000] = u
+        w[3000] = u
+        w[3000, j] += float(u.abs().max()) / 127 / 4
+    q, scale = quantize_int8(w[[1000, 3000]])
+    assert torch.equal(q[0], q[1]) and torch.equal(scale[0], scale[1])  # one screen row for both
+    ids, logits = decode_rows(model, greedy_head(model))
+    want = logits.argmax(-1)
+    assert set(want.tolist()) == {1000, 3000}
+    assert torch.equal(ids, want)
+
+
+# ---------------------------------------------------------------- the library: ABI check, stale builds
+
+@dataclass
+class FreshCache:
+    path: Path  # MUOMNI_CACHE_DIR, empty (not yet created)
+    compiles: list[str]  # the outputs of the compiler's runs since
+
+
+@pytest.fixture
+def fresh_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> FreshCache:
+    """An empty MUOMNI_CACHE_DIR for this test, and a record of the compiler's runs."""
+    cache = FreshCache(tmp_path / "cache", [])
+    monkeypatch.setenv("MUOMNI_CACHE_DIR", str(cache.path))
+    real = step.compile_library
+
+    def counted(tools: step.Toolchain, out: str) -> str | None:
+        cache.compiles.append(out)
+        return real(tools, out)
+    monkeypatch.setattr(step, "compile_library", counted)
+    return cache
+
+
+@pytest.mark.parametrize("change", ("version", "layout"))
+def test_a_library_of_another_abi_is_rebuilt_once_then_refused(fresh_cache: FreshCache, change: str,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """step.py expecting another ABI version, or another struct layout (as if a field had moved): the cached
+    build is rebuilt once, still disagrees, is not used (torch runs and says why; decode_kernel c is an error
+    naming it), and the cache keeps only the first build."""
+    lib, detail = step.load_library()
+    assert lib is not None and detail.startswith("c (")
+    first = sorted(p.name for p in fresh_cache.path.iterdir())
+    if change == "version":
+        monkeypatch.setattr(step, "ABI_VERSION", step.ABI_VERSION + 1)
+        why = f"it speaks ABI {step.ABI_VERSION - 1}, step.py ABI {step.ABI_VERSION}"
+    else:
+        layout = step.struct_layout()
+        moved = [(what, at + 4) if what == "_Model.eps" else (what, at) for what, at in layout]
+        monkeypatch.setattr(step, "struct_layout", lambda: moved)
+        at = dict(layout)["_Model.eps"]
+        why = f"_Model.eps is {at} there, {at + 4} in step.py"
+    del fresh_cache.compiles[:]
+    lib, reason = step.load_library()
+    assert lib is None and why in reason and "does not match step.py" in reason
+    assert len(fresh_cache.compiles) == 1
+    assert sorted(p.name for p in fresh_cache.path.iterdir()) == first
+    monkeypatch.setattr(step, "library", functools.cache(step.load_library))
+    model = thinker("gqa-swiglu")
+    assert native_model(model, "auto", False, None) == (None, f"torch ({reason})")
+    with pytest.raises(OmniError, match=re.escape(f"--decode_kernel c: the C decode step cannot run here: {reason}")):
+        native_model(model, "c", False, None)
+
+
+def test_a_foreign_library_at_the_build_path_is_rebuilt(fresh_cache: FreshCache, tmp_path: Path) -> None:
+    """A file at the build's path that is not this step.c's build (here a library whose mu_abi says 0) is
+    replaced by a rebuild, which is then used."""
+    tools = step.toolchain()
+    fresh_cache.path.mkdir()
+    foreign = tmp_path / "foreign.c"
+    foreign.write_text("#include <stdint.h>\nint32_t mu_abi(int32_t *layout, int32_t n) { return 0; }\n")
+    subprocess.run([tools.exe, "-shared", "-fPIC", "-o", str(tools.target), str(foreign)], check=True)
+    before = tools.target.read_bytes()
+    lib, detail = step.load_library()
+    assert lib is not None and detail.startswith("c (") and len(fresh_cache.compiles) == 1
+    assert step.abi_mismatch(lib) is None and tools.target.read_bytes() != before
+
+
+def test_a_new_build_removes_stale_builds_and_keeps_foreign_files(fresh_cache: FreshCache) -> None:
+    """Writing a build removes this toolchain's builds of other step.c versions and the earlier naming's
+    builds; builds for other toolchains, temporary files and every file not of our naming stay."""
+    tools = step.toolchain()
+    toolchain_key = step.BUILD_NAME.fullmatch(tools.target.name)[1]
+    stale = [f"decode_step-{toolchain_key}-{'0' * 12}.so", f"native_decode-{'a1' * 10}.so"]
+    kept = [f"decode_step-{'f' * 12}-{'0' * 12}.so",  # another compiler / flags / CPU
+            ".decode_step-x1y2.so",                    # another process's build in progress
+            "decode_step-notes.so", "native_decode.so", "step.so", "notes.txt"]
+    fresh_cache.path.mkdir()
+    for name in stale + kept:
+        (fresh_cache.path / name).write_bytes(b"not ours to judge")
+    lib, _ = step.load_library()
+    assert lib is not None and len(fresh_cache.compiles) == 1
+    assert sorted(p.name for p in fresh_cache.path.iterdir()) == sorted([*kept, tools.target.name])

@@ -11,10 +11,31 @@
    the torch path up to float rounding. Every output is computed by the same instruction sequence whatever the
    batch size and its place in the batch, so a row's numbers do not depend on the batch it is in.
 
-   int8 weights (utils.weights.quant.Int8Linear: per-output-channel scales) are stored here with their sign bit flipped
-   (w + 128 as unsigned bytes) so AVX-512 VNNI's unsigned-by-signed byte product applies; activations are
-   quantized per row to int8 (step = max|x| / 127), so sum_k (w_k + 128) x_k - 128 sum_k x_k = sum_k w_k x_k is
-   exact in int32, and the output is that sum times the channel's scale times the row's step. */
+   int8 weights (utils.weights.quant.Int8Linear: per-output-channel scales) are stored here with their sign bit
+   flipped (w + 128 as unsigned bytes) so AVX-512 VNNI's unsigned-by-signed byte product applies; activations
+   are quantized per row to int8 (step = max|x| / 127), so sum_k (w_k + 128) x_k - 128 sum_k x_k = sum_k w_k x_k
+   is exact in int32, and the output is that sum times the channel's scale times the row's step.
+
+   Each function and its torch twin (models/layers.py unless named otherwise; quant = utils/weights/quant.py):
+     mu_step              CausalStack.decode_hidden, then ThinkerLM.head and torch.argmax / quant.GreedyHead.argmax
+     mu_prefill           CausalStack.hidden (Block.forward, the full forward), then ThinkerLM.head
+     forward              Block.decode through its DecodeStep, for every layer, then the final RMSNorm.fast
+     rms_norm             RMSNorm.fast (F.rms_norm) / RMSNorm.forward
+     project, linear      row_linear (F.linear), row_residual (torch.addmm: accumulate = 1), quant.Int8Linear.forward
+     linear_panels        F.linear on float32 weights laid out by step.py's to_panels
+     linear_tiles         quant.Int8Linear.forward (int8 weights; here on int8 activations)
+     quantize_rows        quant.quantize_rows
+     rope                 apply_rotary
+     store_kv             attend_rows: RoPE on q and k, KVCache.update
+     attend, attend_head  attend_rows: F.scaled_dot_product_attention over the row's real keys (the key mask)
+     activate             row_ffn: F.silu(gate) * up (SwiGLU.forward), F.gelu (GeluMLP.forward)
+     head                 ThinkerLM.head (models/thinker.py), then torch.argmax
+     argmax               torch.argmax (ties: the lowest id; a NaN: the first NaN)
+     screened_argmax      quant.GreedyHead.argmax (candidates, exact rescoring, the full projection's fallback)
+     at_least             quant.GreedyHead.candidates (the threshold best - 2 bound)
+     head_score           the exact scores of quant.GreedyHead.argmax
+     mu_scratch_bytes     none: the torch step allocates as it goes; here one scratch buffer per session
+     mu_abi               step.py's ABI_VERSION and struct_layout (the structs below, declared again in ctypes) */
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -65,6 +86,43 @@ typedef struct {
     int32_t positions;                         /* most positions one call computes (>= rows; a prefill's length) */
     unsigned char *scratch;                    /* mu_scratch_bytes(model, rows, positions, columns) bytes */
 } mu_session;
+
+/* ------------------------------------------------------------------ the ABI shared with step.py */
+
+/* Bump with step.py's ABI_VERSION whenever a struct above or an exported function's signature changes. */
+#define MU_ABI_VERSION 1
+
+/* Per shared struct (mu_linear, mu_layer, mu_model, mu_session, in that order): its size, then the offset of
+   each field in declaration order; step.py's struct_layout() computes the same list from its ctypes
+   declarations and refuses a library that disagrees (a reordered or resized field would corrupt memory). */
+#define MU_LAYOUT(type, ...) (int32_t)sizeof(type), __VA_ARGS__
+#define MU_AT(type, field) (int32_t)offsetof(type, field)
+static const int32_t mu_layout[] = {
+    MU_LAYOUT(mu_linear, MU_AT(mu_linear, w), MU_AT(mu_linear, scale), MU_AT(mu_linear, bias), MU_AT(mu_linear, n),
+              MU_AT(mu_linear, k), MU_AT(mu_linear, panels)),
+    MU_LAYOUT(mu_layer, MU_AT(mu_layer, norm1), MU_AT(mu_layer, norm2), MU_AT(mu_layer, eps1), MU_AT(mu_layer, eps2),
+              MU_AT(mu_layer, qkv), MU_AT(mu_layer, o), MU_AT(mu_layer, up), MU_AT(mu_layer, down)),
+    MU_LAYOUT(mu_model, MU_AT(mu_model, n_layers), MU_AT(mu_model, d), MU_AT(mu_model, heads),
+              MU_AT(mu_model, kv_heads), MU_AT(mu_model, head_dim), MU_AT(mu_model, d_ff), MU_AT(mu_model, vocab),
+              MU_AT(mu_model, gelu), MU_AT(mu_model, rope_len), MU_AT(mu_model, screen_k), MU_AT(mu_model, layers),
+              MU_AT(mu_model, emb), MU_AT(mu_model, norm), MU_AT(mu_model, eps), MU_AT(mu_model, head),
+              MU_AT(mu_model, screen), MU_AT(mu_model, screen_x), MU_AT(mu_model, screen_c),
+              MU_AT(mu_model, screen_slack), MU_AT(mu_model, cos), MU_AT(mu_model, rot_sin)),
+    MU_LAYOUT(mu_session, MU_AT(mu_session, k), MU_AT(mu_session, v), MU_AT(mu_session, layer_stride),
+              MU_AT(mu_session, row_stride), MU_AT(mu_session, head_stride), MU_AT(mu_session, columns),
+              MU_AT(mu_session, rows), MU_AT(mu_session, positions), MU_AT(mu_session, scratch)),
+};
+#undef MU_AT
+#undef MU_LAYOUT
+
+/* The ABI version; writes the layout's first n entries to `layout`, and -1 to any entry past its end (so a
+   caller expecting a longer or a shorter list sees the difference). */
+int32_t mu_abi(int32_t *layout, int32_t n) {
+    const int32_t have = (int32_t)(sizeof(mu_layout) / sizeof(mu_layout[0]));
+    for (int32_t i = 0; i < n; i++)
+        layout[i] = i < have ? mu_layout[i] : -1;
+    return MU_ABI_VERSION;
+}
 
 /* ------------------------------------------------------------------ scratch layout */
 
@@ -210,8 +268,7 @@ static inline __m512 exp512(__m512 x) {
 /* Float32 weights in panels of 64 output rows stored column by column ([k][64]): for each k, four vectors of 16
    weights times the broadcast input, so each accumulator holds 16 outputs and is never reduced across lanes,
    and a panel is read as one sequential stream. A tile is one panel x R input rows (4 R accumulators, R up to
-   6); every
-   output sums its products over k = 0, 1, ... in order in its own lane, whatever the tile, so a row's outputs
+   6); every output sums its products over k = 0, 1, ... in order in its own lane, whatever the tile, so a row's outputs
    do not depend on its batch. Rows past the end of a partial tile repeat the last one and are not stored. */
 static inline __attribute__((always_inline)) void panel_tile(const int R, const float *wp, int32_t k,
                                                              const float *x, int32_t ldx, int32_t nr, __m512 *acc) {
@@ -581,7 +638,8 @@ static void attend_head_any(int32_t dk, const float *q, const float *kc, const f
 
 /* Position p of a layer: RoPE on its q and k at (column - first), its k and v written to its cache column. A
    row past its own budget (batched rows finish at different steps) may run beyond the rotary table: its
-   position is clamped, as utils.engine.generation.Decoder does, and its outputs are never used. */
+   position is clamped to the table's last row, as the torch engine clamps its rotary rows, and its outputs are
+   never used. */
 static void store_kv(const mu_model *m, const mu_session *s, int32_t layer, float *qkv, int64_t row,
                      int64_t column, int64_t first) {
     const int32_t H = m->heads, G = m->kv_heads, dk = m->head_dim;
@@ -707,8 +765,8 @@ static int32_t at_least(const float *v, int32_t n, float threshold, int32_t most
     return count;
 }
 
-/* The float32 head's score of id j for the normed row h, computed as the full projection computes it (its
-   panel of 16 in the panel layout). */
+/* The float32 head's score of id j for the normed row h, computed as the full projection computes it (in the
+   panel layout: the whole panel of 64 rows holding j, so j's lane runs the same instructions). */
 static float head_score(const mu_model *m, const float *h, int32_t j, const mu_buffers *b) {
     const int32_t d = m->d;
     if (m->head.panels) {

@@ -9,17 +9,24 @@ path.
 `native_model(model, kernel, reference, screen)` says which path a generation takes and why: decode_kernel
 "auto" takes the C step where it applies, "c" requires it (OmniError naming the reason otherwise), "torch"
 never takes it. The library is compiled once per source, compiler, flags and CPU into the cache directory
-(`MUOMNI_CACHE_DIR`, else `$XDG_CACHE_HOME/muomni`, else `~/.cache/muomni`; written atomically), with `$CC`
-(default `cc`), `-O3 -march=native` and then `$MUOMNI_CFLAGS`: about a second. Without a compiler, or if the
-build fails, the torch path runs and the reason is reported (`--verbose`, `--json` timing `decode_kernel`).
+(`MUOMNI_CACHE_DIR`, else `$XDG_CACHE_HOME/muomni`, else `~/.cache/muomni`; written atomically, as
+decode_step-TOOLCHAIN-SOURCE.so), with `$CC` (default `cc`), `-O3 -march=native` and then `$MUOMNI_CFLAGS`:
+about a second. Writing a build removes that toolchain's builds of other versions of step.c (see
+`remove_stale_builds`). When it loads, the library reports its ABI version and the layout of the structs it
+shares with the ctypes declarations below (`mu_abi`); a library that disagrees is rebuilt once, and if it
+still disagrees it is not used. Without a compiler, if the build fails or the ABI disagrees, the torch path
+runs and the reason is reported (`--verbose`, `--json` timing `decode_kernel`; `--decode_kernel c` is an
+error naming it).
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
 import os
 import platform
+import re
 import shlex
 import shutil
 import subprocess
@@ -66,6 +73,45 @@ class _Session(ctypes.Structure):
                 ("rows", ctypes.c_int32), ("positions", ctypes.c_int32), ("scratch", ctypes.c_void_p)]
 
 
+ABI_VERSION = 1  # step.c's MU_ABI_VERSION: bump both when a struct above or an exported signature changes
+SHARED_STRUCTS = (_Linear, _Layer, _Model, _Session)  # step.c's mu_linear, mu_layer, mu_model, mu_session
+
+# Build outputs in the cache directory: decode_step-TOOLCHAIN-SOURCE.so, TOOLCHAIN a hash of the compiler's
+# version, the flags, the machine and the CPU's features, SOURCE a hash of step.c; being written:
+# .decode_step-*.so. Earlier versions wrote native_decode-KEY.so.
+BUILD_NAME = re.compile(r"decode_step-([0-9a-f]{12})-([0-9a-f]{12})\.so")
+LEGACY_BUILD_NAME = re.compile(r"native_decode-[0-9a-f]{20}\.so")
+
+
+def struct_layout() -> list[tuple[str, int]]:
+    """(what, bytes) for what step.c's mu_abi reports: per shared struct its size, then each field's offset in
+    declaration order, as the ctypes declarations above lay them out."""
+    out = []
+    for struct in SHARED_STRUCTS:
+        out.append((f"sizeof {struct.__name__}", ctypes.sizeof(struct)))
+        out += [(f"{struct.__name__}.{name}", getattr(struct, name).offset) for name, _ in struct._fields_]
+    return out
+
+
+def abi_mismatch(lib: ctypes.CDLL) -> str | None:
+    """Why `lib` cannot be used with the structs declared here (its ABI version or its struct layout differs),
+    or None when it agrees."""
+    try:
+        abi = lib.mu_abi
+    except AttributeError:
+        return "it has no mu_abi (built from another version of step.c)"
+    abi.restype, abi.argtypes = ctypes.c_int32, [ctypes.POINTER(ctypes.c_int32), ctypes.c_int32]
+    want = struct_layout()
+    got = (ctypes.c_int32 * (len(want) + 1))()  # one more: a longer list in the library shows there
+    version = abi(got, len(got))
+    if version != ABI_VERSION:
+        return f"it speaks ABI {version}, step.py ABI {ABI_VERSION}"
+    for (what, expected), have in zip([*want, ("the end of the layout", -1)], got):
+        if have != expected:
+            return f"{what} is {have} there, {expected} in step.py"
+    return None
+
+
 def cache_dir() -> Path:
     """Where compiled kernels are kept (see the module docstring)."""
     if os.environ.get("MUOMNI_CACHE_DIR"):
@@ -88,46 +134,111 @@ def compile_flags() -> list[str]:
     return [*CFLAGS, *shlex.split(os.environ.get("MUOMNI_CFLAGS", ""))]
 
 
-@functools.cache
-def library() -> tuple[ctypes.CDLL | None, str]:
-    """(the loaded C step, "c (FEATURES, COMPILER)"), or (None, why not). Built at most once per process."""
+def _digest(*parts: bytes) -> str:
+    """12 hex digits naming `parts` in a build's file name (collisions are as unlikely as they need to be)."""
+    return hashlib.sha256(b"\0".join(parts)).hexdigest()[:12]
+
+
+class Toolchain:
+    """The compiler and flags a build uses, and the build's path in the cache directory."""
+
+    def __init__(self, exe: str, version: str, flags: list[str]) -> None:
+        self.exe, self.version, self.flags = exe, version, flags
+        key = _digest(version.encode(), " ".join(flags).encode(), platform.machine().encode(), _cpu_flags().encode())
+        self.target = cache_dir() / f"decode_step-{key}-{_digest(SOURCE.read_bytes())}.so"
+
+
+def toolchain() -> Toolchain | str:
+    """The toolchain `$CC` (default `cc`) gives with compile_flags(), or why there is none."""
     cc = os.environ.get("CC", "cc")
-    flags = compile_flags()
     exe = shutil.which(cc)
     if exe is None:
-        return None, f"no C compiler ({cc!r} not found; set CC or install gcc)"
+        return f"no C compiler ({cc!r} not found; set CC or install gcc)"
     try:
         version = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as exc:
-        return None, f"the C compiler {cc!r} does not run ({exc})"
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, version.encode(), " ".join(flags).encode(),
-                                     platform.machine().encode(), _cpu_flags().encode()])).hexdigest()[:20]
-    out_dir = cache_dir()
-    target = out_dir / f"native_decode-{key}.so"
-    if not target.exists():
-        try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".native_decode-", suffix=".so", dir=out_dir)
-            os.close(fd)
-        except OSError as exc:
-            return None, f"cannot write the compiled kernel to {out_dir} ({exc.strerror or exc}; set MUOMNI_CACHE_DIR)"
-        try:
-            done = subprocess.run([exe, *flags, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True,
-                                  timeout=COMPILE_TIMEOUT_S)
-            if done.returncode != 0:
-                first = (done.stderr.strip().splitlines() or ["no message"])[0]
-                return None, f"the C compiler failed on {SOURCE.name}: {first}"
-            os.replace(tmp, target)
-        except (OSError, subprocess.SubprocessError) as exc:
-            return None, f"the C compiler failed on {SOURCE.name}: {exc}"
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        return f"the C compiler {cc!r} does not run ({exc})"
+    return Toolchain(exe, version, compile_flags())
+
+
+def remove_stale_builds(kept: Path) -> None:
+    """After `kept` was written: remove the builds of other versions of step.c for the same toolchain (names
+    decode_step-TOOLCHAIN-OTHER.so, TOOLCHAIN as in `kept`) and every build of the earlier naming
+    (native_decode-KEY.so). Nothing else is touched: builds for other compilers, flags or CPUs stay (another
+    environment sharing the directory uses them), and so does every file not named by these patterns. A
+    checkout with another step.c that shares the directory rebuilds its own on its next start (a second or so)."""
+    mine = BUILD_NAME.fullmatch(kept.name)
+    for path in kept.parent.iterdir():
+        other = BUILD_NAME.fullmatch(path.name)
+        if (other and other[1] == mine[1] and other[2] != mine[2]) or LEGACY_BUILD_NAME.fullmatch(path.name):
+            with contextlib.suppress(FileNotFoundError):  # another process removed it first
+                path.unlink()
+
+
+def compile_library(tools: Toolchain, out: str) -> str | None:
+    """Compile step.c into `out`; None, or why it failed."""
     try:
-        lib = ctypes.CDLL(str(target))
+        done = subprocess.run([tools.exe, *tools.flags, "-o", out, str(SOURCE), "-lm"], capture_output=True,
+                              text=True, timeout=COMPILE_TIMEOUT_S)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"the C compiler failed on {SOURCE.name}: {exc}"
+    if done.returncode != 0:
+        first = (done.stderr.strip().splitlines() or ["no message"])[0]
+        return f"the C compiler failed on {SOURCE.name}: {first}"
+    return None
+
+
+def _open(path: str, what: str) -> tuple[ctypes.CDLL | None, str | None]:
+    """(the library at `path` if its ABI agrees, else None; why not, naming it `what`)."""
+    try:
+        lib = ctypes.CDLL(path)
     except OSError as exc:
-        return None, f"cannot load the compiled kernel {target} ({exc})"
+        return None, f"cannot load {what} ({exc})"
+    why = abi_mismatch(lib)
+    return (lib, None) if why is None else (None, f"{what} does not match step.py: {why}")
+
+
+def _build(tools: Toolchain) -> tuple[ctypes.CDLL | None, str | None]:
+    """Compile into a temporary file of the cache directory, load and check it under that name (dlopen would
+    hand back an older library already loaded under the target's name), then move it into place and remove
+    the stale builds. A library whose ABI disagrees is not kept."""
+    out_dir = tools.target.parent
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".decode_step-", suffix=".so", dir=out_dir)
+        os.close(fd)
+    except OSError as exc:
+        return None, f"cannot write the compiled kernel to {out_dir} ({exc.strerror or exc}; set MUOMNI_CACHE_DIR)"
+    try:
+        why = compile_library(tools, tmp)
+        if why is not None:
+            return None, why
+        lib, why = _open(tmp, f"a fresh build of {SOURCE.name}")
+        if lib is None:
+            return None, why
+        os.replace(tmp, tools.target)
+    except OSError as exc:
+        return None, f"cannot write the compiled kernel {tools.target} ({exc.strerror or exc})"
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    remove_stale_builds(tools.target)
+    return lib, None
+
+
+def load_library() -> tuple[ctypes.CDLL | None, str]:
+    """`library()` without the per-process cache: the cached build if it loads and its ABI agrees, else one
+    (re)build; (None, why) if that fails too."""
+    tools = toolchain()
+    if isinstance(tools, str):
+        return None, tools
+    lib = None
+    if tools.target.exists():
+        lib, _ = _open(str(tools.target), f"the compiled kernel {tools.target}")
+    if lib is None:  # not built yet, or unusable (a foreign or damaged file, another ABI): build it once
+        lib, why = _build(tools)
+        if lib is None:
+            return None, why
     lib.mu_step.restype = ctypes.c_int
     lib.mu_step.argtypes = [ctypes.POINTER(_Model), ctypes.POINTER(_Session), ctypes.c_int32, ctypes.c_void_p,
                             ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
@@ -138,8 +249,14 @@ def library() -> tuple[ctypes.CDLL | None, str]:
     lib.mu_scratch_bytes.argtypes = [ctypes.POINTER(_Model), ctypes.c_int32, ctypes.c_int32, ctypes.c_int32]
     lib.mu_features.restype = ctypes.c_char_p
     lib.mu_f32_panels.restype = ctypes.c_int
-    compiler = (version.splitlines() or [cc])[0]
+    compiler = (tools.version.splitlines() or [tools.exe])[0]
     return lib, f"c ({lib.mu_features().decode()}, {compiler})"
+
+
+@functools.cache
+def library() -> tuple[ctypes.CDLL | None, str]:
+    """(the loaded C step, "c (FEATURES, COMPILER)"), or (None, why not). Built at most once per process."""
+    return load_library()
 
 
 class Unsupported(Exception):
