@@ -208,11 +208,17 @@ def test_max_tokens_seed_and_stop(client) -> None:
                                          extra_body={"ignore_eos": True})
     assert cut.choices[0].message.content == full[:full.index(stop)]
     assert cut.choices[0].finish_reason == "stop"
-    # a stop string that only the budget's last token completes: the engine finishes the row for its length
-    # before the stop is seen, and the answer was still cut at a stop string
+    # a stop string that only the budget's last token completes: the engine finishes the row for its length on
+    # the step that emits that token, before the stop is seen, and the answer was still cut at a stop string
+    def text(max_tokens: int) -> str:
+        return client.chat.completions.create(model="muomni", messages=msgs, max_tokens=max_tokens,
+                                              extra_body={"ignore_eos": True}).choices[0].message.content
+    last = 20  # the fewest tokens that give the whole text (a last token may add no text of its own)
+    while text(last - 1) == full:
+        last -= 1
     k = next(k for k in range(1, len(full) + 1) if full.find(full[-k:]) == len(full) - k)
     for stream in (False, True):
-        body = {"model": "muomni", "messages": msgs, "max_tokens": 20, "stop": [full[-k:]], "ignore_eos": True,
+        body = {"model": "muomni", "messages": msgs, "max_tokens": last, "stop": [full[-k:]], "ignore_eos": True,
                 "stream": stream}
         if stream:
             with httpx.stream("POST", f"{client.base_url}chat/completions", json=body, timeout=120) as r:
