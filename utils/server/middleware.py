@@ -11,17 +11,17 @@ from utils.server.metrics import Metrics
 from utils.server.protocol import ApiError
 
 log = logging.getLogger("muomni.server")
-OPEN_PATHS = ("/health", "/metrics")  # open without the key, as load balancers and scrapers expect
 
 
 class ApiKey:
-    """With a key, every route but OPEN_PATHS needs `Authorization: Bearer KEY` (compared in constant time)."""
+    """With a key, every /v1 route needs `Authorization: Bearer KEY` (compared in constant time); /health and
+    /metrics stay open, as load balancers and scrapers expect."""
 
     def __init__(self, app: Any, key: str | None) -> None:
         self.app, self.key = app, key
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and self.key is not None and scope["path"] not in OPEN_PATHS:
+        if scope["type"] == "http" and self.key is not None and scope["path"].startswith("/v1"):
             given = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
             scheme, _, token = given.partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.key.encode()):

@@ -126,7 +126,7 @@ def generation_fields(body: dict[str, Any]) -> dict[str, Any]:
     """The generation options of a request body, row name -> value. A field is checked by its row (400 naming
     the field when refused); a null field is not given; a row the server fixes at start is refused by name."""
     for option in OPTIONS:
-        if option.name in body and option.name not in OPTION_FIELDS:
+        if body.get(option.name) is not None and option.name not in OPTION_FIELDS:
             fix = "send max_tokens or max_completion_tokens" if option.name == "max_new_tokens" else \
                 "the server's engine fixes it when it starts"
             raise ApiError(400, f"'{option.name}' cannot be set per request: {fix}", "invalid_value", option.name)
