@@ -85,6 +85,16 @@ def test_repl_set(repl: pexpect.spawn, name: str, value: Any, ok: bool) -> None:
         assert f"error: /set {name} {text(value)}: " in said, said
 
 
+def test_repl_set_aliases_read_their_row(repl: pexpect.spawn) -> None:
+    assert "set temperature to 2.5" in ask(repl, "/set temp 2.5")
+    assert "error: /set repetition_penalty 0: 0.0 must be a number > 0" in ask(repl, "/set repeat_penalty 0")
+    assert "set max_new_tokens to 3" in ask(repl, "/set parameter num_predict 3")
+    shown = ask(repl, "/set")
+    assert all(f"{o.name} " in shown for o in USER_ROWS) and "temperature 2.5" in shown, shown
+    ask(repl, "/set temperature default")
+    ask(repl, "/set max_new_tokens default")
+
+
 @pytest.fixture(scope="module")
 def served(tiny_tree: Path) -> Iterator[Served]:
     with server(ckpt=tiny_tree) as s:

@@ -1,6 +1,6 @@
-"""The command line's arguments: argparse value types, the parser with its examples and dash aliases, the usage
-checks argparse cannot express, the generation options they give, and `run_command`, the life of a command line
-(parse, check, console, exit status). Torch-free at import, so `--help`, `--version` and usage errors (exit 2)
+"""The command line's arguments: argparse value types (the generation flags' from their rows of the options table,
+utils.base.options), the parser with its examples and dash aliases, the usage checks argparse cannot express, the
+generation options they give, and `run_command`, the life of a command line (parse, check, console, exit status). Torch-free at import, so `--help`, `--version` and usage errors (exit 2)
 answer at once."""
 from __future__ import annotations
 
