@@ -13,7 +13,8 @@ thinker directory. --dtype float16/bfloat16 halves the file; --quantize int8 sto
 thinker, talker and encoders as int8 with per-output-channel scales (utils/weights/quant.py documents the keys), the other
 float tensors in --dtype (float16 unless named). The export is written into a temporary directory beside the target
 and renamed into place at the end, so a failed export leaves nothing behind. infer_safetensors.py loads the result.
-The work is done by utils/weights/export_writer.py (export_checkpoints, write_export); this script is its command line.
+The work is done by utils/weights/export_writer.py (export_checkpoints, reached through omni.py); this script is its
+command line.
 """
 from __future__ import annotations
 
@@ -25,12 +26,10 @@ from typing import Sequence
 
 import torch
 
-from utils.weights.checkpoint import find_config
+from omni import ExportResult, dtype_name, export_checkpoints, find_config
+from utils.base.defaults import DTYPE_NAMES
 from utils.base.errors import OmniError, Terminated, handle_signals, interrupt_status, one_line, quiet_stdout
-from utils.weights.export_format import COMPONENT_PREFIXES, STORAGE_DTYPES, dtype_name
-from utils.weights.export_writer import COMPONENT_FLAGS, DEFAULT_OUTPUT_FILE, ExportResult, export_checkpoints
-from utils.weights.loading import EXPORT_NAMES
-from utils.weights.quant import QUANT_METHOD
+from utils.base.export_names import COMPONENT_FLAGS, COMPONENT_PREFIXES, DEFAULT_OUTPUT_FILE, EXPORT_NAMES, QUANT_METHOD
 from utils.base.version import version_text
 
 SOURCE_LABELS = {"thinker": "thinker", "proj_a": "thinker", "proj_v": "thinker", "audio": "audio",
@@ -56,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
                                          "the trainer configs that were used). Hyper-parameters are always read from "
                                          "the configs tied to each checkpoint directory; the table shows which")
     p.add_argument("--skip_component_configs", action="store_true", help="do not write <output_dir>/configs")
-    p.add_argument("--dtype", choices=tuple(STORAGE_DTYPES), default=None,
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
                    help="float storage type (default float32; float16 for the unquantized tensors of --quantize int8)")
     p.add_argument("--quantize", choices=("int8",), default=None,
                    help="int8: nn.Linear weights of thinker, talker and encoders as int8 with per-channel scales")

@@ -27,7 +27,7 @@ def refuse_non_export(argv: list[str]) -> int | None:
         return 1
     if not ckpt_dir.is_dir():
         return None
-    from utils.weights.export_format import export_file  # after parsing: --help and --version do not import torch
+    from omni import export_file  # after parsing: --help and --version do not import torch
     try:
         export_file(ckpt_dir)
     except OmniError as exc:

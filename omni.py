@@ -682,3 +682,13 @@ def load_model(path: str | os.PathLike, device: str = "auto", dtype: str | torch
         model.quantize(quantize)
     model.load_seconds = time.perf_counter() - t0
     return model
+
+
+# ---------------------------------------------------------------- the export library, for export.py and
+# infer_safetensors.py: its public entry points (writing an export, finding its weights file, the config tied
+# to a checkpoint directory), re-exported so those apps stand on this module like the others.
+from utils.weights.checkpoint import find_config  # noqa: E402
+from utils.weights.export_format import dtype_name, export_file  # noqa: E402
+from utils.weights.export_writer import ExportResult, export_checkpoints  # noqa: E402
+
+__all__ += ["ExportResult", "dtype_name", "export_checkpoints", "export_file", "find_config"]

@@ -82,6 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("muomni.server").info(
             "loaded %s in %.1f s on %s", ", ".join(model.components), model.load_seconds, model.device)
         engine = model.batch_engine(max_batch=args.max_batch, max_queue=args.max_queue)
+        # the engine built and loaded its decode step (the C step where it applies) before any request
+        print(f"decode kernel = {engine.kernel}", file=sys.stderr, flush=True)
         config = ServerConfig(model_id=args.model_name, api_key=args.api_key,
                               max_body_bytes=int(args.max_body_mb * 2 ** 20), shutdown_timeout=args.shutdown_timeout)
         run_server(OmniServer(model, engine, config), sock, args.log_level)

@@ -145,6 +145,26 @@ def test_system_prompt_as_in_infer_chat(tmp_path) -> None:
     assert got["token_ids"] == want["token_ids"] and got["prompt_tokens"] == want["prompt_tokens"]
 
 
+def test_decode_kernel_is_built_and_said_before_the_records(tmp_path) -> None:
+    job = write_lines(tmp_path / "job.jsonl", [json.dumps({"text": "hello"}), "{not json"])
+    r = run_batch(str(job), "-o", str(tmp_path / "out.jsonl"), *GEN)
+    assert r.returncode == 1, r.stderr  # the bad line's record has "error"
+    lines = r.stderr.splitlines()
+    said = [i for i, line in enumerate(lines) if line.startswith("decode kernel = ")]
+    record_error = next(i for i, line in enumerate(lines) if line.startswith("error: line 2:"))
+    assert said and said[0] < record_error and lines[said[0]].startswith(("decode kernel = c (",
+                                                                           "decode kernel = torch (")), lines
+    # without a compiler: auto says torch and why; --decode_kernel c is the usual error before any record
+    env = {**os.environ, "CC": str(tmp_path / "no-such-cc"), "MUOMNI_CACHE_DIR": str(tmp_path / "cache")}
+    r = run_batch(str(job), "-o", str(tmp_path / "auto.jsonl"), *GEN, env=env)
+    assert "decode kernel = torch (no C compiler" in r.stderr, r.stderr
+    out = tmp_path / "c.jsonl"
+    r = run_batch(str(job), "-o", str(out), *GEN, "--decode_kernel", "c", env=env)
+    assert r.returncode == 1 and r.stderr.splitlines()[-1].startswith(
+        "error: --decode_kernel c: the C decode step cannot run here: no C compiler"), r.stderr
+    assert "error: line" not in r.stderr and not out.exists() and not list(tmp_path.glob("c.jsonl*"))
+
+
 def test_local_resume_after_kill_with_a_torn_journal_line(long_job, long_expected, tmp_path) -> None:
     out = tmp_path / "out.jsonl"
     journal = tmp_path / "out.jsonl.journal"

@@ -16,9 +16,11 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import httpx
 import openai
@@ -40,50 +42,83 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@dataclass
+class Served:
+    """A running serve.py: its process, base URL and the file its stderr goes to (read at any time)."""
+    proc: subprocess.Popen
+    base: str
+    log: Path
+
+
+def wait_until(check: Callable[[], bool], what: str, timeout: float = 120) -> None:
+    """Wait for an observable state; the timeout only bounds a failure, it is never what a test measures."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not reached within {timeout} s: {what}")
+        time.sleep(0.02)
+
+
 @contextlib.contextmanager
-def server(*extra: str, ckpt: Path = DEMO) -> Iterator[tuple[subprocess.Popen, str]]:
-    """Start serve.py, wait until /health answers, yield (process, base URL); SIGTERM it afterwards."""
+def server(*extra: str, ckpt: Path = DEMO, env: dict[str, str] | None = None) -> Iterator[Served]:
+    """Start serve.py, wait until /health answers, yield it; SIGTERM it afterwards."""
     port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, str(REPO / "serve.py"), "--ckpt_dir", str(ckpt), "--port", str(port),
-                             "--threads", "1", *extra], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"serve.py exited with {proc.returncode}: {proc.stderr.read()}")
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError("serve.py did not come up within 120 s")
-            time.sleep(0.2)
-        yield proc, base
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    with tempfile.TemporaryDirectory(prefix="serve-log-") as tmp:
+        log = Path(tmp) / "stderr.txt"
+        with log.open("w") as err:
+            proc = subprocess.Popen([sys.executable, str(REPO / "serve.py"), "--ckpt_dir", str(ckpt), "--port",
+                                     str(port), "--threads", "1", *extra], cwd=REPO, env=env,
+                                    stdout=subprocess.DEVNULL, stderr=err, text=True)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            def up() -> bool:
+                if proc.poll() is not None:
+                    raise AssertionError(f"serve.py exited with {proc.returncode}: {log.read_text()}")
+                try:
+                    return httpx.get(f"{base}/health", timeout=1).status_code == 200
+                except httpx.TransportError:
+                    return False
+            wait_until(up, "serve.py answers /health")
+            yield Served(proc, base, log)
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
 
 
 @pytest.fixture(scope="module")
-def srv() -> Iterator[str]:
-    with server() as (_, base):
-        yield base
+def shared() -> Iterator[Served]:
+    """The one demo server the tests that need no flags of their own share."""
+    with server() as served:
+        yield served
+
+
+@pytest.fixture(scope="module")
+def srv(shared: Served) -> str:
+    return shared.base
 
 
 @pytest.fixture(scope="module")
 def client(srv: str):
     return openai.OpenAI(base_url=f"{srv}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def one_row(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    """A server with one decode row and one queue place over a tiny model with an 8192-token context, so an
+    answer can be made to last far longer than any check needs (8000 tokens) and still be cut at once."""
+    from tests.factory import make_tree
+    tree = make_tree(tmp_path_factory.mktemp("long") / "checkpoints", ctx_len=LONG_CTX)
+    with server("--max_batch", "1", "--max_queue", "1", ckpt=tree) as served:
+        yield served
+
+
+LONG_CTX, LONG_ANSWER = 8192, 8000
 
 
 def data_url(path: Path) -> str:
@@ -166,12 +201,35 @@ def test_max_tokens_seed_and_stop(client) -> None:
     assert sampled[0] == sampled[1]
     full = client.chat.completions.create(model="muomni", messages=msgs, max_tokens=20,
                                           extra_body={"ignore_eos": True}).choices[0].message.content
+    # a stop string in the middle: the text ends before it, whenever the row is freed
     stop = full[len(full) // 2:len(full) // 2 + 2]
     assert stop
     cut = client.chat.completions.create(model="muomni", messages=msgs, max_tokens=20, stop=[stop],
                                          extra_body={"ignore_eos": True})
     assert cut.choices[0].message.content == full[:full.index(stop)]
     assert cut.choices[0].finish_reason == "stop"
+    # a stop string that only the budget's last token completes: the engine finishes the row for its length on
+    # the step that emits that token, before the stop is seen, and the answer was still cut at a stop string
+    def text(max_tokens: int) -> str:
+        return client.chat.completions.create(model="muomni", messages=msgs, max_tokens=max_tokens,
+                                              extra_body={"ignore_eos": True}).choices[0].message.content
+    last = 20  # the fewest tokens that give the whole text (a last token may add no text of its own)
+    while text(last - 1) == full:
+        last -= 1
+    k = next(k for k in range(1, len(full) + 1) if full.find(full[-k:]) == len(full) - k)
+    for stream in (False, True):
+        body = {"model": "muomni", "messages": msgs, "max_tokens": last, "stop": [full[-k:]], "ignore_eos": True,
+                "stream": stream}
+        if stream:
+            with httpx.stream("POST", f"{client.base_url}chat/completions", json=body, timeout=120) as r:
+                events = [json.loads(line[6:]) for line in r.iter_lines()
+                          if line.startswith("data: ") and line != "data: [DONE]"]
+            text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events)
+            finish = events[-1]["choices"][0]["finish_reason"]
+        else:
+            choice = httpx.post(f"{client.base_url}chat/completions", json=body, timeout=120).json()["choices"][0]
+            text, finish = choice["message"]["content"], choice["finish_reason"]
+        assert (text, finish) == (full[:-k], "stop"), stream
 
 
 def test_transcription_equals_cli(client, srv: str) -> None:
@@ -248,7 +306,7 @@ def test_models_health_metrics(client, srv: str) -> None:
     ({"model": "muomni", "messages": [{"role": "assistant", "content": "hi"}]}, 400, "must come from the user"),
     ({"model": "muomni", "messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "'n'"),
     ({"model": "muomni", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}, 400, "context"),
-    ({"model": "muomni", "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 422, "number"),
+    ({"model": "muomni", "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 400, "number"),
     ({"model": "muomni"}, 422, "messages"),
     ({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}, 404, "not found"),
 ])
@@ -283,8 +341,21 @@ def test_bad_json_and_unknown_route(srv: str) -> None:
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
 
 
-def test_auth_and_body_limit() -> None:
-    with server("--api_key", "s3cret", "--max_body_mb", "0.01") as (_, base):
+def test_startup_says_the_decode_kernel(shared: Served) -> None:
+    """serve.py builds and loads the decode step before it accepts work, and says which on stderr."""
+    lines = shared.log.read_text().splitlines()
+    said = [i for i, line in enumerate(lines) if line.startswith("decode kernel = ")]
+    first_request = next(i for i, line in enumerate(lines) if " /health " in line)
+    assert said and said[0] < first_request, lines
+    assert lines[said[0]] == f"decode kernel = {httpx.get(f'{shared.base}/health').json()['decode_kernel']}"
+
+
+def test_auth_and_body_limit_on_the_torch_step(tmp_path: Path) -> None:
+    # no C compiler: the server runs the torch decode step, and says why at startup
+    env = {"CC": str(tmp_path / "no-such-cc"), "MUOMNI_CACHE_DIR": str(tmp_path / "cache")}
+    with server("--api_key", "s3cret", "--max_body_mb", "0.01", env=env) as served:
+        base = served.base
+        assert "decode kernel = torch (no C compiler" in served.log.read_text()
         bad = openai.OpenAI(base_url=f"{base}/v1", api_key="wrong", max_retries=0)
         with pytest.raises(openai.AuthenticationError):
             bad.models.list()
@@ -311,52 +382,60 @@ def metric(base: str, name: str) -> float:
     return float(m.group(1))
 
 
-def test_queue_full_is_429() -> None:
-    with server("--max_batch", "1", "--max_queue", "1") as (_, base):
-        body = {"model": "muomni", "messages": [{"role": "user", "content": "What is 3 plus 4?"}],
-                "max_tokens": 300, "ignore_eos": True}
-        with concurrent.futures.ThreadPoolExecutor(8) as pool:
-            rs = list(pool.map(lambda _: httpx.post(f"{base}/v1/chat/completions", json=body, timeout=120), range(8)))
-        codes = sorted(r.status_code for r in rs)
-        assert set(codes) == {200, 429} and codes.count(200) >= 2, codes
-        busy = next(r for r in rs if r.status_code == 429)
-        assert busy.headers["retry-after"].isdigit() and busy.json()["error"]["code"] == "queue_full"
-        assert all(r.json()["usage"]["completion_tokens"] == 300 for r in rs if r.status_code == 200)
+def long_body(max_tokens: int = LONG_ANSWER, stream: bool = True) -> dict:
+    return {"model": "muomni", "messages": [{"role": "user", "content": "hello"}], "max_tokens": max_tokens,
+            "ignore_eos": True, "stream": stream}
 
 
-def test_disconnect_frees_the_row() -> None:
-    with server() as (_, base):
-        body = {"model": "muomni", "messages": [{"role": "user", "content": "What is 3 plus 4?"}],
-                "max_tokens": 480, "ignore_eos": True, "stream": True}
-        with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=60) as r:
-            lines = r.iter_lines()
-            while not next(lines).startswith("data: "):
-                pass
-        deadline = time.monotonic() + 30
-        while metric(base, "omni_rows_cancelled_total") < 1 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert metric(base, "omni_rows_cancelled_total") == 1
-        assert metric(base, "omni_running_rows") == 0
-        assert metric(base, "omni_completion_tokens_total") < 480
-        # a non-streaming client that goes away while its answer is generated frees its row too
-        port = int(base.rsplit(":", 1)[1])
-        payload = json.dumps({**body, "stream": False}).encode()
-        with socket.create_connection(("127.0.0.1", port)) as sock:
-            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                         b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
-            deadline = time.monotonic() + 30
-            while metric(base, "omni_running_rows") < 1 and time.monotonic() < deadline:
-                time.sleep(0.005)
-            assert metric(base, "omni_running_rows") == 1
-        deadline = time.monotonic() + 30
-        while metric(base, "omni_rows_cancelled_total") < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert metric(base, "omni_rows_cancelled_total") == 2
-        assert metric(base, "omni_running_rows") == 0
+@contextlib.contextmanager
+def raw_chat(base: str, body: dict) -> Iterator[socket.socket]:
+    """A chat request sent on a bare socket whose answer is never read; leaving the block disconnects it."""
+    payload = json.dumps(body).encode()
+    with socket.create_connection(("127.0.0.1", int(base.rsplit(":", 1)[1]))) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(payload), payload))
+        yield sock
+
+
+def test_queue_full_is_429(one_row: Served) -> None:
+    base = one_row.base
+    wait_until(lambda: metric(base, "omni_running_rows") == 0, "no row running")
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        with raw_chat(base, long_body(stream=False)):
+            wait_until(lambda: metric(base, "omni_running_rows") == 1, "the long answer takes the one row")
+            waiting = pool.submit(httpx.post, f"{base}/v1/chat/completions", json=long_body(5, stream=False),
+                                  timeout=120)
+            wait_until(lambda: metric(base, "omni_queue_length") == 1, "the second request waits for the row")
+            busy = httpx.post(f"{base}/v1/chat/completions", json=long_body(5, stream=False), timeout=120)
+            assert busy.status_code == 429, busy.text
+            assert busy.headers["retry-after"].isdigit() and busy.json()["error"]["code"] == "queue_full"
+        done = waiting.result()  # the long answer's client left: its row went to the waiting request
+    assert done.status_code == 200 and done.json()["usage"]["completion_tokens"] == 5
+    assert done.json()["choices"][0]["finish_reason"] == "length"
+
+
+def test_disconnect_frees_the_row(one_row: Served) -> None:
+    base = one_row.base
+    wait_until(lambda: metric(base, "omni_running_rows") == 0, "no row running")
+    cancelled, tokens = metric(base, "omni_rows_cancelled_total"), metric(base, "omni_completion_tokens_total")
+    with httpx.stream("POST", f"{base}/v1/chat/completions", json=long_body(), timeout=60) as r:
+        lines = r.iter_lines()
+        while not next(lines).startswith("data: "):
+            pass
+        assert metric(base, "omni_running_rows") == 1
+    wait_until(lambda: metric(base, "omni_rows_cancelled_total") == cancelled + 1, "the streamed row is freed")
+    assert metric(base, "omni_running_rows") == 0
+    assert metric(base, "omni_completion_tokens_total") - tokens < LONG_ANSWER
+    # a non-streaming client that goes away while its answer is generated frees its row too
+    with raw_chat(base, long_body(stream=False)):
+        wait_until(lambda: metric(base, "omni_running_rows") == 1, "the non-streaming row runs")
+    wait_until(lambda: metric(base, "omni_rows_cancelled_total") == cancelled + 2, "the non-streaming row is freed")
+    assert metric(base, "omni_running_rows") == 0
 
 
 def test_sigterm_stops_gracefully() -> None:
-    with server("--shutdown_timeout", "2") as (proc, base):
+    with server("--shutdown_timeout", "2") as served:
+        proc, base = served.proc, served.base
         body = {"model": "muomni", "messages": [{"role": "user", "content": "What is 3 plus 4?"}],
                 "max_tokens": 480, "ignore_eos": True, "stream": True}
         with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=60) as r:

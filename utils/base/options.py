@@ -27,7 +27,9 @@ class OptionError(ValueError):
 class Option:
     """One row of the table. `kind` is int, float, bool or str; numbers lie in [low, high] (low excluded
     with `low_open`); a str option takes one of `choices`; `nullable` options may be None (meaning "not
-    set": the engine decides, e.g. a seed drawn from the global generator)."""
+    set": the engine decides, e.g. a seed drawn from the global generator). `cli`: a command-line flag and a
+    REPL `/set` name; `http`: a field of a server request (the others are fixed when the server's engine starts,
+    so a request naming one is refused by name)."""
     name: str
     kind: type
     default: Any
@@ -38,6 +40,8 @@ class Option:
     choices: tuple[str, ...] | None = None
     nullable: bool = False
     metavar: str | None = None
+    cli: bool = True
+    http: bool = True
 
     def range_text(self) -> str:
         """The accepted values in words, for help texts and refusals."""
@@ -47,10 +51,11 @@ class Option:
             return "one of " + ", ".join(self.choices)
         noun = "an integer" if self.kind is int else "a number"
         low, high = self.low, self.high
+        show = (lambda x: str(int(x))) if self.kind is int else (lambda x: f"{x:g}")
         if low is not None and high is not None and high != math.inf:
-            return f"{noun} in {'(' if self.low_open else '['}{low:g}, {high:g}]"
+            return f"{noun} in {'(' if self.low_open else '['}{show(low)}, {show(high)}]"
         if low is not None:
-            return f"{noun} {'>' if self.low_open else '>='} {low:g}"
+            return f"{noun} {'>' if self.low_open else '>='} {show(low)}"
         return noun
 
     def check(self, value: Any) -> Any:
@@ -68,6 +73,7 @@ class Option:
             if not isinstance(value, str) or value not in (self.choices or ()):
                 raise OptionError(self.name, f"{value!r} must be {self.range_text()}")
             return value
+        given = value  # refusals show the value as it came
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise OptionError(self.name, f"{value!r} must be {self.range_text()}")
         if self.kind is int and not isinstance(value, int):
@@ -81,7 +87,7 @@ class Option:
         low, high = self.low, self.high
         if (low is not None and (value < low or (self.low_open and value == low))) or \
                 (high is not None and value > high):
-            raise OptionError(self.name, f"{value!r} must be {self.range_text()}")
+            raise OptionError(self.name, f"{given!r} must be {self.range_text()}")
         return value
 
     def parse(self, text: str) -> Any:
@@ -119,14 +125,14 @@ OPTIONS: tuple[Option, ...] = (
            help="Random seed for sampling: the same seed gives the same output."),
     Option("ignore_eos", bool, False,
            help="Keep generating after the end-of-sequence token, up to max_new_tokens."),
-    Option("decode_attention", str, DECODE_ATTENTION[0], choices=DECODE_ATTENTION,
+    Option("decode_attention", str, DECODE_ATTENTION[0], choices=DECODE_ATTENTION, http=False,
            help="'causal' attends to every earlier position, as the models were trained. 'reference' reproduces "
                 "a DEFECT of the μOmni reference implementation (each generated token attends to the first "
                 "position only), kept only to compare with its old outputs."),
-    Option("decode_kernel", str, DECODE_KERNELS[0], choices=DECODE_KERNELS,
+    Option("decode_kernel", str, DECODE_KERNELS[0], choices=DECODE_KERNELS, http=False,
            help="The decode step: 'auto' runs it in C where it applies (float32 or int8 thinker on the CPU, "
                 "causal decoding), else in torch; 'c' requires the C step; 'torch' never uses it."),
-    Option("fast_greedy", bool, True,
+    Option("fast_greedy", bool, True, cli=False, http=False,
            help="Greedy decoding on the CPU through the int8-screened exact argmax (the same ids; off only to "
                 "measure it)."),
 )

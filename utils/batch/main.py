@@ -142,6 +142,8 @@ def run_local(args: argparse.Namespace, rows: list[Row], gen: dict[str, Any], co
     con.status(f"loading μOmni from {args.ckpt_dir} ...")
     model = load_model(args.ckpt_dir, device=args.device, dtype=args.dtype, quantize=args.quantize,
                        threads=args.threads)
+    if args.task == "chat":  # the decode step built and loaded before the first batch (--decode_kernel c: or fail)
+        con.info(f"decode kernel = {model.decode_kernel(args.decode_kernel or 'auto')}")
     for lo in range(0, len(rows), args.batch_size):
         finished(process_rows(model, rows[lo:lo + args.batch_size], args.task, gen))
     return f"engine local, {model.device}"
@@ -156,6 +158,8 @@ class RayWorker:
 
         self.model = load_model(ckpt_dir, device=device, dtype=dtype, quantize=quantize)
         self.task, self.gen = task, gen
+        if task == "chat":  # as run_local: the decode step built before the actor takes a batch
+            self.model.decode_kernel(gen.get("decode_kernel", "auto"))
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[str]]:
         rows = [Row.from_json(text) for text in batch["row"]]

@@ -1,6 +1,6 @@
-"""The command line's arguments: argparse value types, the parser with its examples and dash aliases, the usage
-checks argparse cannot express, the generation options they give, and `run_command`, the life of a command line
-(parse, check, console, exit status). Torch-free at import, so `--help`, `--version` and usage errors (exit 2)
+"""The command line's arguments: argparse value types (the generation flags' from their rows of the options table,
+utils.base.options), the parser with its examples and dash aliases, the usage checks argparse cannot express, the
+generation options they give, and `run_command`, the life of a command line (parse, check, console, exit status). Torch-free at import, so `--help`, `--version` and usage errors (exit 2)
 answer at once."""
 from __future__ import annotations
 
@@ -13,43 +13,56 @@ from typing import Any, Callable, Sequence
 from utils.cli.transcribe_command import add_arguments as add_transcribe_arguments
 from utils.cli.transcribe_command import check_args as check_transcribe_args
 from utils.cli.console import Console, guarded, route_warnings, utf8_streams
-from utils.base.defaults import (DECODE_ATTENTION, DECODE_KERNELS, DEFAULT_VIDEO_FRAMES, DEVICES, DTYPE_NAMES, MAX_SEED, MAX_VIDEO_FRAMES,
-                            QUANTIZATIONS, RANDOM_SEED, VOCODERS)
+from utils.base.defaults import (DEFAULT_VIDEO_FRAMES, DEVICES, DTYPE_NAMES, MAX_SEED, MAX_VIDEO_FRAMES, QUANTIZATIONS,
+                                 RANDOM_SEED, VOCODERS)
+from utils.base.options import OPTIONS, Option, OptionError
 from utils.base.transcript import TranscribeOptions
 from utils.base.version import version_text
 
 
 # ---------------------------------------------------------------- argparse value types
 
-def _number(text: str, kind: type) -> Any:
+# Values a command line (and the REPL's /set) takes beyond a row's range, with what they mean: --seed -1 draws
+# a random seed, as in llama.cpp (resolve_random_seed replaces it before anything runs).
+CLI_ONLY_VALUES: dict[str, tuple[int, str]] = {"seed": (RANDOM_SEED, "a random seed")}
+
+
+def option_value(option: Option, text: str) -> Any:
+    """`text` as the command line reads it for `option`: the row's parse, plus the CLI_ONLY_VALUES."""
+    special = CLI_ONLY_VALUES.get(option.name)
+    if special is None:
+        return option.parse(text)
+    value, meaning = special
+    if text.strip() == str(value):
+        return value
     try:
-        value = kind(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
-    if kind is float and not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
-    return value
+        return option.parse(text)
+    except OptionError as exc:
+        raise OptionError(option.name, f"{exc.reason} (or {value}: {meaning})") from None
+
+
+def option_type(option: Option) -> Callable[[str], Any]:
+    """An argparse type from a row of the table: a value the row refuses is a usage error (exit 2) that names
+    the flag and gives the row's reason."""
+    def parse(text: str) -> Any:
+        try:
+            return option_value(option, text)
+        except OptionError as exc:
+            raise argparse.ArgumentTypeError(exc.reason) from None
+    return parse
 
 
 def number_in(kind: type, low: float, high: float = math.inf, low_open: bool = False) -> Callable[[str], Any]:
-    """An argparse type: a `kind` number in [low, high] (or (low, high] with `low_open`)."""
-    def parse(text: str) -> Any:
-        value = _number(text, kind)
-        if value < low or (low_open and value == low) or value > high:
-            bounds = f"{'(' if low_open else '['}{low:g}, {high}]" if high != math.inf else \
-                (f"greater than {low:g}" if low_open else f"at least {low:g}")
-            raise argparse.ArgumentTypeError(f"{value} must be {'in ' if high != math.inf else ''}{bounds}")
-        return value
-    return parse
+    """An argparse type for the number flags outside the generation table (--batch_size, --threads, ...): a
+    `kind` number in [low, high] (or (low, high] with `low_open`), checked as the table's rows are."""
+    return option_type(Option("value", kind, None, "", low=low, high=high, low_open=low_open))
 
 
 positive_int = number_in(int, 1)
 non_negative_int = number_in(int, 0)
-seed_value = number_in(int, RANDOM_SEED, MAX_SEED)  # -1 = random
 video_frame_count = number_in(int, 1, MAX_VIDEO_FRAMES)
 non_negative_float = number_in(float, 0.0)
 positive_float = number_in(float, 0.0, low_open=True)
-probability = number_in(float, 0.0, 1, low_open=True)
 
 
 # ---------------------------------------------------------------- parser
@@ -221,43 +234,45 @@ def add_model_arguments(p: argparse.ArgumentParser, ckpt_help: str) -> None:
                         "help models this small and slow them down badly on a busy machine; 0 = one per core).")
 
 
+# What the command line adds to a row's help (the table's text is shared with the API and the server).
+CLI_NOTES = {
+    "seed": "The seed also drives the talker (--audio_out). -1 picks a random one (shown with --verbose and in "
+            "--json as \"seed\").",
+    "decode_attention": "Answers are wrong in 'reference' mode.",
+    "decode_kernel": "The C step is compiled on first use with the machine's C compiler; --verbose and --json "
+                     "(timing.decode_kernel) say which ran and why.",
+}
+# Generation flags, in the order --help lists them: the table's command-line rows.
+CLI_OPTIONS = tuple(o for o in OPTIONS if o.cli)
+
+
+def option_help(option: Option) -> str:
+    """A flag's help: the row's meaning, the CLI's note, its accepted values and default."""
+    text = " ".join(filter(None, (option.help, CLI_NOTES.get(option.name))))
+    if option.kind is bool:
+        return text
+    default = "random" if option.default is None else option.default
+    values = "" if option.choices is not None else f"{option.range_text()[0].upper()}{option.range_text()[1:]}. "
+    return f"{text} {values}Default: generation_config.json, else {default}."
+
+
 def add_generation_arguments(p: argparse.ArgumentParser) -> None:
-    """The sampling flags, shared by infer_chat.py / infer_safetensors.py and batch.py (only the flags given reach
-    the library: the rest come from generation_config.json or its defaults)."""
+    """The sampling flags, one per command-line row of the options table (utils.base.options), shared by
+    infer_chat.py / infer_safetensors.py and batch.py. Every default is None: only the flags given reach the
+    library, the rest come from generation_config.json or the table's defaults."""
     g = p.add_argument_group("generation")
-    g.add_argument("--max_new_tokens", type=positive_int, default=None, metavar="N",
-                   help="Most tokens to generate (default: generation_config.json, else 64; never more than "
-                        "the context has room for).")
-    g.add_argument("--temperature", type=non_negative_float, default=None, metavar="T",
-                   help="Sampling temperature; 0 means greedy decoding (the default).")
-    g.add_argument("--top_k", type=non_negative_int, default=None, metavar="K",
-                   help="Sample only among the K most likely tokens (0 = no limit, the default).")
-    g.add_argument("--top_p", type=probability, default=None, metavar="P",
-                   help="Nucleus sampling: sample among the most likely tokens whose probabilities sum to P, "
-                        "in (0, 1] (default 1 = off).")
-    g.add_argument("--repetition_penalty", type=positive_float, default=None, metavar="R",
-                   help="Divide the scores of tokens already in the prompt or answer by R (> 0; 1 = off, "
-                        "the default; 1.1-1.3 discourages loops).")
-    g.add_argument("--seed", type=seed_value, default=None, metavar="S",
-                   help="Random seed for sampling: the same seed gives the same output (text and speech); -1 picks "
-                        "a random one (shown with --verbose and in --json as \"seed\").")
+    for option in CLI_OPTIONS:
+        flag = f"--{option.name}"
+        if option.kind is bool:
+            g.add_argument(flag, action="store_true", default=None, help=option_help(option))
+        else:
+            g.add_argument(flag, type=option_type(option), choices=option.choices, default=None,
+                           metavar=option.metavar, help=option_help(option))
     g.add_argument("--system", metavar="TEXT",
                    help="System prompt. μOmni has no chat template, so it is prepended to every question as plain "
                         "text: the prompt becomes [bos] + encode(\"TEXT QUESTION\"), the join the μOmni SFT trainer "
                         "used (without --system it is [bos] + encode(\"QUESTION\") as always). /system TEXT changes "
                         "it in the chat and in pipes.")
-    g.add_argument("--ignore_eos", action="store_true",
-                   help="Keep generating after the end-of-sequence token, up to --max_new_tokens.")
-    g.add_argument("--decode_attention", choices=DECODE_ATTENTION, default=None,
-                   help="'causal' (the default, also a generation_config.json's unless it says otherwise) attends "
-                        "to every earlier position, as the models were trained. 'reference' reproduces a DEFECT of "
-                        "the μOmni reference implementation (each generated token attends to the first position "
-                        "only), kept only to compare with its old outputs; answers are wrong in that mode.")
-    g.add_argument("--decode_kernel", choices=DECODE_KERNELS, default=None,
-                   help="The decode step: 'auto' (the default) runs it in C, compiled on first use with the "
-                        "machine's C compiler (float32 or int8 thinker on the CPU, causal decoding), else in torch; "
-                        "'c' requires the C step (an error says why it cannot run); 'torch' never uses it. "
-                        "--verbose and --json (timing.decode_kernel) say which ran and why.")
 
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -283,10 +298,9 @@ def one_shot(args: argparse.Namespace) -> bool:
 
 
 def generation_options(args: argparse.Namespace) -> dict[str, Any]:
-    """Only the flags that were given: the rest come from generation_config.json or the library defaults."""
-    opts = {k: getattr(args, k) for k in ("max_new_tokens", "temperature", "top_k", "top_p",
-                                          "repetition_penalty", "seed", "decode_attention", "decode_kernel")}
-    opts["ignore_eos"] = args.ignore_eos or None
+    """Only the options that were given (flags, or /set in the REPL), and the system prompt: the rest come from
+    generation_config.json or the library defaults."""
+    opts = {o.name: getattr(args, o.name) for o in CLI_OPTIONS}
     opts["system"] = args.system or None
     return {k: v for k, v in opts.items() if v is not None}
 

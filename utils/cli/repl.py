@@ -9,11 +9,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator, TextIO
 
 from utils.batch.job import answer_rows, read_batch_file
-from utils.cli.args import (generation_options, non_negative_float, non_negative_int, positive_float,
-                            positive_int, probability, random_seed, seed_value, seed_report)
+from utils.cli.args import CLI_OPTIONS, generation_options, option_value, random_seed, seed_report
 from utils.cli.console import Console, Out, print_timings
-from utils.base.defaults import DECODE_ATTENTION, DECODE_KERNELS, RANDOM_SEED
+from utils.base.defaults import RANDOM_SEED
 from utils.base.errors import OmniError
+from utils.base.options import Option, OptionError
 
 if TYPE_CHECKING:
     from omni import Answer, OmniModel
@@ -84,11 +84,8 @@ def ask(model: OmniModel, args: argparse.Namespace, text: str | None, media: Att
                         prompt=args.prompt, on_text=on_text, **generation_options(args))
 
 
-# /set NAME VALUE: the generation flags, parsed by the same argparse types as on the command line
-SETTABLE = {"max_new_tokens": positive_int, "temperature": non_negative_float, "top_k": non_negative_int,
-            "top_p": probability, "repetition_penalty": positive_float, "seed": seed_value,
-            "decode_attention": None, "decode_kernel": None, "ignore_eos": None}
-CHOICES = {"decode_attention": DECODE_ATTENTION, "decode_kernel": DECODE_KERNELS}
+# /set NAME VALUE: the command-line rows of the options table, read as their flags read them
+SETTABLE: dict[str, Option] = {o.name: o for o in CLI_OPTIONS}
 SET_ALIASES = {"temp": "temperature", "max_tokens": "max_new_tokens", "num_predict": "max_new_tokens",
                "repeat_penalty": "repetition_penalty"}
 
@@ -107,21 +104,12 @@ def set_option(model: OmniModel, args: argparse.Namespace, arg: str) -> str:
     if name not in SETTABLE or len(words) != 2:
         raise OmniError(f"/set {arg}: use /set NAME VALUE with NAME one of {', '.join(SETTABLE)} "
                         f"(VALUE 'default' restores it); /set alone shows them")
-    value: Any = words[1]
-    if value == "default":
-        value = False if name == "ignore_eos" else None
-    elif name == "ignore_eos":
-        if value.lower() not in ("true", "false", "on", "off", "1", "0"):
-            raise OmniError(f"/set ignore_eos {value}: use true or false")
-        value = value.lower() in ("true", "on", "1")
-    elif name in CHOICES:
-        if value not in CHOICES[name]:
-            raise OmniError(f"/set {name} {value}: use {' or '.join(CHOICES[name])}")
-    else:
+    value: Any = None
+    if words[1] != "default":
         try:
-            value = SETTABLE[name](value)
-        except argparse.ArgumentTypeError as exc:
-            raise OmniError(f"/set {name} {words[1]}: {exc}") from None
+            value = option_value(SETTABLE[name], words[1])
+        except OptionError as exc:
+            raise OmniError(f"/set {name} {words[1]}: {exc.reason}") from None
         if name == "seed" and value == RANDOM_SEED:
             value = random_seed()
     setattr(args, name, value)

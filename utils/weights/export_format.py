@@ -24,23 +24,20 @@ from utils.weights.checkpoint import (StateDict, read_json, read_torch_file, reg
                               strip_compile_prefix, unwrap)
 from utils.base.errors import OmniError
 from utils.media.image import IMAGE_SIZE
-from utils.weights.quant import QUANT_METHOD, SCALE_SUFFIX, dequantize_state_dict, linear_weight_names, quantize_state_dict
+from utils.base.export_names import QUANT_METHOD
+from utils.weights.quant import SCALE_SUFFIX, dequantize_state_dict, linear_weight_names, quantize_state_dict
 from utils.weights.components import (CTC_MAP_NAMES, Components, build_audio, build_linear, build_rvq, build_talker,
                               build_thinker, build_vision, build_vocoder, check_projector_fit, named_vocoder_file,
                               read_ctc_chars, read_generation_config, set_tokenizer)
 from utils.base.defaults import BOS_ID, DECODE_ATTENTION, DEFAULT_MAX_NEW_TOKENS, EOS_ID, PAD_ID
+from utils.base.export_names import COMPONENT_PREFIXES, EXPORT_NAMES
 from utils.media.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
     from models.layers import BlockConfig
 
-EXPORT_NAMES = ("model.safetensors", "muomni.safetensors", "omni.safetensors")  # the weights file, first found wins
 PREFIXES = ("thinker", "audio_encoder", "vision_encoder", "talker", "rvq", "proj_a", "proj_v", "ocr", "ctc_head",
             "vocoder")
-# Components attribute -> key prefix in model.safetensors (spec §1), in the order they are written.
-COMPONENT_PREFIXES = {"thinker": "thinker", "proj_a": "proj_a", "proj_v": "proj_v", "audio": "audio_encoder",
-                      "ctc_head": "ctc_head", "vision": "vision_encoder", "talker": "talker", "rvq": "rvq",
-                      "vocoder": "vocoder"}
 # Components whose nn.Linear weights `--quantize int8` stores as int8: the thinker, the encoders and talker.pt (talker
 # and its RVQ codec's projections). The small projectors, the CTC head and the convolutional vocoder stay float.
 QUANTIZED_COMPONENTS = ("thinker", "audio", "vision", "talker", "rvq")

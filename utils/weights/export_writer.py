@@ -31,15 +31,11 @@ from safetensors.torch import save_file
 from utils.weights import loading as L
 from utils.weights.checkpoint import MAX_JSON_BYTES, find_config
 from utils.base.errors import OmniError, one_line
-from utils.weights.export_format import (COMPONENT_PREFIXES, STORAGE_DTYPES, dtype_name, export_config, generation_config, load_export,
+from utils.base.export_names import COMPONENT_FLAGS, COMPONENT_PREFIXES, DEFAULT_OUTPUT_FILE, QUANT_METHOD
+from utils.weights.export_format import (STORAGE_DTYPES, dtype_name, export_config, generation_config, load_export,
                                  merged_state_dict, model_info, preprocessor_config)
-from utils.weights.quant import QUANT_METHOD
 
 VERIFY_PROMPT = "Once upon a time there was"
-# --<flag> -> (directory kind as utils.weights.loading.dir_kind names it)
-COMPONENT_FLAGS = {"omni_ckpt": "omni", "thinker_ckpt": "thinker", "audio_ckpt": "audio", "vision_ckpt": "vision",
-                   "talker_ckpt": "talker", "vocoder_ckpt": "vocoder"}
-DEFAULT_OUTPUT_FILE = "model.safetensors"
 Note = Callable[[str], None]
 
 
