@@ -55,6 +55,7 @@ class ServerConfig:
     api_key: str | None = None
     max_body_bytes: int = 32 * 2 ** 20
     shutdown_timeout: float = 10.0
+    webui: bool = True  # webui: the chat page at / (utils/server/webui.py); serve.py --no_webui turns it off
 
 
 class ApiError(Exception):
@@ -571,6 +572,9 @@ class OmniServer:
               Route("/v1/models/{name:path}", self.model_route, methods=["GET"])]
         routes = v1 + [Route("/health", self.health, methods=["GET"]),
                        Route("/metrics", self.metrics_route, methods=["GET"])]
+        if self.config.webui:  # webui: the chat page and its assets (utils/server/webui.py)
+            from utils.server import webui
+            routes += webui.routes()
 
         async def api_error(request: Request, exc: Exception) -> Response:
             return exc.response()  # type: ignore[attr-defined]
