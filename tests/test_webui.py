@@ -245,6 +245,28 @@ def test_shift_enter_breaks_the_line_and_new_chat_clears(driver: Any, srv: str) 
     assert not driver.find_elements("css selector", "#messages li")
 
 
+def test_stop_cuts_the_answer(driver: Any, srv: str) -> None:
+    """Stop aborts the request (AbortController): the browser holds the answer's response (DevTools' Fetch
+    domain), so the answer is still pending when Stop is clicked, whatever the machine's speed."""
+    open_page(driver, srv)
+    driver.execute_cdp_cmd("Fetch.enable", {"patterns": [{"urlPattern": "*/v1/chat/completions",
+                                                          "requestStage": "Response"}]})
+    try:
+        ask(driver, "What is 3 plus 4?")
+        wait(driver, lambda d: by_id(d, "stop").is_enabled(), "Stop to be enabled")
+        assert not by_id(driver, "send").is_enabled()
+        by_id(driver, "stop").click()
+        stopped = answer(driver)
+        assert "stopped" in stopped.get_attribute("class")
+        assert stopped.find_element("css selector", ".stats").text == "stopped"
+    finally:
+        driver.execute_cdp_cmd("Fetch.disable", {})
+    assert not by_id(driver, "stop").is_enabled() and by_id(driver, "send").is_enabled()
+    assert not by_id(driver, "error").is_displayed()
+    ask(driver, "What is 3 plus 4?")
+    assert answer_text(driver) == "7"
+
+
 def test_phone_sized_window(driver: Any, srv: str, tmp_path: Path) -> None:
     """On a phone-sized window nothing is wider than the screen and the composer stays usable."""
     size = driver.get_window_size()
@@ -254,6 +276,10 @@ def test_phone_sized_window(driver: Any, srv: str, tmp_path: Path) -> None:
         ask(driver, "What is 3 plus 4?")
         assert answer_text(driver) == "7"
         assert driver.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
+        chat, side, prompt = (driver.execute_script("const r = document.querySelector(arguments[0])"
+                                                    ".getBoundingClientRect(); return [r.top, r.bottom, r.width]", s)
+                              for s in ("#chat", ".side", "#prompt"))
+        assert side[0] >= chat[1] and prompt[2] >= 0.8 * 390, (chat, side, prompt)  # one column, full width
         for name in ("prompt", "send", "stop", "record", "speak"):
             box = driver.execute_script("const r = document.getElementById(arguments[0]).getBoundingClientRect(); "
                                         "return [r.left, r.right, r.width]", name)
