@@ -380,7 +380,8 @@ def test_spoken_answer_plays(driver: Any, srv: str) -> None:
     by_id(driver, "speak").click()
     ask(driver, "What is 3 plus 4?")
     assert answer_text(driver) == "7"
-    player = wait(driver, lambda d: d.find_elements("css selector", "#messages li.msg.assistant audio"), "the player")[0]
+    player = wait(driver, lambda d: d.find_elements("css selector", "#messages li.msg.assistant audio"),
+                  "the player")[0]
     assert player.get_attribute("src").startswith("blob:")
     wait(driver, lambda d: d.execute_script("return arguments[0].duration", player) > 0, "the audio's duration")
     started = driver.execute_async_script(

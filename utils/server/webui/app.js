@@ -398,14 +398,16 @@ async function toggleRecording() {
     return;
   }
   hideError();
-  const type = ["audio/webm;codecs=opus", "audio/ogg;codecs=opus", "audio/webm"].find((t) => MediaRecorder.isTypeSupported(t));
+  const type = ["audio/webm;codecs=opus", "audio/ogg;codecs=opus", "audio/webm"]
+    .find((t) => MediaRecorder.isTypeSupported(t));
   const recorder = new MediaRecorder(stream, { audioBitsPerSecond: 128000, ...(type ? { mimeType: type } : {}) });
   const chunks = [];
   const started = performance.now();
   const clock = $("record-time");
   clock.textContent = "0.0 s";
   clock.hidden = false;
-  const timer = setInterval(() => { clock.textContent = `${((performance.now() - started) / 1000).toFixed(1)} s`; }, 100);
+  const tick = () => { clock.textContent = `${((performance.now() - started) / 1000).toFixed(1)} s`; };
+  const timer = setInterval(tick, 100);
   recorder.addEventListener("dataavailable", (e) => { if (e.data.size) chunks.push(e.data); });
   recorder.addEventListener("stop", async () => {
     clearInterval(timer);
@@ -446,7 +448,8 @@ async function transcribe(blob, name) {
   $("transcript-segments").replaceChildren();
   $("download-srt").hidden = $("download-vtt").hidden = true;
   try {
-    const result = await (await api("/v1/audio/transcriptions", { method: "POST", body: transcriptionForm(blob, name, "verbose_json") })).json();
+    const result = await (await api("/v1/audio/transcriptions",
+      { method: "POST", body: transcriptionForm(blob, name, "verbose_json") })).json();
     $("transcript-text").textContent = result.text;
     for (const segment of result.segments) {
       const li = document.createElement("li");
@@ -477,8 +480,9 @@ function transcriptionForm(blob, name, format) {
 async function download(format) {
   const { blob, name } = state.transcribed;
   try {
-    const text = await (await api("/v1/audio/transcriptions", { method: "POST", body: transcriptionForm(blob, name, format) })).blob();
-    const url = URL.createObjectURL(text);
+    const subtitles = await (await api("/v1/audio/transcriptions",
+      { method: "POST", body: transcriptionForm(blob, name, format) })).blob();
+    const url = URL.createObjectURL(subtitles);
     const a = document.createElement("a");
     a.href = url;
     a.download = name.replace(/\.[^.]*$/, "") + `.${format}`;
@@ -552,7 +556,8 @@ function setup() {
     if (file) transcribe(file, file.name);
     e.target.value = "";
   });
-  $("transcribe-recording").addEventListener("click", () => transcribe(state.recording, recordingName(state.recording)));
+  $("transcribe-recording").addEventListener("click",
+    () => transcribe(state.recording, recordingName(state.recording)));
   $("download-srt").addEventListener("click", () => download("srt"));
   $("download-vtt").addEventListener("click", () => download("vtt"));
   loadModel();
