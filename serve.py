@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default 10).")
     g.add_argument("--log_level", default="info", choices=("debug", "info", "warning", "error"),
                    help="stderr log level (default info: one line per request with sizes and timings only).")
+    g.add_argument("--no_webui", action="store_true",
+                   help="Do not serve the chat page at / (the API routes stay).")
     g.add_argument("--verbose", action="store_true", help="Show Python tracebacks for errors.")
     return p
 
@@ -85,7 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # the engine built and loaded its decode step (the C step where it applies) before any request
         print(f"decode kernel = {engine.kernel}", file=sys.stderr, flush=True)
         config = ServerConfig(model_id=args.model_name, api_key=args.api_key,
-                              max_body_bytes=int(args.max_body_mb * 2 ** 20), shutdown_timeout=args.shutdown_timeout)
+                              max_body_bytes=int(args.max_body_mb * 2 ** 20), shutdown_timeout=args.shutdown_timeout,
+                              webui=not args.no_webui)
         run_server(OmniServer(model, engine, config), sock, args.log_level)
     except OmniError as exc:
         if args.verbose:

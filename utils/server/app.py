@@ -17,6 +17,7 @@ from starlette.routing import Route
 
 from utils.server.middleware import ApiKey, Guard
 from utils.server.protocol import ApiError
+from utils.server import webui
 from utils.server.routes import OmniServer, ServerConfig
 
 log = logging.getLogger("muomni.server")
@@ -33,6 +34,8 @@ def build_app(server: OmniServer, lifespan: Any = None) -> Any:
               Route("/v1/models/{name:path}", server.model_route, methods=["GET"]),
               Route("/health", server.health, methods=["GET"]),
               Route("/metrics", server.metrics_route, methods=["GET"])]
+    if server.config.webui:
+        routes += webui.routes()
 
     async def api_error(request: Request, exc: Exception) -> Response:
         return exc.response()  # type: ignore[attr-defined]

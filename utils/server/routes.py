@@ -30,11 +30,12 @@ RETRY_AFTER_S = 1
 
 @dataclass
 class ServerConfig:
-    """serve.py's server flags: the model id requests name, the API key, the body limit, the stop's bound."""
+    """serve.py's server flags: the model id requests name, the API key, the body limit, the stop's bound, the page."""
     model_id: str = "muomni"
     api_key: str | None = None
     max_body_bytes: int = 32 * 2 ** 20
     shutdown_timeout: float = 10.0
+    webui: bool = True  # the chat page at / (utils/server/webui.py); serve.py --no_webui turns it off
 
 
 class OmniServer:
