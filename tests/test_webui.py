@@ -46,15 +46,15 @@ def browser_paths() -> tuple[str, str]:
 
 @pytest.fixture(scope="module")
 def srv() -> Iterator[str]:
-    with server() as (_, base):
-        yield base
+    with server() as served:
+        yield served.base
 
 
 @pytest.fixture(scope="module")
 def keyed() -> Iterator[str]:
     """A server that needs the API key, with a 1 KiB body limit (an image is over it: 413)."""
-    with server("--api_key", KEY, "--max_body_mb", "0.001") as (_, base):
-        yield base
+    with server("--api_key", KEY, "--max_body_mb", "0.001") as served:
+        yield served.base
 
 
 @pytest.fixture(scope="module")
@@ -209,7 +209,8 @@ def test_page_headers_and_no_inline_code(srv: str) -> None:
 
 
 def test_no_webui_flag() -> None:
-    with server("--no_webui") as (_, base):
+    with server("--no_webui") as served:
+        base = served.base
         page = httpx.get(f"{base}/", timeout=30)
         assert page.status_code == 404 and page.json()["error"]["code"] == "not_found"
         assert httpx.get(f"{base}/webui/app.js", timeout=30).status_code == 404
