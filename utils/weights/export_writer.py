@@ -29,7 +29,8 @@ import torch
 from safetensors.torch import save_file
 
 from utils.weights import loading as L
-from utils.weights.checkpoint import MAX_JSON_BYTES, find_config
+from utils.weights.checkpoint import MAX_JSON_BYTES, find_config, read_json
+from utils.weights.components import check_config
 from utils.base.errors import OmniError, one_line
 from utils.weights.export_format import (COMPONENT_PREFIXES, STORAGE_DTYPES, dtype_name, export_config, generation_config, load_export,
                                  merged_state_dict, model_info, preprocessor_config)
@@ -372,6 +373,8 @@ def write_export(components: L.Components, out_dir: str | os.PathLike, dtype: st
         raise OmniError(f"--output_file {output_file}: use one of {', '.join(L.EXPORT_NAMES)}")
     out = prepare_target(out_dir, force, note)
     torch_dtype, int8 = storage_dtype(dtype, quantize)
+    for path in (configs or {}).values():  # a copy loading would refuse must not make a finished export
+        check_config(read_json(path), str(path))
     merged = merged_state_dict(components, torch_dtype, int8)
     tmp = work_name(out, "tmp")
     tmp.mkdir()  # mkdir, not mkdtemp: the export gets the user's usual permissions, not 0700
