@@ -102,10 +102,10 @@ def audio_seconds(path: str | os.PathLike) -> float | None:
 
 Block = tuple[int, np.ndarray]  # (sample rate, first-channel float32 samples): the rate may change between blocks
 
-# libsndfile reads a FLAC or Ogg file's first stream and stops there without a word: a second stream's header
-# further on (files joined with `cat`, an Ogg chain) is looked for and refused. Ogg: a beginning-of-stream page
-# (capture pattern, version 0, BOS flag); FLAC: the marker and a STREAMINFO block header (34 bytes, maybe last).
-JOINED_HEADERS = {"OGG": (b"OggS\x00\x02",), "FLAC": (b"fLaC\x00\x00\x00\x22", b"fLaC\x80\x00\x00\x22")}
+# libsndfile reads a FLAC or Ogg file's first stream and stops there without a word; a later stream (files joined
+# with `cat`, an Ogg chain) is looked for and refused. FLAC: the marker and a STREAMINFO block header (34 bytes,
+# maybe the last block) after the file's own.
+FLAC_HEADERS = (b"fLaC\x00\x00\x00\x22", b"fLaC\x80\x00\x00\x22")
 SCAN_BYTES = 1 << 20
 
 
@@ -135,8 +135,8 @@ def open_audio(stack: ExitStack, source: str | os.PathLike | BinaryIO) -> tuple[
         return (what, *av_audio(stack, rewound(opened), what, None))
     if f.samplerate <= 0:
         raise OmniError(f"{what}: cannot decode (invalid sample rate {f.samplerate})")
-    if f.format in JOINED_HEADERS:
-        check_one_stream(opened, JOINED_HEADERS[f.format], what)
+    if f.format in ("FLAC", "OGG"):
+        check_one_stream(opened, f.format, what)
     rate = f.samplerate
     return what, f.frames / rate, ((rate, block) for block in soundfile_blocks(f, DECODE_BLOCK_FRAMES))
 
@@ -162,23 +162,48 @@ def rewound(opened: Any) -> Any:
     return opened
 
 
-def check_one_stream(opened: Any, headers: tuple[bytes, ...], what: str) -> None:
-    """Refuse a file holding a second stream header after its first (libsndfile would decode the first stream
-    only). Read in SCAN_BYTES pieces that overlap by a header's length; an open file is put back at its start."""
-    keep = max(len(h) for h in headers) - 1
+def check_one_stream(opened: Any, fmt: str, what: str) -> None:
+    """Refuse a FLAC or Ogg file (`fmt`, as libsndfile names it) that holds a second stream after its first: libsndfile
+    would decode the first only. An open file is read from its start and put back where it was."""
     with ExitStack() as stack:
         f = opened if hasattr(opened, "read") else stack.enter_context(open(opened, "rb"))
         start = f.tell()
         f.seek(0)
-        tail, offset = b"", 0
-        while piece := f.read(SCAN_BYTES):
-            window = tail + piece
-            first = 1 if offset == 0 else 0  # the file's own header, at offset 0
-            if any(window.find(h, first) >= 0 for h in headers):
-                raise OmniError(f"{what}: holds a second audio stream after the first (files joined together?), "
-                                f"which would be cut off here; convert it into one stream first")
-            tail, offset = window[-keep:], offset + len(piece)
+        joined = ogg_chained(f) if fmt == "OGG" else later_flac_stream(f)
         f.seek(start)
+    if joined:
+        raise OmniError(f"{what}: holds a second audio stream after the first (files joined together?), which "
+                        f"would be cut off here; convert it into one stream first")
+
+
+def ogg_chained(f: BinaryIO) -> bool:
+    """Whether an Ogg file begins a stream (a page with the BOS flag) after a page of an earlier one: a chain. The
+    page headers are walked (capture pattern, version, flags, ..., segment table) up to where they stop making
+    sense; the streams an Ogg file multiplexes all begin on its first pages."""
+    seen_data = False
+    while len(head := f.read(27)) == 27 and head[:5] == b"OggS\x00":
+        lacing = f.read(head[26])
+        if len(lacing) < head[26]:
+            break
+        begins = bool(head[5] & 0x02)
+        if begins and seen_data:
+            return True
+        seen_data = seen_data or not begins
+        f.seek(sum(lacing), os.SEEK_CUR)
+    return False
+
+
+def later_flac_stream(f: BinaryIO) -> bool:
+    """Whether a FLAC stream header appears after the file's own (at offset 0), read in SCAN_BYTES pieces that
+    overlap by a header's length."""
+    keep = len(FLAC_HEADERS[0]) - 1
+    tail, first = b"", 1
+    while piece := f.read(SCAN_BYTES):
+        window = tail + piece
+        if any(window.find(h, first) >= 0 for h in FLAC_HEADERS):
+            return True
+        tail, first = window[-keep:], 0
+    return False
 
 
 def decoded(blocks: Iterator[Block], what: str) -> Iterator[Block]:
