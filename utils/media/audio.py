@@ -283,28 +283,41 @@ def av_audio(stack: ExitStack, opened: Any, what: str, sf_exc: Exception | None)
 
 
 def av_blocks(container: Any, stream: Any) -> Iterator[Block]:
-    """First-channel float32 blocks of `stream`, one per decoded frame, with the frame's rate. The sample format
-    is converted by a resampler made for each run of frames of one rate, layout and format (PyAV's refuses a frame
-    that differs from its first); rate and channels are left as they are."""
+    """First-channel float32 blocks of `stream`, each at its frames' rate: consecutive frames of one rate are
+    gathered into blocks of up to DECODE_BLOCK_FRAMES (a frame holds about a thousand samples, too few to hand
+    on one by one to a reader that appends them to a buffer)."""
+    rate, pending, count = 0, [], 0
+    for frame in float_frames(container, stream):
+        if frame.sample_rate != rate and pending:
+            yield rate, np.concatenate(pending)
+            pending, count = [], 0
+        rate = frame.sample_rate
+        pending.append(np.array(frame.to_ndarray()[0], dtype=np.float32))  # copied: decoders reuse buffers
+        count += pending[-1].shape[0]
+        if count >= DECODE_BLOCK_FRAMES:
+            yield rate, np.concatenate(pending)
+            pending, count = [], 0
+    if pending:
+        yield rate, np.concatenate(pending)
+
+
+def float_frames(container: Any, stream: Any) -> Iterator[Any]:
+    """The non-empty decoded frames of `stream` in planar float32, rate and channels as they are. A resampler
+    converts the sample format, one for each run of frames of one rate, layout and format (PyAV's refuses a frame
+    that differs from its first)."""
     import av  # imported here: only containers libsndfile cannot read need PyAV
 
     key: tuple | None = None
     to_float: Any = None
-
-    def converted(frames: list[Any]) -> Iterator[Block]:
-        for frame in frames:
-            if frame.samples:
-                yield frame.sample_rate, np.ascontiguousarray(frame.to_ndarray()[0], dtype=np.float32)
-
     for frame in av_frames(container, stream):
         frame_key = (frame.sample_rate, frame.layout.name, frame.format.name)
         if frame_key != key:
             if to_float is not None:
-                yield from converted(to_float.resample(None))
+                yield from (f for f in to_float.resample(None) if f.samples)
             key, to_float = frame_key, av.AudioResampler(format="fltp")
-        yield from converted(to_float.resample(frame))
+        yield from (f for f in to_float.resample(frame) if f.samples)
     if to_float is not None:
-        yield from converted(to_float.resample(None))
+        yield from (f for f in to_float.resample(None) if f.samples)
 
 
 def av_frames(container: Any, stream: Any) -> Iterator[Any]:
