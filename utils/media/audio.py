@@ -42,33 +42,41 @@ def trim_audio(wave: np.ndarray, max_seconds: float, sample_rate: int = SAMPLE_R
 
 
 def load_audio(path: str | os.PathLike | BinaryIO, sample_rate: int = SAMPLE_RATE, max_seconds: float | None = None) -> np.ndarray:
-    """First channel of an audio file (see `open_audio` for the formats) as float32 mono at `sample_rate`.
+    """First channel of an audio file (see `open_audio` for the formats) as float32 mono at `sample_rate`; a stream
+    whose sample rate changes is resampled segment by segment.
 
     With `max_seconds` only the start of the file is decoded (never more than that many seconds, whatever the
     header claims); without, the whole file is decoded and files longer than MAX_AUDIO_SECONDS are refused."""
+    limit = MAX_AUDIO_SECONDS if max_seconds is None else max_seconds
+    segments: list[tuple[int, list[np.ndarray]]] = []  # (rate, its blocks), one per run of frames at one rate
+    done, got = 0.0, 0  # seconds in the segments before the current one; samples in the current one
     with ExitStack() as stack:
-        what, sr, declared, blocks = open_audio(stack, path)
-        if max_seconds is None:
-            if declared > MAX_AUDIO_SECONDS * sr:
-                raise OmniError(f"{what}: {declared / sr:.0f} s long (by its header), over the "
-                                f"limit of {MAX_AUDIO_SECONDS:.0f} s of audio decoded at once")
-            wanted = int(MAX_AUDIO_SECONDS * sr) + 1
-        else:
-            wanted = max(1, int(np.ceil(max_seconds * sr)))
-        kept, got = [], 0
-        for block in decoded(blocks, what):
-            kept.append(np.array(block[:wanted - got], dtype=np.float32))  # copied: decoders reuse buffers
-            got += kept[-1].shape[0]
+        what, declared, blocks = open_audio(stack, path)
+        if max_seconds is None and declared > MAX_AUDIO_SECONDS:
+            raise OmniError(f"{what}: {declared:.0f} s long (by its header), over the "
+                            f"limit of {MAX_AUDIO_SECONDS:.0f} s of audio decoded at once")
+        for rate, block in decoded(blocks, what):
+            if not segments or rate != segments[-1][0]:
+                done += got / segments[-1][0] if segments else 0.0
+                segments.append((rate, []))
+                got = 0
+            left = (limit - done) * rate
+            wanted = int(left) + 1 if max_seconds is None else max(1, int(np.ceil(left)))
+            segments[-1][1].append(np.array(block[:wanted - got], dtype=np.float32))  # copied: decoders reuse buffers
+            got += segments[-1][1][-1].shape[0]
             if got >= wanted:
                 break
-    if got == 0:
+    if not segments:
         raise OmniError(f"{what}: contains no samples")
-    if max_seconds is None and got > MAX_AUDIO_SECONDS * sr:
+    if max_seconds is None and got > (MAX_AUDIO_SECONDS - done) * segments[-1][0]:
         raise OmniError(f"{what}: longer than the limit of {MAX_AUDIO_SECONDS:.0f} s of audio decoded "
                         f"at once")
-    wave = np.concatenate(kept) if len(kept) > 1 else kept[0]
-    check_wave(wave, what)
-    return resample(wave, sr, sample_rate)
+    waves = []
+    for rate, kept in segments:
+        wave = np.concatenate(kept) if len(kept) > 1 else kept[0]
+        check_wave(wave, what)
+        waves.append(resample(wave, rate, sample_rate))
+    return np.concatenate(waves) if len(waves) > 1 else waves[0]
 
 
 def check_audio_path(path: str | os.PathLike) -> Path:
@@ -84,36 +92,121 @@ def check_audio_path(path: str | os.PathLike) -> Path:
 def audio_seconds(path: str | os.PathLike) -> float | None:
     """Duration claimed by the file's header (None when the format does not say); for progress bars only."""
     try:
+        if starts_like_mp3(Path(path)):  # the count follows the first frames' rate, which later frames may change
+            return None
         info = sf.info(os.fsencode(path))
     except Exception:  # unreadable or not libsndfile's: reading it reports the problem properly
         return None
     return info.frames / info.samplerate if info.samplerate > 0 and info.frames > 0 else None
 
 
-def open_audio(stack: ExitStack, source: str | os.PathLike | BinaryIO) -> tuple[str, int, int, Iterator[np.ndarray]]:
-    """(what to call it in messages, sample rate, frames by the header or 0, first-channel float32 blocks) of an audio
-    file, a path or an open binary file such as an upload, closed with `stack`. What libsndfile reads (wav,
-    flac, ogg, mp3, ...) is decoded by soundfile; other containers (m4a/AAC, mp4, webm, mkv, ...: a video's
-    sound track) by FFmpeg through PyAV, under the guards of utils.media.ffmpeg."""
+Block = tuple[int, np.ndarray]  # (sample rate, first-channel float32 samples): the rate may change between blocks
+
+# libsndfile reads a FLAC or Ogg file's first stream and stops there without a word; a later stream (files joined
+# with `cat`, an Ogg chain) is looked for and refused. FLAC: the marker and a STREAMINFO block header (34 bytes,
+# maybe the last block) after the file's own.
+FLAC_HEADERS = (b"fLaC\x00\x00\x00\x22", b"fLaC\x80\x00\x00\x22")
+SCAN_BYTES = 1 << 20
+
+
+def open_audio(stack: ExitStack, source: str | os.PathLike | BinaryIO) -> tuple[str, float, Iterator[Block]]:
+    """(what to call it in messages, seconds by the header or 0, blocks) of an audio file, a path or an open binary
+    file such as an upload, closed with `stack`. What libsndfile reads (wav, flac, ogg, ...) is decoded by
+    soundfile; MP3 and other containers (m4a/AAC, mp4, webm, mkv, ...: a video's sound track) by FFmpeg through
+    PyAV, under the guards of utils.media.ffmpeg, with each frame's own sample rate (an MP3 may change it from
+    one frame to the next, and libsndfile's reader stops at the change without a word)."""
     if hasattr(source, "read"):
         what = str(getattr(source, "name", None) or "audio stream")
         opened: Any = source
     else:
         opened = check_audio_path(source)
         what = f"audio file {opened}"
+    try:
+        mp3 = starts_like_mp3(opened)
+    except OSError as exc:
+        raise OmniError(f"{what}: cannot read ({exc.strerror or exc})") from exc
+    if mp3:  # never given to libsndfile, whose MP3 reader also prints warnings of its own
+        return (what, *av_audio(stack, opened, what, None))
     try:  # a path goes to libsndfile as bytes: any file name, UTF-8 or not
         f = stack.enter_context(sf.SoundFile(os.fsencode(opened) if isinstance(opened, Path) else opened))
-        sr, declared, blocks = f.samplerate, f.frames, soundfile_blocks(f, DECODE_BLOCK_FRAMES)
     except Exception as sf_exc:  # soundfile raises several types for data it cannot read
-        if hasattr(opened, "seek"):
-            opened.seek(0)
-        sr, declared, blocks = av_audio(stack, opened, what, sf_exc)
-    if sr <= 0:
-        raise OmniError(f"{what}: cannot decode (invalid sample rate {sr})")
-    return what, sr, declared, blocks
+        return (what, *av_audio(stack, rewound(opened), what, sf_exc))
+    if f.format == "MP3":  # MPEG audio after leading bytes the sniffing does not know
+        return (what, *av_audio(stack, rewound(opened), what, None))
+    if f.samplerate <= 0:
+        raise OmniError(f"{what}: cannot decode (invalid sample rate {f.samplerate})")
+    if f.format in ("FLAC", "OGG"):
+        check_one_stream(opened, f.format, what)
+    rate = f.samplerate
+    return what, f.frames / rate, ((rate, block) for block in soundfile_blocks(f, DECODE_BLOCK_FRAMES))
 
 
-def decoded(blocks: Iterator[np.ndarray], what: str) -> Iterator[np.ndarray]:
+def starts_like_mp3(opened: Any) -> bool:
+    """Whether a file (a path, or an open file read at its start and put back) begins as MPEG audio does: an ID3v2
+    tag or a frame sync (11 set bits)."""
+    if hasattr(opened, "read"):
+        start = opened.tell()
+        opened.seek(0)
+        head = opened.read(3)
+        opened.seek(start)
+    else:
+        with open(opened, "rb") as f:
+            head = f.read(3)
+    return head == b"ID3" or (len(head) >= 2 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0)
+
+
+def rewound(opened: Any) -> Any:
+    """An open file put back at its start for the second decoder (a path is opened afresh anyway)."""
+    if hasattr(opened, "seek"):
+        opened.seek(0)
+    return opened
+
+
+def check_one_stream(opened: Any, fmt: str, what: str) -> None:
+    """Refuse a FLAC or Ogg file (`fmt`, as libsndfile names it) that holds a second stream after its first: libsndfile
+    would decode the first only. An open file is read from its start and put back where it was."""
+    with ExitStack() as stack:
+        f = opened if hasattr(opened, "read") else stack.enter_context(open(opened, "rb"))
+        start = f.tell()
+        f.seek(0)
+        joined = ogg_chained(f) if fmt == "OGG" else later_flac_stream(f)
+        f.seek(start)
+    if joined:
+        raise OmniError(f"{what}: holds a second audio stream after the first (files joined together?), which "
+                        f"would be cut off here; convert it into one stream first")
+
+
+def ogg_chained(f: BinaryIO) -> bool:
+    """Whether an Ogg file begins a stream (a page with the BOS flag) after a page of an earlier one: a chain. The
+    page headers are walked (capture pattern, version, flags, ..., segment table) up to where they stop making
+    sense; the streams an Ogg file multiplexes all begin on its first pages."""
+    seen_data = False
+    while len(head := f.read(27)) == 27 and head[:5] == b"OggS\x00":
+        lacing = f.read(head[26])
+        if len(lacing) < head[26]:
+            break
+        begins = bool(head[5] & 0x02)
+        if begins and seen_data:
+            return True
+        seen_data = seen_data or not begins
+        f.seek(sum(lacing), os.SEEK_CUR)
+    return False
+
+
+def later_flac_stream(f: BinaryIO) -> bool:
+    """Whether a FLAC stream header appears after the file's own (at offset 0), read in SCAN_BYTES pieces that
+    overlap by a header's length."""
+    keep = len(FLAC_HEADERS[0]) - 1
+    tail, first = b"", 1
+    while piece := f.read(SCAN_BYTES):
+        window = tail + piece
+        if any(window.find(h, first) >= 0 for h in FLAC_HEADERS):
+            return True
+        tail, first = window[-keep:], 0
+    return False
+
+
+def decoded(blocks: Iterator[Block], what: str) -> Iterator[Block]:
     """`blocks`, with either decoder's errors on corrupt data turned into OmniError naming the file."""
     while True:
         try:
@@ -128,24 +221,31 @@ def decoded(blocks: Iterator[np.ndarray], what: str) -> Iterator[np.ndarray]:
 def stream_audio(source: str | os.PathLike | BinaryIO, max_seconds: float, sample_rate: int = SAMPLE_RATE
                  ) -> Iterator[np.ndarray]:
     """The first channel of an audio file (as `open_audio`) as float32 blocks at `sample_rate`, decoded and
-    resampled block by block, so memory stays the same whatever the length. Audio longer than `max_seconds`
-    (by its header, or by what is actually decoded) is refused with OmniError."""
+    resampled block by block (a new resampler where the stream's rate changes), so memory stays the same whatever
+    the length. Audio longer than `max_seconds` (by its header, or by what is actually decoded) is refused with
+    OmniError."""
     with ExitStack() as stack:
-        what, sr, declared, blocks = open_audio(stack, source)
+        what, declared, blocks = open_audio(stack, source)
         too_long = f"over the transcription limit of {max_seconds:.0f} s"
-        if declared > max_seconds * sr:
-            raise OmniError(f"{what}: {declared / sr:.0f} s long (by its header), {too_long}")
-        stream = None if sr == sample_rate else soxr.ResampleStream(sr, sample_rate, 1, dtype="float32")
-        got = 0
-        for mono in decoded(blocks, what):
+        if declared > max_seconds:
+            raise OmniError(f"{what}: {declared:.0f} s long (by its header), {too_long}")
+        stream: soxr.ResampleStream | None = None
+        rate, done, got = 0, 0.0, 0  # current rate; seconds before its segment; samples in it
+        for block_rate, mono in decoded(blocks, what):
+            if block_rate != rate:
+                if stream is not None and (tail := stream.resample_chunk(np.zeros(0, np.float32), last=True)).size:
+                    yield tail
+                done += got / rate if rate else 0.0
+                rate, got = block_rate, 0
+                stream = None if rate == sample_rate else soxr.ResampleStream(rate, sample_rate, 1, dtype="float32")
             got += mono.shape[0]
-            if got > max_seconds * sr:
+            if got > (max_seconds - done) * rate:
                 raise OmniError(f"{what}: longer than {max_seconds:.0f} s, {too_long}")
             check_wave(mono, what)
             out = mono if stream is None else stream.resample_chunk(mono)
             if out.size:
                 yield out
-        if got == 0:
+        if rate == 0:
             raise OmniError(f"{what}: contains no samples")
         if stream is not None:
             tail = stream.resample_chunk(np.zeros(0, np.float32), last=True)
@@ -161,33 +261,88 @@ def soundfile_blocks(f: sf.SoundFile, block_frames: int) -> Iterator[np.ndarray]
         yield np.ascontiguousarray(block[:, 0])
 
 
-def av_audio(stack: ExitStack, opened: Any, what: str, sf_exc: Exception) -> tuple[int, int, Iterator[np.ndarray]]:
-    """(sample rate, frames by the header or 0, first-channel float32 blocks) of a container's first audio
-    stream, through PyAV; OmniError naming both decoders' complaints when neither can read it."""
-    import av  # imported here: only containers libsndfile cannot read need PyAV
-
+def av_audio(stack: ExitStack, opened: Any, what: str, sf_exc: Exception | None) -> tuple[float, Iterator[Block]]:
+    """(seconds by the header or 0, blocks) of a container's first audio stream, through PyAV, each frame at its
+    own sample rate and channel layout; OmniError naming the decoders' complaints when it cannot be read
+    (`sf_exc`: libsndfile's, when it was tried first and failed)."""
     try:
         container = stack.enter_context(open_container(opened, what))
     except OmniError:
         raise
     except Exception as exc:  # PyAV raises its own error family for unreadable containers
-        raise OmniError(f"{what}: cannot decode (libsndfile: {reason(sf_exc)}; FFmpeg: {reason(exc)})") \
-            from exc
+        tried = f"libsndfile: {reason(sf_exc)}; " if sf_exc is not None else ""
+        raise OmniError(f"{what}: cannot decode ({tried}FFmpeg: {reason(exc)})") from exc
     if not container.streams.audio:
         raise OmniError(f"{what}: has no audio stream")
     stream = container.streams.audio[0]
-    sr = stream.codec_context.sample_rate or 0
     seconds = float(stream.duration * stream.time_base) if stream.duration and stream.time_base else \
         (container.duration or 0) / 1_000_000
-    to_float = av.AudioResampler(format="fltp")  # sample format only: channels and rate as they are
+    if (stream.codec_context.sample_rate or 0) <= 0:
+        raise OmniError(f"{what}: cannot decode (invalid sample rate {stream.codec_context.sample_rate or 0})")
+    return seconds, av_blocks(container, stream)
 
-    def blocks() -> Iterator[np.ndarray]:
-        for frame in container.decode(stream):
-            for converted in to_float.resample(frame):
-                yield np.ascontiguousarray(converted.to_ndarray()[0], dtype=np.float32)
-        for converted in to_float.resample(None):
-            yield np.ascontiguousarray(converted.to_ndarray()[0], dtype=np.float32)
-    return sr, int(seconds * sr), blocks()
+
+def av_blocks(container: Any, stream: Any) -> Iterator[Block]:
+    """First-channel float32 blocks of `stream`, each at its frames' rate: consecutive frames of one rate are
+    gathered into blocks of up to DECODE_BLOCK_FRAMES (a frame holds about a thousand samples, too few to hand
+    on one by one to a reader that appends them to a buffer)."""
+    rate, pending, count = 0, [], 0
+    for frame in float_frames(container, stream):
+        if frame.sample_rate != rate and pending:
+            yield rate, np.concatenate(pending)
+            pending, count = [], 0
+        rate = frame.sample_rate
+        pending.append(np.array(frame.to_ndarray()[0], dtype=np.float32))  # copied: decoders reuse buffers
+        count += pending[-1].shape[0]
+        if count >= DECODE_BLOCK_FRAMES:
+            yield rate, np.concatenate(pending)
+            pending, count = [], 0
+    if pending:
+        yield rate, np.concatenate(pending)
+
+
+def float_frames(container: Any, stream: Any) -> Iterator[Any]:
+    """The non-empty decoded frames of `stream` in planar float32, rate and channels as they are. A resampler
+    converts the sample format, one for each run of frames of one rate, layout and format (PyAV's refuses a frame
+    that differs from its first)."""
+    import av  # imported here: only containers libsndfile cannot read need PyAV
+
+    key: tuple | None = None
+    to_float: Any = None
+    for frame in av_frames(container, stream):
+        frame_key = (frame.sample_rate, frame.layout.name, frame.format.name)
+        if frame_key != key:
+            if to_float is not None:
+                yield from (f for f in to_float.resample(None) if f.samples)
+            key, to_float = frame_key, av.AudioResampler(format="fltp")
+        yield from (f for f in to_float.resample(frame) if f.samples)
+    if to_float is not None:
+        yield from (f for f in to_float.resample(None) if f.samples)
+
+
+def av_frames(container: Any, stream: Any) -> Iterator[Any]:
+    """The decoded frames of `stream`. MP3 files joined with `cat` carry the second file's ID3v2 tag in the middle,
+    where FFmpeg's MP3 parser hands it to the decoder glued to the next frame: the tag is cut off and the frame
+    decoded (FFmpeg would refuse the packet as invalid data, losing the rest)."""
+    import av
+
+    codec = stream.codec_context
+    for packet in container.demux(stream):
+        if packet.size and codec.name in ("mp3", "mp3float") and bytes(packet)[:3] == b"ID3":
+            data = strip_id3v2(bytes(packet))
+            if data:
+                yield from codec.decode(av.Packet(data))
+        else:
+            yield from codec.decode(packet if packet.size else None)
+
+
+def strip_id3v2(data: bytes) -> bytes:
+    """`data` without the ID3v2 tags it starts with (header: 'ID3', version, flags, syncsafe size; a footer of
+    10 bytes when flag 0x10 is set)."""
+    while data[:3] == b"ID3" and len(data) >= 10:
+        size = ((data[6] & 0x7F) << 21) | ((data[7] & 0x7F) << 14) | ((data[8] & 0x7F) << 7) | (data[9] & 0x7F)
+        data = data[10 + size + (10 if data[5] & 0x10 else 0):]
+    return data
 
 
 def reason(exc: Exception) -> str:

@@ -1,6 +1,7 @@
 """Reading μOmni checkpoint files safely: weights-file lookup, unwrapping, `_orig_mod.` stripping, strict loads."""
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -33,13 +34,51 @@ WRAPPER_KEYS = {
 }
 
 
+# What pathlib's is_file()/is_dir() take for "not there" (a dangling link or a loop included); any other failure
+# to stat a path (EACCES: a directory on the way that may not be searched) is an error naming it.
+ABSENT_ERRNOS = {errno.ENOENT, errno.ENOTDIR, errno.EBADF, errno.ELOOP}
+
+
+def path_mode(path: Path, what: str = "") -> int | None:
+    """st_mode of `path` after symlinks, None when nothing is there. A path that exists but cannot be inspected is
+    an OmniError naming it (after `what`, e.g. "--ckpt_dir"): taking it for absent would make a checkpoint or its
+    config silently missing."""
+    try:
+        return os.stat(path).st_mode
+    except OSError as exc:
+        if exc.errno in ABSENT_ERRNOS:
+            return None
+        raise OmniError(f"{what + ' ' if what else ''}{one_line(path)}: cannot read ({exc.strerror or exc})") from exc
+
+
+def is_regular(path: Path) -> bool:
+    mode = path_mode(path)
+    return mode is not None and stat.S_ISREG(mode)
+
+
+def is_directory(path: Path) -> bool:
+    mode = path_mode(path)
+    return mode is not None and stat.S_ISDIR(mode)
+
+
+def listing(directory: Path, what: str = "directory") -> list[Path]:
+    """The entries of `directory`, sorted. One that cannot be listed is an OmniError naming it after `what`
+    (pathlib's glob skips such a directory without a word)."""
+    try:
+        return sorted(directory.iterdir())
+    except FileNotFoundError:  # removed since it was seen (a process's /proc entry): nothing there
+        return []
+    except OSError as exc:
+        raise OmniError(f"{what} {one_line(directory)}: cannot read ({exc.strerror or exc})") from exc
+
+
 def find_weights_file(directory: Path, name: str) -> Path | None:
     """`<name>.pt`, then `model.pt`, then the highest-numbered `<name>_step_<N>.pt`."""
     for candidate in (directory / f"{name}.pt", directory / "model.pt"):
-        if candidate.is_file():
+        if is_regular(candidate):
             return candidate
     pattern = re.compile(rf"^{re.escape(name)}_step_(\d+)\.pt$")
-    steps = [(int(m.group(1)), p) for p in directory.glob(f"{name}_step_*.pt") if (m := pattern.match(p.name))]
+    steps = [(int(m.group(1)), p) for p in listing(directory) if (m := pattern.match(p.name))]
     return max(steps)[1] if steps else None
 
 
@@ -211,9 +250,9 @@ def find_config(ckpt_dir: Path) -> tuple[dict[str, Any], Path | None]:
         return read_json(own), own
     name = ckpt_dir.resolve().name
     for d in config_dirs(ckpt_dir):
-        if not d.is_dir():
+        if not is_directory(d):
             continue
-        for path in sorted(d.glob("*.json")):
+        for path in (p for p in listing(d) if p.suffix == ".json"):
             try:
                 cfg = read_json(path)
             except OmniError:  # an unrelated or broken file in a shared configs/ folder is not ours to judge

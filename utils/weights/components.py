@@ -104,6 +104,29 @@ def build_thinker(sd: StateDict, cfg: dict[str, Any], src: str) -> ThinkerLM:
     return model
 
 
+# What the builders read from a config, by the check each goes through; COMPONENT_KEYS name the nested objects
+# loading reads a component's settings from (an omni config's thinker overrides, an export's config.json).
+CONFIG_INTS = ("n_heads", "ctx_len", "num_experts_per_tok")
+CONFIG_FLOATS = ("rope_theta",)
+CONFIG_INT_LISTS = {"resblock_dilation_sizes": 2, "upsample_rates": 1}
+COMPONENT_KEYS = ("thinker", "audio", "vision", "talker", "vocoder")
+
+
+def check_config(cfg: dict[str, Any], src: str) -> None:
+    """Every setting a builder would read from `cfg` or its per-component objects, checked as the builder checks
+    it: a config copied somewhere without building from it (export.py's configs/) is held to the rules loading
+    applies, so what is written can be loaded again."""
+    for part in [cfg] + [cfg[k] for k in COMPONENT_KEYS if isinstance(cfg.get(k), dict)]:
+        for key in CONFIG_INTS:
+            if key in part:
+                config_int(part, key, 1, src)
+        for key in CONFIG_FLOATS:
+            if key in part:
+                config_float(part, key, 1.0, src)
+        for key, depth in CONFIG_INT_LISTS.items():
+            int_lists(part, key, depth, src)
+
+
 def check_head_split(d_model: int, n_heads: int, src: str) -> None:
     if n_heads > d_model or d_model % n_heads:
         raise OmniError(f"{src}: n_heads {n_heads} does not divide d_model {d_model}")

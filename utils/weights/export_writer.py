@@ -29,7 +29,8 @@ import torch
 from safetensors.torch import save_file
 
 from utils.weights import loading as L
-from utils.weights.checkpoint import MAX_JSON_BYTES, find_config
+from utils.weights.checkpoint import MAX_JSON_BYTES, find_config, listing, path_mode, read_json
+from utils.weights.components import check_config
 from utils.base.errors import OmniError, one_line
 from utils.base.export_names import COMPONENT_FLAGS, COMPONENT_PREFIXES, DEFAULT_OUTPUT_FILE, QUANT_METHOD
 from utils.weights.export_format import (STORAGE_DTYPES, dtype_name, export_config, generation_config, load_export,
@@ -59,11 +60,18 @@ class ExportResult:
 
 # ---------------------------------------------------------------- finding the sources
 
+def source_dir(flag: str, d: Path) -> Path:
+    """`d`, checked to be a directory that can be listed; else an OmniError naming `flag` (e.g. "--ckpt_root")."""
+    mode = path_mode(d, flag)
+    if mode is None or not stat.S_ISDIR(mode):
+        raise OmniError(f"{flag} {d}: {'is a file, not a directory' if mode is not None else 'no such directory'}")
+    listing(d, flag)
+    return d
+
+
 def named_dir(flag: str, value: str, kind: str) -> Path:
     """A --*_ckpt directory, checked to hold the component its flag names."""
-    d = Path(value)
-    if not d.is_dir():
-        raise OmniError(f"--{flag} {d}: {'is a file, not a directory' if d.exists() else 'no such directory'}")
+    d = source_dir(f"--{flag}", Path(value))
     found = L.dir_kind(d)
     if found != kind:
         held = f"holds {found} weights" if found else "holds no μOmni weights"
@@ -73,8 +81,7 @@ def named_dir(flag: str, value: str, kind: str) -> Path:
 
 def discover(root: Path, note: Note = stderr_note) -> dict[str, Path | None]:
     """Component directories under a checkpoints root: the omni config's pointers, else the one dir of each kind."""
-    if not root.is_dir():
-        raise OmniError(f"--ckpt_root {root}: {'is a file, not a directory' if root.exists() else 'no such directory'}")
+    source_dir("--ckpt_root", root)
     kind = L.dir_kind(root)
     if kind is not None:
         raise OmniError(f"--ckpt_root {root}: is itself a{'n' if kind[0] in 'aeio' else ''} {kind} directory; point "
@@ -151,13 +158,11 @@ def config_files(configs_dir: str | os.PathLike | None, dirs: dict[str, Path | N
     """{name inside configs/: source file} for the export's configs/ copies: every *.json of `configs_dir`, else
     the trainer config tied to each source directory."""
     if configs_dir:
-        cdir = Path(configs_dir)
-        if not cdir.is_dir():
-            raise OmniError(f"--configs_dir {cdir}: no such directory")
-        files = {p.name: p for p in sorted(cdir.glob("*.json"))}
+        cdir = source_dir("--configs_dir", Path(configs_dir))
+        files = {p.name: p for p in listing(cdir) if p.suffix == ".json"}
         for p in files.values():  # a FIFO would block the copy forever, /dev/zero would fill the disk
-            st = p.stat() if p.exists() else None
-            if st is None or not stat.S_ISREG(st.st_mode) or st.st_size > MAX_JSON_BYTES:
+            mode = path_mode(p)
+            if mode is None or not stat.S_ISREG(mode) or os.path.getsize(p) > MAX_JSON_BYTES:
                 raise OmniError(f"--configs_dir {cdir}: {p.name} is not a regular JSON file of at most "
                                 f"{MAX_JSON_BYTES:,} bytes")
         return files
@@ -368,6 +373,8 @@ def write_export(components: L.Components, out_dir: str | os.PathLike, dtype: st
         raise OmniError(f"--output_file {output_file}: use one of {', '.join(L.EXPORT_NAMES)}")
     out = prepare_target(out_dir, force, note)
     torch_dtype, int8 = storage_dtype(dtype, quantize)
+    for path in (configs or {}).values():  # a copy loading would refuse must not make a finished export
+        check_config(read_json(path), str(path))
     merged = merged_state_dict(components, torch_dtype, int8)
     tmp = work_name(out, "tmp")
     tmp.mkdir()  # mkdir, not mkdtemp: the export gets the user's usual permissions, not 0700

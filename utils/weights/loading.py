@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import warnings
 from contextvars import ContextVar
 from pathlib import Path
@@ -16,7 +17,8 @@ from typing import Any
 from utils.weights.components import (CTC_MAP_NAMES, VOCODER_NAMES, Components, build_audio, build_linear, build_rvq, build_talker,
                               build_thinker, build_vision, build_vocoder, check_projector_fit, named_vocoder_file,
                               read_ctc_chars, read_generation_config, set_tokenizer)
-from utils.weights.checkpoint import StateDict, find_config, find_weights_file, read_json, read_torch_file, unwrap
+from utils.weights.checkpoint import (StateDict, find_config, find_weights_file, is_directory, is_regular, listing,
+                                      path_mode, read_json, read_torch_file, unwrap)
 from utils.base.errors import OmniError
 from utils.weights.export_format import EXPORT_NAMES, load_export
 from utils.media.tokenizer import Tokenizer
@@ -40,13 +42,15 @@ def dir_kind(d: Path) -> str | None:
     chosen = CHOSEN_FILES.get().get(d.resolve())
     if chosen is not None:
         return chosen[0]
-    if any((d / n).is_file() for n in EXPORT_NAMES):
+    names_here = [p.name for p in listing(d)]  # first: a directory that cannot be read is named itself
+    if any(is_regular(d / n) for n in EXPORT_NAMES):
         return "export"
     for kind, names in KIND_FILES.items():
         for name in names:
-            if (d / f"{name}.pt").is_file() or any(d.glob(f"{name}_step_*.pt")):
+            if is_regular(d / f"{name}.pt") or any(n.startswith(f"{name}_step_") and n.endswith(".pt")
+                                                   for n in names_here):
                 return kind
-    if (d / "model.pt").is_file():
+    if is_regular(d / "model.pt"):
         return model_pt_kind(d / "model.pt")
     others = other_pt_files(d)
     if len(others) == 1:
@@ -59,10 +63,7 @@ def dir_kind(d: Path) -> str | None:
 
 def other_pt_files(d: Path) -> list[Path]:
     """`.pt` files in `d` without a standard μOmni name (e.g. `omni_final.pt`, `thinker_best.pt`)."""
-    try:
-        return sorted(p for p in d.glob("*.pt") if p.is_file() and not STANDARD_PT.match(p.name))
-    except OSError:
-        return []
+    return [p for p in listing(d) if p.suffix == ".pt" and not STANDARD_PT.match(p.name) and is_regular(p)]
 
 
 def several_weights_error(d: Path, shown: str | Path) -> OmniError:
@@ -128,9 +129,7 @@ def weights_file(d: Path, kind: str) -> Path:
 
 
 def subdirs_of_kind(parent: Path, kind: str) -> list[Path]:
-    if not parent.is_dir():
-        return []
-    return sorted(p for p in parent.iterdir() if p.is_dir() and not p.name.startswith(".") and dir_kind(p) == kind)
+    return [p for p in child_dirs(parent) if dir_kind(p) == kind]
 
 
 def locate_component(kind: str, base: Path, pointer: str | None) -> tuple[Path | None, str]:
@@ -140,9 +139,9 @@ def locate_component(kind: str, base: Path, pointer: str | None) -> tuple[Path |
         p = Path(str(pointer).replace("\\", "/"))  # configs written on Windows
         tried = [p, base / p.name]
         for cand in tried:
-            if cand.is_dir():
+            if is_directory(cand):
                 sibling = tried[1]
-                if cand is p and sibling.is_dir() and sibling.resolve() != p.resolve():
+                if cand is p and is_directory(sibling) and sibling.resolve() != p.resolve():
                     warnings.warn(f"the omni config's {OMNI_POINTERS.get(kind, kind)} '{pointer}' is taken relative "
                                   f"to the current directory ({p.resolve()}), not the sibling {sibling}")
                 return cand, str(cand)
@@ -164,10 +163,14 @@ def load_components(ckpt_dir: str | Path) -> Components:
     # Siblings and ../configs, ../../configs are found through the parents: '.', 'x/..' or a bare relative name
     # must name the real directories (lexically normalised: a symlinked run directory keeps its own siblings).
     d = Path(os.path.normpath(Path(ckpt_dir).absolute()))
-    if not d.exists():
+    mode = path_mode(d, "--ckpt_dir")
+    if mode is None:
         raise OmniError(f"--ckpt_dir {d}: no such directory")
-    if d.is_file():
+    if stat.S_ISREG(mode):
         return load_weights_file(d)
+    if not stat.S_ISDIR(mode):
+        raise OmniError(f"--ckpt_dir {d}: is neither a directory nor a weights file")
+    listing(d, "--ckpt_dir")  # an unreadable directory is named as what the user gave, not by a file inside it
     kind = dir_kind(d)
     if kind == "export":
         return load_export(d)
@@ -188,7 +191,7 @@ def load_components(ckpt_dir: str | Path) -> Components:
             load_omni_dir(comps, omni[0], d)
         else:
             thinker, where = locate_component("thinker", d, None)
-            if thinker is None and (d / "checkpoints").is_dir() and d.name != "checkpoints":
+            if thinker is None and is_directory(d / "checkpoints") and d.name != "checkpoints":
                 return load_components(d / "checkpoints")  # the μOmni repository root
             exports = subdirs_of_kind(d, "export") if thinker is None else []
             if len(exports) == 1:
@@ -251,7 +254,7 @@ def load_thinker_dir(comps: Components, d: Path, sd: StateDict | None = None,
     comps.ctx_len = comps.thinker.cfg.ctx_len
     comps.sources["thinker"] = src
     tok = d / "tokenizer.model"
-    if not tok.is_file():
+    if not is_regular(tok):
         raise OmniError(f"tokenizer {tok}: not found (the thinker directory must hold tokenizer.model)")
     set_tokenizer(comps, Tokenizer(tok))
 
@@ -267,7 +270,7 @@ def load_omni_dir(comps: Components, d: Path, base: Path, thinker_dir: Path | No
     pointers = {kind: cfg.get(key) for kind, key in OMNI_POINTERS.items()}
     if thinker_dir is None:
         thinker_dir, where = locate_component("thinker", base, pointers["thinker"])
-        if thinker_dir is None and (d / "tokenizer.model").is_file():
+        if thinker_dir is None and is_regular(d / "tokenizer.model"):
             thinker_dir = d
         if thinker_dir is None:
             raise OmniError(f"{path}: no thinker directory with tokenizer.model found (searched {where})")
@@ -284,7 +287,7 @@ def load_omni_dir(comps: Components, d: Path, base: Path, thinker_dir: Path | No
     comps.ctx_len = comps.thinker.cfg.ctx_len
     comps.sources["thinker"] = str(path)
     tok = thinker_dir / "tokenizer.model"
-    if not tok.is_file():
+    if not is_regular(tok):
         raise OmniError(f"tokenizer {tok}: not found")
     set_tokenizer(comps, Tokenizer(tok))
     d_model = comps.thinker.cfg.d_model
@@ -355,9 +358,9 @@ def load_talker_dir(comps: Components, d: Path) -> None:
 
 
 def child_dirs(parent: Path) -> list[Path]:
-    if not parent.is_dir():
+    if not is_directory(parent):
         return []
-    return sorted(p for p in parent.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return [p for p in listing(parent) if not p.name.startswith(".") and is_directory(p)]
 
 
 def vocoder_config(d: Path) -> dict[str, Any]:
