@@ -800,11 +800,12 @@ def batch_source(name: str, target: str, build: Callable[[Env], Any] | None, mat
 
 
 def fifo_with_reader(env: Env) -> None:
-    """A FIFO as --audio_out, with `cat` copying what arrives into received.wav."""
+    """A FIFO as --audio_out, with `cat` copying what arrives into received.wav. No time limit on the reader:
+    the run may come minutes after this build on a busy machine (a 300 s limit once killed the reader first,
+    and the run then hung opening the FIFO); fifo_reader_got_a_whole_wav ends it by an event instead."""
     os.mkfifo(env.d / "speech.fifo")
     env.d.joinpath("reader.pid").write_text(str(subprocess.Popen(
-        ["timeout", "300", "sh", "-c", 'cat "$0" > "$1"', str(env.d / "speech.fifo"), str(env.d / "received.wav")])
-        .pid))  # the timeout: a run that never opens the FIFO must not leave the reader waiting forever
+        ["sh", "-c", 'cat "$0" > "$1"', str(env.d / "speech.fifo"), str(env.d / "received.wav")]).pid))
 
 
 def process_running(pid: int) -> bool:
@@ -816,10 +817,15 @@ def process_running(pid: int) -> bool:
 
 
 def fifo_reader_got_a_whole_wav(env: Env, result: dict) -> None:
-    """Waits for the reader to end (the event: it sees EOF when the run closes the FIFO; its `timeout 300` bounds
-    a run that never does), then reads what it received."""
+    """Waits for the reader to end, then reads what it received. The run has ended, so the reader sees EOF once
+    no writer is left; opening and closing the FIFO for writing here releases a reader still waiting for its
+    first writer (a run that never opened the FIFO: received.wav is then empty and the check fails)."""
     import soundfile as sf
     pid = int((env.d / "reader.pid").read_text())
+    try:
+        os.close(os.open(env.d / "speech.fifo", os.O_WRONLY | os.O_NONBLOCK))
+    except OSError:  # ENXIO: no reader is waiting (it has read the run's data, or it is gone)
+        pass
     while process_running(pid):
         time.sleep(0.05)
     data = (env.d / "received.wav").read_bytes()
