@@ -39,6 +39,15 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         shutil.rmtree(SESSION_CACHE, ignore_errors=True)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def c_step_built() -> None:
+    """The C decode step compiled into the session's cache before the first test: otherwise the CLIs a test
+    starts together (test_fixture starts 14) would each compile it alone. Where it cannot build, nothing
+    happens here; the tests of the step say why (c_step_missing)."""
+    from utils.engine.native.step import library
+    library()
+
+
 def c_step_missing() -> str | None:
     """Why the C decode step (utils/engine/native/step.py) cannot be built here, or None. Outside CI a test of it
     skips with that reason; in CI (which installs a compiler) it fails instead."""
