@@ -1,18 +1,51 @@
-"""Shared test fixtures: the μOmni reference fixtures (../shared) and tiny self-built checkpoint trees."""
+"""Shared test fixtures and paths: the μOmni reference fixtures (../shared), the shipped demo model, tiny
+self-built checkpoint trees, and the one compile cache of the session."""
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_FIXTURE = REPO.parent / "shared" / "fixtures" / "muomni_small"
+DEMO = REPO / "checkpoints" / "demo"  # the shipped demo model (tools/train_demo.py)
+EXAMPLES = REPO / "examples"
+QUESTION = "What is 3 plus 4?"  # a prompt the demo answers with a short, EOS-ended answer
+DEMO_BUILT = (DEMO / "omni_sft_tiny" / "omni.pt").is_file()
+needs_demo = pytest.mark.skipif(not DEMO_BUILT, reason=f"{DEMO} not built (run: python tools/train_demo.py)")
 
 sys.path.insert(0, str(REPO))
+
+# The C decode step is compiled into MUOMNI_CACHE_DIR. One fresh directory per test session, set here at import
+# (before anything builds it, and inherited by every subprocess a test starts): the step compiles once per
+# session, the tests never write to the user's ~/.cache, and never load a library planted or left there (a
+# MUOMNI_CACHE_DIR of the user's is overridden too). A helper process that imports this file (test_errors'
+# batch runner) keeps its session's directory.
+OWNS_CACHE = "MUOMNI_TEST_SESSION_CACHE" not in os.environ
+if OWNS_CACHE:
+    os.environ["MUOMNI_TEST_SESSION_CACHE"] = tempfile.mkdtemp(prefix="muomni-test-cache-")
+SESSION_CACHE = Path(os.environ["MUOMNI_TEST_SESSION_CACHE"])
+os.environ["MUOMNI_CACHE_DIR"] = str(SESSION_CACHE)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if OWNS_CACHE:
+        shutil.rmtree(SESSION_CACHE, ignore_errors=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def c_step_built() -> None:
+    """The C decode step compiled into the session's cache before the first test: otherwise the CLIs a test
+    starts together (test_fixture starts 14) would each compile it alone. Where it cannot build, nothing
+    happens here; the tests of the step say why (c_step_missing)."""
+    from utils.engine.native.step import library
+    library()
 
 
 def c_step_missing() -> str | None:
@@ -39,6 +72,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def demo_model():
+    """The demo model, loaded once for the session (or a skip where it is not built). Shared: a test must not
+    change it (quantize, load other weights); one that needs a changed model loads its own."""
+    if not DEMO_BUILT:
+        pytest.skip(f"{DEMO} not built (run: python tools/train_demo.py)")
+    from omni import load_model
+    return load_model(DEMO, device="cpu")
 
 
 @pytest.fixture(scope="session")

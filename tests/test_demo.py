@@ -10,28 +10,16 @@ import random
 
 import pytest
 
-from tests.conftest import REPO, run_cli
+from tests.conftest import DEMO, EXAMPLES, QUESTION, needs_demo, run_cli
 from tools import synth
 from tools.eval_demo import image_accuracy, speech_accuracy, sum_accuracy
 
-DEMO = REPO / "checkpoints" / "demo"
-EXAMPLES = REPO / "examples"
 N = 40
 SEED = 2024  # training draws from seeds 1-9: these inputs are new
 
-pytestmark = pytest.mark.skipif(not (DEMO / "omni_sft_tiny" / "omni.pt").is_file(),
-                                reason=f"{DEMO} not built (run: python tools/train_demo.py)")
+pytestmark = [needs_demo, pytest.mark.usefixtures("one_thread")]
 needs_espeak = pytest.mark.skipif(not synth.have_espeak(),
                                   reason="espeak-ng not installed (apt-get install -y espeak-ng): no speech inputs")
-
-
-@pytest.fixture(scope="module")
-def model():
-    import torch
-
-    from omni import load_model
-    torch.set_num_threads(2)
-    return load_model(DEMO, device="cpu")
 
 
 def test_tree_layout_and_size() -> None:
@@ -45,43 +33,45 @@ def test_tree_layout_and_size() -> None:
     assert size <= 25 * 2 ** 20, f"checkpoints/demo holds {size / 2 ** 20:.1f} MB"
 
 
-def test_image_answers(model) -> None:
-    acc, misses = image_accuracy(model, N, SEED)
+def test_image_answers(demo_model) -> None:
+    acc, misses = image_accuracy(demo_model, N, SEED)
     assert acc >= 0.9, f"image accuracy {acc:.2f}; misses: {misses[:10]}"
 
 
-def test_sums(model) -> None:
-    acc, misses = sum_accuracy(model, N, SEED + 1)
+def test_sums(demo_model) -> None:
+    acc, misses = sum_accuracy(demo_model, N, SEED + 1)
     assert acc >= 0.9, f"sum accuracy {acc:.2f}; misses: {misses[:10]}"
 
 
 @needs_espeak
-def test_speech(model) -> None:
-    exact, heard, misses = speech_accuracy(model, N, SEED + 2)
+def test_speech(demo_model) -> None:
+    exact, heard, misses = speech_accuracy(demo_model, N, SEED + 2)
     assert exact >= 0.8, f"transcript exact match {exact:.2f}; misses: {misses[:10]}"
     assert heard >= 0.8, f"'What did you hear?' accuracy {heard:.2f}; misses: {misses[:10]}"
 
 
-def test_video_lists_the_shapes(model) -> None:
+def test_video_lists_the_shapes(demo_model) -> None:
     frames = synth.shapes_video_frames(random.Random(SEED), [("yellow", "square"), ("purple", "circle")], 12, 128)
     picks = [frames[i * len(frames) // 5] for i in range(1, 5)]  # what the video loader samples from 4 frames
-    answer = model.chat(None, image=picks)
+    answer = demo_model.chat(None, image=picks)
     assert "yellow square" in answer and "purple circle" in answer, answer
 
 
 @pytest.mark.skipif(not (EXAMPLES / "red_circle.png").is_file(), reason="examples/ not written")
 def test_cli_on_examples() -> None:
+    """The shipped examples through the CLI: one-shot runs (the default image prompt, --transcribe) and a pipe
+    of three messages (a question each about an image, a sum and a sound), one answer line each."""
     base = ("--ckpt_dir", str(DEMO))
     out = run_cli(*base, "--image", str(EXAMPLES / "red_circle.png"))
     assert out.returncode == 0 and "red circle" in out.stdout, out.stderr
-    out = run_cli(*base, "--image", str(EXAMPLES / "blue_square.png"), "--text", "What do you see?")
-    assert out.returncode == 0 and "blue square" in out.stdout, out.stderr
-    out = run_cli(*base, "--text", "What is 3 plus 4?")
-    assert out.returncode == 0 and "7" in out.stdout, out.stderr
     out = run_cli(*base, "--transcribe", "--audio_in", str(EXAMPLES / "green_triangle.wav"))
     assert out.returncode == 0 and out.stdout.strip() == "a green triangle", (out.stdout, out.stderr)
-    out = run_cli(*base, "--audio_in", str(EXAMPLES / "green_triangle.wav"), "--text", "What did you hear?")
-    assert out.returncode == 0 and "green triangle" in out.stdout, out.stderr
+    lines = [f"/image {EXAMPLES / 'blue_square.png'}", "What do you see?", QUESTION,
+             f"/audio {EXAMPLES / 'green_triangle.wav'}", "What did you hear?"]
+    out = run_cli(*base, stdin="\n".join(lines) + "\n")
+    assert out.returncode == 0, out.stderr
+    square, seven, heard = out.stdout.splitlines()
+    assert "blue square" in square and "7" in seven and "green triangle" in heard, out.stdout
 
 
 def test_demo_answers_correctly_without_generation_config(tmp_path) -> None:
@@ -91,8 +81,8 @@ def test_demo_answers_correctly_without_generation_config(tmp_path) -> None:
     copy = tmp_path / "demo"
     shutil.copytree(DEMO, copy)
     (copy / "generation_config.json").unlink()
-    out = run_cli("--ckpt_dir", str(copy), "--text", "What is 3 plus 4?", "--json")
+    out = run_cli("--ckpt_dir", str(copy), "--text", QUESTION, "--json")
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["text"].strip() == "7"
-    out = run_cli("--ckpt_dir", str(copy), "--text", "What is 3 plus 4?", "--decode_attention", "reference")
+    out = run_cli("--ckpt_dir", str(copy), "--text", QUESTION, "--decode_attention", "reference")
     assert out.returncode == 0 and out.stdout.strip() != "7", out.stdout

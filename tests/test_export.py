@@ -1,4 +1,4 @@
-"""Issue 4: export.py and infer_safetensors.py — one portable file in float32, float16/bfloat16 or int8.
+"""export.py and infer_safetensors.py — one portable file in float32, float16/bfloat16 or int8.
 
 Self-contained tests export the random `tiny_tree` (tests/factory.py) in-process; the reference-fixture tests export
 ../shared/fixtures/muomni_small and check the ids through real `infer_safetensors.py` subprocesses (they skip

@@ -1,4 +1,4 @@
-"""Issue 2, "μOmni-compatible core": every number the reference computed on ../shared/fixtures/muomni_small.
+"""The μOmni-compatible core: every number the reference computed on ../shared/fixtures/muomni_small.
 
 The comparisons run through the code paths the CLIs use (utils.weights.loading discovery, omni.load_model, the image and
 audio preprocessing, the generation loop), and the ids are also checked through real CLI subprocesses. Without

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import REPO
+from tests.conftest import EXAMPLES, REPO
 from tests.factory import compiled_keys, make_export, make_tree, random_init, reference_modules, thinker_config
 from models.thinker import ThinkerLM
 from utils.base.errors import OmniError
@@ -220,7 +220,7 @@ def test_repl_video_uses_the_checkpoints_image_size(tree):
     from omni import load_model
     vit = random_init(ViTTiny(ViTConfig(d_model=16, n_layers=1, n_heads=2, d_ff=32, patch=8, img_size=112)), 4)
     torch.save({"vit": vit.state_dict()}, tree / "vision_tiny" / "vision.pt")
-    video = REPO / "examples" / "shapes.mp4"
+    video = EXAMPLES / "shapes.mp4"
     model = load_model(tree / "omni_sft_tiny", device="cpu")
     from utils.cli.repl import Attachments, attach
     attached = Attachments()

@@ -1,4 +1,5 @@
-"""The README's command blocks run as written, in order, in a copy of the repository (as in a fresh clone).
+"""The README's command blocks run as written, in order, in a copy of the repository (as in a fresh clone), and
+its Python API snippet from another folder as it documents.
 
 Every ```bash and ```python block is run. Not run: a block preceded by `<!-- readme-test: skip (why) -->`
 (installing packages, the whole suite, retraining) and a bash line ending in `# interactive` (the chat needs a
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import DEMO, EXAMPLES, REPO, needs_demo
 
 SKIP_MARK = "<!-- readme-test: skip"
 INTERACTIVE_MARK = "# interactive"
@@ -55,8 +56,7 @@ def test_readme_marks_its_skips_and_interactive_lines() -> None:
                 assert line.rstrip().endswith(INTERACTIVE_MARK), line  # no input: the interactive chat
 
 
-@pytest.mark.skipif(not (REPO / "checkpoints" / "demo" / "omni_sft_tiny" / "omni.pt").is_file(),
-                    reason="checkpoints/demo not built (run: python tools/train_demo.py)")
+@needs_demo
 def test_readme_command_blocks_run_as_written(tmp_path: Path) -> None:
     copy = tmp_path / "repo"
     shutil.copytree(REPO, copy, ignore=copy_ignore)
@@ -80,3 +80,24 @@ def test_readme_command_blocks_run_as_written(tmp_path: Path) -> None:
         ran += 1
     assert ran >= 4
     assert (copy / "export" / "model.safetensors").is_file() and (copy / "answer.wav").is_file()
+
+
+def readme_python_block() -> str:
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("### Python API"):]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+@needs_demo
+def test_readme_python_snippet_runs_from_elsewhere_as_documented(tmp_path: Path) -> None:
+    text = (REPO / "README.md").read_text()
+    assert "PYTHONPATH=/path/to/muomni" in text  # the README says how to run it from elsewhere
+    code = readme_python_block().replace("checkpoints/demo", str(DEMO)).replace("examples/", f"{EXAMPLES}/")
+    code = code.replace('out_path="hello.wav"', f'out_path="{tmp_path / "hello.wav"}"')
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    bare = subprocess.run([sys.executable, "-c", "import omni"], cwd=tmp_path, capture_output=True, text=True,
+                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert "No module named 'omni'" in bare.stderr  # what the README warns about

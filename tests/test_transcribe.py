@@ -11,6 +11,7 @@ import io
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -20,19 +21,19 @@ import pytest
 import soundfile as sf
 import torch
 
-from tests.conftest import REPO, run_cli
+from tests.conftest import DEMO, EXAMPLES, REPO, run_cli
 from tools import synth
 from tools.transcribe_speed import example_pieces, write_repeated
 from utils.media.audio import HOP_LENGTH, SAMPLE_RATE
 from utils.engine.transcribe import transcribe
 from utils.base.transcript import TranscribeOptions, format_transcript
 
-DEMO_AUDIO = REPO / "checkpoints" / "demo" / "audio_enc_tiny"
-EXAMPLE = REPO / "examples" / "phrases.wav"
-TRUTH = json.loads((REPO / "examples" / "phrases.json").read_text())["phrases"]
+DEMO_AUDIO = DEMO / "audio_enc_tiny"  # the demo's audio encoder alone: what transcription loads
+EXAMPLE = EXAMPLES / "phrases.wav"
+TRUTH = json.loads((EXAMPLES / "phrases.json").read_text())["phrases"]
 TOLERANCE = 0.15  # seconds: a segment's start and end against the truth
 
-needs_demo = pytest.mark.skipif(not (DEMO_AUDIO / "audio_enc.pt").is_file(),
+needs_demo_audio = pytest.mark.skipif(not (DEMO_AUDIO / "audio_enc.pt").is_file(),
                                 reason=f"{DEMO_AUDIO} not built (run: python tools/train_demo.py)")
 needs_espeak = pytest.mark.skipif(not synth.have_espeak(),
                                   reason="espeak-ng not installed (apt-get install -y espeak-ng): no fresh speech")
@@ -60,7 +61,7 @@ def assert_matches_truth(result: dict, truth: list[dict], texts: list[str]) -> N
 
 # ---------------------------------------------------------------- the demo encoder on real speech
 
-@needs_demo
+@needs_demo_audio
 def test_committed_example_segments_and_words(model) -> None:
     result = model.transcribe(str(EXAMPLE))
     assert set(result) == {"text", "language", "duration", "segments"} and result["language"] is None
@@ -70,7 +71,7 @@ def test_committed_example_segments_and_words(model) -> None:
     assert result.text == result["text"]
 
 
-@needs_demo
+@needs_demo_audio
 def test_one_pass_over_several_phrases_is_what_vad_fixes(model) -> None:
     """Regions encoded alone give each phrase; the whole clip in one pass (no VAD) does not (the demo encoder
     was trained on single phrases): the splitting is what makes the difference."""
@@ -79,7 +80,7 @@ def test_one_pass_over_several_phrases_is_what_vad_fixes(model) -> None:
     assert model.transcribe(wave, vad=False).text != " ".join(p["text"] for p in TRUTH)
 
 
-@needs_demo
+@needs_demo_audio
 def test_array_file_and_options(model) -> None:
     wave = sf.read(str(EXAMPLE), dtype="float32")[0]
     from_file, from_array = model.transcribe(str(EXAMPLE)), model.transcribe(wave)
@@ -97,7 +98,7 @@ def test_array_file_and_options(model) -> None:
         model.transcribe(wave, no_such_option=1)
 
 
-@needs_demo
+@needs_demo_audio
 @pytest.mark.parametrize("fmt", ["FLAC", "MP3"])
 def test_other_rates_and_channels_are_resampled_in_blocks(model, tmp_path: Path, fmt: str) -> None:
     """44.1 kHz stereo (first channel used), read in blocks of under 6 s and resampled as a stream."""
@@ -124,12 +125,12 @@ def write_aac(path: Path, wave: np.ndarray) -> None:
             container.mux(packet)
 
 
-@needs_demo
+@needs_demo_audio
 def test_containers_libsndfile_cannot_read_go_through_pyav(model, tmp_path: Path) -> None:
     write_aac(tmp_path / "talk.m4a", sf.read(str(EXAMPLE), dtype="float32")[0])
     assert_matches_truth(model.transcribe(str(tmp_path / "talk.m4a")), TRUTH, [p["text"] for p in TRUTH])
     base = ("--ckpt_dir", str(DEMO_AUDIO), "--transcribe", "--audio_in")
-    silent_video = run_cli(*base, str(REPO / "examples" / "shapes.mp4"))
+    silent_video = run_cli(*base, str(EXAMPLES / "shapes.mp4"))
     assert silent_video.returncode == 1 and silent_video.stderr.endswith("shapes.mp4: has no audio stream\n")
     (tmp_path / "junk.m4a").write_bytes(b"not audio at all\n" * 64)
     junk = run_cli(*base, str(tmp_path / "junk.m4a"))
@@ -137,17 +138,17 @@ def test_containers_libsndfile_cannot_read_go_through_pyav(model, tmp_path: Path
     assert junk.stderr.count("\n") == 1
 
 
-@needs_demo
+@needs_demo_audio
 def test_short_clip_without_silence_is_the_greedy_ctc_of_the_whole(model) -> None:
     """No long silence: one region, encoded as a whole, so the text is the plain greedy CTC decode."""
     from models.audio import ctc_greedy_decode
-    wave = sf.read(str(REPO / "examples" / "green_triangle.wav"), dtype="float32")[0]
+    wave = sf.read(str(EXAMPLES / "green_triangle.wav"), dtype="float32")[0]
     with torch.inference_mode():
         logits = model.parts.ctc_head(model.encode_audio(wave)).float()
     assert model.transcribe(wave).text == ctc_greedy_decode(logits, model.parts.ctc_chars) == "a green triangle"
 
 
-@needs_demo
+@needs_demo_audio
 @needs_espeak
 def test_fresh_speech_with_known_silences(model) -> None:
     """Phrases synthesised now, joined by silences of random known lengths: one segment per phrase, at the
@@ -187,7 +188,7 @@ def transcribe_in_child(path: Path, out_dir: Path) -> tuple[dict, int]:
     return json.loads((out_dir / f"{path.stem}.json").read_text()), usage.ru_maxrss
 
 
-@needs_demo
+@needs_demo_audio
 def test_thirty_minutes_streamed_equal_the_pieces_in_bounded_memory(model, tmp_path: Path) -> None:
     pieces = example_pieces()
     alone = [model.transcribe(p).text for p in pieces]
@@ -325,16 +326,33 @@ def test_formats_parse_with_subtitle_parsers(tmp_path: Path) -> None:
     assert len(webvtt.read(str(tmp_path / "e.vtt"))) == 0
 
 
+def test_timestamps_round_to_the_nearest_millisecond() -> None:
+    """srt and vtt stamps (and tsv's integer milliseconds) are rounded, not truncated: 1.001 s is 1000.999... ms
+    in floating point and must still read ,001; a carry rolls into the seconds, minutes and hours."""
+    cases = {1.001: "00:00:01,001", 1.0009999: "00:00:01,001", 0.0014999: "00:00:00,001", 0.0015001: "00:00:00,002",
+             2.9999: "00:00:03,000", 59.9996: "00:01:00,000", 3599.9999: "01:00:00,000", 0.1 + 0.2: "00:00:00,300",
+             3661.001: "01:01:01,001", 4.0 - 1e-9: "00:00:04,000", 0.0: "00:00:00,000"}
+    segments = [{"id": i, "start": t, "end": t, "text": "x"} for i, t in enumerate(cases)]
+    result = {"text": "", "language": None, "duration": 3600.0, "segments": segments}
+    srt_stamps = re.findall(r"^(\S+) --> ", format_transcript(result, "srt"), re.M)
+    vtt_stamps = re.findall(r"^(\S+) --> ", format_transcript(result, "vtt"), re.M)
+    assert srt_stamps == list(cases.values())
+    assert vtt_stamps == [stamp.replace(",", ".") for stamp in cases.values()]
+    tsv_starts = [int(line.split("\t")[0]) for line in format_transcript(result, "tsv").splitlines()[1:]]
+    assert tsv_starts == [int(stamp[:2]) * 3_600_000 + int(stamp[3:5]) * 60_000 + int(stamp[6:8]) * 1000
+                          + int(stamp[9:]) for stamp in cases.values()]
+
+
 def vtt_seconds(stamp: str) -> float:
     hours, minutes, seconds = stamp.split(":")
     return int(hours) * 3600 + int(minutes) * 60 + float(seconds)
 
 
-@needs_demo
+@needs_demo_audio
 def test_cli_writes_every_format_for_several_files(model, tmp_path: Path) -> None:
     import srt
     import webvtt
-    green = REPO / "examples" / "green_triangle.wav"
+    green = EXAMPLES / "green_triangle.wav"
     out = tmp_path / "subs"
     proc = run_cli("--ckpt_dir", str(DEMO_AUDIO), "--transcribe", "--audio_in", str(EXAMPLE), str(green),
                    "--output_format", "all", "--output_dir", str(out))
@@ -356,7 +374,7 @@ def test_cli_writes_every_format_for_several_files(model, tmp_path: Path) -> Non
     assert_matches_truth(json.loads((out / "phrases.json").read_text()), TRUTH, [p["text"] for p in TRUTH])
 
 
-@needs_demo
+@needs_demo_audio
 def test_cli_one_file_goes_to_stdout(model) -> None:
     want = model.transcribe(str(EXAMPLE))
     base = ("--ckpt_dir", str(DEMO_AUDIO), "--transcribe", "--audio_in", str(EXAMPLE))
@@ -367,7 +385,7 @@ def test_cli_one_file_goes_to_stdout(model) -> None:
     assert vtt.stdout == format_transcript(want, "vtt")
 
 
-@needs_demo
+@needs_demo_audio
 def test_cli_bad_inputs(tmp_path: Path) -> None:
     base = ("--ckpt_dir", str(DEMO_AUDIO), "--transcribe")
     (tmp_path / "a").mkdir()
@@ -386,7 +404,7 @@ def test_cli_bad_inputs(tmp_path: Path) -> None:
     proc = run_cli(*base, "--audio_in", str(EXAMPLE), "--max_transcribe_seconds", "2")
     assert proc.returncode == 1 and "over the transcription limit of 2 s" in proc.stderr and proc.stdout == ""
     (tmp_path / "file").write_text("x")
-    proc = run_cli(*base, "--audio_in", str(EXAMPLE), str(REPO / "examples" / "green_triangle.wav"), "--output_dir",
+    proc = run_cli(*base, "--audio_in", str(EXAMPLE), str(EXAMPLES / "green_triangle.wav"), "--output_dir",
                    str(tmp_path / "file" / "d"))
     assert proc.returncode == 1 and proc.stderr.startswith("error: --output_dir")
 
@@ -402,7 +420,7 @@ def test_cli_usage_errors(flags: list[str]) -> None:
     assert proc.returncode == 2 and "usage:" in proc.stderr
 
 
-@needs_demo
+@needs_demo_audio
 def test_progress_bar_on_a_terminal(tmp_path: Path) -> None:
     pexpect = pytest.importorskip("pexpect")
     long = tmp_path / "minute.wav"

@@ -59,9 +59,15 @@ class Transcript(dict):
         return self["segments"]
 
 
+def milliseconds(seconds: float) -> int:
+    """A time in whole milliseconds, rounded to the nearest (never truncated: 1.001 s is 1000.999... ms in floating
+    point and must stay 1001), and never below 0."""
+    return max(0, round(seconds * 1000))
+
+
 def timestamp(seconds: float, decimal: str) -> str:
-    """HH:MM:SS,mmm (srt, decimal ',') or HH:MM:SS.mmm (vtt, '.')."""
-    ms = max(0, round(seconds * 1000))
+    """HH:MM:SS,mmm (srt, decimal ',') or HH:MM:SS.mmm (vtt, '.'), from the rounded milliseconds."""
+    ms = milliseconds(seconds)
     hours, ms = divmod(ms, 3_600_000)
     minutes, ms = divmod(ms, 60_000)
     secs, ms = divmod(ms, 1000)
@@ -93,7 +99,7 @@ def to_vtt(result: dict[str, Any]) -> str:
 
 def to_tsv(result: dict[str, Any]) -> str:
     """whisper's tsv: start and end in integer milliseconds, then the text."""
-    return "start\tend\ttext\n" + "".join(f"{round(s['start'] * 1000)}\t{round(s['end'] * 1000)}\t"
+    return "start\tend\ttext\n" + "".join(f"{milliseconds(s['start'])}\t{milliseconds(s['end'])}\t"
                                           f"{cue_text(s['text']).replace(chr(9), ' ')}\n"
                                           for s in result["segments"])
 
