@@ -156,6 +156,7 @@ class Slots:
         self.pos = target
         self.shifts += 1
 
+    @torch.inference_mode()
     def prefill(self, slot: int, embeds: torch.Tensor, greedy: bool = False) -> Any:
         """Run the prompt `embeds` (T, d) of a placed `slot` alone (positions 0..T-1) into its columns. Returns
         the model head's output for its last position ((1, V) logits for the Thinker), or its greedy id (1,)."""
@@ -173,6 +174,7 @@ class Slots:
         out = self.model.head(h)
         return out.argmax(-1) if greedy else out
 
+    @torch.inference_mode()
     def step(self, inputs: torch.Tensor, greedy: bool = False) -> Any:
         """One decode step of every occupied row: feed `inputs` (what the model's `embed_step` takes, one entry
         per row) at the write column. Returns the head's output (logits (n, V)), or with `greedy` the argmax ids
@@ -342,6 +344,7 @@ class Scheduler:
             pass
 
     # ------------------------------------------------------------ admission
+    @torch.inference_mode()
     def admit(self) -> int:
         """Prefill queued rows into the free slots, longest prompt first (the first sets the write column, the
         others fit left of it); returns how many joined."""
@@ -408,6 +411,7 @@ class Scheduler:
         return 1
 
     # ------------------------------------------------------------ decoding
+    @torch.inference_mode()
     def decode(self) -> None:
         """One decode step for every running row: feed its last id, pick its next one, emit, free the done."""
         for slot in range(len(self.rows) - 1, -1, -1):
