@@ -200,10 +200,11 @@ def test_repetition_penalty_state_does_not_leak_into_a_reused_slot(model, kernel
 def test_seeded_sampled_row_is_independent_of_its_neighbours(model, kernel) -> None:
     """A seeded sampled row has its own generator: the same ids alone, beside greedy rows and beside other
     sampled rows (seeded or not), joined at different steps."""
-    seeded = dict(temperature=0.9, top_p=0.9, seed=5, max_new_tokens=30, ignore_eos=True)
+    seeded = dict(temperature=1.5, seed=5, max_new_tokens=30, ignore_eos=True)
     want = alone(model, TEXTS[2], decode_kernel=kernel, **seeded)
+    assert alone(model, TEXTS[2], decode_kernel=kernel, **{**seeded, "seed": 6}) != want  # the seed matters
     for neighbours in ([dict(max_new_tokens=30)], [dict(temperature=1.0, max_new_tokens=30),
-                                                   dict(temperature=0.7, seed=9, max_new_tokens=10)]):
+                                                   dict(temperature=1.5, seed=9, max_new_tokens=10)]):
         run = Stepped(model, 3, decode_kernel=kernel)
         for j, gen in enumerate(neighbours):
             run.add(TEXTS[j], **gen)
