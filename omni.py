@@ -15,38 +15,32 @@ conversation history.
 """
 from __future__ import annotations
 
-import math
 import os
 import time
 import warnings
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterator, Union
+from typing import Any, BinaryIO, Callable, Iterator
 
 import numpy as np
 import torch
-from PIL import Image
 
-from utils.media.audio import (HOP_LENGTH, SAMPLE_RATE, check_output_path, check_wave, load_audio, load_audio_bytes,
-                         max_audio_seconds, power_mel, trim_audio, write_wav)
-from utils.engine.batching import BatchEngine, RowPrompt
-from utils.weights.components import Components, to_device
-from utils.base.defaults import (AUDIO_PROMPT, DECODE_ATTENTION, DECODE_KERNELS, DEFAULT_VIDEO_FRAMES, DTYPE_NAMES, IMAGE_PROMPT, MAX_SEED,
-                            QUANTIZATIONS)
+from utils.base.defaults import DEFAULT_VIDEO_FRAMES, DTYPE_NAMES, QUANTIZATIONS
 from utils.base.errors import OmniError
-from utils.engine.generation import SamplingOptions, generate, generate_batch
-from utils.media.image import IMAGE_SIZE, load_image, load_image_bytes, load_video_frames, preprocess_image
-from utils.weights.loading import load_components
-from utils.engine.native.step import native_model
-from utils.weights.quant import quantize_linears
-from utils.engine.speech import (GRIFFIN_LIM_ITERS, Speech, SpeechOptions, choose_vocoder, frames_for_text, max_talker_frames,
-                          synthesize)
-from utils.media.tokenizer import IncrementalDecoder
-from utils.engine.transcribe import transcribe
+from utils.base.options import BY_NAME, OptionError, SamplingOptions
 from utils.base.transcript import Transcript, TranscribeOptions
-
-ImageInput = Union[str, os.PathLike, Image.Image, torch.Tensor, bytes]  # bytes: an encoded image file
-AudioInput = Union[str, os.PathLike, np.ndarray, bytes]  # bytes: an encoded audio file
+from utils.engine.generation import EngineThread, RowPrompt, generate, generate_batch, serving_engine
+from utils.engine.native.step import native_model
+from utils.engine.prompt import AudioInput, ImageInput, PromptBuilder, batch_request, require_parts
+from utils.engine.speech import (GRIFFIN_LIM_ITERS, Speech, SpeechOptions, choose_vocoder, frames_for_text,
+                                 max_talker_frames, synthesize)
+from utils.engine.transcribe import transcribe
+from utils.media.audio import HOP_LENGTH, SAMPLE_RATE, check_output_path, power_mel, write_wav
+from utils.media.tokenizer import IncrementalDecoder
+from utils.weights.card import model_card
+from utils.weights.components import Components, to_device
+from utils.weights.loading import load_components
+from utils.weights.quant import quantize_linears
 
 
 # What the apps (CLI, server, batch jobs) use besides OmniModel: re-exported so they stand on this module only.
@@ -91,16 +85,6 @@ def pick_device(device: str) -> torch.device:
 
 
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
-BATCH_KEYS = {"text", "image", "audio", "audio_in", "video", "video_frames", "prompt"}  # answer_batch requests
-
-# What a missing component is called in messages, and which `Components.searched` entry says where it was sought.
-PARTS = {"thinker": ("a thinker checkpoint", "thinker"), "vision": ("a vision encoder checkpoint", "vision"),
-         "proj_v": ("an omni checkpoint (proj_v projector)", "vision"),
-         "audio": ("an audio encoder checkpoint", "audio"),
-         "proj_a": ("an omni checkpoint (proj_a projector)", "audio"),
-         "ctc_head": ("a CTC head in the audio encoder checkpoint", "audio"),
-         "ctc_chars": ("audio_enc_metadata.json (the CTC character map)", "ctc_chars"),
-         "talker": ("a talker checkpoint", "talker"), "rvq": ("a talker checkpoint (RVQ codec)", "talker")}
 
 
 @dataclass
@@ -130,6 +114,7 @@ class OmniModel:
         self.dtype = dtype or comps.dtype
         self.load_seconds = 0.0  # set by load_model
         to_device(comps, device, self.dtype)
+        self._prompts = PromptBuilder(comps, device, self.encode_images, self.encode_audio)
 
     @property
     def components(self) -> list[str]:
@@ -146,78 +131,17 @@ class OmniModel:
     def info(self) -> dict[str, Any]:
         """The model card (`--info`, like `ollama show`): components with parameter counts and the weights and
         config files they came from, dtype, context, vocabulary, decode mode and generation defaults."""
-        c = self._parts
-        export = any(Path(src).suffix == ".safetensors" for src in c.sources.values())
-        parts = {"thinker": [c.thinker, c.proj_a, c.proj_v], "vision": [c.vision], "audio": [c.audio, c.ctc_head],
-                 "talker": [c.talker, c.rvq], "vocoder": [c.vocoder]}
-        components = {}
-        for name, modules in parts.items():
-            if modules[0] is None:
-                continue
-            config = c.configs.get(name) or (str(c.root / "config.json") if export else "none found (spec defaults)")
-            if name == "thinker" and "omni" in c.configs:
-                config = f"{config}; omni config {c.configs['omni']}"
-            components[name] = {"parameters": sum(p.numel() for m in modules if m is not None for p in m.parameters()),
-                                "weights": c.sources.get(name, "?"), "config": config}
-        tc = c.thinker.cfg if c.thinker is not None else None
-        opts = self.sampling_options()
-        card: dict[str, Any] = {
-            "path": str(c.root), "format": "merged safetensors export" if export else "μOmni trainer checkpoints",
-            "components": components, "parameters": sum(v["parameters"] for v in components.values()),
-            "dtype": str(self.dtype).replace("torch.", ""), "device": str(self.device),
-            "context_length": c.ctx_len, "decode_attention": opts.decode_attention,
-            "generation_defaults": {"max_new_tokens": opts.max_new_tokens, "temperature": opts.temperature,
-                                    "top_k": opts.top_k, "top_p": opts.top_p,
-                                    "repetition_penalty": opts.repetition_penalty},
-            "generation_config": c.generation_defaults or None,
-            "missing": {k: v for k, v in c.searched.items()},
-        }
-        if tc is not None:
-            b = tc.block
-            card["vocabulary"] = {"embedding_rows": tc.vocab_size, "tokenizer_pieces": c.tokenizer.vocab_size,
-                                  "tokenizer": str(c.tokenizer.path)}
-            card["thinker"] = {"layers": tc.n_layers, "d_model": b.d_model, "heads": b.n_heads,
-                               "kv_heads": b.n_kv_heads, "ffn": b.ffn, "d_ff": b.d_ff, "experts": b.num_experts,
-                               "rope_theta": tc.rope_theta}
-        return card
+        return model_card(self._parts, self.dtype, self.device, self.sampling_options())
 
     # ------------------------------------------------------------ inputs
     def _require_parts(self, purpose: str, *parts: str) -> None:
         """Raise a clear OmniError when a component `purpose` depends on was not found."""
-        for part in parts:
-            if getattr(self._parts, part) is None:
-                label, key = PARTS[part]
-                where = self._parts.searched.get(key, str(self._parts.root))
-                raise OmniError(f"{purpose} needs {label}, but none was found (searched {where})")
+        require_parts(self._parts, purpose, *parts)
 
     @property
     def image_size(self) -> int:
         """The vision checkpoint's input size (224 for every μOmni release), so Pillow does the resize."""
-        return self._parts.vision.cfg.img_size if self._parts.vision is not None else IMAGE_SIZE
-
-    def _image_tensor(self, image: ImageInput) -> torch.Tensor:
-        if isinstance(image, torch.Tensor):
-            return image
-        if isinstance(image, Image.Image):
-            return preprocess_image(image, self.image_size)
-        if isinstance(image, bytes):
-            return load_image_bytes(image, self.image_size)
-        return load_image(media_path("image", image), self.image_size)
-
-    def _audio_wave(self, audio: AudioInput) -> np.ndarray:
-        """The 16 kHz waveform. From a file only the start a prompt can use is decoded (plus a second, so
-        _build_prompt notices and reports the trim)."""
-        if isinstance(audio, np.ndarray):
-            wave = audio.astype(np.float32, copy=False)
-            if wave.ndim != 1 or wave.size == 0:
-                raise OmniError(f"audio array: expected a non-empty 1-D waveform, found shape {wave.shape}")
-            check_wave(wave, "audio array")
-            return wave
-        chat_seconds = None if self._parts.audio is None else \
-            max_audio_seconds(self._parts.ctx_len, self._parts.audio.cfg.downsample) + 1.0
-        if isinstance(audio, bytes):
-            return load_audio_bytes(audio, max_seconds=chat_seconds)
-        return load_audio(media_path("audio", audio), max_seconds=chat_seconds)
+        return self._prompts.image_size
 
     def load_media(self, image: ImageInput | list[ImageInput] | None = None,
                    audio: AudioInput | list[AudioInput] | None = None, video: str | os.PathLike | None = None,
@@ -229,7 +153,7 @@ class OmniModel:
             self._require_parts(purpose, "vision", "proj_v")
         if purpose is not None and audio is not None:
             self._require_parts(purpose, "audio", "proj_a")
-        _, images, wave = self._gather_inputs("", image, audio, video, video_frames)
+        _, images, wave = self._prompts.gather("", image, audio, video, video_frames)
         return Media(images, [] if wave is None else wave if isinstance(wave, list) else [wave])
 
     @torch.inference_mode()
@@ -247,109 +171,31 @@ class OmniModel:
         mel = power_mel(wave).to(self.device, self.dtype)
         return self._parts.audio(mel[None])[0]
 
-    @torch.inference_mode()
-    def _build_prompt(self, text: str, images: list[torch.Tensor], wave: np.ndarray | list[np.ndarray] | None,
-                     max_new_tokens: int) -> tuple[torch.Tensor, list[int], list[str], int]:
-        """Embeddings [image tokens, audio tokens, tok_emb([bos] + encode(text))], the text ids used, notes,
-        and max_new_tokens. The answer keeps its budget and a long prompt is trimmed (its end kept); only when
-        the context cannot hold the budget beside the shortest prompt ([bos] + the last text token) is the
-        budget reduced. Both are reported in the notes."""
-        self._require_parts("chat", "thinker")
-        notes: list[str] = []
-        parts = []
-        if images:
-            parts.append(self.encode_images(images))
-        waves = [] if wave is None else wave if isinstance(wave, list) else [wave]
-        if waves:  # several clips: their tokens in order, at most ctx_len // 4 in all
-            self._require_parts("audio input", "audio", "proj_a")
-            limit = self._parts.ctx_len // 4
-            seconds = max_audio_seconds(self._parts.ctx_len, self._parts.audio.cfg.downsample)
-            clips = []
-            for w in waves:
-                w, cut = trim_audio(w, seconds)  # before the mel: a long recording costs only what is used
-                clips.append(self.encode_audio(w))
-                if cut:
-                    notes.append(f"audio trimmed to its first {seconds:.2f} s ({limit} encoder frames) to fit the "
-                                 f"context of {self._parts.ctx_len}")
-            frames = torch.cat(clips, dim=0)
-            if len(clips) > 1 and frames.shape[0] > limit:
-                notes.append(f"audio clips together give {frames.shape[0]} encoder frames: only the first {limit} "
-                             f"are used (the audio limit for the context of {self._parts.ctx_len})")
-            parts.append(self._parts.proj_a(frames[:limit]))
-        mm_len = sum(p.shape[0] for p in parts)
-        ids = self._parts.tokenizer.prompt_ids(text)
-        room = self._parts.ctx_len - mm_len - 1  # text and answer together (spec: text budget ctx - mm - max_new - 1)
-        shortest = min(len(ids), 2)
-        if max_new_tokens > room - shortest:
-            if room - shortest < 1:
-                raise OmniError(f"no room left for an answer in the context of {self._parts.ctx_len} tokens "
-                                f"({mm_len} used by image/audio)")
-            notes.append(f"max_new_tokens reduced from {max_new_tokens} to {room - shortest}: the context of "
-                         f"{self._parts.ctx_len} tokens cannot hold that many beside the prompt"
-                         + (f" ({mm_len} tokens of image/audio)" if mm_len else ""))
-            max_new_tokens = room - shortest
-        budget = room - max_new_tokens
-        if len(ids) > budget:
-            notes.append(f"prompt trimmed from {len(ids)} to {budget} tokens (its end kept) to leave room for "
-                         f"max_new_tokens {max_new_tokens} in the context of {self._parts.ctx_len}")
-            ids = ids[:1] + ids[len(ids) - budget + 1:]
-        tok = self._parts.thinker.tok_emb(torch.tensor(ids, device=self.device))
-        embeds = torch.cat(parts + [tok.to(parts[0].dtype if parts else tok.dtype)], dim=0)[None]
-        return embeds, ids, notes, max_new_tokens
-
-    def _gather_inputs(self, text: str | None = None, image: ImageInput | list[ImageInput] | None = None,
-               audio: AudioInput | list[AudioInput] | None = None, video: str | os.PathLike | None = None,
-               video_frames: int = DEFAULT_VIDEO_FRAMES, prompt: str | None = None, system: str | None = None
-               ) -> tuple[str, list[torch.Tensor], np.ndarray | list[np.ndarray] | None]:
-        """Decode the inputs: (prompt text, image tensors in order — images, then video frames —, waveform, or
-        a list of them for several clips). Without `text`, `prompt` (or a built-in prompt per modality) is used.
-        A `system` prompt is prepended: SYSTEM + " " + TEXT (μOmni has no chat template; the SFT trainer joined
-        its config `prompt` to the text the same way); without one the prompt is exactly TEXT."""
-        images = [self._image_tensor(im) for im in (image if isinstance(image, (list, tuple)) else
-                                                   [image] if image is not None else [])]
-        if video is not None:
-            if isinstance(video_frames, bool) or not isinstance(video_frames, int) or video_frames < 1:
-                raise OmniError(f"video_frames {video_frames!r}: must be a positive integer")
-            images.extend(load_video_frames(media_path("video", video), video_frames, self.image_size))
-        if isinstance(audio, (list, tuple)):
-            wave = [self._audio_wave(a) for a in audio] or None
-        else:
-            wave = self._audio_wave(audio) if audio is not None else None
-        if text is None:
-            text = prompt if prompt is not None else (IMAGE_PROMPT if images else AUDIO_PROMPT if wave is not None
-                                                      else "")
-        if system:
-            text = f"{system} {text}" if text else system
-        return text, images, wave
-
     # ------------------------------------------------------------ chat
     def sampling_options(self, **overrides: Any) -> SamplingOptions:
         """Sampling options: library defaults < generation_config.json beside the weights < explicit arguments
         (None means "not given")."""
         gc = self._parts.generation_defaults
-        opts = SamplingOptions()
-        names = {f.name for f in fields(SamplingOptions)}
-        for key in ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "decode_attention"):
-            if gc.get(key) is not None:
-                setattr(opts, key, gc[key])
+        for k in overrides:
+            if k not in BY_NAME:
+                raise TypeError(f"unknown generation option {k!r} (known: {', '.join(sorted(BY_NAME))})")
+        defaults = {k: gc.get(k) for k in ("max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty",
+                                            "decode_attention")}
         if gc.get("do_sample") is False:
-            opts.temperature = 0.0
-        for k, v in overrides.items():
-            if k not in names:
-                raise TypeError(f"unknown generation option {k!r} (known: {', '.join(sorted(names))})")
-            if v is not None:
-                setattr(opts, k, v)
-        check_options(opts)
-        return opts
+            defaults["temperature"] = 0.0
+        try:
+            return SamplingOptions().updated(**defaults).updated(**overrides).checked()
+        except OptionError as exc:
+            raise OmniError(f"generation options: {exc}") from None
 
     def _generate(self, result: list[Answer], text: str | None, image: Any, audio: Any, video: Any,
                   video_frames: int, prompt: str | None, gen: dict[str, Any]) -> Iterator[str]:
         """Yield the answer's text pieces as they are generated; append the finished Answer to `result`."""
         system = gen.pop("system", None)
         opts = self.sampling_options(**gen)
-        text, images, wave = self._gather_inputs(text, image, audio, video, video_frames, prompt, system)
+        text, images, wave = self._prompts.gather(text, image, audio, video, video_frames, prompt, system)
         t0 = time.perf_counter()
-        embeds, ids, notes, opts.max_new_tokens = self._build_prompt(text, images, wave, opts.max_new_tokens)
+        embeds, ids, notes, opts.max_new_tokens = self._prompts.build(text, images, wave, opts.max_new_tokens)
         detok = IncrementalDecoder(self._parts.tokenizer)
         t_first = None
         info: dict[str, Any] = {}
@@ -415,11 +261,11 @@ class OmniModel:
                      audio: AudioInput | None = None, prompt: str | None = None, trim: bool = True,
                      **gen: Any) -> RowPrompt:
         """One request's prompt as `answer` builds it (embeddings, ids, options with the answer budget), for a
-        BatchEngine. Without `trim`, a text prompt too long for the context is an OmniError instead of being
+        `batch_engine`. Without `trim`, a text prompt too long for the context is an OmniError instead of being
         cut (audio is still trimmed to what a prompt can use, with a note, as in the CLI)."""
         opts = self.sampling_options(**gen)
-        text, images, wave = self._gather_inputs(text, image, audio, prompt=prompt)
-        embeds, ids, notes, opts.max_new_tokens = self._build_prompt(text, images, wave, opts.max_new_tokens)
+        text, images, wave = self._prompts.gather(text, image, audio, prompt=prompt)
+        embeds, ids, notes, opts.max_new_tokens = self._prompts.build(text, images, wave, opts.max_new_tokens)
         full = len(self._parts.tokenizer.prompt_ids(text))
         if not trim and len(ids) < full:
             raise OmniError(f"the prompt ({embeds.shape[1] - len(ids) + full} positions) and max_new_tokens "
@@ -434,21 +280,20 @@ class OmniModel:
         opts = self.sampling_options(decode_kernel=decode_kernel)
         return native_model(self._parts.thinker, opts.decode_kernel, False, None)[1]
 
-    def batch_engine(self, max_batch: int = 16, max_queue: int = 64) -> BatchEngine:
-        """A continuous-batching scheduler over this model's thinker (utils.engine.batching): requests prepared with
-        `prepare_chat` join the running batch at its next step; each greedy answer equals `answer`'s.
-        Other model work (transcribe, speak, encoders) should go through its `call` so one thread runs
-        the model."""
+    def batch_engine(self, max_batch: int = 16, max_queue: int = 64) -> EngineThread:
+        """The server's continuous batching: the one decode engine (utils.engine.generation.Scheduler) over this
+        model's thinker, run in a thread of its own. Requests prepared with `prepare_chat` join the running batch
+        at its next step (`submit`); each greedy answer equals `answer`'s. Other model work (transcribe, speak,
+        encoders) should go through its `call` so one thread runs the model."""
         self._require_parts("chat", "thinker")
-        opts = self.sampling_options()
-        return BatchEngine(self._parts.thinker, max_batch=max_batch, max_queue=max_queue,
-                           decode_attention=opts.decode_attention, decode_kernel=opts.decode_kernel)
+        return serving_engine(self._parts.thinker, max_batch, max_queue, self.sampling_options())
 
     # ------------------------------------------------------------ batched chat
     def answer_batch(self, items: list[dict[str, Any]], batch_size: int = 8,
                      on_error: Callable[[int, OmniError], None] | None = None, **gen: Any) -> list[Answer | None]:
         """Answers for several requests, decoded together `batch_size` at a time (utils.engine.generation.generate_batch:
-        left-padded, each greedy answer equal to the one `answer` gives). Each item is a dict with `text` and
+        the rows submitted together to the one engine, each answer equal to the one `answer` gives, sampled ones
+        too when seeded). Each item is a dict with `text` and
         optional `image`, `audio` (or `audio_in`), `video`, `video_frames`, `prompt`. A request that cannot be
         prepared raises ("request N: ..."), or with `on_error(index, error)` is reported there and its slot is
         None.
@@ -463,22 +308,8 @@ class OmniModel:
             ready = []  # (index, embeds (T, d), ids, notes, max_new_tokens)
             for i in range(lo, min(lo + batch_size, len(items))):
                 try:
-                    req = items[i]
-                    if not isinstance(req, dict):
-                        raise OmniError(f"expected an object with 'text' and optional 'image', 'audio_in', "
-                                        f"'video', found {type(req).__name__}")
-                    unknown = set(req) - BATCH_KEYS
-                    if unknown:
-                        raise OmniError(f"unknown key(s) {', '.join(sorted(unknown))} "
-                                        f"(known: {', '.join(sorted(BATCH_KEYS))})")
-                    for key in ("text", "prompt"):
-                        if req.get(key) is not None and not isinstance(req[key], str):
-                            raise OmniError(f"'{key}' must be a string, found {type(req[key]).__name__}")
-                    text, images, wave = self._gather_inputs(req.get("text"), req.get("image"),
-                                                     req.get("audio", req.get("audio_in")), req.get("video"),
-                                                     DEFAULT_VIDEO_FRAMES if req.get("video_frames") is None
-                                                     else req["video_frames"], req.get("prompt"), system)
-                    embeds, ids, notes, max_new = self._build_prompt(text, images, wave, opts.max_new_tokens)
+                    text, images, wave = self._prompts.gather(**batch_request(items[i]), system=system)
+                    embeds, ids, notes, max_new = self._prompts.build(text, images, wave, opts.max_new_tokens)
                 except OmniError as exc:
                     if on_error is None:
                         raise OmniError(f"request {i + 1}: {exc}") from exc
@@ -535,7 +366,7 @@ class OmniModel:
         self._require_parts("transcription", "audio", "ctc_head", "ctc_chars")
         opts = TranscribeOptions(word_timestamps=word_timestamps, **options)
         if isinstance(audio, np.ndarray):
-            audio = self._audio_wave(audio)
+            audio = self._prompts.audio_wave(audio)
         return transcribe(self._ctc_logits, audio, self._parts.ctc_chars, HOP_LENGTH * self._parts.audio.cfg.downsample,
                           opts, progress)
 
@@ -593,13 +424,6 @@ class OmniModel:
         return speech.wave, speech.sample_rate
 
 
-def media_path(what: str, value: Any) -> str | os.PathLike:
-    """A media argument that must name a file (a batch request's "audio": 5 or a list is an error, not a crash)."""
-    if not isinstance(value, (str, os.PathLike)):
-        raise OmniError(f"{what}: expected a file path, found {type(value).__name__}")
-    return value
-
-
 def answer_timing(load_s: float, prefill_s: float, prompt_tokens: int, decode_s: float, steps: int
                   ) -> dict[str, float]:
     """The `timing` object. decode_tokens_per_s = decode_steps / decode_s: the forward passes after the prefill
@@ -610,37 +434,6 @@ def answer_timing(load_s: float, prefill_s: float, prompt_tokens: int, decode_s:
             "decode_tokens_per_s": round(steps / decode_s, 3) if steps and decode_s > 0 else 0.0,
             "prefill_tokens_per_s": round(prompt_tokens / prefill_s, 3) if prefill_s > 0 else 0.0,
             "decode_steps": steps}
-
-
-def check_options(opts: SamplingOptions) -> None:
-    """Reject sampling values that make no sense, whichever way they arrived (API, CLI, generation_config)."""
-    problems = []
-    for name in ("temperature", "top_p", "repetition_penalty"):
-        value = getattr(opts, name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise OmniError(f"generation options: {name} {value!r} must be a finite number")
-    for name in ("top_k", "max_new_tokens"):
-        if isinstance(getattr(opts, name), bool) or not isinstance(getattr(opts, name), int):
-            raise OmniError(f"generation options: {name} {getattr(opts, name)!r} must be an integer")
-    if opts.seed is not None and (isinstance(opts.seed, bool) or not isinstance(opts.seed, int)
-                                  or not 0 <= opts.seed <= MAX_SEED):
-        problems.append(f"seed {opts.seed!r} must be an integer from 0 to {MAX_SEED}")
-    if opts.max_new_tokens < 1:
-        problems.append(f"max_new_tokens {opts.max_new_tokens!r} must be a positive integer")
-    if opts.temperature < 0:
-        problems.append(f"temperature {opts.temperature} must be >= 0")
-    if opts.top_k < 0:
-        problems.append(f"top_k {opts.top_k} must be >= 0")
-    if not 0 < opts.top_p <= 1:
-        problems.append(f"top_p {opts.top_p} must be in (0, 1]")
-    if opts.repetition_penalty <= 0:
-        problems.append(f"repetition_penalty {opts.repetition_penalty} must be > 0")
-    if opts.decode_attention not in DECODE_ATTENTION:
-        problems.append(f"decode_attention {opts.decode_attention!r} must be one of {', '.join(DECODE_ATTENTION)}")
-    if opts.decode_kernel not in DECODE_KERNELS:
-        problems.append(f"decode_kernel {opts.decode_kernel!r} must be one of {', '.join(DECODE_KERNELS)}")
-    if problems:
-        raise OmniError("generation options: " + "; ".join(problems))
 
 
 def set_threads(threads: int | None) -> int:

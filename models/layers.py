@@ -491,7 +491,7 @@ class CausalStack(nn.Module):
     """What the Thinker and the Talker share: Blocks over RoPE and a final norm, run over a whole prompt
     (`hidden`) or over one new position per row against a KV cache (`decode_hidden`). Subclasses define
     `blocks`, `norm` and `rotary`, plus `embed_step` (the ids fed back at a decode step -> (B, 1, d)) and `head`
-    (normed hidden states -> logits), so one decode engine (utils.engine.generation.Decoder) serves both models."""
+    (normed hidden states -> logits), so the decode engine's slots (utils.engine.generation.Slots) serve both models."""
 
     blocks: nn.ModuleList
     norm: RMSNorm

@@ -410,7 +410,8 @@ def test_fixture_half_and_int8_agree_with_float32(fixture_exports: dict[str, Pat
     (measured: bf16 100% / 0.5%, fp16 97.9% / 0.07%, int8 97.9% / 0.6%), so a broken export fails."""
     from omni import load_model
     from tests.test_fast_decode import decode_logits
-    from utils.engine.generation import SamplingOptions, generate
+    from utils.base.options import SamplingOptions
+    from utils.engine.generation import generate
 
     ref = load_model(fixture_exports["root"], device="cpu").parts.thinker
     ids = expected["prompt_ids"]

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from models.layers import fuse_linears
-from utils.engine.generation import Decoder, SamplingOptions, generate, generate_batch
+from utils.base.options import SamplingOptions
+from utils.engine.generation import forced_logits, generate, generate_batch
 from utils.weights.quant import Int4Linear, Int8Linear, quantize_linears
 
 from tests.conftest import c_step_param
@@ -82,13 +83,7 @@ def decode_logits(thinker, ids: list[int], continuation: list[int], kernel: str 
     """The logits of each decode step (prefill, then one cached step per token of `continuation`):
     teacher-forced, so one early disagreement does not change every later step."""
     opts = SamplingOptions(max_new_tokens=len(continuation) + 1, decode_attention="causal", decode_kernel=kernel)
-    dtype = thinker.tok_emb.weight.dtype
-    with torch.inference_mode():
-        dec = Decoder(thinker, embed(thinker, ids)[None].to(dtype), None, opts)
-        out = [dec.prefill()[0]]
-        for tok in continuation:
-            out.append(dec.step(torch.tensor([tok]))[0])
-    return torch.stack(out).float()
+    return forced_logits(thinker, embed(thinker, ids).to(thinker.tok_emb.weight.dtype), continuation, opts)
 
 
 def agreement(reference, candidate, demo, kernel: str = "auto") -> tuple[float, float]:

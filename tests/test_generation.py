@@ -9,9 +9,11 @@ import pytest
 import torch
 
 import utils.engine.generation as gen
+import utils.engine.sampling as sampling
 from models.layers import BlockConfig
 from models.thinker import ThinkerConfig, ThinkerLM
-from utils.engine.generation import Decoder, SamplingOptions, generate, generate_batch
+from utils.base.options import SamplingOptions
+from utils.engine.generation import Scheduler, Slots, generate, generate_batch
 from utils.weights.quant import GreedyHead, Int8Linear, PackedInt8Weight, quantize_int8, quantize_linears
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -42,6 +44,17 @@ def prompts(model: ThinkerLM, lens=PROMPT_LENS, seed: int = 1) -> tuple[list[tor
 
 def one_by_one(model, embeds, ids, opts) -> list[list[int]]:
     return [list(generate(model, e[None], opts, i)) for e, i in zip(embeds, ids)]
+
+
+def filled_slots(model, embeds, opts, steps: int) -> tuple[Slots, torch.Tensor]:
+    """Slots holding one row per prompt, slot b = embeds[b] (placed in that order: a longer prompt after a
+    shorter one shifts the rows), prefilled; returns them and the prefill logits (B, V). Step outputs are views
+    the next step overwrites (with the C step): read them before stepping again."""
+    longest = max(e.shape[0] for e in embeds)
+    slots = Slots(model, len(embeds), 2 * longest + steps, opts, longest=longest)
+    for e in embeds:
+        slots.place(e.shape[0], steps)
+    return slots, torch.cat([slots.prefill(b, e).clone() for b, e in enumerate(embeds)])
 
 
 # ---------------------------------------------------------------- batched == batch 1
@@ -93,11 +106,10 @@ def test_cached_causal_decode_matches_full_recompute(arch: str) -> None:
     model = tiny_thinker(seed=7, mha=arch == "mha")
     embeds, _ = prompts(model, lens=(4, 9, 1))
     opts = SamplingOptions(max_new_tokens=8, decode_attention="causal")
-    x, pads = gen.left_pad(embeds)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        dec = Decoder(model, x, pads, opts)
-        logits = dec.prefill()
+        dec, logits = filled_slots(model, embeds, opts, opts.max_new_tokens)
+        assert dec.shifts == 1  # the 9-position prompt came after the 4-position one
         seqs = [e.clone() for e in embeds]
         for step in range(opts.max_new_tokens):
             for b, seq in enumerate(seqs):
@@ -134,10 +146,8 @@ def test_reference_decode_follows_the_first_key_rule(arch: str) -> None:
     assert one_by_one(model, embeds, ids, opts) == expected
     assert generate_batch(model, embeds, ids, opts) == expected
     # and the logits themselves, through the padded batch decoder
-    x, pads = gen.left_pad(embeds)
     with torch.no_grad():
-        dec = Decoder(model, x, pads, opts)
-        dec.prefill()
+        dec, _ = filled_slots(model, embeds, opts, 1)
         logits = dec.step(torch.tensor([o[0] for o in expected]))
     for b, e in enumerate(embeds):
         with torch.no_grad():
@@ -166,6 +176,17 @@ def test_seeded_sampling_is_reproducible() -> None:
     others = [one_by_one(model, embeds, ids, SamplingOptions(**{**opts.__dict__, "seed": s})) for s in (1, 2, 3)]
     assert any(o != a for o in others)
     assert generate_batch(model, embeds * 2, ids * 2, opts) == generate_batch(model, embeds * 2, ids * 2, opts)
+
+
+def test_seeded_sampled_rows_do_not_depend_on_the_batch() -> None:
+    """Every row has its own generator: a seeded sampled row of a batch gives the ids it gives alone."""
+    model = tiny_thinker(seed=13)
+    embeds, ids = prompts(model)
+    opts = SamplingOptions(max_new_tokens=12, temperature=1.0, top_k=30, seed=7, ignore_eos=True)
+    single = one_by_one(model, embeds, ids, opts)
+    assert generate_batch(model, embeds, ids, opts) == single
+    assert generate_batch(model, embeds[::-1], ids[::-1], opts) == single[::-1]
+    assert len({tuple(s) for s in single}) > 1
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -289,19 +310,19 @@ def test_greedy_head_rows_do_not_depend_on_the_batch() -> None:
 def test_fast_greedy_matches_plain_greedy() -> None:
     model = tiny_thinker(seed=23, vocab=3000, d=64)
     embeds, ids = prompts(model)
-    assert gen.greedy_head(model, build=False) is None
+    assert sampling.greedy_head(model, build=False) is None
     for mode in MODES:
-        fast = SamplingOptions(max_new_tokens=gen.SCREEN_MIN_TOKENS + 8, decode_attention=mode, ignore_eos=True)
+        fast = SamplingOptions(max_new_tokens=sampling.SCREEN_MIN_TOKENS + 8, decode_attention=mode, ignore_eos=True)
         plain = SamplingOptions(**{**fast.__dict__, "fast_greedy": False})
         assert one_by_one(model, embeds, ids, fast) == one_by_one(model, embeds, ids, plain)
         assert generate_batch(model, embeds, ids, fast) == generate_batch(model, embeds, ids, plain)
-    assert gen.greedy_head(model, build=False) is not None  # the screen was built and used
+    assert sampling.greedy_head(model, build=False) is not None  # the screen was built and used
     bf = copy.deepcopy(model).to(torch.bfloat16)
     bf_embeds = [e.to(torch.bfloat16) for e in embeds]
-    fast = SamplingOptions(max_new_tokens=gen.SCREEN_MIN_TOKENS + 8, ignore_eos=True)
+    fast = SamplingOptions(max_new_tokens=sampling.SCREEN_MIN_TOKENS + 8, ignore_eos=True)
     plain = SamplingOptions(**{**fast.__dict__, "fast_greedy": False})
     assert one_by_one(bf, bf_embeds, ids, fast) == one_by_one(bf, bf_embeds, ids, plain)
-    assert gen.greedy_head(bf, build=False) is not None
+    assert sampling.greedy_head(bf, build=False) is not None
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -23,8 +23,10 @@ import torch
 from models.layers import BlockConfig
 from models.thinker import ThinkerConfig, ThinkerLM
 from utils.base.errors import OmniError
-from utils.engine.generation import Decoder, SamplingOptions, generate, greedy_head, left_pad
+from utils.base.options import SamplingOptions
+from utils.engine.generation import Slots, generate
 from utils.engine.native import step
+from utils.engine.sampling import greedy_head
 from utils.engine.native.step import NativeSession, native_model
 from utils.weights.quant import quantize_int8, quantize_linears
 
@@ -63,10 +65,13 @@ def step_logits(model: ThinkerLM, kernel: str, lens=(5, 9, 7), steps: int = 6, s
     fed = torch.randint(3, vocab, (steps, len(lens)), generator=g)
     opts = SamplingOptions(max_new_tokens=steps + 1, decode_kernel=kernel)
     with torch.inference_mode():
-        x, pads = left_pad([model.tok_emb(r) for r in rows])
-        dec = Decoder(model, x, pads, opts)
+        longest = max(lens)
+        dec = Slots(model, len(rows), longest + steps, opts, longest=longest)
         assert dec.kernel.split(" (")[0] == kernel
-        out = [dec.prefill()] + [dec.step(t) for t in fed]
+        for r in rows:  # slot b holds rows[b] (the 9-position row shifts the 5-position one)
+            dec.place(len(r), steps)
+        out = [torch.cat([dec.prefill(b, model.tok_emb(r)).clone() for b, r in enumerate(rows)])]
+        out += [dec.step(t).clone() for t in fed]
     return torch.stack([o.float() for o in out])
 
 
@@ -133,13 +138,13 @@ def test_screened_greedy_equals_the_full_argmax() -> None:
     assert screen is not None
     opts = SamplingOptions(max_new_tokens=60, ignore_eos=True)
     with torch.inference_mode():
-        dec = Decoder(model, x, None, opts, screen=screen)
-        full = Decoder(model, x, None, opts)  # no screen: logits
-        token = dec.prefill().argmax(-1)
-        full.prefill()
+        dec = Slots(model, 1, x.shape[1] + 60, opts, screen=screen)
+        full = Slots(model, 1, x.shape[1] + 60, opts)  # no screen: logits
+        token = dec.prefill(dec.place(x.shape[1], 59), x[0]).argmax(-1)
+        full.prefill(full.place(x.shape[1], 59), x[0])
         for _ in range(59):
-            want = full.native_step(token, greedy=False).argmax(-1)
-            token = dec.native_step(token, greedy=True).clone()
+            want = full.step(token).argmax(-1)
+            token = dec.step(token, greedy=True).clone()
             assert torch.equal(token, want)
     fast = list(generate(model, x, opts))
     assert fast == list(generate(model, x, SamplingOptions(**{**opts.__dict__, "decode_kernel": "torch"})))

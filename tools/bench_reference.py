@@ -16,7 +16,9 @@ import torch.nn.functional as F  # noqa: E402
 
 from models.layers import apply_rotary  # noqa: E402
 from models.thinker import ThinkerLM  # noqa: E402
-from utils.engine.generation import SCREEN_MIN_VOCAB, Decoder, SamplingOptions, generate  # noqa: E402
+from utils.base.options import SamplingOptions  # noqa: E402
+from utils.engine.generation import forced_logits, generate  # noqa: E402
+from utils.engine.sampling import SCREEN_MIN_VOCAB  # noqa: E402
 
 
 def baseline_generate(model, embeds, n_new: int, causal: bool = False) -> list[int]:
@@ -152,10 +154,6 @@ def teacher_forced_agreement(reference: ThinkerLM, candidate: ThinkerLM, prompt:
     cont = list(generate(reference, embed(reference), opts))
 
     def top1(model: ThinkerLM) -> torch.Tensor:
-        with torch.inference_mode():
-            dec = Decoder(model, embed(model), None, opts)
-            out = [dec.prefill()]
-            out += [dec.step(torch.tensor([t])) for t in cont[:-1]]
-        return torch.cat(out).float().argmax(-1)
+        return forced_logits(model, embed(model)[0], cont[:-1], opts).float().argmax(-1)
 
     return float((top1(reference) == top1(candidate)).float().mean())

@@ -27,7 +27,8 @@ import torch  # noqa: E402
 from omni import load_model  # noqa: E402
 from utils.weights.export_writer import export_checkpoints  # noqa: E402
 from utils.base.errors import OmniError  # noqa: E402
-from utils.engine.generation import Decoder, SamplingOptions, generate  # noqa: E402
+from utils.base.options import SamplingOptions  # noqa: E402
+from utils.engine.generation import forced_logits, generate  # noqa: E402
 
 METHODS = ("export-int8", "int8", "int4", "bfloat16")
 
@@ -36,10 +37,8 @@ def decode_argmax(thinker, prompt_ids: list[int], continuation: list[int]) -> to
     """Argmax of each KV-cached decode step: after the prompt, then after each token of `continuation`."""
     opts = SamplingOptions(max_new_tokens=len(continuation) + 1, decode_attention="causal")
     with torch.inference_mode():
-        emb = thinker.tok_emb(torch.tensor(prompt_ids))[None]
-        dec = Decoder(thinker, emb, None, opts)
-        out = [dec.prefill()] + [dec.step(torch.tensor([t])) for t in continuation]
-    return torch.cat(out).float().argmax(-1)
+        emb = thinker.tok_emb(torch.tensor(prompt_ids))
+    return forced_logits(thinker, emb, continuation, opts).argmax(-1)
 
 
 def models_for(ckpt_root: Path, method: str, tmp: Path):

@@ -1,75 +1,64 @@
-"""Autoregressive decoding for the Thinker and the Talker: one KV-cached engine (`Decoder`: prefill, then one
-position per step), sampling, and the Thinker's generate loops (`generate`: one sequence, streamed;
-`generate_batch`: several prompts at once, left-padded). utils.engine.speech drives the same Decoder for the Talker.
+"""The one decode engine. Every generation runs on it: `OmniModel.answer` / `stream` (a batch of one),
+`answer_batch`, --batch_file and batch.py (rows submitted together), the server (rows as requests arrive).
 
-Decode attention: "causal" (the default) attends to every earlier position, as the models were trained, so
-the ids equal a full causal forward at every step. "reference" reproduces a defect of the reference μOmni
-implementation, kept only for comparing with old outputs: its KV-cached decode let every generated token
-attend to the first position of the sequence only (its incremental mask is `ones(1, S).tril()`, spec §4).
+Layers, each usable on its own:
+- `Slots`: the KV cache of up to `capacity` rows and how rows sit in it. The occupied rows are slots 0..n-1 and
+  share one write column (`pos`): a decode step writes every row's new key there, as
+  `models.layers.CausalStack.decode_hidden` requires. A row's prompt sits just left of it; its anchor (first
+  column) is where its positions count from 0, and its key mask hides every column left of it, so a row's
+  numbers are those of decoding it alone. A joining prompt that does not fit left of `pos`, or budgets that
+  would run past the cache's end, shift the rows' columns; a leaving row's slot takes the last row (both only
+  when a row joins or leaves, never per token). `step` runs one decode step for every occupied row, in C where
+  `native_model` allows (the ONE place that chooses the step; `kernel` says which and why), else in torch.
+- `Scheduler`: rows join and leave at step boundaries, each with its own options, generator (seed) and
+  repetition-penalty mask, so a row's ids never depend on its neighbours. Synchronous: `add`, then `admit` /
+  `decode` (or `step`, `run`) drive it, so tests step it deterministically.
+- `generate` (one row, streamed) and `generate_batch` (rows together): a Scheduler sized for their rows (rows x
+  (longest prompt + largest budget)), rows admitted longest prompt first so no shift is needed.
+- `EngineThread`: the same Scheduler in a thread for the server (`submit`, `call`, `close`).
 
-Speed: the KV cache, the masks and the per-row rotary rows are allocated once per generation and only
-sliced afterwards; the one host sync per step is reading the sampled ids. In reference mode every decode
-step of a row attends to one fixed key, and softmax over a single score is exactly 1, so the attention
-sub-layer returns that key's value whatever the query: its output is computed once after the prefill and
-reused (bit-identical to running the masked attention each step, and it skips q/k/v, RoPE and the cache
-writes that nothing would ever read). Greedy steps on CPU read the vocabulary projection as int8 and rescore
-the few candidates exactly (utils.weights.quant.GreedyHead): the same argmax for a quarter of the memory traffic.
-The C step (utils.engine.native.step) runs the prefill and every step of a float32 or int8 thinker on the CPU in
-one call each, for the whole batch. The torch step runs on (B, d) rows with q/k/v and gate/up fused into one
-matmul each (models.layers.Block.decode; the fused weight copies and per-block plans are refreshed at a
-Decoder's first torch step, so a weight change between generations is seen).
+Decode attention: "causal" (the default) attends to every earlier position, as the models were trained.
+"reference" reproduces a defect of the reference μOmni implementation, kept only to compare with old outputs:
+every generated token attends to its sequence's first position only (spec §4). Softmax over a single score is
+exactly 1, so that attention sub-layer returns the first key's value whatever the query: it is computed once
+after the prefill and reused (bit-identical to running the masked attention, with no KV cache at all).
+
+Speed: the cache, masks and rotary rows are allocated once per engine; a prefill runs each row's prompt alone
+(batch 1, positions from 0, the very computation a batch of one does), and the one host sync per step reads the
+picked ids. Greedy steps on CPU read the vocabulary projection as int8 and rescore the few candidates exactly
+(utils.engine.sampling.greedy_head). The C step (utils.engine.native.step) runs each prefill and each step in one
+call for the whole batch, writing the cache in place; the torch step runs on (B, d) rows (models.layers
+Block.decode), its fused weight copies refreshed when an empty batch starts, so a weight change between
+generations is seen.
 """
 from __future__ import annotations
 
+import collections
+import concurrent.futures
+import dataclasses
+import threading
 import time
-import weakref
-from typing import Any, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Union
 
 import torch
-from torch import nn
 
 from models.layers import CausalStack, refresh_fused
 from models.thinker import ThinkerLM
 from utils.base.defaults import DECODE_ATTENTION, EOS_ID
+from utils.base.errors import EngineClosed, QueueFull
 from utils.base.options import SamplingOptions
 from utils.engine.native.step import NativeSession, native_model
-from utils.weights.quant import GreedyHead, greedy_head_supported
-
-
-
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """CTRL-style: divide positive logits of already seen ids by `penalty`, multiply negative ones.
-    `seen`: boolean (B, V), True where the id occurred in the row's prompt or answer so far."""
-    return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
-
-
-def sample(logits: torch.Tensor, opts: SamplingOptions, generator: torch.Generator | None) -> torch.Tensor:
-    """Next ids (B,) from last-position logits (B, V): argmax at temperature 0, else top-k/top-p sampling."""
-    if opts.temperature <= 0:
-        return logits.argmax(-1)
-    # float64, relative to each row's best logit and with +inf (a penalty of 1e-300 makes one) clamped: any
-    # temperature > 0, even 1e-300, then gives finite scaled logits whose best one is 0 (probability > 0).
-    logits = logits.double().nan_to_num(nan=float("-inf"), posinf=torch.finfo(torch.float64).max)
-    logits = (logits - logits.amax(-1, keepdim=True)) / opts.temperature
-    if opts.top_k > 0:
-        kth = logits.topk(min(opts.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if opts.top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) >= opts.top_p  # keep the smallest prefix reaching top_p
-        drop[..., 0] = False  # the best id always stays, however small top_p is (1e-300 is 0 in any float)
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+from utils.engine.sampling import apply_repetition_penalty, greedy_head, greedy_screen, sample
+from utils.weights.quant import GreedyHead
 
 
 def check_budget(model: CausalStack, prompt_len: int, max_new_tokens: int, opts: SamplingOptions) -> None:
     """Programming errors (the API validates user input earlier): bad mode, or a prompt that cannot fit."""
     if opts.decode_attention not in DECODE_ATTENTION:
         raise ValueError(f"decode_attention {opts.decode_attention!r}: use one of {', '.join(DECODE_ATTENTION)}")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens {max_new_tokens}: must be >= 0")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens {max_new_tokens}: must be >= 1")
     if prompt_len < 1:
         raise ValueError("generation needs a prompt of at least one position")
     if prompt_len + max_new_tokens > model.rotary.max_len:
@@ -77,239 +66,493 @@ def check_budget(model: CausalStack, prompt_len: int, max_new_tokens: int, opts:
                          f"context of {model.rotary.max_len}")
 
 
-class Decoder:
-    """KV-cached decoding of B prompts, left-padded to a common length T (row b starts at column pads[b]), for
-    any `CausalStack` (the Thinker: token ids in, logits out; the Talker: code frames in, a pair of logits out).
+class Slots:
+    """The KV slots of up to `capacity` rows over `columns` cache columns, for any `CausalStack` (the Thinker:
+    token ids in, logits out; the Talker: code frames in, a pair of logits out). `longest`: the longest prompt a
+    prefill takes (default `columns`). `screen`: the int8-screened greedy argmax greedy steps use. Per-row
+    buffers of a caller (`track`) move with their row when a slot is freed."""
 
-    Row b's positions count from 0 at its first real column, so its numbers equal those of decoding it
-    alone. Prefill mask: causal and only real keys (a padding query sees itself, so no softmax row is
-    empty); decode mask: the real keys so far ("causal"), or the row's first real key ("reference", done as
-    the constant attention output described in the module docstring). All of it is built here, once.
-    """
-
-    def __init__(self, model: CausalStack, embeds: torch.Tensor, pads: list[int] | None, opts: SamplingOptions,
-                 max_new: list[int] | None = None, screen: GreedyHead | None = None) -> None:
-        """`max_new`: per-row token budgets (default: opts.max_new_tokens for every row); the cache has room
-        for the largest, and each row's prompt plus its own budget must fit the context. `screen`: the
-        int8-screened greedy argmax to use (`greedy_screen`). The decode steps run in C where
-        `opts.decode_kernel` and the model allow (utils.engine.native.step); `kernel` says which path and why."""
-        B, T, _ = embeds.shape
-        pads = list(pads) if pads is not None else [0] * B
-        if len(pads) != B or not all(0 <= p < T for p in pads):
-            raise ValueError(f"pads {pads}: need one pad count in 0..{T - 1} per row")
-        max_new = list(max_new) if max_new is not None else [opts.max_new_tokens] * B
-        if len(max_new) != B:
-            raise ValueError(f"max_new {max_new}: need one budget per row")
-        for p, n in zip(pads, max_new):
-            check_budget(model, T - p, n, opts)
-        dev = embeds.device
-        self.model, self.embeds = model, embeds
-        self.fused_fresh = False  # the torch step's fused weight copies are refreshed on its first use
+    def __init__(self, model: CausalStack, capacity: int, columns: int, opts: SamplingOptions,
+                 screen: GreedyHead | None = None, longest: int | None = None) -> None:
+        if opts.decode_attention not in DECODE_ATTENTION:
+            raise ValueError(f"decode_attention {opts.decode_attention!r}: use one of {', '.join(DECODE_ATTENTION)}")
+        if capacity < 1 or columns < 1:
+            raise ValueError(f"capacity {capacity} and columns {columns} must be >= 1")
+        _, _, _, p = model.cache_spec()
+        dev = p.device
+        self.model, self.capacity, self.columns = model, capacity, columns
+        self.longest = min(longest or columns, columns)
         self.reference = opts.decode_attention == "reference"
-        total = T + max(max_new)
-        self.cache = model.new_cache(B, total)
-        self.pos = T  # the cache column the next token goes to
-        self.anchors = torch.tensor(pads, dtype=torch.long, device=dev)
-        self.padded = any(pads)
-        self.attn_out: list[torch.Tensor] | None = None
-        self.prefill_positions = self.prefill_mask = self.key_mask = self.rope_rows = None
-        if self.padded:
-            cols = torch.arange(total, device=dev)
-            # (B, total); clamped at the table's end for columns a row with a smaller budget never uses
-            positions = (cols[None] - self.anchors[:, None]).clamp(0, model.rotary.max_len - 1)
-            real = cols[None] >= self.anchors[:, None]  # (B, total)
-            eye = torch.eye(T, dtype=torch.bool, device=dev)
-            causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
-            self.prefill_positions = positions[:, :T]
-            self.prefill_mask = (causal & (real[:, None, :T] | eye))[:, None]  # (B, 1, T, T)
-            if not self.reference:
-                self.key_mask = real[:, None, None, :]  # (B, 1, 1, total), sliced per step
-                rot = model.rotary
-                self.rope_rows = (rot.cos[positions][:, :, None], rot.rot_sin[positions][:, :, None])
+        self.cache = None if self.reference else model.new_cache(capacity, columns)
+        self.views = {n: self.cache.first_rows(n) for n in range(1, capacity + 1)} if self.cache else {}
+        self.column_ids = torch.arange(columns, device=dev)
+        self.key_mask = torch.zeros(capacity, 1, 1, columns, dtype=torch.bool, device=dev)
+        self.anchors = torch.zeros(capacity, dtype=torch.long, device=dev)
+        self.positions = torch.zeros(capacity, dtype=torch.long, device=dev)
+        rot = model.rotary
+        self.cos = torch.zeros(capacity, rot.cos.shape[-1], dtype=rot.cos.dtype, device=dev)
+        self.rot_sin = torch.zeros_like(self.cos)
+        self.attn_out = [torch.zeros(capacity, 1, p.shape[0], dtype=p.dtype, device=dev)
+                         for _ in model.blocks] if self.reference else None
+        self.zero = torch.zeros(1, dtype=torch.long, device=dev)
         self.screen = screen
         native, self.kernel = native_model(model, opts.decode_kernel, self.reference, screen)
-        self.native = NativeSession(native, self.cache.k, self.cache.v, T) if native is not None else None
-        self.pads = pads
+        self.native = NativeSession(native, self.cache.k, self.cache.v, self.longest) if native is not None else None
+        self.scratch = model.new_cache(1, self.longest) if self.native is None else None  # torch prefills
+        self.moved: list[torch.Tensor] = [self.key_mask, self.anchors, *(self.attn_out or [])]
+        self.first: list[int] = []  # each occupied slot's anchor, on the host
+        self.needs: list[int] = []  # the cache writes (decode steps) each occupied slot may still make
+        self.pos = 0  # the cache column the next step writes
+        self.fresh = False  # the torch step's fused weight copies are refreshed when an empty batch starts
+        self.steps = 0
+        self.shifts = 0  # times the occupied rows' columns were moved to place a joining prompt
 
-    def prefill(self, greedy: bool = False) -> Any:
-        """Logits after the prompts ((B, V); the model's `head` decides); fills the cache (and, in reference
-        mode, the attention constants). With the C step each row's real positions are run on their own (so
-        a row's numbers do not depend on its batch); `greedy` then returns the greedy ids (B,) instead."""
+    @property
+    def n(self) -> int:
+        """Occupied slots (0..n-1)."""
+        return len(self.first)
+
+    def track(self, buf: torch.Tensor) -> None:
+        """Move `buf[slot]` (a caller's per-row state, first dimension `capacity`) with its row."""
+        self.moved.append(buf)
+
+    def place(self, prompt_len: int, writes: int) -> int:
+        """Reserve the next slot for a prompt of `prompt_len` positions followed by `writes` decode steps, at
+        columns pos - prompt_len .. pos - 1, shifting the occupied rows if they must make room. Returns it."""
+        n = self.n
+        if n == self.capacity:
+            raise RuntimeError(f"all {self.capacity} slots are occupied")
+        if prompt_len > self.longest:
+            raise ValueError(f"a prompt of {prompt_len} positions: this engine prefills at most {self.longest}")
+        anchor = 0
+        if not self.reference:
+            S = self.columns
+            need = max(self.needs + [writes])
+            if n == 0:
+                self.pos = prompt_len
+            elif self.pos < prompt_len or self.pos + need > S:
+                span = max(self.pos - a for a in self.first)
+                target = max(prompt_len, span)
+                if target + need <= S:
+                    self._shift(target, span)
+            if self.pos < prompt_len or self.pos + need > S:
+                raise ValueError(f"a prompt of {prompt_len} positions and {writes} steps do not fit the "
+                                 f"{S} cache columns beside the running rows")
+            anchor = self.pos - prompt_len
+            self.key_mask[n, 0, 0] = self.column_ids >= anchor
+        self.anchors[n] = anchor
+        self.first.append(anchor)
+        self.needs.append(writes)
+        return n
+
+    def _shift(self, target: int, span: int) -> None:
+        """Move the occupied rows' columns so the write column becomes `target`."""
+        n, delta, lo = self.n, target - self.pos, self.pos - span
+        for buf in (self.cache.k, self.cache.v):
+            buf[:, :n, :, lo + delta:self.pos + delta] = buf[:, :n, :, lo:self.pos].clone()
+        self.first = [a + delta for a in self.first]
+        self.anchors[:n] += delta
+        self.key_mask[:n, 0, 0] = self.column_ids[None] >= self.anchors[:n, None]
+        self.pos = target
+        self.shifts += 1
+
+    @torch.inference_mode()
+    def prefill(self, slot: int, embeds: torch.Tensor, greedy: bool = False) -> Any:
+        """Run the prompt `embeds` (T, d) of a placed `slot` alone (positions 0..T-1) into its columns. Returns
+        the model head's output for its last position ((1, V) logits for the Thinker), or its greedy id (1,)."""
         if self.native is not None:
-            out = [self.native.prefill(self.embeds[b, p:], b, p, greedy).clone() for b, p in enumerate(self.pads)]
-            self.embeds = None
-            return torch.cat(out)
-        logits = self.model.head(self.model.hidden(self.embeds, 0, self.cache, self.prefill_positions,
-                                                   self.prefill_mask, last_only=True))
+            return self.native.prefill(embeds, slot, self.first[slot], greedy)
+        T = embeds.shape[0]
+        h = self.model.hidden(embeds[None], 0, self.scratch, last_only=True)
         if self.reference:
-            self.attn_out = self.model.reference_attention(self.cache, self.anchors)
-        self.embeds = None  # not needed any more
-        return logits
-
-    def native_step(self, tokens: torch.Tensor, greedy: bool) -> torch.Tensor:
-        """The C step (when `native`): greedy ids (B,), or logits (B, V), after appending `tokens` (B,) at the
-        next column; views of buffers that the next step overwrites."""
-        pos = self.pos
-        self.pos += 1
-        return self.native.step(tokens, pos, self.anchors if self.padded else None, greedy)
-
-    def step(self, tokens: torch.Tensor, hidden: bool = False) -> Any:
-        """Logits after appending `tokens` (what the model's `embed_step` takes, one entry per row) at the next
-        column (`hidden`: the normed hidden states (B, d) instead, from the torch step)."""
-        if self.native is not None and not hidden:
-            return self.native_step(tokens, greedy=False).clone()
-        if not self.fused_fresh:
-            refresh_fused(self.model)
-            self.fused_fresh = True
-        pos = self.pos
-        self.pos += 1
-        x = self.model.embed_step(tokens)
-        if self.reference:
-            h = self.model.decode_hidden(x, pos, self.cache, None, None, None, self.attn_out)
+            for buf, out in zip(self.attn_out, self.model.reference_attention(self.scratch, self.zero)):
+                buf[slot] = out[0]
         else:
-            if self.rope_rows is not None:
-                cos, rot_sin = self.rope_rows[0][:, pos], self.rope_rows[1][:, pos]
+            a = self.first[slot]
+            self.cache.k[:, slot, :, a:a + T] = self.scratch.k[:, 0, :, :T]
+            self.cache.v[:, slot, :, a:a + T] = self.scratch.v[:, 0, :, :T]
+        out = self.model.head(h)
+        return out.argmax(-1) if greedy else out
+
+    @torch.inference_mode()
+    def step(self, inputs: torch.Tensor, greedy: bool = False) -> Any:
+        """One decode step of every occupied row: feed `inputs` (what the model's `embed_step` takes, one entry
+        per row) at the write column. Returns the head's output (logits (n, V)), or with `greedy` the argmax ids
+        (n,): possibly views of buffers the next step overwrites."""
+        n = self.n
+        if self.native is not None:
+            out = self.native.step(inputs, self.pos, self.anchors[:n], greedy)
+        else:
+            if not self.fresh:
+                refresh_fused(self.model)
+                self.fresh = True
+            x = self.model.embed_step(inputs)
+            if self.reference:
+                h = self.model.decode_hidden(x, 0, None, None, None, None, [a[:n] for a in self.attn_out])
             else:
-                rot = self.model.rotary
-                cos, rot_sin = rot.cos[pos:pos + 1], rot.rot_sin[pos:pos + 1]
-            mask = self.key_mask[..., :pos + 1] if self.key_mask is not None else None
-            h = self.model.decode_hidden(x, pos, self.cache, cos, rot_sin, mask)
-        return h if hidden else self.model.head(h)
-
-
-SCREEN_MIN_VOCAB = 1024
-SCREEN_MIN_TOKENS = 32  # building the int8 copy costs about as much as this many float32 steps save
-_GREEDY_HEADS: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, GreedyHead]]" = weakref.WeakKeyDictionary()
-
-
-def greedy_screen(model: ThinkerLM, opts: SamplingOptions) -> GreedyHead | None:
-    """The int8 screen plain greedy decoding (no repetition penalty) uses with `opts`, if any."""
-    if opts.temperature > 0 or opts.repetition_penalty != 1.0 or not opts.fast_greedy:
-        return None
-    return greedy_head(model, build=opts.max_new_tokens >= SCREEN_MIN_TOKENS)
-
-
-def greedy_head(model: ThinkerLM, build: bool = True) -> GreedyHead | None:
-    """The int8-screened exact argmax for `model.lm_head` (float weights on CPU), built once per weight
-    version (only if `build`; a cached one is returned either way)."""
-    lin = model.lm_head
-    if type(lin) is not nn.Linear or not greedy_head_supported(lin.weight, lin.bias):
-        return None
-    if lin.weight.shape[0] < SCREEN_MIN_VOCAB:
-        return None  # a small projection is cheap to compute in full
-    w = lin.weight
-    if w.is_inference():
-        return None  # no version counter: an in-place update could not be noticed
-    key = (w.data_ptr(), w._version, tuple(w.shape))
-    hit = _GREEDY_HEADS.get(lin)
-    if hit is None or hit[0] != key:
-        if not build:
-            return None
-        with torch.inference_mode():
-            hit = (key, GreedyHead(w))
-        _GREEDY_HEADS[lin] = hit
-    return hit[1]
-
-
-class Picker:
-    """Turns the decoder's output into the next ids: sampling options, repetition penalty, and for plain
-    greedy float32 decoding on CPU the int8-screened exact argmax (the decoder's `screen`); greedy C steps
-    return the ids themselves."""
-
-    def __init__(self, model: ThinkerLM, dec: Decoder, opts: SamplingOptions, prompts: list[list[int]],
-                 device: torch.device) -> None:
-        self.model, self.dec, self.opts = model, dec, opts
-        self.generator = _generator(opts, device)
-        self.penalty = opts.repetition_penalty != 1.0
-        self.seen = _seen_mask(prompts, len(prompts), model.cfg.vocab_size, device) if self.penalty else None
-        self.rows = torch.arange(len(prompts), device=device)
-        self.greedy = opts.temperature <= 0 and not self.penalty
-        self.screen = dec.screen
-
-    def pick(self, logits: torch.Tensor) -> torch.Tensor:
-        if self.penalty:
-            logits = apply_repetition_penalty(logits, self.seen, self.opts.repetition_penalty)
-        return sample(logits, self.opts, self.generator)
-
-    def first(self) -> torch.Tensor:
-        if self.dec.native is not None and self.greedy:
-            return self.dec.prefill(greedy=True)
-        return self.pick(self.dec.prefill())
-
-    def next(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Feed `tokens` (B,) and return the ids that follow them."""
-        if self.penalty:
-            self.seen[self.rows, tokens] = True
-        if self.dec.native is not None:
-            out = self.dec.native_step(tokens, self.greedy)
-            return out if self.greedy else self.pick(out)
-        if self.screen is None:
-            return self.pick(self.dec.step(tokens))
-        return self.screen.argmax(self.dec.step(tokens, hidden=True), self._full_argmax)
+                pos = self.pos
+                if not any(self.first):  # every row starts at column 0: one rotary row, no key mask
+                    rot = self.model.rotary
+                    cos, rot_sin, mask = rot.cos[pos:pos + 1], rot.rot_sin[pos:pos + 1], None
+                else:
+                    torch.sub(pos, self.anchors[:n], out=self.positions[:n])
+                    torch.index_select(self.model.rotary.cos, 0, self.positions[:n], out=self.cos[:n])
+                    torch.index_select(self.model.rotary.rot_sin, 0, self.positions[:n], out=self.rot_sin[:n])
+                    dk = self.cos.shape[-1]
+                    cos, rot_sin = self.cos[:n].view(n, 1, dk), self.rot_sin[:n].view(n, 1, dk)
+                    mask = self.key_mask[:n, :, :, :pos + 1]
+                h = self.model.decode_hidden(x, pos, self.views[n], cos, rot_sin, mask)
+            if greedy:
+                out = self.screen.argmax(h, self._full_argmax) if self.screen is not None else self._full_argmax(h)
+            else:
+                out = self.model.head(h)
+        self.pos += 1
+        self.steps += 1
+        self.needs = [w - 1 for w in self.needs]
+        return out
 
     def _full_argmax(self, h: torch.Tensor) -> torch.Tensor:
         return self.model.head(h).argmax(-1)
 
+    def release(self, slot: int) -> None:
+        """Free `slot`; the last occupied row moves into it (its columns, mask, anchor and tracked state)."""
+        last = self.n - 1
+        if slot != last:
+            if self.cache is not None:
+                lo = self.first[last]
+                self.cache.k[:, slot, :, lo:self.pos] = self.cache.k[:, last, :, lo:self.pos]
+                self.cache.v[:, slot, :, lo:self.pos] = self.cache.v[:, last, :, lo:self.pos]
+            for buf in self.moved:
+                buf[slot] = buf[last]
+            self.first[slot], self.needs[slot] = self.first[last], self.needs[last]
+        self.first.pop()
+        self.needs.pop()
+        if not self.first:
+            self.pos = 0
+            self.fresh = False
 
-def _seen_mask(prompts: list[list[int]], batch: int, vocab: int, device: torch.device) -> torch.Tensor:
-    seen = torch.zeros(batch, vocab, dtype=torch.bool, device=device)
-    for b, ids in enumerate(prompts):
-        ids = [i for i in ids if 0 <= i < vocab]
-        if ids:
-            seen[b, torch.tensor(ids, device=device)] = True
-    return seen
+
+@dataclass
+class RowPrompt:
+    """One request ready for the engine: prompt embeddings (T, d), its text ids (for the repetition
+    penalty), the sampling options (`max_new_tokens` is this row's budget) and notes for the caller."""
+    embeds: torch.Tensor
+    ids: list[int]
+    opts: SamplingOptions
+    notes: list[str] = field(default_factory=list)
 
 
-def _generator(opts: SamplingOptions, device: torch.device) -> torch.Generator | None:
-    return torch.Generator(device=device).manual_seed(opts.seed) if opts.seed is not None else None
+def _no_start(prompt: RowPrompt) -> None:
+    return None
+
+
+class Row:
+    """A submitted request: the caller's handle (`cancel()`) and the scheduler's per-row state."""
+
+    def __init__(self, prepare: Callable[[], RowPrompt], on_token: Callable[[int], None],
+                 on_finish: Callable[[str, BaseException | None], None],
+                 on_start: Callable[[RowPrompt], None] = _no_start) -> None:
+        self.prepare, self.on_start, self.on_token, self.on_finish = prepare, on_start, on_token, on_finish
+        self.cancelled = False
+        self.opts = SamplingOptions()
+        self.generator: torch.Generator | None = None
+        self.generated = 0
+        self.greedy = True
+
+    def cancel(self) -> None:
+        """Free the row at the scheduler's next step (a client went away, a stop string matched)."""
+        self.cancelled = True
+
+
+ENGINE_WIDE = ("decode_attention", "decode_kernel", "fast_greedy")  # options a whole engine decodes with
+
+
+class Scheduler:
+    """Rows join and leave a running decode batch at step boundaries. `add` queues a row (a RowPrompt, or a
+    `prepare()` building it when a slot is free); `admit` prefills queued rows into free slots (longest prompt
+    first) and emits their first ids; `decode` runs one step for every running row and frees those that
+    finished. Callbacks: `on_start(prompt)`, then `on_token(id)` per generated id (EOS excluded), then exactly
+    one `on_finish(reason, error)`: 'stop' (EOS), 'length' (budget), 'cancelled', or 'error' with the exception
+    prepare or the model raised (that row fails, the others go on)."""
+
+    def __init__(self, model: ThinkerLM, max_batch: int, columns: int, opts: SamplingOptions,
+                 screen: GreedyHead | None = None, longest: int | None = None) -> None:
+        self.slots = Slots(model, max_batch, columns, opts, screen, longest)
+        self.model, self.opts, self.max_batch = model, opts, max_batch
+        dev = self.slots.column_ids.device
+        self.device = dev
+        self.rows: list[Row] = []  # rows[i] is in slot i
+        self.pending: collections.deque[Row] = collections.deque()
+        self.admitting = 0  # rows taken from `pending` and not yet in `rows`
+        self.tokens = torch.zeros(max_batch, dtype=torch.long, device=dev)  # each row's last id, fed next
+        self.seen = torch.zeros(max_batch, model.cfg.vocab_size, dtype=torch.bool, device=dev)
+        self.slots.track(self.tokens)
+        self.slots.track(self.seen)
+        self.row_ids = torch.arange(max_batch, device=dev)
+        self.cancelled = 0  # rows freed before finishing (cancel() or shutdown)
+
+    @property
+    def kernel(self) -> str:
+        """The decode step this engine runs: "c (...)" or "torch (why)"."""
+        return self.slots.kernel
+
+    @property
+    def steps(self) -> int:
+        return self.slots.steps
+
+    @property
+    def shifts(self) -> int:
+        return self.slots.shifts
+
+    @property
+    def running(self) -> int:
+        """Rows in the batch or granted a slot (queued here, or being prefilled)."""
+        return len(self.rows) + self.admitting + len(self.pending)
+
+    @property
+    def free(self) -> int:
+        return self.max_batch - self.running
+
+    def add(self, prompt: Union[RowPrompt, Callable[[], RowPrompt]], on_token: Callable[[int], None],
+            on_finish: Callable[[str, BaseException | None], None],
+            on_start: Callable[[RowPrompt], None] = _no_start) -> Row:
+        """Queue a row for the next `admit` (see the class docstring for the callbacks)."""
+        prepare = prompt if callable(prompt) else (lambda: prompt)
+        row = Row(prepare, on_token, on_finish, on_start)
+        self.enqueue(row)
+        return row
+
+    def enqueue(self, row: Row) -> None:
+        self.pending.append(row)
+
+    def step(self) -> bool:
+        """Admit what fits, then one decode step; True while rows run or wait."""
+        self.admit()
+        self.decode()
+        return bool(self.rows or self.pending)
+
+    def run(self) -> None:
+        """Step until every row has finished."""
+        while self.step():
+            pass
+
+    def finish(self, row: Row, reason: str, error: BaseException | None = None) -> None:
+        self.cancelled += reason == "cancelled"
+        try:
+            row.on_finish(reason, error)
+        except Exception:  # a caller's callback must not take the scheduler down
+            pass
+
+    # ------------------------------------------------------------ admission
+    @torch.inference_mode()
+    def admit(self) -> int:
+        """Prefill queued rows into the free slots, longest prompt first (the first sets the write column, the
+        others fit left of it); returns how many joined."""
+        take = []
+        while self.pending and len(self.rows) + len(take) < self.max_batch:
+            take.append(self.pending.popleft())
+        self.admitting = len(take)
+        ready = []
+        for row in take:
+            if row.cancelled:
+                self.admitting -= 1
+                self.finish(row, "cancelled")
+                continue
+            try:
+                prompt = row.prepare()
+                self._check(prompt)
+                row.on_start(prompt)
+            except Exception as exc:  # bad input: this request fails, the others go on
+                self.admitting -= 1
+                self.finish(row, "error", exc)
+                continue
+            ready.append((row, prompt))
+        ready.sort(key=lambda rp: -rp[1].embeds.shape[0])
+        joined = 0
+        for row, prompt in ready:
+            self.admitting -= 1
+            try:
+                joined += self._start(row, prompt)
+            except Exception as exc:  # a failing model: this request fails
+                if row in self.rows:
+                    self._free(self.rows.index(row))
+                self.finish(row, "error", exc)
+        return joined
+
+    def _check(self, prompt: RowPrompt) -> None:
+        opts = prompt.opts
+        if prompt.embeds.ndim != 2:
+            raise ValueError(f"a row's prompt embeddings must be (T, d), not {tuple(prompt.embeds.shape)}")
+        check_budget(self.model, prompt.embeds.shape[0], opts.max_new_tokens, opts)
+        for name in ENGINE_WIDE:
+            if getattr(opts, name) != getattr(self.opts, name):
+                raise ValueError(f"this engine decodes with {name} {getattr(self.opts, name)!r}, "
+                                 f"not {getattr(opts, name)!r}")
+
+    def _start(self, row: Row, prompt: RowPrompt) -> int:
+        """Place and prefill one row; emit its first id. 1 if it is still running after that, else 0."""
+        opts = prompt.opts
+        row.opts, row.greedy = opts, opts.greedy
+        row.generator = torch.Generator(device=self.device).manual_seed(opts.seed) if opts.seed is not None else None
+        embeds = prompt.embeds.to(self.device)
+        slot = self.slots.place(embeds.shape[0], opts.max_new_tokens - 1)
+        self.rows.append(row)
+        self.seen[slot] = False  # a reused slot starts clean
+        if opts.repetition_penalty != 1.0:
+            ids = [i for i in prompt.ids if 0 <= i < self.seen.shape[1]]
+            if ids:
+                self.seen[slot, torch.tensor(ids, device=self.device)] = True
+        out = self.slots.prefill(slot, embeds, greedy=row.greedy)
+        tid = int(out[0]) if row.greedy else self._pick(row, slot, out)
+        if self._emit(row, tid):
+            self._free(slot)
+            return 0
+        self.tokens[slot] = tid
+        return 1
+
+    # ------------------------------------------------------------ decoding
+    @torch.inference_mode()
+    def decode(self) -> None:
+        """One decode step for every running row: feed its last id, pick its next one, emit, free the done."""
+        for slot in range(len(self.rows) - 1, -1, -1):
+            if self.rows[slot].cancelled:
+                row = self.rows[slot]
+                self._free(slot)
+                self.finish(row, "cancelled")
+        n = len(self.rows)
+        if n == 0:
+            return
+        tokens = self.tokens[:n]
+        greedy = all(r.greedy for r in self.rows)
+        try:
+            if any(r.opts.repetition_penalty != 1.0 for r in self.rows):
+                self.seen[self.row_ids[:n], tokens] = True
+            out = self.slots.step(tokens, greedy=greedy)
+            picked = out.tolist() if greedy else self._pick_rows(out)  # the one host sync per step
+        except Exception as exc:  # a failing model step fails the rows in it, not the engine
+            for slot in range(n - 1, -1, -1):
+                row = self.rows[slot]
+                self._free(slot)
+                self.finish(row, "error", exc)
+            return
+        done = []
+        for b, (row, tid) in enumerate(zip(self.rows, picked)):
+            if row.cancelled:
+                done.append((b, True))
+            elif self._emit(row, tid):
+                done.append((b, False))
+            else:
+                self.tokens[b] = tid
+        for b, cancelled in reversed(done):
+            row = self.rows[b]
+            self._free(b)
+            if cancelled:
+                self.finish(row, "cancelled")
+
+    def _pick(self, row: Row, slot: int, logits: torch.Tensor) -> int:
+        """One row's next id from its logits (1, V): its penalty, then its own sampling and generator."""
+        opts = row.opts
+        if opts.repetition_penalty != 1.0:
+            logits = apply_repetition_penalty(logits, self.seen[slot:slot + 1], opts.repetition_penalty)
+        return int(sample(logits, opts, row.generator)[0])
+
+    def _pick_rows(self, logits: torch.Tensor) -> list[int]:
+        """Each row's next id from the step's logits (n, V): argmax for greedy rows, its own pick else."""
+        picked = logits.argmax(-1).tolist()
+        for b, row in enumerate(self.rows):
+            if not row.greedy:
+                picked[b] = self._pick(row, b, logits[b:b + 1])
+        return picked
+
+    def _emit(self, row: Row, tid: int) -> bool:
+        """Deliver one picked id; True when the row is finished by it."""
+        if tid == EOS_ID and not row.opts.ignore_eos:
+            self.finish(row, "stop")
+            return True
+        row.generated += 1
+        try:
+            row.on_token(tid)
+        except Exception:  # the caller is gone (e.g. its event loop closed): free the row
+            row.cancel()
+        if row.generated >= row.opts.max_new_tokens:
+            self.finish(row, "length")
+            return True
+        return False
+
+    def _free(self, slot: int) -> None:
+        self.slots.release(slot)
+        self.rows[slot] = self.rows[-1]
+        self.rows.pop()
+
+
+def one_off(model: ThinkerLM, prompts: list[RowPrompt], opts: SamplingOptions) -> Scheduler:
+    """A Scheduler for exactly these rows: one slot each, rows x (longest prompt + largest budget) columns."""
+    longest = max(p.embeds.shape[0] for p in prompts)
+    budget = max(p.opts.max_new_tokens for p in prompts)
+    return Scheduler(model, len(prompts), longest + budget, opts, greedy_screen(model, opts), longest)
+
+
+def forced_logits(model: ThinkerLM, embeds: torch.Tensor, continuation: list[int], opts: SamplingOptions
+                  ) -> torch.Tensor:
+    """Teacher forcing through the decode engine: the logits (len(continuation) + 1, V) after the prompt `embeds`
+    (T, d), then after each token of `continuation` fed in turn, with `opts`' decode mode and kernel. What the
+    agreement measures compare (one early disagreement between two models does not change every later step)."""
+    T = embeds.shape[0]
+    with torch.inference_mode():
+        slots = Slots(model, 1, T + len(continuation), opts, longest=T)
+        out = torch.empty(len(continuation) + 1, model.cfg.vocab_size)
+        out[0] = slots.prefill(slots.place(T, len(continuation)), embeds)[0]
+        for i, tok in enumerate(continuation):
+            out[i + 1] = slots.step(torch.tensor([tok], device=embeds.device))[0]
+    return out
+
+
+class _Outcome:
+    """Collects one row's ids and its finish (reason, error), for the run-to-completion helpers."""
+
+    def __init__(self) -> None:
+        self.ids: list[int] = []
+        self.reason: str | None = None
+        self.error: BaseException | None = None
+
+    def finished(self, reason: str, error: BaseException | None) -> None:
+        self.reason, self.error = reason, error
 
 
 def generate(model: ThinkerLM, embeds: torch.Tensor, opts: SamplingOptions,
              prompt_ids: list[int] | None = None, info: dict[str, Any] | None = None) -> Iterator[int]:
-    """Yield new token ids for one sequence (batch 1) until EOS or `max_new_tokens`. EOS is not yielded.
-    `info`, if given, receives "decode_kernel": the decode path taken (see Decoder.kernel)."""
+    """Yield new token ids for one prompt (`embeds` (1, T, d)) until EOS or `max_new_tokens`; EOS is not
+    yielded. A batch of one on the Scheduler. `info`, if given, receives "decode_kernel" (Slots.kernel)."""
     if opts.max_new_tokens <= 0:
         return
     with torch.inference_mode():
-        dec = Decoder(model, embeds, None, opts, screen=greedy_screen(model, opts))
+        prompt = RowPrompt(embeds[0], list(prompt_ids or []), opts)
+        engine = one_off(model, [prompt], opts)
         if info is not None:
-            info["decode_kernel"] = dec.kernel
-        picker = Picker(model, dec, opts, [prompt_ids or []], embeds.device)
-        token = picker.first()
-        for step in range(opts.max_new_tokens):
-            tid = int(token)  # the one sync per step: the host needs the id to stop and to stream
-            if tid == EOS_ID and not opts.ignore_eos:
+            info["decode_kernel"] = engine.kernel
+        row = _Outcome()
+        engine.add(prompt, row.ids.append, row.finished)
+        engine.admit()
+        while True:
+            yield from row.ids  # the ids of the last admit / decode: one per step
+            row.ids.clear()
+            if row.reason is not None:
+                if row.error is not None:
+                    raise row.error
                 return
-            yield tid
-            if step + 1 == opts.max_new_tokens:
-                return
-            token = picker.next(token)
-
-
-def left_pad(embeds: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
-    """Stack (T_i, d) prompts into (B, max T, d), zero padding on the left; returns it and each row's pad."""
-    T = max(e.shape[0] for e in embeds)
-    out = embeds[0].new_zeros(len(embeds), T, embeds[0].shape[-1])
-    pads = []
-    for b, e in enumerate(embeds):
-        out[b, T - e.shape[0]:] = e
-        pads.append(T - e.shape[0])
-    return out, pads
+            engine.decode()
 
 
 def generate_batch(model: ThinkerLM, embeds: list[torch.Tensor], prompt_ids: list[list[int]] | None,
                    opts: SamplingOptions, max_new_tokens: list[int] | None = None,
                    step_times: list[float] | None = None, info: dict[str, Any] | None = None
                    ) -> list[list[int]]:
-    """New token ids for several prompts at once (each embeds[i] is (T_i, d)), EOS not included.
-
-    Prompts are left-padded to a common length; each row's positions and masks make its greedy answer equal
-    to `generate` on that prompt alone. A row stops contributing once it emits EOS or reaches its budget
-    (`max_new_tokens[i]`, default `opts.max_new_tokens`); the loop ends when every row has finished.
-    Sampling uses one generator for the whole batch, so sampled answers depend on the batch they are in
-    (greedy ones do not). `step_times`, if given, receives time.perf_counter() as each step's ids arrive
-    (entry i: when every row's i-th token was known). `info` as for `generate`.
-    """
+    """New token ids for several prompts at once (each embeds[i] is (T_i, d)), EOS not included: the rows
+    submitted together to one Scheduler. Each row's ids are those `generate` gives it alone (greedy, and
+    sampled with a seed: every row has its own generator). Row i stops at EOS or its budget
+    (`max_new_tokens[i]`, default `opts.max_new_tokens`; 0: no answer). `step_times`, if given, receives
+    time.perf_counter() as each step's ids arrive (entry i: when every row's i-th token was known). `info` as
+    for `generate`. A row that fails raises its error once the others have finished."""
     if not embeds:
         return []
     if any(e.ndim != 2 for e in embeds):
@@ -321,31 +564,142 @@ def generate_batch(model: ThinkerLM, embeds: list[torch.Tensor], prompt_ids: lis
     budgets = list(max_new_tokens) if max_new_tokens is not None else [opts.max_new_tokens] * B
     if len(budgets) != B:
         raise ValueError(f"generate_batch: {B} prompts but {len(budgets)} max_new_tokens")
-    out: list[list[int]] = [[] for _ in range(B)]
-    done = [n <= 0 for n in budgets]
-    if all(done):
-        return out
-    device = embeds[0].device
+    rows = [_Outcome() for _ in range(B)]
+    live = [b for b in range(B) if budgets[b] > 0]
+    if not live:
+        return [[] for _ in range(B)]
     with torch.inference_mode():
-        x, pads = left_pad(embeds)
-        dec = Decoder(model, x, pads, opts, [max(n, 0) for n in budgets], screen=greedy_screen(model, opts))
+        prompts = {b: RowPrompt(embeds[b], list(prompt_ids[b]), dataclasses.replace(opts, max_new_tokens=budgets[b]))
+                   for b in live}
+        engine = one_off(model, list(prompts.values()), opts)
         if info is not None:
-            info["decode_kernel"] = dec.kernel
-        picker = Picker(model, dec, opts, prompt_ids, device)
-        tokens = picker.first()
+            info["decode_kernel"] = engine.kernel
+        for b in live:
+            engine.add(prompts[b], rows[b].ids.append, rows[b].finished)
+        engine.admit()
         while True:
-            ids = tokens.tolist()  # the one sync per step
             if step_times is not None:
                 step_times.append(time.perf_counter())
-            for b, tid in enumerate(ids):
-                if done[b]:
-                    continue
-                if tid == EOS_ID and not opts.ignore_eos:
-                    done[b] = True
-                    continue
-                out[b].append(tid)
-                done[b] = len(out[b]) >= budgets[b]
-            if all(done):
+            if not engine.rows:
                 break
-            tokens = picker.next(tokens)
-    return out
+            engine.decode()
+    for row in rows:
+        if row.error is not None:
+            raise row.error
+    return [row.ids for row in rows]
+
+
+class EngineThread:
+    """The Scheduler in a thread of its own, for the server: `submit` a request (it waits in a bounded queue
+    until a slot is free), receive its tokens through callbacks run on that thread; `call` runs other model
+    work (encoders, speech, CTC) between steps, so one thread runs the model."""
+
+    def __init__(self, engine: Scheduler, max_queue: int) -> None:
+        if max_queue < 0:
+            raise ValueError(f"max_queue {max_queue} must be >= 0")
+        self.engine, self.max_queue, self.max_batch = engine, max_queue, engine.max_batch
+        self.waiting: collections.deque[Row] = collections.deque()
+        self.jobs: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future]] = collections.deque()
+        self.cond = threading.Condition()
+        self.closing = False
+        self.deadline: float | None = None
+        self.thread = threading.Thread(target=self._run, name="omni-scheduler", daemon=True)
+        self.thread.start()
+
+    kernel = property(lambda self: self.engine.kernel)
+    steps = property(lambda self: self.engine.steps)
+    shifts = property(lambda self: self.engine.shifts)
+    cancelled = property(lambda self: self.engine.cancelled)
+
+    @property
+    def queued(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def running(self) -> int:
+        """Rows in the batch, counting those being prefilled."""
+        return self.engine.running
+
+    def submit(self, prepare: Callable[[], RowPrompt], on_token: Callable[[int], None],
+               on_finish: Callable[[str, BaseException | None], None],
+               on_start: Callable[[RowPrompt], None] = _no_start) -> Row:
+        """Queue a request (Scheduler.add's callbacks; `prepare()` runs on the engine's thread). Raises
+        QueueFull past `max_queue` waiting requests, EngineClosed once closing."""
+        row = Row(prepare, on_token, on_finish, on_start)
+        with self.cond:
+            if self.closing:
+                raise EngineClosed("the server is shutting down")
+            free = max(0, self.engine.free)
+            if len(self.waiting) - free >= self.max_queue:
+                raise QueueFull(f"{len(self.waiting)} requests are already waiting (max_queue {self.max_queue})")
+            self.waiting.append(row)
+            self.cond.notify()
+        return row
+
+    def call(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
+        """Run `fn()` on the engine's thread before its next step; its result or exception in the Future."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        with self.cond:
+            if self.closing:
+                raise EngineClosed("the server is shutting down")
+            self.jobs.append((fn, fut))
+            self.cond.notify()
+        return fut
+
+    def close(self, timeout: float = 10.0, wait: bool = True) -> None:
+        """Admit nothing more; let running rows finish for up to `timeout` seconds, then cancel them (and
+        any request still waiting). With `wait`, return once the engine's thread has stopped."""
+        with self.cond:
+            if not self.closing:
+                self.closing = True
+                self.deadline = time.monotonic() + timeout
+            self.cond.notify()
+        if wait:
+            self.thread.join()
+
+    def _run(self) -> None:
+        engine = self.engine
+        with torch.inference_mode():
+            while True:
+                with self.cond:
+                    while not (engine.rows or self.waiting or self.jobs or self.closing):
+                        self.cond.wait()
+                    jobs = list(self.jobs)
+                    self.jobs.clear()
+                    if self.closing:
+                        if time.monotonic() >= self.deadline:
+                            for row in engine.rows:
+                                row.cancel()
+                        while self.waiting:
+                            engine.finish(self.waiting.popleft(), "cancelled",
+                                          EngineClosed("the server is shutting down"))
+                        if not engine.rows and not jobs:
+                            for fn, fut in self.jobs:
+                                fut.set_exception(EngineClosed("the server is shutting down"))
+                            return
+                    for row in [r for r in self.waiting if r.cancelled]:  # the client left while waiting
+                        self.waiting.remove(row)
+                        engine.finish(row, "cancelled")
+                    while self.waiting and engine.free > 0:
+                        engine.enqueue(self.waiting.popleft())
+                for fn, fut in jobs:
+                    if fut.set_running_or_notify_cancel():
+                        try:
+                            fut.set_result(fn())
+                        except BaseException as exc:  # handed to the caller, who reports it
+                            fut.set_exception(exc)
+                engine.step()
+
+
+def serving_scheduler(model: ThinkerLM, max_batch: int, opts: SamplingOptions) -> Scheduler:
+    """The server's Scheduler: `max_batch` slots of 2 x context columns (room for any request that fits the
+    context, wherever the write column is), the int8 greedy screen built up front (with `opts.fast_greedy`)."""
+    if max_batch < 1:
+        raise ValueError(f"max_batch {max_batch} must be >= 1")
+    ctx = model.rotary.max_len
+    return Scheduler(model, max_batch, 2 * ctx, opts, greedy_head(model) if opts.fast_greedy else None, ctx)
+
+
+def serving_engine(model: ThinkerLM, max_batch: int, max_queue: int, opts: SamplingOptions) -> EngineThread:
+    """`serving_scheduler` in its thread (EngineThread): what `OmniModel.batch_engine` gives the server."""
+    return EngineThread(serving_scheduler(model, max_batch, opts), max_queue)

@@ -4,10 +4,14 @@ The μOmni Talker is an unconditional language model over two-codebook speech co
 answer text (spec §2). So the number of frames is chosen from the answer's length (about 5 frames per
 word: 12.5 frames per second of speech at ~2.5 words per second), or given explicitly.
 
-Generation runs on the Thinker's engine (utils.engine.generation.Decoder): a causal prefill of
-[start, emb(0)+emb(0)] at positions 0 and 1 into a preallocated KV cache, then one frame per step, each frame
-attending to every earlier position ("causal", the default). The "reference" decode_attention mode reproduces the
-reference implementation's defect (each new frame attends only to the `start` slot), for comparison only.
+Generation runs on the Thinker's engine, one row of its KV slots (utils.engine.generation.Slots: the same cache
+placement, prefill and decode step): a causal prefill of [start, emb(0)+emb(0)] at positions 0 and 1, then one
+frame per step, each frame attending to every earlier position ("causal", the default). The "reference"
+decode_attention mode reproduces the reference implementation's defect (each new frame attends only to the
+`start` slot), for comparison only. The Scheduler above the slots does not fit the Talker, so `generate_codes`
+picks the codes itself: the Scheduler's rows emit token ids one by one, stop at EOS, keep a repetition-penalty
+mask over a vocabulary and go through the int8 greedy screen, while a talker frame is a pair of codes sampled
+from a pair of logits, with no end token and a fixed frame count.
 
 Timing: each talker frame is 80 ms (1280 samples at 16 kHz). The reference fed these frames straight into a
 hop-256 vocoder, so its speech ran 5x too fast. Here the mel is first stretched (linear interpolation) to the
@@ -28,7 +32,9 @@ from models.vocoder import HiFiGANGenerator, griffin_lim, mel_to_magnitude
 from utils.media.audio import SAMPLE_RATE, mel_filterbank, wav_bytes
 from utils.base.errors import OmniError
 from utils.base.defaults import DECODE_ATTENTION, VOCODERS
-from utils.engine.generation import Decoder, SamplingOptions, sample
+from utils.base.options import SamplingOptions
+from utils.engine.generation import Slots
+from utils.engine.sampling import sample
 
 FRAME_RATE = 12.5  # talker frames per second
 FRAME_SAMPLES = 1280  # 80 ms at 16 kHz: the talker's training mel hop
@@ -107,8 +113,9 @@ def generate_codes(talker: TalkerTiny, n_frames: int, opts: SpeechOptions | None
                                decode_attention=opts.decode_attention, max_new_tokens=n_frames - 1)
     first = torch.zeros(1, 1, 2, dtype=torch.long, device=device)
     prompt = torch.cat([talker.start, talker.embed(first)], dim=1)  # positions 0 (start slot) and 1 (frame [0,0])
-    dec = Decoder(talker, prompt, None, sampling)  # the last frame is never fed back: n_frames - 1 steps
-    base, res = dec.prefill()
+    slots = Slots(talker, 1, 2 + n_frames - 1, sampling, longest=2)  # the last frame is never fed back
+    slot = slots.place(2, n_frames - 1)
+    base, res = slots.prefill(slot, prompt[0])
     codes = torch.empty(n_frames, 2, dtype=torch.long, device=device)
     for i in range(n_frames):
         frame = torch.stack([sample(base, sampling, generator), sample(res, sampling, generator)], dim=-1)
@@ -117,7 +124,7 @@ def generate_codes(talker: TalkerTiny, n_frames: int, opts: SpeechOptions | None
             progress(1)
         if i + 1 == n_frames:
             break
-        base, res = dec.step(frame)
+        base, res = slots.step(frame)
     return codes.cpu()
 
 
