@@ -3,7 +3,10 @@
 this machine (--engine local) or on a Ray cluster (--engine ray), resumable after a kill (--resume)."""
 import sys
 
-from utils.batch.main import main
+from utils.base.errors import handle_signals
 
 if __name__ == "__main__":
+    handle_signals()  # before the app's imports: SIGTERM/SIGHUP end it as 143/129 with the journal kept
+    from utils.batch.main import main
+
     sys.exit(main(None, "batch.py", __doc__))
