@@ -37,13 +37,18 @@ def start_blocked(job: Path, out: Path) -> subprocess.Popen:
     """A job held after journaling its first batch (blocked writing the batch's errors to a full stderr pipe)."""
     proc = subprocess.Popen(batch_cmd(str(job), "-o", str(out), *GEN), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, cwd=REPO)
+    wait_for_journal(proc, out, BAD)
+    return proc
+
+
+def wait_for_journal(proc: subprocess.Popen, out: Path, n: int) -> None:
+    """Until the journal of `out` holds `n` records (the job then waits on its full stderr)."""
     journal = out.with_name(out.name + ".journal")
-    while not (journal.exists() and len(journal_records(journal)) == BAD):
+    while not (journal.exists() and len(journal_records(journal)) == n):
         if proc.poll() is not None:
-            pytest.fail(f"the job ended (exit {proc.returncode}) before its first batch was journaled: "
+            pytest.fail(f"the job ended (exit {proc.returncode}) before its batch was journaled: "
                         f"{proc.stderr.read()[-2000:]!r}")
         time.sleep(0.05)
-    return proc
 
 
 @pytest.fixture(scope="module")
@@ -168,3 +173,22 @@ def test_text_that_is_not_utf8_is_escaped_not_fatal(tmp_path) -> None:
     assert [rec["id"] for rec in got] == [str(d / "b.wav"), odd]
     assert got[0]["text"] == got[1]["text"]
     assert "\\udcff.wav" in out.read_text(encoding="ascii")
+
+
+def test_sigterm_reaches_the_ray_driver_as_143(tmp_path) -> None:
+    """ray.init puts in its own SIGTERM handler (sys.exit): batch.py's policy is restored after it. The driver is
+    held as above: the workers' records are errors (a missing image with a long path) whose lines fill stderr."""
+    pytest.importorskip("ray", reason="ray[data] is in requirements.txt")
+    missing = "/nonexistent/" + ("d" * 200 + "/") * 15 + "x.png"  # ~3 KB per `error:` line
+    job = write_lines(tmp_path / "in.jsonl", [json.dumps({"text": "hi", "image": missing, "id": i}) for i in range(30)])
+    out = tmp_path / "out.jsonl"
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
+    env.pop("RAY_ADDRESS", None)  # a local Ray instance of the job's own, stopped by it
+    proc = subprocess.Popen(batch_cmd(str(job), "-o", str(out), "--max_new_tokens", "2", "--engine", "ray",
+                                      "--workers", "1", "--batch_size", "30"), env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=REPO)
+    wait_for_journal(proc, out, 30)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and b"Traceback" not in err, err[-2000:]
+    assert len(journal_records(out.with_name("out.jsonl.journal"))) == 30

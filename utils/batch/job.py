@@ -336,7 +336,9 @@ class Journal:
             return f"input line {line} is not one of this job's requests"
         want, got = self.ids[line], rec.get("id")
         if type(got) is not type(want) or got != want:
-            return f"the record of input line {line} has id {json.dumps(got)}, that line's id is {json.dumps(want)}"
+            shown = json.dumps(got)
+            shown = shown if len(shown) <= 80 else shown[:77] + "..."  # a forged id may be any size
+            return f"the record of input line {line} has id {shown}, that line's id is {json.dumps(want)}"
         if not isinstance(rec.get("error", rec.get("text")), str):
             return 'neither an answer ("text") nor an "error"'
         return rec

@@ -2,7 +2,8 @@
 
 Requests come from a JSON Lines file (as infer_chat.py --batch_file) or, with --task transcribe, from audio files
 and directories. Records go to --output in input order, written atomically at the end; finished records are
-journaled per batch beside it (OUTPUT.journal), so a killed job continues with --resume.
+journaled per batch beside it (OUTPUT.journal), so a killed job continues with --resume; the journal is checked
+record by record when it is reopened, and locked while a run holds it (one run per output at a time).
 
 --engine local answers in this process with the batched generation (omni.OmniModel.answer_batch).
 --engine ray builds a Ray Data pipeline: the requests become a dataset, `map_batches` runs RayWorker, a callable
