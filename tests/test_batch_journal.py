@@ -21,6 +21,7 @@ import pytest
 
 from tests.test_batch import EXAMPLES, batch_cmd, journal_records, records, run_batch, write_lines
 from tests.conftest import REPO
+from utils.batch.job import MAX_JOURNAL_BYTES
 
 BAD = 1000  # bad lines in the first batch: ~110 KB of `error:` lines, more than a pipe holds
 GEN = ["--max_new_tokens", "3", "--batch_size", str(BAD)]
@@ -69,7 +70,7 @@ def test_sigterm_ends_the_job_as_143_with_the_journal_kept(terminated, job, tmp_
     assert journal.count(b"\n") == 1 + BAD  # the header and the first batch
     out = tmp_path / "out.jsonl"
     # a torn last line (a kill mid-write) is dropped, as before
-    (tmp_path / "out.jsonl.journal").write_bytes(journal + b'{"line": 1002, "id": "zz')
+    (tmp_path / "out.jsonl.journal").write_bytes(journal + b'{"line": %d, "id": "zz' % (BAD + 2))
     r = run_batch(str(job), "-o", str(out), *GEN, "--resume")
     assert r.returncode == 1, r.stderr  # the bad lines' records have "error"
     assert f"({BAD} from the journal)" in r.stderr
@@ -101,9 +102,9 @@ def record_line(line: int, rid: object) -> bytes:
     (record_line(BAD + 2, "zzz"), f'the record of input line {BAD + 2} has id "zzz", that line\'s id is "b"'),
     (record_line(BAD + 9, "zzz"), f"input line {BAD + 9} is not one of this job's requests"),
     (b'{"id": "b", "text": "forged"}\n', 'no input line number ("line")'),
-    (b'{"line": 1002, "id": "b", "text": "\xff\xfe"}\n', "not valid UTF-8"),
-    (b"[1002]\n", "expected a JSON object, found list"),
-    (b'{"line": 1002, "id": "b"}\n', 'neither an answer ("text") nor an "error"'),
+    (b'{"line": %d, "id": "b", "text": "\xff\xfe"}\n' % (BAD + 2), "not valid UTF-8"),
+    (b"[%d]\n" % (BAD + 2), "expected a JSON object, found list"),
+    (b'{"line": %d, "id": "b"}\n' % (BAD + 2), 'neither an answer ("text") nor an "error"'),
 ])
 def test_a_journal_record_of_another_job_is_refused(terminated, job, tmp_path, forged, why) -> None:
     out = tmp_path / "out.jsonl"
@@ -128,10 +129,14 @@ def test_a_journal_that_is_not_a_regular_file_is_refused_unread(job, tmp_path) -
 
     def bounded() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
-    r = subprocess.run(batch_cmd(str(job), "-o", str(out), *GEN, "--resume"), capture_output=True, text=True,
-                       timeout=120, cwd=REPO, preexec_fn=bounded)
-    assert r.returncode == 1 and "not a regular file" in r.stderr.splitlines()[-1], r.stderr
-    assert journal.is_symlink() and not out.exists()
+    for why in ("not a regular file", f"over the limit of {MAX_JOURNAL_BYTES:,} for a journal"):
+        r = subprocess.run(batch_cmd(str(job), "-o", str(out), *GEN, "--resume"), capture_output=True, text=True,
+                           timeout=120, cwd=REPO, preexec_fn=bounded)
+        assert r.returncode == 1 and why in r.stderr.splitlines()[-1], r.stderr
+        assert not out.exists()
+        journal.unlink()
+        with open(journal, "wb") as f:  # a regular file too large to be a journal (sparse: no disk used)
+            f.truncate(MAX_JOURNAL_BYTES + 1)
 
 
 def test_output_that_is_a_stream_is_refused(job, tmp_path) -> None:
