@@ -10,6 +10,7 @@ usage errors stay fast.
 from __future__ import annotations
 
 import base64
+import fcntl
 import hashlib
 import json
 import os
@@ -18,14 +19,16 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, TextIO
 
 from utils.base.errors import OmniError
+from utils.cli.console import Out
 
 BATCH_PATH_KEYS = ("image", "audio_in", "audio", "video")  # request keys holding a file path ("audio": an alias)
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")  # what `--task transcribe` picks from a directory
 JOURNAL_FORMAT = "muomni-batch-journal/1"
 MAX_BATCH_FILE_BYTES = 64 << 20  # a batch file is read whole: bounded
+MAX_JOURNAL_BYTES = 1 << 30  # and so is a journal (its records hold token ids: larger than the requests)
 
 
 @dataclass
@@ -37,7 +40,8 @@ class Row:
     error: str | None = None        # why the line is unusable
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), ensure_ascii=False)
+        """ASCII JSON (Ray's datasets hold valid UTF-8 only: an id with a lone surrogate travels escaped)."""
+        return json.dumps(asdict(self))
 
     @classmethod
     def from_json(cls, text: str) -> "Row":
@@ -112,7 +116,7 @@ def job_key(rows: list[Row], settings: dict[str, Any]) -> str:
     worker count or the batch size: greedy answers do not depend on them). A journal of another job is refused."""
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
     for row in rows:
-        digest.update(row.to_json().encode() + b"\n")
+        digest.update(json.dumps(asdict(row), ensure_ascii=False).encode("utf-8", "surrogatepass") + b"\n")
         if row.request is not None and "audio_in" in row.request and len(row.request) == 1:
             try:  # transcription inputs: a changed file is another job (size and time, not the bytes)
                 st = os.stat(row.request["audio_in"])
@@ -216,53 +220,128 @@ def temp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
+def write_records(stream: TextIO, records: Iterable[dict[str, Any]]) -> None:
+    """One JSON line per record; text that is not valid UTF-8 (a lone surrogate in an id, a file name's undecodable
+    bytes) is written as JSON escapes, as on the CLI's stdout."""
+    out = Out(stream)
+    for rec in records:
+        out.json(rec)
+
+
 class Journal:
     """`OUTPUT.journal`: a header naming the job, then each finished record, appended and flushed (fsync) once
-    per batch. Records are keyed by line, so a record written twice (a batch finished just before a kill and
-    redone) counts once; a line torn by a kill is dropped when the journal is reopened."""
+    per batch. It is also the job's lock (flock, held until the job ends): one run per output at a time. Reopened
+    by --resume, it is checked, never trusted: every complete line must be a record of one of this job's input
+    lines (its line number and id), else it is refused unchanged. Records are keyed by line, so a record written
+    twice counts once; a last line torn by a kill mid-write is dropped."""
 
-    def __init__(self, output: Path, key: str) -> None:
+    def __init__(self, output: Path, key: str, rows: list[Row]) -> None:
         self.path = output.with_name(output.name + ".journal")
+        self.output = output
         self.key = key
+        self.ids = {row.line: row.id for row in rows}
         self.done: dict[int, dict[str, Any]] = {}
-        self.file = None
+        self.file: TextIO | None = None
 
     def open(self, resume: bool) -> dict[int, dict[str, Any]]:
-        """Start the journal (or, with `resume`, reload it) and return the records already finished."""
-        if self.path.exists() and not resume:
-            raise OmniError(f"{self.path}: left by an interrupted run; rerun it with --resume to continue it, "
-                            f"or delete this file to start over")
+        """Lock the journal, start it (or, with `resume`, reload it) and return the records already finished."""
+        fd = self._lock()
         try:
-            if resume and self.path.exists():
-                self._load()
-                self.file = open(self.path, "a", encoding="utf-8")
-            else:
-                self.file = open(self.path, "w", encoding="utf-8")
+            size = os.fstat(fd).st_size
+            if size and not resume:
+                raise OmniError(f"{self.path}: left by an interrupted run; rerun it with --resume to continue it, "
+                                f"or delete this file to start over")
+            good = self._load(fd, size) if size else 0
+            os.ftruncate(fd, good)  # the torn last line, if any
+            self.file = open(fd, "a", encoding="utf-8", closefd=True)
+            fd = -1
+            if not good:
                 self.file.write(json.dumps({"journal": JOURNAL_FORMAT, "job": self.key}) + "\n")
                 self._sync()
         except OSError as exc:
+            self.close()
             raise OmniError(f"{self.path}: cannot write the journal ({exc.strerror or exc})") from exc
+        except BaseException:
+            self.close()
+            raise
+        finally:
+            if fd >= 0:
+                os.close(fd)
         return self.done
 
-    def _load(self) -> None:
-        data = self.path.read_bytes()
-        good = data.rfind(b"\n") + 1  # a kill mid-write leaves at most one unterminated line
-        lines = data[:good].decode("utf-8").splitlines()
+    def _lock(self) -> int:
+        """The journal's descriptor, locked for this run: a regular file (a FIFO or a device is refused unread)
+        that no other run holds."""
+        try:  # O_NONBLOCK: opening a FIFO must not wait for a writer
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise OmniError(f"{self.path}: cannot open the journal ({exc.strerror or exc})") from exc
         try:
-            header = json.loads(lines[0]) if lines else {}
-        except ValueError:
-            header = {}
-        if header.get("journal") != JOURNAL_FORMAT:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OmniError(f"{self.path}: not a regular file, so not a batch journal; remove it to start over")
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except (BlockingIOError, FileNotFoundError):
+                same = False
+            if not same:  # locked by a running job, or removed by one that just finished
+                raise OmniError(f"--output {self.output}: this job is already running (another batch.py holds its "
+                                f"journal {self.path}); wait for it to end")
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _load(self, fd: int, size: int) -> int:
+        """Check the journal and take its records; returns the length of its complete lines."""
+        if size > MAX_JOURNAL_BYTES:
+            raise OmniError(f"{self.path}: {size:,} bytes, over the limit of {MAX_JOURNAL_BYTES:,} for a journal; "
+                            f"delete it to start over")
+        data = os.pread(fd, size, 0)
+        good = data.rfind(b"\n") + 1  # a kill mid-write leaves at most one unterminated line
+        lines = data[:good].split(b"\n")[:-1]
+        try:
+            header = json.loads(lines[0].decode("utf-8")) if lines else None
+        except (ValueError, RecursionError):
+            header = None
+        if not isinstance(header, dict) or header.get("journal") != JOURNAL_FORMAT:
             raise OmniError(f"{self.path}: not a μOmni batch journal (delete it to start over)")
         if header.get("job") != self.key:
             raise OmniError(f"{self.path}: written for a different job (the input, the model or the generation "
                             f"options changed); delete it to start over")
-        for text in lines[1:]:
-            rec = json.loads(text)
+        for number, raw in enumerate(lines[1:], 2):
+            rec = self._record(raw)
+            if isinstance(rec, str):
+                raise OmniError(f"{self.path}, line {number}: {rec}: not a record of this job (delete the journal to "
+                                f"start over)")
             self.done.setdefault(rec["line"], rec)
-        if good < len(data):
-            with open(self.path, "r+b") as f:
-                f.truncate(good)
+        return good
+
+    def _record(self, raw: bytes) -> dict[str, Any] | str:
+        """The record on one journal line, or what is wrong with it."""
+        try:
+            rec = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            return "not valid UTF-8"
+        except RecursionError:
+            return "not valid JSON (nested too deeply)"
+        except ValueError as exc:
+            return f"not valid JSON ({exc})"
+        if not isinstance(rec, dict):
+            return f"expected a JSON object, found {type(rec).__name__}"
+        line = rec.get("line")
+        if type(line) is not int:
+            return 'no input line number ("line")'
+        if line not in self.ids:
+            return f"input line {line} is not one of this job's requests"
+        want, got = self.ids[line], rec.get("id")
+        if type(got) is not type(want) or got != want:
+            shown = json.dumps(got)
+            shown = shown if len(shown) <= 80 else shown[:77] + "..."  # a forged id may be any size
+            return f"the record of input line {line} has id {shown}, that line's id is {json.dumps(want)}"
+        if not isinstance(rec.get("error", rec.get("text")), str):
+            return 'neither an answer ("text") nor an "error"'
+        return rec
 
     def _sync(self) -> None:
         self.file.flush()
@@ -273,26 +352,24 @@ class Journal:
         new = [r for r in records if r["line"] not in self.done]
         for rec in new:
             self.done[rec["line"]] = rec
-            self.file.write(json.dumps(rec, ensure_ascii=False) + "\n")
+        write_records(self.file, new)
         self._sync()
         return new
 
     def finish(self, output: Path) -> None:
         """Write every record, in line order, to `output` atomically (temp file, then rename); then drop the
-        journal. Killed before the rename, the journal is still there for --resume."""
+        journal (and with it the lock). Killed before the rename, the journal is still there for --resume."""
         tmp = temp_name(output)
         try:
             with open(tmp, "w", encoding="utf-8") as f:
-                for line in sorted(self.done):
-                    f.write(json.dumps(self.done[line], ensure_ascii=False) + "\n")
-                f.flush()
+                write_records(f, (self.done[line] for line in sorted(self.done)))
                 os.fsync(f.fileno())
             os.replace(tmp, output)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             raise OmniError(f"{output}: cannot write ({exc.strerror or exc})") from exc
-        self.close()
         self.path.unlink()
+        self.close()
 
     def close(self) -> None:
         if self.file is not None:

@@ -2,7 +2,8 @@
 
 Requests come from a JSON Lines file (as infer_chat.py --batch_file) or, with --task transcribe, from audio files
 and directories. Records go to --output in input order, written atomically at the end; finished records are
-journaled per batch beside it (OUTPUT.journal), so a killed job continues with --resume.
+journaled per batch beside it (OUTPUT.journal), so a killed job continues with --resume; the journal is checked
+record by record when it is reopened, and locked while a run holds it (one run per output at a time).
 
 --engine local answers in this process with the batched generation (omni.OmniModel.answer_batch).
 --engine ray builds a Ray Data pipeline: the requests become a dataset, `map_batches` runs RayWorker, a callable
@@ -19,6 +20,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -31,7 +33,7 @@ from utils.batch.job import (Journal, MaterializedMedia, Row, audio_rows, inline
 from utils.cli.args import (add_generation_arguments, add_model_arguments, generation_options, non_negative_float,
                             non_negative_int, positive_float, positive_int, run_command)
 from utils.cli.console import Console
-from utils.base.errors import OmniError
+from utils.base.errors import OmniError, Terminated
 
 ROOT = Path(__file__).resolve().parents[2]
 # What a Ray worker imports of this checkout (omni.py and the layers below it): shipped to every node as the
@@ -58,7 +60,7 @@ optional; relative paths against the current directory, else the file's). Output
 With --engine ray the workers open the checkpoint and the media themselves: those paths must be visible to every
 worker (the same path on a shared filesystem), or use --inline_media to ship the media bytes in the dataset.
 exit status: 0 every line answered, 1 a line failed (its record has "error") or the job failed, 2 usage error,
-130 interrupted (finished lines are kept for --resume)."""
+130 interrupted (Ctrl-C), 143 terminated (SIGTERM); either way the finished lines are kept for --resume."""
 
 
 # ---------------------------------------------------------------- arguments
@@ -121,15 +123,20 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error("--quiet and --verbose cannot be combined")
 
 
-def check_output(path: Path, inputs: list[str]) -> None:
-    """Fail before any work when the output cannot be written where asked, or would overwrite an input."""
-    if path.is_dir():
-        raise OmniError(f"--output {path}: is a directory")
-    if not path.parent.is_dir():
-        raise OmniError(f"--output {path}: directory {path.parent} does not exist")
-    for given in inputs:
-        if path.exists() and Path(given).exists() and path.samefile(given):
-            raise OmniError(f"--output {path}: is the input {given}")
+def check_output(given: str, inputs: list[str]) -> Path:
+    """Fail before any work when the output cannot be written where asked (the CLI's checks for --audio_out:
+    this program's stdout or stderr, a directory, ...), is not a regular file (a terminal, a pipe, a device: the
+    records are renamed into place, which would replace it) or would overwrite an input. Returns the path to
+    write: a symlink's target, so the link stays a link."""
+    from omni import check_output_path
+
+    path = check_output_path(given, "--output")
+    if path.exists() and not path.is_file():
+        raise OmniError(f"--output {given}: not a regular file (a terminal, a pipe or a device); give a file path")
+    for name in inputs:
+        if path.exists() and Path(name).exists() and path.samefile(name):
+            raise OmniError(f"--output {given}: is the input {name}")
+    return path
 
 
 # ---------------------------------------------------------------- engines
@@ -168,7 +175,7 @@ class RayWorker:
             records = [media.restore(rec) for rec in process_rows(self.model, rows, self.task, self.gen)]
         finally:
             media.close()
-        return {"record": [json.dumps(rec, ensure_ascii=False) for rec in records]}
+        return {"record": [json.dumps(rec) for rec in records]}  # ASCII: Ray's strings are valid UTF-8 only
 
 
 def ray_failure(exc: Exception) -> str:
@@ -217,12 +224,15 @@ def run_pipeline(args: argparse.Namespace, rows: list[Row], gen: dict[str, Any],
     if address == "local":
         options["include_dashboard"] = False
     con.status("starting a local Ray instance ..." if address == "local" else f"connecting to Ray at {address} ...")
+    on_sigterm = signal.getsignal(signal.SIGTERM)
     try:
         ray.init(**options)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise OmniError(f"--ray_address {address}: "
                         f"cannot start or reach Ray ({str(exc).splitlines()[0]}; a cluster with token "
                         f"authentication also needs RAY_AUTH_MODE=token here)") from exc
+    finally:  # ray.init puts in its own SIGTERM handler (sys.exit): the process's policy stays ours
+        signal.signal(signal.SIGTERM, on_sigterm)
     try:
         cpus = args.cpus_per_worker or 1.0
         workers = args.workers or max(1, int(ray.cluster_resources().get("CPU", 1) // cpus))
@@ -262,14 +272,14 @@ def run_pipeline(args: argparse.Namespace, rows: list[Row], gen: dict[str, Any],
 
 def run(args: argparse.Namespace, con: Console) -> int:
     t0 = time.perf_counter()
-    output = Path(args.output)
-    check_output(output, args.inputs)
+    output = check_output(args.output, args.inputs)
     rows = read_batch_file(args.inputs[0], flag="INPUT") if args.task == "chat" else audio_rows(args.inputs)
     if not rows:
         con.warn(f"{args.inputs[0]}: no requests in it")
     gen = generation_options(args) if args.task == "chat" else {}
     journal = Journal(output, job_key(rows, {"task": args.task, "ckpt_dir": os.path.abspath(args.ckpt_dir),
-                                              "dtype": args.dtype, "quantize": args.quantize, "gen": gen}))
+                                              "dtype": args.dtype, "quantize": args.quantize, "gen": gen}),
+                      rows)
     done = journal.open(args.resume)
     pending = [row for row in rows if row.line not in done]
     resumed = len(rows) - len(pending)
@@ -299,13 +309,13 @@ def run(args: argparse.Namespace, con: Console) -> int:
             raise OmniError(f"the {args.engine} engine returned no record for {missing} line(s)")
         journal.finish(output)
     except BaseException as exc:
-        journal.close()
         if not done:
-            journal.path.unlink(missing_ok=True)  # nothing to resume
-        elif isinstance(exc, (OmniError, KeyboardInterrupt)):
+            journal.path.unlink(missing_ok=True)  # nothing to resume (removed while still locked: no other run's)
+        elif isinstance(exc, (OmniError, KeyboardInterrupt, Terminated)):
             con.info(f"{len(done)} of {len(rows)} lines are kept in {journal.path}: rerun with --resume to continue")
         raise
     finally:
+        journal.close()
         bar.close()
     seconds = time.perf_counter() - t0
     errors = sum("error" in rec for rec in done.values())
