@@ -113,3 +113,14 @@ def run_cli(*args: str, script: str = "infer_chat.py", stdin: str | bytes | None
     """Run one of the CLIs as a user would, capturing stdout and stderr separately."""
     return subprocess.run([sys.executable, str(REPO / script), *args], input=stdin, capture_output=True,
                           text=not isinstance(stdin, bytes), timeout=timeout, cwd=cwd or REPO)
+
+
+def run_demo(*args: str, **kw) -> subprocess.CompletedProcess:
+    """infer_chat.py on the shipped demo model (run_cli's options)."""
+    return run_cli("--ckpt_dir", str(DEMO), *args, **kw)
+
+
+def one_json(r: subprocess.CompletedProcess) -> dict:
+    """The one JSON object a successful `--json` run printed."""
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)

@@ -9,37 +9,28 @@ import subprocess
 
 import pytest
 
-from tests.conftest import DEMO, EXAMPLES, QUESTION, REPO, needs_demo, run_cli
+from tests.conftest import DEMO, EXAMPLES, QUESTION, REPO, needs_demo, one_json, run_cli, run_demo
 
 pytestmark = [needs_demo, pytest.mark.usefixtures("one_thread")]
-
-
-def demo(*args: str, **kw) -> subprocess.CompletedProcess:
-    return run_cli("--ckpt_dir", str(DEMO), *args, **kw)
-
-
-def one_json(r: subprocess.CompletedProcess) -> dict:
-    assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout)
 
 
 @pytest.fixture(scope="module")
 def timed() -> subprocess.CompletedProcess:
     """One `--text QUESTION --json --timings` run, read by several tests: the JSON answer and its timing object
     on stdout, the --timings summary on stderr."""
-    return demo("--text", QUESTION, "--json", "--timings")
+    return run_demo("--text", QUESTION, "--json", "--timings")
 
 
 def test_video_frames_limit_is_a_usage_error_and_seed_minus_one_is_random() -> None:
     from utils.cli import args as cli_args
     from utils.media import image
     assert cli_args.MAX_VIDEO_FRAMES == image.MAX_VIDEO_FRAMES  # the usage check and the decoder agree
-    r = demo("--video", str(EXAMPLES / "shapes.mp4"), "--video_frames", "300")
+    r = run_demo("--video", str(EXAMPLES / "shapes.mp4"), "--video_frames", "300")
     assert r.returncode == 2 and "--video_frames" in r.stderr and "256" in r.stderr
     sampled = ["--text", "Once upon a time", "--temperature", "1.5", "--max_new_tokens", "8", "--json"]
-    a = one_json(demo(*sampled, "--seed", "-1"))
+    a = one_json(run_demo(*sampled, "--seed", "-1"))
     assert isinstance(a["seed"], int) and a["seed"] >= 0
-    again = one_json(demo(*sampled, "--seed", str(a["seed"])))
+    again = one_json(run_demo(*sampled, "--seed", str(a["seed"])))
     assert again["token_ids"] == a["token_ids"]  # the reported seed reproduces the answer
 
 
@@ -66,7 +57,7 @@ def test_decode_rate_counts_every_decode_step(demo_model, timed) -> None:
     assert t["decode_s"] > 0
     low, high = t["decode_steps"] / (t["decode_s"] + 5e-7), t["decode_steps"] / max(t["decode_s"] - 5e-7, 1e-12)
     assert low - 5e-4 <= t["decode_tokens_per_s"] <= high + 5e-4  # decode_s is reported to 6 decimals
-    one = one_json(demo("--text", QUESTION, "--json", "--max_new_tokens", "1"))["timing"]
+    one = one_json(run_demo("--text", QUESTION, "--json", "--max_new_tokens", "1"))["timing"]
     assert one["decode_steps"] == 0 and one["decode_tokens_per_s"] == 0.0  # no step: no rate
 
     timing = answer_timing(0.25, 0.004, 9, 0.00019, 2)  # a rate from a duration that rounds badly
@@ -93,7 +84,7 @@ def test_system_prompt_is_prepended_and_absent_by_default(demo_model, timed) -> 
     system = "Answer with digits."
     plain = one_json(timed)
     assert plain["prompt_tokens"] == len(model.parts.tokenizer.prompt_ids(QUESTION))  # format unchanged
-    r = demo("--text", QUESTION, "--system", system, "--json")
+    r = run_demo("--text", QUESTION, "--system", system, "--json")
     obj = one_json(r)
     assert obj["prompt_tokens"] == len(model.parts.tokenizer.prompt_ids(f"{system} {QUESTION}"))
     assert obj["text"] == model.chat(f"{system} {QUESTION}") == model.chat(QUESTION, system=system)

@@ -12,25 +12,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import DEMO, EXAMPLES, QUESTION, needs_demo, run_cli
+from tests.conftest import DEMO, EXAMPLES, QUESTION, needs_demo, one_json, run_cli, run_demo
 
 pytestmark = [needs_demo, pytest.mark.usefixtures("one_thread")]
-
-
-def demo(*args: str, **kw) -> subprocess.CompletedProcess:
-    return run_cli("--ckpt_dir", str(DEMO), *args, **kw)
-
-
-def one_json(r: subprocess.CompletedProcess) -> dict:
-    assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout)
 
 
 def test_long_prompt_is_trimmed_and_the_answer_keeps_its_budget(demo_model) -> None:
     model = demo_model
     short = model.answer(QUESTION)  # what the CLI answers to it: test_chat_flags checks the two agree
     long_text = (QUESTION + " ") * 400
-    r = demo("--text", long_text, "--json")
+    r = run_demo("--text", long_text, "--json")
     obj = one_json(r)
     budget = model.sampling_options().max_new_tokens  # generation_config.json's
     assert obj["prompt_tokens"] == model.parts.ctx_len - budget - 1
@@ -39,13 +30,13 @@ def test_long_prompt_is_trimmed_and_the_answer_keeps_its_budget(demo_model) -> N
     assert obj["text"] == model.chat(long_text)
 
     # only a budget the context cannot hold is reduced, and that is said
-    r = demo("--text", long_text, "--json", "--max_new_tokens", "600")
+    r = run_demo("--text", long_text, "--json", "--max_new_tokens", "600")
     obj = one_json(r)
     assert f"max_new_tokens reduced from 600 to {model.parts.ctx_len - 3}" in r.stderr
     assert obj["prompt_tokens"] == 2
 
     # the same in a pipe
-    p = demo("--json", stdin=long_text + "\n")
+    p = run_demo("--json", stdin=long_text + "\n")
     assert p.returncode == 0 and "line 1: prompt trimmed" in p.stderr
     assert json.loads(p.stdout)["text"] == short.text
 
@@ -56,7 +47,7 @@ def test_pipe_failures_keep_answers_aligned_and_input_lists_media(demo_model) ->
     long_line = "x" * 1_000_001
     lines = ["/image nope.png", "What do you see?", long_line, f"/image {circle}", "What do you see?", QUESTION]
     stdin = "\n".join(lines) + "\n"
-    j = demo("--json", stdin=stdin)
+    j = run_demo("--json", stdin=stdin)
     assert j.returncode == 1
     objs = [json.loads(x) for x in j.stdout.splitlines()]
     assert len(objs) == 4  # four message lines, four output lines
@@ -70,7 +61,7 @@ def test_pipe_failures_keep_answers_aligned_and_input_lists_media(demo_model) ->
     assert errors[0].startswith("error: line 2: not answered, because of line 1: image file nope.png")
     assert sum(line.startswith("error: line 3: longer than") for line in j.stderr.splitlines()) == 1
 
-    t = demo(stdin=stdin)
+    t = run_demo(stdin=stdin)
     assert t.returncode == 1
     assert t.stdout.split("\n")[:-1] == ["", "", objs[2]["text"], objs[3]["text"]]
 
@@ -104,21 +95,21 @@ def test_m4a_audio_is_decoded(demo_model, tmp_path: Path) -> None:
     lag = int(np.argmax(np.correlate(decoded[:4000], reference[:2000], mode="valid")))  # the encoder's priming
     corr = np.corrcoef(decoded[lag:n], reference[:n - lag])[0, 1]
     assert corr > 0.95, corr
-    r = demo("--audio_in", str(m4a), "--json")
+    r = run_demo("--audio_in", str(m4a), "--json")
     assert one_json(r)["text"] == demo_model.chat(audio=str(m4a))
 
 
 def test_repeated_images_and_audio_are_all_used(demo_model) -> None:
     model = demo_model
     circle, square = str(EXAMPLES / "red_circle.png"), str(EXAMPLES / "blue_square.png")
-    obj = one_json(demo("--image", circle, "--image", square, "--json"))
+    obj = one_json(run_demo("--image", circle, "--image", square, "--json"))
     assert obj["text"] == model.chat(image=[circle, square])
     assert obj["text"] != model.chat(image=square)
     n_text = len(model.parts.tokenizer.prompt_ids("Describe what you see concisely."))
     assert obj["prompt_tokens"] == 2 + n_text
     clip = str(EXAMPLES / "green_triangle.wav")
-    one = one_json(demo("--audio_in", clip, "--json"))
-    two = one_json(demo("--audio_in", clip, "--audio_in", clip, "--json"))
+    one = one_json(run_demo("--audio_in", clip, "--json"))
+    two = one_json(run_demo("--audio_in", clip, "--audio_in", clip, "--json"))
     n_text = len(model.parts.tokenizer.prompt_ids("What did you hear?"))
     assert two["prompt_tokens"] - n_text == 2 * (one["prompt_tokens"] - n_text)
     assert two["text"] == model.chat(audio=[clip, clip])

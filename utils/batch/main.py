@@ -101,7 +101,7 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
                    help="Ship the media files' bytes in the dataset instead of their paths (for workers that "
                         "cannot see the driver's files).")
 
-    add_generation_arguments(p)  # as infer_chat.py; with sampling, answers depend on how lines are batched
+    add_generation_arguments(p)  # as infer_chat.py; a seeded row samples the same however lines are batched
 
     g = p.add_argument_group("messages")
     g.add_argument("--quiet", action="store_true", help="Print nothing on stderr except errors.")
