@@ -9,14 +9,25 @@ path.
 `native_model(model, kernel, reference, screen)` says which path a generation takes and why: decode_kernel
 "auto" takes the C step where it applies, "c" requires it (OmniError naming the reason otherwise), "torch"
 never takes it. The library is compiled once per source, compiler, flags and CPU into the cache directory
-(`MUOMNI_CACHE_DIR`, else `$XDG_CACHE_HOME/muomni`, else `~/.cache/muomni`; written atomically, as
-decode_step-TOOLCHAIN-SOURCE.so), with `$CC` (default `cc`), `-O3 -march=native` and then `$MUOMNI_CFLAGS`:
-about a second. Writing a build removes that toolchain's builds of other versions of step.c (see
-`remove_stale_builds`). When it loads, the library reports its ABI version and the layout of the structs it
-shares with the ctypes declarations below (`mu_abi`); a library that disagrees is rebuilt once, and if it
-still disagrees it is not used. Without a compiler, if the build fails or the ABI disagrees, the torch path
+(`MUOMNI_CACHE_DIR`, else `$XDG_CACHE_HOME/muomni`, else `~/.cache/muomni`, else, without a usable home,
+`$TMPDIR/muomni-UID`; written atomically, as decode_step-TOOLCHAIN-SOURCE.so), with `$CC` (default `cc`),
+`-O3 -march=native` and then `$MUOMNI_CFLAGS`: about a second, bounded by `MUOMNI_COMPILE_TIMEOUT` seconds
+(default 60). Writing a build removes that toolchain's builds of other versions of step.c (see
+`remove_stale_builds`).
+
+A library is loaded only if it is ours, as ssh treats keys (see `private_dir` and `_not_ours`): the
+cache directory and every directory above it owned by us or root and not writable by others (a shared
+sticky directory such as /tmp holds a private muomni-UID directory instead), the library a regular file of
+ours that nobody else can write; anything else is refused with the reason. Each build ends with a trailer
+holding the sha256 of the bytes before it (one file, so library and digest are replaced together); a library
+whose digest disagrees (damaged, overwritten, not ours to trust) is rebuilt. Before any call the library must
+not need a sanitizer runtime (which aborts a Python process that did not start with it), must export every
+function declared here, and must report, through `mu_abi`, its ABI version and the layout of the structs it
+shares with the ctypes declarations below; a library that fails these is rebuilt once, and if the fresh build
+still fails it is not used. Without a compiler, if the build fails or the checks refuse it, the torch path
 runs and the reason is reported (`--verbose`, `--json` timing `decode_kernel`; `--decode_kernel c` is an
-error naming it).
+error naming it). Settings that cannot be read (`MUOMNI_CFLAGS`, `MUOMNI_COMPILE_TIMEOUT`) are an OmniError
+naming the variable wherever the C step is looked for (decode_kernel auto or c), as they are the user's error.
 """
 from __future__ import annotations
 
@@ -24,11 +35,14 @@ import contextlib
 import ctypes
 import functools
 import hashlib
+import math
 import os
 import platform
 import re
 import shlex
 import shutil
+import signal
+import stat
 import subprocess
 import tempfile
 import weakref
@@ -45,7 +59,9 @@ from utils.weights.quant import GreedyHead, Int8Linear
 
 SOURCE = Path(__file__).with_name("step.c")
 CFLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-fno-math-errno")
-COMPILE_TIMEOUT_S = 300
+COMPILE_TIMEOUT_S = 60.0  # seconds per compiler run unless MUOMNI_COMPILE_TIMEOUT says
+REAP_TIMEOUT_S = 5.0  # after killing a compiler: how long its output pipes may stay open (a process that left
+#                       its group keeps them; the group's own processes close them as they die)
 
 
 class _Linear(ctypes.Structure):
@@ -75,10 +91,27 @@ class _Session(ctypes.Structure):
 
 ABI_VERSION = 1  # step.c's MU_ABI_VERSION: bump both when a struct above or an exported signature changes
 SHARED_STRUCTS = (_Linear, _Layer, _Model, _Session)  # step.c's mu_linear, mu_layer, mu_model, mu_session
+SIGNATURES = {  # every function step.c exports: (restype, argtypes)
+    "mu_abi": (ctypes.c_int32, [ctypes.POINTER(ctypes.c_int32), ctypes.c_int32]),
+    "mu_step": (ctypes.c_int, [ctypes.POINTER(_Model), ctypes.POINTER(_Session), ctypes.c_int32, ctypes.c_void_p,
+                               ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]),
+    "mu_prefill": (ctypes.c_int, [ctypes.POINTER(_Model), ctypes.POINTER(_Session), ctypes.c_int32, ctypes.c_int32,
+                                  ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]),
+    "mu_scratch_bytes": (ctypes.c_size_t, [ctypes.POINTER(_Model), ctypes.c_int32, ctypes.c_int32, ctypes.c_int32]),
+    "mu_features": (ctypes.c_char_p, []),
+    "mu_f32_panels": (ctypes.c_int, []),
+}
+# Symbols only a library built with a sanitizer that must be the process's first library imports (ASan, HWASan,
+# TSan, MSan): loading it into Python aborts the process with one line of the runtime's, so it is refused first.
+SANITIZER_INITS = (b"__asan_init", b"__hwasan_init", b"__tsan_init", b"__msan_init")
+# A build's last bytes: TRAILER_TAG, then the sha256 (hex) of every byte before the tag. The dynamic loader
+# reads an ELF file through its headers' offsets, so bytes after the sections are ignored.
+TRAILER_TAG = b"\n#muomni-sha256 "
+TRAILER_BYTES = len(TRAILER_TAG) + 64
 
 # Build outputs in the cache directory: decode_step-TOOLCHAIN-SOURCE.so, TOOLCHAIN a hash of the compiler's
-# version, the flags, the machine and the CPU's features, SOURCE a hash of step.c; being written:
-# .decode_step-*.so. Earlier versions wrote native_decode-KEY.so.
+# version, the flags, the machine and the CPU's features, SOURCE a hash of step.c; being built: .build-*/
+# directories. Earlier versions wrote native_decode-KEY.so.
 BUILD_NAME = re.compile(r"decode_step-([0-9a-f]{12})-([0-9a-f]{12})\.so")
 LEGACY_BUILD_NAME = re.compile(r"native_decode-[0-9a-f]{20}\.so")
 
@@ -94,16 +127,11 @@ def struct_layout() -> list[tuple[str, int]]:
 
 
 def abi_mismatch(lib: ctypes.CDLL) -> str | None:
-    """Why `lib` cannot be used with the structs declared here (its ABI version or its struct layout differs),
-    or None when it agrees."""
-    try:
-        abi = lib.mu_abi
-    except AttributeError:
-        return "it has no mu_abi (built from another version of step.c)"
-    abi.restype, abi.argtypes = ctypes.c_int32, [ctypes.POINTER(ctypes.c_int32), ctypes.c_int32]
+    """Why `lib` (its functions declared from SIGNATURES) cannot be used with the structs declared here (its ABI
+    version or its struct layout differs), or None when it agrees."""
     want = struct_layout()
     got = (ctypes.c_int32 * (len(want) + 1))()  # one more: a longer list in the library shows there
-    version = abi(got, len(got))
+    version = lib.mu_abi(got, len(got))
     if version != ABI_VERSION:
         return f"it speaks ABI {version}, step.py ABI {ABI_VERSION}"
     for (what, expected), have in zip([*want, ("the end of the layout", -1)], got):
@@ -112,12 +140,92 @@ def abi_mismatch(lib: ctypes.CDLL) -> str | None:
     return None
 
 
+def _usable_home() -> str | None:
+    """The home directory (HOME, else the passwd entry) if it is an absolute path to a directory, else None:
+    without either expanduser hands back "~" itself, and a relative HOME would put the cache under the current
+    directory (an empty one, which expanduser takes for "/", is no home either)."""
+    home = os.environ.get("HOME")
+    if home is None:
+        home = os.path.expanduser("~")
+    return home if os.path.isabs(home) and os.path.isdir(home) else None
+
+
+def _shared_sticky(st: os.stat_result) -> bool:
+    """A directory others may write to but not rename or remove our entries in (as /tmp, mode 1777)."""
+    return stat.S_ISDIR(st.st_mode) and bool(st.st_mode & 0o022) and bool(st.st_mode & stat.S_ISVTX)
+
+
 def cache_dir() -> Path:
-    """Where compiled kernels are kept (see the module docstring)."""
+    """Where compiled kernels are kept (see the module docstring); in a shared sticky directory (/tmp-like, as a
+    MUOMNI_CACHE_DIR or the temporary directory), a muomni-UID directory of ours inside it. Creates nothing."""
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    home = _usable_home()
     if os.environ.get("MUOMNI_CACHE_DIR"):
-        return Path(os.environ["MUOMNI_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "muomni"
+        base = Path(os.path.abspath(os.environ["MUOMNI_CACHE_DIR"]))
+    elif os.path.isabs(xdg):  # the XDG spec: a relative XDG_CACHE_HOME is invalid and ignored
+        base = Path(xdg) / "muomni"
+    elif home is not None:
+        base = Path(home) / ".cache" / "muomni"
+    else:
+        base = Path(tempfile.gettempdir()) / f"muomni-{os.geteuid()}"
+    try:
+        shared = _shared_sticky(os.stat(base))
+    except OSError:  # not there yet: created private by `private_dir`
+        shared = False
+    return base / f"muomni-{os.geteuid()}" if shared else base
+
+
+def _not_ours(path: Path, st: os.stat_result, what: str, root_too: bool = False) -> str | None:
+    """Why `path` (stat `st`) cannot be trusted as `what` (as ssh judges a key's path: owned by this user, or by
+    root with `root_too`, and writable by nobody else), or None."""
+    uid = os.geteuid()
+    if st.st_uid != uid and not (root_too and st.st_uid == 0):
+        return f"{what} {path} is owned by uid {st.st_uid}, not by this user (uid {uid})"
+    if st.st_mode & 0o022:
+        return f"{what} {path} is writable by group or others (mode {stat.filemode(st.st_mode)})"
+    return None
+
+
+def _untrusted_above(dirs: list[Path], path: Path) -> str | None:
+    """Why one of `dirs` (resolved directories above the cache directory `path`) could let someone else replace
+    what is below it, or None: each must be owned by us or root and writable by nobody else, unless it is
+    sticky (nobody else can rename or remove our entry there)."""
+    for above in dirs:
+        st = os.stat(above)
+        if not _shared_sticky(st) or st.st_uid not in (0, os.geteuid()):
+            why = _not_ours(above, st, "the directory", root_too=True)
+            if why is not None:
+                return f"{why}, above the cache directory {path}; set MUOMNI_CACHE_DIR to a private directory"
+    return None
+
+
+def private_dir(path: Path) -> Path | str:
+    """`path` (cache_dir()) resolved, with any missing directories created 0700, if it and every directory above
+    it can be trusted to hold code we load (see `_untrusted_above`; it itself ours and writable by nobody
+    else); else why not. Nothing is created under a directory that is not trusted."""
+    try:
+        missing, have = [], path
+        while not os.path.lexists(have):
+            missing.append(have)
+            have = have.parent
+        have = Path(os.path.realpath(have))
+        why = _untrusted_above([*reversed(have.parents), have], path) if missing else None
+        if why is not None:
+            return why
+        for d in reversed(missing):
+            with contextlib.suppress(FileExistsError):  # another process made it first: judged below
+                os.mkdir(d, 0o700)
+        real = Path(os.path.realpath(path))  # judged and used from here on: a link swapped later is not followed
+        why = _untrusted_above(list(reversed(real.parents)), path)
+        if why is not None:
+            return why
+        st = os.stat(real)
+    except OSError as exc:
+        return f"cannot create the cache directory {path} ({exc.strerror or exc}; set MUOMNI_CACHE_DIR)"
+    if not stat.S_ISDIR(st.st_mode):
+        return f"the cache directory {path} is not a directory"
+    why = _not_ours(real, st, "the cache directory")
+    return real if why is None else f"{why}; set MUOMNI_CACHE_DIR to a private directory"
 
 
 def _cpu_flags() -> str:
@@ -130,8 +238,53 @@ def _cpu_flags() -> str:
 
 
 def compile_flags() -> list[str]:
-    """CFLAGS, then `MUOMNI_CFLAGS` (e.g. "-march=x86-64-v2" to build for older CPUs than this one)."""
-    return [*CFLAGS, *shlex.split(os.environ.get("MUOMNI_CFLAGS", ""))]
+    """CFLAGS, then `MUOMNI_CFLAGS` (e.g. "-march=x86-64-v2" to build for older CPUs than this one); an
+    OmniError naming the variable if its value cannot be split as a shell would."""
+    extra = os.environ.get("MUOMNI_CFLAGS", "")
+    try:
+        return [*CFLAGS, *shlex.split(extra)]
+    except ValueError as exc:
+        raise OmniError(f"MUOMNI_CFLAGS {extra!r}: {exc} (the flags are split as a shell would)") from None
+
+
+def compile_timeout() -> float:
+    """Seconds a compiler run may take: `MUOMNI_COMPILE_TIMEOUT`, else COMPILE_TIMEOUT_S; an OmniError naming
+    the variable if it is not a number of seconds above 0."""
+    text = os.environ.get("MUOMNI_COMPILE_TIMEOUT", "")
+    if not text:
+        return COMPILE_TIMEOUT_S
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds < math.inf:
+        raise OmniError(f"MUOMNI_COMPILE_TIMEOUT {text!r}: use a number of seconds above 0")
+    return seconds
+
+
+def run_compiler(argv: list[str], what: str, cwd: str | None = None, env: dict[str, str] | None = None
+                 ) -> tuple[int, str, str] | str:
+    """(exit status, stdout, stderr) of the compiler command `argv`, its output decoded leniently (a compiler
+    may print any bytes); or why it gave none, `what` naming the run. The compiler runs in a process group of
+    its own, killed whole (its cc1, as, ld) when it exceeds compile_timeout() or when we are interrupted."""
+    timeout = compile_timeout()
+    try:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                cwd=cwd, env=env, start_new_session=True)
+    except OSError as exc:
+        return f"{what} does not run ({exc.strerror or exc})"
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except BaseException as exc:  # the timeout, or a signal's exception (Ctrl-C): nothing of it may outlive us
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.communicate(timeout=REAP_TIMEOUT_S)  # returns once the last of the group is gone
+        proc.wait()
+        if isinstance(exc, subprocess.TimeoutExpired):
+            return f"{what} did not finish in {timeout:g} s (MUOMNI_COMPILE_TIMEOUT)"
+        raise
+    return proc.returncode, out.decode(errors="replace"), err.decode(errors="replace")
 
 
 def _digest(*parts: bytes) -> str:
@@ -151,14 +304,14 @@ class Toolchain:
 def toolchain() -> Toolchain | str:
     """The toolchain `$CC` (default `cc`) gives with compile_flags(), or why there is none."""
     cc = os.environ.get("CC", "cc")
+    flags = compile_flags()
     exe = shutil.which(cc)
     if exe is None:
         return f"no C compiler ({cc!r} not found; set CC or install gcc)"
-    try:
-        version = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError) as exc:
-        return f"the C compiler {cc!r} does not run ({exc})"
-    return Toolchain(exe, version, compile_flags())
+    done = run_compiler([exe, "--version"], f"the C compiler {cc!r}")
+    if isinstance(done, str):
+        return done
+    return Toolchain(exe, done[1], flags)
 
 
 def remove_stale_builds(kept: Path) -> None:
@@ -176,81 +329,119 @@ def remove_stale_builds(kept: Path) -> None:
 
 
 def compile_library(tools: Toolchain, out: str) -> str | None:
-    """Compile step.c into `out`; None, or why it failed."""
-    try:
-        done = subprocess.run([tools.exe, *tools.flags, "-o", out, str(SOURCE), "-lm"], capture_output=True,
-                              text=True, timeout=COMPILE_TIMEOUT_S)
-    except (OSError, subprocess.SubprocessError) as exc:
-        return f"the C compiler failed on {SOURCE.name}: {exc}"
-    if done.returncode != 0:
-        first = (done.stderr.strip().splitlines() or ["no message"])[0]
+    """Compile step.c into `out`, in `out`'s directory (a private one, also the compiler's TMPDIR, so its
+    temporary files go where the caller removes them); None, or why it failed."""
+    where = os.path.dirname(out)
+    done = run_compiler([tools.exe, *tools.flags, "-o", out, str(SOURCE), "-lm"],
+                        f"the C compiler on {SOURCE.name}", cwd=where, env={**os.environ, "TMPDIR": where})
+    if isinstance(done, str):
+        return done
+    if done[0] != 0:
+        first = (done[2].strip().splitlines() or ["no message"])[0]
         return f"the C compiler failed on {SOURCE.name}: {first}"
+    if not os.path.isfile(out):
+        return f"the C compiler exited 0 on {SOURCE.name} but wrote no library"
     return None
 
 
-def _open(path: str, what: str) -> tuple[ctypes.CDLL | None, str | None]:
-    """(the library at `path` if its ABI agrees, else None; why not, naming it `what`)."""
+def _load(path: Path, data: bytes, what: str) -> tuple[ctypes.CDLL | None, str | None]:
+    """(the library at `path`, whose bytes are `data`, with its functions declared, if it can be called with the
+    declarations here, else None; why not, naming it `what`)."""
+    runtime = next((name.decode() for name in SANITIZER_INITS if name in data), None)
+    if runtime is not None:
+        return None, (f"{what} needs a sanitizer's runtime ({runtime}), which cannot be loaded into Python: "
+                      f"build without -fsanitize (MUOMNI_CFLAGS, CC)")
     try:
-        lib = ctypes.CDLL(path)
+        lib = ctypes.CDLL(str(path))
     except OSError as exc:
         return None, f"cannot load {what} ({exc})"
+    missing = [name for name in SIGNATURES if not hasattr(lib, name)]
+    if missing:
+        return None, f"{what} does not match step.py: it has no {', '.join(missing)} (not a build of this step.c)"
+    for name, (restype, argtypes) in SIGNATURES.items():
+        getattr(lib, name).restype, getattr(lib, name).argtypes = restype, argtypes
     why = abi_mismatch(lib)
     return (lib, None) if why is None else (None, f"{what} does not match step.py: {why}")
 
 
-def _build(tools: Toolchain) -> tuple[ctypes.CDLL | None, str | None]:
-    """Compile into a temporary file of the cache directory, load and check it under that name (dlopen would
-    hand back an older library already loaded under the target's name), then move it into place and remove
-    the stale builds. A library whose ABI disagrees is not kept."""
-    out_dir = tools.target.parent
+def _open_cached(target: Path) -> tuple[ctypes.CDLL | None, str | None, bool]:
+    """(the cached build at `target` if it passes every check, else None; why not; whether a rebuild may replace
+    it: yes for a missing, damaged or foreign file of ours, no for a file we cannot trust to be ours)."""
+    what = f"the compiled kernel {target}"
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".decode_step-", suffix=".so", dir=out_dir)
-        os.close(fd)
+        st = os.lstat(target)
+    except FileNotFoundError:
+        return None, None, True
     except OSError as exc:
-        return None, f"cannot write the compiled kernel to {out_dir} ({exc.strerror or exc}; set MUOMNI_CACHE_DIR)"
+        return None, f"cannot read {what} ({exc.strerror or exc})", False
+    if not stat.S_ISREG(st.st_mode):
+        return None, f"{what} is not a regular file; remove it", False
+    why = _not_ours(target, st, "the compiled kernel")
+    if why is not None:
+        return None, f"{why}; remove it", False
     try:
-        why = compile_library(tools, tmp)
+        data = target.read_bytes()
+    except OSError as exc:
+        return None, f"cannot read {what} ({exc.strerror or exc})", False
+    body, tail = data[:-TRAILER_BYTES], data[-TRAILER_BYTES:]
+    if tail != TRAILER_TAG + hashlib.sha256(body).hexdigest().encode():
+        return None, f"{what} does not hold its digest (damaged, or not written by step.py)", True
+    lib, why = _load(target, body, what)
+    return lib, why, True
+
+
+def _build(tools: Toolchain, target: Path) -> tuple[ctypes.CDLL | None, str | None]:
+    """Compile in a private temporary directory of the cache directory (removed whatever happens), load and check
+    the library there under its temporary name (dlopen would hand back an older library already loaded under the
+    target's name), then move it, its digest appended, into place and remove the stale builds. A library that
+    fails the checks is not kept."""
+    try:
+        work = tempfile.mkdtemp(prefix=".build-", dir=target.parent)
+    except OSError as exc:
+        return None, (f"cannot write the compiled kernel to {target.parent} ({exc.strerror or exc}; "
+                      f"set MUOMNI_CACHE_DIR)")
+    try:
+        built = os.path.join(work, "step.so")
+        why = compile_library(tools, built)
         if why is not None:
             return None, why
-        lib, why = _open(tmp, f"a fresh build of {SOURCE.name}")
+        data = Path(built).read_bytes()
+        lib, why = _load(Path(built), data, f"a fresh build of {SOURCE.name}")
         if lib is None:
             return None, why
-        os.replace(tmp, tools.target)
+        final = os.path.join(work, target.name)
+        fd = os.open(final, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o755)
+        with open(fd, "wb") as f:
+            f.write(data + TRAILER_TAG + hashlib.sha256(data).hexdigest().encode())
+        os.chmod(final, 0o755)  # whatever the umask: a library others may write is refused when it is next loaded
+        os.replace(final, target)
     except OSError as exc:
-        return None, f"cannot write the compiled kernel {tools.target} ({exc.strerror or exc})"
+        return None, f"cannot write the compiled kernel {target} ({exc.strerror or exc})"
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    remove_stale_builds(tools.target)
+        shutil.rmtree(work, ignore_errors=True)
+    remove_stale_builds(target)
     return lib, None
 
 
 def load_library() -> tuple[ctypes.CDLL | None, str]:
-    """`library()` without the per-process cache: the cached build if it loads and its ABI agrees, else one
-    (re)build; (None, why) if that fails too."""
+    """`library()` without the per-process cache: the cached build if it passes the checks, else one (re)build;
+    (None, why) if that fails too, or if the cache directory or the cached file cannot be trusted."""
     tools = toolchain()
     if isinstance(tools, str):
         return None, tools
-    lib = None
-    if tools.target.exists():
-        lib, _ = _open(str(tools.target), f"the compiled kernel {tools.target}")
-    if lib is None:  # not built yet, or unusable (a foreign or damaged file, another ABI): build it once
-        lib, why = _build(tools)
+    where = private_dir(tools.target.parent)
+    if isinstance(where, str):
+        return None, where
+    target = where / tools.target.name
+    lib, why, rebuild = _open_cached(target)
+    if lib is None:
+        if not rebuild:
+            return None, why
+        lib, why = _build(tools, target)  # not built yet, or unusable (damaged, foreign, another ABI): once
         if lib is None:
             return None, why
-    lib.mu_step.restype = ctypes.c_int
-    lib.mu_step.argtypes = [ctypes.POINTER(_Model), ctypes.POINTER(_Session), ctypes.c_int32, ctypes.c_void_p,
-                            ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
-    lib.mu_prefill.restype = ctypes.c_int
-    lib.mu_prefill.argtypes = [ctypes.POINTER(_Model), ctypes.POINTER(_Session), ctypes.c_int32, ctypes.c_int32,
-                               ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
-    lib.mu_scratch_bytes.restype = ctypes.c_size_t
-    lib.mu_scratch_bytes.argtypes = [ctypes.POINTER(_Model), ctypes.c_int32, ctypes.c_int32, ctypes.c_int32]
-    lib.mu_features.restype = ctypes.c_char_p
-    lib.mu_f32_panels.restype = ctypes.c_int
     compiler = (tools.version.splitlines() or [tools.exe])[0]
-    return lib, f"c ({lib.mu_features().decode()}, {compiler})"
+    return lib, f"c ({lib.mu_features().decode(errors='replace')}, {compiler})"
 
 
 @functools.cache
