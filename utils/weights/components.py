@@ -98,6 +98,7 @@ def build_thinker(sd: StateDict, cfg: dict[str, Any], src: str) -> ThinkerLM:
         num_experts_per_tok=config_int(cfg, "num_experts_per_tok", 2, src)), src)
     check_config_agrees(cfg, {"vocab_size": tc.vocab_size, "d_model": tc.d_model, "n_layers": tc.n_layers}, src, src)
     check_head_split(tc.d_model, tc.block.n_heads, src)
+    check_rotary_heads(tc.d_model, tc.block.n_heads, src)
     check_attention_split(tc.block, sd, src)
     model = ThinkerLM(tc)
     load_strict(model, sd, src)
@@ -132,6 +133,14 @@ def check_head_split(d_model: int, n_heads: int, src: str) -> None:
         raise OmniError(f"{src}: n_heads {n_heads} does not divide d_model {d_model}")
 
 
+def check_rotary_heads(d_model: int, n_heads: int, src: str) -> None:
+    """Rotary positions turn pairs of a head's dimensions: an odd head dimension cannot take them (the torch step
+    would fail on the rotary table's shape, the C step refuses it)."""
+    if (d_model // n_heads) % 2:
+        raise OmniError(f"{src}: d_model {d_model} over n_heads {n_heads} gives heads of {d_model // n_heads} "
+                        f"dimensions; rotary positions need an even head dimension")
+
+
 def build_vision(sd: StateDict, cfg: dict[str, Any], src: str) -> ViTTiny:
     require(sd, ("proj.weight", "pos", "cls"), src)
     shape_of(sd, "proj.weight", 4, src)
@@ -164,6 +173,7 @@ def build_talker(sd: StateDict, cfg: dict[str, Any], src: str) -> TalkerTiny:
         sd, n_heads=n_heads, rope_theta=config_float(cfg, "rope_theta", 10000.0, src)), src)
     check_config_agrees(cfg, {"d_model": tc.block.d_model, "n_layers": tc.n_layers}, src, src)
     check_head_split(tc.block.d_model, tc.block.n_heads, src)
+    check_rotary_heads(tc.block.d_model, tc.block.n_heads, src)
     check_attention_split(tc.block, sd, src)
     model = TalkerTiny(tc)
     load_strict(model, sd, src)
