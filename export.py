@@ -18,6 +18,10 @@ command line.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # first, so the signal policy covers every line below (utils.base.errors.run_script)
+    from utils.base.errors import run_script
+    run_script("export")
+
 import argparse
 import sys
 import traceback
@@ -28,7 +32,7 @@ import torch
 
 from omni import ExportResult, dtype_name, export_checkpoints, find_config
 from utils.base.defaults import DTYPE_NAMES
-from utils.base.errors import OmniError, Terminated, handle_signals, interrupt_status, one_line, quiet_stdout
+from utils.base.errors import OmniError, Terminated, interrupt_status, one_line, quiet_stdout
 from utils.base.export_names import COMPONENT_FLAGS, COMPONENT_PREFIXES, DEFAULT_OUTPUT_FILE, EXPORT_NAMES, QUANT_METHOD
 from utils.base.version import version_text
 
@@ -135,8 +139,3 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"cannot write the export ({exc.strerror or exc}{': ' + str(exc.filename) if exc.filename else ''})"
         print(f"error: {one_line(message)}", file=sys.stderr)
         return 1
-
-
-if __name__ == "__main__":
-    handle_signals()  # the process's policy, so only the script installs it (not a caller of main())
-    sys.exit(main())

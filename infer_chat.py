@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """Chat with a μOmni model from its trainers' checkpoint directories (or a merged export)."""
-import sys
+if __name__ == "__main__":  # first, so the signal policy covers every line below (utils.base.errors.run_script)
+    from utils.base.errors import run_script
+    run_script("infer_chat")
 
-from utils.cli.main import main
-from utils.base.errors import handle_signals
+from utils.cli.main import main as cli_main
 
-if __name__ == "__main__":
-    handle_signals()  # SIGTERM/SIGHUP as exceptions (cleanup runs, exit 143/129), SIGXFSZ ignored
-    sys.exit(main(None, "infer_chat.py", __doc__))
+
+def main() -> int:
+    """The shared CLI as infer_chat.py (SIGINT 130, SIGTERM/SIGHUP 143/129 with cleanup, SIGXFSZ ignored)."""
+    return cli_main(None, "infer_chat.py", __doc__)

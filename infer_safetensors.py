@@ -1,13 +1,17 @@
 #!/usr/bin/env python3
 """Chat with a μOmni model from a merged safetensors export (made by export.py, float32/float16/bfloat16 or int8,
 or the μOmni reference export). The weights are memory-mapped by safetensors: no pickle is involved."""
+if __name__ == "__main__":  # first, so the signal policy covers every line below (utils.base.errors.run_script)
+    from utils.base.errors import run_script
+    run_script("infer_safetensors")
+
 import sys
 from pathlib import Path
 
-from utils.cli.main import main
+from utils.base.errors import OmniError
 from utils.cli.args import build_parser, check_args
 from utils.cli.console import utf8_streams
-from utils.base.errors import OmniError, handle_signals
+from utils.cli.main import main as cli_main
 
 PROG = "infer_safetensors.py"
 
@@ -37,7 +41,7 @@ def refuse_non_export(argv: list[str]) -> int | None:
     return None
 
 
-if __name__ == "__main__":
-    handle_signals()  # SIGTERM/SIGHUP as exceptions (cleanup runs, exit 143/129), SIGXFSZ ignored
+def main() -> int:
+    """Refuse a directory without an export, else the shared CLI (signals as in infer_chat.py)."""
     status = refuse_non_export(sys.argv[1:])
-    sys.exit(status if status is not None else main(None, PROG, __doc__))
+    return status if status is not None else cli_main(None, PROG, __doc__)

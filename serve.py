@@ -5,9 +5,14 @@ Endpoints: POST /v1/chat/completions (text, image and audio input; streaming; sp
 POST /v1/audio/transcriptions, POST /v1/audio/speech, GET /v1/models, GET /health, GET /metrics.
 It binds 127.0.0.1 unless --host says otherwise; with --api_key every /v1 route needs
 `Authorization: Bearer KEY`. Requests carry their media inline: the server never reads a path or fetches
-a URL for a request. SIGTERM or Ctrl-C stops it gracefully (exit status 0).
+a URL for a request. SIGTERM, SIGHUP or Ctrl-C stops it gracefully (exit status 0); during the model load they
+stop it at once (exit 130 / 143 / 129).
 """
 from __future__ import annotations
+
+if __name__ == "__main__":  # first, so the signal policy covers every line below (utils.base.errors.run_script)
+    from utils.base.errors import run_script
+    run_script("serve")
 
 import argparse
 import logging
@@ -25,7 +30,8 @@ EPILOG = """examples:
        -d '{"model": "muomni", "messages": [{"role": "user", "content": "What is 3 plus 4?"}]}'
   python serve.py --ckpt_dir checkpoints --host 0.0.0.0 --api_key "$(cat key.txt)" --max_batch 32
 
-exit status: 0 after a requested stop (SIGTERM, Ctrl-C), 1 on an error (one `error:` line), 2 usage error."""
+exit status: 0 after a requested stop (SIGTERM, SIGHUP, Ctrl-C), 1 on an error (one `error:` line), 2 usage error,
+130 / 143 / 129 for a signal during the model load."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it).")
     g.add_argument("--port", type=int, default=8080, help="TCP port (default 8080; 0 picks a free one).")
     g.add_argument("--api_key", default=None, metavar="KEY",
-                   help="Require 'Authorization: Bearer KEY' on every /v1 route.")
+                   help="Require 'Authorization: Bearer KEY' on every /v1 route (UTF-8; not empty, no control "
+                        "characters or whitespace at either end).")
     g.add_argument("--model_name", default="muomni", metavar="NAME",
                    help="The model id /v1/models lists and requests name (default muomni).")
     g.add_argument("--max_batch", type=positive_int, default=16, metavar="N",
@@ -70,8 +77,26 @@ def listen(host: str, port: int) -> socket.socket:
         raise OmniError(f"--host {host} --port {port}: cannot listen ({exc.strerror or exc})") from exc
 
 
+def check_api_key(parser: argparse.ArgumentParser, key: str | None) -> None:
+    """A key no client can send is a usage error, not a server that accepts `Bearer ` with nothing after it (an
+    unset variable) or that nobody can reach (`$(cat key.txt)` of a CRLF file ends in \\r)."""
+    if key is None:
+        return
+    if not key:
+        parser.error("--api_key: the key is empty (an unset variable?); give a key or leave the flag out")
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:
+        parser.error("--api_key: the key is not valid UTF-8")
+    if key != key.strip() or any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in key):
+        parser.error("--api_key: the key has control characters or whitespace at either end (a key read from a "
+                     "file with CRLF line ends ends in \\r), which no client can send; remove them")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_api_key(parser, args.api_key)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s: %(message)s", stream=sys.stderr)
     try:
         from omni import load_model
@@ -96,7 +121,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -2,9 +2,11 @@
 line is kept to one line, and how the apps turn SIGINT/SIGTERM into exceptions so every cleanup runs."""
 from __future__ import annotations
 
+import importlib
 import os
 import signal
-from typing import Any
+import sys
+from typing import Any, NoReturn
 
 
 class OmniError(Exception):
@@ -50,6 +52,37 @@ def handle_signals() -> None:
             signal.signal(s, raise_terminated)
     if hasattr(signal, "SIGXFSZ"):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+
+def run_script(module: str) -> NoReturn:
+    """Run script `module` (its own file, imported by name) and exit with its main()'s status under the apps'
+    signal policy, so the policy holds from the script's first line to its last. A script calls this first, in
+    its `if __name__ == "__main__":` block above its imports; the file then runs again as the module `module`,
+    with every import and definition in it under the policy (Python's defaults printed a traceback for a SIGINT
+    during `import torch`, and SIGTERM killed the process by the signal). An interruption `main` did not handle
+    is a quiet 130 / 128 + N. Once the outcome is decided, SIGINT/SIGTERM/SIGHUP are ignored: a finished run exits
+    with its status, and the interpreter's shutdown (atexit callbacks, where a KeyboardInterrupt printed
+    "Exception ignored" and a traceback after a finished export, which then exited 0) is not interrupted. The
+    outer `try` catches an interruption that lands in the inner handlers' first instructions."""
+    def settle() -> None:
+        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(s, signal.SIG_IGN)
+
+    status = 1
+    try:
+        try:
+            handle_signals()
+            status = importlib.import_module(module).main()
+        except (KeyboardInterrupt, Terminated) as exc:
+            settle()
+            status = interrupt_status(exc)
+            print("interrupted" if isinstance(exc, KeyboardInterrupt) else str(exc), file=sys.stderr)
+        finally:
+            settle()
+    except (KeyboardInterrupt, Terminated) as exc:  # between main's return and settle(): nothing is left to do
+        settle()
+        status = interrupt_status(exc)
+    sys.exit(status)
 
 
 def quiet_stdout() -> None:

@@ -6,8 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 import socket
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Iterator
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -57,7 +58,7 @@ def build_app(server: OmniServer, lifespan: Any = None) -> Any:
 
 
 def run_server(server: OmniServer, sock: socket.socket, log_level: str = "info") -> None:
-    """Serve until SIGTERM/SIGINT: then stop admitting, let running rows finish for up to the configured
+    """Serve until SIGTERM/SIGINT/SIGHUP: then stop admitting, let running rows finish for up to the configured
     shutdown timeout, cancel the rest, and return (the process exits 0; a second Ctrl-C forces it)."""
     import uvicorn
 
@@ -79,6 +80,19 @@ def run_server(server: OmniServer, sock: socket.socket, log_level: str = "info")
             loop = state.get("loop")
             if loop is not None:
                 loop.call_soon_threadsafe(engine.close, bound, False)
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            # uvicorn takes SIGINT and SIGTERM; a hangup (the terminal or ssh session closed) stops as SIGTERM
+            # does, instead of killing the process mid-answer (a nohup'd server keeps ignoring it)
+            hangup = signal.getsignal(signal.SIGHUP)
+            if hangup != signal.SIG_IGN:
+                signal.signal(signal.SIGHUP, self.handle_exit)
+            try:
+                with super().capture_signals():
+                    yield
+            finally:
+                signal.signal(signal.SIGHUP, hangup)
 
     app = build_app(server, lifespan)
     host, port = sock.getsockname()[:2]

@@ -14,17 +14,20 @@ log = logging.getLogger("muomni.server")
 
 
 class ApiKey:
-    """With a key, every /v1 route needs `Authorization: Bearer KEY` (compared in constant time); /health and
-    /metrics stay open, as load balancers and scrapers expect."""
+    """With a key, every /v1 route needs `Authorization: Bearer KEY` (compared as UTF-8 bytes in constant time);
+    /health and /metrics stay open, as load balancers and scrapers expect. serve.py refuses a key no client could
+    send (empty, control characters, whitespace at either end), so an empty token never matches."""
 
     def __init__(self, app: Any, key: str | None) -> None:
-        self.app, self.key = app, key
+        self.app = app
+        self.key = None if key is None else key.encode("utf-8")
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and self.key is not None and scope["path"].startswith("/v1"):
-            given = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
-            scheme, _, token = given.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.key.encode()):
+            # the header's bytes as sent: a non-ASCII key arrives as its UTF-8 bytes (curl in a UTF-8 shell)
+            given = dict(scope.get("headers") or []).get(b"authorization", b"")
+            scheme, _, token = given.partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(b" \t"), self.key):
                 error = ApiError(401, "missing or wrong API key (send 'Authorization: Bearer KEY')",
                                  "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
                 return await error.response()(scope, receive, send)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import logging
 import re
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from utils.base.options import BY_NAME, OPTIONS, OptionError, SamplingOptions
 AUDIO_FORMATS = ("wav", "mp3", "flac", "ogg")
 TRANSCRIPTION_FORMATS = ("json", "text", "verbose_json", "srt", "vtt")
 MAX_STOP = 4  # stop strings per request, as OpenAI
+MAX_JSON_DEPTH = 64  # nesting levels of a JSON body (a chat body needs 6); deeper is refused before parsing
 # A request's generation fields -> the table's rows; the first of two fields for one row wins.
 OPTION_FIELDS: dict[str, str] = {"max_completion_tokens": "max_new_tokens", "max_tokens": "max_new_tokens",
                                  **{o.name: o.name for o in OPTIONS if o.http and o.name != "max_new_tokens"}}
@@ -57,7 +59,39 @@ class ApiError(Exception):
 
 
 def type_error(name: str, want: str, value: Any) -> ApiError:
-    return ApiError(422, f"'{name}' must be {want}, found {type(value).__name__}", "invalid_type", name)
+    """A field of the wrong JSON type: 400 naming it, as OpenAI answers (a string "false" is not a boolean)."""
+    found = {bool: "boolean", str: "string", dict: "object", list: "array", type(None): "null"}.get(
+        type(value), type(value).__name__)
+    return ApiError(400, f"'{name}' must be {want}, found {found}", "invalid_type", name)
+
+
+STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+
+
+def json_depth_ok(raw: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether no bracket of `raw` lies more than `limit` levels deep, counted outside strings, before json.loads
+    sees it (its recursion would end in a RecursionError, and a 500, on a body nested 100,000 deep). Cheap: most
+    bodies hold fewer brackets than the limit; otherwise the strings are cut out and the brackets counted."""
+    if raw.count(b"[") + raw.count(b"{") <= limit:
+        return True
+    depth = 0
+    for c in STRING.sub(b"", raw).translate(None, NOT_BRACKETS):
+        depth += 1 if c in (0x5B, 0x7B) else -1
+        if depth > limit:
+            return False
+    return True
+
+
+def parse_json(raw: bytes) -> Any:
+    """A request's JSON body, its nesting bounded first (400, not a RecursionError)."""
+    if not json_depth_ok(raw):
+        raise ApiError(400, f"the body is not accepted: JSON nested deeper than {MAX_JSON_DEPTH} levels",
+                       "invalid_json")
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"the body is not valid JSON ({exc})", "invalid_json") from exc
 
 
 def engine_error(exc: BaseException | None) -> ApiError:
@@ -68,6 +102,17 @@ def engine_error(exc: BaseException | None) -> ApiError:
         return ApiError(503, str(exc), "shutting_down")
     logging.getLogger("muomni.server").error("generation failed: %s: %s", type(exc).__name__, exc)
     return ApiError(500, f"generation failed ({type(exc).__name__})", "internal_error")
+
+
+def optional(obj: dict[str, Any], name: str, kind: type, want: str, default: Any, prefix: str = "") -> Any:
+    """Field `name` of `obj` when it has JSON type `kind`, `default` when absent or null, else a 400 naming it
+    (`prefix` places a nested field: 'stream_options.include_usage')."""
+    value = obj.get(name)
+    if value is None:
+        return default
+    if type(value) is not kind:  # not isinstance: True is an int, and "false" is not a boolean
+        raise type_error(prefix + name, want, value)
+    return value
 
 
 def body_object(body: Any) -> dict[str, Any]:
@@ -203,43 +248,54 @@ def parse_chat(body: Any) -> ChatRequest:
     text, images, audio = _content(last, where)
 
     n = body.get("n")
-    if n is not None and (isinstance(n, bool) or n != 1):
+    if n is not None and (type(n) is not int or n != 1):
         raise ApiError(400, f"'n' {n!r}: only n = 1 is served", "invalid_value", "n")
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise type_error("stream", "a boolean", stream)
-    stream_options = body.get("stream_options") or {}
-    if not isinstance(stream_options, dict):
-        raise type_error("stream_options", "an object", stream_options)
-    include_usage = bool(stream_options.get("include_usage", False))
+    stream = optional(body, "stream", bool, "a boolean", False)
+    stream_options = optional(body, "stream_options", dict, "an object", {})
+    unknown = sorted(set(stream_options) - {"include_usage"})
+    if unknown:
+        raise ApiError(400, f"'stream_options.{unknown[0]}' is not supported (only include_usage)",
+                       "invalid_value", f"stream_options.{unknown[0]}")
+    include_usage = optional(stream_options, "include_usage", bool, "a boolean", False, "stream_options.")
+    if stream_options and not stream:
+        raise ApiError(400, "'stream_options' is only allowed with 'stream': true", "invalid_value",
+                       "stream_options")
+    optional(body, "user", str, "a string", None)
     stop = body.get("stop")
-    stops = [stop] if isinstance(stop, str) else stop or []
+    stops = [stop] if isinstance(stop, str) else [] if stop is None else stop
     if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or len(stops) > MAX_STOP:
         raise ApiError(400, f"'stop' must be a non-empty string or up to {MAX_STOP} of them", "invalid_value", "stop")
-    modalities = body.get("modalities") or ["text"]
-    if (not isinstance(modalities, list) or not all(m in ("text", "audio") for m in modalities)
-            or "text" not in modalities):
+    modalities = optional(body, "modalities", list, "an array", ["text"])
+    if not all(m in ("text", "audio") for m in modalities) or "text" not in modalities:
         raise ApiError(400, "'modalities' must be [\"text\"] or [\"text\", \"audio\"]", "invalid_value", "modalities")
     speak = "audio" in modalities
-    if speak:
-        spec = body.get("audio")
-        if not isinstance(spec, dict) or spec.get("format", "wav") != "wav":
-            raise ApiError(400, "audio output needs 'audio': {\"format\": \"wav\"} (only wav is produced)",
+    spec = optional(body, "audio", dict, "an object", None)
+    if spec is not None:
+        if not speak:
+            raise ApiError(400, "'audio' (the spoken answer's format) needs 'modalities': [\"text\", \"audio\"]",
                            "invalid_value", "audio")
+        optional(spec, "voice", str, "a string", None, "audio.")
+    if speak and (spec is None or optional(spec, "format", str, "a string", "wav", "audio.") != "wav"):
+        raise ApiError(400, "audio output needs 'audio': {\"format\": \"wav\"} (only wav is produced)",
+                       "invalid_value", "audio")
     return ChatRequest(text, images, audio, len(messages) - 1, stream, include_usage, stops, speak,
                        generation_fields(body))
 
 
 def parse_speech(body: Any) -> str:
-    """The text of an audio.speech request (WAV is the only format produced)."""
+    """The text of an audio.speech request (WAV at the model's one voice and pace is the only output)."""
     body = body_object(body)
     text = body.get("input")
     if not isinstance(text, str):
         raise type_error("input", "a string", text)
-    fmt = body.get("response_format", "wav")
+    fmt = optional(body, "response_format", str, "a string", "wav")
     if fmt != "wav":
         raise ApiError(400, f"response_format {fmt!r} is not supported (only wav)", "invalid_value",
                        "response_format")
+    optional(body, "voice", str, "a string", None)
+    speed = body.get("speed")
+    if speed is not None and (type(speed) not in (int, float) or speed != 1):
+        raise ApiError(400, f"'speed' {speed!r}: only speed 1 is produced", "invalid_value", "speed")
     return text
 
 

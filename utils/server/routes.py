@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import json
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -21,8 +20,8 @@ from omni import OmniError, OmniModel, Transcript
 from utils.base.errors import EngineClosed, QueueFull
 from utils.base.transcript import format_transcript
 from utils.server.metrics import Metrics
-from utils.server.protocol import (ApiError, ChatRequest, body_object, engine_error, parse_chat, parse_speech,
-                                   transcription_format)
+from utils.server.protocol import (ApiError, ChatRequest, body_object, engine_error, parse_chat,
+                                   parse_json, parse_speech, transcription_format, type_error)
 from utils.server.streaming import Answering
 
 RETRY_AFTER_S = 1
@@ -50,16 +49,14 @@ class OmniServer:
 
     # -------------------------------------------------------- helpers
     def check_model(self, name: Any) -> None:
+        if name is not None and not isinstance(name, str):
+            raise type_error("model", "a string", name)
         if name is not None and name != self.model_id:
             raise ApiError(404, f"model {name!r} not found (this server serves {self.model_id!r})",
                            "model_not_found", "model")
 
     async def json_body(self, request: Request) -> Any:
-        raw = await request.body()
-        try:
-            return json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ApiError(400, f"the body is not valid JSON ({exc})", "invalid_json") from exc
+        return parse_json(await request.body())
 
     async def on_engine(self, fn: Callable[[], Any]) -> Any:
         """Run model work on the scheduler thread (it owns the model) and await its result."""
