@@ -1,15 +1,13 @@
 #!/usr/bin/env python3
 """Run a batch job: answer every request of a JSON Lines file (or transcribe audio files) with a μOmni model, on
 this machine (--engine local) or on a Ray cluster (--engine ray), resumable after a kill (--resume)."""
-import sys
+if __name__ == "__main__":  # first, so the signal policy covers every line below (utils.base.errors.run_script)
+    from utils.base.errors import run_script
+    run_script("batch")
 
-from utils.base.errors import Terminated, handle_signals, interrupt_status
+from utils.batch.main import main as batch_main
 
-if __name__ == "__main__":
-    handle_signals()  # before the app's imports: SIGTERM/SIGHUP end it as 143/129 with the journal kept
-    try:
-        from utils.batch.main import main
 
-        sys.exit(main(None, "batch.py", __doc__))
-    except (KeyboardInterrupt, Terminated) as exc:  # while importing or parsing, before main's own handling
-        sys.exit(interrupt_status(exc))
+def main() -> int:
+    """The batch job (SIGINT 130, SIGTERM/SIGHUP 143/129 with the journal kept for --resume)."""
+    return batch_main(None, "batch.py", __doc__)

@@ -265,7 +265,9 @@ class OmniModel:
         cut (audio is still trimmed to what a prompt can use, with a note, as in the CLI)."""
         opts = self.sampling_options(**gen)
         text, images, wave = self._prompts.gather(text, image, audio, prompt=prompt)
-        embeds, ids, notes, opts.max_new_tokens = self._prompts.build(text, images, wave, opts.max_new_tokens)
+        # a prompt that is refused rather than trimmed may fill the context exactly
+        embeds, ids, notes, opts.max_new_tokens = self._prompts.build(text, images, wave, opts.max_new_tokens,
+                                                                      spare=1 if trim else 0)
         full = len(self._parts.tokenizer.prompt_ids(text))
         if not trim and len(ids) < full:
             raise OmniError(f"the prompt ({embeds.shape[1] - len(ids) + full} positions) and max_new_tokens "

@@ -141,8 +141,6 @@ def test_well_typed_fields_are_honoured(keyed: Served) -> None:
 
 # ------------------------------------------------------------------ the context
 
-@pytest.mark.xfail(strict=True, reason="needs omni.OmniModel.prepare_chat to allow prompt + max_new_tokens == ctx "
-                                       "when trim=False (omni.py is not serve.py's; see the issue 22 report)")
 def test_a_request_that_exactly_fills_the_context_is_served(keyed: Served) -> None:
     ctx = httpx.get(f"{keyed.base}/v1/models", headers=AUTH, timeout=60).json()["data"][0]["context_length"]
     text = "What is 3 plus 4? " * 3

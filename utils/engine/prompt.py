@@ -129,12 +129,13 @@ class PromptBuilder:
         return text, images, wave
 
     @torch.inference_mode()
-    def build(self, text: str, images: list[torch.Tensor], wave: Wave, max_new_tokens: int
+    def build(self, text: str, images: list[torch.Tensor], wave: Wave, max_new_tokens: int, spare: int = 1
               ) -> tuple[torch.Tensor, list[int], list[str], int]:
         """Embeddings (1, T, d) [image tokens, audio tokens, tok_emb([bos] + encode(text))], the text ids used,
         notes, and max_new_tokens. The answer keeps its budget and a long prompt is trimmed (its end kept); only
         when the context cannot hold the budget beside the shortest prompt ([bos] + the last text token) is the
-        budget reduced. Both are reported in the notes."""
+        budget reduced. Both are reported in the notes. `spare`: positions kept free beside prompt and answer
+        (the spec's trimming keeps 1; a caller that refuses instead of trimming may fill the context exactly)."""
         c = self.comps
         require_parts(c, "chat", "thinker")
         notes: list[str] = []
@@ -160,7 +161,7 @@ class PromptBuilder:
             parts.append(c.proj_a(frames[:limit]))
         mm_len = sum(p.shape[0] for p in parts)
         ids = c.tokenizer.prompt_ids(text)
-        room = c.ctx_len - mm_len - 1  # text and answer together (spec: text budget ctx - mm - max_new - 1)
+        room = c.ctx_len - mm_len - spare  # text and answer together (spec: text budget ctx - mm - max_new - 1)
         shortest = min(len(ids), 2)
         if max_new_tokens > room - shortest:
             if room - shortest < 1:
