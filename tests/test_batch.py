@@ -21,10 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, run_cli
+from tests.conftest import DEMO, EXAMPLES, REPO, run_cli
 
-DEMO = REPO / "checkpoints" / "demo"
-EXAMPLES = REPO / "examples"
 GEN = ["--max_new_tokens", "12"]
 LONG = ["--max_new_tokens", "40", "--ignore_eos"]  # a job long enough to be killed halfway
 ACTOR_TITLE = "ray::MapWorker(MapBatches(RayWorker))"  # Ray's process title for our actors

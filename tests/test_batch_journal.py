@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_batch import EXAMPLES, batch_cmd, journal_records, records, run_batch, write_lines
-from tests.conftest import REPO
+from tests.conftest import EXAMPLES, REPO
+from tests.test_batch import batch_cmd, journal_records, records, run_batch, write_lines
 from utils.batch.job import MAX_JOURNAL_BYTES
 
 BAD = 1000  # bad lines in the first batch: ~110 KB of `error:` lines, more than a pipe holds

@@ -10,10 +10,8 @@ import threading
 
 import pytest
 
-from tests.conftest import REPO, c_step_param
+from tests.conftest import DEMO, EXAMPLES, c_step_param
 
-DEMO = REPO / "checkpoints" / "demo"
-EXAMPLES = REPO / "examples"
 
 pytestmark = pytest.mark.skipif(not (DEMO / "omni_sft_tiny" / "omni.pt").is_file() or
                                 not (EXAMPLES / "green_triangle.wav").is_file(),

@@ -18,11 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, c_step_missing, run_cli
+from tests.conftest import DEMO, REPO, c_step_missing, run_cli
 
 pytestmark = pytest.mark.skipif(c_step_missing() is not None, reason=f"no C decode step: {c_step_missing()}")
 
-DEMO = REPO / "checkpoints" / "demo"
 ASK = ("--ckpt_dir", str(DEMO), "--text", "What is 3 plus 4?", "--json")
 OTHER_UID = 12345  # a user that is not us
 as_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give files to another user")

@@ -3,7 +3,6 @@
 --timings, and --system. Expected answers come from the library (omni.py), never from hard-coded strings."""
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 

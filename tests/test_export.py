@@ -23,7 +23,8 @@ from utils.weights import export_writer
 from tests.conftest import run_cli
 from utils.base.errors import OmniError
 from utils.weights.export_format import load_export
-from utils.weights.quant import QUANT_METHOD, SCALE_SUFFIX, dequantize_int8, dequantize_state_dict, quantize_int8
+from utils.base.export_names import QUANT_METHOD
+from utils.weights.quant import SCALE_SUFFIX, dequantize_int8, dequantize_state_dict, quantize_int8
 
 EOS = 2
 COMPONENT_DIRS = {"omni_ckpt": "omni_sft_tiny", "thinker_ckpt": "thinker_tiny", "audio_ckpt": "audio_enc_tiny",

@@ -6,7 +6,6 @@ when ../shared is present, the μOmni fixture's `*_causal` ids. No timing assert
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,12 +15,10 @@ from utils.base.options import SamplingOptions
 from utils.engine.generation import forced_logits, generate, generate_batch
 from utils.weights.quant import Int4Linear, Int8Linear, quantize_linears
 
-from tests.conftest import c_step_param
+from tests.conftest import DEMO, REPO, c_step_param
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-REPO = Path(__file__).resolve().parents[1]
-DEMO = REPO / "checkpoints" / "demo"
 PROMPTS = ("What is 3 plus 4?", "Once upon a time there was", "Describe what you see concisely.",
            "The cat sat on the", "Name a colour.")
 STEPS = 40

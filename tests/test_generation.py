@@ -13,7 +13,7 @@ import utils.engine.sampling as sampling
 from models.layers import BlockConfig
 from models.thinker import ThinkerConfig, ThinkerLM
 from utils.base.options import SamplingOptions
-from utils.engine.generation import Scheduler, Slots, generate, generate_batch
+from utils.engine.generation import Slots, generate, generate_batch
 from utils.weights.quant import GreedyHead, Int8Linear, PackedInt8Weight, quantize_int8, quantize_linears
 
 pytestmark = pytest.mark.usefixtures("one_thread")

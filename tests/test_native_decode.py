@@ -30,10 +30,8 @@ from utils.engine.sampling import greedy_head
 from utils.engine.native.step import NativeSession, native_model
 from utils.weights.quant import quantize_int8, quantize_linears
 
-from tests.conftest import c_step_missing
+from tests.conftest import DEMO, REPO, c_step_missing
 
-REPO = Path(__file__).resolve().parents[1]
-DEMO = REPO / "checkpoints" / "demo"
 
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),

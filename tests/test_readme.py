@@ -14,7 +14,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 from tests.conftest import DEMO, EXAMPLES, REPO, needs_demo
 

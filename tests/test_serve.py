@@ -26,10 +26,8 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import REPO, run_cli
+from tests.conftest import DEMO, EXAMPLES, REPO, run_cli
 
-DEMO = REPO / "checkpoints" / "demo"
-EXAMPLES = REPO / "examples"
 
 pytestmark = pytest.mark.skipif(not (DEMO / "omni_sft_tiny" / "omni.pt").is_file() or
                                 not (EXAMPLES / "red_circle.png").is_file(),

@@ -20,8 +20,8 @@ import httpx
 import pytest
 
 from tests import test_serve
-from tests.conftest import REPO
-from tests.test_serve import EXAMPLES, server
+from tests.conftest import EXAMPLES, REPO
+from tests.test_serve import server
 from utils.server import webui
 
 pytestmark = test_serve.pytestmark
@@ -224,6 +224,9 @@ def test_text_answer_streams(driver: Any, srv: str) -> None:
     assert by_id(driver, "model-name").text.startswith("muomni")
     card = driver.find_element("id", "model-card").text
     assert "components" in card and "thinker" in card
+    details = httpx.get(f"{srv}/v1/models", timeout=30).json()["data"][0]["details"]  # --info, less the paths
+    assert f"{details['parameters']:,}" in card and details["decode_kernel"] in card
+    assert str(REPO) not in card and str(REPO) not in json.dumps(details)
     ask(driver, "What is 3 plus 4?")
     assert answer_text(driver) == "7"
     stats = answer(driver).find_element("css selector", ".stats").text

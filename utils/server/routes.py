@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import io
 import time
 import uuid
@@ -84,7 +85,21 @@ class OmniServer:
 
     def model_card(self) -> dict[str, Any]:
         return {"id": self.model_id, "object": "model", "created": self.started, "owned_by": "muomni",
-                "context_length": self.model.context_length, "components": self.model.components}
+                "context_length": self.model.context_length, "components": self.model.components,
+                "details": self.details}
+
+    @functools.cached_property
+    def details(self) -> dict[str, Any]:
+        """What `--info` shows, less the server's file paths (a client has no business knowing them): parameter
+        counts, dtype, device, format, architecture, vocabulary, decode mode and step, generation defaults."""
+        info = self.model.info()
+        return {"format": info["format"], "parameters": info["parameters"], "dtype": info["dtype"],
+                "device": info["device"], "decode_attention": info["decode_attention"],
+                "decode_kernel": self.engine.kernel, "generation_defaults": info["generation_defaults"],
+                "components": {name: {"parameters": part["parameters"]} for name, part in info["components"].items()},
+                **({"thinker": info["thinker"]} if "thinker" in info else {}),
+                **({"vocabulary": {k: v for k, v in info["vocabulary"].items() if k != "tokenizer"}}
+                   if "vocabulary" in info else {})}
 
     # -------------------------------------------------------- routes
     async def health(self, request: Request) -> Response:

@@ -18,7 +18,6 @@ from torch import nn
 
 from utils.weights.checkpoint import StateDict
 from utils.base.defaults import QUANTIZATIONS
-from utils.base.export_names import QUANT_METHOD  # noqa: F401 - named in the docstring; tests import it from here
 from utils.base.errors import OmniError
 
 SCALE_SUFFIX = "_scale"

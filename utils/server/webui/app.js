@@ -69,8 +69,21 @@ async function loadModel() {
     state.model = m.id;
     $("model-name").textContent = `${m.id} · context ${m.context_length}`;
     card.replaceChildren();
-    for (const [name, value] of [["id", m.id], ["context length", m.context_length],
-                                 ["components", (m.components || []).join(", ")], ["owned by", m.owned_by]]) {
+    const d = m.details || {};
+    const t = d.thinker || {};
+    const v = d.vocabulary || {};
+    const g = d.generation_defaults || {};
+    const rows = [["id", m.id], ["context length", m.context_length],
+                  ["components", (m.components || []).join(", ")], ["owned by", m.owned_by]];
+    if (m.details) {  // what --info shows, less the server's file paths
+      rows.push(["format", d.format], ["parameters", Number(d.parameters).toLocaleString("en")],
+                ["dtype / device", `${d.dtype} / ${d.device}`], ["decode step", d.decode_kernel],
+                ["decode attention", d.decode_attention],
+                ["thinker", `${t.layers} layers, d ${t.d_model}, ${t.heads} heads (${t.kv_heads} KV), ${t.ffn} ${t.d_ff}`],
+                ["vocabulary", `${v.embedding_rows} rows, ${v.tokenizer_pieces} tokenizer pieces`],
+                ["generation defaults", Object.entries(g).map(([k, x]) => `${k} ${x}`).join(", ")]);
+    }
+    for (const [name, value] of rows) {
       const dt = document.createElement("dt");
       dt.textContent = name;
       const dd = document.createElement("dd");
