@@ -285,7 +285,12 @@ def test_streamed_spoken_answer(srv: str) -> None:
 
 
 def test_models_health_metrics(client, srv: str) -> None:
+    client.chat.completions.create(model="muomni", messages=[{"role": "user", "content": "What is 3 plus 4?"}],
+                                   max_tokens=2)  # this test's own request, counted below
     assert [m.id for m in client.models.list().data] == ["muomni"]
+    details = httpx.get(f"{srv}/v1/models").json()["data"][0]["details"]
+    assert details["parameters"] > 0 and details["decode_kernel"] == httpx.get(f"{srv}/health").json()["decode_kernel"]
+    assert str(REPO) not in json.dumps(details)  # --info's card without the server's paths
     health = httpx.get(f"{srv}/health").json()
     assert health["status"] == "ok" and health["decode_kernel"].startswith(("c (", "torch ("))
     text = httpx.get(f"{srv}/metrics").text
