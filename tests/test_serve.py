@@ -436,7 +436,8 @@ def test_disconnect_frees_the_row(one_row: Served) -> None:
     assert metric(base, "omni_running_rows") == 0
 
 
-def test_sigterm_stops_gracefully() -> None:
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_sigterm_and_sighup_stop_gracefully(signum: int) -> None:
     with server("--shutdown_timeout", "2") as served:
         proc, base = served.proc, served.base
         body = {"model": "muomni", "messages": [{"role": "user", "content": "What is 3 plus 4?"}],
@@ -444,9 +445,10 @@ def test_sigterm_stops_gracefully() -> None:
         with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=60) as r:
             lines = r.iter_lines()
             assert next(lines).startswith("data: ")
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(signum)
             rest = list(lines)  # the answer finishes or is cut within the bound; the stream ends either way
         assert proc.wait(timeout=60) == 0
         assert rest
+        assert "Traceback" not in served.log.read_text()
         with pytest.raises(httpx.TransportError):
             httpx.get(f"{base}/health", timeout=2)

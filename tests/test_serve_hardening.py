@@ -8,7 +8,6 @@ no flags of their own share one server with a non-ASCII API key.
 from __future__ import annotations
 
 import json
-import signal
 import socket
 import subprocess
 import sys
@@ -170,23 +169,4 @@ def test_brackets_inside_strings_do_not_count(keyed: Served) -> None:
     brackets = '[{"\\"' * 500 + "]}"  # brackets and escaped quotes inside one string
     r = post(keyed, "/v1/chat/completions", chat(user=brackets))
     assert r.status_code == 200, r.text
-
-
-# ------------------------------------------------------------------ SIGHUP
-
-def test_sighup_stops_gracefully_as_sigterm() -> None:
-    with server("--shutdown_timeout", "2") as served:
-        proc, base = served.proc, served.base
-        body = {"model": "muomni", "messages": [{"role": "user", "content": "What is 3 plus 4?"}],
-                "max_tokens": 480, "ignore_eos": True, "stream": True}
-        with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, timeout=60) as r:
-            lines = r.iter_lines()
-            assert next(lines).startswith("data: ")
-            proc.send_signal(signal.SIGHUP)
-            rest = list(lines)  # the answer finishes or is cut within the bound; the stream ends either way
-        assert proc.wait(timeout=60) == 0
-        assert rest
-        assert "Traceback" not in served.log.read_text()
-        with pytest.raises(httpx.TransportError):
-            httpx.get(f"{base}/health", timeout=2)
 
