@@ -1,4 +1,4 @@
-"""Issue 22: audio whose sample rate or channel count changes mid-stream is decoded whole, each run of frames
+"""Audio whose sample rate or channel count changes mid-stream is decoded whole, each run of frames
 resampled to 16 kHz on its own, or refused with an error; never cut at the change without a word.
 
 The speech is examples/phrases.wav (committed: "a red circle" then "a blue square", boundaries in

@@ -1,6 +1,6 @@
-"""Issue 22, serve.py: keys no client can send are usage errors and keys are compared as UTF-8 bytes; every typed
+"""serve.py at its edges: keys no client can send are usage errors and keys are compared as UTF-8 bytes; every typed
 field of a request is checked for its JSON type; a request that exactly fills the context is served; JSON
-nesting is bounded before parsing; SIGHUP stops the server as SIGTERM does.
+nesting is bounded before parsing (SIGHUP as SIGTERM: test_serve.py).
 
 Real serve.py processes on the demo checkpoints, talked to with httpx and the openai client. The tests that need
 no flags of their own share one server with a non-ASCII API key.

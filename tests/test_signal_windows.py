@@ -1,4 +1,4 @@
-"""Issue 22: every script's signal policy holds from its first line to its last: no window before the handlers are
+"""Every script's signal policy holds from its first line to its last: no window before the handlers are
 installed (a SIGINT during `import torch` printed a traceback, a SIGTERM killed the process by the signal) and
 none after the work is done (a SIGINT during the interpreter's shutdown printed "Exception ignored" and a
 traceback, and the finished export exited 0 anyway).

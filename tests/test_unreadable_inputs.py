@@ -1,4 +1,4 @@
-"""Issue 22: a checkpoint directory (or a directory around it) that cannot be read ends with one `error:` line naming
+"""A checkpoint directory (or a directory around it) that cannot be read ends with one `error:` line naming
 it, never `unexpected PermissionError`, and is never taken for absent (pathlib's glob skips an unreadable directory
 without a word: a configs/ folder that cannot be listed would load spec defaults instead of the trainer config).
 
