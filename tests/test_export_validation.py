@@ -1,4 +1,4 @@
-"""Export.py holds every trainer config it copies into <output_dir>/configs to the rules loading applies
+"""export.py holds every trainer config it copies into <output_dir>/configs to the rules loading applies
 (utils.weights.checkpoint.read_json, then utils.weights.components.check_config), so it never finishes an export
 that infer_chat.py would then refuse. Real export.py / infer_chat.py subprocesses on the random `tiny_tree`, run
 from a temporary folder (the omni config's cwd-relative pointers must not find the repository's checkpoints)."""
