@@ -259,16 +259,21 @@ def test_builds_for_other_cpus_give_the_same_answers(flags: str, features: str, 
 
 # ---------------------------------------------------------------- greedy ids: ties, NaN, the screen's near-ties
 
-def decode_rows(model: ThinkerLM, screen=None, rows: int = 8, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """One C decode step of `rows` rows over a random cache (rows starting at different columns): (the greedy
-    ids (rows,), the full logits (rows, V)) of the same step."""
-    native, _ = native_model(model, "c", False, screen)
+def random_step(model: ThinkerLM, rows: int, seed: int) -> tuple[object, torch.Tensor, torch.Tensor]:
+    """A seeded random cache of `rows` rows, their input tokens and first columns (rows start at different
+    columns), the same for the C and the torch step."""
     g = torch.Generator().manual_seed(seed)
     cache = model.new_cache(rows, 32)
     cache.k.copy_(torch.randn(cache.k.shape, generator=g))
     cache.v.copy_(torch.randn(cache.v.shape, generator=g))
-    tokens = torch.randint(3, model.cfg.vocab_size, (rows,), generator=g)
-    first = torch.arange(rows) % 4
+    return cache, torch.randint(3, model.cfg.vocab_size, (rows,), generator=g), torch.arange(rows) % 4
+
+
+def decode_rows(model: ThinkerLM, screen=None, rows: int = 8, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """One C decode step of `rows` rows over a random cache (rows starting at different columns): (the greedy
+    ids (rows,), the full logits (rows, V)) of the same step."""
+    native, _ = native_model(model, "c", False, screen)
+    cache, tokens, first = random_step(model, rows, seed)
     out = []
     for greedy in (True, False):
         session = NativeSession(native, cache.k, cache.v)
@@ -279,12 +284,7 @@ def decode_rows(model: ThinkerLM, screen=None, rows: int = 8, seed: int = 1) -> 
 
 def torch_hidden(model: ThinkerLM, rows: int = 8, seed: int = 1) -> torch.Tensor:
     """The normed hidden states (rows, d) of `decode_rows`'s step, through the torch step."""
-    g = torch.Generator().manual_seed(seed)
-    cache = model.new_cache(rows, 32)
-    cache.k.copy_(torch.randn(cache.k.shape, generator=g))
-    cache.v.copy_(torch.randn(cache.v.shape, generator=g))
-    tokens = torch.randint(3, model.cfg.vocab_size, (rows,), generator=g)
-    first = torch.arange(rows) % 4
+    cache, tokens, first = random_step(model, rows, seed)
     rot = model.rotary
     cos, rot_sin = rot.cos[20 - first][:, None], rot.rot_sin[20 - first][:, None]
     mask = (torch.arange(21)[None] >= first[:, None])[:, None, None]
