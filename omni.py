@@ -259,12 +259,12 @@ class OmniModel:
 
     def prepare_chat(self, text: str | None = None, image: ImageInput | list[ImageInput] | None = None,
                      audio: AudioInput | None = None, prompt: str | None = None, trim: bool = True,
-                     **gen: Any) -> RowPrompt:
-        """One request's prompt as `answer` builds it (embeddings, ids, options with the answer budget), for a
-        `batch_engine`. Without `trim`, a text prompt too long for the context is an OmniError instead of being
+                     system: str | None = None, **gen: Any) -> RowPrompt:
+        """One request's prompt as `answer` builds it (embeddings, ids, options with the answer budget; `system`
+        joined before the text as there), for a `batch_engine`. Without `trim`, a text prompt too long for the context is an OmniError instead of being
         cut (audio is still trimmed to what a prompt can use, with a note, as in the CLI)."""
         opts = self.sampling_options(**gen)
-        text, images, wave = self._prompts.gather(text, image, audio, prompt=prompt)
+        text, images, wave = self._prompts.gather(text, image, audio, prompt=prompt, system=system)
         # a prompt that is refused rather than trimmed may fill the context exactly
         embeds, ids, notes, opts.max_new_tokens = self._prompts.build(text, images, wave, opts.max_new_tokens,
                                                                       spare=1 if trim else 0)

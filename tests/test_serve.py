@@ -368,10 +368,19 @@ def test_auth_and_body_limit_on_the_torch_step(tmp_path: Path) -> None:
         assert good.chat.completions.create(model="muomni", messages=[{"role": "user", "content": "Hi"}],
                                             max_tokens=2).usage.completion_tokens >= 1
         assert httpx.get(f"{base}/health").status_code == 200  # open, as load balancers expect
+        # Ollama's routes need the key too, refused in Ollama's error shape; its client sends the key as a header
+        r = httpx.get(f"{base}/api/tags")
+        assert r.status_code == 401 and r.json() == {"error": "missing or wrong API key (send 'Authorization: "
+                                                              "Bearer KEY')"}
+        import ollama
+        keyed = ollama.Client(host=base, headers={"Authorization": "Bearer s3cret"})
+        assert [m.model for m in keyed.list().models] == ["muomni"]
         big = {"model": "muomni", "messages": [{"role": "user", "content": "x" * 20000}]}
         headers = {"Authorization": "Bearer s3cret"}
         r = httpx.post(f"{base}/v1/chat/completions", json=big, headers=headers)
         assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+        r = httpx.post(f"{base}/api/chat", json=big, headers=headers)
+        assert r.status_code == 413 and r.json()["error"].startswith("the request body ("), r.text
 
         def chunked() -> Iterator[bytes]:  # no Content-Length: the limit is enforced while reading
             yield json.dumps(big).encode()

@@ -1,6 +1,7 @@
-"""The OpenAI-compatible HTTP app behind serve.py, assembled: the routes (utils.server.routes) inside the
-middleware (API key, body limit, request log), OpenAI error bodies for every failure, and uvicorn with a graceful
-stop. The wire format is utils.server.protocol, the answer pump utils.server.streaming."""
+"""The OpenAI- and Ollama-compatible HTTP app behind serve.py, assembled: the routes (utils.server.routes,
+.completions, .ollama) inside the middleware (API key, body limit, request log), OpenAI error bodies for every
+failure (Ollama's on /api/), and uvicorn with a graceful stop. The wire format is utils.server.protocol, the
+answer pump utils.server.streaming."""
 from __future__ import annotations
 
 import asyncio
@@ -16,7 +17,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from utils.server.completions import Completions
 from utils.server.middleware import ApiKey, Guard
+from utils.server.ollama import Ollama
 from utils.server.protocol import ApiError
 from utils.server import webui
 from utils.server.routes import OmniServer, ServerConfig
@@ -29,27 +32,29 @@ __all__ = ["OmniServer", "ServerConfig", "build_app", "run_server"]
 def build_app(server: OmniServer, lifespan: Any = None) -> Any:
     """The ASGI app: the routes, their error handlers, and the middleware around them."""
     routes = [Route("/v1/chat/completions", server.chat, methods=["POST"]),
+              Route("/v1/completions", Completions(server).create, methods=["POST"]),
               Route("/v1/audio/transcriptions", server.transcriptions, methods=["POST"]),
               Route("/v1/audio/speech", server.speech, methods=["POST"]),
               Route("/v1/models", server.models, methods=["GET"]),
               Route("/v1/models/{name:path}", server.model_route, methods=["GET"]),
               Route("/health", server.health, methods=["GET"]),
-              Route("/metrics", server.metrics_route, methods=["GET"])]
+              Route("/metrics", server.metrics_route, methods=["GET"]),
+              *Ollama(server).routes()]
     if server.config.webui:
         routes += webui.routes()
 
     async def api_error(request: Request, exc: Exception) -> Response:
-        return exc.response()  # type: ignore[attr-defined]
+        return exc.response(request.url.path)  # type: ignore[attr-defined]
 
     async def http_error(request: Request, exc: Exception) -> Response:
         status = getattr(exc, "status_code", 500)
         detail = "no such route" if status == 404 else getattr(exc, "detail", "error")
         return ApiError(status, f"{request.method} {request.url.path}: {detail}",
-                        {404: "not_found", 405: "method_not_allowed"}.get(status)).response()
+                        {404: "not_found", 405: "method_not_allowed"}.get(status)).response(request.url.path)
 
     async def unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unexpected error")
-        return ApiError(500, f"internal error ({type(exc).__name__})", "internal_error").response()
+        return ApiError(500, f"internal error ({type(exc).__name__})", "internal_error").response(request.url.path)
 
     app = Starlette(routes=routes, lifespan=lifespan,
                     exception_handlers={ApiError: api_error, HTTPException: http_error, Exception: unexpected})

@@ -14,8 +14,8 @@ log = logging.getLogger("muomni.server")
 
 
 class ApiKey:
-    """With a key, every /v1 route needs `Authorization: Bearer KEY` (compared as UTF-8 bytes in constant time);
-    /health and /metrics stay open, as load balancers and scrapers expect. serve.py refuses a key no client could
+    """With a key, every /v1 and /api (Ollama) route needs `Authorization: Bearer KEY` (compared as UTF-8 bytes in
+    constant time; Ollama's clients send it from OLLAMA_API_KEY); /health and /metrics stay open, as load balancers and scrapers expect. serve.py refuses a key no client could
     send (empty, control characters, whitespace at either end), so an empty token never matches."""
 
     def __init__(self, app: Any, key: str | None) -> None:
@@ -23,14 +23,14 @@ class ApiKey:
         self.key = None if key is None else key.encode("utf-8")
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and self.key is not None and scope["path"].startswith("/v1"):
+        if scope["type"] == "http" and self.key is not None and scope["path"].startswith(("/v1", "/api/")):
             # the header's bytes as sent: a non-ASCII key arrives as its UTF-8 bytes (curl in a UTF-8 shell)
             given = dict(scope.get("headers") or []).get(b"authorization", b"")
             scheme, _, token = given.partition(b" ")
             if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(b" \t"), self.key):
                 error = ApiError(401, "missing or wrong API key (send 'Authorization: Bearer KEY')",
                                  "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-                return await error.response()(scope, receive, send)
+                return await error.response(scope["path"])(scope, receive, send)
         await self.app(scope, receive, send)
 
 
@@ -69,13 +69,13 @@ class Guard:
             length = dict(scope.get("headers") or []).get(b"content-length")
             if length is not None and length.isdigit() and int(length) > self.max_body:
                 await ApiError(413, f"the request body ({int(length)} bytes) is larger than the limit of "
-                                    f"{self.max_body} bytes", "request_too_large").response()(scope, receive,
-                                                                                              counting_send)
+                                    f"{self.max_body} bytes", "request_too_large").response(path)(
+                    scope, receive, counting_send)
             else:
                 await self.app(scope, limited_receive, counting_send)
         except ApiError as exc:  # raised inside receive, outside any route's handler
             if not state["started"]:
-                await exc.response()(scope, receive, counting_send)
+                await exc.response(path)(scope, receive, counting_send)
         finally:
             key = (endpoint, state["status"])
             self.metrics.requests[key] = self.metrics.requests.get(key, 0) + 1

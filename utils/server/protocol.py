@@ -54,8 +54,10 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "invalid_request_error"),
                           "param": self.param, "code": self.code}}
 
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+    def response(self, path: str = "") -> JSONResponse:
+        """The error as a response; on Ollama's routes (`path` under /api/) in Ollama's shape {"error": message}."""
+        body = {"error": self.message} if path.startswith("/api/") else self.body()
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
 
 
 def type_error(name: str, want: str, value: Any) -> ApiError:
@@ -161,6 +163,7 @@ class ChatRequest:
     stops: list[str]
     speak: bool
     options: dict[str, Any]
+    system: str | None = None  # joined before the text as the API's `system` does (Ollama's /api/generate)
 
     def to_sampling_params(self, defaults: SamplingOptions) -> SamplingOptions:
         """The typed options of this request: the model's defaults (generation_config.json) with the client's."""
@@ -175,15 +178,21 @@ def generation_fields(body: dict[str, Any]) -> dict[str, Any]:
             fix = "send max_tokens or max_completion_tokens" if option.name == "max_new_tokens" else \
                 "the server's engine fixes it when it starts"
             raise ApiError(400, f"'{option.name}' cannot be set per request: {fix}", "invalid_value", option.name)
+    return checked_fields(body, OPTION_FIELDS)
+
+
+def checked_fields(body: dict[str, Any], names: dict[str, str], prefix: str = "") -> dict[str, Any]:
+    """Row name -> value for each field of `body` that `names` maps to a row (field -> row), checked by that
+    row: a refusal is a 400 naming the field as sent (`prefix` places a nested one: 'options.num_predict')."""
     options: dict[str, Any] = {}
-    for name, row in OPTION_FIELDS.items():
+    for name, row in names.items():
         value = body.get(name)
         if value is None or row in options:
             continue
         try:
             options[row] = BY_NAME[row].check(value)
         except OptionError as exc:
-            raise ApiError(400, f"'{name}' {exc.reason}", "invalid_value", name) from None
+            raise ApiError(400, f"'{prefix}{name}' {exc.reason}", "invalid_value", prefix + name) from None
     return options
 
 
@@ -231,6 +240,29 @@ def _content(last: dict[str, Any], where: str) -> tuple[str | None, list[bytes],
     return text, images, audio
 
 
+def stream_fields(body: dict[str, Any]) -> tuple[bool, bool]:
+    """OpenAI's `stream` and `stream_options.include_usage` (only with `stream`)."""
+    stream = optional(body, "stream", bool, "a boolean", False)
+    stream_options = optional(body, "stream_options", dict, "an object", {})
+    unknown = sorted(set(stream_options) - {"include_usage"})
+    if unknown:
+        raise ApiError(400, f"'stream_options.{unknown[0]}' is not supported (only include_usage)",
+                       "invalid_value", f"stream_options.{unknown[0]}")
+    include_usage = optional(stream_options, "include_usage", bool, "a boolean", False, "stream_options.")
+    if stream_options and not stream:
+        raise ApiError(400, "'stream_options' is only allowed with 'stream': true", "invalid_value",
+                       "stream_options")
+    return stream, include_usage
+
+
+def stop_strings(value: Any, name: str = "stop", limit: int = MAX_STOP) -> list[str]:
+    """A request's stop strings: one non-empty string or a list of up to `limit`."""
+    stops = [value] if isinstance(value, str) else [] if value is None else value
+    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or len(stops) > limit:
+        raise ApiError(400, f"'{name}' must be a non-empty string or up to {limit} of them", "invalid_value", name)
+    return stops
+
+
 def parse_chat(body: Any) -> ChatRequest:
     """Validate a chat.completions body and map its last message onto a μOmni prompt (module docstring)."""
     body = body_object(body)
@@ -250,21 +282,9 @@ def parse_chat(body: Any) -> ChatRequest:
     n = body.get("n")
     if n is not None and (type(n) is not int or n != 1):
         raise ApiError(400, f"'n' {n!r}: only n = 1 is served", "invalid_value", "n")
-    stream = optional(body, "stream", bool, "a boolean", False)
-    stream_options = optional(body, "stream_options", dict, "an object", {})
-    unknown = sorted(set(stream_options) - {"include_usage"})
-    if unknown:
-        raise ApiError(400, f"'stream_options.{unknown[0]}' is not supported (only include_usage)",
-                       "invalid_value", f"stream_options.{unknown[0]}")
-    include_usage = optional(stream_options, "include_usage", bool, "a boolean", False, "stream_options.")
-    if stream_options and not stream:
-        raise ApiError(400, "'stream_options' is only allowed with 'stream': true", "invalid_value",
-                       "stream_options")
+    stream, include_usage = stream_fields(body)
     optional(body, "user", str, "a string", None)
-    stop = body.get("stop")
-    stops = [stop] if isinstance(stop, str) else [] if stop is None else stop
-    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops) or len(stops) > MAX_STOP:
-        raise ApiError(400, f"'stop' must be a non-empty string or up to {MAX_STOP} of them", "invalid_value", "stop")
+    stops = stop_strings(body.get("stop"))
     modalities = optional(body, "modalities", list, "an array", ["text"])
     if not all(m in ("text", "audio") for m in modalities) or "text" not in modalities:
         raise ApiError(400, "'modalities' must be [\"text\"] or [\"text\", \"audio\"]", "invalid_value", "modalities")

@@ -123,10 +123,23 @@ class OmniServer:
         body = await self.json_body(request)
         req = parse_chat(body)
         self.check_model(body.get("model"))
-        opts = asdict(req.to_sampling_params(self.defaults))
         if req.speak and "talker" not in self.model.components:
             raise ApiError(400, "audio output needs a talker checkpoint, and this model has none", "invalid_value",
                            "modalities")
+        answer, prompt, headers = await self.begin(req, t_arrival)
+        chat_id = f"chatcmpl-{uuid.uuid4().hex}"
+        if req.stream:
+            return StreamingResponse(answer.sse(chat_id, prompt), media_type="text/event-stream",
+                                     headers={**headers, "Cache-Control": "no-cache"})
+        return await answer.whole(chat_id, prompt, request, headers)
+
+    async def begin(self, req: ChatRequest, t_arrival: float,
+                    adjust: Callable[[Any], Any] | None = None) -> tuple[Answering, Any, dict[str, str]]:
+        """The one engine path of every generating route (OpenAI chat and completions, Ollama's chat and
+        generate): the request's row submitted, its prompt ready (a failure raised as the client's error). Gives
+        the answer's pump, the prompt (for usage) and the response headers. `adjust(prompt)`, on the engine's
+        thread, may cut the prepared prompt's budget or refuse it (Ollama's num_ctx)."""
+        opts = asdict(req.to_sampling_params(self.defaults))
         images, wave = await self.load_request_media(req)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
@@ -135,11 +148,13 @@ class OmniServer:
             loop.call_soon_threadsafe(events.put_nowait, event)
 
         def prepare() -> Any:
-            return self.model.prepare_chat(req.text, image=images or None, audio=wave, trim=False, **opts)
+            prompt = self.model.prepare_chat(req.text, image=images or None, audio=wave, trim=False,
+                                             system=req.system, **opts)
+            return prompt if adjust is None else adjust(prompt)
 
         try:
             row = self.engine.submit(prepare, lambda tid: put("token", tid), lambda r, e: put("finish", r, e),
-                                     on_start=lambda p: put("start", p))
+                                     on_start=lambda p: put("start", p, time.perf_counter()))
         except QueueFull as exc:
             raise ApiError(429, f"the server is busy: {exc}; retry later", "queue_full",
                            headers={"Retry-After": str(RETRY_AFTER_S)}) from exc
@@ -154,16 +169,13 @@ class OmniServer:
             raise
         prompt: Any = first[1]
         self.metrics.prompt_tokens += prompt.embeds.shape[0]
-        chat_id = f"chatcmpl-{uuid.uuid4().hex}"
         headers = {"X-Omni-Ignored-Messages": str(req.ignored)}
         if prompt.notes:  # e.g. audio trimmed to what a prompt can use: said, not silent
             headers["X-Omni-Warnings"] = "; ".join(prompt.notes).encode("ascii", "replace").decode()
         answer = Answering(req, row, events, t_arrival, self.model.detokenizer(), self.metrics, self.model_id,
                            self.speech_b64)
-        if req.stream:
-            return StreamingResponse(answer.sse(chat_id, prompt), media_type="text/event-stream",
-                                     headers={**headers, "Cache-Control": "no-cache"})
-        return await answer.whole(chat_id, prompt, request, headers)
+        answer.t_start = first[2]
+        return answer, prompt, headers
 
     async def transcriptions(self, request: Request) -> Response:
         try:

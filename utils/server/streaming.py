@@ -3,6 +3,7 @@ stop string, the row is freed then), and the two response shapes, one JSON body 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -56,6 +57,21 @@ def spoken(data: str, text: str) -> dict[str, Any]:
             "transcript": text}
 
 
+@contextlib.asynccontextmanager
+async def freed_on_disconnect(request: Request, rows: list[Any]) -> AsyncIterator[None]:
+    """While the block runs, a client that goes away cancels `rows` (each freed at the engine's next step)."""
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        for row in rows:
+            row.cancel()
+    watcher = asyncio.create_task(watch())
+    try:
+        yield
+    finally:
+        watcher.cancel()
+
+
 class Answering:
     """One chat answer: turns the engine's events ('token', id) ... ('finish', reason, error) into text, usage,
     timings and the OpenAI response. `speak(text)` gives the spoken answer as base64 WAV."""
@@ -67,6 +83,8 @@ class Answering:
         self.stop = StopScanner(req.stops)
         self.generated = 0
         self.t_last: float | None = None
+        # when the engine had the prompt ready (set by the route), gave the first id, finished the row
+        self.t_start = self.t_first = self.t_end = t_arrival
 
     async def pieces(self) -> AsyncIterator[str | tuple[str, str, BaseException | None]]:
         """Text pieces as they come; last, ('finish', reason, error)."""
@@ -76,6 +94,7 @@ class Answering:
                 now = time.perf_counter()
                 if self.t_last is None:
                     self.metrics.ttft.observe(now - self.t_arrival)
+                    self.t_first = now
                 else:
                     self.metrics.itl.observe(now - self.t_last)
                 self.t_last = now
@@ -89,6 +108,9 @@ class Answering:
                 if text:
                     yield text
             elif kind == "finish":
+                self.t_end = time.perf_counter()
+                if self.t_last is None:
+                    self.t_first = self.t_end  # no id before the end: the prefill's EOS
                 reason, error = rest
                 if not self.stop.stopped:
                     tail = self.stop.push(self.detok.flush()) + ("" if self.stop.stopped else self.stop.flush())
@@ -103,24 +125,26 @@ class Answering:
         n = prompt.embeds.shape[0]
         return {"prompt_tokens": n, "completion_tokens": self.generated, "total_tokens": n + self.generated}
 
-    async def whole(self, chat_id: str, prompt: Any, request: Request, headers: dict[str, str]) -> Response:
-        """The answer as one chat.completion body; a client that goes away frees its row at the next step."""
-        async def watch() -> None:
-            while (await request.receive())["type"] != "http.disconnect":
-                pass
-            self.row.cancel()
-        watcher = asyncio.create_task(watch())
-        try:
-            text, finish, error = "", "stop", None
-            async for item in self.pieces():
-                if isinstance(item, tuple):
-                    _, finish, error = item
-                else:
-                    text += item
-        finally:
-            watcher.cancel()
+    async def text(self) -> tuple[str, str]:
+        """The whole answer text and its finish reason (an engine error raised as the client's response)."""
+        text, finish, error = "", "stop", None
+        async for item in self.pieces():
+            if isinstance(item, tuple):
+                _, finish, error = item
+            else:
+                text += item
         if error is not None:
             raise engine_error(error)
+        return text, finish
+
+    async def collect(self, request: Request) -> tuple[str, str]:
+        """`text()`; a client that goes away meanwhile frees the row at the next step."""
+        async with freed_on_disconnect(request, [self.row]):
+            return await self.text()
+
+    async def whole(self, chat_id: str, prompt: Any, request: Request, headers: dict[str, str]) -> Response:
+        """The answer as one chat.completion body."""
+        text, finish = await self.collect(request)
         message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
         if self.req.speak:
             message["audio"] = spoken(await self.speak(text), text)
