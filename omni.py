@@ -261,8 +261,9 @@ class OmniModel:
                      audio: AudioInput | None = None, prompt: str | None = None, trim: bool = True,
                      system: str | None = None, **gen: Any) -> RowPrompt:
         """One request's prompt as `answer` builds it (embeddings, ids, options with the answer budget; `system`
-        joined before the text as there), for a `batch_engine`. Without `trim`, a text prompt too long for the context is an OmniError instead of being
-        cut (audio is still trimmed to what a prompt can use, with a note, as in the CLI)."""
+        joined before the text as there), for a `batch_engine`. Without `trim`, a text prompt too long for the
+        context is an OmniError instead of being cut (audio is still trimmed to what a prompt can use, with a note,
+        as in the CLI)."""
         opts = self.sampling_options(**gen)
         text, images, wave = self._prompts.gather(text, image, audio, prompt=prompt, system=system)
         # a prompt that is refused rather than trimmed may fill the context exactly

@@ -14,8 +14,11 @@ import openai
 import pytest
 
 from tests.conftest import EXAMPLES
-from tests.test_serve import Served, pytestmark, server  # noqa: F401 (pytestmark: the same skip)
+from tests.test_serve import Served, server
+from tests.test_serve import pytestmark as needs_demo
 from utils.base.version import __version__
+
+pytestmark = needs_demo  # the same skip as tests/test_serve.py: no demo model, no server
 
 QUESTION = "What is 3 plus 4?"
 SAMPLED = {"temperature": 1.0, "seed": 11}
@@ -118,6 +121,7 @@ def test_list_show_ps_version(client: ollama.Client, served: Served, demo_model)
     [running] = client.ps().models
     assert (running.model, running.size_vram, running.context_length) == ("muomni", 0, 512)
     assert httpx.get(f"{served.base}/api/version").json() == {"version": __version__}
+    assert httpx.head(f"{served.base}/").status_code == 200  # the probe of Ollama's CLI
     r = httpx.get(f"{served.base}/api/pull")
     assert (r.status_code, r.json()) == (404, {"error": "GET /api/pull: no such route"})
     with pytest.raises(ollama.ResponseError) as err:
@@ -161,8 +165,8 @@ def test_accepted_fields_of_no_effect(client: ollama.Client) -> None:
     """keep_alive (the model stays loaded), think false and raw (no template: the same prompt) answer as without."""
     r = client.generate(model="muomni", prompt=QUESTION, keep_alive="5m", think=False, raw=True)
     assert r.response == "7"
-    assert client.chat(model="muomni", messages=[{"role": "user", "content": QUESTION}], keep_alive=-1).message.content \
-        == "7"
+    r = client.chat(model="muomni", messages=[{"role": "user", "content": QUESTION}], keep_alive=-1)
+    assert r.message.content == "7"
 
 
 def test_completions_equal_the_api(oai: openai.OpenAI, demo_model) -> None:

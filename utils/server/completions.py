@@ -25,7 +25,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from utils.base.options import BY_NAME
 from utils.server.protocol import (OPTION_FIELDS, ApiError, ChatRequest, body_object, engine_error,
-                                   generation_fields, optional, stop_strings, stream_fields)
+                                   generation_fields, optional, refusal, stop_strings, stream_fields)
 from utils.server.routes import OmniServer
 from utils.server.streaming import Answering, freed_on_disconnect
 
@@ -33,41 +33,37 @@ KNOWN = {"model", "prompt", "stream", "stream_options", "echo", "stop", "n", "us
          "best_of", "logit_bias", "presence_penalty", "frequency_penalty", *OPTION_FIELDS, *BY_NAME}
 
 
-def refuse(field: str, why: str) -> ApiError:
-    return ApiError(400, f"'{field}' {why}", "invalid_value", field)
-
-
 def parse_completion(body: Any) -> tuple[list[str], bool, ChatRequest]:
     """A completions body -> (the prompts, echo, the request every prompt's row is made from)."""
     body = body_object(body)
     unknown = sorted(set(body) - KNOWN)
     if unknown:
-        raise refuse(unknown[0], "is not supported by /v1/completions")
+        raise refusal(unknown[0], "is not supported by /v1/completions")
     prompt = body.get("prompt")
     prompts = [prompt] if isinstance(prompt, str) else prompt
     if not isinstance(prompts, list) or not prompts:
         raise ApiError(422, "'prompt' must be a string or a non-empty array of strings", "invalid_type", "prompt")
     if not all(isinstance(p, str) for p in prompts):
-        raise refuse("prompt", "must be text: token-id prompts are not supported")
+        raise refusal("prompt", "must be text: token-id prompts are not supported")
     if body.get("suffix") is not None:
-        raise refuse("suffix", "is not supported: μOmni does not fill in the middle")
+        raise refusal("suffix", "is not supported: μOmni does not fill in the middle")
     if body.get("logprobs") is not None:
-        raise refuse("logprobs", "is not available on this server")
+        raise refusal("logprobs", "is not available on this server")
     for name in ("n", "best_of"):
         value = body.get(name)
         if value is not None and (type(value) is not int or value != 1):
-            raise refuse(name, f"{value!r}: only 1 is served (send several prompts for several answers)")
+            raise refusal(name, f"{value!r}: only 1 is served (send several prompts for several answers)")
     if body.get("logit_bias"):
-        raise refuse("logit_bias", "is not supported")
+        raise refusal("logit_bias", "is not supported")
     for name in ("presence_penalty", "frequency_penalty"):
         value = body.get(name)
         if value is not None and value != 0:
-            raise refuse(name, f"{value!r} is not supported (repetition_penalty is)")
+            raise refusal(name, f"{value!r} is not supported (repetition_penalty is)")
     stream, include_usage = stream_fields(body)
     optional(body, "user", str, "a string", None)
     echo = optional(body, "echo", bool, "a boolean", False)
-    template = ChatRequest(None, [], None, 0, stream, include_usage, stop_strings(body.get("stop")), False,
-                           generation_fields(body))
+    template = ChatRequest(None, [], audio=None, ignored=0, stream=stream, include_usage=include_usage,
+                           stops=stop_strings(body.get("stop")), speak=False, options=generation_fields(body))
     return prompts, echo, template
 
 

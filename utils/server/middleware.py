@@ -15,8 +15,9 @@ log = logging.getLogger("muomni.server")
 
 class ApiKey:
     """With a key, every /v1 and /api (Ollama) route needs `Authorization: Bearer KEY` (compared as UTF-8 bytes in
-    constant time; Ollama's clients send it from OLLAMA_API_KEY); /health and /metrics stay open, as load balancers and scrapers expect. serve.py refuses a key no client could
-    send (empty, control characters, whitespace at either end), so an empty token never matches."""
+    constant time; Ollama's clients send it from OLLAMA_API_KEY); /health and /metrics stay open, as load balancers
+    and scrapers expect. serve.py refuses a key no client could send (empty, control characters, whitespace at
+    either end), so an empty token never matches."""
 
     def __init__(self, app: Any, key: str | None) -> None:
         self.app = app

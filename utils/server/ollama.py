@@ -55,7 +55,7 @@ from starlette.routing import Route
 from omni import OmniError
 from utils.base.version import __version__
 from utils.server.protocol import (ApiError, ChatRequest, _b64, body_object, checked_fields, engine_error,
-                                   optional, stop_strings, type_error)
+                                   optional, refusal, stop_strings, type_error)
 from utils.server.routes import OmniServer
 from utils.server.streaming import Answering
 
@@ -72,22 +72,18 @@ DURATION = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)([+-]?(\d+(\
 NDJSON = "application/x-ndjson"
 
 
-def refuse(field: str, why: str) -> ApiError:
-    return ApiError(400, f"'{field}' {why}", "invalid_value", field)
-
-
 def output_format(value: Any) -> None:
     """`format`: "json" or a JSON schema the answer must follow. Structured output is not in this server yet, so
     it is refused by name; wiring it is this one call (giving the constraint the request carries)."""
     if value not in (None, ""):
-        raise refuse("format", "(structured output: \"json\" or a JSON schema) is not available on this server "
-                               "yet")
+        raise refusal("format", "(structured output: \"json\" or a JSON schema) is not available on this server "
+                                "yet")
 
 
 def check_fields(body: dict[str, Any], known: set[str]) -> None:
     unknown = sorted(set(body) - known)
     if unknown:
-        raise refuse(unknown[0], f"is not supported by this server (known fields: {', '.join(sorted(known))})")
+        raise refusal(unknown[0], f"is not supported by this server (known fields: {', '.join(sorted(known))})")
 
 
 def keep_alive(value: Any) -> None:
@@ -97,11 +93,11 @@ def keep_alive(value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise type_error("keep_alive", "a number of seconds or a duration string (\"5m\")", value)
     if isinstance(value, str) and value != "0" and not DURATION.fullmatch(value):
-        raise refuse("keep_alive", f"{value!r} is not a duration (e.g. \"5m\", \"1h30m\", -1)")
+        raise refusal("keep_alive", f"{value!r} is not a duration (e.g. \"5m\", \"1h30m\", -1)")
     zero = value == 0 if not isinstance(value, str) else not any(c in "123456789" for c in value)
     if zero:
-        raise refuse("keep_alive", "0 asks to unload the model: this server keeps its one model loaded while it "
-                                   "runs")
+        raise refusal("keep_alive", "0 asks to unload the model: this server keeps its one model loaded while it "
+                                    "runs")
 
 
 def common_fields(body: dict[str, Any]) -> bool:
@@ -110,11 +106,11 @@ def common_fields(body: dict[str, Any]) -> bool:
     keep_alive(body.get("keep_alive"))
     think = body.get("think")
     if think not in (None, False):
-        raise refuse("think", f"{think!r}: this model has no thinking mode (send false or leave it out)")
+        raise refusal("think", f"{think!r}: this model has no thinking mode (send false or leave it out)")
     if optional(body, "logprobs", bool, "a boolean", False):
-        raise refuse("logprobs", "is not available on this server")
+        raise refusal("logprobs", "is not available on this server")
     if optional(body, "top_logprobs", int, "an integer", 0):
-        raise refuse("top_logprobs", "is not available on this server")
+        raise refusal("top_logprobs", "is not available on this server")
     return optional(body, "stream", bool, "a boolean", True)
 
 
@@ -123,17 +119,17 @@ def request_options(body: dict[str, Any], context_length: int) -> tuple[dict[str
     options = optional(body, "options", dict, "an object", {})
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
-        raise refuse(f"options.{unknown[0]}", f"is not supported by this server (supported: {', '.join(OPTIONS)})")
+        raise refusal(f"options.{unknown[0]}", f"is not supported by this server (supported: {', '.join(OPTIONS)})")
     num_predict = options.get("num_predict")
     if type(num_predict) is int and num_predict < 0:
-        raise refuse("options.num_predict", f"{num_predict} (no limit / fill the context) is not served: give a "
-                                            "number of tokens")
+        raise refusal("options.num_predict", f"{num_predict} (no limit / fill the context) is not served: give a "
+                                             "number of tokens")
     rows = checked_fields(options, OPTION_ROWS, "options.")
     stops = stop_strings(options.get("stop"), "options.stop", MAX_STOP)
     num_ctx = options.get("num_ctx")
     if num_ctx is not None and (type(num_ctx) is not int or not 1 <= num_ctx <= context_length):
-        raise refuse("options.num_ctx", f"{num_ctx!r} must be an integer in [1, {context_length}] (the model's "
-                                        "context)")
+        raise refusal("options.num_ctx", f"{num_ctx!r} must be an integer in [1, {context_length}] (the model's "
+                                         "context)")
     return rows, stops, num_ctx
 
 
@@ -173,16 +169,16 @@ def chat_prompt(messages: list[Any]) -> tuple[str | None, list[bytes], int]:
     where = f"messages[{len(messages) - 1}]"
     last = messages[-1]
     if last["role"] != "user":
-        raise refuse(f"{where}.role", f"{last['role']!r}: the last message must come from the user: μOmni answers "
-                                      "one user turn")
+        raise refusal(f"{where}.role", f"{last['role']!r}: the last message must come from the user: μOmni answers "
+                                       "one user turn")
     extra = sorted(k for k in set(last) - MESSAGE_FIELDS if last[k] not in (None, "", []))
     if extra:
-        raise refuse(f"{where}.{extra[0]}", "is not supported: the prompt is the message's content and images")
+        raise refusal(f"{where}.{extra[0]}", "is not supported: the prompt is the message's content and images")
     text = optional(last, "content", str, "a string", "", f"{where}.")
     images = images_of(last.get("images"), f"{where}.images")
     if not text.strip():
         if not images:
-            raise refuse(where, "is empty (no content or images)")
+            raise refusal(where, "is empty (no content or images)")
         return None, images, len(messages) - 1
     return text, images, len(messages) - 1
 
@@ -261,7 +257,7 @@ class Ollama:
         check_fields(body, {"model", "name", "verbose"})
         self.check_model(body.get("model", body.get("name")))
         if optional(body, "verbose", bool, "a boolean", False):
-            raise refuse("verbose", "is not available: the model info below is all there is (no token lists)")
+            raise refusal("verbose", "is not available: the model info below is all there is (no token lists)")
         info = self.server.details
         defaults = info["generation_defaults"]
         parameters = {"num_predict": defaults["max_new_tokens"], "temperature": defaults["temperature"],
@@ -294,13 +290,14 @@ class Ollama:
         self.check_model(body.get("model"))
         stream = common_fields(body)
         if optional(body, "tools", list, "an array", []):
-            raise refuse("tools", "is not supported: μOmni has no tool calling")
+            raise refusal("tools", "is not supported: μOmni has no tool calling")
         messages = optional(body, "messages", list, "an array", [])
         rows, stops, num_ctx = request_options(body, self.server.model.context_length)
         if not messages:
             return self.loaded({"message": {"role": "assistant", "content": ""}})
         text, images, ignored = chat_prompt(messages)
-        req = ChatRequest(text, images, None, ignored, stream, False, stops, False, rows)
+        req = ChatRequest(text, images, audio=None, ignored=ignored, stream=stream, include_usage=False,
+                          stops=stops, speak=False, options=rows)
         return await self.answer(request, req, t_arrival, num_ctx,
                                  lambda piece: {"message": {"role": "assistant", "content": piece}})
 
@@ -312,21 +309,21 @@ class Ollama:
         stream = common_fields(body)
         for name in ("suffix", "template"):
             if optional(body, name, str, "a string", ""):
-                raise refuse(name, "is not supported: the one prompt form is [bos] text" if name == "template"
+                raise refusal(name, "is not supported: the one prompt form is [bos] text" if name == "template"
                              else "is not supported: μOmni does not fill in the middle")
         if optional(body, "context", list, "an array", []):
-            raise refuse("context", "is not supported: μOmni answers single turns (responses carry no context)")
+            raise refusal("context", "is not supported: μOmni answers single turns (responses carry no context)")
         raw = optional(body, "raw", bool, "a boolean", False)
         system = optional(body, "system", str, "a string", None) or None
         if raw and system:
-            raise refuse("system", "has no place in a raw prompt ('raw': true)")
+            raise refusal("system", "has no place in a raw prompt ('raw': true)")
         prompt = optional(body, "prompt", str, "a string", "")
         images = images_of(body.get("images"), "images")
         rows, stops, num_ctx = request_options(body, self.server.model.context_length)
         if not prompt and not images:
             return self.loaded({"response": ""})
-        req = ChatRequest(prompt or None, images, None, 0, stream, False, stops, False, rows,
-                          system)
+        req = ChatRequest(prompt or None, images, audio=None, ignored=0, stream=stream, include_usage=False,
+                          stops=stops, speak=False, options=rows, system=system)
         return await self.answer(request, req, t_arrival, num_ctx, lambda piece: {"response": piece})
 
     def loaded(self, empty: dict[str, Any]) -> Response:

@@ -67,6 +67,11 @@ def type_error(name: str, want: str, value: Any) -> ApiError:
     return ApiError(400, f"'{name}' must be {want}, found {found}", "invalid_type", name)
 
 
+def refusal(name: str, why: str) -> ApiError:
+    """A field the server refuses by name (400): "'NAME' WHY"."""
+    return ApiError(400, f"'{name}' {why}", "invalid_value", name)
+
+
 STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 
