@@ -419,11 +419,12 @@ class OmniModel:
 
     def generate_speech(self, text: str, out_path: str | os.PathLike | None = None,
                         **speech_options: Any) -> tuple[np.ndarray, int]:
-        """Speak `text`: returns (float32 mono waveform, sample rate 16000); with `out_path` also writes a
-        16-bit WAV atomically. Options as for `speak`."""
+        """Speak `text`: returns (float32 mono waveform, sample rate 16000); with `out_path` also writes it
+        atomically, in the format its suffix names (.mp3, .opus/.ogg, .aac, .flac, .pcm/.raw; else 16-bit WAV).
+        Options as for `speak`."""
         speech = self.speak(text, **speech_options)
         if out_path is not None:
-            write_wav(out_path, speech.wave, speech.sample_rate)
+            speech.write(out_path, "out_path")
         return speech.wave, speech.sample_rate
 
 

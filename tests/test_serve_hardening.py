@@ -115,7 +115,7 @@ def test_chat_fields_are_checked_for_type(keyed: Served, fields: dict, param: st
 
 
 SPEECH_TYPE_ERRORS = [({"response_format": ["wav"]}, "response_format"), ({"voice": 1}, "voice"),
-                      ({"speed": "1"}, "speed"), ({"speed": 2}, "speed"), ({"speed": True}, "speed"),
+                      ({"speed": "1"}, "speed"), ({"speed": [2]}, "speed"), ({"speed": True}, "speed"),
                       ({"model": 1}, "model"), ({"input": 5}, "input")]
 
 

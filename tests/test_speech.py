@@ -120,3 +120,23 @@ def test_missing_vocoder_is_an_error_not_a_tone(tiny_tree: Path, tmp_path: Path,
     out = capsys.readouterr()
     assert out.out == "" and out.err.startswith("error:") and "HiFi-GAN" in out.err
     assert not (tmp_path / "x.wav").exists()  # never a substitute tone
+
+
+def test_audio_out_format_follows_the_suffix(tiny_tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """In-process: --audio_out x.mp3 writes MP3 (decoded by PyAV: the length --json reports); the API's out_path
+    x.pcm the raw 16-bit samples of the same waveform it returns."""
+    import av
+    from omni import load_model
+    from utils.cli.main import main
+    out = tmp_path / "answer.mp3"
+    assert main(["--ckpt_dir", str(tiny_tree), "--text", "hello world", "--max_new_tokens", "4", "--ignore_eos",
+                 "--audio_out", str(out), "--json", "--quiet"], "infer_chat.py", "") == 0
+    info = json.loads(capsys.readouterr().out)["audio_out"]
+    assert out.read_bytes()[:3] == b"ID3"
+    with av.open(str(out)) as container:
+        samples = sum(f.samples for f in container.decode(container.streams.audio[0]))
+        assert container.streams.audio[0].codec_context.sample_rate == 16000
+    assert abs(samples / 16000 - info["seconds"]) < 0.08
+    wave, sr = load_model(tiny_tree, device="cpu").generate_speech("hi there", out_path=tmp_path / "x.pcm")
+    pcm = np.frombuffer((tmp_path / "x.pcm").read_bytes(), "<i2")
+    assert sr == 16000 and np.array_equal(pcm, np.round(np.clip(wave, -1, 1) * 32767).astype(np.int16))

@@ -19,6 +19,12 @@ AUDIO_PROMPT = "What did you hear?"
 DEFAULT_VIDEO_FRAMES = 4
 MAX_VIDEO_FRAMES = 256  # most frames taken from one video (each becomes an image token)
 
+# Speech out: OpenAI's audio.speech formats ("pcm": raw 16-bit little-endian mono at the model's rate) and speeds.
+SPEECH_MEDIA_TYPES = {"wav": "audio/wav", "mp3": "audio/mpeg", "opus": "audio/ogg", "aac": "audio/aac",
+                      "flac": "audio/flac", "pcm": "audio/pcm"}
+SPEECH_FORMATS = tuple(SPEECH_MEDIA_TYPES)
+SPEECH_SPEEDS = (0.25, 4.0)  # 1 is the talker's own pace; others change the tempo and keep the pitch
+
 # Names offered by the command lines and the API.
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
 QUANTIZATIONS = ("int8", "int4")  # run-time weight quantization (utils.weights.quant)

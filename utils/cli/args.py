@@ -167,9 +167,10 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     g.add_argument("--no_stream", action="store_true",
                    help="Print each answer when it is complete instead of token by token.")
     g.add_argument("--audio_out", metavar="PATH",
-                   help="Also speak the answer into this 16 kHz mono WAV (one-shot only). The μOmni Talker is "
-                        "not conditioned on the text: only the length follows the answer (about 5 frames of "
-                        "80 ms per word, i.e. 12.5 frames/s at ~2.5 words/s).")
+                   help="Also speak the answer into this 16 kHz mono file (one-shot only): WAV, or by its suffix "
+                        "MP3 (.mp3), Opus (.opus, .ogg), AAC (.aac), FLAC (.flac) or raw 16-bit PCM (.pcm, .raw). "
+                        "The μOmni Talker is not conditioned on the text: only the length follows the answer "
+                        "(about 5 frames of 80 ms per word, i.e. 12.5 frames/s at ~2.5 words/s).")
     g.add_argument("--audio_temperature", type=non_negative_float, default=0.0, metavar="T",
                    help="Talker sampling temperature (0 = greedy, the default).")
     g.add_argument("--audio_top_k", type=non_negative_int, default=0, metavar="K",

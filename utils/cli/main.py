@@ -25,9 +25,8 @@ if TYPE_CHECKING:
 
 
 def speak(model: OmniModel, args: argparse.Namespace, text: str, con: Console) -> dict[str, Any]:
-    """Synthesise `text` into args.audio_out; returns the --json "audio_out" object."""
-    from omni import write_wav  # loaded with the model already
-
+    """Synthesise `text` into args.audio_out (in the format its suffix names); returns the --json "audio_out"
+    object."""
     if not text.strip():
         raise OmniError(f"--audio_out {args.audio_out}: the answer is empty, so there is nothing to speak "
                         f"(no file written)")
@@ -44,8 +43,9 @@ def speak(model: OmniModel, args: argparse.Namespace, text: str, con: Console) -
                              progress=bar.update)
     for note in speech.notes:
         con.warn(note)
-    write_wav(args.audio_out, speech.wave, speech.sample_rate)
-    con.info(f"wrote {args.audio_out}: {speech.seconds:.2f} s, {speech.sample_rate} Hz mono")
+    fmt = speech.write(args.audio_out)
+    kind = "" if fmt == "wav" else f" {fmt}"
+    con.info(f"wrote {args.audio_out}:{kind} {speech.seconds:.2f} s, {speech.sample_rate} Hz mono")
     return {"path": str(args.audio_out), "frames": speech.frames, "seconds": round(speech.seconds, 6),
             "sample_rate": speech.sample_rate, "vocoder": speech.vocoder}
 

@@ -20,7 +20,8 @@ vocoder's hop, so the waveform lasts exactly 80 ms per frame, with HiFi-GAN or w
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+import os
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 
 from models.talker import RVQ, TalkerTiny
 from models.vocoder import HiFiGANGenerator, griffin_lim, mel_to_magnitude
-from utils.media.audio import SAMPLE_RATE, mel_filterbank, wav_bytes
+from utils.media.audio import SAMPLE_RATE, change_tempo, encode_audio, mel_filterbank, write_audio
 from utils.base.errors import OmniError
 from utils.base.defaults import DECODE_ATTENTION, VOCODERS
 from utils.base.options import SamplingOptions
@@ -80,9 +81,19 @@ class Speech:
     def seconds(self) -> float:
         return self.wave.shape[0] / self.sample_rate
 
-    def wav_bytes(self) -> bytes:
-        """The utterance as a complete 16-bit mono WAV file in memory (what the server sends)."""
-        return wav_bytes(self.wave, self.sample_rate)
+    def at_speed(self, speed: float) -> "Speech":
+        """The utterance `speed` times faster (0.25 to 4), at the same pitch (utils.media.audio.change_tempo)."""
+        if speed == 1:
+            return self
+        return replace(self, wave=change_tempo(self.wave, self.sample_rate, speed))
+
+    def encoded(self, fmt: str = "wav") -> bytes:
+        """The utterance as a complete file in memory in `fmt`: wav, mp3, opus, aac, flac or pcm (raw 16-bit)."""
+        return encode_audio(self.wave, self.sample_rate, fmt)
+
+    def write(self, path: str | os.PathLike, flag: str = "--audio_out") -> str:
+        """Write the utterance atomically, in the format its suffix names (WAV otherwise); returns that format."""
+        return write_audio(path, self.wave, self.sample_rate, flag)
 
 
 def frames_for_text(text: str) -> int:

@@ -1,4 +1,5 @@
-"""Audio in and out as pure functions: load, resample, power mel spectrogram, WAV writing."""
+"""Audio in and out as pure functions: load, resample, power mel spectrogram; speech out encoded (WAV, MP3, Opus,
+AAC, FLAC, raw PCM), its tempo changed, written atomically."""
 from __future__ import annotations
 
 import io
@@ -12,6 +13,7 @@ import soundfile as sf
 import soxr
 import torch
 
+from utils.base.defaults import SPEECH_FORMATS, SPEECH_SPEEDS
 from utils.base.errors import OmniError
 from utils.base.fileio import temp_path, write_atomic
 from utils.media.ffmpeg import open_container
@@ -466,27 +468,126 @@ def check_output_path(path: str | os.PathLike, flag: str = "--audio_out") -> Pat
     return path
 
 
+# Speech out in OpenAI's formats: (PyAV encoder, container, bit rate) for the compressed ones; WAV is written by
+# libsndfile and "pcm" is the raw samples. Opus in Ogg keeps the 16 kHz input rate in its header (its decoders
+# always give 48 kHz); the ADTS stream is AAC-LC.
+ENCODERS: dict[str, tuple[str, str, int | None]] = {"mp3": ("libmp3lame", "mp3", 64000),
+                                                    "opus": ("libopus", "ogg", 32000),
+                                                    "aac": ("aac", "adts", 64000), "flac": ("flac", "flac", None)}
+SUFFIX_FORMATS = {".wav": "wav", ".mp3": "mp3", ".opus": "opus", ".ogg": "opus", ".aac": "aac", ".flac": "flac",
+                  ".pcm": "pcm", ".raw": "pcm"}
+
+
+def full_scale(wave: np.ndarray) -> np.ndarray:
+    """float32 samples in [-1, 1] (NaN as 0)."""
+    return np.clip(np.nan_to_num(np.asarray(wave, dtype=np.float32)), -1.0, 1.0)
+
+
+def pcm16(wave: np.ndarray) -> np.ndarray:
+    """16-bit little-endian samples (full scale 32767): what every format is made from, so the lossless ones hold
+    exactly these samples and the others start from them."""
+    return np.round(full_scale(wave) * 32767.0).astype("<i2")
+
+
 def wav_bytes(wave: np.ndarray, sample_rate: int = SAMPLE_RATE) -> bytes:
     """A complete 16-bit PCM mono WAV in memory: its size fields are final before a byte reaches the target
     (a pipe reader gets a correct header), and no library callback ever writes to the user's file."""
     buf = io.BytesIO()
-    sf.write(buf, np.clip(np.nan_to_num(np.asarray(wave, dtype=np.float32)), -1.0, 1.0), sample_rate,
-             subtype="PCM_16", format="WAV")
+    sf.write(buf, pcm16(wave), sample_rate, subtype="PCM_16", format="WAV")
     return buf.getvalue()
 
 
-def write_wav(path: str | os.PathLike, wave: np.ndarray, sample_rate: int = SAMPLE_RATE,
-              flag: str = "--audio_out") -> None:
-    """Write 16-bit PCM mono atomically: a temp file in the same directory, then rename, so a failure (a full
-    disk, the file-size limit, a signal) never leaves a partial file. An existing non-regular target
-    (/dev/null, a FIFO) is written in place instead: renaming over it would replace the device or pipe."""
+def encode_audio(wave: np.ndarray, sample_rate: int = SAMPLE_RATE, fmt: str = "wav") -> bytes:
+    """A mono waveform as a complete file in memory in `fmt` (one of SPEECH_FORMATS): "wav" 16-bit PCM, "pcm" the
+    same samples raw (16-bit little-endian, no header, as OpenAI's pcm), the others through FFmpeg's encoders."""
+    if fmt == "wav":
+        return wav_bytes(wave, sample_rate)
+    if fmt == "pcm":
+        return pcm16(wave).tobytes()
+    if fmt not in ENCODERS:
+        raise OmniError(f"audio format {fmt!r}: use one of {', '.join(SPEECH_FORMATS)}")
+    import av  # imported here: only the compressed formats need PyAV
+
+    codec, container_format, bit_rate = ENCODERS[fmt]
+    buf = io.BytesIO()
+    with av.open(buf, "w", format=container_format) as container:
+        stream = container.add_stream(codec, rate=sample_rate, layout="mono")
+        if bit_rate:
+            stream.bit_rate = bit_rate
+        ctx = stream.codec_context
+        frame = av.AudioFrame.from_ndarray(pcm16(wave)[None], format="s16", layout="mono")
+        frame.sample_rate = sample_rate
+        # the encoder's own sample format, in frames of the size it takes (1152 for MP3, 1024 for AAC, ...)
+        to_codec = av.AudioResampler(format=ctx.codec.audio_formats[0].name, layout="mono", rate=sample_rate,
+                                     frame_size=ctx.frame_size or None)
+        for piece in to_codec.resample(frame) + to_codec.resample(None):
+            container.mux(stream.encode(piece))
+        container.mux(stream.encode(None))
+    return buf.getvalue()
+
+
+def change_tempo(wave: np.ndarray, sample_rate: int, speed: float) -> np.ndarray:
+    """`wave` played `speed` times faster (SPEECH_SPEEDS' range) at the same pitch: FFmpeg's `atempo` filter
+    (overlap-add of pitch-synchronous pieces), chained for speeds under 0.5, which one atempo does not take. A
+    resample would shift the pitch with the tempo (chipmunk speech at 2x). Speed 1 returns `wave` as it is."""
+    low, high = SPEECH_SPEEDS
+    if not low <= speed <= high:
+        raise OmniError(f"speed {speed}: must be between {low} and {high}")
+    if speed == 1:
+        return wave
+    from fractions import Fraction
+
+    import av
+
+    steps, rest = [], float(speed)
+    while rest < 0.5:
+        steps.append(0.5)
+        rest /= 0.5
+    steps.append(rest)
+    graph = av.filter.Graph()
+    nodes = [graph.add_abuffer(format="flt", sample_rate=sample_rate, layout="mono", time_base=f"1/{sample_rate}")]
+    nodes += [graph.add("atempo", repr(step)) for step in steps] + [graph.add("abuffersink")]
+    graph.link_nodes(*nodes).configure()
+    frame = av.AudioFrame.from_ndarray(full_scale(wave)[None], format="flt", layout="mono")
+    frame.sample_rate, frame.pts, frame.time_base = sample_rate, 0, Fraction(1, sample_rate)
+    graph.push(frame)
+    graph.push(None)
+    pieces = []
+    while True:
+        try:
+            pieces.append(graph.pull().to_ndarray()[0])
+        except (av.error.EOFError, av.error.BlockingIOError):  # drained (the end was pushed: nothing more comes)
+            break
+    return np.concatenate(pieces).astype(np.float32, copy=False) if pieces else np.zeros(0, np.float32)
+
+
+def format_for_path(path: str | os.PathLike) -> str:
+    """The format a speech file is written in, by its suffix (SUFFIX_FORMATS: .mp3, .opus/.ogg, .aac, .flac,
+    .pcm/.raw); WAV for .wav and any other name (/dev/null, a FIFO, a name without a suffix)."""
+    return SUFFIX_FORMATS.get(Path(path).suffix.lower(), "wav")
+
+
+def write_audio(path: str | os.PathLike, wave: np.ndarray, sample_rate: int = SAMPLE_RATE,
+                flag: str = "--audio_out", fmt: str | None = None) -> str:
+    """Write mono speech in `fmt` (default: by the path's suffix, `format_for_path`) atomically: a temp file in
+    the same directory, then rename, so a failure (a full disk, the file-size limit, a signal) never leaves a
+    partial file. An existing non-regular target (/dev/null, a FIFO) is written in place instead: renaming over
+    it would replace the device or pipe. Returns the format written."""
     path = check_output_path(path, flag)
-    data = wav_bytes(wave, sample_rate)
+    fmt = fmt or format_for_path(path)
+    data = encode_audio(wave, sample_rate, fmt)
     if path.exists() and not path.is_file():
         try:
             with open(path, "wb") as f:
                 f.write(data)
         except OSError as exc:  # /dev/full: ENOSPC; a FIFO whose reader left: EPIPE
             raise OmniError(f"{flag} {path}: cannot write ({exc.strerror or exc})") from exc
-        return
+        return fmt
     write_atomic(path, data, f"{flag} {path}")
+    return fmt
+
+
+def write_wav(path: str | os.PathLike, wave: np.ndarray, sample_rate: int = SAMPLE_RATE,
+              flag: str = "--audio_out") -> None:
+    """`write_audio` in 16-bit PCM WAV whatever the suffix."""
+    write_audio(path, wave, sample_rate, flag, "wav")

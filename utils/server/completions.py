@@ -63,7 +63,7 @@ def parse_completion(body: Any) -> tuple[list[str], bool, ChatRequest]:
     optional(body, "user", str, "a string", None)
     echo = optional(body, "echo", bool, "a boolean", False)
     template = ChatRequest(None, [], audio=None, ignored=0, stream=stream, include_usage=include_usage,
-                           stops=stop_strings(body.get("stop")), speak=False, options=generation_fields(body))
+                           stops=stop_strings(body.get("stop")), speech_format=None, options=generation_fields(body))
     return prompts, echo, template
 
 

@@ -297,7 +297,7 @@ class Ollama:
             return self.loaded({"message": {"role": "assistant", "content": ""}})
         text, images, ignored = chat_prompt(messages)
         req = ChatRequest(text, images, audio=None, ignored=ignored, stream=stream, include_usage=False,
-                          stops=stops, speak=False, options=rows)
+                          stops=stops, speech_format=None, options=rows)
         return await self.answer(request, req, t_arrival, num_ctx,
                                  lambda piece: {"message": {"role": "assistant", "content": piece}})
 
@@ -323,7 +323,7 @@ class Ollama:
         if not prompt and not images:
             return self.loaded({"response": ""})
         req = ChatRequest(prompt or None, images, audio=None, ignored=0, stream=stream, include_usage=False,
-                          stops=stops, speak=False, options=rows, system=system)
+                          stops=stops, speech_format=None, options=rows, system=system)
         return await self.answer(request, req, t_arrival, num_ctx, lambda piece: {"response": piece})
 
     def loaded(self, empty: dict[str, Any]) -> Response:

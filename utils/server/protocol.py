@@ -25,11 +25,15 @@ from typing import Any
 
 from starlette.responses import JSONResponse
 
+from utils.base.defaults import SPEECH_FORMATS, SPEECH_SPEEDS
 from utils.base.errors import EngineClosed, OmniError
 from utils.base.options import BY_NAME, OPTIONS, OptionError, SamplingOptions
 
 AUDIO_FORMATS = ("wav", "mp3", "flac", "ogg")
 TRANSCRIPTION_FORMATS = ("json", "text", "verbose_json", "srt", "vtt")
+TIMESTAMP_GRANULARITIES = ("segment", "word")
+# a chat answer's spoken audio.format -> the speech format (OpenAI's "pcm16" is the raw 16-bit samples)
+CHAT_AUDIO_FORMATS = {**{f: f for f in SPEECH_FORMATS if f != "pcm"}, "pcm16": "pcm"}
 MAX_STOP = 4  # stop strings per request, as OpenAI
 MAX_JSON_DEPTH = 64  # nesting levels of a JSON body (a chat body needs 6); deeper is refused before parsing
 # A request's generation fields -> the table's rows; the first of two fields for one row wins.
@@ -72,6 +76,136 @@ def refusal(name: str, why: str) -> ApiError:
     return ApiError(400, f"'{name}' {why}", "invalid_value", name)
 
 
+# ------------------------------------------------------------------ the fields of each request
+@dataclass(frozen=True)
+class Field:
+    """How the server treats one request field, so that none is dropped without a word. "implemented": `note`
+    names the test that shows it honoured. "no effect": accepted (of JSON type `kinds`) because it cannot change
+    the answer, `note` says why. "refused": a 400 naming the field, `note` the reason, unless its value is one of
+    `neutral`, which ask for exactly what the server does anyway (a client library's defaults: a 0 penalty)."""
+    status: str
+    note: str
+    kinds: tuple[type, ...] = ()
+    neutral: tuple[Any, ...] = ()
+
+    def accepts(self, value: Any) -> bool:
+        return any(type(value) is type(v) and value == v for v in self.neutral)
+
+
+def implemented(test: str) -> Field:
+    return Field("implemented", test)
+
+
+def no_effect(why: str, *kinds: type) -> Field:
+    return Field("no effect", why, kinds)
+
+
+def refused(why: str, *neutral: Any) -> Field:
+    return Field("refused", why, neutral=neutral)
+
+
+SERVE = "tests/test_serve.py::"
+AUDIT = "tests/test_serve_fields.py::"
+NOT_YET = "is not supported by this server"
+# Every field of a chat.completions request (OpenAI's, as the `openai` package types them, and the vLLM-style
+# extensions of the options table): tests/test_serve_fields.py checks the table against the package and each row's
+# behaviour. Implementing a field turns its row into `implemented(<its test>)`.
+CHAT_FIELDS: dict[str, Field] = {
+    "messages": implemented(SERVE + "test_chat_equals_cli"),
+    "model": implemented(SERVE + "test_chat_errors"),
+    "stream": implemented(SERVE + "test_chat_equals_cli"),
+    "stream_options": implemented(SERVE + "test_chat_equals_cli"),
+    "max_tokens": implemented(SERVE + "test_max_tokens_seed_and_stop"),
+    "max_completion_tokens": implemented(SERVE + "test_max_tokens_seed_and_stop"),
+    "temperature": implemented(SERVE + "test_max_tokens_seed_and_stop"),
+    "seed": implemented(SERVE + "test_max_tokens_seed_and_stop"),
+    "stop": implemented(SERVE + "test_max_tokens_seed_and_stop"),
+    "top_p": implemented(AUDIT + "test_sampling_fields_equal_the_api"),
+    "top_k": implemented(AUDIT + "test_sampling_fields_equal_the_api"),
+    "repetition_penalty": implemented(AUDIT + "test_sampling_fields_equal_the_api"),
+    "ignore_eos": implemented(SERVE + "test_max_tokens_seed_and_stop"),
+    "n": implemented(SERVE + "test_chat_errors"),  # 1 only: another n is refused by value
+    "modalities": implemented(SERVE + "test_speech_and_spoken_answer_are_wav"),
+    "audio": implemented(AUDIT + "test_spoken_answer_formats"),
+    # accepted without effect: none can change the answer
+    "user": no_effect("an end-user id for the provider's abuse monitoring", str),
+    "safety_identifier": no_effect("an end-user id for the provider's abuse monitoring", str),
+    "metadata": no_effect("tags for stored completions; this server stores nothing", dict),
+    "store": no_effect("whether the provider keeps the completion; this server keeps nothing", bool),
+    "service_tier": no_effect("the provider's processing tier (latency and price, not the answer)", str),
+    "prompt_cache_key": no_effect("routing for the provider's prompt cache; a cache never changes an answer", str),
+    "prompt_cache_retention": no_effect("how long the provider's prompt cache keeps a prefix", str),
+    "prompt_cache_options": no_effect("breakpoints and lifetime of the provider's prompt cache", dict),
+    # refused by name until implemented
+    "frequency_penalty": refused(NOT_YET, 0, 0.0),
+    "presence_penalty": refused(NOT_YET, 0, 0.0),
+    "logit_bias": refused(NOT_YET, {}),
+    "logprobs": refused(f"{NOT_YET}: log-probabilities are not returned", False),
+    "top_logprobs": refused(f"{NOT_YET}: log-probabilities are not returned"),
+    "response_format": refused(f"{NOT_YET}: answers are free text", {"type": "text"}),
+    "tools": refused(f"{NOT_YET}: no tool calls are made"),
+    "tool_choice": refused(f"{NOT_YET}: no tool calls are made", "none"),
+    "parallel_tool_calls": refused(f"{NOT_YET}: no tool calls are made"),
+    "functions": refused(f"{NOT_YET}: no function calls are made"),
+    "function_call": refused(f"{NOT_YET}: no function calls are made", "none"),
+    "prediction": refused(f"{NOT_YET}: predicted outputs are not used"),
+    "reasoning_effort": refused("is not supported: μOmni does not reason before it answers"),
+    "verbosity": refused("is not supported: an answer's length is bounded by max_tokens only"),
+    "web_search_options": refused("is not supported: the server searches nothing"),
+    "moderation": refused("is not supported: the server runs no moderation model"),
+    "max_new_tokens": refused("cannot be set per request: send max_tokens or max_completion_tokens"),
+    **{o.name: refused("cannot be set per request: the server's engine fixes it when it starts")
+       for o in OPTIONS if not o.http},
+}
+SPEECH_FIELDS: dict[str, Field] = {
+    "input": implemented(AUDIT + "test_speech_formats_and_speed"),
+    "model": implemented(AUDIT + "test_speech_formats_and_speed"),
+    "response_format": implemented(AUDIT + "test_speech_formats_and_speed"),
+    "speed": implemented(AUDIT + "test_speech_formats_and_speed"),
+    "voice": no_effect("μOmni's talker has one voice; OpenAI requires the field, so every client sends one", str,
+                       dict),
+    "stream_format": refused("is not supported except 'audio': the audio is the response body, not SSE events",
+                            "audio"),
+    "instructions": refused("is not supported: the μOmni talker is not conditioned on text"),
+}
+TRANSCRIPTION_FIELDS: dict[str, Field] = {  # form fields; a list's parts come as "name[]"
+    "file": implemented(SERVE + "test_transcription_equals_cli"),
+    "model": implemented(SERVE + "test_transcription_equals_cli"),
+    "response_format": implemented(SERVE + "test_transcription_equals_cli"),
+    "stream": implemented(AUDIT + "test_streamed_transcription"),
+    "timestamp_granularities": implemented(AUDIT + "test_timestamp_granularities"),
+    "language": refused("is not supported: the CTC head reads one alphabet and takes no language hint"),
+    "languages": refused("is not supported: the CTC head reads one alphabet and takes no language hint"),
+    "prompt": refused("is not supported: a CTC transcription cannot be prompted"),
+    "keywords": refused("is not supported: a CTC transcription cannot be prompted"),
+    "temperature": refused("is not supported: the transcript is the greedy CTC path, with no sampling"),
+    "include": refused("is not supported: transcript log-probabilities are not returned"),
+    "chunking_strategy": refused("is not supported: the server splits the audio at silences itself (README, "
+                                 "Transcription)"),
+    "known_speaker_names": refused("is not supported: there is no speaker diarization"),
+    "known_speaker_references": refused("is not supported: there is no speaker diarization"),
+}
+
+
+JSON_NAMES = {str: "a string", dict: "an object", bool: "a boolean"}
+
+
+def check_fields(body: dict[str, Any], table: dict[str, Field]) -> None:
+    """Every field of `body` by its row of `table`: an unknown field, or a refused one with a non-neutral value,
+    is a 400 naming it; a no-effect field must have its JSON type. Null is "not given", as for every field."""
+    for name, value in body.items():
+        field = table.get(name)
+        if field is None:
+            raise ApiError(400, f"unknown field '{name}': this server does not implement it", "unknown_parameter",
+                           name)
+        if value is None or field.status == "implemented":
+            continue
+        if field.status == "refused" and not field.accepts(value):
+            raise ApiError(400, f"'{name}' {field.note}", "unsupported_parameter", name)
+        if field.kinds and type(value) not in field.kinds:
+            raise type_error(name, " or ".join(JSON_NAMES[k] for k in field.kinds), value)
+
+
 STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 
@@ -111,13 +245,14 @@ def engine_error(exc: BaseException | None) -> ApiError:
     return ApiError(500, f"generation failed ({type(exc).__name__})", "internal_error")
 
 
-def optional(obj: dict[str, Any], name: str, kind: type, want: str, default: Any, prefix: str = "") -> Any:
-    """Field `name` of `obj` when it has JSON type `kind`, `default` when absent or null, else a 400 naming it
-    (`prefix` places a nested field: 'stream_options.include_usage')."""
+def optional(obj: dict[str, Any], name: str, kind: type | tuple[type, ...], want: str, default: Any,
+             prefix: str = "") -> Any:
+    """Field `name` of `obj` when it has JSON type `kind` (or one of them), `default` when absent or null, else a
+    400 naming it (`prefix` places a nested field: 'stream_options.include_usage')."""
     value = obj.get(name)
     if value is None:
         return default
-    if type(value) is not kind:  # not isinstance: True is an int, and "false" is not a boolean
+    if type(value) not in (kind if isinstance(kind, tuple) else (kind,)):  # not isinstance: True is an int
         raise type_error(prefix + name, want, value)
     return value
 
@@ -166,9 +301,13 @@ class ChatRequest:
     stream: bool
     include_usage: bool
     stops: list[str]
-    speak: bool
+    speech_format: str | None  # the spoken answer's (SPEECH_FORMATS), None for text only
     options: dict[str, Any]
     system: str | None = None  # joined before the text as the API's `system` does (Ollama's /api/generate)
+
+    @property
+    def speak(self) -> bool:
+        return self.speech_format is not None
 
     def to_sampling_params(self, defaults: SamplingOptions) -> SamplingOptions:
         """The typed options of this request: the model's defaults (generation_config.json) with the client's."""
@@ -271,6 +410,7 @@ def stop_strings(value: Any, name: str = "stop", limit: int = MAX_STOP) -> list[
 def parse_chat(body: Any) -> ChatRequest:
     """Validate a chat.completions body and map its last message onto a μOmni prompt (module docstring)."""
     body = body_object(body)
+    check_fields(body, CHAT_FIELDS)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(422, "'messages' must be a non-empty array", "invalid_type", "messages")
@@ -288,44 +428,91 @@ def parse_chat(body: Any) -> ChatRequest:
     if n is not None and (type(n) is not int or n != 1):
         raise ApiError(400, f"'n' {n!r}: only n = 1 is served", "invalid_value", "n")
     stream, include_usage = stream_fields(body)
-    optional(body, "user", str, "a string", None)
     stops = stop_strings(body.get("stop"))
     modalities = optional(body, "modalities", list, "an array", ["text"])
     if not all(m in ("text", "audio") for m in modalities) or "text" not in modalities:
         raise ApiError(400, "'modalities' must be [\"text\"] or [\"text\", \"audio\"]", "invalid_value", "modalities")
     speak = "audio" in modalities
     spec = optional(body, "audio", dict, "an object", None)
+    audio_format = None
     if spec is not None:
         if not speak:
             raise ApiError(400, "'audio' (the spoken answer's format) needs 'modalities': [\"text\", \"audio\"]",
                            "invalid_value", "audio")
-        optional(spec, "voice", str, "a string", None, "audio.")
-    if speak and (spec is None or optional(spec, "format", str, "a string", "wav", "audio.") != "wav"):
-        raise ApiError(400, "audio output needs 'audio': {\"format\": \"wav\"} (only wav is produced)",
-                       "invalid_value", "audio")
-    return ChatRequest(text, images, audio, len(messages) - 1, stream, include_usage, stops, speak,
-                       generation_fields(body))
+        unknown = sorted(set(spec) - {"format", "voice"})
+        if unknown:
+            raise ApiError(400, f"unknown field 'audio.{unknown[0]}': this server does not implement it",
+                           "unknown_parameter", f"audio.{unknown[0]}")
+        optional(spec, "voice", (str, dict), "a string or an object", None, "audio.")  # one voice: SPEECH_FIELDS
+        audio_format = optional(spec, "format", str, "a string", None, "audio.")
+    if speak and audio_format not in CHAT_AUDIO_FORMATS:
+        raise ApiError(400, f"audio output needs 'audio': {{\"format\": ...}}, one of {', '.join(CHAT_AUDIO_FORMATS)}"
+                       + ("" if audio_format is None else f" (found {audio_format!r})"), "invalid_value",
+                       "audio" if spec is None else "audio.format")
+    return ChatRequest(text, images, audio, len(messages) - 1, stream, include_usage, stops,
+                       CHAT_AUDIO_FORMATS[audio_format] if speak else None, generation_fields(body))
 
 
-def parse_speech(body: Any) -> str:
-    """The text of an audio.speech request (WAV at the model's one voice and pace is the only output)."""
+@dataclass
+class SpeechRequest:
+    """An audio.speech request: the text, the file format (SPEECH_FORMATS) and the tempo (SPEECH_SPEEDS)."""
+    text: str
+    format: str
+    speed: float
+
+
+def parse_speech(body: Any) -> SpeechRequest:
+    """Validate an audio.speech body (its fields: SPEECH_FIELDS)."""
     body = body_object(body)
+    check_fields(body, SPEECH_FIELDS)
     text = body.get("input")
     if not isinstance(text, str):
         raise type_error("input", "a string", text)
     fmt = optional(body, "response_format", str, "a string", "wav")
-    if fmt != "wav":
-        raise ApiError(400, f"response_format {fmt!r} is not supported (only wav)", "invalid_value",
-                       "response_format")
-    optional(body, "voice", str, "a string", None)
-    speed = body.get("speed")
-    if speed is not None and (type(speed) not in (int, float) or speed != 1):
-        raise ApiError(400, f"'speed' {speed!r}: only speed 1 is produced", "invalid_value", "speed")
-    return text
+    if fmt not in SPEECH_FORMATS:
+        raise ApiError(400, f"response_format {fmt!r} is not supported (use {', '.join(SPEECH_FORMATS)})",
+                       "invalid_value", "response_format")
+    speed = optional(body, "speed", (int, float), "a number", 1.0)
+    low, high = SPEECH_SPEEDS
+    if not low <= speed <= high:
+        raise ApiError(400, f"'speed' {speed!r}: must be between {low} and {high}", "invalid_value", "speed")
+    return SpeechRequest(text, fmt, float(speed))
 
 
-def transcription_format(fmt: Any) -> str:
+@dataclass
+class TranscriptionRequest:
+    """An audio.transcriptions form (its fields: TRANSCRIPTION_FIELDS) less the upload itself."""
+    format: str
+    stream: bool
+    segments: bool  # verbose_json's "segments" (with their "words" when `words` too)
+    words: bool     # verbose_json's "words"
+
+
+def parse_transcription(form: Any) -> TranscriptionRequest:
+    """Validate an audio.transcriptions form: every field by TRANSCRIPTION_FIELDS (a list's parts come as
+    'name[]'), `stream` as "true"/"false", `timestamp_granularities` with verbose_json only."""
+    fields: dict[str, list[Any]] = {}
+    for key, value in form.multi_items():
+        fields.setdefault(key[:-2] if key.endswith("[]") else key, []).append(value)
+    check_fields(fields, TRANSCRIPTION_FIELDS)
+    fmt = fields.get("response_format", ["json"])[-1]
     if fmt not in TRANSCRIPTION_FORMATS:
         raise ApiError(400, f"response_format {fmt!r} is not supported (use {', '.join(TRANSCRIPTION_FORMATS)})",
                        "invalid_value", "response_format")
-    return fmt
+    stream = fields.get("stream", ["false"])[-1]
+    if stream not in ("true", "false"):
+        raise ApiError(400, f"'stream' must be true or false, found {stream!r}", "invalid_value", "stream")
+    if stream == "true" and fmt not in ("json", "text"):
+        raise ApiError(400, f"'stream' gives the text as it comes: use response_format json or text, not {fmt!r}",
+                       "invalid_value", "stream")
+    granularities = fields.get("timestamp_granularities")
+    if granularities is None:
+        return TranscriptionRequest(fmt, stream == "true", True, True)
+    wrong = [g for g in granularities if g not in TIMESTAMP_GRANULARITIES]
+    if wrong:
+        raise ApiError(400, f"timestamp_granularities {wrong[0]!r} is not supported (use "
+                            f"{', '.join(TIMESTAMP_GRANULARITIES)})", "invalid_value", "timestamp_granularities")
+    if fmt != "verbose_json":
+        raise ApiError(400, "timestamp_granularities needs response_format verbose_json (the only one with "
+                            "timestamps to choose)", "invalid_value", "timestamp_granularities")
+    return TranscriptionRequest(fmt, False, "segment" in granularities, "word" in granularities)

@@ -8,21 +8,23 @@ import asyncio
 import base64
 import functools
 import io
+import json
 import time
 import uuid
 from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from omni import OmniError, OmniModel, Transcript
+from utils.base.defaults import SPEECH_MEDIA_TYPES
 from utils.base.errors import EngineClosed, QueueFull
 from utils.base.transcript import format_transcript
 from utils.server.metrics import Metrics
 from utils.server.protocol import (ApiError, ChatRequest, body_object, engine_error, parse_chat,
-                                   parse_json, parse_speech, transcription_format, type_error)
+                                   parse_json, parse_speech, parse_transcription, type_error)
 from utils.server.streaming import Answering
 
 RETRY_AFTER_S = 1
@@ -78,10 +80,10 @@ class OmniServer:
         except OmniError as exc:
             raise ApiError(400, str(exc), "invalid_media") from exc
 
-    async def speech_b64(self, text: str) -> str:
-        """`text` spoken (on the engine's thread), as base64 WAV."""
+    async def speech_bytes(self, text: str, fmt: str, speed: float = 1.0) -> bytes:
+        """`text` spoken (on the engine's thread) at `speed`, as a `fmt` file (encoded in a worker thread)."""
         speech = await self.on_engine(lambda: self.model.speak(text))
-        return base64.b64encode(await run_in_threadpool(speech.wav_bytes)).decode("ascii")
+        return await run_in_threadpool(lambda: speech.at_speed(speed).encoded(fmt))
 
     def model_card(self) -> dict[str, Any]:
         return {"id": self.model_id, "object": "model", "created": self.started, "owned_by": "muomni",
@@ -172,8 +174,9 @@ class OmniServer:
         headers = {"X-Omni-Ignored-Messages": str(req.ignored)}
         if prompt.notes:  # e.g. audio trimmed to what a prompt can use: said, not silent
             headers["X-Omni-Warnings"] = "; ".join(prompt.notes).encode("ascii", "replace").decode()
-        answer = Answering(req, row, events, t_arrival, self.model.detokenizer(), self.metrics, self.model_id,
-                           self.speech_b64)
+        async def speak(text: str) -> str:
+            return base64.b64encode(await self.speech_bytes(text, req.speech_format or "wav")).decode("ascii")
+        answer = Answering(req, row, events, t_arrival, self.model.detokenizer(), self.metrics, self.model_id, speak)
         answer.t_start = first[2]
         return answer, prompt, headers
 
@@ -189,11 +192,15 @@ class OmniServer:
             if upload is None or isinstance(upload, str):
                 raise ApiError(422, "'file' (the audio upload) is required", "missing_field", "file")
             self.check_model(form.get("model"))
-            fmt = transcription_format(form.get("response_format", "json"))
+            req = parse_transcription(form)
             data = await upload.read()
         finally:
             await form.close()
-        result = await self.transcribe(data)
+        result = await self.transcribe(data, req.words)
+        fmt = req.format
+        if req.stream:
+            return StreamingResponse(transcript_events(result), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
         if fmt == "text":
             return PlainTextResponse(result.text + "\n")
         if fmt == "json":
@@ -201,23 +208,36 @@ class OmniServer:
         if fmt in ("srt", "vtt"):
             return PlainTextResponse(format_transcript(result, fmt),
                                      media_type="text/vtt" if fmt == "vtt" else "application/x-subrip")
-        words = [w for seg in result["segments"] for w in seg.get("words", [])]
-        return JSONResponse({"task": "transcribe", "language": result["language"], "duration": result["duration"],
-                             "text": result.text, "segments": result["segments"], "words": words})
+        verbose = {"task": "transcribe", "language": result["language"], "duration": result["duration"],
+                   "text": result.text}
+        if req.segments:
+            verbose["segments"] = result["segments"]
+        if req.words:
+            verbose["words"] = [w for seg in result["segments"] for w in seg.get("words", [])]
+        return JSONResponse(verbose)
 
-    async def transcribe(self, data: bytes) -> Transcript:
+    async def transcribe(self, data: bytes, word_timestamps: bool = True) -> Transcript:
         """The one place the server transcribes: OmniModel.transcribe (CTC with segment and word timestamps,
         silences split by the voice-activity pass) over the uploaded bytes, on the engine's thread."""
         if not data:
             raise ApiError(400, "file: the upload is empty", "invalid_media")
         upload = io.BytesIO(data)
         upload.name = "file"
-        return await self.on_engine(lambda: self.model.transcribe(upload))
+        return await self.on_engine(lambda: self.model.transcribe(upload, word_timestamps=word_timestamps))
 
     async def speech(self, request: Request) -> Response:
         body = body_object(await self.json_body(request))
         self.check_model(body.get("model"))
-        text = parse_speech(body)
-        speech = await self.on_engine(lambda: self.model.speak(text))
-        return Response(await run_in_threadpool(speech.wav_bytes), media_type="audio/wav")
+        req = parse_speech(body)
+        return Response(await self.speech_bytes(req.text, req.format, req.speed),
+                        media_type=SPEECH_MEDIA_TYPES[req.format])
 
+
+def transcript_events(result: Transcript) -> Iterator[str]:
+    """A finished transcript as OpenAI streams one: a `transcript.text.delta` per segment (joined, they are the
+    text), then `transcript.text.done` with the whole text. The CTC pass ends before the first event: the events
+    carry OpenAI's shape for streaming clients, not earlier text."""
+    for i, seg in enumerate(result.segments):
+        delta = seg["text"] if i == 0 else " " + seg["text"]
+        yield f"data: {json.dumps({'type': 'transcript.text.delta', 'delta': delta}, ensure_ascii=False)}\n\n"
+    yield f"data: {json.dumps({'type': 'transcript.text.done', 'text': result.text}, ensure_ascii=False)}\n\n"
