@@ -238,6 +238,8 @@ def add_model_arguments(p: argparse.ArgumentParser, ckpt_help: str) -> None:
 CLI_NOTES = {
     "seed": "The seed also drives the talker (--audio_out). -1 picks a random one (shown with --verbose and in "
             "--json as \"seed\").",
+    "logprobs": "Shown with --json as \"logprobs\": {\"content\": [{token, logprob, bytes, top_logprobs}]}, "
+                "OpenAI's shape.",
     "decode_attention": "Answers are wrong in 'reference' mode.",
     "decode_kernel": "The C step is compiled on first use with the machine's C compiler; --verbose and --json "
                      "(timing.decode_kernel) say which ran and why.",
@@ -251,7 +253,7 @@ def option_help(option: Option) -> str:
     text = " ".join(filter(None, (option.help, CLI_NOTES.get(option.name))))
     if option.kind is bool:
         return text
-    default = "random" if option.default is None else option.default
+    default = option.default if option.default is not None else "random" if option.name == "seed" else "none"
     values = "" if option.choices is not None else f"{option.range_text()[0].upper()}{option.range_text()[1:]}. "
     return f"{text} {values}Default: generation_config.json, else {default}."
 
@@ -284,6 +286,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error("--transcribe and --audio_out cannot be combined")
     if args.audio_out is not None and not one_shot(args):
         parser.error("--audio_out needs a one-shot question (--text, --image, --audio_in or --video)")
+    if args.logprobs is not None and not args.json:
+        parser.error("--logprobs needs --json (the log-probabilities are part of its answer object)")
     if args.quiet and args.verbose:
         parser.error("--quiet and --verbose cannot be combined")
     if args.batch_file is not None and (one_shot(args) or args.transcribe or args.audio_out is not None):

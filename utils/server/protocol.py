@@ -32,9 +32,13 @@ AUDIO_FORMATS = ("wav", "mp3", "flac", "ogg")
 TRANSCRIPTION_FORMATS = ("json", "text", "verbose_json", "srt", "vtt")
 MAX_STOP = 4  # stop strings per request, as OpenAI
 MAX_JSON_DEPTH = 64  # nesting levels of a JSON body (a chat body needs 6); deeper is refused before parsing
+# Rows a request sets through fields of OpenAI's own shape (`generation_fields` reads them): max_new_tokens from
+# max_completion_tokens / max_tokens, logprobs from `logprobs` (a boolean) with `top_logprobs` (how many).
+SHAPED_ROWS = ("max_new_tokens", "logprobs")
 # A request's generation fields -> the table's rows; the first of two fields for one row wins.
 OPTION_FIELDS: dict[str, str] = {"max_completion_tokens": "max_new_tokens", "max_tokens": "max_new_tokens",
-                                 **{o.name: o.name for o in OPTIONS if o.http and o.name != "max_new_tokens"}}
+                                 **{o.name: o.name for o in OPTIONS if o.http and o.name not in SHAPED_ROWS}}
+MAX_CHOICES = 128  # OpenAI's bound on `n`; the server's --max_batch bounds it further
 
 
 class ApiError(Exception):
@@ -161,6 +165,7 @@ class ChatRequest:
     stops: list[str]
     speak: bool
     options: dict[str, Any]
+    n: int = 1
 
     def to_sampling_params(self, defaults: SamplingOptions) -> SamplingOptions:
         """The typed options of this request: the model's defaults (generation_config.json) with the client's."""
@@ -171,7 +176,7 @@ def generation_fields(body: dict[str, Any]) -> dict[str, Any]:
     """The generation options of a request body, row name -> value. A field is checked by its row (400 naming
     the field when refused); a null field is not given; a row the server fixes at start is refused by name."""
     for option in OPTIONS:
-        if body.get(option.name) is not None and option.name not in OPTION_FIELDS:
+        if body.get(option.name) is not None and option.name not in OPTION_FIELDS and option.name != "logprobs":
             fix = "send max_tokens or max_completion_tokens" if option.name == "max_new_tokens" else \
                 "the server's engine fixes it when it starts"
             raise ApiError(400, f"'{option.name}' cannot be set per request: {fix}", "invalid_value", option.name)
@@ -184,6 +189,17 @@ def generation_fields(body: dict[str, Any]) -> dict[str, Any]:
             options[row] = BY_NAME[row].check(value)
         except OptionError as exc:
             raise ApiError(400, f"'{name}' {exc.reason}", "invalid_value", name) from None
+    wanted = optional(body, "logprobs", bool, "a boolean", False)
+    top = body.get("top_logprobs")
+    if top is not None:
+        if not wanted:
+            raise ApiError(400, "'top_logprobs' needs 'logprobs': true", "invalid_value", "top_logprobs")
+        try:
+            BY_NAME["logprobs"].check(top)
+        except OptionError as exc:
+            raise ApiError(400, f"'top_logprobs' {exc.reason}", "invalid_value", "top_logprobs") from None
+    if wanted:
+        options["logprobs"] = top or 0
     return options
 
 
@@ -247,9 +263,9 @@ def parse_chat(body: Any) -> ChatRequest:
                             f"{last['role']!r}: μOmni answers one user turn", "invalid_value", "messages")
     text, images, audio = _content(last, where)
 
-    n = body.get("n")
-    if n is not None and (type(n) is not int or n != 1):
-        raise ApiError(400, f"'n' {n!r}: only n = 1 is served", "invalid_value", "n")
+    n = optional(body, "n", int, "an integer", 1)
+    if not 1 <= n <= MAX_CHOICES:
+        raise ApiError(400, f"'n' {n!r} must be an integer in [1, {MAX_CHOICES}]", "invalid_value", "n")
     stream = optional(body, "stream", bool, "a boolean", False)
     stream_options = optional(body, "stream_options", dict, "an object", {})
     unknown = sorted(set(stream_options) - {"include_usage"})
@@ -278,8 +294,11 @@ def parse_chat(body: Any) -> ChatRequest:
     if speak and (spec is None or optional(spec, "format", str, "a string", "wav", "audio.") != "wav"):
         raise ApiError(400, "audio output needs 'audio': {\"format\": \"wav\"} (only wav is produced)",
                        "invalid_value", "audio")
+    if speak and n > 1:
+        raise ApiError(400, "'n' > 1 with audio output is not served (one spoken answer per request)",
+                       "invalid_value", "n")
     return ChatRequest(text, images, audio, len(messages) - 1, stream, include_usage, stops, speak,
-                       generation_fields(body))
+                       generation_fields(body), n)
 
 
 def parse_speech(body: Any) -> str:

@@ -124,6 +124,9 @@ class OmniServer:
         req = parse_chat(body)
         self.check_model(body.get("model"))
         opts = asdict(req.to_sampling_params(self.defaults))
+        if req.n > self.engine.max_batch:
+            raise ApiError(400, f"'n' {req.n}: this server decodes at most {self.engine.max_batch} rows together "
+                                "(serve.py --max_batch)", "invalid_value", "n")
         if req.speak and "talker" not in self.model.components:
             raise ApiError(400, "audio output needs a talker checkpoint, and this model has none", "invalid_value",
                            "modalities")
@@ -137,9 +140,13 @@ class OmniServer:
         def prepare() -> Any:
             return self.model.prepare_chat(req.text, image=images or None, audio=wave, trim=False, **opts)
 
+        def handlers(i: int) -> tuple[Callable[..., None], ...]:
+            return (lambda tid: put("token", i, tid), lambda r, e: put("finish", i, r, e),
+                    lambda entry: put("logprobs", i, entry))
+
         try:
-            row = self.engine.submit(prepare, lambda tid: put("token", tid), lambda r, e: put("finish", r, e),
-                                     on_start=lambda p: put("start", p))
+            rows = self.engine.submit_choices(prepare, [handlers(i) for i in range(req.n)],
+                                              on_start=lambda p: put("start", 0, p))
         except QueueFull as exc:
             raise ApiError(429, f"the server is busy: {exc}; retry later", "queue_full",
                            headers={"Retry-After": str(RETRY_AFTER_S)}) from exc
@@ -147,19 +154,20 @@ class OmniServer:
             raise ApiError(503, str(exc), "shutting_down") from exc
         try:
             first = await events.get()
-            if first[0] == "finish":
-                raise engine_error(first[2])
+            if first[0] == "finish":  # prepare failed: every choice finishes with its error
+                raise engine_error(first[3])
         except BaseException:
-            row.cancel()
+            for row in rows:
+                row.cancel()
             raise
-        prompt: Any = first[1]
+        prompt: Any = first[2]
         self.metrics.prompt_tokens += prompt.embeds.shape[0]
         chat_id = f"chatcmpl-{uuid.uuid4().hex}"
         headers = {"X-Omni-Ignored-Messages": str(req.ignored)}
         if prompt.notes:  # e.g. audio trimmed to what a prompt can use: said, not silent
             headers["X-Omni-Warnings"] = "; ".join(prompt.notes).encode("ascii", "replace").decode()
-        answer = Answering(req, row, events, t_arrival, self.model.detokenizer(), self.metrics, self.model_id,
-                           self.speech_b64)
+        answer = Answering(req, rows, events, t_arrival, self.model.detokenizer, self.metrics, self.model_id,
+                           self.speech_b64, self.model.logprob_entry)
         if req.stream:
             return StreamingResponse(answer.sse(chat_id, prompt), media_type="text/event-stream",
                                      headers={**headers, "Cache-Control": "no-cache"})
