@@ -286,7 +286,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error("--transcribe and --audio_out cannot be combined")
     if args.audio_out is not None and not one_shot(args):
         parser.error("--audio_out needs a one-shot question (--text, --image, --audio_in or --video)")
-    if args.logprobs is not None and not args.json:
+    if args.logprobs is not None and not args.json and args.batch_file is None:  # --batch_file writes JSON
         parser.error("--logprobs needs --json (the log-probabilities are part of its answer object)")
     if args.quiet and args.verbose:
         parser.error("--quiet and --verbose cannot be combined")
