@@ -376,7 +376,8 @@ def test_models_health_metrics(client, srv: str) -> None:
     ({"model": "muomni", "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,aGVsbG8="}}]}]}, 400, "cannot decode"),
     ({"model": "muomni", "messages": [{"role": "assistant", "content": "hi"}]}, 400, "must come from the user"),
-    ({"model": "muomni", "messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "'n'"),
+    ({"model": "muomni", "messages": [{"role": "user", "content": "hi"}], "n": 0}, 400, "'n'"),
+    ({"model": "muomni", "messages": [{"role": "user", "content": "hi"}], "n": 17}, 400, "--max_batch"),
     ({"model": "muomni", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}, 400, "context"),
     ({"model": "muomni", "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 400, "number"),
     ({"model": "muomni"}, 422, "messages"),
