@@ -251,9 +251,9 @@ class OmniModel:
 
         `gen` are SamplingOptions: max_new_tokens, temperature (0 = greedy), top_k, top_p, min_p,
         repetition_penalty, presence_penalty, frequency_penalty, logit_bias ({token id: bias}), seed, ignore_eos,
-        logprobs (N: Answer.logprobs with N alternatives per token), decode_attention ('reference' or 'causal'), decode_kernel ('auto', 'c' or 'torch': the
-        decode step in C where it applies, see utils.engine.native.step; timing["decode_kernel"] says which ran and
-        why); and `system`, a system prompt joined before
+        logprobs (N: Answer.logprobs with N alternatives per token), decode_attention ('reference' or 'causal'),
+        decode_kernel ('auto', 'c' or 'torch': the decode step in C where it applies, see utils.engine.native.step;
+        timing["decode_kernel"] says which ran and why); and `system`, a system prompt joined before
         the text as "SYSTEM TEXT" (μOmni has no chat template). `image` and `audio` may be lists: one token per image, the clips' tokens in order."""
         result: list[Answer] = []
         for piece in self._generate(result, text, image, audio, video, video_frames, prompt, gen):

@@ -28,8 +28,8 @@ class OptionError(ValueError):
 class Option:
     """One row of the table. `kind` is int, float, bool, str or dict; numbers lie in [low, high] (low excluded
     with `low_open`); a str option takes one of `choices`; a dict option maps token ids (ints >= 0, or their
-    decimal strings as JSON object keys are) to numbers in [low, high] (text: a JSON object); `nullable` options may be None (meaning "not
-    set": the engine decides, e.g. a seed drawn from the global generator). `cli`: a command-line flag and a
+    decimal strings as JSON object keys are) to numbers in [low, high] (text: a JSON object); `nullable`
+    options may be None (meaning "not set": the engine decides, e.g. a seed drawn from the global generator). `cli`: a command-line flag and a
     REPL `/set` name; `http`: a field of a server request (the others are fixed when the server's engine starts,
     so a request naming one is refused by name)."""
     name: str

@@ -12,8 +12,8 @@ Layers, each usable on its own:
   `native_model` allows (the ONE place that chooses the step; `kernel` says which and why), else in torch.
 - `Scheduler`: rows join and leave at step boundaries, each with its own options, generator (seed), penalty
   state (the ids seen, the counts of the ids generated) and logit bias, so a row's ids never depend on its
-  neighbours. `n` choices of one prompt are prefilled once and the prompt's cache copied to their slots. Synchronous: `add`, then `admit` /
-  `decode` (or `step`, `run`) drive it, so tests step it deterministically.
+  neighbours; the `n` choices of one request are prefilled once, the prompt's cache copied to their slots.
+  Synchronous: `add`, then `admit` / `decode` (or `step`, `run`) drive it, so tests step it deterministically.
 - `generate` (one row, streamed) and `generate_batch` (rows together): a Scheduler sized for their rows (rows x
   (longest prompt + largest budget)), rows admitted longest prompt first so no shift is needed.
 - `EngineThread`: the same Scheduler in a thread for the server (`submit`, `call`, `close`).
