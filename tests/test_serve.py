@@ -297,6 +297,12 @@ def test_n_choices_are_the_apis_seed_plus_i(client, demo_model) -> None:
         for choice in c.choices:
             texts[choice.index] += choice.delta.content or ""
     assert texts == [a.text for a in api] and chunks[-1].usage.completion_tokens == 36
+    # each choice has its own stop scanner: cut where its own text has the stop string
+    stop = "circle"
+    assert any(stop in a.text for a in api) and not all(stop in a.text for a in api)
+    cut = client.chat.completions.create(model="muomni", messages=QUESTION, n=3, stop=[stop], **gen, **LONG)
+    assert [(c.message.content, c.finish_reason) for c in cut.choices] == \
+        [(a.text.split(stop)[0], "stop" if stop in a.text else "length") for a in api]
 
 
 def test_transcription_equals_cli(client, srv: str) -> None:
