@@ -174,3 +174,14 @@ def test_cli_json_logprobs() -> None:
     assert set(content[0]) == {"token", "logprob", "bytes", "top_logprobs"}
     banned = one_json(run_demo("--text", QUESTION, "--json", "--logit_bias", json.dumps({"466": -100})))
     assert 466 in out["token_ids"] and 466 not in banned["token_ids"]
+
+
+def test_cli_n_answers_are_the_apis(demo_model) -> None:
+    r = run_demo("--text", QUESTION, "--n", "3", "--json", "--temperature", "2", "--seed", "3", "--max_new_tokens",
+                 "12", "--ignore_eos")
+    assert r.returncode == 0, r.stderr
+    got = [json.loads(line) for line in r.stdout.splitlines()]
+    want = demo_model.answer_choices(QUESTION, n=3, temperature=2.0, seed=3, **LONG)
+    assert [(g["index"], g["token_ids"]) for g in got] == [(i, a.token_ids) for i, a in enumerate(want)]
+    r = run_demo("--n", "2")  # not a one-shot question
+    assert r.returncode == 2 and "--n needs a one-shot question" in r.stderr

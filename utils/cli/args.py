@@ -166,6 +166,10 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
                         "timing; plus audio_out with --audio_out, input in pipe mode) instead of plain text.")
     g.add_argument("--no_stream", action="store_true",
                    help="Print each answer when it is complete instead of token by token.")
+    g.add_argument("--n", type=positive_int, default=1, metavar="N",
+                   help="Give N answers to a one-shot question (OpenAI's n): the prompt is prefilled once and "
+                        "answer i sampled with --seed + i; each answer on its own line (its own JSON object with "
+                        "\"index\" and --json), when complete (default 1).")
     g.add_argument("--audio_out", metavar="PATH",
                    help="Also speak the answer into this 16 kHz mono WAV (one-shot only). The μOmni Talker is "
                         "not conditioned on the text: only the length follows the answer (about 5 frames of "
@@ -288,6 +292,9 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error("--audio_out needs a one-shot question (--text, --image, --audio_in or --video)")
     if args.logprobs is not None and not args.json and args.batch_file is None:  # --batch_file writes JSON
         parser.error("--logprobs needs --json (the log-probabilities are part of its answer object)")
+    if args.n > 1 and (not one_shot(args) or args.transcribe or args.audio_out is not None or args.timings):
+        parser.error("--n needs a one-shot question (--text, --image, --audio_in or --video), without "
+                     "--transcribe, --audio_out or --timings")
     if args.quiet and args.verbose:
         parser.error("--quiet and --verbose cannot be combined")
     if args.batch_file is not None and (one_shot(args) or args.transcribe or args.audio_out is not None):
