@@ -29,7 +29,8 @@ from utils.base.defaults import DEFAULT_VIDEO_FRAMES, DTYPE_NAMES, QUANTIZATIONS
 from utils.base.errors import OmniError
 from utils.base.options import BY_NAME, OptionError, SamplingOptions
 from utils.base.transcript import Transcript, TranscribeOptions
-from utils.engine.generation import EngineThread, RowPrompt, generate, generate_batch, serving_engine
+from utils.engine.generation import (EngineThread, RowPrompt, generate, generate_batch, generate_choices,
+                                     serving_engine)
 from utils.engine.native.step import native_model
 from utils.engine.prompt import AudioInput, ImageInput, PromptBuilder, batch_request, require_parts
 from utils.engine.speech import (GRIFFIN_LIM_ITERS, Speech, SpeechOptions, choose_vocoder, frames_for_text,
@@ -50,21 +51,28 @@ __all__ = ["Answer", "AudioInput", "ImageInput", "Media", "OmniError", "OmniMode
 
 @dataclass
 class Answer:
-    """One generated answer with the numbers `--json` reports."""
+    """One generated answer with the numbers `--json` reports. `logprobs` (with the `logprobs` option): one
+    entry per generated token in OpenAI's `logprobs.content[]` shape, {"token", "logprob", "bytes",
+    "top_logprobs": [{"token", "logprob", "bytes"}, ...]}: the model's raw distribution (before penalties, bias
+    and temperature), natural log."""
     text: str
     token_ids: list[int]
     prompt_tokens: int
     timing: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    logprobs: list[dict[str, Any]] | None = None
 
     @property
     def generated_tokens(self) -> int:
         return len(self.token_ids)
 
     def to_json(self) -> dict[str, Any]:
-        """The `--json` object (keys are a stable interface: add, never remove)."""
-        return {"text": self.text, "token_ids": self.token_ids, "prompt_tokens": self.prompt_tokens,
-                "generated_tokens": self.generated_tokens, "timing": self.timing}
+        """The `--json` object (keys are a stable interface: add, never remove; `logprobs` only when asked)."""
+        out = {"text": self.text, "token_ids": self.token_ids, "prompt_tokens": self.prompt_tokens,
+               "generated_tokens": self.generated_tokens, "timing": self.timing}
+        if self.logprobs is not None:
+            out["logprobs"] = {"content": self.logprobs}
+        return out
 
 
 def mps_available() -> bool:
@@ -184,9 +192,23 @@ class OmniModel:
         if gc.get("do_sample") is False:
             defaults["temperature"] = 0.0
         try:
-            return SamplingOptions().updated(**defaults).updated(**overrides).checked()
+            opts = SamplingOptions().updated(**defaults).updated(**overrides).checked()
         except OptionError as exc:
             raise OmniError(f"generation options: {exc}") from None
+        vocab = self._parts.thinker.cfg.vocab_size if self._parts.thinker is not None else None
+        beyond = [t for t in opts.logit_bias or {} if vocab is not None and t >= vocab]
+        if beyond:
+            raise OmniError(f"generation options: logit_bias names token id {beyond[0]}, beyond this model's "
+                            f"vocabulary of {vocab}")
+        return opts
+
+    def logprob_entry(self, entry: Any) -> dict[str, Any]:
+        """A TokenLogprobs (utils.engine.sampling) as OpenAI's `logprobs.content[]` item: `token` is the text the
+        id stands for (its UTF-8 `bytes`; a byte-fallback piece's lone byte shows as a \\xNN escape)."""
+        def token(tid: int, logprob: float) -> dict[str, Any]:
+            raw = self._parts.tokenizer.token_bytes(tid)
+            return {"token": raw.decode("utf-8", "backslashreplace"), "logprob": logprob, "bytes": list(raw)}
+        return {**token(entry.id, entry.logprob), "top_logprobs": [token(t, lp) for t, lp in entry.top]}
 
     def _generate(self, result: list[Answer], text: str | None, image: Any, audio: Any, video: Any,
                   video_frames: int, prompt: str | None, gen: dict[str, Any]) -> Iterator[str]:
@@ -199,7 +221,8 @@ class OmniModel:
         detok = IncrementalDecoder(self._parts.tokenizer)
         t_first = None
         info: dict[str, Any] = {}
-        for tid in generate(self._parts.thinker, embeds, opts, ids, info):
+        logprobs: list[Any] = []
+        for tid in generate(self._parts.thinker, embeds, opts, ids, info, logprobs):
             if t_first is None:
                 t_first = time.perf_counter()  # the prefill's token: decode time runs from here
             piece = detok.push(tid)
@@ -215,7 +238,10 @@ class OmniModel:
         # the first, plus the step whose EOS ended it. Timed from the first token to the end of the last step.
         steps = max(0, len(out) - 1) + (len(out) < opts.max_new_tokens and not opts.ignore_eos and bool(out))
         timing = {**answer_timing(self.load_seconds, t_first - t0, embeds.shape[1], t_end - t_first, steps), **info}
-        result.append(Answer(detok.text, out, embeds.shape[1], timing, notes))
+        result.append(Answer(detok.text, out, embeds.shape[1], timing, notes, self._logprobs(opts, logprobs)))
+
+    def _logprobs(self, opts: SamplingOptions, entries: list[Any]) -> list[dict[str, Any]] | None:
+        return [self.logprob_entry(e) for e in entries] if opts.logprobs is not None else None
 
     def answer(self, text: str | None = None, image: ImageInput | list[ImageInput] | None = None,
                audio: AudioInput | list[AudioInput] | None = None, video: str | os.PathLike | None = None,
@@ -223,16 +249,38 @@ class OmniModel:
                on_text: Callable[[str], None] | None = None, **gen: Any) -> Answer:
         """Generate one answer with its ids and timings; `on_text(piece)` receives the text as it is generated.
 
-        `gen` are SamplingOptions: max_new_tokens, temperature (0 = greedy), top_k, top_p, repetition_penalty,
-        seed, ignore_eos, decode_attention ('reference' or 'causal'), decode_kernel ('auto', 'c' or 'torch': the
-        decode step in C where it applies, see utils.engine.native.step; timing["decode_kernel"] says which ran and
-        why); and `system`, a system prompt joined before
+        `gen` are SamplingOptions: max_new_tokens, temperature (0 = greedy), top_k, top_p, min_p,
+        repetition_penalty, presence_penalty, frequency_penalty, logit_bias ({token id: bias}), seed, ignore_eos,
+        logprobs (N: Answer.logprobs with N alternatives per token), decode_attention ('reference' or 'causal'),
+        decode_kernel ('auto', 'c' or 'torch': the decode step in C where it applies, see utils.engine.native.step;
+        timing["decode_kernel"] says which ran and why); and `system`, a system prompt joined before
         the text as "SYSTEM TEXT" (μOmni has no chat template). `image` and `audio` may be lists: one token per image, the clips' tokens in order."""
         result: list[Answer] = []
         for piece in self._generate(result, text, image, audio, video, video_frames, prompt, gen):
             if on_text is not None:
                 on_text(piece)
         return result[0]
+
+    def answer_choices(self, text: str | None = None, image: ImageInput | list[ImageInput] | None = None,
+                       audio: AudioInput | list[AudioInput] | None = None, video: str | os.PathLike | None = None,
+                       video_frames: int = DEFAULT_VIDEO_FRAMES, prompt: str | None = None, n: int = 1,
+                       **gen: Any) -> list[Answer]:
+        """`n` answers to one question (OpenAI's `n`), its prompt prefilled once and its cache shared by the n
+        rows. Answer i is sampled with seed + i (`seed` given), so answer 0 is what `answer` gives; timing is
+        the whole run's."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise OmniError(f"n {n!r}: must be a positive integer")
+        system = gen.pop("system", None)
+        opts = self.sampling_options(**gen)
+        text, images, wave = self._prompts.gather(text, image, audio, video, video_frames, prompt, system)
+        t0 = time.perf_counter()
+        embeds, ids, notes, opts.max_new_tokens = self._prompts.build(text, images, wave, opts.max_new_tokens)
+        info: dict[str, Any] = {}
+        outs = generate_choices(self._parts.thinker, embeds[0], ids, opts, n, info)
+        seconds = time.perf_counter() - t0
+        return [Answer(self._parts.tokenizer.decode(out), out, embeds.shape[1],
+                       {"total_s": round(seconds, 6), "choices": n, **info}, notes, self._logprobs(opts, lps))
+                for out, lps in outs]
 
     def chat(self, text: str | None = None, image: ImageInput | list[ImageInput] | None = None,
              audio: AudioInput | list[AudioInput] | None = None, video: str | os.PathLike | None = None,
@@ -323,16 +371,19 @@ class OmniModel:
                 continue
             times: list[float] = []
             info: dict[str, Any] = {}
+            logprobs: list[list[Any]] = []
             outs = generate_batch(self._parts.thinker, [r[1] for r in ready], [r[2] for r in ready], opts,
-                                  max_new_tokens=[r[4] for r in ready], step_times=times, info=info)
+                                  max_new_tokens=[r[4] for r in ready], step_times=times, info=info,
+                                  logprobs=logprobs)
             t_first = times[0] if times else time.perf_counter()
-            for (i, embeds, _, notes, max_new), out in zip(ready, outs):
+            for (i, embeds, _, notes, max_new), out, lps in zip(ready, outs, logprobs):
                 steps = min(len(out) - 1 + (len(out) < max_new and not opts.ignore_eos), len(times) - 1) \
                     if out else 0  # as in _generate: the EOS step counts
                 decode_s = times[steps] - t_first if times else 0.0
                 timing = {**answer_timing(self.load_seconds, t_first - t0, embeds.shape[0], decode_s, steps),
                           "batch_size": len(ready), **info}
-                results[i] = Answer(self._parts.tokenizer.decode(out), out, embeds.shape[0], timing, notes)
+                results[i] = Answer(self._parts.tokenizer.decode(out), out, embeds.shape[0], timing, notes,
+                                    self._logprobs(opts, lps))
         return results
 
     def chat_batch(self, items: list[dict[str, Any]], batch_size: int = 8, **gen: Any) -> list[str]:

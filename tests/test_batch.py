@@ -143,6 +143,22 @@ def test_system_prompt_as_in_infer_chat(tmp_path) -> None:
     assert got["token_ids"] == want["token_ids"] and got["prompt_tokens"] == want["prompt_tokens"]
 
 
+def test_sampling_options_and_logprobs_as_in_the_library(tmp_path, demo_model) -> None:
+    """The generation flags are the table's rows: penalties, logit_bias and logprobs reach each record, which
+    equals the library's answer with the same options."""
+    texts = ["What is 3 plus 4?", "What is 1 plus 1?"]
+    requests = write_lines(tmp_path / "in.jsonl", [json.dumps({"text": t}) for t in texts])
+    out = tmp_path / "out.jsonl"
+    r = run_batch(str(requests), "-o", str(out), "--max_new_tokens", "8", "--ignore_eos", "--logprobs", "1",
+                  "--logit_bias", '{"466": -100}', "--frequency_penalty", "0.5", "--quiet")
+    assert r.returncode == 0, r.stderr
+    for rec, text in zip(records(out), texts, strict=True):
+        want = demo_model.answer(text, max_new_tokens=8, ignore_eos=True, logprobs=1, logit_bias={466: -100},
+                                 frequency_penalty=0.5)
+        assert rec["token_ids"] == want.token_ids and 466 not in want.token_ids
+        assert rec["logprobs"] == {"content": want.logprobs}
+
+
 def test_decode_kernel_is_built_and_said_before_the_records(tmp_path) -> None:
     job = write_lines(tmp_path / "job.jsonl", [json.dumps({"text": "hello"}), "{not json"])
     r = run_batch(str(job), "-o", str(tmp_path / "out.jsonl"), *GEN)

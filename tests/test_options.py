@@ -5,6 +5,7 @@ naming the flag), the REPL's /set (its error line), the server (HTTP 400 naming 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -25,19 +26,27 @@ VALUES: dict[str, tuple[tuple[Any, ...], tuple[Any, ...]]] = {
     "top_k": ((0,), (-1,)),
     "top_p": ((1.0, 1e-6), (0.0, 1.5)),
     "repetition_penalty": ((150.0, 1e-3), (0.0,)),
+    "presence_penalty": ((-2.0, 2.0), (2.5,)),
+    "frequency_penalty": ((-2.0, 2.0), (-2.5,)),
+    "min_p": ((0.0, 1.0), (-0.1, 1.5)),
+    "logit_bias": (({5: -100.0}, {5: 100.0, 6: 0.5}), ({5: -100.5},)),
     "seed": ((0, MAX_SEED), (MAX_SEED + 1,)),
     "ignore_eos": ((True,), ("maybe",)),
+    "logprobs": ((0, 20), (21,)),
     "decode_attention": (("reference",), ("sideways",)),
     "decode_kernel": (("torch",), ("gpu",)),
 }
 USER_ROWS = [o for o in OPTIONS if o.cli]
 CASES = [pytest.param(name, value, ok, id=f"{name}={value}-{'ok' if ok else 'refused'}")
          for name, (good, bad) in VALUES.items() for ok, values in ((True, good), (False, bad)) for value in values]
-HTTP_CASES = [c for c in CASES if BY_NAME[c.values[0]].http]
+# logprobs comes over HTTP as OpenAI shapes it (test_server_logprobs_fields)
+HTTP_CASES = [c for c in CASES if BY_NAME[c.values[0]].http and c.values[0] != "logprobs"]
 
 
 def text(value: Any) -> str:
-    """A value as it is typed on a command line or after /set."""
+    """A value as it is typed on a command line or after /set (a logit_bias as JSON without spaces)."""
+    if isinstance(value, dict):
+        return json.dumps(value, separators=(",", ":"))
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
@@ -70,7 +79,7 @@ def test_command_line(name: str, value: Any, ok: bool) -> None:
 
 @pytest.fixture(scope="module")
 def repl(tiny_tree: Path) -> Iterator[pexpect.spawn]:
-    child = spawn("--ckpt_dir", str(tiny_tree), "--quiet", "--device", "cpu")
+    child = spawn("--ckpt_dir", str(tiny_tree), "--quiet", "--device", "cpu", "--json")  # --json: logprobs shown
     yield child
     child.close(force=True)
 
@@ -115,6 +124,38 @@ def test_server(served: Served, name: str, value: Any, ok: bool) -> None:
         else:
             assert r.status_code == 400, r.text
             assert r.json()["error"]["param"] == field and field in r.json()["error"]["message"], r.text
+
+
+@pytest.mark.parametrize("fields,param", [({"logprobs": True, "top_logprobs": 0}, None),
+                                          ({"logprobs": True, "top_logprobs": 20}, None),
+                                          ({"logprobs": False}, None),
+                                          ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+                                          ({"top_logprobs": 2}, "top_logprobs"),
+                                          ({"logprobs": 2}, "logprobs")])
+def test_server_logprobs_fields(served: Served, fields: dict, param: str | None) -> None:
+    """OpenAI's `logprobs` (a boolean) and `top_logprobs` (how many, 0-20) feed the table's logprobs row."""
+    r = chat(served.base, ignore_eos=True, **fields)
+    if param is None:
+        assert r.status_code == 200, r.text
+        got = r.json()["choices"][0]["logprobs"]
+        if fields["logprobs"]:
+            assert [len(e["top_logprobs"]) for e in got["content"]] == [fields["top_logprobs"]], got
+        else:
+            assert got is None
+    else:
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_repl_refuses_logprobs_without_json() -> None:
+    from utils.base.errors import OmniError
+    from utils.cli.repl import set_option
+    with pytest.raises(OmniError, match="--json only"):
+        set_option(None, argparse.Namespace(json=False), "logprobs 2")
+
+
+def test_command_line_refuses_logprobs_without_json() -> None:
+    r = run_cli("--ckpt_dir", "unused", "--text", "hi", "--logprobs", "2")
+    assert r.returncode == 2 and "--logprobs needs --json" in r.stderr and r.stdout == "", r.stderr
 
 
 @pytest.mark.parametrize("name", [o.name for o in OPTIONS if not o.http])

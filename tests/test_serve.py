@@ -142,22 +142,28 @@ CASES = {
 
 
 @pytest.fixture(scope="module")
-def cli_answers() -> dict[str, str]:
-    """infer_chat.py's answers to every case, from one pipe-mode run (--json: exact text per line)."""
+def cli_json() -> dict[str, dict]:
+    """infer_chat.py's --json answer objects to every case, from one pipe-mode run (exact text per line)."""
     lines = [line for _, (_, cli) in CASES.items() for line in cli]
     out = run_cli("--ckpt_dir", str(DEMO), "--json", stdin="\n".join(lines) + "\n", timeout=300)
     assert out.returncode == 0, out.stderr
-    answers = [json.loads(line)["text"] for line in out.stdout.splitlines()]
+    answers = [json.loads(line) for line in out.stdout.splitlines()]
     assert len(answers) == len(CASES)
     return dict(zip(CASES, answers))
 
 
+@pytest.fixture(scope="module")
+def cli_answers(cli_json: dict[str, dict]) -> dict[str, str]:
+    return {case: obj["text"] for case, obj in cli_json.items()}
+
+
 @pytest.mark.parametrize("case", list(CASES))
-def test_chat_equals_cli(client, cli_answers, case: str) -> None:
+def test_chat_equals_cli(client, cli_answers, cli_json, case: str) -> None:
     content = CASES[case][0]
     messages = [{"role": "user", "content": content}]
     resp = client.chat.completions.create(model="muomni", messages=messages)
     assert resp.choices[0].message.content == cli_answers[case]
+    assert resp.usage.prompt_tokens == cli_json[case]["prompt_tokens"]
     assert resp.choices[0].finish_reason in ("stop", "length")
     assert resp.usage.completion_tokens >= 1 and resp.usage.prompt_tokens >= 2
     assert resp.usage.total_tokens == resp.usage.prompt_tokens + resp.usage.completion_tokens
@@ -191,8 +197,10 @@ def test_long_audio_is_trimmed_with_a_warning(client) -> None:
 
 def test_max_tokens_seed_and_stop(client) -> None:
     msgs = [{"role": "user", "content": "What is 3 plus 4?"}]
-    resp = client.chat.completions.create(model="muomni", messages=msgs, max_tokens=3, extra_body={"ignore_eos": True})
-    assert resp.usage.completion_tokens == 3 and resp.choices[0].finish_reason == "length"
+    for budget in ({"max_tokens": 3}, {"max_completion_tokens": 3}):
+        resp = client.chat.completions.create(model="muomni", messages=msgs, extra_body={"ignore_eos": True},
+                                              **budget)
+        assert resp.usage.completion_tokens == 3 and resp.choices[0].finish_reason == "length", budget
     sampled = [client.chat.completions.create(model="muomni", messages=msgs, temperature=1.0, seed=11,
                                               max_completion_tokens=12).choices[0].message.content
                for _ in range(2)]
@@ -228,6 +236,73 @@ def test_max_tokens_seed_and_stop(client) -> None:
             choice = httpx.post(f"{client.base_url}chat/completions", json=body, timeout=120).json()["choices"][0]
             text, finish = choice["message"]["content"], choice["finish_reason"]
         assert (text, finish) == (full[:-k], "stop"), stream
+
+
+QUESTION = [{"role": "user", "content": "What is 3 plus 4?"}]
+LONG = {"max_completion_tokens": 12, "extra_body": {"ignore_eos": True}}  # the demo varies when sampled this long
+
+
+def api_answer(model, **gen):
+    return model.answer("What is 3 plus 4?", **{"max_new_tokens": 12, "ignore_eos": True, **gen})
+
+
+def test_seeded_sample_equals_the_apis(client, demo_model) -> None:
+    resp = client.chat.completions.create(model="muomni", messages=QUESTION, temperature=1.0, seed=7, **LONG)
+    api = api_answer(demo_model, temperature=1.0, seed=7)
+    assert resp.choices[0].message.content == api.text
+    assert api.text != api_answer(demo_model).text  # a server that dropped the temperature would fail
+    assert resp.usage.completion_tokens == len(api.token_ids)
+
+
+def test_penalties_bias_and_min_p_equal_the_apis(client, demo_model) -> None:
+    plain = api_answer(demo_model).token_ids
+    for fields in ({"presence_penalty": 2.0}, {"frequency_penalty": -2.0}, {"logit_bias": {466: -100}},
+                   {"temperature": 1.0, "seed": 7, "min_p": 0.2}):
+        typed = {k: v for k, v in fields.items() if k != "min_p"}  # min_p: an extension, as vLLM takes it
+        resp = client.chat.completions.create(model="muomni", messages=QUESTION, max_completion_tokens=12, **typed,
+                                              extra_body={"ignore_eos": True, **{k: fields[k] for k in fields
+                                                                                 if k not in typed}})
+        api = api_answer(demo_model, **fields)
+        assert resp.choices[0].message.content == api.text, fields
+        assert "seed" in fields or api.token_ids != plain, fields  # each of these changes the greedy answer
+
+
+def test_logprobs_equal_the_apis(client, demo_model) -> None:
+    api = api_answer(demo_model, logprobs=2, max_new_tokens=5)
+    resp = client.chat.completions.create(model="muomni", messages=QUESTION, logprobs=True, top_logprobs=2,
+                                          max_completion_tokens=5, extra_body={"ignore_eos": True})
+    got = [e.model_dump() for e in resp.choices[0].logprobs.content]
+    assert got == api.logprobs
+    chunks = list(client.chat.completions.create(model="muomni", messages=QUESTION, logprobs=True, top_logprobs=2,
+                                                 max_completion_tokens=5, stream=True,
+                                                 extra_body={"ignore_eos": True}))
+    streamed = [e.model_dump() for c in chunks if c.choices and c.choices[0].logprobs
+                for e in c.choices[0].logprobs.content]
+    assert streamed == api.logprobs
+    assert client.chat.completions.create(model="muomni", messages=QUESTION).choices[0].logprobs is None
+
+
+def test_n_choices_are_the_apis_seed_plus_i(client, demo_model) -> None:
+    gen = {"temperature": 2.0, "seed": 3}
+    api = demo_model.answer_choices("What is 3 plus 4?", n=3, max_new_tokens=12, ignore_eos=True, **gen)
+    resp = client.chat.completions.create(model="muomni", messages=QUESTION, n=3, **gen, **LONG)
+    assert [c.index for c in resp.choices] == [0, 1, 2]
+    assert [c.message.content for c in resp.choices] == [a.text for a in api]
+    assert [c.finish_reason for c in resp.choices] == ["length"] * 3
+    assert resp.usage.completion_tokens == 36 and resp.usage.prompt_tokens == api[0].prompt_tokens
+    chunks = list(client.chat.completions.create(model="muomni", messages=QUESTION, n=3, stream=True,
+                                                 stream_options={"include_usage": True}, **gen, **LONG))
+    texts = ["", "", ""]
+    for c in chunks:
+        for choice in c.choices:
+            texts[choice.index] += choice.delta.content or ""
+    assert texts == [a.text for a in api] and chunks[-1].usage.completion_tokens == 36
+    # each choice has its own stop scanner: cut where its own text has the stop string
+    stop = "circle"
+    assert any(stop in a.text for a in api) and not all(stop in a.text for a in api)
+    cut = client.chat.completions.create(model="muomni", messages=QUESTION, n=3, stop=[stop], **gen, **LONG)
+    assert [(c.message.content, c.finish_reason) for c in cut.choices] == \
+        [(a.text.split(stop)[0], "stop" if stop in a.text else "length") for a in api]
 
 
 def test_transcription_equals_cli(client, srv: str) -> None:
@@ -307,7 +382,8 @@ def test_models_health_metrics(client, srv: str) -> None:
     ({"model": "muomni", "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,aGVsbG8="}}]}]}, 400, "cannot decode"),
     ({"model": "muomni", "messages": [{"role": "assistant", "content": "hi"}]}, 400, "must come from the user"),
-    ({"model": "muomni", "messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "'n'"),
+    ({"model": "muomni", "messages": [{"role": "user", "content": "hi"}], "n": 0}, 400, "'n'"),
+    ({"model": "muomni", "messages": [{"role": "user", "content": "hi"}], "n": 17}, 400, "--max_batch"),
     ({"model": "muomni", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}, 400, "context"),
     ({"model": "muomni", "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, 400, "number"),
     ({"model": "muomni"}, 422, "messages"),

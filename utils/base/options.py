@@ -8,6 +8,7 @@ Torch-free: `--help` and usage errors never import torch.
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, fields, replace
 from typing import Any
@@ -25,9 +26,10 @@ class OptionError(ValueError):
 
 @dataclass(frozen=True)
 class Option:
-    """One row of the table. `kind` is int, float, bool or str; numbers lie in [low, high] (low excluded
-    with `low_open`); a str option takes one of `choices`; `nullable` options may be None (meaning "not
-    set": the engine decides, e.g. a seed drawn from the global generator). `cli`: a command-line flag and a
+    """One row of the table. `kind` is int, float, bool, str or dict; numbers lie in [low, high] (low excluded
+    with `low_open`); a str option takes one of `choices`; a dict option maps token ids (ints >= 0, or their
+    decimal strings as JSON object keys are) to numbers in [low, high] (text: a JSON object); `nullable`
+    options may be None (meaning "not set": the engine decides, e.g. a seed drawn from the global generator). `cli`: a command-line flag and a
     REPL `/set` name; `http`: a field of a server request (the others are fixed when the server's engine starts,
     so a request naming one is refused by name)."""
     name: str
@@ -47,6 +49,8 @@ class Option:
         """The accepted values in words, for help texts and refusals."""
         if self.kind is bool:
             return "true or false"
+        if self.kind is dict:
+            return f"an object of token id -> number in [{self.low:g}, {self.high:g}]"
         if self.choices is not None:
             return "one of " + ", ".join(self.choices)
         noun = "an integer" if self.kind is int else "a number"
@@ -73,6 +77,8 @@ class Option:
             if not isinstance(value, str) or value not in (self.choices or ()):
                 raise OptionError(self.name, f"{value!r} must be {self.range_text()}")
             return value
+        if self.kind is dict:
+            return self._check_map(value)
         given = value  # refusals show the value as it came
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise OptionError(self.name, f"{value!r} must be {self.range_text()}")
@@ -90,8 +96,30 @@ class Option:
             raise OptionError(self.name, f"{given!r} must be {self.range_text()}")
         return value
 
+    def _check_map(self, value: Any) -> dict[int, float]:
+        """A dict row's value as {token id: float}, each key and number checked."""
+        if not isinstance(value, dict):
+            raise OptionError(self.name, f"{value!r} must be {self.range_text()}")
+        number = Option(self.name, float, None, "", low=self.low, high=self.high)
+        out: dict[int, float] = {}
+        for key, bias in value.items():
+            tid = int(key) if isinstance(key, str) and key.isascii() and key.isdigit() else key
+            if isinstance(tid, bool) or not isinstance(tid, int) or tid < 0:
+                raise OptionError(self.name, f"key {key!r} must be a token id (an integer >= 0)")
+            try:
+                out[tid] = number.check(bias)
+            except OptionError as exc:
+                raise OptionError(self.name, f"[{key!r}]: {exc.reason}") from None
+        return out
+
     def parse(self, text: str) -> Any:
         """A value from command-line or REPL text, checked."""
+        if self.kind is dict:
+            try:
+                value = json.loads(text)
+            except ValueError:
+                raise OptionError(self.name, f"{text!r} is not a JSON object (e.g. '{{\"434\": -100}}')") from None
+            return self.check(value)
         if self.kind is bool:
             low = text.strip().lower()
             if low in ("1", "true", "yes", "on"):
@@ -121,10 +149,24 @@ OPTIONS: tuple[Option, ...] = (
     Option("repetition_penalty", float, 1.0, low=0.0, low_open=True, metavar="R",
            help="Divide the scores of tokens already in the prompt or answer by R (1 = off; 1.1-1.3 discourages "
                 "loops)."),
+    Option("presence_penalty", float, 0.0, low=-2.0, high=2.0, metavar="P",
+           help="Subtract P from the score of every token the answer already contains (OpenAI's presence penalty; "
+                "0 = off, > 0 discourages repeating a token)."),
+    Option("frequency_penalty", float, 0.0, low=-2.0, high=2.0, metavar="F",
+           help="Subtract F times the number of times a token already occurs in the answer from its score "
+                "(OpenAI's frequency penalty; 0 = off)."),
+    Option("min_p", float, 0.0, low=0.0, high=1.0, metavar="P",
+           help="Sample only among tokens whose probability is at least P times the most likely token's (0 = off)."),
+    Option("logit_bias", dict, None, low=-100.0, high=100.0, nullable=True, metavar="JSON",
+           help="Add a bias to the scores of token ids, as a JSON object of id -> bias in [-100, 100] "
+                "(e.g. '{\"434\": -100}'); -100 bans the token."),
     Option("seed", int, None, low=0, high=MAX_SEED, nullable=True, metavar="S",
            help="Random seed for sampling: the same seed gives the same output."),
     Option("ignore_eos", bool, False,
            help="Keep generating after the end-of-sequence token, up to max_new_tokens."),
+    Option("logprobs", int, None, low=0, high=20, nullable=True, metavar="N",
+           help="Report each generated token's log-probability under the model (its raw distribution, before "
+                "penalties, biases and temperature) and the N most likely alternatives at that position (0-20)."),
     Option("decode_attention", str, DECODE_ATTENTION[0], choices=DECODE_ATTENTION, http=False,
            help="'causal' attends to every earlier position, as the models were trained. 'reference' reproduces "
                 "a DEFECT of the μOmni reference implementation (each generated token attends to the first "
@@ -147,16 +189,28 @@ class SamplingOptions:
     top_k: int = BY_NAME["top_k"].default
     top_p: float = BY_NAME["top_p"].default
     repetition_penalty: float = BY_NAME["repetition_penalty"].default
+    presence_penalty: float = BY_NAME["presence_penalty"].default
+    frequency_penalty: float = BY_NAME["frequency_penalty"].default
+    min_p: float = BY_NAME["min_p"].default
+    logit_bias: dict[int, float] | None = BY_NAME["logit_bias"].default
     seed: int | None = BY_NAME["seed"].default
     ignore_eos: bool = BY_NAME["ignore_eos"].default
+    logprobs: int | None = BY_NAME["logprobs"].default
     decode_attention: str = BY_NAME["decode_attention"].default
     decode_kernel: str = BY_NAME["decode_kernel"].default
     fast_greedy: bool = BY_NAME["fast_greedy"].default
 
     @property
+    def counts(self) -> bool:
+        """Whether the presence or frequency penalty needs the counts of the ids generated so far."""
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    @property
     def greedy(self) -> bool:
-        """Picks the argmax with no penalty: the path the int8 screen and the C step's own argmax take."""
-        return self.temperature <= 0 and self.repetition_penalty == 1.0
+        """Picks the argmax of the raw scores and asks for nothing else (no penalty, bias or logprobs): the ids
+        alone suffice, the path the int8 screen and the C step's own argmax take."""
+        return (self.temperature <= 0 and self.repetition_penalty == 1.0 and not self.counts
+                and not self.logit_bias and self.logprobs is None)
 
     def updated(self, **values: Any) -> "SamplingOptions":
         """A copy with `values` set, each checked by its row (None leaves a field as it is); an unknown name

@@ -166,6 +166,10 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
                         "timing; plus audio_out with --audio_out, input in pipe mode) instead of plain text.")
     g.add_argument("--no_stream", action="store_true",
                    help="Print each answer when it is complete instead of token by token.")
+    g.add_argument("--n", type=positive_int, default=1, metavar="N",
+                   help="Give N answers to a one-shot question (OpenAI's n): the prompt is prefilled once and "
+                        "answer i sampled with --seed + i; each answer on its own line (its own JSON object with "
+                        "\"index\" and --json), when complete (default 1).")
     g.add_argument("--audio_out", metavar="PATH",
                    help="Also speak the answer into this 16 kHz mono file (one-shot only): WAV, or by its suffix "
                         "MP3 (.mp3), Opus (.opus, .ogg), AAC (.aac), FLAC (.flac) or raw 16-bit PCM (.pcm, .raw). "
@@ -239,6 +243,8 @@ def add_model_arguments(p: argparse.ArgumentParser, ckpt_help: str) -> None:
 CLI_NOTES = {
     "seed": "The seed also drives the talker (--audio_out). -1 picks a random one (shown with --verbose and in "
             "--json as \"seed\").",
+    "logprobs": "Shown with --json as \"logprobs\": {\"content\": [{token, logprob, bytes, top_logprobs}]}, "
+                "OpenAI's shape.",
     "decode_attention": "Answers are wrong in 'reference' mode.",
     "decode_kernel": "The C step is compiled on first use with the machine's C compiler; --verbose and --json "
                      "(timing.decode_kernel) say which ran and why.",
@@ -252,7 +258,7 @@ def option_help(option: Option) -> str:
     text = " ".join(filter(None, (option.help, CLI_NOTES.get(option.name))))
     if option.kind is bool:
         return text
-    default = "random" if option.default is None else option.default
+    default = option.default if option.default is not None else "random" if option.name == "seed" else "none"
     values = "" if option.choices is not None else f"{option.range_text()[0].upper()}{option.range_text()[1:]}. "
     return f"{text} {values}Default: generation_config.json, else {default}."
 
@@ -285,6 +291,11 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error("--transcribe and --audio_out cannot be combined")
     if args.audio_out is not None and not one_shot(args):
         parser.error("--audio_out needs a one-shot question (--text, --image, --audio_in or --video)")
+    if args.logprobs is not None and not args.json and args.batch_file is None:  # --batch_file writes JSON
+        parser.error("--logprobs needs --json (the log-probabilities are part of its answer object)")
+    if args.n > 1 and (not one_shot(args) or args.transcribe or args.audio_out is not None or args.timings):
+        parser.error("--n needs a one-shot question (--text, --image, --audio_in or --video), without "
+                     "--transcribe, --audio_out or --timings")
     if args.quiet and args.verbose:
         parser.error("--quiet and --verbose cannot be combined")
     if args.batch_file is not None and (one_shot(args) or args.transcribe or args.audio_out is not None):

@@ -67,6 +67,8 @@ def run_one_shot(model: OmniModel, args: argparse.Namespace, con: Console, out: 
         check_audio_out(model, args)
     if args.prompt is not None and args.text is not None:
         con.warn("--prompt is ignored because --text is given")
+    if args.n > 1:
+        return run_choices(model, args, con, out)
     stream = not (args.json or args.no_stream)
     started = []
 
@@ -95,6 +97,21 @@ def run_one_shot(model: OmniModel, args: argparse.Namespace, con: Console, out: 
         result["audio_out"] = speak(model, args, ans.text, con)
     if args.json:
         out.json(result)
+    return 0
+
+
+def run_choices(model: OmniModel, args: argparse.Namespace, con: Console, out: Out) -> int:
+    """--n N: N answers to the one-shot question (OmniModel.answer_choices), one line or JSON object each."""
+    answers = model.answer_choices(args.text, image=args.image, audio=args.audio_in, video=args.video,
+                                   video_frames=args.video_frames, prompt=args.prompt, n=args.n,
+                                   **generation_options(args))
+    for note in answers[0].warnings:
+        con.warn(note)
+    for i, ans in enumerate(answers):
+        if args.json:
+            out.json({"index": i, **ans.to_json(), **seed_report(args)})
+        else:
+            out.line(ans.text)
     return 0
 
 

@@ -110,6 +110,8 @@ def set_option(model: OmniModel, args: argparse.Namespace, arg: str) -> str:
             value = option_value(SETTABLE[name], words[1])
         except OptionError as exc:
             raise OmniError(f"/set {name} {words[1]}: {exc.reason}") from None
+        if name == "logprobs" and not args.json:
+            raise OmniError("/set logprobs: the log-probabilities are shown with --json only")
         if name == "seed" and value == RANDOM_SEED:
             value = random_seed()
     setattr(args, name, value)

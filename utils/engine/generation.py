@@ -10,9 +10,10 @@ Layers, each usable on its own:
   would run past the cache's end, shift the rows' columns; a leaving row's slot takes the last row (both only
   when a row joins or leaves, never per token). `step` runs one decode step for every occupied row, in C where
   `native_model` allows (the ONE place that chooses the step; `kernel` says which and why), else in torch.
-- `Scheduler`: rows join and leave at step boundaries, each with its own options, generator (seed) and
-  repetition-penalty mask, so a row's ids never depend on its neighbours. Synchronous: `add`, then `admit` /
-  `decode` (or `step`, `run`) drive it, so tests step it deterministically.
+- `Scheduler`: rows join and leave at step boundaries, each with its own options, generator (seed), penalty
+  state (the ids seen, the counts of the ids generated) and logit bias, so a row's ids never depend on its
+  neighbours; the `n` choices of one request are prefilled once, the prompt's cache copied to their slots.
+  Synchronous: `add`, then `admit` / `decode` (or `step`, `run`) drive it, so tests step it deterministically.
 - `generate` (one row, streamed) and `generate_batch` (rows together): a Scheduler sized for their rows (rows x
   (longest prompt + largest budget)), rows admitted longest prompt first so no shift is needed.
 - `EngineThread`: the same Scheduler in a thread for the server (`submit`, `call`, `close`).
@@ -45,11 +46,12 @@ import torch
 
 from models.layers import CausalStack, refresh_fused
 from models.thinker import ThinkerLM
-from utils.base.defaults import DECODE_ATTENTION, EOS_ID
+from utils.base.defaults import DECODE_ATTENTION, EOS_ID, MAX_SEED
 from utils.base.errors import EngineClosed, QueueFull
 from utils.base.options import SamplingOptions
 from utils.engine.native.step import NativeSession, native_model
-from utils.engine.sampling import apply_repetition_penalty, greedy_head, greedy_screen, sample
+from utils.engine.sampling import (TokenLogprobs, apply_count_penalties, apply_logit_bias, apply_repetition_penalty,
+                                   bias_tensors, greedy_head, greedy_screen, sample, token_logprobs)
 from utils.weights.quant import GreedyHead
 
 
@@ -214,6 +216,16 @@ class Slots:
     def _full_argmax(self, h: torch.Tensor) -> torch.Tensor:
         return self.model.head(h).argmax(-1)
 
+    def copy(self, src: int, dst: int, length: int) -> None:
+        """Give placed slot `dst` the prefilled prompt of slot `src` (its first `length` columns' keys and
+        values, or its reference attention outputs): `n` choices of one prompt share one prefill."""
+        if self.cache is not None:
+            a, b = self.first[src], self.first[dst]
+            self.cache.k[:, dst, :, b:b + length] = self.cache.k[:, src, :, a:a + length]
+            self.cache.v[:, dst, :, b:b + length] = self.cache.v[:, src, :, a:a + length]
+        for buf in self.attn_out or []:
+            buf[dst] = buf[src]
+
     def release(self, slot: int) -> None:
         """Free `slot`; the last occupied row moves into it (its columns, mask, anchor and tracked state)."""
         last = self.n - 1
@@ -246,18 +258,37 @@ def _no_start(prompt: RowPrompt) -> None:
     return None
 
 
+# A choice's callbacks: on_token(id), on_finish(reason, error), and on_logprobs(TokenLogprobs) (called just
+# before on_token, for rows whose options ask for logprobs; None: not wanted).
+Handlers = tuple[Callable[[int], None], Callable[[str, BaseException | None], None],
+                 Union[Callable[[TokenLogprobs], None], None]]
+
+
+def choice_seed(seed: int | None, choice: int) -> int | None:
+    """The seed of choice `choice` of a request seeded with `seed`: seed + choice (wrapping past MAX_SEED), so
+    choice 0 is the answer the request alone gives and every choice is reproducible."""
+    return None if seed is None else (seed + choice) % (MAX_SEED + 1)
+
+
 class Row:
-    """A submitted request: the caller's handle (`cancel()`) and the scheduler's per-row state."""
+    """A submitted request's choice: the caller's handle (`cancel()`) and the scheduler's per-row state. The
+    `group` are the choices of one request (this row among them, at index `choice`): they share one prefill."""
 
     def __init__(self, prepare: Callable[[], RowPrompt], on_token: Callable[[int], None],
                  on_finish: Callable[[str, BaseException | None], None],
-                 on_start: Callable[[RowPrompt], None] = _no_start) -> None:
+                 on_start: Callable[[RowPrompt], None] = _no_start,
+                 on_logprobs: Callable[[TokenLogprobs], None] | None = None) -> None:
         self.prepare, self.on_start, self.on_token, self.on_finish = prepare, on_start, on_token, on_finish
+        self.on_logprobs = on_logprobs
         self.cancelled = False
         self.opts = SamplingOptions()
         self.generator: torch.Generator | None = None
+        self.bias: tuple[torch.Tensor, torch.Tensor] | None = None  # logit_bias as (ids, values)
+        self.logprobs: TokenLogprobs | None = None  # the last pick's, delivered with its id
         self.generated = 0
         self.greedy = True
+        self.group: list[Row] = [self]
+        self.choice = 0
 
     def cancel(self) -> None:
         """Free the row at the scheduler's next step (a client went away, a stop string matched)."""
@@ -286,9 +317,12 @@ class Scheduler:
         self.admitting = 0  # rows taken from `pending` and not yet in `rows`
         self.tokens = torch.zeros(max_batch, dtype=torch.long, device=dev)  # each row's last id, fed next
         self.seen = torch.zeros(max_batch, model.cfg.vocab_size, dtype=torch.bool, device=dev)
-        self.slots.track(self.tokens)
-        self.slots.track(self.seen)
+        # how often each id occurred in each row's answer (presence / frequency penalties), updated in place
+        self.counts = torch.zeros(max_batch, model.cfg.vocab_size, device=dev)
+        for buf in (self.tokens, self.seen, self.counts):
+            self.slots.track(buf)
         self.row_ids = torch.arange(max_batch, device=dev)
+        self.ones = torch.ones(max_batch, device=dev)
         self.cancelled = 0  # rows freed before finishing (cancel() or shutdown)
 
     @property
@@ -306,8 +340,8 @@ class Scheduler:
 
     @property
     def running(self) -> int:
-        """Rows in the batch or granted a slot (queued here, or being prefilled)."""
-        return len(self.rows) + self.admitting + len(self.pending)
+        """Rows in the batch or granted a slot (queued here, or being prefilled), each choice one row."""
+        return len(self.rows) + self.admitting + sum(len(r.group) for r in self.pending)
 
     @property
     def free(self) -> int:
@@ -315,12 +349,17 @@ class Scheduler:
 
     def add(self, prompt: Union[RowPrompt, Callable[[], RowPrompt]], on_token: Callable[[int], None],
             on_finish: Callable[[str, BaseException | None], None],
-            on_start: Callable[[RowPrompt], None] = _no_start) -> Row:
+            on_start: Callable[[RowPrompt], None] = _no_start,
+            on_logprobs: Callable[[TokenLogprobs], None] | None = None) -> Row:
         """Queue a row for the next `admit` (see the class docstring for the callbacks)."""
-        prepare = prompt if callable(prompt) else (lambda: prompt)
-        row = Row(prepare, on_token, on_finish, on_start)
-        self.enqueue(row)
-        return row
+        return self.add_choices(prompt, [(on_token, on_finish, on_logprobs)], on_start)[0]
+
+    def add_choices(self, prompt: Union[RowPrompt, Callable[[], RowPrompt]], handlers: list[Handlers],
+                    on_start: Callable[[RowPrompt], None] = _no_start) -> list[Row]:
+        """Queue len(handlers) choices of one prompt (prefilled once; choice i seeded `choice_seed(seed, i)`)."""
+        rows = choice_rows(prompt if callable(prompt) else (lambda: prompt), handlers, on_start)
+        self.enqueue(rows[0])
+        return rows
 
     def enqueue(self, row: Row) -> None:
         self.pending.append(row)
@@ -349,34 +388,38 @@ class Scheduler:
         """Prefill queued rows into the free slots, longest prompt first (the first sets the write column, the
         others fit left of it); returns how many joined."""
         take = []
-        while self.pending and len(self.rows) + len(take) < self.max_batch:
-            take.append(self.pending.popleft())
-        self.admitting = len(take)
+        while self.pending and len(self.rows) + self.admitting + len(self.pending[0].group) <= self.max_batch:
+            row = self.pending.popleft()
+            take.append(row)
+            self.admitting += len(row.group)
         ready = []
         for row in take:
             if row.cancelled:
-                self.admitting -= 1
-                self.finish(row, "cancelled")
+                self.admitting -= len(row.group)
+                for choice in row.group:
+                    self.finish(choice, "cancelled")
                 continue
             try:
                 prompt = row.prepare()
                 self._check(prompt)
                 row.on_start(prompt)
             except Exception as exc:  # bad input: this request fails, the others go on
-                self.admitting -= 1
-                self.finish(row, "error", exc)
+                self.admitting -= len(row.group)
+                for choice in row.group:
+                    self.finish(choice, "error", exc)
                 continue
             ready.append((row, prompt))
         ready.sort(key=lambda rp: -rp[1].embeds.shape[0])
         joined = 0
         for row, prompt in ready:
-            self.admitting -= 1
+            self.admitting -= len(row.group)
             try:
                 joined += self._start(row, prompt)
             except Exception as exc:  # a failing model: this request fails
-                if row in self.rows:
-                    self._free(self.rows.index(row))
-                self.finish(row, "error", exc)
+                for choice in reversed(row.group):
+                    if choice in self.rows:
+                        self._free(self.rows.index(choice))
+                    self.finish(choice, "error", exc)
         return joined
 
     def _check(self, prompt: RowPrompt) -> None:
@@ -390,25 +433,40 @@ class Scheduler:
                                  f"not {getattr(opts, name)!r}")
 
     def _start(self, row: Row, prompt: RowPrompt) -> int:
-        """Place and prefill one row; emit its first id. 1 if it is still running after that, else 0."""
+        """Place a request's choices, prefill the first and copy its prompt to the others; emit each choice's
+        first id. Returns how many are still running after that."""
         opts = prompt.opts
-        row.opts, row.greedy = opts, opts.greedy
-        row.generator = torch.Generator(device=self.device).manual_seed(opts.seed) if opts.seed is not None else None
         embeds = prompt.embeds.to(self.device)
-        slot = self.slots.place(embeds.shape[0], opts.max_new_tokens - 1)
-        self.rows.append(row)
-        self.seen[slot] = False  # a reused slot starts clean
-        if opts.repetition_penalty != 1.0:
-            ids = [i for i in prompt.ids if 0 <= i < self.seen.shape[1]]
-            if ids:
-                self.seen[slot, torch.tensor(ids, device=self.device)] = True
-        out = self.slots.prefill(slot, embeds, greedy=row.greedy)
-        tid = int(out[0]) if row.greedy else self._pick(row, slot, out)
-        if self._emit(row, tid):
-            self._free(slot)
-            return 0
-        self.tokens[slot] = tid
-        return 1
+        T = embeds.shape[0]
+        slots = []
+        for choice in row.group:
+            choice.opts = dataclasses.replace(opts, seed=choice_seed(opts.seed, choice.choice))
+            choice.greedy = opts.greedy
+            seed = choice.opts.seed
+            choice.generator = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
+            choice.bias = bias_tensors(opts.logit_bias, self.device) if opts.logit_bias else None
+            slot = self.slots.place(T, opts.max_new_tokens - 1)
+            self.rows.append(choice)
+            self.seen[slot] = False  # a reused slot starts clean
+            self.counts[slot] = 0
+            if opts.repetition_penalty != 1.0:
+                ids = [i for i in prompt.ids if 0 <= i < self.seen.shape[1]]
+                if ids:
+                    self.seen[slot, torch.tensor(ids, device=self.device)] = True
+            slots.append(slot)
+        out = self.slots.prefill(slots[0], embeds, greedy=row.greedy)
+        for slot in slots[1:]:
+            self.slots.copy(slots[0], slot, T)
+        done = []
+        for choice, slot in zip(row.group, slots):
+            tid = int(out[0]) if row.greedy else self._pick(choice, slot, out)
+            if self._emit(choice, tid):
+                done.append(choice)
+            else:
+                self.tokens[slot] = tid
+        for choice in done:
+            self._free(self.rows.index(choice))
+        return len(slots) - len(done)
 
     # ------------------------------------------------------------ decoding
     @torch.inference_mode()
@@ -427,6 +485,8 @@ class Scheduler:
         try:
             if any(r.opts.repetition_penalty != 1.0 for r in self.rows):
                 self.seen[self.row_ids[:n], tokens] = True
+            if any(r.opts.counts for r in self.rows):
+                self.counts.index_put_((self.row_ids[:n], tokens), self.ones[:n], accumulate=True)
             out = self.slots.step(tokens, greedy=greedy)
             picked = out.tolist() if greedy else self._pick_rows(out)  # the one host sync per step
         except Exception as exc:  # a failing model step fails the rows in it, not the engine
@@ -450,11 +510,28 @@ class Scheduler:
                 self.finish(row, "cancelled")
 
     def _pick(self, row: Row, slot: int, logits: torch.Tensor) -> int:
-        """One row's next id from its logits (1, V): its penalty, then its own sampling and generator."""
+        """One row's next id from its raw logits (1, V), in this order: 1. the score adjustments (repetition,
+        presence and frequency penalties, logit bias: `_adjust`); 2. [a per-row logits mask, e.g. a grammar's
+        allowed ids, applies here, to the adjusted scores]; 3. temperature, top-k, top-p, min-p and the draw
+        from the row's generator, or the argmax (`sample`). Log-probabilities, when the row asks, are those of
+        the raw logits (the model's distribution), read after the pick."""
+        scores = self._adjust(row, slot, logits)
+        tid = int(sample(scores, row.opts, row.generator)[0])
+        if row.opts.logprobs is not None:
+            row.logprobs = token_logprobs(logits, tid, row.opts.logprobs)
+        return tid
+
+    def _adjust(self, row: Row, slot: int, logits: torch.Tensor) -> torch.Tensor:
+        """A row's scores after its penalties and logit bias (the logits themselves when it has none)."""
         opts = row.opts
         if opts.repetition_penalty != 1.0:
             logits = apply_repetition_penalty(logits, self.seen[slot:slot + 1], opts.repetition_penalty)
-        return int(sample(logits, opts, row.generator)[0])
+        if opts.counts:
+            logits = apply_count_penalties(logits, self.counts[slot:slot + 1], opts.presence_penalty,
+                                           opts.frequency_penalty)
+        if row.bias is not None:
+            logits = apply_logit_bias(logits, *row.bias)
+        return logits
 
     def _pick_rows(self, logits: torch.Tensor) -> list[int]:
         """Each row's next id from the step's logits (n, V): argmax for greedy rows, its own pick else."""
@@ -471,6 +548,8 @@ class Scheduler:
             return True
         row.generated += 1
         try:
+            if row.logprobs is not None and row.on_logprobs is not None:
+                row.on_logprobs(row.logprobs)
             row.on_token(tid)
         except Exception:  # the caller is gone (e.g. its event loop closed): free the row
             row.cancel()
@@ -483,6 +562,17 @@ class Scheduler:
         self.slots.release(slot)
         self.rows[slot] = self.rows[-1]
         self.rows.pop()
+
+
+def choice_rows(prepare: Callable[[], RowPrompt], handlers: list[Handlers],
+                on_start: Callable[[RowPrompt], None] = _no_start) -> list[Row]:
+    """The rows of one request's choices, one per handler triple, grouped (the first prepares and starts)."""
+    if not handlers:
+        raise ValueError("a request needs at least one choice")
+    rows = [Row(prepare, on_token, on_finish, on_start, on_logprobs) for on_token, on_finish, on_logprobs in handlers]
+    for i, row in enumerate(rows):
+        row.group, row.choice = rows, i
+    return rows
 
 
 def one_off(model: ThinkerLM, prompts: list[RowPrompt], opts: SamplingOptions) -> Scheduler:
@@ -508,21 +598,28 @@ def forced_logits(model: ThinkerLM, embeds: torch.Tensor, continuation: list[int
 
 
 class _Outcome:
-    """Collects one row's ids and its finish (reason, error), for the run-to-completion helpers."""
+    """Collects one row's ids, their log-probabilities (when asked) and its finish (reason, error), for the
+    run-to-completion helpers."""
 
     def __init__(self) -> None:
         self.ids: list[int] = []
+        self.logprobs: list[TokenLogprobs] = []
         self.reason: str | None = None
         self.error: BaseException | None = None
 
     def finished(self, reason: str, error: BaseException | None) -> None:
         self.reason, self.error = reason, error
 
+    def handlers(self) -> Handlers:
+        return self.ids.append, self.finished, self.logprobs.append
+
 
 def generate(model: ThinkerLM, embeds: torch.Tensor, opts: SamplingOptions,
-             prompt_ids: list[int] | None = None, info: dict[str, Any] | None = None) -> Iterator[int]:
+             prompt_ids: list[int] | None = None, info: dict[str, Any] | None = None,
+             logprobs: list[TokenLogprobs] | None = None) -> Iterator[int]:
     """Yield new token ids for one prompt (`embeds` (1, T, d)) until EOS or `max_new_tokens`; EOS is not
-    yielded. A batch of one on the Scheduler. `info`, if given, receives "decode_kernel" (Slots.kernel)."""
+    yielded. A batch of one on the Scheduler. `info`, if given, receives "decode_kernel" (Slots.kernel);
+    `logprobs`, with `opts.logprobs` set, each yielded id's TokenLogprobs (appended before the id is yielded)."""
     if opts.max_new_tokens <= 0:
         return
     with torch.inference_mode():
@@ -531,7 +628,9 @@ def generate(model: ThinkerLM, embeds: torch.Tensor, opts: SamplingOptions,
         if info is not None:
             info["decode_kernel"] = engine.kernel
         row = _Outcome()
-        engine.add(prompt, row.ids.append, row.finished)
+        if logprobs is not None:
+            row.logprobs = logprobs
+        engine.add_choices(prompt, [row.handlers()])
         engine.admit()
         while True:
             yield from row.ids  # the ids of the last admit / decode: one per step
@@ -543,16 +642,37 @@ def generate(model: ThinkerLM, embeds: torch.Tensor, opts: SamplingOptions,
             engine.decode()
 
 
+def generate_choices(model: ThinkerLM, embeds: torch.Tensor, prompt_ids: list[int], opts: SamplingOptions, n: int,
+                     info: dict[str, Any] | None = None) -> list[tuple[list[int], list[TokenLogprobs]]]:
+    """`n` answers to one prompt (`embeds` (T, d)), prefilled once: each choice's ids (EOS not included) and,
+    with `opts.logprobs`, their TokenLogprobs. Choice i is seeded `choice_seed(opts.seed, i)`, so choice 0 is
+    what `generate` gives. `info` as for `generate`."""
+    rows = [_Outcome() for _ in range(n)]
+    with torch.inference_mode():
+        prompt = RowPrompt(embeds, list(prompt_ids), opts)
+        T = embeds.shape[0]
+        engine = Scheduler(model, n, T + opts.max_new_tokens, opts, greedy_screen(model, opts), T)
+        if info is not None:
+            info["decode_kernel"] = engine.kernel
+        engine.add_choices(prompt, [row.handlers() for row in rows])
+        engine.run()
+    for row in rows:
+        if row.error is not None:
+            raise row.error
+    return [(row.ids, row.logprobs) for row in rows]
+
+
 def generate_batch(model: ThinkerLM, embeds: list[torch.Tensor], prompt_ids: list[list[int]] | None,
                    opts: SamplingOptions, max_new_tokens: list[int] | None = None,
-                   step_times: list[float] | None = None, info: dict[str, Any] | None = None
-                   ) -> list[list[int]]:
+                   step_times: list[float] | None = None, info: dict[str, Any] | None = None,
+                   logprobs: list[list[TokenLogprobs]] | None = None) -> list[list[int]]:
     """New token ids for several prompts at once (each embeds[i] is (T_i, d)), EOS not included: the rows
     submitted together to one Scheduler. Each row's ids are those `generate` gives it alone (greedy, and
     sampled with a seed: every row has its own generator). Row i stops at EOS or its budget
     (`max_new_tokens[i]`, default `opts.max_new_tokens`; 0: no answer). `step_times`, if given, receives
     time.perf_counter() as each step's ids arrive (entry i: when every row's i-th token was known). `info` as
-    for `generate`. A row that fails raises its error once the others have finished."""
+    for `generate`; `logprobs`, with `opts.logprobs` set, receives each row's TokenLogprobs (one list per
+    prompt). A row that fails raises its error once the others have finished."""
     if not embeds:
         return []
     if any(e.ndim != 2 for e in embeds):
@@ -567,6 +687,8 @@ def generate_batch(model: ThinkerLM, embeds: list[torch.Tensor], prompt_ids: lis
     rows = [_Outcome() for _ in range(B)]
     live = [b for b in range(B) if budgets[b] > 0]
     if not live:
+        if logprobs is not None:
+            logprobs[:] = [[] for _ in range(B)]
         return [[] for _ in range(B)]
     with torch.inference_mode():
         prompts = {b: RowPrompt(embeds[b], list(prompt_ids[b]), dataclasses.replace(opts, max_new_tokens=budgets[b]))
@@ -575,7 +697,7 @@ def generate_batch(model: ThinkerLM, embeds: list[torch.Tensor], prompt_ids: lis
         if info is not None:
             info["decode_kernel"] = engine.kernel
         for b in live:
-            engine.add(prompts[b], rows[b].ids.append, rows[b].finished)
+            engine.add_choices(prompts[b], [rows[b].handlers()])
         engine.admit()
         while True:
             if step_times is not None:
@@ -586,6 +708,8 @@ def generate_batch(model: ThinkerLM, embeds: list[torch.Tensor], prompt_ids: lis
     for row in rows:
         if row.error is not None:
             raise row.error
+    if logprobs is not None:
+        logprobs[:] = [row.logprobs for row in rows]
     return [row.ids for row in rows]
 
 
@@ -622,10 +746,20 @@ class EngineThread:
 
     def submit(self, prepare: Callable[[], RowPrompt], on_token: Callable[[int], None],
                on_finish: Callable[[str, BaseException | None], None],
-               on_start: Callable[[RowPrompt], None] = _no_start) -> Row:
+               on_start: Callable[[RowPrompt], None] = _no_start,
+               on_logprobs: Callable[[TokenLogprobs], None] | None = None) -> Row:
         """Queue a request (Scheduler.add's callbacks; `prepare()` runs on the engine's thread). Raises
         QueueFull past `max_queue` waiting requests, EngineClosed once closing."""
-        row = Row(prepare, on_token, on_finish, on_start)
+        return self.submit_choices(prepare, [(on_token, on_finish, on_logprobs)], on_start)[0]
+
+    def submit_choices(self, prepare: Callable[[], RowPrompt], handlers: list[Handlers],
+                       on_start: Callable[[RowPrompt], None] = _no_start) -> list[Row]:
+        """Queue a request of len(handlers) choices (Scheduler.add_choices), as `submit`; more choices than
+        `max_batch` rows is a ValueError (they are decoded side by side)."""
+        if len(handlers) > self.max_batch:
+            raise ValueError(f"{len(handlers)} choices do not fit the {self.max_batch} rows decoded together")
+        rows = choice_rows(prepare, handlers, on_start)
+        row = rows[0]
         with self.cond:
             if self.closing:
                 raise EngineClosed("the server is shutting down")
@@ -634,7 +768,7 @@ class EngineThread:
                 raise QueueFull(f"{len(self.waiting)} requests are already waiting (max_queue {self.max_queue})")
             self.waiting.append(row)
             self.cond.notify()
-        return row
+        return rows
 
     def call(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
         """Run `fn()` on the engine's thread before its next step; its result or exception in the Future."""
@@ -671,16 +805,17 @@ class EngineThread:
                             for row in engine.rows:
                                 row.cancel()
                         while self.waiting:
-                            engine.finish(self.waiting.popleft(), "cancelled",
-                                          EngineClosed("the server is shutting down"))
+                            for choice in self.waiting.popleft().group:
+                                engine.finish(choice, "cancelled", EngineClosed("the server is shutting down"))
                         if not engine.rows and not jobs:
                             for fn, fut in self.jobs:
                                 fut.set_exception(EngineClosed("the server is shutting down"))
                             return
                     for row in [r for r in self.waiting if r.cancelled]:  # the client left while waiting
                         self.waiting.remove(row)
-                        engine.finish(row, "cancelled")
-                    while self.waiting and engine.free > 0:
+                        for choice in row.group:
+                            engine.finish(choice, "cancelled")
+                    while self.waiting and engine.free >= len(self.waiting[0].group):
                         engine.enqueue(self.waiting.popleft())
                 for fn, fut in jobs:
                     if fut.set_running_or_notify_cancel():

@@ -48,6 +48,19 @@ class Tokenizer:
         return self.sp.DecodeIds([int(i) for i in ids if 0 <= int(i) < n])
 
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one id stands for, as it appears inside a text: its piece with "▁" as a space, a byte-fallback
+        piece's byte, a control piece's own name (`</s>`); nothing for an id the tokenizer does not have."""
+        if not 0 <= token_id < self.vocab_size:
+            return b""
+        piece = self.sp.IdToPiece(token_id)
+        if self.sp.IsByte(token_id):
+            return bytes([int(piece[3:5], 16)])
+        if self.sp.IsControl(token_id) or self.sp.IsUnknown(token_id):
+            return piece.encode("utf-8")
+        return piece.replace("\u2581", " ").encode("utf-8")
+
+
 class IncrementalDecoder:
     """Streaming detokenisation: `push(id)` returns the text that id adds to the answer so far.
 

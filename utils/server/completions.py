@@ -84,7 +84,7 @@ class Completions:
                 begun.append(await self.server.begin(replace(template, text=text), t_arrival))
         except BaseException:
             for answer, _, _ in begun:
-                answer.row.cancel()
+                answer.cancel()
             raise
         answers = [answer for answer, _, _ in begun]
         warnings = [f"prompt {i}: {h['X-Omni-Warnings']}" for i, (_, _, h) in enumerate(begun)
@@ -98,13 +98,13 @@ class Completions:
             return StreamingResponse(sse(head, answers, echoed, counts if template.include_usage else None),
                                      media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache"})
         try:
-            async with freed_on_disconnect(request, [a.row for a in answers]):
-                results = await asyncio.gather(*(a.text() for a in answers))
+            async with freed_on_disconnect(request, answers):
+                results = [r[0] for r in await asyncio.gather(*(a.results() for a in answers))]
         finally:
             for answer in answers:
-                answer.row.cancel()  # a no-op once finished; frees the others when one failed
+                answer.cancel()  # a no-op once finished; frees the others when one failed
         choices = [{"text": echoed[i] + text, "index": i, "logprobs": None, "finish_reason": finish}
-                   for i, (text, finish) in enumerate(results)]
+                   for i, (text, finish, _) in enumerate(results)]
         return JSONResponse({**head, "choices": choices, "usage": counts()}, headers=headers)
 
 
@@ -138,10 +138,10 @@ async def sse(head: dict[str, Any], answers: list[Answering], echoed: list[str],
         left = len(answers)
         while left:
             index, item = await merged.get()
-            if not isinstance(item, tuple):
-                yield chunk(index, item)
+            if len(item) == 3:
+                yield chunk(index, item[1])
                 continue
-            _, finish, error = item
+            _, _, finish, error = item
             if error is not None:
                 yield f"data: {json.dumps(engine_error(error).body())}\n\n"
                 return
@@ -154,4 +154,4 @@ async def sse(head: dict[str, Any], answers: list[Answering], echoed: list[str],
         for task in tasks:
             task.cancel()
         for answer in answers:
-            answer.row.cancel()
+            answer.cancel()

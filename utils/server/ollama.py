@@ -343,7 +343,7 @@ class Ollama:
             return {**message(""), **done(answer, prompt, finish)}
 
         if not req.stream:
-            text, finish = await answer.collect(request)
+            text, finish, _ = (await answer.collect(request))[0]
             return JSONResponse({**message(text), **done(answer, prompt, finish)}, headers=headers)
         return StreamingResponse(ndjson(answer, message, last), media_type=NDJSON, headers=headers)
 
@@ -364,11 +364,11 @@ async def ndjson(answer: Answering, message: Callable[[str], dict[str, Any]],
     {"error": ...} line, as Ollama streams it. Leaving early (the client went away) frees the row."""
     try:
         async for item in answer.pieces():
-            if isinstance(item, tuple):
-                _, finish, error = item
+            if len(item) == 4:
+                _, _, finish, error = item
                 line = {"error": engine_error(error).message} if error is not None else last(finish)
                 yield json.dumps(line, ensure_ascii=False) + "\n"
                 return
-            yield json.dumps({**message(item), "done": False}, ensure_ascii=False) + "\n"
+            yield json.dumps({**message(item[1]), "done": False}, ensure_ascii=False) + "\n"
     finally:
-        answer.row.cancel()
+        answer.cancel()

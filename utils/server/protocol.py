@@ -36,9 +36,13 @@ TIMESTAMP_GRANULARITIES = ("segment", "word")
 CHAT_AUDIO_FORMATS = {**{f: f for f in SPEECH_FORMATS if f != "pcm"}, "pcm16": "pcm"}
 MAX_STOP = 4  # stop strings per request, as OpenAI
 MAX_JSON_DEPTH = 64  # nesting levels of a JSON body (a chat body needs 6); deeper is refused before parsing
+# Rows a request sets through fields of OpenAI's own shape (`generation_fields` reads them): max_new_tokens from
+# max_completion_tokens / max_tokens, logprobs from `logprobs` (a boolean) with `top_logprobs` (how many).
+SHAPED_ROWS = ("max_new_tokens", "logprobs")
 # A request's generation fields -> the table's rows; the first of two fields for one row wins.
 OPTION_FIELDS: dict[str, str] = {"max_completion_tokens": "max_new_tokens", "max_tokens": "max_new_tokens",
-                                 **{o.name: o.name for o in OPTIONS if o.http and o.name != "max_new_tokens"}}
+                                 **{o.name: o.name for o in OPTIONS if o.http and o.name not in SHAPED_ROWS}}
+MAX_CHOICES = 128  # OpenAI's bound on `n`; the server's --max_batch bounds it further
 
 
 class ApiError(Exception):
@@ -124,9 +128,15 @@ CHAT_FIELDS: dict[str, Field] = {
     "top_k": implemented(AUDIT + "test_sampling_fields_equal_the_api"),
     "repetition_penalty": implemented(AUDIT + "test_sampling_fields_equal_the_api"),
     "ignore_eos": implemented(SERVE + "test_max_tokens_seed_and_stop"),
-    "n": implemented(SERVE + "test_chat_errors"),  # 1 only: another n is refused by value
+    "n": implemented(SERVE + "test_n_choices_are_the_apis_seed_plus_i"),
     "modalities": implemented(SERVE + "test_speech_and_spoken_answer_are_wav"),
     "audio": implemented(AUDIT + "test_spoken_answer_formats"),
+    "frequency_penalty": implemented(SERVE + "test_penalties_bias_and_min_p_equal_the_apis"),
+    "presence_penalty": implemented(SERVE + "test_penalties_bias_and_min_p_equal_the_apis"),
+    "logit_bias": implemented(SERVE + "test_penalties_bias_and_min_p_equal_the_apis"),
+    "min_p": implemented(SERVE + "test_penalties_bias_and_min_p_equal_the_apis"),
+    "logprobs": implemented(SERVE + "test_logprobs_equal_the_apis"),
+    "top_logprobs": implemented(SERVE + "test_logprobs_equal_the_apis"),
     # accepted without effect: none can change the answer
     "user": no_effect("an end-user id for the provider's abuse monitoring", str),
     "safety_identifier": no_effect("an end-user id for the provider's abuse monitoring", str),
@@ -137,11 +147,6 @@ CHAT_FIELDS: dict[str, Field] = {
     "prompt_cache_retention": no_effect("how long the provider's prompt cache keeps a prefix", str),
     "prompt_cache_options": no_effect("breakpoints and lifetime of the provider's prompt cache", dict),
     # refused by name until implemented
-    "frequency_penalty": refused(NOT_YET, 0, 0.0),
-    "presence_penalty": refused(NOT_YET, 0, 0.0),
-    "logit_bias": refused(NOT_YET, {}),
-    "logprobs": refused(f"{NOT_YET}: log-probabilities are not returned", False),
-    "top_logprobs": refused(f"{NOT_YET}: log-probabilities are not returned"),
     "response_format": refused(f"{NOT_YET}: answers are free text", {"type": "text"}),
     "tools": refused(f"{NOT_YET}: no tool calls are made"),
     "tool_choice": refused(f"{NOT_YET}: no tool calls are made", "none"),
@@ -303,6 +308,7 @@ class ChatRequest:
     stops: list[str]
     speech_format: str | None  # the spoken answer's (SPEECH_FORMATS), None for text only
     options: dict[str, Any]
+    n: int = 1  # choices (one prefill, n rows)
     system: str | None = None  # joined before the text as the API's `system` does (Ollama's /api/generate)
 
     @property
@@ -318,11 +324,23 @@ def generation_fields(body: dict[str, Any]) -> dict[str, Any]:
     """The generation options of a request body, row name -> value. A field is checked by its row (400 naming
     the field when refused); a null field is not given; a row the server fixes at start is refused by name."""
     for option in OPTIONS:
-        if body.get(option.name) is not None and option.name not in OPTION_FIELDS:
+        if body.get(option.name) is not None and option.name not in OPTION_FIELDS and option.name != "logprobs":
             fix = "send max_tokens or max_completion_tokens" if option.name == "max_new_tokens" else \
                 "the server's engine fixes it when it starts"
             raise ApiError(400, f"'{option.name}' cannot be set per request: {fix}", "invalid_value", option.name)
-    return checked_fields(body, OPTION_FIELDS)
+    options = checked_fields(body, OPTION_FIELDS)
+    wanted = optional(body, "logprobs", bool, "a boolean", False)
+    top = body.get("top_logprobs")
+    if top is not None:
+        if not wanted:
+            raise ApiError(400, "'top_logprobs' needs 'logprobs': true", "invalid_value", "top_logprobs")
+        try:
+            BY_NAME["logprobs"].check(top)
+        except OptionError as exc:
+            raise ApiError(400, f"'top_logprobs' {exc.reason}", "invalid_value", "top_logprobs") from None
+    if wanted:
+        options["logprobs"] = top or 0
+    return options
 
 
 def checked_fields(body: dict[str, Any], names: dict[str, str], prefix: str = "") -> dict[str, Any]:
@@ -424,9 +442,9 @@ def parse_chat(body: Any) -> ChatRequest:
                             f"{last['role']!r}: μOmni answers one user turn", "invalid_value", "messages")
     text, images, audio = _content(last, where)
 
-    n = body.get("n")
-    if n is not None and (type(n) is not int or n != 1):
-        raise ApiError(400, f"'n' {n!r}: only n = 1 is served", "invalid_value", "n")
+    n = optional(body, "n", int, "an integer", 1)
+    if not 1 <= n <= MAX_CHOICES:
+        raise ApiError(400, f"'n' {n!r} must be an integer in [1, {MAX_CHOICES}]", "invalid_value", "n")
     stream, include_usage = stream_fields(body)
     stops = stop_strings(body.get("stop"))
     modalities = optional(body, "modalities", list, "an array", ["text"])
@@ -449,8 +467,11 @@ def parse_chat(body: Any) -> ChatRequest:
         raise ApiError(400, f"audio output needs 'audio': {{\"format\": ...}}, one of {', '.join(CHAT_AUDIO_FORMATS)}"
                        + ("" if audio_format is None else f" (found {audio_format!r})"), "invalid_value",
                        "audio" if spec is None else "audio.format")
+    if speak and n > 1:
+        raise ApiError(400, "'n' > 1 with audio output is not served (one spoken answer per request)",
+                       "invalid_value", "n")
     return ChatRequest(text, images, audio, len(messages) - 1, stream, include_usage, stops,
-                       CHAT_AUDIO_FORMATS[audio_format] if speak else None, generation_fields(body))
+                       CHAT_AUDIO_FORMATS[audio_format] if speak else None, generation_fields(body), n=n)
 
 
 @dataclass

@@ -125,6 +125,9 @@ class OmniServer:
         body = await self.json_body(request)
         req = parse_chat(body)
         self.check_model(body.get("model"))
+        if req.n > self.engine.max_batch:
+            raise ApiError(400, f"'n' {req.n}: this server decodes at most {self.engine.max_batch} rows together "
+                                "(serve.py --max_batch)", "invalid_value", "n")
         if req.speak and "talker" not in self.model.components:
             raise ApiError(400, "audio output needs a talker checkpoint, and this model has none", "invalid_value",
                            "modalities")
@@ -154,9 +157,13 @@ class OmniServer:
                                              system=req.system, **opts)
             return prompt if adjust is None else adjust(prompt)
 
+        def handlers(i: int) -> tuple[Callable[..., None], ...]:
+            return (lambda tid: put("token", i, tid), lambda r, e: put("finish", i, r, e),
+                    lambda entry: put("logprobs", i, entry))
+
         try:
-            row = self.engine.submit(prepare, lambda tid: put("token", tid), lambda r, e: put("finish", r, e),
-                                     on_start=lambda p: put("start", p, time.perf_counter()))
+            rows = self.engine.submit_choices(prepare, [handlers(i) for i in range(req.n)],
+                                              on_start=lambda p: put("start", 0, p, time.perf_counter()))
         except QueueFull as exc:
             raise ApiError(429, f"the server is busy: {exc}; retry later", "queue_full",
                            headers={"Retry-After": str(RETRY_AFTER_S)}) from exc
@@ -164,20 +171,22 @@ class OmniServer:
             raise ApiError(503, str(exc), "shutting_down") from exc
         try:
             first = await events.get()
-            if first[0] == "finish":
-                raise engine_error(first[2])
+            if first[0] == "finish":  # prepare failed: every choice finishes with its error
+                raise engine_error(first[3])
         except BaseException:
-            row.cancel()
+            for row in rows:
+                row.cancel()
             raise
-        prompt: Any = first[1]
+        prompt: Any = first[2]
         self.metrics.prompt_tokens += prompt.embeds.shape[0]
         headers = {"X-Omni-Ignored-Messages": str(req.ignored)}
         if prompt.notes:  # e.g. audio trimmed to what a prompt can use: said, not silent
             headers["X-Omni-Warnings"] = "; ".join(prompt.notes).encode("ascii", "replace").decode()
         async def speak(text: str) -> str:
             return base64.b64encode(await self.speech_bytes(text, req.speech_format or "wav")).decode("ascii")
-        answer = Answering(req, row, events, t_arrival, self.model.detokenizer(), self.metrics, self.model_id, speak)
-        answer.t_start = first[2]
+        answer = Answering(req, rows, events, t_arrival, self.model.detokenizer, self.metrics, self.model_id, speak,
+                           self.model.logprob_entry)
+        answer.t_start = first[3]
         return answer, prompt, headers
 
     async def transcriptions(self, request: Request) -> Response:

@@ -52,19 +52,20 @@ def finish_reason(engine_reason: str, stopped: bool) -> str:
 
 
 def spoken(data: str, text: str) -> dict[str, Any]:
-    """The `audio` object of a spoken answer (base64 WAV and its transcript)."""
+    """The `audio` object of a spoken answer (its base64 audio and its transcript)."""
     return {"id": f"audio_{uuid.uuid4().hex}", "data": data, "expires_at": int(time.time()) + 3600,
             "transcript": text}
 
 
 @contextlib.asynccontextmanager
-async def freed_on_disconnect(request: Request, rows: list[Any]) -> AsyncIterator[None]:
-    """While the block runs, a client that goes away cancels `rows` (each freed at the engine's next step)."""
+async def freed_on_disconnect(request: Request, answers: list[Any]) -> AsyncIterator[None]:
+    """While the block runs, a client that goes away cancels `answers` (their rows freed at the engine's next
+    step)."""
     async def watch() -> None:
         while (await request.receive())["type"] != "http.disconnect":
             pass
-        for row in rows:
-            row.cancel()
+        for answer in answers:
+            answer.cancel()
     watcher = asyncio.create_task(watch())
     try:
         yield
@@ -72,121 +73,174 @@ async def freed_on_disconnect(request: Request, rows: list[Any]) -> AsyncIterato
         watcher.cancel()
 
 
-class Answering:
-    """One chat answer: turns the engine's events ('token', id) ... ('finish', reason, error) into text, usage,
-    timings and the OpenAI response. `speak(text)` gives the spoken answer as base64 WAV."""
+class Choice:
+    """One choice's state on its way out: its row, detokeniser, stop scanner, token count and the logprobs
+    entries of tokens whose text has not been sent yet."""
 
-    def __init__(self, req: ChatRequest, row: Any, events: asyncio.Queue, t_arrival: float, detok: Any,
-                 metrics: Metrics, model_id: str, speak: Callable[[str], Awaitable[str]]) -> None:
-        self.req, self.row, self.events, self.t_arrival = req, row, events, t_arrival
-        self.detok, self.metrics, self.model_id, self.speak = detok, metrics, model_id, speak
-        self.stop = StopScanner(req.stops)
+    def __init__(self, row: Any, detok: Any, stops: list[str]) -> None:
+        self.row, self.detok, self.stop = row, detok, StopScanner(stops)
         self.generated = 0
+        self.logprobs: list[dict[str, Any]] = []  # waiting for the text they go out with
         self.t_last: float | None = None
-        # when the engine had the prompt ready (set by the route), gave the first id, finished the row
+        self.finished = False
+
+
+class Answering:
+    """One chat answer of one or more choices: turns the engine's events ('token', i, id), ('logprobs', i,
+    entry) ... ('finish', i, reason, error) into text, logprobs, usage, timings and the OpenAI response.
+    `speak(text)` gives the spoken answer, base64 in the request's audio format; `logprob(entry)` an OpenAI logprobs.content item."""
+
+    def __init__(self, req: ChatRequest, rows: list[Any], events: asyncio.Queue, t_arrival: float,
+                 detok: Callable[[], Any], metrics: Metrics, model_id: str, speak: Callable[[str], Awaitable[str]],
+                 logprob: Callable[[Any], dict[str, Any]]) -> None:
+        self.req, self.events, self.t_arrival = req, events, t_arrival
+        self.metrics, self.model_id, self.speak, self.logprob = metrics, model_id, speak, logprob
+        self.choices = [Choice(row, detok(), req.stops) for row in rows]
+        self.first = True
+        # when the engine had the prompt ready (set by the route), gave the first id, finished the last choice
         self.t_start = self.t_first = self.t_end = t_arrival
 
-    async def pieces(self) -> AsyncIterator[str | tuple[str, str, BaseException | None]]:
-        """Text pieces as they come; last, ('finish', reason, error)."""
-        while True:
-            kind, *rest = await self.events.get()
-            if kind == "token":
+    @property
+    def generated(self) -> int:
+        """Completion tokens of every choice so far."""
+        return sum(c.generated for c in self.choices)
+
+    def cancel(self) -> None:
+        for choice in self.choices:
+            choice.row.cancel()
+
+    async def pieces(self) -> AsyncIterator[tuple[int, str, list[dict[str, Any]]] | tuple[int, str, str, Any]]:
+        """(choice, text, logprobs entries) as they come; each choice ends with (choice, 'finish', reason,
+        error). Returns once every choice has finished."""
+        left = len(self.choices)
+        while left:
+            kind, i, *rest = await self.events.get()
+            c = self.choices[i]
+            if kind == "logprobs":
+                if not c.stop.stopped:
+                    c.logprobs.append(self.logprob(rest[0]))
+            elif kind == "token":
                 now = time.perf_counter()
-                if self.t_last is None:
+                if self.first:
                     self.metrics.ttft.observe(now - self.t_arrival)
+                    self.first = False
                     self.t_first = now
-                else:
-                    self.metrics.itl.observe(now - self.t_last)
-                self.t_last = now
-                self.generated += 1
+                elif c.t_last is not None:
+                    self.metrics.itl.observe(now - c.t_last)
+                c.t_last = now
+                c.generated += 1
                 self.metrics.completion_tokens += 1
-                if self.stop.stopped:
+                if c.stop.stopped:
                     continue
-                text = self.stop.push(self.detok.push(rest[0]))
-                if self.stop.stopped:
-                    self.row.cancel()
+                text = c.stop.push(c.detok.push(rest[0]))
+                if c.stop.stopped:
+                    c.row.cancel()
                 if text:
-                    yield text
+                    yield i, text, self._take(c)
             elif kind == "finish":
-                self.t_end = time.perf_counter()
-                if self.t_last is None:
-                    self.t_first = self.t_end  # no id before the end: the prefill's EOS
                 reason, error = rest
-                if not self.stop.stopped:
-                    tail = self.stop.push(self.detok.flush()) + ("" if self.stop.stopped else self.stop.flush())
-                    if tail:
-                        yield tail
-                if reason == "cancelled" and not self.stop.stopped and error is None:
+                if not c.stop.stopped:
+                    tail = c.stop.push(c.detok.flush()) + ("" if c.stop.stopped else c.stop.flush())
+                    if tail or c.logprobs:
+                        yield i, tail, self._take(c)
+                elif c.logprobs:
+                    yield i, "", self._take(c)
+                if reason == "cancelled" and not c.stop.stopped and error is None:
                     error = EngineClosed("the server is shutting down: the answer was cut")
-                yield ("finish", finish_reason(reason, self.stop.stopped), error)
-                return
+                c.finished = True
+                left -= 1
+                self.t_end = time.perf_counter()
+                if self.first:
+                    self.t_first = self.t_end  # no id before the end: the prefill's EOS
+                yield i, "finish", finish_reason(reason, c.stop.stopped), error
+
+    @staticmethod
+    def _take(c: Choice) -> list[dict[str, Any]]:
+        out, c.logprobs = c.logprobs, []
+        return out
 
     def usage(self, prompt: Any) -> dict[str, int]:
+        """The prompt once, the completion tokens of every choice."""
         n = prompt.embeds.shape[0]
-        return {"prompt_tokens": n, "completion_tokens": self.generated, "total_tokens": n + self.generated}
+        done = sum(c.generated for c in self.choices)
+        return {"prompt_tokens": n, "completion_tokens": done, "total_tokens": n + done}
 
-    async def text(self) -> tuple[str, str]:
-        """The whole answer text and its finish reason (an engine error raised as the client's response)."""
-        text, finish, error = "", "stop", None
+    def logprobs_field(self, entries: list[dict[str, Any]] | None) -> dict[str, Any] | None:
+        """A choice's `logprobs` object (null unless the request asked)."""
+        return None if self.req.options.get("logprobs") is None else {"content": entries or [], "refusal": None}
+
+    async def results(self) -> list[tuple[str, str, list[dict[str, Any]]]]:
+        """Each choice's whole text, finish reason and logprobs entries, once all have finished (an engine error
+        raised as the client's response)."""
+        n = len(self.choices)
+        texts, finishes, errors = [""] * n, ["stop"] * n, [None] * n
+        entries: list[list[dict[str, Any]]] = [[] for _ in range(n)]
         async for item in self.pieces():
-            if isinstance(item, tuple):
-                _, finish, error = item
+            if len(item) == 4:
+                finishes[item[0]], errors[item[0]] = item[2], item[3]
             else:
-                text += item
+                texts[item[0]] += item[1]
+                entries[item[0]] += item[2]
+        error = next((e for e in errors if e is not None), None)
         if error is not None:
             raise engine_error(error)
-        return text, finish
+        return list(zip(texts, finishes, entries))
 
-    async def collect(self, request: Request) -> tuple[str, str]:
-        """`text()`; a client that goes away meanwhile frees the row at the next step."""
-        async with freed_on_disconnect(request, [self.row]):
-            return await self.text()
+    async def collect(self, request: Request) -> list[tuple[str, str, list[dict[str, Any]]]]:
+        """`results()`; a client that goes away meanwhile frees the rows at the next step."""
+        async with freed_on_disconnect(request, [self]):
+            return await self.results()
 
     async def whole(self, chat_id: str, prompt: Any, request: Request, headers: dict[str, str]) -> Response:
         """The answer as one chat.completion body."""
-        text, finish = await self.collect(request)
-        message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
-        if self.req.speak:
-            message["audio"] = spoken(await self.speak(text), text)
+        results = await self.collect(request)
+        choices = []
+        for i, (text, finish, entries) in enumerate(results):
+            message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+            if self.req.speak:
+                message["audio"] = spoken(await self.speak(text), text)
+            choices.append({"index": i, "message": message, "finish_reason": finish,
+                            "logprobs": self.logprobs_field(entries)})
         return JSONResponse({"id": chat_id, "object": "chat.completion", "created": int(time.time()),
-                             "model": self.model_id,
-                             "choices": [{"index": 0, "message": message, "finish_reason": finish,
-                                          "logprobs": None}],
-                             "usage": self.usage(prompt)}, headers=headers)
+                             "model": self.model_id, "choices": choices, "usage": self.usage(prompt)},
+                            headers=headers)
 
     async def sse(self, chat_id: str, prompt: Any) -> AsyncIterator[str]:
-        """The answer as chat.completion.chunk events, then `data: [DONE]`; an error mid-stream is one error
-        event. Leaving early (the client went away) frees the row."""
+        """The answer as chat.completion.chunk events (each for one choice, by `index`), then `data: [DONE]`; an
+        error mid-stream is one error event. Leaving early (the client went away) frees the rows."""
         created = int(time.time())
 
-        def chunk(delta: dict[str, Any], finish: str | None = None, usage: Any = None,
-                  choices: bool = True) -> str:
+        def chunk(i: int, delta: dict[str, Any], finish: str | None = None, usage: Any = None,
+                  choices: bool = True, logprobs: list[dict[str, Any]] | None = None) -> str:
             obj = {"id": chat_id, "object": "chat.completion.chunk", "created": created, "model": self.model_id,
-                   "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]
+                   "choices": [{"index": i, "delta": delta, "finish_reason": finish,
+                                "logprobs": self.logprobs_field(logprobs) if logprobs else None}]
                    if choices else []}
             if self.req.include_usage:
                 obj["usage"] = usage
             return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
         try:
-            yield chunk({"role": "assistant", "content": ""})
-            text = ""
+            for i in range(len(self.choices)):
+                yield chunk(i, {"role": "assistant", "content": ""})
+            texts = [""] * len(self.choices)
             async for item in self.pieces():
-                if isinstance(item, tuple):
-                    _, finish, error = item
+                if len(item) == 4:
+                    i, _, finish, error = item
                     if error is not None:
                         yield f"data: {json.dumps(engine_error(error).body())}\n\n"
                         return
                     if self.req.speak:
-                        yield chunk({"audio": spoken(await self.speak(text), text)})
-                    yield chunk({}, finish)
-                    if self.req.include_usage:
-                        yield chunk({}, usage=self.usage(prompt), choices=False)
-                    yield "data: [DONE]\n\n"
-                    return
-                text += item
-                yield chunk({"content": item})
+                        yield chunk(i, {"audio": spoken(await self.speak(texts[i]), texts[i])})
+                    yield chunk(i, {}, finish)
+                    continue
+                i, text, entries = item
+                texts[i] += text
+                yield chunk(i, {"content": text}, logprobs=entries)
+            if self.req.include_usage:
+                yield chunk(0, {}, usage=self.usage(prompt), choices=False)
+            yield "data: [DONE]\n\n"
         except ApiError as exc:
             yield f"data: {json.dumps(exc.body())}\n\n"
         finally:
-            self.row.cancel()  # a no-op once finished; frees the row when the client went away
+            self.cancel()  # a no-op once finished; frees the rows when the client went away
