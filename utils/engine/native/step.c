@@ -11,6 +11,12 @@
    the torch path up to float rounding. Every output is computed by the same instruction sequence whatever the
    batch size and its place in the batch, so a row's numbers do not depend on the batch it is in.
 
+   Threads: a session may compute on several threads (mu_session.threads, a pool from mu_pool_new). Each
+   projection is split by blocks of 64 outputs (a float32 panel; whole int8 tiles of every shape) and attention
+   by (position, query head); no sum is split, so every output is computed by the same instructions on any
+   thread count, and the numbers are the same bit for bit. Norms, RoPE, the cache writes, the activation and the
+   argmax are cheap and stay on the calling thread.
+
    int8 weights (utils.weights.quant.Int8Linear: per-output-channel scales) are stored here with their sign bit
    flipped (w + 128 as unsigned bytes) so AVX-512 VNNI's unsigned-by-signed byte product applies; activations
    are quantized per row to int8 (step = max|x| / 127), so sum_k (w_k + 128) x_k - 128 sum_k x_k = sum_k w_k x_k
@@ -27,7 +33,7 @@
      quantize_rows        quant.quantize_rows
      rope                 apply_rotary
      store_kv             attend_rows: RoPE on q and k, KVCache.update
-     attend, attend_head  attend_rows: F.scaled_dot_product_attention over the row's real keys (the key mask)
+     attend, attend_head  attend_rows: F.scaled_dot_product_attention over the row's real keys (the key mask), per head
      activate             row_ffn: F.silu(gate) * up (SwiGLU.forward), F.gelu (GeluMLP.forward)
      head                 ThinkerLM.head (models/thinker.py), then torch.argmax
      argmax               torch.argmax (ties: the lowest id; a NaN: the first NaN)
@@ -35,6 +41,9 @@
      at_least             quant.GreedyHead.candidates (the threshold best - 2 bound)
      head_score           the exact scores of quant.GreedyHead.argmax
      mu_scratch_bytes     none: the torch step allocates as it goes; here one scratch buffer per session
+     mu_pool_new/free     none: torch's intra-op threads (torch.get_num_threads(), what --threads sets)
+     run_chunks           at::parallel_for (here: chunks of outputs handed out to the pool's threads)
+     linear_threads       linear over the pool; attend_threads: attend over the pool
      mu_abi               step.py's ABI_VERSION and struct_layout (the structs below, declared again in ctypes) */
 #if defined(__linux__)
 #define _GNU_SOURCE  /* pthread_setname_np */

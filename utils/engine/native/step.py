@@ -2,17 +2,18 @@
 
 Why: a Thinker decode step through torch is some 150 small ops whose dispatch (2-17 µs each) costs more than
 their arithmetic at μOmni sizes; the C step does a whole step (or a whole prompt's prefill) in one call,
-reading each weight once per call for all rows (see the C file for the numbers it computes). The Talker, the
-reference decode mode, MoE blocks, bfloat16/float16 and int4 weights and non-CPU devices stay on the torch
-path.
+reading each weight once per call for all rows (see the C file for the numbers it computes), on
+torch.get_num_threads() threads (what --threads sets: a session's pool of workers, started once; the same
+numbers on any count; `native_model` reports the count). The Talker, the reference decode mode, MoE blocks,
+bfloat16/float16 and int4 weights and non-CPU devices stay on the torch path.
 
 `native_model(model, kernel, reference, screen)` says which path a generation takes and why: decode_kernel
 "auto" takes the C step where it applies, "c" requires it (OmniError naming the reason otherwise), "torch"
 never takes it. The library is compiled once per source, compiler, flags and CPU into the cache directory
 (`MUOMNI_CACHE_DIR`, else `$XDG_CACHE_HOME/muomni`, else `~/.cache/muomni`, else, without a usable home,
 `$TMPDIR/muomni-UID`; written atomically, as decode_step-TOOLCHAIN-SOURCE.so), with `$CC` (default `cc`),
-`-O3 -march=native` and then `$MUOMNI_CFLAGS`: about a second, bounded by `MUOMNI_COMPILE_TIMEOUT` seconds
-(default 60). Writing a build removes that toolchain's builds of other versions of step.c (see
+`-O3 -march=native -pthread` and then `$MUOMNI_CFLAGS`: about a second, bounded by `MUOMNI_COMPILE_TIMEOUT`
+seconds (default 60). Writing a build removes that toolchain's builds of other versions of step.c (see
 `remove_stale_builds`).
 
 A library is loaded only if it is ours, as ssh treats keys (see `private_dir` and `_not_ours`): the
