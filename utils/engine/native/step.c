@@ -59,8 +59,8 @@
 #include <immintrin.h>
 #define MU_AVX512 1
 #endif
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
-#define MU_VNNI 1
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define MU_VNNI 1  /* VL: the 128-bit masked stores of the 4 x 4 int8 tile (every VNNI CPU has it) */
 #endif
 
 typedef struct {
