@@ -492,11 +492,12 @@ def answer_timing(load_s: float, prefill_s: float, prompt_tokens: int, decode_s:
 
 
 def set_threads(threads: int | None) -> int:
-    """torch's intra-op thread count for this process (process-wide), returned. None: 1, unless the
-    environment names a count (OMP_NUM_THREADS / MKL_NUM_THREADS, which torch already follows); 0: torch's
-    own default (one per core); N >= 1: N. One thread is the default because these models are small: on a
-    busy 2-core machine two threads made decode 10-20x slower (their barriers wait on a preempted
-    sibling), and on an idle one a second thread gains little on one-row decode steps."""
+    """torch's intra-op thread count for this process (process-wide), returned; the C step's sessions run on
+    as many threads. None: 1, unless the environment names a count (OMP_NUM_THREADS / MKL_NUM_THREADS, which
+    torch already follows); 0: torch's own default (one per core); N >= 1: N. One thread is the default
+    because these models are small: on a busy 2-core machine two torch threads made decode 10-20x slower
+    (their barriers wait on a preempted sibling), and on an idle one a second thread gains little on one-row
+    decode steps."""
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 0):
         raise OmniError(f"--threads {threads!r}: must be an integer >= 0 (0 = one per core)")
     if threads is None:

@@ -21,7 +21,9 @@ import sys
 import traceback
 from typing import Sequence
 
-from utils.cli.args import add_model_arguments, non_negative_float, non_negative_int, positive_float, positive_int
+from utils.cli.args import (SERVICE_THREADS_HELP, add_model_arguments, non_negative_float, non_negative_int,
+                            positive_float, positive_int)
+from utils.base.cpus import service_threads
 from utils.base.errors import OmniError
 
 EPILOG = """examples:
@@ -38,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="serve.py", description=__doc__, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(p, "Checkpoint directory: a trainers' checkpoints/ root, an omni_sft dir, a merged export "
-                           "or one weights file (as infer_chat.py).")
+                           "or one weights file (as infer_chat.py).", SERVICE_THREADS_HELP)
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1",
                    help="Address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it).")
@@ -103,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from utils.server.app import OmniServer, ServerConfig, run_server
         sock = listen(args.host, args.port)
         model = load_model(args.ckpt_dir, device=args.device, dtype=args.dtype, quantize=args.quantize,
-                           threads=args.threads)
+                           threads=service_threads(args.threads))
         if "thinker" not in model.components:
             raise OmniError(f"--ckpt_dir {args.ckpt_dir}: no thinker checkpoint found: nothing to chat with")
         logging.getLogger("muomni.server").info(

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from utils.base.cpus import physical_cores
+
 from tests.conftest import DEMO, EXAMPLES, REPO, run_cli
 
 GEN = ["--max_new_tokens", "12"]
@@ -161,13 +163,16 @@ def test_sampling_options_and_logprobs_as_in_the_library(tmp_path, demo_model) -
 
 def test_decode_kernel_is_built_and_said_before_the_records(tmp_path) -> None:
     job = write_lines(tmp_path / "job.jsonl", [json.dumps({"text": "hello"}), "{not json"])
-    r = run_batch(str(job), "-o", str(tmp_path / "out.jsonl"), *GEN)
+    plain = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    r = run_batch(str(job), "-o", str(tmp_path / "out.jsonl"), *GEN, env=plain)
     assert r.returncode == 1, r.stderr  # the bad line's record has "error"
     lines = r.stderr.splitlines()
     said = [i for i, line in enumerate(lines) if line.startswith("decode kernel = ")]
     record_error = next(i for i, line in enumerate(lines) if line.startswith("error: line 2:"))
     assert said and said[0] < record_error and lines[said[0]].startswith(("decode kernel = c (",
                                                                            "decode kernel = torch (")), lines
+    cores = physical_cores()  # the default --threads of batch.py (and serve.py)
+    assert lines[said[0]].startswith("decode kernel = torch (") or f", {cores} thread" in lines[said[0]], lines
     # without a compiler: auto says torch and why; --decode_kernel c is the usual error before any record
     env = {**os.environ, "CC": str(tmp_path / "no-such-cc"), "MUOMNI_CACHE_DIR": str(tmp_path / "cache")}
     r = run_batch(str(job), "-o", str(tmp_path / "auto.jsonl"), *GEN, env=env)

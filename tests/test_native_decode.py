@@ -190,8 +190,9 @@ def test_cli_reports_the_decode_kernel() -> None:
     assert auto["timing"]["decode_kernel"].startswith("c (")
     assert torch_step["timing"]["decode_kernel"] == "torch (asked for)"
     assert auto["token_ids"] == torch_step["token_ids"] and auto["text"] == "7"
-    verbose = cli("--text", "What is 3 plus 4?", "--verbose", "--decode_kernel", "c")
-    assert verbose.returncode == 0 and "decode kernel = c (" in verbose.stderr
+    verbose = cli("--text", "What is 3 plus 4?", "--verbose", "--decode_kernel", "c", "--threads", "2")
+    assert verbose.returncode == 0 and re.search(r"decode kernel = c \([\w-]+, 2 threads, ", verbose.stderr)
+    assert "\n7\n" in f"\n{verbose.stdout}"  # the same answer on 2 threads
     bad = cli("--text", "hi", "--decode_kernel", "c", "--decode_attention", "reference")
     assert bad.returncode == 1 and bad.stdout == ""
     assert bad.stderr.strip().splitlines()[-1].startswith("error: --decode_kernel c: ")

@@ -368,6 +368,7 @@ def test_models_health_metrics(client, srv: str) -> None:
     assert str(REPO) not in json.dumps(details)  # --info's card without the server's paths
     health = httpx.get(f"{srv}/health").json()
     assert health["status"] == "ok" and health["decode_kernel"].startswith(("c (", "torch ("))
+    assert not health["decode_kernel"].startswith("c (") or ", 1 thread, " in health["decode_kernel"]  # --threads 1
     text = httpx.get(f"{srv}/metrics").text
     for name in ("omni_requests_total", "omni_prompt_tokens_total", "omni_completion_tokens_total",
                  "omni_queue_length", "omni_running_rows", "omni_time_to_first_token_seconds_bucket",

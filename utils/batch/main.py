@@ -30,9 +30,10 @@ from typing import Any, Callable, Sequence
 
 from utils.batch.job import (Journal, MaterializedMedia, Row, audio_rows, inline_media, job_key, process_rows,
                              read_batch_file, record)
-from utils.cli.args import (add_generation_arguments, add_model_arguments, generation_options, non_negative_float,
-                            non_negative_int, positive_float, positive_int, run_command)
+from utils.cli.args import (SERVICE_THREADS_HELP, add_generation_arguments, add_model_arguments, generation_options,
+                            non_negative_float, non_negative_int, positive_float, positive_int, run_command)
 from utils.cli.console import Console
+from utils.base.cpus import service_threads
 from utils.base.errors import OmniError, Terminated
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -78,7 +79,7 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
                    help="Continue an interrupted job from OUTPUT.journal: finished lines are not redone.")
 
     add_model_arguments(p, "Checkpoint directory or merged export (as infer_chat.py); with --engine ray every "
-                           "worker opens it, so it must be visible to them under the same path.")
+                           "worker opens it, so it must be visible to them under the same path.", SERVICE_THREADS_HELP)
 
     g = p.add_argument_group("engine")
     g.add_argument("--engine", choices=("local", "ray"), default="local",
@@ -148,7 +149,7 @@ def run_local(args: argparse.Namespace, rows: list[Row], gen: dict[str, Any], co
 
     con.status(f"loading μOmni from {args.ckpt_dir} ...")
     model = load_model(args.ckpt_dir, device=args.device, dtype=args.dtype, quantize=args.quantize,
-                       threads=args.threads)
+                       threads=service_threads(args.threads))
     if args.task == "chat":  # the decode step built and loaded before the first batch (--decode_kernel c: or fail)
         con.info(f"decode kernel = {model.decode_kernel(args.decode_kernel or 'auto')}")
     for lo in range(0, len(rows), args.batch_size):

@@ -222,8 +222,16 @@ def add_dash_aliases(parser: argparse.ArgumentParser) -> None:
                     parser._option_string_actions[alias] = action
 
 
-def add_model_arguments(p: argparse.ArgumentParser, ckpt_help: str) -> None:
-    """Which model and how to run it: shared by infer_chat.py / infer_safetensors.py, serve.py and batch.py."""
+THREADS_HELP = ("CPU threads for torch and the C decode step (default 1, or OMP_NUM_THREADS when set: one answer "
+                "at a time gains little from more on models this small, and torch's slow down badly on a busy "
+                "machine; 0 = one per core).")
+SERVICE_THREADS_HELP = ("CPU threads for torch and the C decode step (default: the physical cores this process may "
+                        "use, or OMP_NUM_THREADS when set; 0 = one per logical CPU).")
+
+
+def add_model_arguments(p: argparse.ArgumentParser, ckpt_help: str, threads_help: str = THREADS_HELP) -> None:
+    """Which model and how to run it: shared by infer_chat.py / infer_safetensors.py, serve.py and batch.py
+    (`threads_help`: SERVICE_THREADS_HELP for the server and batch jobs, whose default is the physical cores)."""
     g = p.add_argument_group("model")
     g.add_argument("--ckpt_dir", required=True, metavar="DIR", help=ckpt_help)
     g.add_argument("--device", default="auto", choices=DEVICES,
@@ -234,9 +242,7 @@ def add_model_arguments(p: argparse.ArgumentParser, ckpt_help: str) -> None:
     g.add_argument("--quantize", default=None, choices=QUANTIZATIONS,
                    help="Quantize the linear layers for speed: int8 (weights per output channel) or int4 (CPU; "
                         "4-bit weights in groups of 32); answers may differ slightly from float32.")
-    g.add_argument("--threads", type=non_negative_int, default=None, metavar="N",
-                   help="CPU threads for torch (default 1, or OMP_NUM_THREADS when set: more threads rarely "
-                        "help models this small and slow them down badly on a busy machine; 0 = one per core).")
+    g.add_argument("--threads", type=non_negative_int, default=None, metavar="N", help=threads_help)
 
 
 # What the command line adds to a row's help (the table's text is shared with the API and the server).

@@ -11,6 +11,12 @@
    the torch path up to float rounding. Every output is computed by the same instruction sequence whatever the
    batch size and its place in the batch, so a row's numbers do not depend on the batch it is in.
 
+   Threads: a session may compute on several threads (mu_session.threads, a pool from mu_pool_new). Each
+   projection is split by blocks of 64 outputs (a float32 panel; whole int8 tiles of every shape) and attention
+   by (position, query head); no sum is split, so every output is computed by the same instructions on any
+   thread count, and the numbers are the same bit for bit. Norms, RoPE, the cache writes, the activation and the
+   argmax are cheap and stay on the calling thread.
+
    int8 weights (utils.weights.quant.Int8Linear: per-output-channel scales) are stored here with their sign bit
    flipped (w + 128 as unsigned bytes) so AVX-512 VNNI's unsigned-by-signed byte product applies; activations
    are quantized per row to int8 (step = max|x| / 127), so sum_k (w_k + 128) x_k - 128 sum_k x_k = sum_k w_k x_k
@@ -27,7 +33,7 @@
      quantize_rows        quant.quantize_rows
      rope                 apply_rotary
      store_kv             attend_rows: RoPE on q and k, KVCache.update
-     attend, attend_head  attend_rows: F.scaled_dot_product_attention over the row's real keys (the key mask)
+     attend, attend_head  attend_rows: F.scaled_dot_product_attention over the row's real keys (the key mask), per head
      activate             row_ffn: F.silu(gate) * up (SwiGLU.forward), F.gelu (GeluMLP.forward)
      head                 ThinkerLM.head (models/thinker.py), then torch.argmax
      argmax               torch.argmax (ties: the lowest id; a NaN: the first NaN)
@@ -35,18 +41,26 @@
      at_least             quant.GreedyHead.candidates (the threshold best - 2 bound)
      head_score           the exact scores of quant.GreedyHead.argmax
      mu_scratch_bytes     none: the torch step allocates as it goes; here one scratch buffer per session
+     mu_pool_new/free     none: torch's intra-op threads (torch.get_num_threads(), what --threads sets)
+     run_chunks           at::parallel_for (here: chunks of outputs handed out to the pool's threads)
+     linear_threads       linear over the pool; attend_threads: attend over the pool
      mu_abi               step.py's ABI_VERSION and struct_layout (the structs below, declared again in ctypes) */
+#if defined(__linux__)
+#define _GNU_SOURCE  /* pthread_setname_np */
+#endif
 #include <math.h>
+#include <pthread.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #define MU_AVX512 1
 #endif
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
-#define MU_VNNI 1
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define MU_VNNI 1  /* VL: the 128-bit masked stores of the 4 x 4 int8 tile (every VNNI CPU has it) */
 #endif
 
 typedef struct {
@@ -84,13 +98,15 @@ typedef struct {
     int64_t layer_stride, row_stride, head_stride;  /* in floats; a column is head_dim floats */
     int32_t columns, rows;
     int32_t positions;                         /* most positions one call computes (>= rows; a prefill's length) */
-    unsigned char *scratch;                    /* mu_scratch_bytes(model, rows, positions, columns) bytes */
+    int32_t threads;                           /* threads a call computes on, the caller's included (>= 1) */
+    unsigned char *scratch;                    /* mu_scratch_bytes(model, rows, positions, columns, threads) bytes */
+    struct mu_pool *pool;                      /* mu_pool_new(threads) when threads > 1, else NULL */
 } mu_session;
 
 /* ------------------------------------------------------------------ the ABI shared with step.py */
 
 /* Bump with step.py's ABI_VERSION whenever a struct above or an exported function's signature changes. */
-#define MU_ABI_VERSION 1
+#define MU_ABI_VERSION 2
 
 /* Per shared struct (mu_linear, mu_layer, mu_model, mu_session, in that order): its size, then the offset of
    each field in declaration order; step.py's struct_layout() computes the same list from its ctypes
@@ -110,7 +126,8 @@ static const int32_t mu_layout[] = {
               MU_AT(mu_model, screen_slack), MU_AT(mu_model, cos), MU_AT(mu_model, rot_sin)),
     MU_LAYOUT(mu_session, MU_AT(mu_session, k), MU_AT(mu_session, v), MU_AT(mu_session, layer_stride),
               MU_AT(mu_session, row_stride), MU_AT(mu_session, head_stride), MU_AT(mu_session, columns),
-              MU_AT(mu_session, rows), MU_AT(mu_session, positions), MU_AT(mu_session, scratch)),
+              MU_AT(mu_session, rows), MU_AT(mu_session, positions), MU_AT(mu_session, threads),
+              MU_AT(mu_session, scratch), MU_AT(mu_session, pool)),
 };
 #undef MU_AT
 #undef MU_LAYOUT
@@ -124,10 +141,172 @@ int32_t mu_abi(int32_t *layout, int32_t n) {
     return MU_ABI_VERSION;
 }
 
+/* ------------------------------------------------------------------ the thread pool */
+
+/* Workers kept between calls (a session's, started once by mu_pool_new). A parallel region hands out chunks of
+   work through one atomic ticket (the region's round in the high 32 bits, the next chunk in the low 32), so a
+   chunk is done exactly once, by whichever thread takes it: the caller takes chunks too, and a worker that the
+   machine preempted (a loaded one) only leaves more chunks to the others. A chunk computes its outputs with the
+   instructions it would run alone, so the numbers do not depend on the thread count. Between regions a worker
+   spins briefly (inside a step the next region follows within microseconds), then sleeps on a condition
+   variable (between steps it blocks). */
+typedef void (*mu_task)(const void *ctx, int32_t chunk, int32_t who);
+
+struct mu_pool;
+typedef struct {
+    struct mu_pool *pool;
+    int32_t who;                  /* 1 .. threads - 1 (the caller is 0): which scratch it uses */
+} mu_worker;
+
+typedef struct mu_pool {
+    int32_t threads;              /* the caller and threads - 1 workers */
+    pthread_t *ids;
+    mu_worker *workers;
+    pthread_mutex_t lock;
+    pthread_cond_t wake, finished;
+    uint32_t round;               /* the current region, bumped as it starts (read while spinning: atomic) */
+    uint64_t ticket;              /* round << 32 | the next chunk to take */
+    int32_t chunks, done;         /* the region's chunks, and how many have finished */
+    mu_task task;
+    const void *ctx;
+    int stop;
+} mu_pool;
+
+#define MU_SPIN 2000  /* polls, a pause each (some microseconds), before a waiting thread blocks */
+
+static inline void mu_pause(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+/* Take and run chunks of round `round` until none is left; the last chunk to finish wakes the caller. */
+static void take_chunks(mu_pool *p, uint32_t round, mu_task task, const void *ctx, int32_t chunks, int32_t who) {
+    for (;;) {
+        uint64_t t = __atomic_load_n(&p->ticket, __ATOMIC_ACQUIRE);
+        if ((uint32_t)(t >> 32) != round || (int32_t)(uint32_t)t >= chunks)
+            return;
+        if (!__atomic_compare_exchange_n(&p->ticket, &t, t + 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+            continue;
+        task(ctx, (int32_t)(uint32_t)t, who);
+        if (__atomic_add_fetch(&p->done, 1, __ATOMIC_ACQ_REL) == chunks) {
+            pthread_mutex_lock(&p->lock);
+            pthread_cond_signal(&p->finished);
+            pthread_mutex_unlock(&p->lock);
+        }
+    }
+}
+
+static void *pool_worker(void *arg) {
+    const mu_worker *w = arg;
+    mu_pool *p = w->pool;
+    uint32_t seen = 0;
+#if defined(__linux__)
+    pthread_setname_np(pthread_self(), "muomni-step");  /* as top -H and /proc/PID/task/ID/comm show it */
+#endif
+    for (;;) {
+        for (int i = 0; i < MU_SPIN && __atomic_load_n(&p->round, __ATOMIC_ACQUIRE) == seen
+                        && !__atomic_load_n(&p->stop, __ATOMIC_ACQUIRE); i++)
+            mu_pause();
+        pthread_mutex_lock(&p->lock);
+        while (p->round == seen && !p->stop)
+            pthread_cond_wait(&p->wake, &p->lock);
+        if (p->stop) {
+            pthread_mutex_unlock(&p->lock);
+            return NULL;
+        }
+        seen = p->round;
+        const mu_task task = p->task;
+        const void *ctx = p->ctx;
+        const int32_t chunks = p->chunks;
+        pthread_mutex_unlock(&p->lock);
+        take_chunks(p, seen, task, ctx, chunks, w->who);
+    }
+}
+
+/* Runs task(ctx, c, who) for c = 0 .. chunks - 1 over the pool's threads (who: the thread's index, 0 for the
+   caller), returning when every chunk is done; without a pool, all of them here. */
+static void run_chunks(mu_pool *p, mu_task task, const void *ctx, int32_t chunks) {
+    if (p == NULL || chunks <= 1) {
+        for (int32_t c = 0; c < chunks; c++)
+            task(ctx, c, 0);
+        return;
+    }
+    pthread_mutex_lock(&p->lock);
+    const uint32_t round = p->round + 1;
+    p->task = task;
+    p->ctx = ctx;
+    p->chunks = chunks;
+    __atomic_store_n(&p->done, 0, __ATOMIC_RELEASE);
+    __atomic_store_n(&p->ticket, (uint64_t)round << 32, __ATOMIC_RELEASE);
+    __atomic_store_n(&p->round, round, __ATOMIC_RELEASE);
+    pthread_cond_broadcast(&p->wake);
+    pthread_mutex_unlock(&p->lock);
+    take_chunks(p, round, task, ctx, chunks, 0);
+    for (int i = 0; i < MU_SPIN && __atomic_load_n(&p->done, __ATOMIC_ACQUIRE) < chunks; i++)
+        mu_pause();
+    pthread_mutex_lock(&p->lock);
+    while (__atomic_load_n(&p->done, __ATOMIC_ACQUIRE) < chunks)
+        pthread_cond_wait(&p->finished, &p->lock);
+    pthread_mutex_unlock(&p->lock);
+}
+
+/* Stops and joins the pool's workers, then frees it (NULL: nothing). */
+void mu_pool_free(mu_pool *p) {
+    if (p == NULL)
+        return;
+    pthread_mutex_lock(&p->lock);
+    __atomic_store_n(&p->stop, 1, __ATOMIC_RELEASE);
+    pthread_cond_broadcast(&p->wake);
+    pthread_mutex_unlock(&p->lock);
+    for (int32_t i = 0; i < p->threads - 1; i++)
+        pthread_join(p->ids[i], NULL);
+    pthread_cond_destroy(&p->wake);
+    pthread_cond_destroy(&p->finished);
+    pthread_mutex_destroy(&p->lock);
+    free(p->ids);
+    free(p->workers);
+    free(p);
+}
+
+/* A pool for calls on `threads` threads (the caller and threads - 1 workers, started here), or NULL if
+   threads < 2 or a thread cannot be started (none is left running). */
+mu_pool *mu_pool_new(int32_t threads) {
+    if (threads < 2)
+        return NULL;
+    mu_pool *p = calloc(1, sizeof(mu_pool));
+    if (p == NULL)
+        return NULL;
+    p->ids = calloc((size_t)threads, sizeof(pthread_t));
+    p->workers = calloc((size_t)threads, sizeof(mu_worker));
+    if (p->ids == NULL || p->workers == NULL) {
+        free(p->ids);
+        free(p->workers);
+        free(p);
+        return NULL;
+    }
+    pthread_mutex_init(&p->lock, NULL);
+    pthread_cond_init(&p->wake, NULL);
+    pthread_cond_init(&p->finished, NULL);
+    for (p->threads = 1; p->threads < threads; p->threads++) {
+        mu_worker *w = &p->workers[p->threads - 1];
+        w->pool = p;
+        w->who = p->threads;
+        if (pthread_create(&p->ids[p->threads - 1], NULL, pool_worker, w) != 0) {
+            mu_pool_free(p);  /* joins the p->threads - 1 already started */
+            return NULL;
+        }
+    }
+    return p;
+}
+
 /* ------------------------------------------------------------------ scratch layout */
 
 typedef struct {
-    float *x, *h, *qkv, *att, *ff, *scores, *out, *step;
+    float *x, *h, *qkv, *att, *ff, *out, *step;
+    float *scores;                  /* per thread (who), scores_stride floats each */
+    size_t scores_stride;
+    mu_pool *pool;                  /* the session's, or NULL */
     int8_t *xq;
     int32_t *corr, *cand;
     int64_t *row, *column, *first;  /* per position: its cache row, its cache column, its sequence's first column */
@@ -141,9 +320,10 @@ static int32_t max_k(const mu_model *m) {
     return k > att ? k : att;
 }
 
-/* Scratch for `positions` positions computed at once, logits of up to `rows` rows, attention over `columns`. */
-static size_t carve(const mu_model *m, int32_t rows, int32_t positions, int32_t columns, unsigned char *base,
-                    mu_buffers *b) {
+/* Scratch for `positions` positions computed at once, logits of up to `rows` rows, attention over `columns` on
+   `threads` threads. */
+static size_t carve(const mu_model *m, int32_t rows, int32_t positions, int32_t columns, int32_t threads,
+                    unsigned char *base, mu_buffers *b) {
     size_t qkv = (size_t)(m->heads + 2 * m->kv_heads) * m->head_dim, att = (size_t)m->heads * m->head_dim;
     size_t ff = (size_t)(m->gelu ? 1 : 2) * m->d_ff, off = 0, n = (size_t)positions;
 #define TAKE(field, type, count) do { if (b) b->field = (type *)(base + off); \
@@ -153,7 +333,10 @@ static size_t carve(const mu_model *m, int32_t rows, int32_t positions, int32_t 
     TAKE(qkv, float, n * qkv);
     TAKE(att, float, n * att);
     TAKE(ff, float, n * ff);
-    TAKE(scores, float, columns);
+    const size_t scores_stride = round_up(sizeof(float) * (size_t)columns) / sizeof(float);
+    if (b)
+        b->scores_stride = scores_stride;
+    TAKE(scores, float, scores_stride * (size_t)threads);
     TAKE(out, float, (size_t)rows * m->vocab);
     TAKE(step, float, n);
     TAKE(xq, int8_t, n * round_up(max_k(m)));
@@ -166,8 +349,8 @@ static size_t carve(const mu_model *m, int32_t rows, int32_t positions, int32_t 
     return off;
 }
 
-size_t mu_scratch_bytes(const mu_model *m, int32_t rows, int32_t positions, int32_t columns) {
-    return carve(m, rows, positions, columns, NULL, NULL);
+size_t mu_scratch_bytes(const mu_model *m, int32_t rows, int32_t positions, int32_t columns, int32_t threads) {
+    return carve(m, rows, positions, columns, threads, NULL, NULL);
 }
 
 /* 1 when float32 weights should come in panels (this build has the AVX-512 panel kernel), else 0. */
@@ -530,12 +713,59 @@ static void linear(const mu_linear *L, int32_t rows, const float *x, int32_t ldx
     }
 }
 
-/* linear() on rows x, quantizing them first when the weights are int8. */
+/* ------------------------------------------------------------------ parallel regions */
+
+/* How many chunks a region of `units` independent units of work takes: one without a pool, else a few per
+   thread (so a thread that runs late leaves work the others take), never more than the units. */
+static int32_t chunk_count(const mu_buffers *b, int32_t units) {
+    const int32_t most = b->pool == NULL ? 1 : 4 * b->pool->threads;
+    return units < most ? units : most;
+}
+
+typedef struct {
+    const mu_linear *L;
+    int32_t rows, ldx, ldy, per;  /* per: outputs per chunk, a multiple of 64 */
+    const float *x;
+    float *y;
+    int accumulate, with_step;
+    const mu_buffers *b;
+} linear_job;
+
+/* Outputs c * per .. of a linear_job: `linear` on the weights' rows for them, which computes each output with
+   the instructions of the whole (a chunk starts on a float32 panel and on an int8 tile of every shape). */
+static void linear_chunk(const void *ctx, int32_t c, int32_t who) {
+    const linear_job *j = ctx;
+    const mu_linear *L = j->L;
+    const int32_t j0 = c * j->per, n = L->n - j0 < j->per ? L->n - j0 : j->per;
+    mu_linear part = *L;
+    (void)who;
+    part.n = n;
+    if (L->panels)
+        part.w = (const float *)L->w + (size_t)(j0 / 64) * L->k * 64;
+    else if (L->scale != NULL)
+        part.w = (const uint8_t *)L->w + (size_t)j0 * L->k;
+    else
+        part.w = (const float *)L->w + (size_t)j0 * L->k;
+    part.scale = L->scale ? L->scale + j0 : NULL;
+    part.bias = L->bias ? L->bias + j0 : NULL;
+    linear(&part, j->rows, j->x, j->ldx, j->y + j0, j->ldy, j->accumulate, j->b, j->with_step);
+}
+
+/* `linear` split over the session's threads by blocks of 64 outputs (the same numbers on any thread count). */
+static void linear_threads(const mu_linear *L, int32_t rows, const float *x, int32_t ldx, float *y, int32_t ldy,
+                           int accumulate, const mu_buffers *b, int with_step) {
+    const int32_t blocks = (L->n + 63) / 64, chunks = chunk_count(b, blocks);
+    const int32_t per = chunks > 0 ? (blocks + chunks - 1) / chunks * 64 : 64;
+    const linear_job job = {L, rows, ldx, ldy, per, x, y, accumulate, with_step, b};
+    run_chunks(b->pool, linear_chunk, &job, (L->n + per - 1) / per);
+}
+
+/* linear() on rows x, quantizing them first when the weights are int8, over the session's threads. */
 static void project(const mu_linear *L, int32_t rows, const float *x, int32_t ldx, float *y, int32_t ldy,
                     int accumulate, mu_buffers *b) {
     if (L->scale != NULL)
         quantize_rows(x, rows, L->k, ldx, b);
-    linear(L, rows, x, ldx, y, ldy, accumulate, b, 1);
+    linear_threads(L, rows, x, ldx, y, ldy, accumulate, b, 1);
 }
 
 static void rms_norm(const float *x, const float *w, float eps, int32_t d, float *y) {
@@ -654,32 +884,55 @@ static void store_kv(const mu_model *m, const mu_session *s, int32_t layer, floa
     }
 }
 
-/* Position p's attention: every query head over columns first..column of its KV head in the cache row.
-   Output: heads * head_dim floats. */
-static void attend(const mu_model *m, const mu_session *s, int32_t layer, const float *q, int64_t row,
+/* Query head i of a position's attention (q: its heads * head_dim floats) over columns first..column of its KV
+   head in cache row `row`, into out (head_dim floats); scores: `column - first + 1` floats of scratch. */
+static void attend(const mu_model *m, const mu_session *s, int32_t layer, int32_t i, const float *q, int64_t row,
                    int64_t column, int64_t first, float *out, float *scores) {
-    const int32_t H = m->heads, G = m->kv_heads, dk = m->head_dim, group = H / G;
+    const int32_t dk = m->head_dim, g = i / (m->heads / m->kv_heads);
     const float scale = 1.0f / sqrtf((float)dk);
-    for (int32_t g = 0; g < G; g++) {
-        size_t base = (size_t)(layer * s->layer_stride + row * s->row_stride + g * s->head_stride);
-        const float *kc = s->k + base, *vc = s->v + base;
-        for (int32_t i = g * group; i < (g + 1) * group; i++) {
-            const float *qi = q + (size_t)i * dk;
-            float *o = out + (size_t)i * dk;
+    size_t base = (size_t)(layer * s->layer_stride + row * s->row_stride + g * s->head_stride);
+    const float *kc = s->k + base, *vc = s->v + base, *qi = q + (size_t)i * dk;
 #if defined(MU_AVX512)
-            switch (dk) {
-            case 16: attend_head(1, qi, kc, vc, first, column, scale, scores, o); continue;
-            case 32: attend_head(2, qi, kc, vc, first, column, scale, scores, o); continue;
-            case 48: attend_head(3, qi, kc, vc, first, column, scale, scores, o); continue;
-            case 64: attend_head(4, qi, kc, vc, first, column, scale, scores, o); continue;
-            case 96: attend_head(6, qi, kc, vc, first, column, scale, scores, o); continue;
-            case 128: attend_head(8, qi, kc, vc, first, column, scale, scores, o); continue;
-            default: break;
-            }
-#endif
-            attend_head_any(dk, qi, kc, vc, first, column, scale, scores, o);
-        }
+    switch (dk) {
+    case 16: attend_head(1, qi, kc, vc, first, column, scale, scores, out); return;
+    case 32: attend_head(2, qi, kc, vc, first, column, scale, scores, out); return;
+    case 48: attend_head(3, qi, kc, vc, first, column, scale, scores, out); return;
+    case 64: attend_head(4, qi, kc, vc, first, column, scale, scores, out); return;
+    case 96: attend_head(6, qi, kc, vc, first, column, scale, scores, out); return;
+    case 128: attend_head(8, qi, kc, vc, first, column, scale, scores, out); return;
+    default: break;
     }
+#endif
+    attend_head_any(dk, qi, kc, vc, first, column, scale, scores, out);
+}
+
+typedef struct {
+    const mu_model *m;
+    const mu_session *s;
+    const mu_buffers *b;
+    int32_t layer, n, per;  /* per: (position, query head) pairs per chunk */
+} attend_job;
+
+/* Pairs c * per .. (position p = pair / heads, head pair % heads) of an attend_job, on thread `who`'s scores. */
+static void attend_chunk(const void *ctx, int32_t c, int32_t who) {
+    const attend_job *j = ctx;
+    const mu_model *m = j->m;
+    const mu_buffers *b = j->b;
+    const int32_t H = m->heads, nqkv = (H + 2 * m->kv_heads) * m->head_dim, natt = H * m->head_dim;
+    const int32_t end = (c + 1) * j->per < j->n * H ? (c + 1) * j->per : j->n * H;
+    float *scores = b->scores + (size_t)who * b->scores_stride;
+    for (int32_t pair = c * j->per; pair < end; pair++) {
+        const int32_t p = pair / H, i = pair % H;
+        attend(m, j->s, j->layer, i, b->qkv + (size_t)p * nqkv, b->row[p], b->column[p], b->first[p],
+               b->att + (size_t)p * natt + (size_t)i * m->head_dim, scores);
+    }
+}
+
+/* Every query head of the n positions of a layer over the session's threads. */
+static void attend_threads(const mu_model *m, const mu_session *s, int32_t layer, int32_t n, const mu_buffers *b) {
+    const int32_t pairs = n * m->heads, chunks = chunk_count(b, pairs), per = (pairs + chunks - 1) / chunks;
+    const attend_job job = {m, s, b, layer, n, per};
+    run_chunks(b->pool, attend_chunk, &job, (pairs + per - 1) / per);
 }
 
 /* f[i] = silu(f[i]) * f[d_ff + i] (SwiGLU) or gelu(f[i]) for one row. */
@@ -788,7 +1041,7 @@ static float head_score(const mu_model *m, const float *h, int32_t j, const mu_b
 static void screened_argmax(const mu_model *m, int32_t rows, mu_buffers *b, int64_t *ids) {
     const int32_t d = m->d, V = m->vocab;
     quantize_rows(b->h, rows, d, d, b);
-    linear(&m->screen, rows, b->h, d, b->out, V, 0, b, 0);
+    linear_threads(&m->screen, rows, b->h, d, b->out, V, 0, b, 0);
     for (int32_t r = 0; r < rows; r++) {
         const float *h = b->h + (size_t)r * d, *approx = b->out + (size_t)r * V;
         float best = max_value(approx, V), l1 = 0.0f;
@@ -815,7 +1068,7 @@ static void screened_argmax(const mu_model *m, int32_t rows, mu_buffers *b, int6
             ids[r] = top;
         } else {
             float *full = b->out + (size_t)r * V;  /* this row's screen scores are no longer needed */
-            linear(&m->head, 1, h, d, full, V, 0, b, 0);
+            linear_threads(&m->head, 1, h, d, full, V, 0, b, 0);
             ids[r] = argmax(full, V);
         }
     }
@@ -836,9 +1089,7 @@ static void forward(const mu_model *m, const mu_session *s, int32_t n, mu_buffer
         project(&L->qkv, n, b->h, d, b->qkv, nqkv, 0, b);
         for (int32_t p = 0; p < n; p++)
             store_kv(m, s, l, b->qkv + (size_t)p * nqkv, b->row[p], b->column[p], b->first[p]);
-        for (int32_t p = 0; p < n; p++)
-            attend(m, s, l, b->qkv + (size_t)p * nqkv, b->row[p], b->column[p], b->first[p],
-                   b->att + (size_t)p * natt, b->scores);
+        attend_threads(m, s, l, n, b);
         project(&L->o, n, b->att, natt, b->x, d, 1, b);
         for (int32_t p = 0; p < n; p++)
             rms_norm(b->x + (size_t)p * d, L->norm2, L->eps2, d, b->h + (size_t)p * d);
@@ -867,13 +1118,22 @@ static void head(const mu_model *m, int32_t rows, const float *h, mu_buffers *b,
             ids[r] = argmax(out + (size_t)r * m->vocab, m->vocab);
 }
 
+/* Whether the session's pool runs its thread count (its scratch holds scores for that many threads). */
+static int threads_agree(const mu_session *s) {
+    return s->threads >= 1 && (s->threads == 1 ? s->pool == NULL : s->pool != NULL && s->pool->threads == s->threads);
+}
+
 /* Feed tokens[r] to row r at cache column `pos` (row r's sequence starts at column first[r]; NULL: 0) and
    produce, per row, logits (V floats) and/or the greedy id, as `head`. Returns 0, or -1 for a token outside
-   the vocabulary, -2 for a column outside the cache or before a row's first, or more rows than the session. */
+   the vocabulary, -2 for a column outside the cache or before a row's first, or more rows than the session, -3
+   for a session whose pool does not run its thread count. */
 int mu_step(const mu_model *m, const mu_session *s, int32_t rows, const int64_t *tokens, int64_t pos,
             const int64_t *first, float *logits, int64_t *ids) {
     mu_buffers b;
-    carve(m, s->rows, s->positions, s->columns, s->scratch, &b);
+    if (!threads_agree(s))
+        return -3;
+    carve(m, s->rows, s->positions, s->columns, s->threads, s->scratch, &b);
+    b.pool = s->pool;
     if (rows > s->rows || pos < 0 || pos >= s->columns)
         return -2;
     for (int32_t r = 0; r < rows; r++) {
@@ -893,11 +1153,15 @@ int mu_step(const mu_model *m, const mu_session *s, int32_t rows, const int64_t 
 
 /* The prefill of one sequence: input embeddings `embeds` (n x d floats) at columns first..first+n-1 of cache row
    `row`, attending causally from column `first`. Produces the last position's logits and/or greedy id, as
-   `head`. Returns 0, or -2 for columns or a row outside the cache or more positions than the session holds. */
+   `head`. Returns 0, or -2 for columns or a row outside the cache or more positions than the session holds, -3
+   as mu_step. */
 int mu_prefill(const mu_model *m, const mu_session *s, int32_t row, int32_t n, const float *embeds, int64_t first,
                float *logits, int64_t *id) {
     mu_buffers b;
-    carve(m, s->rows, s->positions, s->columns, s->scratch, &b);
+    if (!threads_agree(s))
+        return -3;
+    carve(m, s->rows, s->positions, s->columns, s->threads, s->scratch, &b);
+    b.pool = s->pool;
     if (n < 1 || n > s->positions || row < 0 || row >= s->rows || first < 0 || first + n > s->columns)
         return -2;
     for (int32_t p = 0; p < n; p++) {

@@ -2,17 +2,18 @@
 
 Why: a Thinker decode step through torch is some 150 small ops whose dispatch (2-17 µs each) costs more than
 their arithmetic at μOmni sizes; the C step does a whole step (or a whole prompt's prefill) in one call,
-reading each weight once per call for all rows (see the C file for the numbers it computes). The Talker, the
-reference decode mode, MoE blocks, bfloat16/float16 and int4 weights and non-CPU devices stay on the torch
-path.
+reading each weight once per call for all rows (see the C file for the numbers it computes), on
+torch.get_num_threads() threads (what --threads sets: a session's pool of workers, started once; the same
+numbers on any count; `native_model` reports the count). The Talker, the reference decode mode, MoE blocks,
+bfloat16/float16 and int4 weights and non-CPU devices stay on the torch path.
 
 `native_model(model, kernel, reference, screen)` says which path a generation takes and why: decode_kernel
 "auto" takes the C step where it applies, "c" requires it (OmniError naming the reason otherwise), "torch"
 never takes it. The library is compiled once per source, compiler, flags and CPU into the cache directory
 (`MUOMNI_CACHE_DIR`, else `$XDG_CACHE_HOME/muomni`, else `~/.cache/muomni`, else, without a usable home,
 `$TMPDIR/muomni-UID`; written atomically, as decode_step-TOOLCHAIN-SOURCE.so), with `$CC` (default `cc`),
-`-O3 -march=native` and then `$MUOMNI_CFLAGS`: about a second, bounded by `MUOMNI_COMPILE_TIMEOUT` seconds
-(default 60). Writing a build removes that toolchain's builds of other versions of step.c (see
+`-O3 -march=native -pthread` and then `$MUOMNI_CFLAGS`: about a second, bounded by `MUOMNI_COMPILE_TIMEOUT`
+seconds (default 60). Writing a build removes that toolchain's builds of other versions of step.c (see
 `remove_stale_builds`).
 
 A library is loaded only if it is ours, as ssh treats keys (see `private_dir` and `_not_ours`): the
@@ -58,7 +59,7 @@ from utils.base.errors import OmniError
 from utils.weights.quant import GreedyHead, Int8Linear
 
 SOURCE = Path(__file__).with_name("step.c")
-CFLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-fno-math-errno")
+CFLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-fno-math-errno", "-pthread")
 COMPILE_TIMEOUT_S = 60.0  # seconds per compiler run unless MUOMNI_COMPILE_TIMEOUT says
 REAP_TIMEOUT_S = 5.0  # after killing a compiler: how long its output pipes may stay open (a process that left
 #                       its group keeps them; the group's own processes close them as they die)
@@ -86,10 +87,11 @@ class _Model(ctypes.Structure):
 class _Session(ctypes.Structure):
     _fields_ = [("k", ctypes.c_void_p), ("v", ctypes.c_void_p), ("layer_stride", ctypes.c_int64),
                 ("row_stride", ctypes.c_int64), ("head_stride", ctypes.c_int64), ("columns", ctypes.c_int32),
-                ("rows", ctypes.c_int32), ("positions", ctypes.c_int32), ("scratch", ctypes.c_void_p)]
+                ("rows", ctypes.c_int32), ("positions", ctypes.c_int32), ("threads", ctypes.c_int32),
+                ("scratch", ctypes.c_void_p), ("pool", ctypes.c_void_p)]
 
 
-ABI_VERSION = 1  # step.c's MU_ABI_VERSION: bump both when a struct above or an exported signature changes
+ABI_VERSION = 2  # step.c's MU_ABI_VERSION: bump both when a struct above or an exported signature changes
 SHARED_STRUCTS = (_Linear, _Layer, _Model, _Session)  # step.c's mu_linear, mu_layer, mu_model, mu_session
 SIGNATURES = {  # every function step.c exports: (restype, argtypes)
     "mu_abi": (ctypes.c_int32, [ctypes.POINTER(ctypes.c_int32), ctypes.c_int32]),
@@ -97,7 +99,10 @@ SIGNATURES = {  # every function step.c exports: (restype, argtypes)
                                ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]),
     "mu_prefill": (ctypes.c_int, [ctypes.POINTER(_Model), ctypes.POINTER(_Session), ctypes.c_int32, ctypes.c_int32,
                                   ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]),
-    "mu_scratch_bytes": (ctypes.c_size_t, [ctypes.POINTER(_Model), ctypes.c_int32, ctypes.c_int32, ctypes.c_int32]),
+    "mu_scratch_bytes": (ctypes.c_size_t, [ctypes.POINTER(_Model), ctypes.c_int32, ctypes.c_int32, ctypes.c_int32,
+                                           ctypes.c_int32]),
+    "mu_pool_new": (ctypes.c_void_p, [ctypes.c_int32]),
+    "mu_pool_free": (None, [ctypes.c_void_p]),
     "mu_features": (ctypes.c_char_p, []),
     "mu_f32_panels": (ctypes.c_int, []),
 }
@@ -575,22 +580,35 @@ class NativeModel:
 
 class NativeSession:
     """The C step bound to one KV cache (models.layers.KVCache) and a scratch buffer for up to `positions`
-    positions per call (a prefill's length; at least the cache's rows), both allocated once; `prefill` and
-    `step` allocate nothing."""
+    positions per call (a prefill's length; at least the cache's rows), computing on `threads` threads (default
+    torch.get_num_threads(), what --threads sets): the caller and a pool of threads - 1 workers started here and
+    kept until the session is freed. All allocated once; `prefill` and `step` allocate nothing. The numbers do
+    not depend on `threads`."""
 
-    def __init__(self, native: NativeView, cache_k: torch.Tensor, cache_v: torch.Tensor, positions: int = 1) -> None:
+    def __init__(self, native: NativeView, cache_k: torch.Tensor, cache_v: torch.Tensor, positions: int = 1,
+                 threads: int | None = None) -> None:
         if cache_k.dtype != torch.float32 or cache_k.stride() != cache_v.stride() or cache_k.stride(-1) != 1 \
                 or cache_k.stride(-2) != cache_k.shape[-1]:
             raise Unsupported("the KV cache layout")
+        threads = torch.get_num_threads() if threads is None else threads
+        if threads < 1:
+            raise ValueError(f"threads {threads}: the C step runs on at least one")
         self.native = native
         rows, columns = cache_k.shape[1], cache_k.shape[3]
         positions = max(rows, positions)
         self.struct = _Session(k=cache_k.data_ptr(), v=cache_v.data_ptr(), layer_stride=cache_k.stride(0),
                                row_stride=cache_k.stride(1), head_stride=cache_k.stride(2), columns=columns,
-                               rows=rows, positions=positions)
-        self.scratch = torch.empty(native.lib.mu_scratch_bytes(native.ref, rows, positions, columns),
+                               rows=rows, positions=positions, threads=threads)
+        self.scratch = torch.empty(native.lib.mu_scratch_bytes(native.ref, rows, positions, columns, threads),
                                    dtype=torch.uint8)
         self.struct.scratch = self.scratch.data_ptr()
+        if threads > 1:
+            pool = native.lib.mu_pool_new(threads)
+            if not pool:
+                raise OmniError(f"the C step cannot start {threads - 1} worker threads (--threads {threads})")
+            self.struct.pool = pool
+            weakref.finalize(self, native.lib.mu_pool_free, pool)  # joins the workers
+        self.threads = threads
         self.keep = (cache_k, cache_v)
         self.ref = ctypes.byref(self.struct)
         self.ids = torch.zeros(rows, dtype=torch.long)
@@ -633,9 +651,9 @@ _MODELS: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, NativeModel]]" = wea
 
 def native_model(model: nn.Module, kernel: str, reference: bool, screen: GreedyHead | None
                  ) -> tuple[NativeView | None, str]:
-    """(the C step's view of `model` with `screen`, "c (...)"), or (None, "torch (why)") — the decode path a
-    generation with decode_kernel `kernel` takes. `kernel` "c" raises OmniError instead of falling back. The
-    weights are laid out once per weight version."""
+    """(the C step's view of `model` with `screen`, "c (FEATURES, N threads, COMPILER)"), or (None, "torch (why)")
+    — the decode path a generation with decode_kernel `kernel` takes (on torch.get_num_threads() threads).
+    `kernel` "c" raises OmniError instead of falling back. The weights are laid out once per weight version."""
     if kernel not in DECODE_KERNELS:
         raise ValueError(f"decode_kernel {kernel!r}: use one of {', '.join(DECODE_KERNELS)}")
     if kernel == "torch":
@@ -651,6 +669,9 @@ def native_model(model: nn.Module, kernel: str, reference: bool, screen: GreedyH
     if lib is None:
         reason = detail
     else:
+        threads = torch.get_num_threads()  # what a NativeSession made now computes on
+        features, compiler = detail.split(", ", 1)  # library()'s "c (FEATURES, COMPILER)"
+        detail = f"{features}, {threads} thread{'s' if threads > 1 else ''}, {compiler}"
         key = weights_key([model])
         hit = _MODELS.get(model)
         if hit is not None and hit[0] == key:
