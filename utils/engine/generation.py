@@ -48,6 +48,7 @@ from models.thinker import ThinkerLM
 from utils.base.defaults import DECODE_ATTENTION, EOS_ID
 from utils.base.errors import EngineClosed, QueueFull
 from utils.base.options import SamplingOptions
+from utils.engine.constrain import Constraint
 from utils.engine.native.step import NativeSession, native_model
 from utils.engine.sampling import apply_repetition_penalty, greedy_head, greedy_screen, sample
 from utils.weights.quant import GreedyHead
@@ -235,11 +236,14 @@ class Slots:
 @dataclass
 class RowPrompt:
     """One request ready for the engine: prompt embeddings (T, d), its text ids (for the repetition
-    penalty), the sampling options (`max_new_tokens` is this row's budget) and notes for the caller."""
+    penalty), the sampling options (`max_new_tokens` is this row's budget), notes for the caller, and with
+    `opts.response_format` the row's grammar state (utils.engine.constrain.Constraint, built by the caller, who
+    has the tokenizer)."""
     embeds: torch.Tensor
     ids: list[int]
     opts: SamplingOptions
     notes: list[str] = field(default_factory=list)
+    constraint: Constraint | None = None
 
 
 def _no_start(prompt: RowPrompt) -> None:
@@ -258,6 +262,7 @@ class Row:
         self.generator: torch.Generator | None = None
         self.generated = 0
         self.greedy = True
+        self.constraint: Constraint | None = None
 
     def cancel(self) -> None:
         """Free the row at the scheduler's next step (a client went away, a stop string matched)."""
@@ -384,6 +389,8 @@ class Scheduler:
         if prompt.embeds.ndim != 2:
             raise ValueError(f"a row's prompt embeddings must be (T, d), not {tuple(prompt.embeds.shape)}")
         check_budget(self.model, prompt.embeds.shape[0], opts.max_new_tokens, opts)
+        if opts.response_format != (prompt.constraint.format if prompt.constraint is not None else None):
+            raise ValueError("a row's response_format and its Constraint (RowPrompt.constraint) must agree")
         for name in ENGINE_WIDE:
             if getattr(opts, name) != getattr(self.opts, name):
                 raise ValueError(f"this engine decodes with {name} {getattr(self.opts, name)!r}, "
@@ -392,7 +399,8 @@ class Scheduler:
     def _start(self, row: Row, prompt: RowPrompt) -> int:
         """Place and prefill one row; emit its first id. 1 if it is still running after that, else 0."""
         opts = prompt.opts
-        row.opts, row.greedy = opts, opts.greedy
+        row.opts, row.constraint = opts, prompt.constraint
+        row.greedy = opts.greedy and row.constraint is None
         row.generator = torch.Generator(device=self.device).manual_seed(opts.seed) if opts.seed is not None else None
         embeds = prompt.embeds.to(self.device)
         slot = self.slots.place(embeds.shape[0], opts.max_new_tokens - 1)
@@ -450,10 +458,14 @@ class Scheduler:
                 self.finish(row, "cancelled")
 
     def _pick(self, row: Row, slot: int, logits: torch.Tensor) -> int:
-        """One row's next id from its logits (1, V): its penalty, then its own sampling and generator."""
+        """One row's next id from its logits (1, V): its penalty, its grammar's mask (a constrained row is never
+        greedy, so it always comes here: neither the C step's argmax nor the int8 screen skips the mask), then
+        its own sampling and generator."""
         opts = row.opts
         if opts.repetition_penalty != 1.0:
             logits = apply_repetition_penalty(logits, self.seen[slot:slot + 1], opts.repetition_penalty)
+        if row.constraint is not None:
+            logits = row.constraint.mask(logits)
         return int(sample(logits, opts, row.generator)[0])
 
     def _pick_rows(self, logits: torch.Tensor) -> list[int]:
@@ -477,6 +489,12 @@ class Scheduler:
         if row.generated >= row.opts.max_new_tokens:
             self.finish(row, "length")
             return True
+        if row.constraint is not None:
+            try:
+                row.constraint.advance(tid)
+            except Exception as exc:  # a dead end of this row's grammar fails this row only
+                self.finish(row, "error", exc)
+                return True
         return False
 
     def _free(self, slot: int) -> None:
@@ -520,13 +538,15 @@ class _Outcome:
 
 
 def generate(model: ThinkerLM, embeds: torch.Tensor, opts: SamplingOptions,
-             prompt_ids: list[int] | None = None, info: dict[str, Any] | None = None) -> Iterator[int]:
+             prompt_ids: list[int] | None = None, info: dict[str, Any] | None = None,
+             constraint: Constraint | None = None) -> Iterator[int]:
     """Yield new token ids for one prompt (`embeds` (1, T, d)) until EOS or `max_new_tokens`; EOS is not
-    yielded. A batch of one on the Scheduler. `info`, if given, receives "decode_kernel" (Slots.kernel)."""
+    yielded. A batch of one on the Scheduler. `info`, if given, receives "decode_kernel" (Slots.kernel) and
+    "finish_reason" (the Scheduler's) once done; `constraint`: the row's grammar state (RowPrompt)."""
     if opts.max_new_tokens <= 0:
         return
     with torch.inference_mode():
-        prompt = RowPrompt(embeds[0], list(prompt_ids or []), opts)
+        prompt = RowPrompt(embeds[0], list(prompt_ids or []), opts, constraint=constraint)
         engine = one_off(model, [prompt], opts)
         if info is not None:
             info["decode_kernel"] = engine.kernel
@@ -539,20 +559,26 @@ def generate(model: ThinkerLM, embeds: torch.Tensor, opts: SamplingOptions,
             if row.reason is not None:
                 if row.error is not None:
                     raise row.error
+                if info is not None:
+                    info["finish_reason"] = row.reason
                 return
             engine.decode()
 
 
 def generate_batch(model: ThinkerLM, embeds: list[torch.Tensor], prompt_ids: list[list[int]] | None,
                    opts: SamplingOptions, max_new_tokens: list[int] | None = None,
-                   step_times: list[float] | None = None, info: dict[str, Any] | None = None
+                   step_times: list[float] | None = None, info: dict[str, Any] | None = None,
+                   constraints: list[Constraint | None] | None = None, reasons: list[str] | None = None
                    ) -> list[list[int]]:
     """New token ids for several prompts at once (each embeds[i] is (T_i, d)), EOS not included: the rows
     submitted together to one Scheduler. Each row's ids are those `generate` gives it alone (greedy, and
     sampled with a seed: every row has its own generator). Row i stops at EOS or its budget
     (`max_new_tokens[i]`, default `opts.max_new_tokens`; 0: no answer). `step_times`, if given, receives
     time.perf_counter() as each step's ids arrive (entry i: when every row's i-th token was known). `info` as
-    for `generate`. A row that fails raises its error once the others have finished."""
+    for `generate` (without finish_reason); `constraints[i]`: row i's grammar state (RowPrompt: it sets the row's
+    response_format, whatever `opts` has); `reasons`, if
+    given, receives each row's finish reason (None for a row of budget 0). A row that fails raises its error once
+    the others have finished."""
     if not embeds:
         return []
     if any(e.ndim != 2 for e in embeds):
@@ -569,8 +595,10 @@ def generate_batch(model: ThinkerLM, embeds: list[torch.Tensor], prompt_ids: lis
     if not live:
         return [[] for _ in range(B)]
     with torch.inference_mode():
-        prompts = {b: RowPrompt(embeds[b], list(prompt_ids[b]), dataclasses.replace(opts, max_new_tokens=budgets[b]))
-                   for b in live}
+        grammar = constraints or [None] * B
+        prompts = {b: RowPrompt(embeds[b], list(prompt_ids[b]), dataclasses.replace(
+            opts, max_new_tokens=budgets[b], response_format=grammar[b].format if grammar[b] else None),
+            constraint=grammar[b]) for b in live}
         engine = one_off(model, list(prompts.values()), opts)
         if info is not None:
             info["decode_kernel"] = engine.kernel
@@ -586,6 +614,8 @@ def generate_batch(model: ThinkerLM, embeds: list[torch.Tensor], prompt_ids: lis
     for row in rows:
         if row.error is not None:
             raise row.error
+    if reasons is not None:
+        reasons.extend(row.reason for row in rows)
     return [row.ids for row in rows]
 
 

@@ -48,7 +48,7 @@ _GREEDY_HEADS: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, GreedyHead]]" 
 def greedy_screen(model: ThinkerLM, opts: SamplingOptions) -> GreedyHead | None:
     """The int8 screen a one-off generation with `opts` uses for its plain greedy rows, if any: built only when
     the budget is long enough to repay it (a cached one is used either way)."""
-    if opts.temperature > 0 or opts.repetition_penalty != 1.0 or not opts.fast_greedy:
+    if not opts.greedy or not opts.fast_greedy:
         return None
     return greedy_head(model, build=opts.max_new_tokens >= SCREEN_MIN_TOKENS)
 

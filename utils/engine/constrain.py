@@ -1,0 +1,162 @@
+"""Constrained decoding: an answer held to a grammar (any JSON object, a JSON schema, a GBNF or Lark grammar),
+through llguidance (the only module that imports it).
+
+Why llguidance: it computes a row's token mask from the grammar's lexer and parser state on the fly (no
+per-vocabulary precompilation, so a new schema costs about a millisecond), takes any tokenizer given as one byte
+string per id, reads JSON schemas, Lark and llama.cpp's GBNF, depends on nothing (an abi3 wheel; xgrammar pulls
+torch and would move the pinned one), and on μOmni's 512-piece SentencePiece vocabulary a mask costs ~10 µs.
+
+`Vocabulary` describes the model's ids once per model: a SentencePiece piece is its text with "▁" as a space, a
+byte-fallback piece <0xNN> is that byte; control pieces (<s>, </s>), the unknown piece and ids past the
+tokenizer's pieces (a thinker's embedding table may be larger) are never allowed. EOS is allowed exactly where the
+grammar accepts. `Constraint` is one row's state: `mask(logits)` sets every id the grammar does not allow next to
+-inf before the pick, `advance(id)` feeds the picked id and computes the next mask (into buffers allocated once
+per row). A vocabulary without byte fallback may lack the characters a grammar needs: a grammar no id can start
+is refused when the row is built, and a row with no id left to continue it fails with an OmniError.
+"""
+from __future__ import annotations
+
+import collections
+import threading
+from typing import Any
+
+import llguidance
+import torch
+
+from utils.base.defaults import BOS_ID, EOS_ID
+from utils.base.errors import OmniError
+from utils.media.tokenizer import Tokenizer
+
+# Compact JSON, as json.dumps writes it: a small model given free whitespace can pad an answer with it forever.
+JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+GRAMMAR_CACHE = 64  # compiled grammars kept per vocabulary (a server sees the same schema again and again)
+
+
+def grammar_text(response_format: dict[str, Any]) -> str:
+    """llguidance's grammar for a response format the options table accepted (utils.base.options): json_object,
+    json_schema (its schema) or grammar (GBNF or Lark text: llguidance tells them apart)."""
+    kind = response_format["type"]
+    if kind == "json_object":
+        return llguidance.LLMatcher.grammar_from_json_schema({"type": "object"}, overrides=JSON_OPTIONS)
+    if kind == "json_schema":
+        return llguidance.LLMatcher.grammar_from_json_schema(response_format["json_schema"]["schema"],
+                                                             overrides=JSON_OPTIONS)
+    if kind == "grammar":
+        try:
+            return llguidance.grammar_from("grammar", response_format["grammar"])
+        except ValueError as exc:  # GBNF that does not convert
+            raise OmniError(f"response_format grammar: {exc}") from None
+    raise ValueError(f"response format {kind!r} has no grammar")
+
+
+class Vocabulary:
+    """The model's ids as llguidance sees them (module docstring), and the grammars compiled against them."""
+
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int) -> None:
+        sp = tokenizer.sp
+        pieces = min(tokenizer.vocab_size, vocab_size)
+        self.size = vocab_size
+        self.tokens: list[bytes] = []
+        self.special: list[int] = []
+        for i in range(pieces):
+            piece = sp.IdToPiece(i)
+            if sp.IsControl(i) or sp.IsUnknown(i) or sp.IsUnused(i):
+                self.tokens.append(b"\xff" + piece.encode())  # llguidance's mark of a special token
+                self.special.append(i)
+            elif sp.IsByte(i):
+                self.tokens.append(bytes([int(piece[3:5], 16)]))
+            else:
+                self.tokens.append(piece.replace("\u2581", " ").encode())
+        self.tokens += [b""] * (vocab_size - pieces)  # no text: never allowed
+        self.by_bytes: dict[bytes, int] = {}
+        for i, tok in enumerate(self.tokens):
+            if tok and i not in self.special:
+                self.by_bytes.setdefault(tok, i)
+        self.longest = max(map(len, self.by_bytes), default=1)
+        self.eos_token_id, self.bos_token_id, self.special_token_ids = EOS_ID, BOS_ID, self.special
+        self.lltokenizer = llguidance.LLTokenizer(llguidance.TokenizerWrapper(self), n_vocab=vocab_size)
+        self.compiled: collections.OrderedDict[str, llguidance.LLMatcher] = collections.OrderedDict()
+        self.lock = threading.Lock()  # the server builds rows on its engine thread and checks them on others
+
+    def __call__(self, text: bytes | str) -> list[int]:
+        """The ids spelling `text` byte for byte, longest piece first (what llguidance tokenizes forced text
+        with; SentencePiece's own encoding normalises and adds a leading space). Stops before a byte no piece
+        has (a vocabulary without byte fallback)."""
+        data = text.encode() if isinstance(text, str) else text
+        ids, at = [], 0
+        while at < len(data):
+            for k in range(min(self.longest, len(data) - at), 0, -1):
+                tid = self.by_bytes.get(data[at:at + k])
+                if tid is not None:
+                    ids.append(tid)
+                    at += k
+                    break
+            else:
+                return ids
+        return ids
+
+    def constraint(self, response_format: dict[str, Any], device: torch.device | str = "cpu") -> "Constraint":
+        """A fresh row state for `response_format`; OmniError when the grammar does not compile or no id of
+        this vocabulary can start it."""
+        text = grammar_text(response_format)
+        with self.lock:
+            template = self.compiled.get(text)
+            if template is None:
+                template = llguidance.LLMatcher(self.lltokenizer, text, log_level=0)
+                if template.is_error():
+                    raise OmniError(f"response_format: {template.get_error()}")
+                self.compiled[text] = template
+                while len(self.compiled) > GRAMMAR_CACHE:
+                    self.compiled.popitem(last=False)
+            else:
+                self.compiled.move_to_end(text)
+            matcher = template.deep_copy()
+        row = Constraint(matcher, response_format, self.size, device)
+        if row.banned.all():
+            raise OmniError(f"response_format: no token of this model's vocabulary ({self.size} ids) can start the "
+                            "required output (its tokenizer lacks the characters, and has no byte fallback)")
+        return row
+
+
+class Constraint:
+    """One row's grammar state (module docstring). Per token: the mask written into buffers allocated here."""
+
+    def __init__(self, matcher: llguidance.LLMatcher, response_format: dict[str, Any], vocab_size: int,
+                 device: torch.device | str) -> None:
+        self.matcher, self.format, self.size = matcher, response_format, vocab_size
+        words = (vocab_size + 31) // 32
+        self.bits = torch.zeros(words, dtype=torch.int32)
+        self.shifts = torch.arange(32, dtype=torch.int32)
+        self.unpacked = torch.zeros(words, 32, dtype=torch.int32)
+        self.banned_cpu = torch.zeros(words * 32, dtype=torch.bool)
+        self.banned = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+        self._compute()
+
+    def _compute(self) -> None:
+        """The next mask: llguidance's bitmask (bit i of word i // 32 set: id i allowed), unpacked into `banned`."""
+        self.matcher.unsafe_compute_mask_ptr(self.bits.data_ptr(), self.bits.numel() * 4)
+        torch.bitwise_right_shift(self.bits[:, None], self.shifts, out=self.unpacked)
+        torch.bitwise_and(self.unpacked, 1, out=self.unpacked)
+        torch.eq(self.unpacked.view(-1), 0, out=self.banned_cpu)
+        self.banned.copy_(self.banned_cpu[:self.size])
+
+    def mask(self, logits: torch.Tensor) -> torch.Tensor:
+        """`logits` (1, V) with every id the grammar does not allow next set to -inf, in place."""
+        return logits.masked_fill_(self.banned, float("-inf"))
+
+    def advance(self, token_id: int) -> None:
+        """Feed the picked id and compute the next mask. OmniError when the grammar refuses it (a pick that
+        skipped the mask) or no id can continue the output (a vocabulary lacking the characters it needs)."""
+        if not self.matcher.consume_token(token_id):
+            raise OmniError(f"the constrained answer cannot continue with token {token_id}: "
+                            f"{self.matcher.get_error() or 'not allowed by the grammar'}")
+        self._compute()
+        if self.banned_cpu[:self.size].all():
+            raise OmniError("the constrained answer is stuck: no token of this model's vocabulary continues it "
+                            "(its tokenizer lacks the characters the grammar needs next)")
+
+    @property
+    def accepting(self) -> bool:
+        """Whether the output so far is complete (EOS allowed)."""
+        return self.matcher.is_accepting()
+
