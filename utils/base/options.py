@@ -122,6 +122,9 @@ class Option:
 
 
 RESPONSE_FORMATS = ("text", "json_object", "json_schema", "grammar")
+# How JSON answers are written (llguidance's JSON options): compact, as json.dumps writes it, since a small model
+# given free whitespace can pad an answer with it until the budget runs out.
+JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
 def response_format(value: dict) -> dict | None:

@@ -25,10 +25,9 @@ import torch
 
 from utils.base.defaults import BOS_ID, EOS_ID
 from utils.base.errors import OmniError
+from utils.base.options import JSON_STYLE
 from utils.media.tokenizer import Tokenizer
 
-# Compact JSON, as json.dumps writes it: a small model given free whitespace can pad an answer with it forever.
-JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 GRAMMAR_CACHE = 64  # compiled grammars kept per vocabulary (a server sees the same schema again and again)
 
 
@@ -37,10 +36,10 @@ def grammar_text(response_format: dict[str, Any]) -> str:
     json_schema (its schema) or grammar (GBNF or Lark text: llguidance tells them apart)."""
     kind = response_format["type"]
     if kind == "json_object":
-        return llguidance.LLMatcher.grammar_from_json_schema({"type": "object"}, overrides=JSON_OPTIONS)
+        return llguidance.LLMatcher.grammar_from_json_schema({"type": "object"}, overrides=JSON_STYLE)
     if kind == "json_schema":
         return llguidance.LLMatcher.grammar_from_json_schema(response_format["json_schema"]["schema"],
-                                                             overrides=JSON_OPTIONS)
+                                                             overrides=JSON_STYLE)
     if kind == "grammar":
         try:
             return llguidance.grammar_from("grammar", response_format["grammar"])

@@ -127,6 +127,11 @@ class OmniServer:
         if req.speak and "talker" not in self.model.components:
             raise ApiError(400, "audio output needs a talker checkpoint, and this model has none", "invalid_value",
                            "modalities")
+        if opts["response_format"] is not None:  # a schema or grammar that does not compile: 400 naming the field
+            try:
+                await run_in_threadpool(self.model.constraint, opts["response_format"])
+            except OmniError as exc:
+                raise ApiError(400, str(exc), "invalid_value", req.format_field) from exc
         images, wave = await self.load_request_media(req)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()

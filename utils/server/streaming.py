@@ -50,6 +50,16 @@ def finish_reason(engine_reason: str, stopped: bool) -> str:
     return "stop" if stopped else engine_reason
 
 
+def tool_finish(engine_finish: str, called: bool) -> str:
+    """A forced call's finish_reason: "tool_calls" once its arguments are complete, else the engine's ("length":
+    the budget ran out, and the arguments are cut where it did)."""
+    return "tool_calls" if called and engine_finish == "stop" else engine_finish
+
+
+def call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
 def spoken(data: str, text: str) -> dict[str, Any]:
     """The `audio` object of a spoken answer (base64 WAV and its transcript)."""
     return {"id": f"audio_{uuid.uuid4().hex}", "data": data, "expires_at": int(time.time()) + 3600,
@@ -122,6 +132,11 @@ class Answering:
         if error is not None:
             raise engine_error(error)
         message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+        name, args = self.req.tool.split(text) if self.req.tool is not None else (None, "")
+        if name is not None:  # a forced call: its arguments as the call, not as text
+            message = {"role": "assistant", "content": None, "refusal": None, "tool_calls": [
+                {"id": call_id(), "type": "function", "function": {"name": name, "arguments": args}}]}
+            finish = tool_finish(finish, True)
         if self.req.speak:
             message["audio"] = spoken(await self.speak(text), text)
         return JSONResponse({"id": chat_id, "object": "chat.completion", "created": int(time.time()),
@@ -144,15 +159,20 @@ class Answering:
                 obj["usage"] = usage
             return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
+        tool = self.req.tool
         try:
-            yield chunk({"role": "assistant", "content": ""})
-            text = ""
+            yield chunk({"role": "assistant", "content": None if tool else ""})
+            text, named, sent = "", False, 0  # a forced call: its name sent, and how much of its arguments
             async for item in self.pieces():
                 if isinstance(item, tuple):
                     _, finish, error = item
                     if error is not None:
                         yield f"data: {json.dumps(engine_error(error).body())}\n\n"
                         return
+                    if tool is not None:
+                        if not named and text:  # cut before the function's name was complete: the text as it is
+                            yield chunk({"content": text})
+                        finish = tool_finish(finish, named)
                     if self.req.speak:
                         yield chunk({"audio": spoken(await self.speak(text), text)})
                     yield chunk({}, finish)
@@ -161,7 +181,19 @@ class Answering:
                     yield "data: [DONE]\n\n"
                     return
                 text += item
-                yield chunk({"content": item})
+                if tool is None:
+                    yield chunk({"content": item})
+                    continue
+                name, args = tool.split(text)  # OpenAI's tool call deltas: the name first, then argument pieces
+                if name is None:
+                    continue
+                if not named:
+                    named = True
+                    yield chunk({"tool_calls": [{"index": 0, "id": call_id(), "type": "function",
+                                                 "function": {"name": name, "arguments": ""}}]})
+                if len(args) > sent:
+                    yield chunk({"tool_calls": [{"index": 0, "function": {"arguments": args[sent:]}}]})
+                    sent = len(args)
         except ApiError as exc:
             yield f"data: {json.dumps(exc.body())}\n\n"
         finally:
