@@ -272,6 +272,18 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
         else:
             g.add_argument(flag, type=option_type(option), choices=option.choices, default=None,
                            metavar=option.metavar, help=option_help(option))
+    g.add_argument("--system", metavar="TEXT",
+                   help="System prompt. μOmni has no chat template, so it is prepended to every question as plain "
+                        "text: the prompt becomes [bos] + encode(\"TEXT QUESTION\"), the join the μOmni SFT trainer "
+                        "used (without --system it is [bos] + encode(\"QUESTION\") as always). /system TEXT changes "
+                        "it in the chat and in pipes.")
+    add_format_arguments(p)
+
+
+def add_format_arguments(p: argparse.ArgumentParser) -> None:
+    """The answer-format flags (llama.cpp's): together they give the response_format row of the options table
+    (resolve_response_format), so they sit in a group of their own."""
+    g = p.add_argument_group("structured output (constrained decoding, llguidance)")
     g.add_argument("--json_object", action="store_true",
                    help="Answer with a JSON object (constrained decoding: every token is one the JSON grammar "
                         "allows, and the answer ends only where the object is complete; cut short only when "
@@ -283,11 +295,6 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
                    help="Answer in this grammar's language: its text, in llama.cpp's GBNF (root ::= ...) or Lark "
                         "(start: ...), as llguidance reads them.")
     g.add_argument("--grammar_file", metavar="FILE", help="As --grammar, the grammar read from FILE (e.g. a .gbnf).")
-    g.add_argument("--system", metavar="TEXT",
-                   help="System prompt. μOmni has no chat template, so it is prepended to every question as plain "
-                        "text: the prompt becomes [bos] + encode(\"TEXT QUESTION\"), the join the μOmni SFT trainer "
-                        "used (without --system it is [bos] + encode(\"QUESTION\") as always). /system TEXT changes "
-                        "it in the chat and in pipes.")
 
 
 FORMAT_FLAGS = ("json_object", "json_schema", "json_schema_file", "grammar", "grammar_file")

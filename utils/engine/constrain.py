@@ -132,11 +132,14 @@ class Constraint:
         self._compute()
 
     def _compute(self) -> None:
-        """The next mask: llguidance's bitmask (bit i of word i // 32 set: id i allowed), unpacked into `banned`."""
+        """The next mask: llguidance's bitmask (bit i of word i // 32 set: id i allowed), unpacked into `banned`.
+        EOS only where the output is complete (llguidance also offers it where nothing else can follow)."""
         self.matcher.unsafe_compute_mask_ptr(self.bits.data_ptr(), self.bits.numel() * 4)
         torch.bitwise_right_shift(self.bits[:, None], self.shifts, out=self.unpacked)
         torch.bitwise_and(self.unpacked, 1, out=self.unpacked)
         torch.eq(self.unpacked.view(-1), 0, out=self.banned_cpu)
+        if not self.matcher.is_accepting():
+            self.banned_cpu[EOS_ID] = True
         self.banned.copy_(self.banned_cpu[:self.size])
 
     def mask(self, logits: torch.Tensor) -> torch.Tensor:
