@@ -4,7 +4,8 @@ through llguidance (the only module that imports it).
 Why llguidance: it computes a row's token mask from the grammar's lexer and parser state on the fly (no
 per-vocabulary precompilation, so a new schema costs about a millisecond), takes any tokenizer given as one byte
 string per id, reads JSON schemas, Lark and llama.cpp's GBNF, depends on nothing (an abi3 wheel; xgrammar pulls
-torch and would move the pinned one), and on μOmni's 512-piece SentencePiece vocabulary a mask costs ~10 µs.
+transformers and triton), and on μOmni's 512-piece SentencePiece vocabulary a mask costs ~15 µs (README,
+"Structured output and tools").
 
 `Vocabulary` describes the model's ids once per model: a SentencePiece piece is its text with "▁" as a space, a
 byte-fallback piece <0xNN> is that byte; control pieces (<s>, </s>), the unknown piece and ids past the
@@ -21,6 +22,7 @@ import threading
 from typing import Any
 
 import llguidance
+import numpy as np
 import torch
 
 from utils.base.defaults import BOS_ID, EOS_ID
@@ -111,10 +113,14 @@ class Vocabulary:
                 self.compiled.move_to_end(text)
             matcher = template.deep_copy()
         row = Constraint(matcher, response_format, self.size, device)
-        if row.banned.all():
+        if row.banned_cpu.all():
             raise OmniError(f"response_format: no token of this model's vocabulary ({self.size} ids) can start the "
                             "required output (its tokenizer lacks the characters, and has no byte fallback)")
         return row
+
+
+# BANNED_BITS[b] = the 8 ids of a mask byte b that are NOT allowed (bit k of the byte: id 8 * byte + k allowed).
+BANNED_BITS = (np.arange(256)[:, None] >> np.arange(8) & 1) == 0
 
 
 class Constraint:
@@ -124,23 +130,22 @@ class Constraint:
                  device: torch.device | str) -> None:
         self.matcher, self.format, self.size = matcher, response_format, vocab_size
         words = (vocab_size + 31) // 32
-        self.bits = torch.zeros(words, dtype=torch.int32)
-        self.shifts = torch.arange(32, dtype=torch.int32)
-        self.unpacked = torch.zeros(words, 32, dtype=torch.int32)
-        self.banned_cpu = torch.zeros(words * 32, dtype=torch.bool)
-        self.banned = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+        self.bits = np.zeros(words, dtype=np.uint32)  # llguidance's bitmask, little-endian words
+        self.unpacked = np.zeros((words * 4, 8), dtype=bool)  # True: banned, one row per mask byte
+        self.banned_cpu = self.unpacked.reshape(-1)[:vocab_size]
+        cpu = torch.from_numpy(self.banned_cpu)  # shares the numpy buffer
+        self.banned = cpu if torch.device(device).type == "cpu" else torch.zeros_like(cpu, device=device)
         self._compute()
 
     def _compute(self) -> None:
-        """The next mask: llguidance's bitmask (bit i of word i // 32 set: id i allowed), unpacked into `banned`.
-        EOS only where the output is complete (llguidance also offers it where nothing else can follow)."""
-        self.matcher.unsafe_compute_mask_ptr(self.bits.data_ptr(), self.bits.numel() * 4)
-        torch.bitwise_right_shift(self.bits[:, None], self.shifts, out=self.unpacked)
-        torch.bitwise_and(self.unpacked, 1, out=self.unpacked)
-        torch.eq(self.unpacked.view(-1), 0, out=self.banned_cpu)
+        """The next mask: llguidance's bitmask unpacked (a table lookup into the buffer, no allocation) into
+        `banned`. EOS only where the output is complete (llguidance also offers it where nothing can follow)."""
+        self.matcher.unsafe_compute_mask_ptr(self.bits.ctypes.data, self.bits.nbytes)
+        np.take(BANNED_BITS, self.bits.view(np.uint8), axis=0, out=self.unpacked, mode="clip")
         if not self.matcher.is_accepting():
             self.banned_cpu[EOS_ID] = True
-        self.banned.copy_(self.banned_cpu[:self.size])
+        if self.banned.device.type != "cpu":
+            self.banned.copy_(torch.from_numpy(self.banned_cpu), non_blocking=True)
 
     def mask(self, logits: torch.Tensor) -> torch.Tensor:
         """`logits` (1, V) with every id the grammar does not allow next set to -inf, in place."""
@@ -153,7 +158,7 @@ class Constraint:
             raise OmniError(f"the constrained answer cannot continue with token {token_id}: "
                             f"{self.matcher.get_error() or 'not allowed by the grammar'}")
         self._compute()
-        if self.banned_cpu[:self.size].all():
+        if self.banned_cpu.all():
             raise OmniError("the constrained answer is stuck: no token of this model's vocabulary continues it "
                             "(its tokenizer lacks the characters the grammar needs next)")
 
@@ -161,4 +166,3 @@ class Constraint:
     def accepting(self) -> bool:
         """Whether the output so far is complete (EOS allowed)."""
         return self.matcher.is_accepting()
-
