@@ -145,7 +145,7 @@ class Constraint:
         if not self.matcher.is_accepting():
             self.banned_cpu[EOS_ID] = True
         if self.banned.device.type != "cpu":
-            self.banned.copy_(torch.from_numpy(self.banned_cpu), non_blocking=True)
+            self.banned.copy_(torch.from_numpy(self.banned_cpu))
 
     def mask(self, logits: torch.Tensor) -> torch.Tensor:
         """`logits` (1, V) with every id the grammar does not allow next set to -inf, in place."""

@@ -576,9 +576,8 @@ def generate_batch(model: ThinkerLM, embeds: list[torch.Tensor], prompt_ids: lis
     (`max_new_tokens[i]`, default `opts.max_new_tokens`; 0: no answer). `step_times`, if given, receives
     time.perf_counter() as each step's ids arrive (entry i: when every row's i-th token was known). `info` as
     for `generate` (without finish_reason); `constraints[i]`: row i's grammar state (RowPrompt: it sets the row's
-    response_format, whatever `opts` has); `reasons`, if
-    given, receives each row's finish reason (None for a row of budget 0). A row that fails raises its error once
-    the others have finished."""
+    response_format, whatever `opts` has); `reasons`, if given, receives each row's finish reason (None for a row
+    of budget 0). A row that fails raises its error once the others have finished."""
     if not embeds:
         return []
     if any(e.ndim != 2 for e in embeds):
