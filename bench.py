@@ -17,8 +17,9 @@ ragged prompts), decode rate = tokens after the first / time after the first; pr
 token; the bytes a decode step reads per token (weights, the int8 vocabulary screen or the head, the KV cache
 at the mean position), the bandwidth bound that implies for the single-thread read bandwidth measured in the
 same process, and the fraction of it reached. Reference-mode decode (the μOmni defect kept for comparison)
-is a secondary row. Rates are also given per CPU-second of the process (one thread: robust against other
-processes sharing the cores, which stretch wall time but not our CPU time). Quantized columns report top-1
+is a secondary row; constrained decoding (a JSON schema, the same prompts and lengths) sits beside the free
+rate. Rates are also given per CPU-second of the process (one thread: robust against other processes sharing
+the cores, which stretch wall time but not our CPU time). Quantized columns report top-1
 agreement with float32 on teacher-forced decode steps. The table goes to stdout, progress to stderr.
 """
 from __future__ import annotations
@@ -170,6 +171,13 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
             res["decode_kernel_full"] = b1["kernel"]
             res["decode_kernel"] = b1["kernel"].split(" (")[0]
     res["b8_over_b1"] = res["b8_causal_tok_s"] / res["b1_causal_tok_s"]
+    log(f"{model_name} {dtype}: constrained decode")  # JSON that cannot end before N tokens: as long as the free runs
+    gen = {"max_new_tokens": N, "response_format": {"type": "json_schema", "json_schema": {"name": "digits", "schema": {
+        "type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9}, "minItems": N}}}}
+    res["b1_json_tok_s"] = decode_rates(model, [text], gen, reps)["tok_s"]
+    res["b8_json_tok_s"] = decode_rates(model, batch, gen, max(2, reps // 2))["tok_s"]
+    res["json_over_free_b1"] = res["b1_json_tok_s"] / res["b1_causal_tok_s"]
+    res["json_over_free_b8"] = res["b8_json_tok_s"] / res["b8_causal_tok_s"]
     if res["decode_kernel"] == "c":  # the torch step on the same weights, for comparison
         gen = {"max_new_tokens": N, "ignore_eos": True, "decode_kernel": "torch"}
         res["b1_torch_tok_s"] = decode_rates(model, [text], gen, reps)["tok_s"]
@@ -225,6 +233,10 @@ ROWS = [
     ("**decode batch 8, causal (tokens/s, all rows)**", "b8_causal_tok_s", "{:,.0f}"),
     ("decode batch 8, causal (tokens per CPU-second)", "b8_causal_tok_cpu_s", "{:,.0f}"),
     ("batch 8 / batch 1 (causal, wall)", "b8_over_b1", "{:.2f}x"),
+    ("decode batch 1, JSON schema (constrained; tokens/s)", "b1_json_tok_s", "{:,.0f}"),
+    ("decode batch 8, JSON schema (constrained; tokens/s, all rows)", "b8_json_tok_s", "{:,.0f}"),
+    ("constrained / free, batch 1", "json_over_free_b1", "{:.2f}x"),
+    ("constrained / free, batch 8", "json_over_free_b8", "{:.2f}x"),
     ("decode batch 1, causal, torch step (tokens/s)", "b1_torch_tok_s", "{:,.0f}"),
     ("decode batch 8, causal, torch step (tokens/s, all rows)", "b8_torch_tok_s", "{:,.0f}"),
     ("C step / torch step, batch 1", "c_over_torch_b1", "{:.2f}x"),
@@ -269,6 +281,9 @@ int4 = Int4Linear (4-bit weights in groups of 32; shapes the kernel cannot take 
 every block tensor as stored, the vocabulary projection as read (int8 screen or the head itself), the embedding
 row and the KV cache at the mean position; the bound is the single-thread read bandwidth measured over a buffer
 of that size, divided by it.
+Constrained: the same prompts answered as a JSON array of at least {new_tokens} digits (response_format json_schema,
+utils/engine/constrain.py: llguidance's mask before every pick, so the rows take the logits path, not the C step's
+own argmax or the int8 screen), {new_tokens} tokens each like the free runs; the ratio is the mask's whole cost.
 The baseline is the reference's decode loop on the same weights (cache grown by torch.cat, NaN/Inf .any()
 checks on every tensor, masks rebuilt and K/V repeat_interleave'd each step)."""
 

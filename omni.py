@@ -15,6 +15,7 @@ conversation history.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 import warnings
@@ -29,6 +30,7 @@ from utils.base.defaults import DEFAULT_VIDEO_FRAMES, DTYPE_NAMES, QUANTIZATIONS
 from utils.base.errors import OmniError
 from utils.base.options import BY_NAME, OptionError, SamplingOptions
 from utils.base.transcript import Transcript, TranscribeOptions
+from utils.engine.constrain import Constraint, Vocabulary
 from utils.engine.generation import (EngineThread, RowPrompt, generate, generate_batch, generate_choices,
                                      serving_engine)
 from utils.engine.native.step import native_model
@@ -61,6 +63,7 @@ class Answer:
     timing: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     logprobs: list[dict[str, Any]] | None = None
+    finish_reason: str = "stop"  # "stop" (EOS), "length" (the budget ran out: a constrained answer is then cut)
 
     @property
     def generated_tokens(self) -> int:
@@ -69,7 +72,8 @@ class Answer:
     def to_json(self) -> dict[str, Any]:
         """The `--json` object (keys are a stable interface: add, never remove; `logprobs` only when asked)."""
         out = {"text": self.text, "token_ids": self.token_ids, "prompt_tokens": self.prompt_tokens,
-               "generated_tokens": self.generated_tokens, "timing": self.timing}
+               "generated_tokens": self.generated_tokens, "finish_reason": self.finish_reason,
+               "timing": self.timing}
         if self.logprobs is not None:
             out["logprobs"] = {"content": self.logprobs}
         return out
@@ -123,6 +127,7 @@ class OmniModel:
         self.load_seconds = 0.0  # set by load_model
         to_device(comps, device, self.dtype)
         self._prompts = PromptBuilder(comps, device, self.encode_images, self.encode_audio)
+        self._vocabulary: Vocabulary | None = None  # built on the first response_format
 
     @property
     def components(self) -> list[str]:
@@ -210,6 +215,22 @@ class OmniModel:
             return {"token": raw.decode("utf-8", "backslashreplace"), "logprob": logprob, "bytes": list(raw)}
         return {**token(entry.id, entry.logprob), "top_logprobs": [token(t, lp) for t, lp in entry.top]}
 
+    def constraint(self, response_format: dict[str, Any] | None) -> Constraint | None:
+        """A new row state holding an answer to `response_format` (checked by the options table, or None: no
+        constraint), compiled against this model's vocabulary (utils.engine.constrain); OmniError when the schema
+        or grammar does not compile, or this vocabulary cannot start it. The server checks a request's format
+        with it before queueing the request."""
+        if response_format is None:
+            return None
+        try:
+            response_format = BY_NAME["response_format"].check(response_format)
+        except OptionError as exc:
+            raise OmniError(f"generation options: {exc}") from None
+        if self._vocabulary is None:
+            self._require_parts("a response_format", "thinker")
+            self._vocabulary = Vocabulary(self._parts.tokenizer, self._parts.thinker.cfg.vocab_size)
+        return self._vocabulary.constraint(response_format, self.device)
+
     def _generate(self, result: list[Answer], text: str | None, image: Any, audio: Any, video: Any,
                   video_frames: int, prompt: str | None, gen: dict[str, Any]) -> Iterator[str]:
         """Yield the answer's text pieces as they are generated; append the finished Answer to `result`."""
@@ -218,11 +239,12 @@ class OmniModel:
         text, images, wave = self._prompts.gather(text, image, audio, video, video_frames, prompt, system)
         t0 = time.perf_counter()
         embeds, ids, notes, opts.max_new_tokens = self._prompts.build(text, images, wave, opts.max_new_tokens)
+        constraint = self.constraint(opts.response_format)
         detok = IncrementalDecoder(self._parts.tokenizer)
         t_first = None
         info: dict[str, Any] = {}
         logprobs: list[Any] = []
-        for tid in generate(self._parts.thinker, embeds, opts, ids, info, logprobs):
+        for tid in generate(self._parts.thinker, embeds, opts, ids, info, logprobs, constraint):
             if t_first is None:
                 t_first = time.perf_counter()  # the prefill's token: decode time runs from here
             piece = detok.push(tid)
@@ -237,8 +259,10 @@ class OmniModel:
         # Decode steps: forward passes after the prefill, each yielding one token — the answer's tokens after
         # the first, plus the step whose EOS ended it. Timed from the first token to the end of the last step.
         steps = max(0, len(out) - 1) + (len(out) < opts.max_new_tokens and not opts.ignore_eos and bool(out))
+        reason = info.pop("finish_reason", "length")  # none: max_new_tokens 0
         timing = {**answer_timing(self.load_seconds, t_first - t0, embeds.shape[1], t_end - t_first, steps), **info}
-        result.append(Answer(detok.text, out, embeds.shape[1], timing, notes, self._logprobs(opts, logprobs)))
+        result.append(Answer(detok.text, out, embeds.shape[1], timing, notes, self._logprobs(opts, logprobs),
+                             reason))
 
     def _logprobs(self, opts: SamplingOptions, entries: list[Any]) -> list[dict[str, Any]] | None:
         return [self.logprob_entry(e) for e in entries] if opts.logprobs is not None else None
@@ -251,7 +275,9 @@ class OmniModel:
 
         `gen` are SamplingOptions: max_new_tokens, temperature (0 = greedy), top_k, top_p, min_p,
         repetition_penalty, presence_penalty, frequency_penalty, logit_bias ({token id: bias}), seed, ignore_eos,
-        logprobs (N: Answer.logprobs with N alternatives per token), decode_attention ('reference' or 'causal'),
+        logprobs (N: Answer.logprobs with N alternatives per token), response_format (e.g. {"type":
+        "json_object"}: the answer held to JSON, a JSON schema or a grammar; see utils.base.options; cut short only
+        when max_new_tokens runs out, finish_reason "length"), decode_attention ('reference' or 'causal'),
         decode_kernel ('auto', 'c' or 'torch': the decode step in C where it applies, see utils.engine.native.step;
         timing["decode_kernel"] says which ran and why); and `system`, a system prompt joined before
         the text as "SYSTEM TEXT" (μOmni has no chat template). `image` and `audio` may be lists: one token per image, the clips' tokens in order."""
@@ -276,11 +302,13 @@ class OmniModel:
         t0 = time.perf_counter()
         embeds, ids, notes, opts.max_new_tokens = self._prompts.build(text, images, wave, opts.max_new_tokens)
         info: dict[str, Any] = {}
-        outs = generate_choices(self._parts.thinker, embeds[0], ids, opts, n, info)
+        outs = generate_choices(self._parts.thinker, embeds[0], ids, opts, n, info,
+                                self.constraint(opts.response_format))
         seconds = time.perf_counter() - t0
         return [Answer(self._parts.tokenizer.decode(out), out, embeds.shape[1],
-                       {"total_s": round(seconds, 6), "choices": n, **info}, notes, self._logprobs(opts, lps))
-                for out, lps in outs]
+                       {"total_s": round(seconds, 6), "choices": n, **info}, notes, self._logprobs(opts, lps),
+                       reason or "length")
+                for out, lps, reason in outs]
 
     def chat(self, text: str | None = None, image: ImageInput | list[ImageInput] | None = None,
              audio: AudioInput | list[AudioInput] | None = None, video: str | os.PathLike | None = None,
@@ -321,7 +349,7 @@ class OmniModel:
         if not trim and len(ids) < full:
             raise OmniError(f"the prompt ({embeds.shape[1] - len(ids) + full} positions) and max_new_tokens "
                             f"{opts.max_new_tokens} do not fit the context of {self._parts.ctx_len}")
-        return RowPrompt(embeds[0], ids, opts, notes)
+        return RowPrompt(embeds[0], ids, opts, notes, self.constraint(opts.response_format))
 
     def decode_kernel(self, decode_kernel: str = "auto") -> str:
         """The decode step a causal generation with `decode_kernel` takes, built and loaded now (so a server or
@@ -345,7 +373,8 @@ class OmniModel:
         """Answers for several requests, decoded together `batch_size` at a time (utils.engine.generation.generate_batch:
         the rows submitted together to the one engine, each answer equal to the one `answer` gives, sampled ones
         too when seeded). Each item is a dict with `text` and
-        optional `image`, `audio` (or `audio_in`), `video`, `video_frames`, `prompt`. A request that cannot be
+        optional `image`, `audio` (or `audio_in`), `video`, `video_frames`, `prompt`, `response_format` (this
+        item's, instead of the one in `gen`; {"type": "text"}: none). A request that cannot be
         prepared raises ("request N: ..."), or with `on_error(index, error)` is reported there and its slot is
         None.
         Timing: prefill_s is the wait for the batch's first tokens; decode figures are per answer."""
@@ -356,34 +385,42 @@ class OmniModel:
         results: list[Answer | None] = [None] * len(items)
         for lo in range(0, len(items), batch_size):
             t0 = time.perf_counter()
-            ready = []  # (index, embeds (T, d), ids, notes, max_new_tokens)
+            ready = []  # (index, embeds (T, d), ids, notes, max_new_tokens, constraint)
             for i in range(lo, min(lo + batch_size, len(items))):
                 try:
-                    text, images, wave = self._prompts.gather(**batch_request(items[i]), system=system)
+                    request = batch_request(items[i])
+                    fmt = request.pop("response_format", opts.response_format)
+                    try:
+                        dataclasses.replace(opts, response_format=fmt).checked()
+                    except OptionError as exc:
+                        raise OmniError(f"generation options: {exc}") from None
+                    constraint = self.constraint(fmt)
+                    text, images, wave = self._prompts.gather(**request, system=system)
                     embeds, ids, notes, max_new = self._prompts.build(text, images, wave, opts.max_new_tokens)
                 except OmniError as exc:
                     if on_error is None:
                         raise OmniError(f"request {i + 1}: {exc}") from exc
                     on_error(i, exc)
                     continue
-                ready.append((i, embeds[0], ids, notes, max_new))
+                ready.append((i, embeds[0], ids, notes, max_new, constraint))
             if not ready:
                 continue
             times: list[float] = []
             info: dict[str, Any] = {}
             logprobs: list[list[Any]] = []
+            reasons: list[str] = []
             outs = generate_batch(self._parts.thinker, [r[1] for r in ready], [r[2] for r in ready], opts,
                                   max_new_tokens=[r[4] for r in ready], step_times=times, info=info,
-                                  logprobs=logprobs)
+                                  logprobs=logprobs, constraints=[r[5] for r in ready], reasons=reasons)
             t_first = times[0] if times else time.perf_counter()
-            for (i, embeds, _, notes, max_new), out, lps in zip(ready, outs, logprobs):
+            for (i, embeds, _, notes, max_new, _), out, lps, reason in zip(ready, outs, logprobs, reasons):
                 steps = min(len(out) - 1 + (len(out) < max_new and not opts.ignore_eos), len(times) - 1) \
                     if out else 0  # as in _generate: the EOS step counts
                 decode_s = times[steps] - t_first if times else 0.0
                 timing = {**answer_timing(self.load_seconds, t_first - t0, embeds.shape[0], decode_s, steps),
                           "batch_size": len(ready), **info}
                 results[i] = Answer(self._parts.tokenizer.decode(out), out, embeds.shape[0], timing, notes,
-                                    self._logprobs(opts, lps))
+                                    self._logprobs(opts, lps), reason or "length")
         return results
 
     def chat_batch(self, items: list[dict[str, Any]], batch_size: int = 8, **gen: Any) -> list[str]:

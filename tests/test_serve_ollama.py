@@ -6,6 +6,7 @@ Skipped when checkpoints/demo is absent.
 from __future__ import annotations
 
 import base64
+import json
 from typing import Iterator
 
 import httpx
@@ -135,8 +136,8 @@ def test_list_show_ps_version(client: ollama.Client, served: Served, demo_model)
     ("/api/chat", {"options": {"top_p": 0}}, "options.top_p"),
     ("/api/chat", {"options": {"num_predict": -1}}, "options.num_predict"),
     ("/api/chat", {"options": {"num_ctx": 100000}}, "options.num_ctx"),
-    ("/api/chat", {"format": "json"}, "format"),
-    ("/api/chat", {"format": {"type": "object"}}, "format"),
+    ("/api/chat", {"format": "yaml"}, "format"),
+    ("/api/chat", {"format": "json", "options": {"stop": ["}"]}}, "options.stop"),
     ("/api/chat", {"think": True}, "think"),
     ("/api/chat", {"keep_alive": 0}, "keep_alive"),
     ("/api/chat", {"keep_alive": "soon"}, "keep_alive"),
@@ -159,6 +160,20 @@ def test_refused_by_name(served: Served, path: str, fields: dict, name: str) -> 
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert isinstance(error, str) and name in error, error
+
+
+def test_format_holds_the_answer_to_json(client: ollama.Client, demo_model) -> None:
+    """`format` "json" and a JSON schema: the answer is the API's under the same response_format, and parses."""
+    schema = {"type": "object", "properties": {"sum": {"type": "integer"}}, "required": ["sum"]}
+    for fmt, response_format in (("json", {"type": "json_object"}),
+                                 (schema, {"type": "json_schema", "json_schema": {"name": "format", "schema": schema}})):
+        r = client.chat(model="muomni", messages=[{"role": "user", "content": QUESTION}], format=fmt,
+                        options={"num_predict": 24})
+        api = demo_model.answer(QUESTION, max_new_tokens=24, response_format=response_format)
+        assert r.message.content == api.text
+        if r.done_reason == "stop":
+            value = json.loads(r.message.content)
+            assert isinstance(value, dict) and (fmt == "json" or isinstance(value["sum"], int))
 
 
 def test_accepted_fields_of_no_effect(client: ollama.Client) -> None:

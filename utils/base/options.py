@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, fields, replace
-from typing import Any
+from typing import Any, Callable
 
 from utils.base.defaults import DECODE_ATTENTION, DECODE_KERNELS, DEFAULT_MAX_NEW_TOKENS, MAX_SEED
 
@@ -27,11 +28,12 @@ class OptionError(ValueError):
 @dataclass(frozen=True)
 class Option:
     """One row of the table. `kind` is int, float, bool, str or dict; numbers lie in [low, high] (low excluded
-    with `low_open`); a str option takes one of `choices`; a dict option maps token ids (ints >= 0, or their
-    decimal strings as JSON object keys are) to numbers in [low, high] (text: a JSON object); `nullable`
-    options may be None (meaning "not set": the engine decides, e.g. a seed drawn from the global generator). `cli`: a command-line flag and a
-    REPL `/set` name; `http`: a field of a server request (the others are fixed when the server's engine starts,
-    so a request naming one is refused by name)."""
+    with `low_open`); a str option takes one of `choices`; a dict option either maps token ids (ints >= 0, or
+    their decimal strings as JSON object keys are) to numbers in [low, high], or, with a `shape`, is checked and
+    normalised by it (its `help` says the accepted shapes); text for a dict option is a JSON object. `nullable`
+    options may be None (meaning "not set": the engine decides, e.g. a seed drawn from the global generator).
+    `cli`: a command-line flag and a REPL `/set` name; `http`: a field of a server request (the others are fixed
+    when the server's engine starts, so a request naming one is refused by name)."""
     name: str
     kind: type
     default: Any
@@ -44,12 +46,15 @@ class Option:
     metavar: str | None = None
     cli: bool = True
     http: bool = True
+    shape: Callable[[dict], Any] | None = None
 
     def range_text(self) -> str:
         """The accepted values in words, for help texts and refusals."""
         if self.kind is bool:
             return "true or false"
         if self.kind is dict:
+            if self.shape is not None:
+                return "an object"
             return f"an object of token id -> number in [{self.low:g}, {self.high:g}]"
         if self.choices is not None:
             return "one of " + ", ".join(self.choices)
@@ -69,6 +74,15 @@ class Option:
             if self.nullable:
                 return None
             raise OptionError(self.name, f"must be {self.range_text()}, not null")
+        if self.kind is dict:
+            if not isinstance(value, dict):
+                raise OptionError(self.name, f"{value!r} must be {self.range_text()}")
+            if self.shape is None:
+                return self._check_map(value)
+            try:
+                return self.shape(value)
+            except ValueError as exc:
+                raise OptionError(self.name, str(exc)) from None
         if self.kind is bool:
             if not isinstance(value, bool):
                 raise OptionError(self.name, f"{value!r} must be true or false")
@@ -77,8 +91,6 @@ class Option:
             if not isinstance(value, str) or value not in (self.choices or ()):
                 raise OptionError(self.name, f"{value!r} must be {self.range_text()}")
             return value
-        if self.kind is dict:
-            return self._check_map(value)
         given = value  # refusals show the value as it came
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise OptionError(self.name, f"{value!r} must be {self.range_text()}")
@@ -97,9 +109,7 @@ class Option:
         return value
 
     def _check_map(self, value: Any) -> dict[int, float]:
-        """A dict row's value as {token id: float}, each key and number checked."""
-        if not isinstance(value, dict):
-            raise OptionError(self.name, f"{value!r} must be {self.range_text()}")
+        """A token map's value as {token id: float}, each key and number checked."""
         number = Option(self.name, float, None, "", low=self.low, high=self.high)
         out: dict[int, float] = {}
         for key, bias in value.items():
@@ -137,6 +147,51 @@ class Option:
         return self.check(value)
 
 
+RESPONSE_FORMATS = ("text", "json_object", "json_schema", "grammar")
+# How JSON answers are written (llguidance's JSON options): compact, as json.dumps writes it, since a small model
+# given free whitespace can pad an answer with it until the budget runs out.
+JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+def response_format(value: dict) -> dict | None:
+    """A response format checked and normalised (OpenAI's shapes, plus a grammar): {"type": "text"} is None (no
+    constraint); {"type": "json_object"}; {"type": "json_schema", "json_schema": {"name": NAME, "schema": {...},
+    "strict": BOOL, "description": TEXT}}; {"type": "grammar", "grammar": GBNF or Lark text}. ValueError says
+    what is wrong (whether a schema or grammar compiles is the engine's to say)."""
+    kind = value.get("type")
+    if kind not in RESPONSE_FORMATS:
+        raise ValueError(f"type {kind!r} must be one of {', '.join(RESPONSE_FORMATS)}")
+    keys = {"text": {"type"}, "json_object": {"type"}, "json_schema": {"type", "json_schema"},
+            "grammar": {"type", "grammar"}}[kind]
+    extra = sorted(set(value) - keys)
+    if extra:
+        raise ValueError(f"of type {kind!r} takes no {extra[0]!r}")
+    if kind == "text":
+        return None
+    if kind == "grammar":
+        if not isinstance(value.get("grammar"), str) or not value["grammar"].strip():
+            raise ValueError("of type 'grammar' needs 'grammar': the GBNF or Lark text")
+        return {"type": kind, "grammar": value["grammar"]}
+    if kind == "json_object":
+        return {"type": kind}
+    spec = value.get("json_schema")
+    if not isinstance(spec, dict):
+        raise ValueError("of type 'json_schema' needs 'json_schema': an object with 'name' and 'schema'")
+    extra = sorted(set(spec) - {"name", "schema", "strict", "description"})
+    if extra:
+        raise ValueError(f"json_schema takes no {extra[0]!r} (only name, schema, strict, description)")
+    name = spec.get("name")
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name):
+        raise ValueError("json_schema.name must be 1 to 64 letters, digits, '_' or '-'")
+    if not isinstance(spec.get("schema"), dict):
+        raise ValueError("json_schema.schema must be a JSON schema object")
+    if spec.get("strict") is not None and not isinstance(spec["strict"], bool):
+        raise ValueError("json_schema.strict must be true or false")
+    if spec.get("description") is not None and not isinstance(spec["description"], str):
+        raise ValueError("json_schema.description must be a string")
+    return {"type": kind, "json_schema": dict(spec)}
+
+
 OPTIONS: tuple[Option, ...] = (
     Option("max_new_tokens", int, DEFAULT_MAX_NEW_TOKENS, low=1, metavar="N",
            help="Most tokens to generate (an upper bound: never more than the context has room for)."),
@@ -167,6 +222,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("logprobs", int, None, low=0, high=20, nullable=True, metavar="N",
            help="Report each generated token's log-probability under the model (its raw distribution, before "
                 "penalties, biases and temperature) and the N most likely alternatives at that position (0-20)."),
+    Option("response_format", dict, None, nullable=True, cli=False, shape=response_format,
+           help="Hold the answer to a format (constrained decoding, utils.engine.constrain): {\"type\": "
+                "\"json_object\"} (any JSON object), {\"type\": \"json_schema\", \"json_schema\": {\"name\": ..., "
+                "\"schema\": {...}}} (JSON valid against the schema, whatever 'strict' says), {\"type\": "
+                "\"grammar\", \"grammar\": GBNF or Lark text}; {\"type\": \"text\"} or null: free text."),
     Option("decode_attention", str, DECODE_ATTENTION[0], choices=DECODE_ATTENTION, http=False,
            help="'causal' attends to every earlier position, as the models were trained. 'reference' reproduces "
                 "a DEFECT of the μOmni reference implementation (each generated token attends to the first "
@@ -196,6 +256,7 @@ class SamplingOptions:
     seed: int | None = BY_NAME["seed"].default
     ignore_eos: bool = BY_NAME["ignore_eos"].default
     logprobs: int | None = BY_NAME["logprobs"].default
+    response_format: dict | None = BY_NAME["response_format"].default
     decode_attention: str = BY_NAME["decode_attention"].default
     decode_kernel: str = BY_NAME["decode_kernel"].default
     fast_greedy: bool = BY_NAME["fast_greedy"].default
@@ -207,10 +268,10 @@ class SamplingOptions:
 
     @property
     def greedy(self) -> bool:
-        """Picks the argmax of the raw scores and asks for nothing else (no penalty, bias or logprobs): the ids
-        alone suffice, the path the int8 screen and the C step's own argmax take."""
+        """Picks the argmax of the raw scores and asks for nothing else (no penalty, bias, mask or logprobs): the
+        ids alone suffice, the path the int8 screen and the C step's own argmax take."""
         return (self.temperature <= 0 and self.repetition_penalty == 1.0 and not self.counts
-                and not self.logit_bias and self.logprobs is None)
+                and not self.logit_bias and self.logprobs is None and self.response_format is None)
 
     def updated(self, **values: Any) -> "SamplingOptions":
         """A copy with `values` set, each checked by its row (None leaves a field as it is); an unknown name
@@ -224,6 +285,9 @@ class SamplingOptions:
         """Self, after checking every field against its row (OptionError for the first bad one)."""
         for f in fields(self):
             BY_NAME[f.name].check(getattr(self, f.name))
+        if self.ignore_eos and self.response_format is not None:
+            raise OptionError("ignore_eos", "cannot be combined with response_format: the format decides where "
+                                            "the answer ends")
         return self
 
 

@@ -30,7 +30,8 @@ from typing import Any, Callable, Sequence
 
 from utils.batch.job import (Journal, MaterializedMedia, Row, audio_rows, inline_media, job_key, process_rows,
                              read_batch_file, record)
-from utils.cli.args import (SERVICE_THREADS_HELP, add_generation_arguments, add_model_arguments, generation_options,
+from utils.cli.args import (SERVICE_THREADS_HELP, add_generation_arguments, add_model_arguments, check_format_flags,
+                            generation_options,
                             non_negative_float, non_negative_int, positive_float, positive_int, run_command)
 from utils.cli.console import Console
 from utils.base.cpus import service_threads
@@ -114,6 +115,9 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     """Usage errors argparse cannot express (exit 2)."""
     if args.task == "chat" and len(args.inputs) != 1:
         parser.error("--task chat reads one JSON Lines file (several inputs are for --task transcribe)")
+    flag = check_format_flags(parser, args)
+    if args.task == "transcribe" and flag:
+        parser.error(f"{flag} is for --task chat")
     if args.engine != "ray":
         given = [f"--{name}" for name in RAY_ONLY if getattr(args, name) is not None]
         if args.inline_media:

@@ -5,6 +5,7 @@ answer at once."""
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import secrets
 import textwrap
@@ -15,12 +16,15 @@ from utils.cli.transcribe_command import check_args as check_transcribe_args
 from utils.cli.console import Console, guarded, route_warnings, utf8_streams
 from utils.base.defaults import (DEFAULT_VIDEO_FRAMES, DEVICES, DTYPE_NAMES, MAX_SEED, MAX_VIDEO_FRAMES, QUANTIZATIONS,
                                  RANDOM_SEED, VOCODERS)
-from utils.base.options import OPTIONS, Option, OptionError
+from utils.base.errors import OmniError
+from utils.base.options import BY_NAME, OPTIONS, Option, OptionError
 from utils.base.transcript import TranscribeOptions
 from utils.base.version import version_text
 
 
 # ---------------------------------------------------------------- argparse value types
+
+MAX_FORMAT_BYTES = 1 << 20  # a --json_schema_file or --grammar_file is read whole: bounded
 
 # Values a command line (and the REPL's /set) takes beyond a row's range, with what they mean: --seed -1 draws
 # a random seed, as in llama.cpp (resolve_random_seed replaces it before anything runs).
@@ -286,11 +290,86 @@ def add_generation_arguments(p: argparse.ArgumentParser) -> None:
                         "text: the prompt becomes [bos] + encode(\"TEXT QUESTION\"), the join the μOmni SFT trainer "
                         "used (without --system it is [bos] + encode(\"QUESTION\") as always). /system TEXT changes "
                         "it in the chat and in pipes.")
+    add_format_arguments(p)
+
+
+def add_format_arguments(p: argparse.ArgumentParser) -> None:
+    """The answer-format flags (llama.cpp's): together they give the response_format row of the options table
+    (resolve_response_format), so they sit in a group of their own."""
+    g = p.add_argument_group("structured output (constrained decoding, llguidance)")
+    g.add_argument("--json_object", action="store_true",
+                   help="Answer with a JSON object (constrained decoding: every token is one the JSON grammar "
+                        "allows, and the answer ends only where the object is complete; cut short only when "
+                        "--max_new_tokens runs out, finish_reason \"length\" in --json).")
+    g.add_argument("--json_schema", metavar="SCHEMA",
+                   help="Answer with JSON valid against this JSON schema (its text, as llama.cpp's -j).")
+    g.add_argument("--json_schema_file", metavar="FILE", help="As --json_schema, the schema read from FILE.")
+    g.add_argument("--grammar", metavar="GRAMMAR",
+                   help="Answer in this grammar's language: its text, in llama.cpp's GBNF (root ::= ...) or Lark "
+                        "(start: ...), as llguidance reads them.")
+    g.add_argument("--grammar_file", metavar="FILE", help="As --grammar, the grammar read from FILE (e.g. a .gbnf).")
+
+
+FORMAT_FLAGS = ("json_object", "json_schema", "json_schema_file", "grammar", "grammar_file")
+
+
+def check_format_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str | None:
+    """At most one of the answer-format flags; an inline --json_schema must be JSON (exit 2 otherwise). Returns
+    the flag given, if any."""
+    given = [f"--{name}" for name in FORMAT_FLAGS if getattr(args, name) not in (None, False)]
+    if len(given) > 1:
+        parser.error(f"{' and '.join(given)} cannot be combined: give one answer format")
+    if args.json_schema is not None:
+        try:
+            json.loads(args.json_schema)
+        except ValueError as exc:
+            parser.error(f"--json_schema: not valid JSON ({exc})")
+    return given[0] if given else None
+
+
+def resolve_response_format(args: argparse.Namespace) -> None:
+    """args.response_format from the format flags (None without one), the files read once: OmniError (exit 1)
+    for a file that cannot be read or a schema file that is not JSON."""
+    text, what = args.json_schema, "--json_schema"
+    for flag in ("json_schema_file", "grammar_file"):
+        path = getattr(args, flag)
+        if path is not None:
+            try:
+                with open(path, "rb") as f:
+                    data = f.read(MAX_FORMAT_BYTES + 1)
+            except OSError as exc:
+                raise OmniError(f"--{flag} {path}: cannot read ({exc.strerror or exc})") from exc
+            if len(data) > MAX_FORMAT_BYTES:
+                raise OmniError(f"--{flag} {path}: over the limit of {MAX_FORMAT_BYTES:,} bytes")
+            if flag == "grammar_file":
+                args.grammar = data.decode("utf-8", errors="replace")
+            else:
+                text, what = data.decode("utf-8", errors="replace"), f"--json_schema_file {path}"
+    fmt = None
+    if args.json_object:
+        fmt = {"type": "json_object"}
+    elif text is not None:
+        try:
+            schema = json.loads(text)
+        except ValueError as exc:
+            raise OmniError(f"{what}: not valid JSON ({exc})") from None
+        fmt = {"type": "json_schema", "json_schema": {"name": "schema", "schema": schema}}
+    elif args.grammar is not None:
+        fmt = {"type": "grammar", "grammar": args.grammar}
+    if fmt is not None:
+        try:
+            fmt = BY_NAME["response_format"].check(fmt)
+        except OptionError as exc:
+            raise OmniError(f"{what if text is not None else '--grammar'}: {exc.reason}") from None
+    args.response_format = fmt
 
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Usage errors that argparse cannot express on its own (exit 2)."""
     check_transcribe_args(parser, args)
+    flag = check_format_flags(parser, args)
+    if args.transcribe and flag:
+        parser.error(f"--transcribe and {flag} cannot be combined")
     if args.transcribe and not args.audio_in:
         parser.error("--transcribe needs --audio_in")
     if args.transcribe and args.audio_out is not None:
@@ -320,6 +399,7 @@ def generation_options(args: argparse.Namespace) -> dict[str, Any]:
     generation_config.json or the library defaults."""
     opts = {o.name: getattr(args, o.name) for o in CLI_OPTIONS}
     opts["system"] = args.system or None
+    opts["response_format"] = args.response_format
     return {k: v for k, v in opts.items() if v is not None}
 
 
@@ -353,4 +433,8 @@ def run_command(make_parser: Callable[[], argparse.ArgumentParser],
     route_warnings(con)
     if resolve_random_seed(args):
         con.status(f"seed: {args.seed} (--seed -1: random)")
-    return guarded(lambda: run(args, con), con, args.verbose)
+
+    def start() -> int:
+        resolve_response_format(args)
+        return run(args, con)
+    return guarded(start, con, args.verbose)

@@ -49,6 +49,7 @@ from models.thinker import ThinkerLM
 from utils.base.defaults import DECODE_ATTENTION, EOS_ID, MAX_SEED
 from utils.base.errors import EngineClosed, QueueFull
 from utils.base.options import SamplingOptions
+from utils.engine.constrain import Constraint
 from utils.engine.native.step import NativeSession, native_model
 from utils.engine.sampling import (TokenLogprobs, apply_count_penalties, apply_logit_bias, apply_repetition_penalty,
                                    bias_tensors, greedy_head, greedy_screen, sample, token_logprobs)
@@ -247,11 +248,14 @@ class Slots:
 @dataclass
 class RowPrompt:
     """One request ready for the engine: prompt embeddings (T, d), its text ids (for the repetition
-    penalty), the sampling options (`max_new_tokens` is this row's budget) and notes for the caller."""
+    penalty), the sampling options (`max_new_tokens` is this row's budget), notes for the caller, and with
+    `opts.response_format` the row's grammar state (utils.engine.constrain.Constraint, built by the caller, who
+    has the tokenizer)."""
     embeds: torch.Tensor
     ids: list[int]
     opts: SamplingOptions
     notes: list[str] = field(default_factory=list)
+    constraint: Constraint | None = None
 
 
 def _no_start(prompt: RowPrompt) -> None:
@@ -289,6 +293,7 @@ class Row:
         self.greedy = True
         self.group: list[Row] = [self]
         self.choice = 0
+        self.constraint: Constraint | None = None
 
     def cancel(self) -> None:
         """Free the row at the scheduler's next step (a client went away, a stop string matched)."""
@@ -427,6 +432,8 @@ class Scheduler:
         if prompt.embeds.ndim != 2:
             raise ValueError(f"a row's prompt embeddings must be (T, d), not {tuple(prompt.embeds.shape)}")
         check_budget(self.model, prompt.embeds.shape[0], opts.max_new_tokens, opts)
+        if opts.response_format != (prompt.constraint.format if prompt.constraint is not None else None):
+            raise ValueError("a row's response_format and its Constraint (RowPrompt.constraint) must agree")
         for name in ENGINE_WIDE:
             if getattr(opts, name) != getattr(self.opts, name):
                 raise ValueError(f"this engine decodes with {name} {getattr(self.opts, name)!r}, "
@@ -445,6 +452,8 @@ class Scheduler:
             seed = choice.opts.seed
             choice.generator = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
             choice.bias = bias_tensors(opts.logit_bias, self.device) if opts.logit_bias else None
+            if prompt.constraint is not None:  # each choice follows the grammar on its own
+                choice.constraint = prompt.constraint if choice.choice == 0 else prompt.constraint.copy()
             slot = self.slots.place(T, opts.max_new_tokens - 1)
             self.rows.append(choice)
             self.seen[slot] = False  # a reused slot starts clean
@@ -511,16 +520,20 @@ class Scheduler:
 
     def _pick(self, row: Row, slot: int, logits: torch.Tensor) -> int:
         """One row's next id from its raw logits (1, V), in this order: 1. the score adjustments (repetition,
-        presence and frequency penalties, logit bias: `_adjust`); 2. [a per-row logits mask, e.g. a grammar's
-        allowed ids, applies here, to the adjusted scores]; 3. temperature, top-k, top-p, min-p and the draw
-        from the row's generator, or the argmax (`sample`). Log-probabilities, when the row asks, are those of
-        the raw logits (the model's distribution), read after the pick."""
+        presence and frequency penalties, logit bias: `_adjust`); 2. its grammar's mask (a constrained row is
+        never greedy, so it always comes here: neither the C step's argmax nor the int8 screen skips the mask);
+        3. temperature, top-k, top-p, min-p and the draw from the row's generator, or the argmax (`sample`).
+        Log-probabilities, when the row asks, are those of the raw logits (the model's distribution), read after
+        the pick."""
         scores = self._adjust(row, slot, logits)
+        if row.constraint is not None:
+            if scores is logits:
+                scores = logits.clone()  # the mask writes in place: the raw logits stay for logprobs and other rows
+            scores = row.constraint.mask(scores)
         tid = int(sample(scores, row.opts, row.generator)[0])
         if row.opts.logprobs is not None:
             row.logprobs = token_logprobs(logits, tid, row.opts.logprobs)
         return tid
-
     def _adjust(self, row: Row, slot: int, logits: torch.Tensor) -> torch.Tensor:
         """A row's scores after its penalties and logit bias (the logits themselves when it has none)."""
         opts = row.opts
@@ -556,6 +569,12 @@ class Scheduler:
         if row.generated >= row.opts.max_new_tokens:
             self.finish(row, "length")
             return True
+        if row.constraint is not None:
+            try:
+                row.constraint.advance(tid)
+            except Exception as exc:  # a dead end of this row's grammar fails this row only
+                self.finish(row, "error", exc)
+                return True
         return False
 
     def _free(self, slot: int) -> None:
@@ -616,14 +635,15 @@ class _Outcome:
 
 def generate(model: ThinkerLM, embeds: torch.Tensor, opts: SamplingOptions,
              prompt_ids: list[int] | None = None, info: dict[str, Any] | None = None,
-             logprobs: list[TokenLogprobs] | None = None) -> Iterator[int]:
+             logprobs: list[TokenLogprobs] | None = None, constraint: Constraint | None = None) -> Iterator[int]:
     """Yield new token ids for one prompt (`embeds` (1, T, d)) until EOS or `max_new_tokens`; EOS is not
-    yielded. A batch of one on the Scheduler. `info`, if given, receives "decode_kernel" (Slots.kernel);
-    `logprobs`, with `opts.logprobs` set, each yielded id's TokenLogprobs (appended before the id is yielded)."""
+    yielded. A batch of one on the Scheduler. `info`, if given, receives "decode_kernel" (Slots.kernel) and
+    "finish_reason" (the Scheduler's) once done; `logprobs`, with `opts.logprobs` set, each yielded id's
+    TokenLogprobs (appended before the id is yielded); `constraint`: the row's grammar state (RowPrompt)."""
     if opts.max_new_tokens <= 0:
         return
     with torch.inference_mode():
-        prompt = RowPrompt(embeds[0], list(prompt_ids or []), opts)
+        prompt = RowPrompt(embeds[0], list(prompt_ids or []), opts, constraint=constraint)
         engine = one_off(model, [prompt], opts)
         if info is not None:
             info["decode_kernel"] = engine.kernel
@@ -638,18 +658,22 @@ def generate(model: ThinkerLM, embeds: torch.Tensor, opts: SamplingOptions,
             if row.reason is not None:
                 if row.error is not None:
                     raise row.error
+                if info is not None:
+                    info["finish_reason"] = row.reason
                 return
             engine.decode()
 
 
 def generate_choices(model: ThinkerLM, embeds: torch.Tensor, prompt_ids: list[int], opts: SamplingOptions, n: int,
-                     info: dict[str, Any] | None = None) -> list[tuple[list[int], list[TokenLogprobs]]]:
-    """`n` answers to one prompt (`embeds` (T, d)), prefilled once: each choice's ids (EOS not included) and,
-    with `opts.logprobs`, their TokenLogprobs. Choice i is seeded `choice_seed(opts.seed, i)`, so choice 0 is
-    what `generate` gives. `info` as for `generate`."""
+                     info: dict[str, Any] | None = None, constraint: Constraint | None = None
+                     ) -> list[tuple[list[int], list[TokenLogprobs], str]]:
+    """`n` answers to one prompt (`embeds` (T, d)), prefilled once: each choice's ids (EOS not included), with
+    `opts.logprobs` their TokenLogprobs, and its finish reason. Choice i is seeded `choice_seed(opts.seed, i)`,
+    so choice 0 is what `generate` gives. `info` as for `generate`; `constraint`: the grammar state every choice
+    starts from (RowPrompt)."""
     rows = [_Outcome() for _ in range(n)]
     with torch.inference_mode():
-        prompt = RowPrompt(embeds, list(prompt_ids), opts)
+        prompt = RowPrompt(embeds, list(prompt_ids), opts, constraint=constraint)
         T = embeds.shape[0]
         engine = Scheduler(model, n, T + opts.max_new_tokens, opts, greedy_screen(model, opts), T)
         if info is not None:
@@ -659,20 +683,24 @@ def generate_choices(model: ThinkerLM, embeds: torch.Tensor, prompt_ids: list[in
     for row in rows:
         if row.error is not None:
             raise row.error
-    return [(row.ids, row.logprobs) for row in rows]
+    return [(row.ids, row.logprobs, row.reason) for row in rows]
 
 
 def generate_batch(model: ThinkerLM, embeds: list[torch.Tensor], prompt_ids: list[list[int]] | None,
                    opts: SamplingOptions, max_new_tokens: list[int] | None = None,
                    step_times: list[float] | None = None, info: dict[str, Any] | None = None,
-                   logprobs: list[list[TokenLogprobs]] | None = None) -> list[list[int]]:
+                   logprobs: list[list[TokenLogprobs]] | None = None,
+                   constraints: list[Constraint | None] | None = None, reasons: list[str] | None = None
+                   ) -> list[list[int]]:
     """New token ids for several prompts at once (each embeds[i] is (T_i, d)), EOS not included: the rows
     submitted together to one Scheduler. Each row's ids are those `generate` gives it alone (greedy, and
     sampled with a seed: every row has its own generator). Row i stops at EOS or its budget
     (`max_new_tokens[i]`, default `opts.max_new_tokens`; 0: no answer). `step_times`, if given, receives
     time.perf_counter() as each step's ids arrive (entry i: when every row's i-th token was known). `info` as
-    for `generate`; `logprobs`, with `opts.logprobs` set, receives each row's TokenLogprobs (one list per
-    prompt). A row that fails raises its error once the others have finished."""
+    for `generate` (without finish_reason); `logprobs`, with `opts.logprobs` set, receives each row's
+    TokenLogprobs (one list per prompt); `constraints[i]`: row i's grammar state (RowPrompt: it sets the row's
+    response_format, whatever `opts` has); `reasons`, if given, receives each row's finish reason (None for a row
+    of budget 0). A row that fails raises its error once the others have finished."""
     if not embeds:
         return []
     if any(e.ndim != 2 for e in embeds):
@@ -691,8 +719,10 @@ def generate_batch(model: ThinkerLM, embeds: list[torch.Tensor], prompt_ids: lis
             logprobs[:] = [[] for _ in range(B)]
         return [[] for _ in range(B)]
     with torch.inference_mode():
-        prompts = {b: RowPrompt(embeds[b], list(prompt_ids[b]), dataclasses.replace(opts, max_new_tokens=budgets[b]))
-                   for b in live}
+        grammar = constraints or [None] * B
+        prompts = {b: RowPrompt(embeds[b], list(prompt_ids[b]), dataclasses.replace(
+            opts, max_new_tokens=budgets[b], response_format=grammar[b].format if grammar[b] else None),
+            constraint=grammar[b]) for b in live}
         engine = one_off(model, list(prompts.values()), opts)
         if info is not None:
             info["decode_kernel"] = engine.kernel
@@ -710,6 +740,8 @@ def generate_batch(model: ThinkerLM, embeds: list[torch.Tensor], prompt_ids: lis
             raise row.error
     if logprobs is not None:
         logprobs[:] = [row.logprobs for row in rows]
+    if reasons is not None:
+        reasons.extend(row.reason for row in rows)
     return [row.ids for row in rows]
 
 

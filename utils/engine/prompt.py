@@ -13,6 +13,7 @@ from PIL import Image
 
 from utils.base.defaults import AUDIO_PROMPT, DEFAULT_VIDEO_FRAMES, IMAGE_PROMPT
 from utils.base.errors import OmniError
+from utils.base.options import BY_NAME, OptionError
 from utils.media.audio import check_wave, load_audio, load_audio_bytes, max_audio_seconds, trim_audio
 from utils.media.image import IMAGE_SIZE, load_image, load_image_bytes, load_video_frames, preprocess_image
 from utils.weights.components import Components
@@ -30,7 +31,8 @@ PARTS = {"thinker": ("a thinker checkpoint", "thinker"), "vision": ("a vision en
          "ctc_chars": ("audio_enc_metadata.json (the CTC character map)", "ctc_chars"),
          "talker": ("a talker checkpoint", "talker"), "rvq": ("a talker checkpoint (RVQ codec)", "talker")}
 
-BATCH_KEYS = {"text", "image", "audio", "audio_in", "video", "video_frames", "prompt"}  # answer_batch requests
+BATCH_KEYS = {"text", "image", "audio", "audio_in", "video", "video_frames", "prompt",
+              "response_format"}  # answer_batch requests
 
 
 def require_parts(comps: Components, purpose: str, *parts: str) -> None:
@@ -50,7 +52,8 @@ def media_path(what: str, value: Any) -> str | os.PathLike:
 
 
 def batch_request(req: Any) -> dict[str, Any]:
-    """One `answer_batch` item checked: the keyword arguments of `PromptBuilder.gather` it gives."""
+    """One `answer_batch` item checked: the keyword arguments of `PromptBuilder.gather` it gives, and its
+    "response_format" when it has one."""
     if not isinstance(req, dict):
         raise OmniError(f"expected an object with 'text' and optional 'image', 'audio_in', 'video', found "
                         f"{type(req).__name__}")
@@ -60,9 +63,15 @@ def batch_request(req: Any) -> dict[str, Any]:
     for key in ("text", "prompt"):
         if req.get(key) is not None and not isinstance(req[key], str):
             raise OmniError(f"'{key}' must be a string, found {type(req[key]).__name__}")
-    return dict(text=req.get("text"), image=req.get("image"), audio=req.get("audio", req.get("audio_in")),
-                video=req.get("video"), prompt=req.get("prompt"),
-                video_frames=DEFAULT_VIDEO_FRAMES if req.get("video_frames") is None else req["video_frames"])
+    out = dict(text=req.get("text"), image=req.get("image"), audio=req.get("audio", req.get("audio_in")),
+               video=req.get("video"), prompt=req.get("prompt"),
+               video_frames=DEFAULT_VIDEO_FRAMES if req.get("video_frames") is None else req["video_frames"])
+    if "response_format" in req:  # this request's own (checked by the options table), instead of the batch's
+        try:
+            out["response_format"] = BY_NAME["response_format"].check(req["response_format"])
+        except OptionError as exc:
+            raise OmniError(str(exc)) from None
+    return out
 
 
 class PromptBuilder:

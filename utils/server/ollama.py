@@ -19,7 +19,8 @@ model's context: the answer budget is cut to fit it, said in X-Omni-Warnings; a 
 refused). Any other option is refused by name.
 
 The other request fields, decided one by one:
-- `format` ("json" or a JSON schema): refused by name until structured output exists (`output_format`).
+- `format` ("json" or a JSON schema): the answer held to it, as the OpenAI route's `response_format`
+  (`output_format`); with `options.stop` refused, since a stop string would cut the structured answer.
 - `keep_alive`: no effect: the server keeps its one model loaded while it runs, which meets any keep-alive; 0
   (unload now) is refused, as the server never unloads it.
 - `think`: false is what the model does; true or a level is refused (μOmni has no thinking mode).
@@ -72,12 +73,25 @@ DURATION = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)([+-]?(\d+(\
 NDJSON = "application/x-ndjson"
 
 
-def output_format(value: Any) -> None:
-    """`format`: "json" or a JSON schema the answer must follow. Structured output is not in this server yet, so
-    it is refused by name; wiring it is this one call (giving the constraint the request carries)."""
-    if value not in (None, ""):
-        raise refusal("format", "(structured output: \"json\" or a JSON schema) is not available on this server "
-                                "yet")
+def output_format(value: Any) -> dict[str, Any] | None:
+    """`format` as the options table's response_format: "json" (any JSON object) or a JSON schema the answer
+    must follow (constrained decoding, utils.engine.constrain); absent or "" for free text."""
+    if value in (None, ""):
+        return None
+    if value == "json":
+        return {"type": "json_object"}
+    if isinstance(value, dict):
+        return {"type": "json_schema", "json_schema": {"name": "format", "schema": value}}
+    raise refusal("format", f"{value!r} must be \"json\" or a JSON schema object")
+
+
+def with_format(rows: dict[str, Any], stops: list[str], value: Any) -> None:
+    """`format` into the request's rows; refused with stop strings, which would cut the structured answer."""
+    fmt = output_format(value)
+    if fmt is not None:
+        if stops:
+            raise refusal("options.stop", "cannot be combined with 'format': a stop string would cut the answer")
+        rows["response_format"] = fmt
 
 
 def check_fields(body: dict[str, Any], known: set[str]) -> None:
@@ -102,7 +116,6 @@ def keep_alive(value: Any) -> None:
 
 def common_fields(body: dict[str, Any]) -> bool:
     """The fields chat and generate share, other than the prompt: `stream` (default true, as Ollama) returned."""
-    output_format(body.get("format"))
     keep_alive(body.get("keep_alive"))
     think = body.get("think")
     if think not in (None, False):
@@ -293,6 +306,7 @@ class Ollama:
             raise refusal("tools", "is not supported: μOmni has no tool calling")
         messages = optional(body, "messages", list, "an array", [])
         rows, stops, num_ctx = request_options(body, self.server.model.context_length)
+        with_format(rows, stops, body.get("format"))
         if not messages:
             return self.loaded({"message": {"role": "assistant", "content": ""}})
         text, images, ignored = chat_prompt(messages)
@@ -320,6 +334,7 @@ class Ollama:
         prompt = optional(body, "prompt", str, "a string", "")
         images = images_of(body.get("images"), "images")
         rows, stops, num_ctx = request_options(body, self.server.model.context_length)
+        with_format(rows, stops, body.get("format"))
         if not prompt and not images:
             return self.loaded({"response": ""})
         req = ChatRequest(prompt or None, images, audio=None, ignored=0, stream=stream, include_usage=False,

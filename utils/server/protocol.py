@@ -27,7 +27,7 @@ from starlette.responses import JSONResponse
 
 from utils.base.defaults import SPEECH_FORMATS, SPEECH_SPEEDS
 from utils.base.errors import EngineClosed, OmniError
-from utils.base.options import BY_NAME, OPTIONS, OptionError, SamplingOptions
+from utils.base.options import BY_NAME, JSON_STYLE, OPTIONS, OptionError, SamplingOptions
 
 AUDIO_FORMATS = ("wav", "mp3", "flac", "ogg")
 TRANSCRIPTION_FORMATS = ("json", "text", "verbose_json", "srt", "vtt")
@@ -110,6 +110,7 @@ def refused(why: str, *neutral: Any) -> Field:
 
 SERVE = "tests/test_serve.py::"
 AUDIT = "tests/test_serve_fields.py::"
+STRUCTURED = "tests/test_structured.py::"
 NOT_YET = "is not supported by this server"
 # Every field of a chat.completions request (OpenAI's, as the `openai` package types them, and the vLLM-style
 # extensions of the options table): tests/test_serve_fields.py checks the table against the package and each row's
@@ -147,12 +148,12 @@ CHAT_FIELDS: dict[str, Field] = {
     "prompt_cache_retention": no_effect("how long the provider's prompt cache keeps a prefix", str),
     "prompt_cache_options": no_effect("breakpoints and lifetime of the provider's prompt cache", dict),
     # refused by name until implemented
-    "response_format": refused(f"{NOT_YET}: answers are free text", {"type": "text"}),
-    "tools": refused(f"{NOT_YET}: no tool calls are made"),
-    "tool_choice": refused(f"{NOT_YET}: no tool calls are made", "none"),
-    "parallel_tool_calls": refused(f"{NOT_YET}: no tool calls are made"),
-    "functions": refused(f"{NOT_YET}: no function calls are made"),
-    "function_call": refused(f"{NOT_YET}: no function calls are made", "none"),
+    "response_format": implemented(STRUCTURED + "test_server_answers_validate_and_equal_the_api"),
+    "tools": implemented(STRUCTURED + "test_forced_tool_call"),
+    "tool_choice": implemented(STRUCTURED + "test_forced_tool_call"),
+    "parallel_tool_calls": no_effect("at most one tool call is made whatever it says", bool),
+    "functions": refused("is not supported: the legacy function calling; send 'tools' and 'tool_choice'"),
+    "function_call": refused("is not supported: the legacy function calling; send 'tools' and 'tool_choice'"),
     "prediction": refused(f"{NOT_YET}: predicted outputs are not used"),
     "reasoning_effort": refused("is not supported: μOmni does not reason before it answers"),
     "verbosity": refused("is not supported: an answer's length is bounded by max_tokens only"),
@@ -295,6 +296,91 @@ def _image_bytes(part: dict, where: str) -> bytes:
     return _b64(url[m.end():], f"{where}: image data")
 
 
+TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+NO_PARAMETERS = {"type": "object", "properties": {}, "additionalProperties": False}
+
+
+@dataclass
+class ToolCall:
+    """A forced function call: the functions the answer may call. With one, the answer is its arguments (JSON
+    valid against its parameters); with several, the grammar makes it NAME + newline + that function's
+    arguments, so the name comes first (and can be streamed first)."""
+    names: list[str]
+    response_format: dict[str, Any]
+
+    def split(self, text: str) -> tuple[str | None, str]:
+        """(function name, arguments text) of an answer so far; the name is None until it is complete."""
+        if len(self.names) == 1:
+            return self.names[0], text
+        name, newline, args = text.partition("\n")
+        return (name, args) if newline else (None, "")
+
+
+def _functions(tools: list[Any]) -> dict[str, dict[str, Any]]:
+    """The `tools` array checked: function name -> its parameters schema (none: no parameters)."""
+    found: dict[str, dict[str, Any]] = {}
+    for i, tool in enumerate(tools):
+        at = f"tools[{i}]"
+        if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(tool.get("function"), dict):
+            raise ApiError(400, f"'{at}' must be {{\"type\": \"function\", \"function\": {{...}}}} (only function "
+                                "tools are served)", "invalid_value", "tools")
+        fn = tool["function"]
+        extra = sorted(set(fn) - {"name", "description", "parameters", "strict"})
+        if extra:
+            raise ApiError(400, f"'{at}.function.{extra[0]}' is not supported", "invalid_value", "tools")
+        name = fn.get("name")
+        if not isinstance(name, str) or not TOOL_NAME.fullmatch(name):
+            raise ApiError(400, f"'{at}.function.name' must be 1 to 64 letters, digits, '_' or '-'",
+                           "invalid_value", "tools")
+        if name in found:
+            raise ApiError(400, f"'{at}': function {name!r} is declared twice", "invalid_value", "tools")
+        optional(fn, "description", str, "a string", None, f"{at}.function.")
+        optional(fn, "strict", bool, "a boolean", None, f"{at}.function.")
+        found[name] = optional(fn, "parameters", dict, "a JSON schema object", NO_PARAMETERS, f"{at}.function.")
+    return found
+
+
+def parse_tools(body: dict[str, Any]) -> ToolCall | None:
+    """The forced function call of a request, if any. μOmni was never taught to call tools, so it cannot decide
+    between answering and calling: `tool_choice` must force the call ("required": one of the tools; or a named
+    function), and "none" answers in text as OpenAI does. The legacy `functions` are refused by name."""
+    for legacy in ("functions", "function_call"):
+        if body.get(legacy) is not None:
+            raise ApiError(400, f"'{legacy}' (OpenAI's deprecated form) is not served: send 'tools' and "
+                                "'tool_choice'", "unsupported_parameter", legacy)
+    tools = optional(body, "tools", list, "an array", [])
+    choice = body.get("tool_choice")
+    if not tools:
+        if choice is not None and choice != "none":
+            raise ApiError(400, "'tool_choice' needs 'tools'", "invalid_value", "tool_choice")
+        return None
+    functions = _functions(tools)
+    if choice is None or choice == "auto":
+        raise ApiError(400, "this model was never taught to call tools, so it cannot choose between answering and "
+                            "calling one: set 'tool_choice' to \"required\" or name the function ({\"type\": "
+                            "\"function\", \"function\": {\"name\": ...}}), or \"none\" to answer in text",
+                       "invalid_value", "tool_choice")
+    if choice == "none":
+        return None
+    if choice == "required":
+        names = list(functions)
+    elif isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict):
+        name = choice["function"].get("name")
+        if name not in functions:
+            raise ApiError(400, f"'tool_choice' names function {name!r}, which 'tools' does not declare",
+                           "invalid_value", "tool_choice")
+        names = [name]
+    else:
+        raise ApiError(400, "'tool_choice' must be \"none\", \"auto\", \"required\" or {\"type\": \"function\", "
+                            "\"function\": {\"name\": ...}}", "invalid_value", "tool_choice")
+    if len(names) == 1:
+        fmt = {"type": "json_schema", "json_schema": {"name": names[0], "schema": functions[names[0]]}}
+    else:
+        fmt = {"type": "grammar", "grammar": "start: " + "\n | ".join(
+            f'"{n}\\n" %json ' + json.dumps({**functions[n], "x-guidance": JSON_STYLE}) for n in names)}
+    return ToolCall(names, fmt)
+
+
 @dataclass
 class ChatRequest:
     """A chat.completions request as the engine needs it: the prompt's parts, how to answer, and the generation
@@ -310,14 +396,24 @@ class ChatRequest:
     options: dict[str, Any]
     n: int = 1  # choices (one prefill, n rows)
     system: str | None = None  # joined before the text as the API's `system` does (Ollama's /api/generate)
+    tool: ToolCall | None = None
 
     @property
     def speak(self) -> bool:
         return self.speech_format is not None
 
+    @property
+    def format_field(self) -> str:
+        """The field a refusal of the answer's format names: `tools` for a forced call, else `response_format`."""
+        return "tools" if self.tool is not None else "response_format"
+
     def to_sampling_params(self, defaults: SamplingOptions) -> SamplingOptions:
         """The typed options of this request: the model's defaults (generation_config.json) with the client's."""
-        return defaults.updated(**self.options)
+        try:
+            return defaults.updated(**self.options).checked()
+        except OptionError as exc:
+            field = self.format_field if exc.name == "response_format" else exc.name
+            raise ApiError(400, str(exc), "invalid_value", field) from None
 
 
 def generation_fields(body: dict[str, Any]) -> dict[str, Any]:
@@ -470,8 +566,21 @@ def parse_chat(body: Any) -> ChatRequest:
     if speak and n > 1:
         raise ApiError(400, "'n' > 1 with audio output is not served (one spoken answer per request)",
                        "invalid_value", "n")
+    options = generation_fields(body)
+    tool = parse_tools(body)
+    if tool is not None:
+        if speak:
+            raise ApiError(400, "a tool call is not spoken: drop \"audio\" from 'modalities'", "invalid_value",
+                           "modalities")
+        if options.get("response_format") is not None:
+            raise ApiError(400, "'response_format' cannot be combined with a forced tool call (the call's "
+                                "arguments are the answer's format)", "invalid_value", "response_format")
+        options["response_format"] = tool.response_format
+    if stops and options.get("response_format") is not None:
+        raise ApiError(400, "'stop' cannot be combined with a structured answer (response_format or a tool call): "
+                            "a stop string would cut it", "invalid_value", "stop")
     return ChatRequest(text, images, audio, len(messages) - 1, stream, include_usage, stops,
-                       CHAT_AUDIO_FORMATS[audio_format] if speak else None, generation_fields(body), n=n)
+                       CHAT_AUDIO_FORMATS[audio_format] if speak else None, options, n=n, tool=tool)
 
 
 @dataclass

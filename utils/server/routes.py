@@ -145,6 +145,11 @@ class OmniServer:
         the answer's pump, the prompt (for usage) and the response headers. `adjust(prompt)`, on the engine's
         thread, may cut the prepared prompt's budget or refuse it (Ollama's num_ctx)."""
         opts = asdict(req.to_sampling_params(self.defaults))
+        if opts["response_format"] is not None:  # a schema or grammar that does not compile: 400 naming the field
+            try:
+                await run_in_threadpool(self.model.constraint, opts["response_format"])
+            except OmniError as exc:
+                raise ApiError(400, str(exc), "invalid_value", req.format_field) from exc
         images, wave = await self.load_request_media(req)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()

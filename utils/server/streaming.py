@@ -51,6 +51,16 @@ def finish_reason(engine_reason: str, stopped: bool) -> str:
     return "stop" if stopped else engine_reason
 
 
+def tool_finish(engine_finish: str, called: bool) -> str:
+    """A forced call's finish_reason: "tool_calls" once its arguments are complete, else the engine's ("length":
+    the budget ran out, and the arguments are cut where it did)."""
+    return "tool_calls" if called and engine_finish == "stop" else engine_finish
+
+
+def call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
 def spoken(data: str, text: str) -> dict[str, Any]:
     """The `audio` object of a spoken answer (its base64 audio and its transcript)."""
     return {"id": f"audio_{uuid.uuid4().hex}", "data": data, "expires_at": int(time.time()) + 3600,
@@ -197,6 +207,11 @@ class Answering:
         choices = []
         for i, (text, finish, entries) in enumerate(results):
             message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+            name, args = self.req.tool.split(text) if self.req.tool is not None else (None, "")
+            if name is not None:  # a forced call: its arguments as the call, not as text
+                message = {"role": "assistant", "content": None, "refusal": None, "tool_calls": [
+                    {"id": call_id(), "type": "function", "function": {"name": name, "arguments": args}}]}
+                finish = tool_finish(finish, True)
             if self.req.speak:
                 message["audio"] = spoken(await self.speak(text), text)
             choices.append({"index": i, "message": message, "finish_reason": finish,
@@ -220,23 +235,43 @@ class Answering:
                 obj["usage"] = usage
             return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
+        tool = self.req.tool
         try:
-            for i in range(len(self.choices)):
-                yield chunk(i, {"role": "assistant", "content": ""})
-            texts = [""] * len(self.choices)
+            n = len(self.choices)
+            for i in range(n):
+                yield chunk(i, {"role": "assistant", "content": None if tool else ""})
+            # per choice: its text so far; for a forced call, whether its name was sent and how much of its arguments
+            texts, named, sent = [""] * n, [False] * n, [0] * n
             async for item in self.pieces():
                 if len(item) == 4:
                     i, _, finish, error = item
                     if error is not None:
                         yield f"data: {json.dumps(engine_error(error).body())}\n\n"
                         return
+                    if tool is not None:
+                        if not named[i] and texts[i]:  # cut before the function's name was complete: the text
+                            yield chunk(i, {"content": texts[i]})
+                        finish = tool_finish(finish, named[i])
                     if self.req.speak:
                         yield chunk(i, {"audio": spoken(await self.speak(texts[i]), texts[i])})
                     yield chunk(i, {}, finish)
                     continue
-                i, text, entries = item
-                texts[i] += text
-                yield chunk(i, {"content": text}, logprobs=entries)
+                i, piece, entries = item
+                texts[i] += piece
+                if tool is None:
+                    yield chunk(i, {"content": piece}, logprobs=entries)
+                    continue
+                name, args = tool.split(texts[i])  # OpenAI's tool call deltas: the name first, then argument pieces
+                if name is None:
+                    continue
+                if not named[i]:
+                    named[i] = True
+                    yield chunk(i, {"tool_calls": [{"index": 0, "id": call_id(), "type": "function",
+                                                    "function": {"name": name, "arguments": ""}}]})
+                if len(args) > sent[i]:
+                    yield chunk(i, {"tool_calls": [{"index": 0, "function": {"arguments": args[sent[i]:]}}]},
+                                logprobs=entries)
+                    sent[i] = len(args)
             if self.req.include_usage:
                 yield chunk(0, {}, usage=self.usage(prompt), choices=False)
             yield "data: [DONE]\n\n"
