@@ -56,6 +56,7 @@ class Answer:
     prompt_tokens: int
     timing: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    fitted: dict[str, Any] = field(default_factory=dict)  # what was cut to fit the context (PromptBuilder.build)
 
     @property
     def generated_tokens(self) -> int:
@@ -64,7 +65,7 @@ class Answer:
     def to_json(self) -> dict[str, Any]:
         """The `--json` object (keys are a stable interface: add, never remove)."""
         return {"text": self.text, "token_ids": self.token_ids, "prompt_tokens": self.prompt_tokens,
-                "generated_tokens": self.generated_tokens, "timing": self.timing}
+                "generated_tokens": self.generated_tokens, "timing": self.timing, **self.fitted}
 
 
 def mps_available() -> bool:
@@ -195,7 +196,8 @@ class OmniModel:
         opts = self.sampling_options(**gen)
         text, images, wave = self._prompts.gather(text, image, audio, video, video_frames, prompt, system)
         t0 = time.perf_counter()
-        embeds, ids, notes, opts.max_new_tokens = self._prompts.build(text, images, wave, opts.max_new_tokens)
+        built = self._prompts.build(text, images, wave, opts.max_new_tokens)
+        embeds, ids, opts.max_new_tokens = built.embeds, built.ids, built.max_new_tokens
         detok = IncrementalDecoder(self._parts.tokenizer)
         t_first = None
         info: dict[str, Any] = {}
@@ -215,7 +217,7 @@ class OmniModel:
         # the first, plus the step whose EOS ended it. Timed from the first token to the end of the last step.
         steps = max(0, len(out) - 1) + (len(out) < opts.max_new_tokens and not opts.ignore_eos and bool(out))
         timing = {**answer_timing(self.load_seconds, t_first - t0, embeds.shape[1], t_end - t_first, steps), **info}
-        result.append(Answer(detok.text, out, embeds.shape[1], timing, notes))
+        result.append(Answer(detok.text, out, embeds.shape[1], timing, built.notes, built.fitted))
 
     def answer(self, text: str | None = None, image: ImageInput | list[ImageInput] | None = None,
                audio: AudioInput | list[AudioInput] | None = None, video: str | os.PathLike | None = None,
@@ -253,26 +255,30 @@ class OmniModel:
         """The thinker's context in positions (prompt, image/audio tokens and answer together)."""
         return self._parts.ctx_len
 
+    def limit_context(self, ctx_size: int) -> None:
+        """Use at most `ctx_size` positions of the context from now on (llama.cpp's -c): prompts, image/audio
+        tokens and answers are fitted to it; more than the model's own context is an OmniError saying it."""
+        if isinstance(ctx_size, bool) or not isinstance(ctx_size, int) or not 1 <= ctx_size <= self._parts.ctx_len:
+            raise OmniError(f"ctx_size {ctx_size!r}: the model's context is {self._parts.ctx_len} tokens (give 1 to "
+                            f"{self._parts.ctx_len})")
+        self._parts.ctx_len = ctx_size
+
     def detokenizer(self) -> IncrementalDecoder:
         """A streaming detokeniser for this model's ids (push(id) -> new text)."""
         return IncrementalDecoder(self._parts.tokenizer)
 
     def prepare_chat(self, text: str | None = None, image: ImageInput | list[ImageInput] | None = None,
                      audio: AudioInput | None = None, prompt: str | None = None, trim: bool = True,
-                     **gen: Any) -> RowPrompt:
+                     budget_name: str = "max_new_tokens", **gen: Any) -> RowPrompt:
         """One request's prompt as `answer` builds it (embeddings, ids, options with the answer budget), for a
-        `batch_engine`. Without `trim`, a text prompt too long for the context is an OmniError instead of being
-        cut (audio is still trimmed to what a prompt can use, with a note, as in the CLI)."""
+        `batch_engine`. Without `trim` the text is never cut: the budget takes whatever room the prompt leaves,
+        and a prompt that leaves none is an OmniError (audio is still trimmed to what a prompt can use, with a
+        note, as in the CLI). `budget_name`: what the notes call the budget (the client's own field)."""
         opts = self.sampling_options(**gen)
         text, images, wave = self._prompts.gather(text, image, audio, prompt=prompt)
-        # a prompt that is refused rather than trimmed may fill the context exactly
-        embeds, ids, notes, opts.max_new_tokens = self._prompts.build(text, images, wave, opts.max_new_tokens,
-                                                                      spare=1 if trim else 0)
-        full = len(self._parts.tokenizer.prompt_ids(text))
-        if not trim and len(ids) < full:
-            raise OmniError(f"the prompt ({embeds.shape[1] - len(ids) + full} positions) and max_new_tokens "
-                            f"{opts.max_new_tokens} do not fit the context of {self._parts.ctx_len}")
-        return RowPrompt(embeds[0], ids, opts, notes)
+        built = self._prompts.build(text, images, wave, opts.max_new_tokens, trim=trim, budget_name=budget_name)
+        opts.max_new_tokens = built.max_new_tokens
+        return RowPrompt(built.embeds[0], built.ids, opts, built.notes, built.fitted)
 
     def decode_kernel(self, decode_kernel: str = "auto") -> str:
         """The decode step a causal generation with `decode_kernel` takes, built and loaded now (so a server or
@@ -307,31 +313,33 @@ class OmniModel:
         results: list[Answer | None] = [None] * len(items)
         for lo in range(0, len(items), batch_size):
             t0 = time.perf_counter()
-            ready = []  # (index, embeds (T, d), ids, notes, max_new_tokens)
+            ready = []  # (index, its BuiltPrompt)
             for i in range(lo, min(lo + batch_size, len(items))):
                 try:
                     text, images, wave = self._prompts.gather(**batch_request(items[i]), system=system)
-                    embeds, ids, notes, max_new = self._prompts.build(text, images, wave, opts.max_new_tokens)
+                    built = self._prompts.build(text, images, wave, opts.max_new_tokens)
                 except OmniError as exc:
                     if on_error is None:
                         raise OmniError(f"request {i + 1}: {exc}") from exc
                     on_error(i, exc)
                     continue
-                ready.append((i, embeds[0], ids, notes, max_new))
+                ready.append((i, built))
             if not ready:
                 continue
             times: list[float] = []
             info: dict[str, Any] = {}
-            outs = generate_batch(self._parts.thinker, [r[1] for r in ready], [r[2] for r in ready], opts,
-                                  max_new_tokens=[r[4] for r in ready], step_times=times, info=info)
+            outs = generate_batch(self._parts.thinker, [b.embeds[0] for _, b in ready], [b.ids for _, b in ready],
+                                  opts, max_new_tokens=[b.max_new_tokens for _, b in ready], step_times=times,
+                                  info=info)
             t_first = times[0] if times else time.perf_counter()
-            for (i, embeds, _, notes, max_new), out in zip(ready, outs):
-                steps = min(len(out) - 1 + (len(out) < max_new and not opts.ignore_eos), len(times) - 1) \
-                    if out else 0  # as in _generate: the EOS step counts
+            for (i, built), out in zip(ready, outs):
+                steps = min(len(out) - 1 + (len(out) < built.max_new_tokens and not opts.ignore_eos),
+                            len(times) - 1) if out else 0  # as in _generate: the EOS step counts
                 decode_s = times[steps] - t_first if times else 0.0
-                timing = {**answer_timing(self.load_seconds, t_first - t0, embeds.shape[0], decode_s, steps),
+                n = built.embeds.shape[1]
+                timing = {**answer_timing(self.load_seconds, t_first - t0, n, decode_s, steps),
                           "batch_size": len(ready), **info}
-                results[i] = Answer(self._parts.tokenizer.decode(out), out, embeds.shape[0], timing, notes)
+                results[i] = Answer(self._parts.tokenizer.decode(out), out, n, timing, built.notes, built.fitted)
         return results
 
     def chat_batch(self, items: list[dict[str, Any]], batch_size: int = 8, **gen: Any) -> list[str]:

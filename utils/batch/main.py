@@ -30,8 +30,9 @@ from typing import Any, Callable, Sequence
 
 from utils.batch.job import (Journal, MaterializedMedia, Row, audio_rows, inline_media, job_key, process_rows,
                              read_batch_file, record)
-from utils.cli.args import (add_generation_arguments, add_model_arguments, generation_options, non_negative_float,
-                            non_negative_int, positive_float, positive_int, run_command)
+from utils.cli.args import (Parser, add_dash_aliases, add_generation_arguments, add_model_arguments,
+                            add_version_argument, generation_options, non_negative_float, non_negative_int,
+                            positive_float, positive_int, run_command)
 from utils.cli.console import Console
 from utils.base.errors import OmniError, Terminated
 
@@ -66,8 +67,7 @@ exit status: 0 every line answered, 1 a line failed (its record has "error") or 
 # ---------------------------------------------------------------- arguments
 
 def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=description, epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    p = Parser(prog=prog, description=description, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="A JSON Lines file of requests; with --task transcribe, audio files and directories.")
     p.add_argument("-o", "--output", required=True, metavar="PATH",
@@ -106,6 +106,8 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     g = p.add_argument_group("messages")
     g.add_argument("--quiet", action="store_true", help="Print nothing on stderr except errors.")
     g.add_argument("--verbose", action="store_true", help="Show Ray's logs and Python tracebacks.")
+    add_version_argument(p, prog)
+    add_dash_aliases(p)
     return p
 
 

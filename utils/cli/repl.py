@@ -81,7 +81,7 @@ def split_command(line: str) -> tuple[str, str] | None:
 def ask(model: OmniModel, args: argparse.Namespace, text: str | None, media: Attachments,
         on_text: Callable[[str], None] | None) -> Answer:
     return model.answer(text, image=list(media.images) or None, audio=list(media.audio) or None,
-                        prompt=args.prompt, on_text=on_text, **generation_options(args))
+                        on_text=on_text, **generation_options(args))
 
 
 # /set NAME VALUE: the command-line rows of the options table, read as their flags read them

@@ -235,11 +235,13 @@ class Slots:
 @dataclass
 class RowPrompt:
     """One request ready for the engine: prompt embeddings (T, d), its text ids (for the repetition
-    penalty), the sampling options (`max_new_tokens` is this row's budget) and notes for the caller."""
+    penalty), the sampling options (`max_new_tokens` is this row's budget), notes for the caller and what was
+    cut to fit the context (PromptBuilder.build's `fitted`: the server reports it in `usage`)."""
     embeds: torch.Tensor
     ids: list[int]
     opts: SamplingOptions
     notes: list[str] = field(default_factory=list)
+    fitted: dict[str, Any] = field(default_factory=dict)
 
 
 def _no_start(prompt: RowPrompt) -> None:

@@ -21,7 +21,7 @@ from omni import OmniError, OmniModel, Transcript
 from utils.base.errors import EngineClosed, QueueFull
 from utils.base.transcript import format_transcript
 from utils.server.metrics import Metrics
-from utils.server.protocol import (ApiError, ChatRequest, body_object, engine_error, parse_chat,
+from utils.server.protocol import (ApiError, ChatRequest, body_object, budget_field, engine_error, parse_chat,
                                    parse_json, parse_speech, transcription_format, type_error)
 from utils.server.streaming import Answering
 
@@ -124,6 +124,7 @@ class OmniServer:
         req = parse_chat(body)
         self.check_model(body.get("model"))
         opts = asdict(req.to_sampling_params(self.defaults))
+        budget = budget_field(body)
         if req.speak and "talker" not in self.model.components:
             raise ApiError(400, "audio output needs a talker checkpoint, and this model has none", "invalid_value",
                            "modalities")
@@ -135,7 +136,8 @@ class OmniServer:
             loop.call_soon_threadsafe(events.put_nowait, event)
 
         def prepare() -> Any:
-            return self.model.prepare_chat(req.text, image=images or None, audio=wave, trim=False, **opts)
+            return self.model.prepare_chat(req.text, image=images or None, audio=wave, trim=False,
+                                           budget_name=budget, **opts)
 
         try:
             row = self.engine.submit(prepare, lambda tid: put("token", tid), lambda r, e: put("finish", r, e),
@@ -156,7 +158,7 @@ class OmniServer:
         self.metrics.prompt_tokens += prompt.embeds.shape[0]
         chat_id = f"chatcmpl-{uuid.uuid4().hex}"
         headers = {"X-Omni-Ignored-Messages": str(req.ignored)}
-        if prompt.notes:  # e.g. audio trimmed to what a prompt can use: said, not silent
+        if prompt.notes:  # e.g. audio trimmed, the budget cut to what the context leaves: said, not silent
             headers["X-Omni-Warnings"] = "; ".join(prompt.notes).encode("ascii", "replace").decode()
         answer = Answering(req, row, events, t_arrival, self.model.detokenizer(), self.metrics, self.model_id,
                            self.speech_b64)

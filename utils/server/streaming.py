@@ -99,9 +99,12 @@ class Answering:
                 yield ("finish", finish_reason(reason, self.stop.stopped), error)
                 return
 
-    def usage(self, prompt: Any) -> dict[str, int]:
+    def usage(self, prompt: Any) -> dict[str, Any]:
+        """OpenAI's token counts, plus `budget_cut` {requested, allowed, context} when the context could not hold
+        the budget the client asked for (llama-server's way: the answer stops there, finish_reason "length")."""
         n = prompt.embeds.shape[0]
-        return {"prompt_tokens": n, "completion_tokens": self.generated, "total_tokens": n + self.generated}
+        return {"prompt_tokens": n, "completion_tokens": self.generated, "total_tokens": n + self.generated,
+                **prompt.fitted}
 
     async def whole(self, chat_id: str, prompt: Any, request: Request, headers: dict[str, str]) -> Response:
         """The answer as one chat.completion body; a client that goes away frees its row at the next step."""
