@@ -56,8 +56,9 @@ EPILOG = """examples:
 
 request lines: {"text": ..., "image": PATH, "audio_in": PATH, "video": PATH, "prompt": ..., "id": ...} (all
 optional; relative paths against the current directory, else the file's). Output lines, in input order:
-{"line", "id", "text", "token_ids", "prompt_tokens", "generated_tokens", "timing"} or {"line", "id", "error"};
-"id" is the request's id, else its line number (transcription: the audio path).
+{"line", "id", "text", "token_ids", "prompt_tokens", "generated_tokens", "timing"} (transcription: {"line", "id",
+"text", "segments", "timing"}) or {"line", "id", "error"}; "id" is the request's id, else its line number
+(transcription: the audio path).
 With --engine ray the workers open the checkpoint and the media themselves: those paths must be visible to every
 worker (the same path on a shared filesystem), or use --inline_media to ship the media bytes in the dataset.
 exit status: 0 every line answered, 1 a line failed (its record has "error") or the job failed, 2 usage error,
