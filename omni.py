@@ -28,7 +28,7 @@ import torch
 from utils.base.defaults import DEFAULT_VIDEO_FRAMES, DTYPE_NAMES, QUANTIZATIONS
 from utils.base.errors import OmniError
 from utils.base.options import BY_NAME, OptionError, SamplingOptions
-from utils.base.transcript import Transcript, TranscribeOptions
+from utils.base.transcript import Transcript, TranscribeOptions, check_language
 from utils.engine.generation import EngineThread, RowPrompt, generate, generate_batch, serving_engine
 from utils.engine.native.step import native_model
 from utils.engine.prompt import AudioInput, ImageInput, PromptBuilder, batch_request, require_parts
@@ -255,6 +255,11 @@ class OmniModel:
         """The thinker's context in positions (prompt, image/audio tokens and answer together)."""
         return self._parts.ctx_len
 
+    @property
+    def language(self) -> str | None:
+        """The language the CTC head transcribes, when its audio_enc_metadata.json says ("en"), else None."""
+        return self._parts.language
+
     def limit_context(self, ctx_size: int) -> None:
         """Use at most `ctx_size` positions of the context from now on (llama.cpp's -c): prompts, image/audio
         tokens and answers are fitted to it; more than the model's own context is an OmniError saying it."""
@@ -366,19 +371,26 @@ class OmniModel:
     # ------------------------------------------------------------ transcription
     @torch.inference_mode()
     def transcribe(self, audio: AudioInput | BinaryIO, word_timestamps: bool = True,
-                   progress: Callable[[float, float | None], None] | None = None, **options: Any) -> Transcript:
+                   progress: Callable[[float, float | None], None] | None = None, language: str | None = None,
+                   **options: Any) -> Transcript:
         """Greedy CTC transcript from the audio encoder's character head, with segment and word timestamps:
         a dict in whisper's JSON shape whose `.text` is the plain transcript (utils/engine/transcribe.py says how).
         A file (a path or an open binary file) is streamed: any length, bounded memory; an array is a 16 kHz
         waveform. `options`: fields of utils.base.transcript.TranscribeOptions (vad, min_silence, segment_gap,
         window, max_seconds, ...); `progress` is called with the seconds of audio read so far and the total
-        (None when unknown)."""
+        (None when unknown). `language` (whisper's --language: a code or an English name) must be the one the
+        checkpoint transcribes, which its audio_enc_metadata.json names (result["language"]); an OmniError
+        says which it is, or that the checkpoint does not say."""
         self._require_parts("transcription", "audio", "ctc_head", "ctc_chars")
+        if language is not None:
+            check_language(language, self._parts.language)
         opts = TranscribeOptions(word_timestamps=word_timestamps, **options)
         if isinstance(audio, np.ndarray):
             audio = self._prompts.audio_wave(audio)
-        return transcribe(self._ctc_logits, audio, self._parts.ctc_chars, HOP_LENGTH * self._parts.audio.cfg.downsample,
-                          opts, progress)
+        result = transcribe(self._ctc_logits, audio, self._parts.ctc_chars,
+                            HOP_LENGTH * self._parts.audio.cfg.downsample, opts, progress)
+        result["language"] = self._parts.language
+        return result
 
     @torch.inference_mode()
     def _ctc_logits(self, wave: np.ndarray) -> torch.Tensor:

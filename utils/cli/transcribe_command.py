@@ -6,6 +6,9 @@
 
 One file without --output_dir goes to stdout; otherwise each input INPUT.ext becomes INPUT.FORMAT in
 --output_dir (default: the current directory), written atomically.
+
+transcribe.py is the same with whisper's habits: `transcribe.py a.wav b.mp3 --model D` writes every format of each
+input into the current directory (--output_format and --output_dir as whisper's).
 """
 from __future__ import annotations
 
@@ -15,7 +18,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from utils.base.errors import OmniError
-from utils.base.transcript import OUTPUT_FORMATS, TranscribeOptions, format_transcript, write_text_atomic
+from utils.base.transcript import (OUTPUT_FORMATS, TranscribeOptions, check_language, format_transcript,
+                                   write_text_atomic)
 
 if TYPE_CHECKING:
     from omni import OmniModel
@@ -43,12 +47,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max_transcribe_seconds", type=float, default=None, metavar="S",
                    help=f"Refuse longer audio (default {DEFAULTS.max_seconds:.0f} s); audio is streamed, so "
                         f"memory does not grow with the length.")
+    g.add_argument("--word_timestamps", type=true_or_false, default=None, metavar="True|False",
+                   help="Each segment's words with their times and probabilities in the json output (default "
+                        "True: CTC timestamps cost nothing extra).")
+    g.add_argument("--language", metavar="LANG",
+                   help="The spoken language, as whisper's --language (a code such as en, or English): accepted "
+                        "when it is the language the checkpoint transcribes (its audio_enc_metadata.json says "
+                        "which), else an error naming it. The CTC head knows one language: nothing is detected.")
+
+
+def true_or_false(text: str) -> bool:
+    """whisper's True|False flags (any case; also 1/0, yes/no)."""
+    low = text.strip().lower()
+    if low in ("true", "1", "yes"):
+        return True
+    if low in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} must be True or False")
 
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Usage errors of the transcription flags."""
-    given = [f for f in ("output_format", "output_dir", "min_silence", "segment_gap", "max_transcribe_seconds")
-             if getattr(args, f) is not None] + (["no_vad"] if args.no_vad else [])
+    flags = ("output_format", "output_dir", "min_silence", "segment_gap", "max_transcribe_seconds", "word_timestamps",
+             "language")
+    given = [f for f in flags if getattr(args, f) is not None] + (["no_vad"] if args.no_vad else [])
     if not args.transcribe:
         if given:
             parser.error(f"--{given[0]} needs --transcribe")
@@ -62,9 +84,10 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
 
 
 def options(args: argparse.Namespace) -> dict[str, Any]:
-    """Only the flags that were given: the rest are TranscribeOptions' defaults."""
+    """Only the flags that were given: the rest are OmniModel.transcribe's defaults (--language is checked once,
+    by run_transcribe)."""
     given = {"min_silence": args.min_silence, "segment_gap": args.segment_gap,
-             "max_seconds": args.max_transcribe_seconds}
+             "max_seconds": args.max_transcribe_seconds, "word_timestamps": args.word_timestamps}
     opts = {k: v for k, v in given.items() if v is not None}
     if args.no_vad:
         opts["vad"] = False
@@ -88,6 +111,8 @@ def run_transcribe(model: OmniModel, args: argparse.Namespace, con: Console, out
     """Transcribe every --audio_in; a file that fails is reported (one `error:` line) and the rest go on."""
     from tqdm import tqdm
 
+    if args.language is not None:  # once, before any file: the checkpoint knows one language
+        check_language(args.language, model.language)
     fmt = args.output_format or ("json" if args.json else "txt")
     formats = OUTPUT_FORMATS if fmt == "all" else (fmt,)
     files = args.audio_in
@@ -128,3 +153,52 @@ def run_transcribe(model: OmniModel, args: argparse.Namespace, con: Console, out
             write_text_atomic(target, format_transcript(result, fmt_i))
         con.status(f"{path}: wrote {', '.join(str(p) for p in paths[i])}")
     return 1 if failed else 0
+
+
+# ---------------------------------------------------------------- transcribe.py: whisper's command line
+
+def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """whisper's spellings: audio files as arguments, --model the checkpoint, every format written by default."""
+    from utils.cli.args import Parser, add_dash_aliases, add_model_arguments, add_version_argument
+
+    p = Parser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+               epilog=f"""examples:
+  python {prog} examples/phrases.wav --model checkpoints/demo                 # phrases.txt .vtt .srt .tsv .json
+  python {prog} talk1.flac talk2.mp3 --model checkpoints/demo --output_format srt --output_dir subs/
+  python {prog} a.wav --model checkpoints/demo --language en --word_timestamps False
+
+exit status: 0 ok, 1 a file failed (one `error:` line each; the others are written), 2 usage error.""")
+    p.add_argument("audio_in", nargs="+", metavar="AUDIO", help="Audio files to transcribe (any format infer_chat.py "
+                                                               "--audio_in reads).")
+    add_model_arguments(p, "The checkpoint (as infer_chat.py --ckpt_dir): one with an audio encoder and its CTC "
+                           "head, e.g. checkpoints/demo or its audio_enc_tiny directory.")
+    add_arguments(p)
+    p.set_defaults(output_format="all", output_dir=".", transcribe=True, json=False, seed=None)
+    g = p.add_argument_group("messages")
+    g.add_argument("--quiet", action="store_true", help="Print nothing on stderr except errors.")
+    g.add_argument("--verbose", action="store_true", help="Show loading messages and Python tracebacks.")
+    add_version_argument(p, prog)
+    add_dash_aliases(p)
+    return p
+
+
+def script_check(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    check_args(parser, args)
+    if args.quiet and args.verbose:
+        parser.error("--quiet and --verbose cannot be combined")
+
+
+def script_run(args: argparse.Namespace, con: Console) -> int:
+    from omni import load_model
+    from utils.cli.console import Out
+
+    con.status(f"loading μOmni from {args.ckpt_dir} ...")
+    model = load_model(args.ckpt_dir, device=args.device, dtype=args.dtype, quantize=args.quantize,
+                       threads=args.threads)
+    return run_transcribe(model, args, con, Out())
+
+
+def main(argv: list[str] | None, prog: str, description: str) -> int:
+    from utils.cli.args import run_command
+
+    return run_command(lambda: build_parser(prog, description), script_check, script_run, argv)
