@@ -6,7 +6,7 @@ if __name__ == "__main__":  # first, so the signal policy covers every line belo
     from utils.base.errors import run_script
     run_script("transcribe")
 
-from utils.cli.transcribe_command import main as transcribe_main
+from utils.cli.transcribe_script import main as transcribe_main
 
 
 def main() -> int:

@@ -90,6 +90,8 @@ def epilog(prog: str) -> str:
   printf '/image cat.png\\nWhat is this?\\n' | {p} --json > answers.jsonl
   # interactive chat (type /help inside; \"\"\" starts and ends a multi-line message)
   {p}
+  # llama.cpp's spellings: -m model, -p prompt (alone: the question), -n budget, -c context, -f prompt file
+  python {prog} -m {d} -p "What is one plus two?" -n 256 -c 512
   # a system prompt (prepended to each question), the model card, timings, versions
   {p} --system "Answer briefly." --text "Hi"
   {p} --info --json
@@ -106,8 +108,9 @@ limits (an input beyond them is refused with one `error:` line and exit status 1
              before the spectrogram; --transcribe streams files in bounded memory, up to
              --max_transcribe_seconds (default {TranscribeOptions().max_seconds:.0f} s)
   video      at most 256 frames (--video_frames); frames obey the image pixel limit
-  text       a prompt too long for the context beside the answer budget is trimmed (its end kept) with a
-             warning; the budget is reduced (with a warning) only when the context cannot hold it at all
+  text       the answer budget is an upper bound: a prompt that fits is kept whole and the budget cut to the
+             room it leaves; only a prompt leaving less than min(budget, a quarter of the context) is trimmed
+             (its end kept); each cut is a warning, and in --json ("budget_cut", "prompt_trimmed")
   weights    .pt files are unpickled weights-only: tensors and plain data; a pickle that would run code is
              refused and never run; safetensors headers are validated before anything is read; a config
              may not ask for ctx_len above 131072
