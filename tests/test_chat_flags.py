@@ -116,9 +116,12 @@ def test_other_tools_flags_get_one_line_naming_ours(script: str) -> None:
 
 
 def test_every_script_takes_both_spellings_and_version(tmp_path) -> None:
-    for script in ("infer_chat.py", "infer_safetensors.py", "serve.py", "batch.py", "export.py"):
+    for script in ("infer_chat.py", "infer_safetensors.py", "transcribe.py", "serve.py", "batch.py", "export.py"):
         r = run_cli("--version", script=script)
         assert r.returncode == 0 and "μOmni inference suite" in r.stdout, (script, r.stderr)
+    r = run_cli("a.wav", "--model", "x", "--fp16", "False", script="transcribe.py")  # whisper's flag: ours named
+    assert r.returncode == 2 and r.stderr == "transcribe.py: error: --fp16 is not a flag of transcribe.py: use " \
+                                             "--dtype float16\n", r.stderr
     # the model flags (and dashed spellings) reach the parser: the usage error is the next flag's, not --ckpt_dir's
     for script, args in (("serve.py", ["--ckpt-dir", "x", "--max-batch", "0"]),
                          ("serve.py", ["-m", "x", "--max_batch", "-1"]),

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import math
 import secrets
+import sys
 import textwrap
 from typing import Any, Callable, Sequence
 
@@ -120,7 +121,8 @@ limits (an input beyond them is refused with one `error:` line and exit status 1
 exit status: 0 ok, 1 error (one `error:` line on stderr), 2 usage error, 130 interrupted, 143 terminated."""
 
 
-MODES = ("Modes: one-shot when --text, --image, --audio_in or --video is given; otherwise an interactive chat when "
+MODES = ("Modes: one-shot when --text, --image, --audio_in or --video is given (or --prompt / -p / -f alone, as in "
+         "llama.cpp); otherwise an interactive chat when "
          "stdin is a terminal, else one answer per line of stdin (lines '/image PATH', '/video PATH', '/audio PATH' "
          "attach media to the next line). Answers go to stdout; loading messages, warnings and progress to stderr.")
 
@@ -153,7 +155,6 @@ class Parser(argparse.ArgumentParser):
         super().__init__(allow_abbrev=False, **kw)
 
     def parse_known_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> Any:
-        import sys
         for token in (sys.argv[1:] if args is None else args):
             if token == "--":
                 break

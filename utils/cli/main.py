@@ -1,7 +1,7 @@
 """The command-line interface shared by infer_chat.py and infer_safetensors.py: a thin layer over omni.py.
 
-Modes: one-shot when --text/--image/--audio_in/--video is given; otherwise a REPL when stdin is a terminal,
-else one answer per input line (a pipe). stdout carries answers only; everything else goes to stderr.
+Modes: one-shot when --text/--image/--audio_in/--video (or --prompt / -f alone) is given; otherwise a REPL when
+stdin is a terminal, else one answer per input line (a pipe). stdout carries answers only; everything else goes to stderr.
 Exit codes: 0 ok, 1 error (one `error:` line), 2 usage error (argparse), 130 interrupted (SIGINT), 143 terminated
 (SIGTERM).
 
