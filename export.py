@@ -34,16 +34,15 @@ from omni import ExportResult, dtype_name, export_checkpoints, find_config
 from utils.base.defaults import DTYPE_NAMES
 from utils.base.errors import OmniError, Terminated, interrupt_status, one_line, quiet_stdout
 from utils.base.export_names import COMPONENT_FLAGS, COMPONENT_PREFIXES, DEFAULT_OUTPUT_FILE, EXPORT_NAMES, QUANT_METHOD
-from utils.base.version import version_text
+from utils.cli.args import Parser, add_dash_aliases, add_version_argument
 
 SOURCE_LABELS = {"thinker": "thinker", "proj_a": "thinker", "proj_v": "thinker", "audio": "audio",
                  "ctc_head": "audio", "vision": "vision", "talker": "talker", "rvq": "talker", "vocoder": "vocoder"}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="export.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ckpt_root", help="trainers' checkpoints/ folder: find every component directory under it "
+    p = Parser(prog="export.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt_root", "--ckpt_dir", "-m", "--model", dest="ckpt_root", help="trainers' checkpoints/ folder: find every component directory under it "
                                        "(instead of naming them with the --*_ckpt flags)")
     p.add_argument("--omni_ckpt", help="omni_sft directory (omni.pt: fine-tuned thinker and projectors)")
     p.add_argument("--thinker_ckpt", help="thinker directory (tokenizer.model; thinker.pt when no --omni_ckpt)")
@@ -71,8 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(exit 1 if a float32 export differs at all)")
     p.add_argument("--force", action="store_true", help="replace an existing export in --output_dir")
     p.add_argument("--verbose", action="store_true", help="show tracebacks for errors")
-    p.add_argument("--version", action="version", version=version_text("export.py"),
-                   help="print the suite's, torch's and Python's versions and exit")
+    add_version_argument(p, "export.py")
+    add_dash_aliases(p)
     return p
 
 

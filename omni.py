@@ -29,7 +29,7 @@ import torch
 from utils.base.defaults import DEFAULT_VIDEO_FRAMES, DTYPE_NAMES, QUANTIZATIONS
 from utils.base.errors import OmniError
 from utils.base.options import BY_NAME, OptionError, SamplingOptions
-from utils.base.transcript import Transcript, TranscribeOptions
+from utils.base.transcript import Transcript, TranscribeOptions, check_language
 from utils.engine.constrain import Constraint, Vocabulary
 from utils.engine.generation import (EngineThread, RowPrompt, generate, generate_batch, generate_choices,
                                      serving_engine)
@@ -64,16 +64,18 @@ class Answer:
     warnings: list[str] = field(default_factory=list)
     logprobs: list[dict[str, Any]] | None = None
     finish_reason: str = "stop"  # "stop" (EOS), "length" (the budget ran out: a constrained answer is then cut)
+    fitted: dict[str, Any] = field(default_factory=dict)  # what was cut to fit the context (PromptBuilder.build)
 
     @property
     def generated_tokens(self) -> int:
         return len(self.token_ids)
 
     def to_json(self) -> dict[str, Any]:
-        """The `--json` object (keys are a stable interface: add, never remove; `logprobs` only when asked)."""
+        """The `--json` object (keys are a stable interface: add, never remove; `logprobs` only when asked,
+        `budget_cut` / `prompt_trimmed` only when something was cut)."""
         out = {"text": self.text, "token_ids": self.token_ids, "prompt_tokens": self.prompt_tokens,
                "generated_tokens": self.generated_tokens, "finish_reason": self.finish_reason,
-               "timing": self.timing}
+               "timing": self.timing, **self.fitted}
         if self.logprobs is not None:
             out["logprobs"] = {"content": self.logprobs}
         return out
@@ -238,7 +240,8 @@ class OmniModel:
         opts = self.sampling_options(**gen)
         text, images, wave = self._prompts.gather(text, image, audio, video, video_frames, prompt, system)
         t0 = time.perf_counter()
-        embeds, ids, notes, opts.max_new_tokens = self._prompts.build(text, images, wave, opts.max_new_tokens)
+        built = self._prompts.build(text, images, wave, opts.max_new_tokens)
+        embeds, ids, opts.max_new_tokens = built.embeds, built.ids, built.max_new_tokens
         constraint = self.constraint(opts.response_format)
         detok = IncrementalDecoder(self._parts.tokenizer)
         t_first = None
@@ -261,8 +264,8 @@ class OmniModel:
         steps = max(0, len(out) - 1) + (len(out) < opts.max_new_tokens and not opts.ignore_eos and bool(out))
         reason = info.pop("finish_reason", "length")  # none: max_new_tokens 0
         timing = {**answer_timing(self.load_seconds, t_first - t0, embeds.shape[1], t_end - t_first, steps), **info}
-        result.append(Answer(detok.text, out, embeds.shape[1], timing, notes, self._logprobs(opts, logprobs),
-                             reason))
+        result.append(Answer(detok.text, out, embeds.shape[1], timing, built.notes, self._logprobs(opts, logprobs),
+                             reason, built.fitted))
 
     def _logprobs(self, opts: SamplingOptions, entries: list[Any]) -> list[dict[str, Any]] | None:
         return [self.logprob_entry(e) for e in entries] if opts.logprobs is not None else None
@@ -300,14 +303,15 @@ class OmniModel:
         opts = self.sampling_options(**gen)
         text, images, wave = self._prompts.gather(text, image, audio, video, video_frames, prompt, system)
         t0 = time.perf_counter()
-        embeds, ids, notes, opts.max_new_tokens = self._prompts.build(text, images, wave, opts.max_new_tokens)
+        built = self._prompts.build(text, images, wave, opts.max_new_tokens)
+        opts.max_new_tokens = built.max_new_tokens
         info: dict[str, Any] = {}
-        outs = generate_choices(self._parts.thinker, embeds[0], ids, opts, n, info,
+        outs = generate_choices(self._parts.thinker, built.embeds[0], built.ids, opts, n, info,
                                 self.constraint(opts.response_format))
         seconds = time.perf_counter() - t0
-        return [Answer(self._parts.tokenizer.decode(out), out, embeds.shape[1],
-                       {"total_s": round(seconds, 6), "choices": n, **info}, notes, self._logprobs(opts, lps),
-                       reason or "length")
+        return [Answer(self._parts.tokenizer.decode(out), out, built.embeds.shape[1],
+                       {"total_s": round(seconds, 6), "choices": n, **info}, built.notes, self._logprobs(opts, lps),
+                       reason or "length", built.fitted)
                 for out, lps, reason in outs]
 
     def chat(self, text: str | None = None, image: ImageInput | list[ImageInput] | None = None,
@@ -329,27 +333,37 @@ class OmniModel:
         """The thinker's context in positions (prompt, image/audio tokens and answer together)."""
         return self._parts.ctx_len
 
+    @property
+    def language(self) -> str | None:
+        """The language the CTC head transcribes, when its audio_enc_metadata.json says ("en"), else None."""
+        return self._parts.language
+
+    def limit_context(self, ctx_size: int) -> None:
+        """Use at most `ctx_size` positions of the context from now on (llama.cpp's -c): prompts, image/audio
+        tokens and answers are fitted to it; more than the model's own context is an OmniError saying it."""
+        if isinstance(ctx_size, bool) or not isinstance(ctx_size, int) or not 1 <= ctx_size <= self._parts.ctx_len:
+            raise OmniError(f"ctx_size {ctx_size!r}: the model's context is {self._parts.ctx_len} tokens (give 1 to "
+                            f"{self._parts.ctx_len})")
+        self._parts.ctx_len = ctx_size
+
     def detokenizer(self) -> IncrementalDecoder:
         """A streaming detokeniser for this model's ids (push(id) -> new text)."""
         return IncrementalDecoder(self._parts.tokenizer)
 
     def prepare_chat(self, text: str | None = None, image: ImageInput | list[ImageInput] | None = None,
                      audio: AudioInput | None = None, prompt: str | None = None, trim: bool = True,
-                     system: str | None = None, **gen: Any) -> RowPrompt:
+                     system: str | None = None, budget_name: str = "max_new_tokens", **gen: Any) -> RowPrompt:
         """One request's prompt as `answer` builds it (embeddings, ids, options with the answer budget; `system`
-        joined before the text as there), for a `batch_engine`. Without `trim`, a text prompt too long for the
-        context is an OmniError instead of being cut (audio is still trimmed to what a prompt can use, with a note,
-        as in the CLI)."""
+        joined before the text as there), for a `batch_engine`. Without `trim` the text is never cut: the budget
+        takes whatever room the prompt leaves, and a prompt that leaves none is an OmniError (audio is still
+        trimmed to what a prompt can use, with a note, as in the CLI). `budget_name`: what the notes call the
+        budget (the client's own field)."""
         opts = self.sampling_options(**gen)
         text, images, wave = self._prompts.gather(text, image, audio, prompt=prompt, system=system)
-        # a prompt that is refused rather than trimmed may fill the context exactly
-        embeds, ids, notes, opts.max_new_tokens = self._prompts.build(text, images, wave, opts.max_new_tokens,
-                                                                      spare=1 if trim else 0)
-        full = len(self._parts.tokenizer.prompt_ids(text))
-        if not trim and len(ids) < full:
-            raise OmniError(f"the prompt ({embeds.shape[1] - len(ids) + full} positions) and max_new_tokens "
-                            f"{opts.max_new_tokens} do not fit the context of {self._parts.ctx_len}")
-        return RowPrompt(embeds[0], ids, opts, notes, self.constraint(opts.response_format))
+        built = self._prompts.build(text, images, wave, opts.max_new_tokens, trim=trim, budget_name=budget_name)
+        opts.max_new_tokens = built.max_new_tokens
+        return RowPrompt(built.embeds[0], built.ids, opts, built.notes, constraint=self.constraint(opts.response_format),
+                         fitted=built.fitted)
 
     def decode_kernel(self, decode_kernel: str = "auto") -> str:
         """The decode step a causal generation with `decode_kernel` takes, built and loaded now (so a server or
@@ -385,7 +399,7 @@ class OmniModel:
         results: list[Answer | None] = [None] * len(items)
         for lo in range(0, len(items), batch_size):
             t0 = time.perf_counter()
-            ready = []  # (index, embeds (T, d), ids, notes, max_new_tokens, constraint)
+            ready = []  # (index, its BuiltPrompt, its constraint)
             for i in range(lo, min(lo + batch_size, len(items))):
                 try:
                     request = batch_request(items[i])
@@ -396,31 +410,32 @@ class OmniModel:
                         raise OmniError(f"generation options: {exc}") from None
                     constraint = self.constraint(fmt)
                     text, images, wave = self._prompts.gather(**request, system=system)
-                    embeds, ids, notes, max_new = self._prompts.build(text, images, wave, opts.max_new_tokens)
+                    built = self._prompts.build(text, images, wave, opts.max_new_tokens)
                 except OmniError as exc:
                     if on_error is None:
                         raise OmniError(f"request {i + 1}: {exc}") from exc
                     on_error(i, exc)
                     continue
-                ready.append((i, embeds[0], ids, notes, max_new, constraint))
+                ready.append((i, built, constraint))
             if not ready:
                 continue
             times: list[float] = []
             info: dict[str, Any] = {}
             logprobs: list[list[Any]] = []
             reasons: list[str] = []
-            outs = generate_batch(self._parts.thinker, [r[1] for r in ready], [r[2] for r in ready], opts,
-                                  max_new_tokens=[r[4] for r in ready], step_times=times, info=info,
-                                  logprobs=logprobs, constraints=[r[5] for r in ready], reasons=reasons)
+            outs = generate_batch(self._parts.thinker, [b.embeds[0] for _, b, _ in ready], [b.ids for _, b, _ in ready],
+                                  opts, max_new_tokens=[b.max_new_tokens for _, b, _ in ready], step_times=times,
+                                  info=info, logprobs=logprobs, constraints=[c for _, _, c in ready], reasons=reasons)
             t_first = times[0] if times else time.perf_counter()
-            for (i, embeds, _, notes, max_new, _), out, lps, reason in zip(ready, outs, logprobs, reasons):
-                steps = min(len(out) - 1 + (len(out) < max_new and not opts.ignore_eos), len(times) - 1) \
-                    if out else 0  # as in _generate: the EOS step counts
+            for (i, built, _), out, lps, reason in zip(ready, outs, logprobs, reasons):
+                steps = min(len(out) - 1 + (len(out) < built.max_new_tokens and not opts.ignore_eos),
+                            len(times) - 1) if out else 0  # as in _generate: the EOS step counts
                 decode_s = times[steps] - t_first if times else 0.0
-                timing = {**answer_timing(self.load_seconds, t_first - t0, embeds.shape[0], decode_s, steps),
+                n = built.embeds.shape[1]
+                timing = {**answer_timing(self.load_seconds, t_first - t0, n, decode_s, steps),
                           "batch_size": len(ready), **info}
-                results[i] = Answer(self._parts.tokenizer.decode(out), out, embeds.shape[0], timing, notes,
-                                    self._logprobs(opts, lps), reason or "length")
+                results[i] = Answer(self._parts.tokenizer.decode(out), out, n, timing, built.notes,
+                                    self._logprobs(opts, lps), reason or "length", built.fitted)
         return results
 
     def chat_batch(self, items: list[dict[str, Any]], batch_size: int = 8, **gen: Any) -> list[str]:
@@ -447,19 +462,26 @@ class OmniModel:
     # ------------------------------------------------------------ transcription
     @torch.inference_mode()
     def transcribe(self, audio: AudioInput | BinaryIO, word_timestamps: bool = True,
-                   progress: Callable[[float, float | None], None] | None = None, **options: Any) -> Transcript:
+                   progress: Callable[[float, float | None], None] | None = None, language: str | None = None,
+                   **options: Any) -> Transcript:
         """Greedy CTC transcript from the audio encoder's character head, with segment and word timestamps:
         a dict in whisper's JSON shape whose `.text` is the plain transcript (utils/engine/transcribe.py says how).
         A file (a path or an open binary file) is streamed: any length, bounded memory; an array is a 16 kHz
         waveform. `options`: fields of utils.base.transcript.TranscribeOptions (vad, min_silence, segment_gap,
         window, max_seconds, ...); `progress` is called with the seconds of audio read so far and the total
-        (None when unknown)."""
+        (None when unknown). `language` (whisper's --language: a code or an English name) must be the one the
+        checkpoint transcribes, which its audio_enc_metadata.json names (result["language"]); an OmniError
+        says which it is, or that the checkpoint does not say."""
         self._require_parts("transcription", "audio", "ctc_head", "ctc_chars")
+        if language is not None:
+            check_language(language, self._parts.language)
         opts = TranscribeOptions(word_timestamps=word_timestamps, **options)
         if isinstance(audio, np.ndarray):
             audio = self._prompts.audio_wave(audio)
-        return transcribe(self._ctc_logits, audio, self._parts.ctc_chars, HOP_LENGTH * self._parts.audio.cfg.downsample,
-                          opts, progress)
+        result = transcribe(self._ctc_logits, audio, self._parts.ctc_chars,
+                            HOP_LENGTH * self._parts.audio.cfg.downsample, opts, progress)
+        result["language"] = self._parts.language
+        return result
 
     @torch.inference_mode()
     def _ctc_logits(self, wave: np.ndarray) -> torch.Tensor:

@@ -21,8 +21,8 @@ import sys
 import traceback
 from typing import Sequence
 
-from utils.cli.args import (SERVICE_THREADS_HELP, add_model_arguments, non_negative_float, non_negative_int,
-                            positive_float, positive_int)
+from utils.cli.args import (SERVICE_THREADS_HELP, Parser, add_dash_aliases, add_model_arguments, add_version_argument,
+                            non_negative_float, non_negative_int, positive_float, positive_int)
 from utils.base.cpus import service_threads
 from utils.base.errors import OmniError
 
@@ -37,8 +37,7 @@ exit status: 0 after a requested stop (SIGTERM, SIGHUP, Ctrl-C), 1 on an error (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="serve.py", description=__doc__, epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="serve.py", description=__doc__, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(p, "Checkpoint directory: a trainers' checkpoints/ root, an omni_sft dir, a merged export "
                            "or one weights file (as infer_chat.py).", SERVICE_THREADS_HELP)
     g = p.add_argument_group("server")
@@ -65,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no_webui", action="store_true",
                    help="Do not serve the chat page at / (the API routes stay).")
     g.add_argument("--verbose", action="store_true", help="Show Python tracebacks for errors.")
+    add_version_argument(p, "serve.py")
+    add_dash_aliases(p)
     return p
 
 

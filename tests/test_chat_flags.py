@@ -88,3 +88,47 @@ def test_system_prompt_is_prepended_and_absent_by_default(demo_model, timed) -> 
     assert obj["prompt_tokens"] == len(model.parts.tokenizer.prompt_ids(f"{system} {QUESTION}"))
     assert obj["text"] == model.chat(f"{system} {QUESTION}") == model.chat(QUESTION, system=system)
     assert "eval time" not in r.stderr  # the --timings summary only when asked (--timings or --verbose)
+
+
+def test_llama_cpp_spellings(demo_model, tmp_path) -> None:
+    want = demo_model.answer(QUESTION)
+    prompt_file = tmp_path / "prompt.txt"
+    prompt_file.write_text(QUESTION + "\n")
+    # -m -f -n -t -s --repeat-penalty --temp -c: a 64-position context cuts the 1000-token budget to what is left
+    obj = one_json(run_cli("-m", str(DEMO), "-f", str(prompt_file), "-n", "1000", "-t", "1", "-s", "5",
+                           "--repeat-penalty", "1.0", "--temp", "0", "-c", "64", "--json"))
+    assert obj["token_ids"] == want.token_ids and obj["prompt_tokens"] == want.prompt_tokens
+    assert obj["budget_cut"] == {"requested": 1000, "allowed": 64 - 1 - want.prompt_tokens, "context": 64}
+    r = run_cli("-m", str(DEMO), "-f", "-", "--quiet", stdin=QUESTION + "\n")  # -f - reads the prompt from stdin
+    assert (r.returncode, r.stdout, r.stderr) == (0, want.text + "\n", "")
+    r = run_cli("-m", str(DEMO), "-p", QUESTION, "--ctx-size", "4096")  # more than the model has: a usage error
+    assert r.returncode == 2 and r.stdout == "" and "the model's context is 512 tokens" in r.stderr, r.stderr
+    assert len(r.stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize("script", ["infer_chat.py", "infer_safetensors.py", "serve.py", "batch.py"])
+def test_other_tools_flags_get_one_line_naming_ours(script: str) -> None:
+    for flag, ours in (("-ngl", "--device cuda"), ("--n-gpu-layers=99", "--device cuda"), ("--mlock", "no meaning"),
+                       ("-fa", "--decode_kernel")):
+        r = run_cli("-m", "x", flag, "1", script=script)
+        assert r.returncode == 2 and r.stdout == "", (flag, r.stderr)
+        assert r.stderr.count("\n") == 1 and ours in r.stderr and "usage:" not in r.stderr, (flag, r.stderr)
+
+
+def test_every_script_takes_both_spellings_and_version(tmp_path) -> None:
+    for script in ("infer_chat.py", "infer_safetensors.py", "transcribe.py", "serve.py", "batch.py", "export.py"):
+        r = run_cli("--version", script=script)
+        assert r.returncode == 0 and "μOmni inference suite" in r.stdout, (script, r.stderr)
+    r = run_cli("a.wav", "--model", "x", "--fp16", "False", script="transcribe.py")  # whisper's flag: ours named
+    assert r.returncode == 2 and r.stderr == "transcribe.py: error: --fp16 is not a flag of transcribe.py: use " \
+                                             "--dtype float16\n", r.stderr
+    # the model flags (and dashed spellings) reach the parser: the usage error is the next flag's, not --ckpt_dir's
+    for script, args in (("serve.py", ["--ckpt-dir", "x", "--max-batch", "0"]),
+                         ("serve.py", ["-m", "x", "--max_batch", "-1"]),
+                         ("batch.py", ["--model", "x", "in.jsonl", "-o", "out.jsonl", "--max-new-tokens", "0"]),
+                         ("batch.py", ["-m", "x", "in.jsonl", "--output", "out.jsonl", "-n", "0"])):
+        r = run_cli(*args, script=script)
+        assert r.returncode == 2 and "required" not in r.stderr and "must be an integer >= 1" in r.stderr, r.stderr
+    for flag in ("--ckpt_dir", "-m"):
+        r = run_cli(flag, str(tmp_path / "missing"), "--output-dir", str(tmp_path / "e"), script="export.py")
+        assert r.returncode == 1 and "missing" in r.stderr and "usage:" not in r.stderr, r.stderr

@@ -16,7 +16,7 @@ from tests.conftest import DEMO, EXAMPLES, QUESTION, needs_demo, one_json, run_c
 pytestmark = [needs_demo, pytest.mark.usefixtures("one_thread")]
 
 
-def test_long_prompt_is_trimmed_and_the_answer_keeps_its_budget(demo_model) -> None:
+def test_the_budget_is_an_upper_bound_and_only_a_crowding_prompt_is_trimmed(demo_model) -> None:
     model = demo_model
     short = model.answer(QUESTION)  # what the CLI answers to it: test_chat_flags checks the two agree
     long_text = (QUESTION + " ") * 400
@@ -28,11 +28,24 @@ def test_long_prompt_is_trimmed_and_the_answer_keeps_its_budget(demo_model) -> N
     assert obj["text"] == short.text and obj["generated_tokens"] == short.generated_tokens
     assert obj["text"] == model.chat(long_text)
 
-    # only a budget the context cannot hold is reduced, and that is said
+    # a budget over a quarter of the context keeps that quarter beside a trimmed prompt, and that is said
+    ctx = model.parts.ctx_len
     r = run_demo("--text", long_text, "--json", "--max_new_tokens", "600")
     obj = one_json(r)
-    assert f"max_new_tokens reduced from 600 to {model.parts.ctx_len - 3}" in r.stderr
-    assert obj["prompt_tokens"] == 2
+    assert f"max_new_tokens 600 cut to {ctx // 4}" in r.stderr
+    assert obj["prompt_tokens"] == ctx - ctx // 4 - 1
+    assert obj["budget_cut"] == {"requested": 600, "allowed": ctx // 4, "context": ctx}
+    assert obj["prompt_trimmed"]["to"] == obj["prompt_tokens"]
+
+    # a prompt that fits is kept whole and the budget (an upper bound, llama.cpp's spellings) cut to the rest:
+    # said in --json even with --quiet
+    r = run_cli("-m", str(DEMO), "-p", QUESTION, "-n", "1000", "--quiet")
+    assert (r.returncode, r.stdout, r.stderr) == (0, short.text + "\n", "")
+    r = run_cli("--model", str(DEMO), "--prompt", QUESTION, "--n-predict", "1000", "--json", "--quiet")
+    obj = one_json(r)
+    assert r.stderr == "" and obj["text"] == short.text and obj["prompt_tokens"] == short.prompt_tokens
+    assert obj["budget_cut"] == {"requested": 1000, "allowed": ctx - 1 - short.prompt_tokens, "context": ctx}
+    assert "prompt_trimmed" not in obj
 
     # the same in a pipe
     p = run_demo("--json", stdin=long_text + "\n")

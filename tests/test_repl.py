@@ -65,7 +65,14 @@ def test_repl_session(long_tree: Path, image: Path) -> None:
         assert "error:" in ask(child, "/image /no/such/file.png")  # bad path: message, still running
         assert "unknown command" in ask(child, "/frobnicate")
 
-        child.sendline("/exit")
+        # Ollama's commands: /show info|parameters, /clear, /bye
+        assert "context" in ask(child, "/show info") and "thinker" in ask(child, "/show info")
+        assert "max_new_tokens 8" in ask(child, "/show parameters")
+        assert "error:" in ask(child, "/show license")
+        assert "attached image" in ask(child, f"/image {image}")
+        assert "dropped: image" in ask(child, "/clear")
+
+        child.sendline("/bye")
         child.expect(pexpect.EOF)
     finally:
         child.close(force=True)

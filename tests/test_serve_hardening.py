@@ -149,8 +149,23 @@ def test_a_request_that_exactly_fills_the_context_is_served(keyed: Served) -> No
     fill = post(keyed, "/v1/chat/completions", chat(text, max_tokens=ctx - prompt, ignore_eos=True))
     assert fill.status_code == 200, fill.text
     assert fill.json()["usage"] == {"prompt_tokens": prompt, "completion_tokens": ctx - prompt, "total_tokens": ctx}
-    over = post(keyed, "/v1/chat/completions", chat(text, max_tokens=ctx - prompt + 1))
-    assert over.status_code == 400 and "do not fit the context" in over.json()["error"]["message"], over.text
+    assert "X-Omni-Warnings" not in fill.headers
+    # a budget is an upper bound (as llama-server's n_predict): cut to what the context leaves, and said so in
+    # the client's own field name, in a header and in usage; the prompt is never cut
+    for name in ("max_tokens", "max_completion_tokens"):
+        body = chat(text, ignore_eos=True)
+        del body["max_tokens"]
+        body[name] = ctx - prompt + 100
+        over = post(keyed, "/v1/chat/completions", body)
+        assert over.status_code == 200, over.text
+        assert over.json()["usage"] == {"prompt_tokens": prompt, "completion_tokens": ctx - prompt, "total_tokens": ctx,
+                                        "budget_cut": {"requested": ctx - prompt + 100, "allowed": ctx - prompt,
+                                                       "context": ctx}}
+        assert over.json()["choices"][0]["finish_reason"] == "length"
+        assert f"{name} {ctx - prompt + 100} cut to {ctx - prompt}" in over.headers["X-Omni-Warnings"], over.headers
+    # a prompt that leaves no room for one token is refused, never trimmed
+    full = post(keyed, "/v1/chat/completions", chat(text * 100))
+    assert full.status_code == 400 and "leaves no room for an answer" in full.json()["error"]["message"], full.text
 
 
 # ------------------------------------------------------------------ JSON nesting

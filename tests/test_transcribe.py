@@ -64,7 +64,8 @@ def assert_matches_truth(result: dict, truth: list[dict], texts: list[str]) -> N
 @needs_demo_audio
 def test_committed_example_segments_and_words(model) -> None:
     result = model.transcribe(str(EXAMPLE))
-    assert set(result) == {"text", "language", "duration", "segments"} and result["language"] is None
+    assert set(result) == {"text", "language", "duration", "segments"}
+    assert result["language"] == "en"  # the demo's audio_enc_metadata.json says so
     assert result["duration"] == pytest.approx(sf.info(str(EXAMPLE)).duration, abs=1e-3)
     assert [s["id"] for s in result["segments"]] == list(range(len(TRUTH)))
     assert_matches_truth(result, TRUTH, [p["text"] for p in TRUTH])
@@ -409,11 +410,39 @@ def test_cli_bad_inputs(tmp_path: Path) -> None:
     assert proc.returncode == 1 and proc.stderr.startswith("error: --output_dir")
 
 
+@needs_demo_audio
+def test_transcribe_py_has_whispers_habits(model, tmp_path: Path) -> None:
+    """transcribe.py AUDIO... --model D: every format named after each input in the current directory (whisper's
+    defaults), --language checked against the checkpoint's, --word_timestamps True|False."""
+    want = model.transcribe(str(EXAMPLE))
+    proc = run_cli(str(EXAMPLE), "--model", str(DEMO_AUDIO), "--language", "English", script="transcribe.py",
+                   cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stdout == "", proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"phrases.{ext}" for ext in ("json", "srt", "tsv", "txt",
+                                                                                        "vtt")]
+    assert json.loads((tmp_path / "phrases.json").read_text()) == want
+    assert (tmp_path / "phrases.srt").read_text() == format_transcript(want, "srt")
+    out = tmp_path / "out"
+    proc = run_cli(str(EXAMPLE), str(EXAMPLES / "green_triangle.wav"), "-m", str(DEMO_AUDIO), "--word_timestamps",
+                   "False", "--output-format", "json", "--output-dir", str(out), "--language", "en",
+                   script="transcribe.py")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["green_triangle.json", "phrases.json"]
+    plain = json.loads((out / "phrases.json").read_text())
+    assert plain["text"] == want["text"] and not any("words" in seg for seg in plain["segments"])
+    proc = run_cli("--ckpt_dir", str(DEMO_AUDIO), "--transcribe", "--audio_in", str(EXAMPLE), str(EXAMPLE),
+                   "--language", "fr", "--output_dir", str(tmp_path / "fr"))
+    assert proc.returncode == 1 and proc.stderr == "error: language 'fr': this model transcribes en (English) only\n"
+    assert not (tmp_path / "fr").exists()
+
+
 @pytest.mark.parametrize("flags", [
     ["--audio_in", "a.wav", "--output_format", "srt"],
     ["--transcribe", "--audio_in", "a.wav", "--json", "--output_format", "srt"],
     ["--transcribe", "--audio_in", "a.wav", "--segment_gap", "0"],
     ["--transcribe", "--audio_in", "a.wav", "--output_format", "docx"],
+    ["--transcribe", "--audio_in", "a.wav", "--word_timestamps", "maybe"],
+    ["--audio_in", "a.wav", "--language", "en"],
 ])
 def test_cli_usage_errors(flags: list[str]) -> None:
     proc = run_cli("--ckpt_dir", "nowhere", *flags)

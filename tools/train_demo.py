@@ -708,7 +708,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.save({"enc": cpu_state(enc_saved), "head": cpu_state(ctc_head)}, dirs["audio_enc_tiny"] / "audio_enc.pt")
     write_json(dirs["audio_enc_tiny"] / "audio_enc_metadata.json",
                {"char_to_idx": {c: i for i, c in enumerate(CTC_CHARS)}, "sample_rate": 16000, "n_mels": 128,
-                "downsample_time": recipe.audio_downsample})
+                "downsample_time": recipe.audio_downsample, "language": "en"})  # espeak-ng's English voices
 
     # ---- thinker: text pretraining, then omni SFT
     torch.manual_seed(seed + 6)

@@ -15,6 +15,22 @@ from utils.base.errors import OmniError
 from utils.base.fileio import write_atomic
 
 OUTPUT_FORMATS = ("txt", "json", "srt", "vtt", "tsv")
+# whisper's --language takes a code or an English name; the names of the codes a checkpoint is likely to give
+LANGUAGE_NAMES = {"en": "English", "de": "German", "fr": "French", "es": "Spanish", "it": "Italian",
+                  "pt": "Portuguese", "nl": "Dutch", "ru": "Russian", "zh": "Chinese", "ja": "Japanese",
+                  "ko": "Korean"}
+
+
+def check_language(given: str, known: str | None) -> None:
+    """Accept `given` (a code or an English name, any case) when it is the checkpoint's language `known`; else an
+    OmniError that says which language the checkpoint transcribes, or that it does not say."""
+    if known is None:
+        raise OmniError(f"language {given!r}: this checkpoint does not say which language it transcribes (no "
+                        f"\"language\" in its audio_enc_metadata.json), so it cannot be checked; leave it out")
+    name = LANGUAGE_NAMES.get(known.lower())
+    if given.strip().lower() not in {known.lower(), (name or known).lower()}:
+        raise OmniError(f"language {given!r}: this model transcribes {known}" + (f" ({name})" if name else "")
+                        + " only")
 
 
 @dataclass

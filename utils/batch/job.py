@@ -185,7 +185,9 @@ def answer_rows(model: Any, rows: list[Row], gen: dict[str, Any]) -> list[dict[s
 
 
 def transcribe_rows(model: Any, rows: list[Row]) -> list[dict[str, Any] | OmniError]:
-    """For each row, {"text", "timing"} of its greedy CTC transcript, or the OmniError that stopped it."""
+    """For each row, {"text", "segments", "timing"} of its greedy CTC transcript (the text a string, as in chat
+    records; the segments with their timestamps beside it, as in transcription's JSON), or the OmniError that
+    stopped it."""
     results: list[dict[str, Any] | OmniError] = []
     for row in rows:
         if row.request is None:
@@ -193,11 +195,12 @@ def transcribe_rows(model: Any, rows: list[Row]) -> list[dict[str, Any] | OmniEr
             continue
         t0 = time.perf_counter()
         try:
-            text = model.transcribe(row.request["audio_in"])
+            result = model.transcribe(row.request["audio_in"])
         except OmniError as exc:
             results.append(exc)
             continue
-        results.append({"text": text, "timing": {"transcribe_s": round(time.perf_counter() - t0, 6)}})
+        results.append({"text": result["text"], "segments": result["segments"],
+                        "timing": {"transcribe_s": round(time.perf_counter() - t0, 6)}})
     return results
 
 

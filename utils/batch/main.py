@@ -30,8 +30,8 @@ from typing import Any, Callable, Sequence
 
 from utils.batch.job import (Journal, MaterializedMedia, Row, audio_rows, inline_media, job_key, process_rows,
                              read_batch_file, record)
-from utils.cli.args import (SERVICE_THREADS_HELP, add_generation_arguments, add_model_arguments, check_format_flags,
-                            generation_options,
+from utils.cli.args import (SERVICE_THREADS_HELP, Parser, add_dash_aliases, add_generation_arguments,
+                            add_model_arguments, add_version_argument, check_format_flags, generation_options,
                             non_negative_float, non_negative_int, positive_float, positive_int, run_command)
 from utils.cli.console import Console
 from utils.base.cpus import service_threads
@@ -57,8 +57,9 @@ EPILOG = """examples:
 
 request lines: {"text": ..., "image": PATH, "audio_in": PATH, "video": PATH, "prompt": ..., "id": ...} (all
 optional; relative paths against the current directory, else the file's). Output lines, in input order:
-{"line", "id", "text", "token_ids", "prompt_tokens", "generated_tokens", "timing"} or {"line", "id", "error"};
-"id" is the request's id, else its line number (transcription: the audio path).
+{"line", "id", "text", "token_ids", "prompt_tokens", "generated_tokens", "timing"} (transcription: {"line", "id",
+"text", "segments", "timing"}) or {"line", "id", "error"}; "id" is the request's id, else its line number
+(transcription: the audio path).
 With --engine ray the workers open the checkpoint and the media themselves: those paths must be visible to every
 worker (the same path on a shared filesystem), or use --inline_media to ship the media bytes in the dataset.
 exit status: 0 every line answered, 1 a line failed (its record has "error") or the job failed, 2 usage error,
@@ -68,8 +69,7 @@ exit status: 0 every line answered, 1 a line failed (its record has "error") or 
 # ---------------------------------------------------------------- arguments
 
 def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=description, epilog=EPILOG,
-                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    p = Parser(prog=prog, description=description, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="A JSON Lines file of requests; with --task transcribe, audio files and directories.")
     p.add_argument("-o", "--output", required=True, metavar="PATH",
@@ -108,6 +108,8 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     g = p.add_argument_group("messages")
     g.add_argument("--quiet", action="store_true", help="Print nothing on stderr except errors.")
     g.add_argument("--verbose", action="store_true", help="Show Ray's logs and Python tracebacks.")
+    add_version_argument(p, prog)
+    add_dash_aliases(p)
     return p
 
 

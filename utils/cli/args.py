@@ -8,6 +8,7 @@ import argparse
 import json
 import math
 import secrets
+import sys
 import textwrap
 from typing import Any, Callable, Sequence
 
@@ -94,6 +95,8 @@ def epilog(prog: str) -> str:
   printf '/image cat.png\\nWhat is this?\\n' | {p} --json > answers.jsonl
   # interactive chat (type /help inside; \"\"\" starts and ends a multi-line message)
   {p}
+  # llama.cpp's spellings: -m model, -p prompt (alone: the question), -n budget, -c context, -f prompt file
+  python {prog} -m {d} -p "What is one plus two?" -n 256 -c 512
   # a system prompt (prepended to each question), the model card, timings, versions
   {p} --system "Answer briefly." --text "Hi"
   {p} --info --json
@@ -110,8 +113,9 @@ limits (an input beyond them is refused with one `error:` line and exit status 1
              before the spectrogram; --transcribe streams files in bounded memory, up to
              --max_transcribe_seconds (default {TranscribeOptions().max_seconds:.0f} s)
   video      at most 256 frames (--video_frames); frames obey the image pixel limit
-  text       a prompt too long for the context beside the answer budget is trimmed (its end kept) with a
-             warning; the budget is reduced (with a warning) only when the context cannot hold it at all
+  text       the answer budget is an upper bound: a prompt that fits is kept whole and the budget cut to the
+             room it leaves; only a prompt leaving less than min(budget, a quarter of the context) is trimmed
+             (its end kept); each cut is a warning, and in --json ("budget_cut", "prompt_trimmed")
   weights    .pt files are unpickled weights-only: tensors and plain data; a pickle that would run code is
              refused and never run; safetensors headers are validated before anything is read; a config
              may not ask for ctx_len above 131072
@@ -121,25 +125,69 @@ limits (an input beyond them is refused with one `error:` line and exit status 1
 exit status: 0 ok, 1 error (one `error:` line on stderr), 2 usage error, 130 interrupted, 143 terminated."""
 
 
-MODES = ("Modes: one-shot when --text, --image, --audio_in or --video is given; otherwise an interactive chat when "
+MODES = ("Modes: one-shot when --text, --image, --audio_in or --video is given (or --prompt / -p / -f alone, as in "
+         "llama.cpp); otherwise an interactive chat when "
          "stdin is a terminal, else one answer per line of stdin (lines '/image PATH', '/video PATH', '/audio PATH' "
          "attach media to the next line). Answers go to stdout; loading messages, warnings and progress to stderr.")
 
 
-def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog=prog, description=(description or "").strip() + "\n\n" + textwrap.fill(MODES, 100),
-        epilog=epilog(prog), formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+# Flags of other tools (llama.cpp, Ollama, whisper) with no equivalent here: one line naming the nearest flag
+# of ours (or why it has no meaning), instead of the whole usage.
+FOREIGN_FLAGS: dict[str, str] = {
+    **dict.fromkeys(("-ngl", "--n-gpu-layers", "--gpu-layers"),
+                    "the whole model runs on one device: use --device cuda (or mps, cpu)"),
+    **dict.fromkeys(("-fa", "--flash-attn"), "has no meaning here (the attention kernel is chosen for the device); "
+                                            "--decode_kernel picks the decode step"),
+    **dict.fromkeys(("--mlock", "--no-mmap", "--mmap"), "has no meaning here (the weights are loaded into memory "
+                                                        "once)"),
+    **dict.fromkeys(("-cnv", "--conversation", "-i", "--interactive"),
+                    "the chat starts by itself when no question is given and stdin is a terminal"),
+    **dict.fromkeys(("-sys", "--system-prompt"), "use --system TEXT"),
+    **dict.fromkeys(("-np", "--parallel"), "serve.py --max_batch N sets the rows decoded together"),
+    "--min-p": "there is no min-p sampling here: use --top_p or --top_k",
+    "--log-disable": "use --quiet",
+    "--fp16": "use --dtype float16",
+    **dict.fromkeys(("--beam_size", "--best_of"), "transcription is greedy CTC decoding: there are no beams"),
+}
 
-    add_model_arguments(p, "Checkpoint directory: a thinker dir, an omni_sft dir, a trainers' checkpoints/ root, "
-                           "an audio encoder dir (with --transcribe), a merged safetensors export, or one weights "
-                           "file.")
+
+class Parser(argparse.ArgumentParser):
+    """argparse without prefixes (a new flag could silently change what one meant), where a flag of another tool
+    that has no equivalent here is a one-line usage error that names the nearest flag of ours."""
+
+    def __init__(self, **kw: Any) -> None:
+        super().__init__(allow_abbrev=False, **kw)
+
+    def parse_known_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> Any:
+        for token in (sys.argv[1:] if args is None else args):
+            if token == "--":
+                break
+            flag = token.split("=", 1)[0]
+            if flag in FOREIGN_FLAGS and flag not in self._option_string_actions:
+                self.exit(2, f"{self.prog}: error: {flag} is not a flag of {self.prog}: {FOREIGN_FLAGS[flag]}\n")
+        return super().parse_known_args(args, namespace)
+
+
+def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    p = Parser(prog=prog, description=(description or "").strip() + "\n\n" + textwrap.fill(MODES, 100),
+               epilog=epilog(prog), formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    g = add_model_arguments(p, "Checkpoint directory: a thinker dir, an omni_sft dir, a trainers' checkpoints/ "
+                               "root, an audio encoder dir (with --transcribe), a merged safetensors export, or one "
+                               "weights file.")
+    g.add_argument("--ctx_size", "-c", type=positive_int, default=None, metavar="N",
+                   help="Use at most N positions of the model's context (prompt, image/audio tokens and answer "
+                        "together), as llama.cpp's -c; at most the model's own context (default: all of it).")
 
     g = p.add_argument_group("input (any of these makes it a one-shot question)")
     g.add_argument("--text", help="The question or instruction.")
-    g.add_argument("--prompt", help="Text used when --text is absent, instead of the built-in prompts "
-                                    "(\"Describe what you see concisely.\" with an image or video, "
-                                    "\"What did you hear?\" with audio only).")
+    g.add_argument("--prompt", "-p", help="Text used when --text is absent, instead of the built-in prompts "
+                                          "(\"Describe what you see concisely.\" with an image or video, "
+                                          "\"What did you hear?\" with audio only); without --text or media it is "
+                                          "the question, answered one-shot (as llama.cpp's -p).")
+    g.add_argument("--file", "-f", metavar="FILE",
+                   help="Read --prompt from this file ('-' reads stdin), as llama.cpp's -f; a trailing line break "
+                        "is dropped.")
     g.add_argument("--image", metavar="PATH", action="append",
                    help="Image file (png, jpg, ...) to ask about: one image token. Repeat it for several images "
                         "(tokens in the order given, before the video frames).")
@@ -202,14 +250,19 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     g.add_argument("--timings", action="store_true",
                    help="After each answer print a timing summary on stderr, as llama.cpp does: load, prompt eval "
                         "and eval (tokens, ms, ms per token, tokens per second).")
-    g.add_argument("--version", action="version", version=version_text(prog),
-                   help="Print the suite's, torch's and Python's versions and exit.")
+    add_version_argument(p, prog)
     add_dash_aliases(p)
     return p
 
 
-# Spellings kept working now that prefixes are off (allow_abbrev=False): --temp is llama.cpp's name.
-EXTRA_ALIASES = {"--temperature": ("--temp",)}
+def add_version_argument(p: argparse.ArgumentParser, prog: str) -> None:
+    p.add_argument("--version", action="version", version=version_text(prog),
+                   help="Print the suite's, torch's and Python's versions and exit.")
+
+
+# Other tools' spellings of our flags (llama.cpp's, beside the dashed forms add_dash_aliases gives every flag).
+EXTRA_ALIASES = {"--temperature": ("--temp",), "--max_new_tokens": ("-n", "--n-predict", "--n_predict"),
+                 "--seed": ("-s",), "--repetition_penalty": ("--repeat-penalty", "--repeat_penalty")}
 
 
 def add_dash_aliases(parser: argparse.ArgumentParser) -> None:
@@ -233,11 +286,12 @@ SERVICE_THREADS_HELP = ("CPU threads for torch and the C decode step (default: t
                         "use, or OMP_NUM_THREADS when set; 0 = one per logical CPU).")
 
 
-def add_model_arguments(p: argparse.ArgumentParser, ckpt_help: str, threads_help: str = THREADS_HELP) -> None:
+def add_model_arguments(p: argparse.ArgumentParser, ckpt_help: str, threads_help: str = THREADS_HELP) -> Any:
     """Which model and how to run it: shared by infer_chat.py / infer_safetensors.py, serve.py and batch.py
-    (`threads_help`: SERVICE_THREADS_HELP for the server and batch jobs, whose default is the physical cores)."""
+    (`threads_help`: SERVICE_THREADS_HELP for the server and batch jobs, whose default is the physical cores);
+    returns the group, for a script's own model flags."""
     g = p.add_argument_group("model")
-    g.add_argument("--ckpt_dir", required=True, metavar="DIR", help=ckpt_help)
+    g.add_argument("--ckpt_dir", "-m", "--model", dest="ckpt_dir", required=True, metavar="DIR", help=ckpt_help)
     g.add_argument("--device", default="auto", choices=DEVICES,
                    help="Where to run: auto picks cuda, then mps, then cpu (default auto); naming a device this "
                         "machine lacks is an error (exit 1).")
@@ -246,7 +300,8 @@ def add_model_arguments(p: argparse.ArgumentParser, ckpt_help: str, threads_help
     g.add_argument("--quantize", default=None, choices=QUANTIZATIONS,
                    help="Quantize the linear layers for speed: int8 (weights per output channel) or int4 (CPU; "
                         "4-bit weights in groups of 32); answers may differ slightly from float32.")
-    g.add_argument("--threads", type=non_negative_int, default=None, metavar="N", help=threads_help)
+    g.add_argument("--threads", "-t", type=non_negative_int, default=None, metavar="N", help=threads_help)
+    return g
 
 
 # What the command line adds to a row's help (the table's text is shared with the API and the server).
@@ -383,6 +438,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
                      "--transcribe, --audio_out or --timings")
     if args.quiet and args.verbose:
         parser.error("--quiet and --verbose cannot be combined")
+    if args.prompt is not None and args.file is not None:
+        parser.error("--prompt and --file cannot be combined (--file reads the prompt from a file)")
     if args.batch_file is not None and (one_shot(args) or args.transcribe or args.audio_out is not None):
         parser.error("--batch_file cannot be combined with --text, --image, --audio_in, --video, --transcribe "
                      "or --audio_out (put the inputs in the file)")
@@ -391,7 +448,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
 
 
 def one_shot(args: argparse.Namespace) -> bool:
-    return any(v is not None for v in (args.text, args.image, args.audio_in, args.video))
+    """A question on the command line: --text, media, or --prompt / --file alone (llama.cpp's -p and -f)."""
+    return any(v is not None for v in (args.text, args.image, args.audio_in, args.video, args.prompt, args.file))
 
 
 def generation_options(args: argparse.Namespace) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """The command-line interface shared by infer_chat.py and infer_safetensors.py: a thin layer over omni.py.
 
-Modes: one-shot when --text/--image/--audio_in/--video is given; otherwise a REPL when stdin is a terminal,
-else one answer per input line (a pipe). stdout carries answers only; everything else goes to stderr.
+Modes: one-shot when --text/--image/--audio_in/--video (or --prompt / -f alone) is given; otherwise a REPL when
+stdin is a terminal, else one answer per input line (a pipe). stdout carries answers only; everything else goes to stderr.
 Exit codes: 0 ok, 1 error (one `error:` line), 2 usage error (argparse), 130 interrupted (SIGINT), 143 terminated
 (SIGTERM).
 
@@ -11,6 +11,8 @@ utils/cli/repl.py; this module holds the one-shot question, speech output and ma
 from __future__ import annotations
 
 import argparse
+import os
+import stat
 import sys
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -117,13 +119,41 @@ def run_choices(model: OmniModel, args: argparse.Namespace, con: Console, out: O
 
 # ---------------------------------------------------------------- entry point
 
+MAX_PROMPT_FILE_BYTES = 16 << 20  # -f FILE is read whole: bounded
+
+
+def read_prompt_file(name: str) -> str:
+    """-f FILE (llama.cpp's prompt file; '-' is stdin) as text, without its trailing line break."""
+    try:
+        if name == "-":
+            data = sys.stdin.buffer.read(MAX_PROMPT_FILE_BYTES + 1)
+        else:
+            if not stat.S_ISREG(os.stat(name).st_mode):  # before opening: a FIFO would block
+                raise OmniError(f"--file {name}: not a regular file")
+            with open(name, "rb") as f:
+                data = f.read(MAX_PROMPT_FILE_BYTES + 1)
+    except OSError as exc:
+        raise OmniError(f"--file {name}: cannot read ({exc.strerror or exc})") from exc
+    if len(data) > MAX_PROMPT_FILE_BYTES:
+        raise OmniError(f"--file {name}: over the limit of {MAX_PROMPT_FILE_BYTES:,} bytes")
+    return data.decode("utf-8", errors="replace").rstrip("\r\n")
+
+
 def run(args: argparse.Namespace, con: Console) -> int:
     from omni import load_model
 
     out = Out()
+    if args.file is not None:
+        args.prompt = read_prompt_file(args.file)
     con.status(f"loading μOmni from {args.ckpt_dir} ...")
     model = load_model(args.ckpt_dir, device=args.device, dtype=args.dtype, quantize=args.quantize,
                        threads=args.threads)
+    if args.ctx_size is not None:
+        if args.ctx_size > model.context_length:  # a usage error, found once the model says its context
+            con.error(f"-c/--ctx-size {args.ctx_size}: the model's context is {model.context_length} tokens; give "
+                      f"at most {model.context_length}")
+            return 2
+        model.limit_context(args.ctx_size)
     con.status(f"loaded {', '.join(model.components) or 'nothing'} in {model.load_seconds:.1f} s "
              f"on {model.device} ({str(model.dtype).replace('torch.', '')})")
     if args.info:

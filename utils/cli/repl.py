@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, TextIO
 
 from utils.batch.job import answer_rows, read_batch_file
 from utils.cli.args import CLI_OPTIONS, generation_options, option_value, random_seed, seed_report
-from utils.cli.console import Console, Out, print_timings
+from utils.cli.console import Console, Out, format_card, print_timings
 from utils.base.defaults import RANDOM_SEED
 from utils.base.errors import OmniError
 from utils.base.options import Option, OptionError
@@ -25,13 +25,14 @@ REPL_HELP = """commands:
   /image PATH   attach an image to your next message (several may be attached)
   /video PATH   attach a video (--video_frames evenly spaced frames) to your next message
   /audio PATH   attach an audio file to your next message (several may be attached)
-  /reset        drop the attached media
+  /reset, /clear  drop the attached media (there is no chat history to clear: turns are independent)
+  /show info    the model card (as --info); /show parameters: the sampling options in effect (as /set)
   /set          show the sampling options; /set NAME VALUE changes one (e.g. /set temperature 0.7,
                 /set seed 7, /set max_new_tokens 16; NAME default restores it), names: SET_NAMES
   /system TEXT  set the system prompt, prepended to every question ("/system" alone clears it)
   \"\"\"           start a multi-line message; it ends at a line that ends with \"\"\"
   /help         show this help
-  /exit, /quit  leave (Ctrl-D too); Ctrl-C stops an answer and returns to the prompt
+  /exit, /quit, /bye  leave (Ctrl-D too); Ctrl-C stops an answer and returns to the prompt
 Each turn is independent: the μOmni thinker was trained without a chat template, so it does not see
 earlier questions or answers. Media attached with /image, /video or /audio is used by the next message
 only (an empty message asks about it with the default prompt)."""
@@ -81,7 +82,7 @@ def split_command(line: str) -> tuple[str, str] | None:
 def ask(model: OmniModel, args: argparse.Namespace, text: str | None, media: Attachments,
         on_text: Callable[[str], None] | None) -> Answer:
     return model.answer(text, image=list(media.images) or None, audio=list(media.audio) or None,
-                        prompt=args.prompt, on_text=on_text, **generation_options(args))
+                        on_text=on_text, **generation_options(args))
 
 
 # /set NAME VALUE: the command-line rows of the options table, read as their flags read them
@@ -118,6 +119,15 @@ def set_option(model: OmniModel, args: argparse.Namespace, arg: str) -> str:
     return f"set {name} to {'its default' if value is None else value}"
 
 
+def show(model: OmniModel, args: argparse.Namespace, arg: str) -> str:
+    """Ollama's `/show info` (the model card, as --info prints it) and `/show parameters` (the options in effect)."""
+    if arg == "info":
+        return format_card(model.info())
+    if arg == "parameters":
+        return set_option(model, args, "")
+    raise OmniError(f"/show {arg}: use /show info (the model card) or /show parameters (the sampling options)")
+
+
 def set_system(args: argparse.Namespace, arg: str) -> str:
     args.system = arg or None
     return f"system prompt set: {arg!r}" if arg else "system prompt cleared"
@@ -140,7 +150,7 @@ def bounded_lines(stream: TextIO) -> Iterator[str | None]:
 def run_pipe(model: OmniModel, args: argparse.Namespace, con: Console, out: Out, lines: TextIO) -> int:
     """One output line per message line, in order (one JSON object per line with --json): the answer, or for a
     message that failed an error line ({"input", "error"} in JSON, else an empty line on stdout and `error:` on
-    stderr). Command lines ('/image PATH', '/video PATH', '/audio PATH', '/reset', '/system TEXT',
+    stderr). Command lines ('/image PATH', '/video PATH', '/audio PATH', '/reset' or '/clear', '/system TEXT',
     '/set NAME VALUE') print nothing on stdout; a media command that failed fails the message after it (one
     error, reported there), which is never answered without its media."""
     from omni import answer_timing
@@ -171,9 +181,9 @@ def run_pipe(model: OmniModel, args: argparse.Namespace, con: Console, out: Out,
             continue
         line = raw.rstrip("\r\n")
         cmd = split_command(line)
-        if cmd and cmd[0] in MEDIA_COMMANDS + ("reset", "system", "set"):
+        if cmd and cmd[0] in MEDIA_COMMANDS + ("reset", "clear", "system", "set"):
             try:
-                if cmd[0] == "reset":
+                if cmd[0] in ("reset", "clear"):
                     media.clear()
                 elif cmd[0] == "system":
                     con.info(f"line {number}: " + set_system(args, cmd[1]))
@@ -292,7 +302,7 @@ def run_repl(model: OmniModel, args: argparse.Namespace, con: Console, out: Out)
         cmd = split_command(line) if "\n" not in line else None
         if cmd:
             name, arg = cmd
-            if name in ("exit", "quit"):
+            if name in ("exit", "quit", "bye"):
                 return 0
             if name == "help":
                 out.line(REPL_HELP.replace("SET_NAMES", ", ".join(SETTABLE)))
@@ -303,7 +313,12 @@ def run_repl(model: OmniModel, args: argparse.Namespace, con: Console, out: Out)
                     con.error(str(exc))
             elif name == "system":
                 out.line(set_system(args, arg))
-            elif name == "reset":
+            elif name == "show":
+                try:
+                    out.line(show(model, args, arg))
+                except OmniError as exc:
+                    con.error(str(exc))
+            elif name in ("reset", "clear"):
                 dropped = ", ".join(media.names) or "nothing was attached"
                 media.clear()
                 out.line(f"dropped: {dropped} (there is no chat history to forget: turns are independent)")

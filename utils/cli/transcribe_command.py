@@ -6,6 +6,8 @@
 
 One file without --output_dir goes to stdout; otherwise each input INPUT.ext becomes INPUT.FORMAT in
 --output_dir (default: the current directory), written atomically.
+
+transcribe.py (utils/cli/transcribe_script.py) is the same with whisper's habits.
 """
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from utils.base.errors import OmniError
-from utils.base.transcript import OUTPUT_FORMATS, TranscribeOptions, format_transcript, write_text_atomic
+from utils.base.transcript import (OUTPUT_FORMATS, TranscribeOptions, check_language, format_transcript,
+                                   write_text_atomic)
 
 if TYPE_CHECKING:
     from omni import OmniModel
@@ -43,12 +46,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max_transcribe_seconds", type=float, default=None, metavar="S",
                    help=f"Refuse longer audio (default {DEFAULTS.max_seconds:.0f} s); audio is streamed, so "
                         f"memory does not grow with the length.")
+    g.add_argument("--word_timestamps", type=true_or_false, default=None, metavar="True|False",
+                   help="Each segment's words with their times and probabilities in the json output (default "
+                        "True: CTC timestamps cost nothing extra).")
+    g.add_argument("--language", metavar="LANG",
+                   help="The spoken language, as whisper's --language (a code such as en, or English): accepted "
+                        "when it is the language the checkpoint transcribes (its audio_enc_metadata.json says "
+                        "which), else an error naming it. The CTC head knows one language: nothing is detected.")
+
+
+def true_or_false(text: str) -> bool:
+    """whisper's True|False flags (any case; also 1/0, yes/no)."""
+    low = text.strip().lower()
+    if low in ("true", "1", "yes"):
+        return True
+    if low in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} must be True or False")
 
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Usage errors of the transcription flags."""
-    given = [f for f in ("output_format", "output_dir", "min_silence", "segment_gap", "max_transcribe_seconds")
-             if getattr(args, f) is not None] + (["no_vad"] if args.no_vad else [])
+    flags = ("output_format", "output_dir", "min_silence", "segment_gap", "max_transcribe_seconds", "word_timestamps",
+             "language")
+    given = [f for f in flags if getattr(args, f) is not None] + (["no_vad"] if args.no_vad else [])
     if not args.transcribe:
         if given:
             parser.error(f"--{given[0]} needs --transcribe")
@@ -62,9 +83,10 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
 
 
 def options(args: argparse.Namespace) -> dict[str, Any]:
-    """Only the flags that were given: the rest are TranscribeOptions' defaults."""
+    """Only the flags that were given: the rest are OmniModel.transcribe's defaults (--language is checked once,
+    by run_transcribe)."""
     given = {"min_silence": args.min_silence, "segment_gap": args.segment_gap,
-             "max_seconds": args.max_transcribe_seconds}
+             "max_seconds": args.max_transcribe_seconds, "word_timestamps": args.word_timestamps}
     opts = {k: v for k, v in given.items() if v is not None}
     if args.no_vad:
         opts["vad"] = False
@@ -88,6 +110,8 @@ def run_transcribe(model: OmniModel, args: argparse.Namespace, con: Console, out
     """Transcribe every --audio_in; a file that fails is reported (one `error:` line) and the rest go on."""
     from tqdm import tqdm
 
+    if args.language is not None:  # once, before any file: the checkpoint knows one language
+        check_language(args.language, model.language)
     fmt = args.output_format or ("json" if args.json else "txt")
     formats = OUTPUT_FORMATS if fmt == "all" else (fmt,)
     files = args.audio_in
@@ -128,3 +152,4 @@ def run_transcribe(model: OmniModel, args: argparse.Namespace, con: Console, out
             write_text_atomic(target, format_transcript(result, fmt_i))
         con.status(f"{path}: wrote {', '.join(str(p) for p in paths[i])}")
     return 1 if failed else 0
+

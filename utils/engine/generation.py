@@ -248,14 +248,16 @@ class Slots:
 @dataclass
 class RowPrompt:
     """One request ready for the engine: prompt embeddings (T, d), its text ids (for the repetition
-    penalty), the sampling options (`max_new_tokens` is this row's budget), notes for the caller, and with
+    penalty), the sampling options (`max_new_tokens` is this row's budget), notes for the caller, with
     `opts.response_format` the row's grammar state (utils.engine.constrain.Constraint, built by the caller, who
-    has the tokenizer)."""
+    has the tokenizer), and what was cut to fit the context (PromptBuilder.build's `fitted`: the server reports
+    it in `usage`)."""
     embeds: torch.Tensor
     ids: list[int]
     opts: SamplingOptions
     notes: list[str] = field(default_factory=list)
     constraint: Constraint | None = None
+    fitted: dict[str, Any] = field(default_factory=dict)
 
 
 def _no_start(prompt: RowPrompt) -> None:

@@ -5,6 +5,7 @@ CLI, the API, batch jobs and the server give a request the same prompt."""
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Any, Callable, Union
 
 import numpy as np
@@ -74,6 +75,18 @@ def batch_request(req: Any) -> dict[str, Any]:
     return out
 
 
+@dataclass
+class BuiltPrompt:
+    """A prompt fitted to the context: embeddings (1, T, d), the text ids used, notes for the user, the answer
+    budget, and what was cut to fit (`budget_cut` {requested, allowed, context}, `prompt_trimmed` {from, to}),
+    which --json and the server's usage report."""
+    embeds: torch.Tensor
+    ids: list[int]
+    notes: list[str]
+    max_new_tokens: int
+    fitted: dict[str, Any]
+
+
 class PromptBuilder:
     """Decodes a request's media at the checkpoint's sizes and assembles its prompt; the encoders are the
     model's (`encode_images(list of image tensors) -> (N, d)`, `encode_audio(wave) -> (T', d_audio)`)."""
@@ -138,13 +151,17 @@ class PromptBuilder:
         return text, images, wave
 
     @torch.inference_mode()
-    def build(self, text: str, images: list[torch.Tensor], wave: Wave, max_new_tokens: int, spare: int = 1
-              ) -> tuple[torch.Tensor, list[int], list[str], int]:
-        """Embeddings (1, T, d) [image tokens, audio tokens, tok_emb([bos] + encode(text))], the text ids used,
-        notes, and max_new_tokens. The answer keeps its budget and a long prompt is trimmed (its end kept); only
-        when the context cannot hold the budget beside the shortest prompt ([bos] + the last text token) is the
-        budget reduced. Both are reported in the notes. `spare`: positions kept free beside prompt and answer
-        (the spec's trimming keeps 1; a caller that refuses instead of trimming may fill the context exactly)."""
+    def build(self, text: str, images: list[torch.Tensor], wave: Wave, max_new_tokens: int, trim: bool = True,
+              budget_name: str = "max_new_tokens") -> BuiltPrompt:
+        """The prompt [image tokens, audio tokens, tok_emb([bos] + encode(text))] fitted to the context.
+
+        The budget is an upper bound, as llama.cpp's -n: a prompt that fits is kept whole and the budget cut to
+        the room it leaves. Only a prompt that leaves less than min(budget, ctx_len // 4) is trimmed from the
+        start (with `trim`; its end kept) so that the answer gets that much. Without `trim` (the server, which
+        refuses to cut what a client sent) any room of at least one token is used, and a prompt that leaves none
+        is an OmniError. Every cut is a note (naming the budget as `budget_name`, the caller's own field) and an
+        entry of `fitted`. With `trim` one position stays free beside prompt and answer, as the spec's trimming
+        keeps; without it the context may be filled exactly."""
         c = self.comps
         require_parts(c, "chat", "thinker")
         notes: list[str] = []
@@ -170,21 +187,32 @@ class PromptBuilder:
             parts.append(c.proj_a(frames[:limit]))
         mm_len = sum(p.shape[0] for p in parts)
         ids = c.tokenizer.prompt_ids(text)
-        room = c.ctx_len - mm_len - spare  # text and answer together (spec: text budget ctx - mm - max_new - 1)
-        shortest = min(len(ids), 2)
-        if max_new_tokens > room - shortest:
-            if room - shortest < 1:
-                raise OmniError(f"no room left for an answer in the context of {c.ctx_len} tokens "
-                                f"({mm_len} used by image/audio)")
-            notes.append(f"max_new_tokens reduced from {max_new_tokens} to {room - shortest}: the context of "
-                         f"{c.ctx_len} tokens cannot hold that many beside the prompt"
-                         + (f" ({mm_len} tokens of image/audio)" if mm_len else ""))
-            max_new_tokens = room - shortest
-        budget = room - max_new_tokens
-        if len(ids) > budget:
-            notes.append(f"prompt trimmed from {len(ids)} to {budget} tokens (its end kept) to leave room for "
-                         f"max_new_tokens {max_new_tokens} in the context of {c.ctx_len}")
-            ids = ids[:1] + ids[len(ids) - budget + 1:]
+        room = c.ctx_len - mm_len - (1 if trim else 0)  # text and answer together
+        media = f" ({mm_len} tokens of image/audio)" if mm_len else ""
+        fitted: dict[str, Any] = {}
+        budget = max_new_tokens
+        if len(ids) + budget > room:
+            left = room - len(ids)  # the answer's room beside the whole prompt
+            if left >= (max(1, min(budget, c.ctx_len // 4)) if trim else 1):
+                budget = left
+            elif not trim:
+                raise OmniError(f"the prompt ({mm_len + len(ids)} positions{media}) leaves no room for an answer "
+                                f"in the context of {c.ctx_len}")
+            else:
+                shortest = min(len(ids), 2)  # [bos] and the last text token
+                if room - shortest < 1:
+                    raise OmniError(f"no room left for an answer in the context of {c.ctx_len} tokens "
+                                    f"({mm_len} used by image/audio)")
+                budget = min(budget, max(1, c.ctx_len // 4), room - shortest)
+                keep = room - budget
+                notes.append(f"prompt trimmed from {len(ids)} to {keep} tokens (its end kept) to leave room for "
+                             f"{budget_name} {budget} in the context of {c.ctx_len}{media}")
+                fitted["prompt_trimmed"] = {"from": len(ids), "to": keep}
+                ids = ids[:1] + ids[len(ids) - keep + 1:]
+            if budget < max_new_tokens:
+                notes.append(f"{budget_name} {max_new_tokens} cut to {budget}: what the context of {c.ctx_len} "
+                             f"leaves beside the prompt{media}")
+                fitted["budget_cut"] = {"requested": max_new_tokens, "allowed": budget, "context": c.ctx_len}
         tok = c.thinker.tok_emb(torch.tensor(ids, device=self.device))
         embeds = torch.cat(parts + [tok.to(parts[0].dtype if parts else tok.dtype)], dim=0)[None]
-        return embeds, ids, notes, max_new_tokens
+        return BuiltPrompt(embeds, ids, notes, budget, fitted)

@@ -24,7 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from utils.base.options import BY_NAME
-from utils.server.protocol import (OPTION_FIELDS, ApiError, ChatRequest, body_object, engine_error,
+from utils.server.protocol import (OPTION_FIELDS, ApiError, ChatRequest, body_object, budget_field, engine_error,
                                    generation_fields, optional, refusal, stop_strings, stream_fields)
 from utils.server.routes import OmniServer
 from utils.server.streaming import Answering, freed_on_disconnect
@@ -81,7 +81,8 @@ class Completions:
         begun: list[tuple[Answering, Any, dict[str, str]]] = []
         try:
             for text in prompts:
-                begun.append(await self.server.begin(replace(template, text=text), t_arrival))
+                begun.append(await self.server.begin(replace(template, text=text), t_arrival,
+                                                     budget_name=budget_field(body)))
         except BaseException:
             for answer, _, _ in begun:
                 answer.cancel()

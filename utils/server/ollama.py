@@ -349,7 +349,8 @@ class Ollama:
     async def answer(self, request: Request, req: ChatRequest, t_arrival: float, num_ctx: int | None,
                      frame: Callable[[str], dict[str, Any]]) -> Response:
         """Run `req` on the engine path of every generating route; `frame(text)` shapes one message."""
-        answer, prompt, headers = await self.server.begin(req, t_arrival, fit_context(num_ctx))
+        answer, prompt, headers = await self.server.begin(req, t_arrival, fit_context(num_ctx),
+                                                          budget_name="options.num_predict")
 
         def message(piece: str) -> dict[str, Any]:
             return {"model": self.server.model_id, "created_at": now_text(), **frame(piece)}

@@ -454,6 +454,13 @@ def checked_fields(body: dict[str, Any], names: dict[str, str], prefix: str = ""
     return options
 
 
+def budget_field(body: dict[str, Any]) -> str:
+    """The client's own name for the answer budget (the field it sent, max_tokens when it sent none), so that a
+    note about the budget speaks its language."""
+    return next((name for name, row in OPTION_FIELDS.items() if row == "max_new_tokens" and body.get(name) is not None),
+                "max_tokens")
+
+
 def _content(last: dict[str, Any], where: str) -> tuple[str | None, list[bytes], bytes | None]:
     """The last message's text (None: the CLI's default prompt for its media), images and audio clip."""
     content = last.get("content")

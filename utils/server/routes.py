@@ -23,7 +23,7 @@ from utils.base.defaults import SPEECH_MEDIA_TYPES
 from utils.base.errors import EngineClosed, QueueFull
 from utils.base.transcript import format_transcript
 from utils.server.metrics import Metrics
-from utils.server.protocol import (ApiError, ChatRequest, body_object, engine_error, parse_chat,
+from utils.server.protocol import (ApiError, ChatRequest, body_object, budget_field, engine_error, parse_chat,
                                    parse_json, parse_speech, parse_transcription, type_error)
 from utils.server.streaming import Answering
 
@@ -131,19 +131,20 @@ class OmniServer:
         if req.speak and "talker" not in self.model.components:
             raise ApiError(400, "audio output needs a talker checkpoint, and this model has none", "invalid_value",
                            "modalities")
-        answer, prompt, headers = await self.begin(req, t_arrival)
+        answer, prompt, headers = await self.begin(req, t_arrival, budget_name=budget_field(body))
         chat_id = f"chatcmpl-{uuid.uuid4().hex}"
         if req.stream:
             return StreamingResponse(answer.sse(chat_id, prompt), media_type="text/event-stream",
                                      headers={**headers, "Cache-Control": "no-cache"})
         return await answer.whole(chat_id, prompt, request, headers)
 
-    async def begin(self, req: ChatRequest, t_arrival: float,
-                    adjust: Callable[[Any], Any] | None = None) -> tuple[Answering, Any, dict[str, str]]:
+    async def begin(self, req: ChatRequest, t_arrival: float, adjust: Callable[[Any], Any] | None = None,
+                    budget_name: str = "max_tokens") -> tuple[Answering, Any, dict[str, str]]:
         """The one engine path of every generating route (OpenAI chat and completions, Ollama's chat and
         generate): the request's row submitted, its prompt ready (a failure raised as the client's error). Gives
         the answer's pump, the prompt (for usage) and the response headers. `adjust(prompt)`, on the engine's
-        thread, may cut the prepared prompt's budget or refuse it (Ollama's num_ctx)."""
+        thread, may cut the prepared prompt's budget or refuse it (Ollama's num_ctx); `budget_name`: the client's
+        own field for the answer budget, which a note about cutting it names."""
         opts = asdict(req.to_sampling_params(self.defaults))
         if opts["response_format"] is not None:  # a schema or grammar that does not compile: 400 naming the field
             try:
@@ -159,7 +160,7 @@ class OmniServer:
 
         def prepare() -> Any:
             prompt = self.model.prepare_chat(req.text, image=images or None, audio=wave, trim=False,
-                                             system=req.system, **opts)
+                                             system=req.system, budget_name=budget_name, **opts)
             return prompt if adjust is None else adjust(prompt)
 
         def handlers(i: int) -> tuple[Callable[..., None], ...]:
@@ -185,7 +186,7 @@ class OmniServer:
         prompt: Any = first[2]
         self.metrics.prompt_tokens += prompt.embeds.shape[0]
         headers = {"X-Omni-Ignored-Messages": str(req.ignored)}
-        if prompt.notes:  # e.g. audio trimmed to what a prompt can use: said, not silent
+        if prompt.notes:  # e.g. audio trimmed, the budget cut to what the context leaves: said, not silent
             headers["X-Omni-Warnings"] = "; ".join(prompt.notes).encode("ascii", "replace").decode()
         async def speak(text: str) -> str:
             return base64.b64encode(await self.speech_bytes(text, req.speech_format or "wav")).decode("ascii")

@@ -169,11 +169,13 @@ class Answering:
         out, c.logprobs = c.logprobs, []
         return out
 
-    def usage(self, prompt: Any) -> dict[str, int]:
-        """The prompt once, the completion tokens of every choice."""
+    def usage(self, prompt: Any) -> dict[str, Any]:
+        """OpenAI's token counts (the prompt once, the completion tokens of every choice), plus `budget_cut`
+        {requested, allowed, context} when the context could not hold the budget the client asked for
+        (llama-server's way: the answer stops there, finish_reason "length")."""
         n = prompt.embeds.shape[0]
-        done = sum(c.generated for c in self.choices)
-        return {"prompt_tokens": n, "completion_tokens": done, "total_tokens": n + done}
+        done = self.generated
+        return {"prompt_tokens": n, "completion_tokens": done, "total_tokens": n + done, **prompt.fitted}
 
     def logprobs_field(self, entries: list[dict[str, Any]] | None) -> dict[str, Any] | None:
         """A choice's `logprobs` object (null unless the request asked)."""

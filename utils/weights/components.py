@@ -42,6 +42,7 @@ class Components:
     proj_a: nn.Linear | None = None
     ctc_head: nn.Linear | None = None
     ctc_chars: dict[int, str] | None = None
+    language: str | None = None  # what the CTC head transcribes, when audio_enc_metadata.json says ("en")
     talker: TalkerTiny | None = None
     rvq: RVQ | None = None
     vocoder: HiFiGANGenerator | None = None
@@ -245,8 +246,13 @@ def build_linear(sd: StateDict, src: str) -> nn.Linear:
     return layer
 
 
-def read_ctc_chars(path: Path) -> dict[int, str]:
+def read_ctc_metadata(path: Path) -> tuple[dict[int, str], str | None]:
+    """The CTC head's character map (`char_to_idx`) and, when the file names it, its `language` (a code such as
+    "en"; the μOmni trainers do not write one, tools/train_demo.py does)."""
     meta = read_json(path)
+    language = meta.get("language")
+    if language is not None and (not isinstance(language, str) or not language.strip()):
+        raise OmniError(f"{path}: 'language' must be a language code such as \"en\", found {short_repr(language)}")
     table = meta.get("char_to_idx")
     if not isinstance(table, dict):
         raise OmniError(f"{path}: missing 'char_to_idx'")
@@ -256,7 +262,7 @@ def read_ctc_chars(path: Path) -> dict[int, str]:
             raise OmniError(f"{path}: 'char_to_idx' maps {short_repr(c)} to {short_repr(i)}; each character needs "
                             f"its own integer index from 0 to {len(table) - 1}")
         chars[i] = c
-    return chars
+    return chars, language
 
 
 def set_tokenizer(comps: Components, tok: Tokenizer) -> None:

@@ -28,7 +28,7 @@ from utils.base.export_names import QUANT_METHOD
 from utils.weights.quant import SCALE_SUFFIX, dequantize_state_dict, linear_weight_names, quantize_state_dict
 from utils.weights.components import (CTC_MAP_NAMES, Components, build_audio, build_linear, build_rvq, build_talker,
                               build_thinker, build_vision, build_vocoder, check_projector_fit, named_vocoder_file,
-                              read_ctc_chars, read_generation_config, set_tokenizer)
+                              read_ctc_metadata, read_generation_config, set_tokenizer)
 from utils.base.defaults import BOS_ID, DECODE_ATTENTION, DEFAULT_MAX_NEW_TOKENS, EOS_ID, PAD_ID
 from utils.base.export_names import COMPONENT_PREFIXES, EXPORT_NAMES
 from utils.media.tokenizer import Tokenizer
@@ -185,7 +185,7 @@ def load_export(d: Path) -> Components:
         comps.ctc_head = build_linear(parts["ctc_head"], src("ctc_head"))
         for name in CTC_MAP_NAMES:
             if os.path.lexists(d / name):
-                comps.ctc_chars = read_ctc_chars(d / name)
+                comps.ctc_chars, comps.language = read_ctc_metadata(d / name)
     vocoder_cfg = component_config(cfg, d, "vocoder", "vocoder_tiny.json")
     if parts["vocoder"]:
         comps.vocoder = build_vocoder(parts["vocoder"], vocoder_cfg, src("vocoder"))

@@ -16,7 +16,7 @@ from typing import Any
 
 from utils.weights.components import (CTC_MAP_NAMES, VOCODER_NAMES, Components, build_audio, build_linear, build_rvq, build_talker,
                               build_thinker, build_vision, build_vocoder, check_projector_fit, named_vocoder_file,
-                              read_ctc_chars, read_generation_config, set_tokenizer)
+                              read_ctc_metadata, read_generation_config, set_tokenizer)
 from utils.weights.checkpoint import (StateDict, find_config, find_weights_file, is_directory, is_regular, listing,
                                       path_mode, read_json, read_torch_file, unwrap)
 from utils.base.errors import OmniError
@@ -337,7 +337,7 @@ def load_audio_dir(comps: Components, d: Path) -> None:
         comps.ctc_head = build_linear(unwrap(obj, "ctc_head", path), f"{path} [head]")
         meta = next((d / n for n in CTC_MAP_NAMES if os.path.lexists(d / n)), d / CTC_MAP_NAMES[0])
         if os.path.lexists(meta):  # present but not a regular file (a FIFO) is an error, not "no map"
-            comps.ctc_chars = read_ctc_chars(meta)
+            comps.ctc_chars, comps.language = read_ctc_metadata(meta)
             if len(comps.ctc_chars) != comps.ctc_head.out_features:
                 raise OmniError(f"{meta}: {len(comps.ctc_chars)} characters but the CTC head in {path} has "
                                 f"{comps.ctc_head.out_features} outputs")
