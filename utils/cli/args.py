@@ -13,8 +13,8 @@ from typing import Any, Callable, Sequence
 from utils.cli.transcribe_command import add_arguments as add_transcribe_arguments
 from utils.cli.transcribe_command import check_args as check_transcribe_args
 from utils.cli.console import Console, guarded, route_warnings, utf8_streams
-from utils.base.defaults import (DEFAULT_VIDEO_FRAMES, DEVICES, DTYPE_NAMES, MAX_SEED, MAX_VIDEO_FRAMES, QUANTIZATIONS,
-                                 RANDOM_SEED, VOCODERS)
+from utils.base.defaults import (DEFAULT_VIDEO_FRAMES, DEVICES, DTYPE_NAMES, MAX_SEED, MAX_VIDEO_FRAMES, OCR_MAX_LEN,
+                                 QUANTIZATIONS, RANDOM_SEED, VOCODERS)
 from utils.base.options import OPTIONS, Option, OptionError
 from utils.base.transcript import TranscribeOptions
 from utils.base.version import version_text
@@ -78,6 +78,7 @@ def epilog(prog: str) -> str:
   {p} --video clip.mp4 --video_frames 4
   {p} --audio_in question.wav
   {p} --audio_in speech.wav --transcribe
+  {p} --image sign.png --ocr
   {p} --audio_in talk1.flac talk2.mp3 --transcribe --output_format srt --output_dir subs/
   # also speak the answer into a WAV file
   {p} --text "Say hello" --audio_out hello.wav
@@ -154,6 +155,13 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
                         "the file's). Decoded --batch_size at a time; one JSON answer per line on stdout, in order.")
     g.add_argument("--batch_size", type=positive_int, default=8, metavar="N",
                    help="Requests decoded together with --batch_file (default 8).")
+    g.add_argument("--ocr", action="store_true",
+                   help="Read the text in each --image with the OCR model (an ocr_* checkpoint directory or the "
+                        "export's ocr.* weights). Without --text print it, one line per image; with --text answer "
+                        "the question with it joined into the prompt as μOmni does: \"TEXT (OCR extracted: "
+                        "OCR)\" (several images' texts joined by '; '), the images going in as image tokens too.")
+    g.add_argument("--ocr_max_len", type=positive_int, default=OCR_MAX_LEN, metavar="N",
+                   help=f"Most characters the OCR decode takes per image (default {OCR_MAX_LEN}, as in μOmni).")
     g.add_argument("--transcribe", action="store_true",
                    help="Transcribe the --audio_in files with the audio encoder's CTC character head (segment "
                         "and word timestamps; any length, streamed) and exit; see 'transcription' below.")
@@ -284,6 +292,14 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error("--transcribe and --audio_out cannot be combined")
     if args.audio_out is not None and not one_shot(args):
         parser.error("--audio_out needs a one-shot question (--text, --image, --audio_in or --video)")
+    if args.ocr and not args.image:
+        parser.error("--ocr needs --image (in a pipe or the chat, /ocr PATH reads an image's text)")
+    if args.ocr and args.transcribe:
+        parser.error("--ocr and --transcribe cannot be combined")
+    if args.ocr and args.text is None and (args.audio_out is not None or args.audio_in or args.video
+                                           or args.prompt is not None):
+        parser.error("--ocr without --text prints the images' text only: --audio_in, --video, --prompt and "
+                     "--audio_out need a question (--text)")
     if args.quiet and args.verbose:
         parser.error("--quiet and --verbose cannot be combined")
     if args.batch_file is not None and (one_shot(args) or args.transcribe or args.audio_out is not None):
