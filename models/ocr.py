@@ -59,8 +59,10 @@ class CrossAttention(nn.Module):
         super().__init__()
         self.n_heads, self.head_dim = n_heads, d_model // n_heads
         self.in_proj_weight = nn.Parameter(torch.empty(3 * d_model, d_model))
-        self.in_proj_bias = nn.Parameter(torch.empty(3 * d_model))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * d_model))
         self.out_proj = nn.Linear(d_model, d_model)
+        nn.init.xavier_uniform_(self.in_proj_weight)  # as nn.MultiheadAttention initialises them (for training)
+        nn.init.zeros_(self.out_proj.bias)
 
     def memory(self, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of the image tokens m (B, N, d): each (B, h, N, hd)."""

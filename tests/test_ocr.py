@@ -85,7 +85,9 @@ def test_fixture_values(ocr_fixture: Path, source: str) -> None:
 
 def test_fixture_info(ocr_fixture: Path) -> None:
     """--info's card lists the OCR model with the config it was built from."""
+    from utils.cli.console import format_card
     card = model_at(ocr_fixture / "ocr_tiny").info()
+    assert "OCR             224 px images (patch 16)" in format_card(card)
     assert card["components"]["ocr"]["config"].endswith("configs/ocr_tiny.json")
     assert card["ocr"]["img_size"] == 224 and card["ocr"]["vocabulary"] == 63
     assert card["components"]["ocr"]["weights"].endswith("ocr_tiny/ocr.pt")
@@ -244,8 +246,8 @@ def test_export_round_trip(tree_with_ocr: Path, tmp_path: Path, dtype: str | Non
     image = Image.new("RGB", (100, 40), "white")
     ImageDraw.Draw(image).text((5, 10), "hi 7", fill="black")
     result = export_checkpoints(tmp_path / "e", ckpt_root=tree_with_ocr, dtype=dtype, quantize=quantize)
-    ocr_keys = [k for k in result.merged["ocr"]]
-    assert ocr_keys and (quantize is None) == all(v.dtype != torch.int8 for v in result.merged["ocr"].values())
+    stored = result.merged["ocr"]
+    assert stored and (quantize is None) == all(v.dtype != torch.int8 for v in stored.values())
     info = json.loads((tmp_path / "e" / "model_info.json").read_text())
     cfg = json.loads((tmp_path / "e" / "config.json").read_text())["ocr"]
     assert info["components"]["ocr"] and cfg["img_size"] == 48 and cfg["decoder_heads"] == 4 and cfg["use_gqa"]

@@ -120,7 +120,7 @@ exit status: 0 ok, 1 error (one `error:` line on stderr), 2 usage error, 130 int
 
 MODES = ("Modes: one-shot when --text, --image, --audio_in or --video is given; otherwise an interactive chat when "
          "stdin is a terminal, else one answer per line of stdin (lines '/image PATH', '/video PATH', '/audio PATH' "
-         "attach media to the next line). Answers go to stdout; loading messages, warnings and progress to stderr.")
+         "attach media to the next line; '/ocr PATH' prints an image's text). Answers go to stdout; loading messages, warnings and progress to stderr.")
 
 
 def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -171,7 +171,8 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     g = p.add_argument_group("output")
     g.add_argument("--json", action="store_true",
                    help="Print one JSON object per answer (keys text, token_ids, prompt_tokens, generated_tokens, "
-                        "timing; plus audio_out with --audio_out, input in pipe mode) instead of plain text.")
+                        "timing; plus audio_out with --audio_out, ocr_text, ocr_ids and ocr_stop with --ocr, input "
+                        "in pipe mode) instead of plain text.")
     g.add_argument("--no_stream", action="store_true",
                    help="Print each answer when it is complete instead of token by token.")
     g.add_argument("--audio_out", metavar="PATH",
