@@ -10,6 +10,7 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -325,3 +326,34 @@ def test_server_ocr_endpoint(tree_with_ocr: Path) -> None:
         assert bad.status_code == 400 and "'language'" in bad.json()["error"]["message"]
         missing = httpx.post(f"{served.base}/v1/ocr", json={}, timeout=120)
         assert missing.status_code == 422 and "image_url" in missing.json()["error"]["message"]
+
+
+# ---------------------------------------------------------------- the demo's OCR data and training tools
+
+def test_demo_text_images_follow_their_distribution() -> None:
+    """tools/ocr_demo.py draws words or numbers 10-999 in 120-400 x 40-160 images, the text inside the image and
+    spanning at least MIN_SPAN of its width, dark on light."""
+    import random
+    from tools import ocr_demo
+    rng = random.Random(7)
+    for _ in range(40):
+        img, text = ocr_demo.draw_text(rng)
+        assert text in ocr_demo.WORDS or (text.isdigit() and 10 <= int(text) <= 999)
+        assert 120 <= img.width <= 400 and 40 <= img.height <= 160
+        dark = (torch.from_numpy(np.asarray(img.convert("L"))) < 128).nonzero()
+        span = (dark[:, 1].max() - dark[:, 1].min() + 1) / img.width
+        assert span >= ocr_demo.MIN_SPAN * 0.75, (text, img.size, float(span))  # ink < 128: antialiased edges off
+        assert set(ocr_demo.encode(text, ocr_demo.OCRRecipe().max_text_length)) <= set(range(len(ocr_demo.CHARS)))
+
+
+def test_demo_training_input_map_folds_exactly() -> None:
+    """The training input map x -> a (c - x), folded into the patch projection, leaves the image features as
+    they were: the saved model takes the plain preprocessed image."""
+    from tools import ocr_demo
+    recipe = ocr_demo.OCRRecipe()
+    model = ocr_demo.make_model(recipe).eval()
+    x = torch.rand(2, 3, recipe.img_size, recipe.img_size)
+    with torch.inference_mode():
+        before = model.vision_encoder(recipe.in_scale * (recipe.in_shift - x))[1]
+        after = ocr_demo.fold_input(model, recipe).vision_encoder(x)[1]
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)

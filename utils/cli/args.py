@@ -120,7 +120,8 @@ exit status: 0 ok, 1 error (one `error:` line on stderr), 2 usage error, 130 int
 
 MODES = ("Modes: one-shot when --text, --image, --audio_in or --video is given; otherwise an interactive chat when "
          "stdin is a terminal, else one answer per line of stdin (lines '/image PATH', '/video PATH', '/audio PATH' "
-         "attach media to the next line; '/ocr PATH' prints an image's text). Answers go to stdout; loading messages, warnings and progress to stderr.")
+         "attach media to the next line; '/ocr PATH' prints an image's text). Answers go to stdout; loading "
+         "messages, warnings and progress to stderr.")
 
 
 def build_parser(prog: str, description: str) -> argparse.ArgumentParser:

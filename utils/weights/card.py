@@ -48,7 +48,8 @@ def model_card(c: Components, dtype: torch.dtype, device: torch.device, opts: Sa
     if c.ocr is not None:
         o = c.ocr.cfg
         card["ocr"] = {"img_size": o.vision.img_size, "patch": o.vision.patch, "vision_layers": o.vision.n_layers,
-                       "vision_d_model": o.vision.d_model, "vision_heads": o.vision.n_heads, "decoder_layers": o.n_layers,
+                       "vision_d_model": o.vision.d_model, "vision_heads": o.vision.n_heads,
+                       "decoder_layers": o.n_layers,
                        "decoder_d_model": o.d_model, "decoder_heads": o.n_heads, "decoder_kv_heads": o.n_kv_heads,
                        "ffn": o.ffn, "vocabulary": o.vocab_size}
     return card

@@ -40,7 +40,8 @@ if TYPE_CHECKING:
 PREFIXES = ("thinker", "audio_encoder", "vision_encoder", "talker", "rvq", "proj_a", "proj_v", "ocr", "ctc_head",
             "vocoder")
 # Components whose nn.Linear weights `--quantize int8` stores as int8: the thinker, the encoders, talker.pt (talker
-# and its RVQ codec's projections) and the OCR model. The small projectors, the CTC head and the convolutional vocoder stay float.
+# and its RVQ codec's projections) and the OCR model. The small projectors, the CTC head and the convolutional
+# vocoder stay float.
 QUANTIZED_COMPONENTS = ("thinker", "audio", "vision", "talker", "rvq", "ocr")
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -154,7 +155,7 @@ def load_export(d: Path) -> Components:
         raise OmniError(f"{path}: unexpected key prefix(es) {', '.join(unknown)}")
     src = lambda p: f"{path} [{p}.*]"  # noqa: E731 - tiny label helper
     if parts["ocr"]:
-        load_export_ocr(comps, parts["ocr"], component_config(cfg, d, "ocr", "ocr_tiny.json"), d, src("ocr"))
+        load_export_ocr(comps, parts["ocr"], component_config(cfg, d, "ocr", "ocr_tiny.json"), path)
     if not parts["thinker"]:
         if comps.ocr is None:
             raise OmniError(f"{path}: no thinker.* tensors")
@@ -206,15 +207,16 @@ def load_export(d: Path) -> Components:
     return comps
 
 
-def load_export_ocr(comps: Components, sd: StateDict, cfg: dict[str, Any], d: Path, src: str) -> None:
-    """The export's OCR model (`ocr.*`) with its vocabulary: ocr_metadata.json beside it, or the copy of the
-    source ocr.pt that the reference export.py leaves there."""
+def load_export_ocr(comps: Components, sd: StateDict, cfg: dict[str, Any], path: Path) -> None:
+    """The export's OCR model (`ocr.*` of weights file `path`) with its vocabulary: ocr_metadata.json beside it,
+    or the copy of the source ocr.pt that the reference export.py leaves there."""
+    src = f"{path} [ocr.*]"
     model = build_ocr(sd, cfg, src)
-    holder = d / "ocr.pt"
+    holder = path.parent / "ocr.pt"
     obj = read_torch_file(holder) if os.path.lexists(holder) else {}
-    chars, vocab_src = ocr_vocabulary_near(d, obj, holder)
+    chars, vocab_src = ocr_vocabulary_near(path.parent, obj, holder)
     set_ocr(comps, model, chars, src, vocab_src)
-    comps.sources["ocr"] = src.split(" [", 1)[0]
+    comps.sources["ocr"] = str(path)
 
 
 def ocr_only_export(comps: Components, path: Path, d: Path) -> Components:

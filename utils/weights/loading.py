@@ -115,8 +115,8 @@ def model_pt_kind(path: Path) -> str:
 
 def is_ocr_state(sd: Any) -> bool:
     """An OCRModel state dict (MUOMNI_OCR §3), `_orig_mod.` segments or not."""
-    return isinstance(sd, dict) and any(isinstance(k, str) and k.replace("_orig_mod.", "") == "decoder.char_embed.weight"
-                                        for k in sd)
+    return isinstance(sd, dict) and any(
+        isinstance(k, str) and k.replace("_orig_mod.", "") == "decoder.char_embed.weight" for k in sd)
 
 
 def weights_file(d: Path, kind: str) -> Path:
