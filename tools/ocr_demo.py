@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 from models.ocr import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKENS, OCRConfig, OCRModel
-from models.vision import ViTConfig
+from models.vision import ViTConfig, sincos_positions
 
 WORDS = ("the and for are but not you all any can had her was one our out day get has him his how man new now old "
          "see two way who boy did its let put say she too use cat dog sun red big box cup hat pen run sit top yes "
@@ -131,7 +131,6 @@ def train(recipe: OCRRecipe, seed: int, log, on_step=None) -> OCRModel:
     """Teacher forcing on freshly drawn batches: cross-entropy over the next character, <PAD> ignored. The
     learning rate is constant after its warm-up, so the first k steps of a run are a k-step run: `on_step(step,
     model)` after every 100th step lets an experiment keep those models."""
-    from tools.train_demo import set_lr, sincos_positions
     torch.manual_seed(seed)
     rng = random.Random(seed)
     model = make_model(recipe)
@@ -140,17 +139,18 @@ def train(recipe: OCRRecipe, seed: int, log, on_step=None) -> OCRModel:
                                                                            recipe.img_size // recipe.patch))
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=0.01)
+    warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / 50))
     t0, seen = time.perf_counter(), 0.0
     for step in range(recipe.steps):
         span = max(MIN_SPAN, 0.8 - (0.8 - MIN_SPAN) * step / recipe.curriculum_steps)
         x, seq = batch(rng, recipe.batch, recipe, span)
-        set_lr(opt, recipe.lr * min(1.0, (step + 1) / 50))
         logits = model.run(seq[:, :-1], model.memory(recipe.in_scale * (recipe.in_shift - x)))
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), seq[:, 1:].reshape(-1), ignore_index=PAD_ID)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        warmup.step()
         seen = 0.9 * seen + 0.1 * loss.item() if step else loss.item()
         if step % 50 == 0 or step == recipe.steps - 1:
             log(f"ocr step {step}/{recipe.steps}: loss {seen:.3f} ({time.perf_counter() - t0:.0f} s)")
@@ -203,14 +203,15 @@ def accuracy(model, n: int, seed: int) -> tuple[float, list[tuple[str, str]]]:
     return 1 - len(misses) / n, misses
 
 
-if __name__ == "__main__":  # an experiment: python -m tools.ocr_demo STEPS (snapshots every 100 steps)
+if __name__ == "__main__":  # an experiment: python -m tools.ocr_demo STEPS OUT (a model every 100 steps: OUT/N)
     import copy
     torch.set_num_threads(1)
-    steps = int(sys.argv[1])
+    steps, where = int(sys.argv[1]), Path(sys.argv[2])
     r = OCRRecipe(steps=steps)
 
     def snapshot(step: int, model: OCRModel) -> None:
+        """The model after `step` steps, as a `step`-step run saves it (constant learning rate)."""
         saved = fold_input(copy.deepcopy(model).eval(), r)
-        save(saved, OCRRecipe(**{**asdict(r), "steps": step}), Path(f"/tmp/ocr_demo_snap{steps}/{step}"), 10)
+        save(saved, OCRRecipe(**{**asdict(r), "steps": step}), where / str(step), 10)
 
     train(r, 10, lambda s: print(time.strftime("%H:%M:%S"), s, file=sys.stderr, flush=True), snapshot)

@@ -51,7 +51,7 @@ from models.audio import AudioEncoderConfig, AudioEncoderTiny  # noqa: E402
 from models.layers import BlockConfig  # noqa: E402
 from models.talker import RVQ, TalkerConfig, TalkerTiny  # noqa: E402
 from models.thinker import ThinkerConfig, ThinkerLM  # noqa: E402
-from models.vision import ViTConfig, ViTTiny  # noqa: E402
+from models.vision import ViTConfig, ViTTiny, sincos_positions  # noqa: E402
 from tools import ocr_demo, synth  # noqa: E402
 from tools.ocr_demo import OCRRecipe  # noqa: E402
 from utils.media.audio import power_mel  # noqa: E402
@@ -184,16 +184,6 @@ def image_pool(n: int, rng: random.Random, desc: str) -> dict[str, torch.Tensor]
         masks[i] = torch.from_numpy(np.array(mask.resize((224, 224), Image.BILINEAR)))
         colour[i], shape[i] = COLOURS.index(c), synth.SHAPES.index(s)
     return {"x": xs, "mask": masks, "colour": colour, "shape": shape}
-
-
-def sincos_positions(d: int, grid: int) -> torch.Tensor:
-    """2-D sine/cosine position table (1, 1 + grid^2, d) with a zero row for the CLS slot."""
-    q = d // 4
-    omega = 1.0 / (100 ** (torch.arange(q).float() / q))
-    ys, xs = torch.meshgrid(torch.arange(grid).float(), torch.arange(grid).float(), indexing="ij")
-    oy, ox = ys.flatten()[:, None] * omega, xs.flatten()[:, None] * omega
-    table = torch.cat([ox.sin(), ox.cos(), oy.sin(), oy.cos()], 1)
-    return torch.cat([torch.zeros(1, d), table], 0)[None]
 
 
 def geometry_targets(mask: torch.Tensor) -> torch.Tensor:
