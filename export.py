@@ -37,7 +37,8 @@ from utils.base.export_names import COMPONENT_FLAGS, COMPONENT_PREFIXES, DEFAULT
 from utils.cli.args import Parser, add_dash_aliases, add_version_argument
 
 SOURCE_LABELS = {"thinker": "thinker", "proj_a": "thinker", "proj_v": "thinker", "audio": "audio",
-                 "ctc_head": "audio", "vision": "vision", "talker": "talker", "rvq": "talker", "vocoder": "vocoder"}
+                 "ctc_head": "audio", "vision": "vision", "talker": "talker", "rvq": "talker", "vocoder": "vocoder",
+                 "ocr": "ocr"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vision_ckpt", help="vision encoder directory (vision.pt)")
     p.add_argument("--talker_ckpt", help="talker directory (talker.pt: talker and RVQ codec)")
     p.add_argument("--vocoder_ckpt", help="HiFi-GAN vocoder directory (vocoder.pt or hifigan.pt)")
-    p.add_argument("--ocr_ckpt", help="not supported: this project has no OCR model")
+    p.add_argument("--ocr_ckpt", help="OCR directory (ocr.pt with ocr_metadata.json, as train_ocr.py leaves it)")
     p.add_argument("--output_dir", required=True, help="export directory to create")
     p.add_argument("--output_file", default=DEFAULT_OUTPUT_FILE, choices=EXPORT_NAMES,
                    help="weights file name inside --output_dir (default model.safetensors)")
@@ -104,9 +105,6 @@ def print_table(result: ExportResult) -> None:
 # ---------------------------------------------------------------- main
 
 def run(args: argparse.Namespace) -> int:
-    if args.ocr_ckpt:
-        raise OmniError("--ocr_ckpt: this project has no OCR model (models/ defines none), so OCR weights cannot be "
-                        "exported or loaded; leave the flag out")
     result = export_checkpoints(args.output_dir, ckpt_root=args.ckpt_root,
                                 named={flag: getattr(args, flag) for flag in COMPONENT_FLAGS},
                                 dtype=args.dtype, quantize=args.quantize, verify=args.verify, force=args.force,

@@ -7,6 +7,7 @@
     for piece in model.stream("Tell me a story", temperature=0.8, seed=1):
         print(piece, end="", flush=True)
     model.transcribe("speech.wav").text                    # greedy CTC transcript
+    model.ocr("sign.png").text                             # the text in an image (an OCR checkpoint)
     model.transcribe("talk.flac")["segments"]              # ... with segment and word timestamps
     wave, sr = model.generate_speech("Hello there", out_path="hello.wav")
 
@@ -26,7 +27,7 @@ from typing import Any, BinaryIO, Callable, Iterator
 import numpy as np
 import torch
 
-from utils.base.defaults import DEFAULT_VIDEO_FRAMES, DTYPE_NAMES, QUANTIZATIONS
+from utils.base.defaults import DEFAULT_VIDEO_FRAMES, DTYPE_NAMES, OCR_MAX_LEN, QUANTIZATIONS
 from utils.base.errors import OmniError
 from utils.base.options import BY_NAME, OptionError, SamplingOptions
 from utils.base.transcript import Transcript, TranscribeOptions, check_language
@@ -34,7 +35,7 @@ from utils.engine.constrain import Constraint, Vocabulary
 from utils.engine.generation import (EngineThread, RowPrompt, generate, generate_batch, generate_choices,
                                      serving_engine)
 from utils.engine.native.step import native_model
-from utils.engine.prompt import AudioInput, ImageInput, PromptBuilder, batch_request, require_parts
+from utils.engine.prompt import AudioInput, ImageInput, PromptBuilder, batch_request, ocr_prompt, require_parts
 from utils.engine.speech import (GRIFFIN_LIM_ITERS, Speech, SpeechOptions, choose_vocoder, frames_for_text,
                                  max_talker_frames, synthesize)
 from utils.engine.transcribe import transcribe
@@ -47,8 +48,9 @@ from utils.weights.quant import quantize_linears
 
 
 # What the apps (CLI, server, batch jobs) use besides OmniModel: re-exported so they stand on this module only.
-__all__ = ["Answer", "AudioInput", "ImageInput", "Media", "OmniError", "OmniModel", "SAMPLE_RATE", "SpeechPlan",
-           "Transcript", "answer_timing", "check_output_path", "load_model", "write_wav"]
+__all__ = ["Answer", "AudioInput", "ImageInput", "Media", "OCRResult", "OmniError", "OmniModel", "SAMPLE_RATE",
+           "SpeechPlan", "Transcript", "answer_timing", "check_output_path", "load_model", "ocr_fields", "ocr_prompt",
+           "write_wav"]
 
 
 @dataclass
@@ -79,6 +81,22 @@ class Answer:
         if self.logprobs is not None:
             out["logprobs"] = {"content": self.logprobs}
         return out
+
+
+@dataclass
+class OCRResult:
+    """One image's OCR: the text, the greedy ids (ending with the stopping id 2 <EOS> or 0 <PAD>, unless the
+    decode ran out of steps) and why it stopped: 'eos', 'pad' or 'max_len'."""
+    text: str
+    ids: list[int]
+    stop: str
+
+
+def ocr_fields(results: list[OCRResult]) -> dict[str, Any]:
+    """The JSON fields of an OCR (CLI --json, /ocr, batch records): ocr_text (the images' texts, one line each),
+    and per image ocr_ids (the greedy ids, ending with the stopping id unless max_len ran out) and ocr_stop."""
+    return {"ocr_text": "\n".join(r.text for r in results), "ocr_ids": [r.ids for r in results],
+            "ocr_stop": [r.stop for r in results]}
 
 
 def mps_available() -> bool:
@@ -134,7 +152,7 @@ class OmniModel:
     @property
     def components(self) -> list[str]:
         """Names of the loaded parts, e.g. ['thinker', 'vision', 'audio', 'talker', 'vocoder']."""
-        names = ("thinker", "vision", "audio", "talker", "vocoder")
+        names = ("thinker", "vision", "audio", "talker", "vocoder", "ocr")
         return [n for n in names if getattr(self._parts, n) is not None]
 
     @property
@@ -453,7 +471,7 @@ class OmniModel:
             raise OmniError(f"--quantize int4: runs on the CPU only (the device here is {self.device.type}; "
                             f"use --quantize int8 or --device cpu)")
         done = []
-        for name in ("thinker", "vision", "audio", "talker", "rvq"):
+        for name in ("thinker", "vision", "audio", "talker", "rvq", "ocr"):
             module = getattr(self._parts, name)
             if module is not None:
                 done += [f"{name}.{n}" for n in quantize_linears(module, method)]
@@ -487,6 +505,27 @@ class OmniModel:
     def _ctc_logits(self, wave: np.ndarray) -> torch.Tensor:
         """CTC character logits (frames, characters) of a 16 kHz waveform, as float32 on the CPU."""
         return self._parts.ctc_head(self.encode_audio(wave)).float().cpu()
+
+    # ------------------------------------------------------------ OCR
+    @property
+    def ocr_image_size(self) -> int:
+        """The OCR checkpoint's input size (its config's img_size), which its images are resized to."""
+        self._require_parts("OCR", "ocr")
+        return self._parts.ocr.cfg.vision.img_size
+
+    def ocr(self, image: ImageInput, max_len: int = OCR_MAX_LEN) -> OCRResult:
+        """The text in `image` (a path, PIL image, encoded bytes, or a (3, S, S) tensor at the OCR size): RGB,
+        resized to the OCR config's img_size, then greedy character decoding (MUOMNI_OCR §4) for at most
+        `max_len` steps, with the self-attention KV cache (the same ids as a full recompute per step)."""
+        self._require_parts("OCR", "ocr")
+        model, limit = self._parts.ocr, self._parts.ocr.cfg.max_positions - 1
+        if isinstance(max_len, bool) or not isinstance(max_len, int) or not 1 <= max_len <= limit:
+            raise OmniError(f"OCR max_len {max_len!r}: must be an integer from 1 to {limit}")
+        ids, stop = model.greedy(self._prompts.image_tensor(image, self.ocr_image_size), max_len)
+        chars = self._parts.ocr_chars
+        special = set(chars[:4])  # <PAD>, <BOS>, <EOS>, <UNK> give no text (ids 1 and 3 may be generated)
+        text = "".join(chars[i] for i in (ids[:-1] if stop != "max_len" else ids) if chars[i] not in special)
+        return OCRResult(text, ids, stop)
 
     # ------------------------------------------------------------ speech out
     def _speech_frames(self, text: str, max_frames: int | None = None) -> int:

@@ -55,3 +55,14 @@ class ViTTiny(nn.Module):
             x = block(x)
         x = self.norm(x)
         return x[:, :1], x[:, 1:]
+
+
+def sincos_positions(d: int, grid: int) -> torch.Tensor:
+    """2-D sine/cosine position table (1, 1 + grid^2, d) with a zero row for the CLS slot: a starting `pos` for
+    training a ViTTiny (tools/)."""
+    q = d // 4
+    omega = 1.0 / (100 ** (torch.arange(q).float() / q))
+    ys, xs = torch.meshgrid(torch.arange(grid).float(), torch.arange(grid).float(), indexing="ij")
+    oy, ox = ys.flatten()[:, None] * omega, xs.flatten()[:, None] * omega
+    table = torch.cat([ox.sin(), ox.cos(), oy.sin(), oy.cos()], 1)
+    return torch.cat([torch.zeros(1, d), table], 0)[None]

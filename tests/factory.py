@@ -13,6 +13,7 @@ import torch
 
 from models.audio import AudioEncoderConfig, AudioEncoderTiny
 from models.layers import BlockConfig
+from models.ocr import SPECIAL_TOKENS, OCRConfig, OCRModel
 from models.talker import RVQ, TalkerConfig, TalkerTiny
 from models.thinker import ThinkerConfig, ThinkerLM
 from models.vision import ViTConfig, ViTTiny
@@ -136,6 +137,42 @@ def make_tree(root: Path, attention: str = "gqa", ffn: str = "swiglu", moe: bool
                 "ctx_len": ctx_len, "thinker": thinker_json, "prompt": "You are an omni assistant.",
                 "save_dir": f"checkpoints/{n['omni']}"})
     return root
+
+
+OCR_CHARS = list(SPECIAL_TOKENS) + list(" 0123456789abcdefghijklmnopqrstuvwxyz")
+
+
+def ocr_config(attention: str = "gqa", ffn: str = "gelu", img_size: int = 64, d_model: int = 32,
+               n_heads: int = 4) -> OCRConfig:
+    """A small OCR model: GQA (KV heads h // 2, as train_ocr.py makes them) or MHA, GELU or SwiGLU."""
+    return OCRConfig(vision=ViTConfig(d_model=16, n_layers=1, n_heads=2, d_ff=32, patch=16, img_size=img_size),
+                     vocab_size=len(OCR_CHARS), d_model=d_model, n_layers=2, n_heads=n_heads,
+                     n_kv_heads=n_heads if attention == "mha" else max(1, n_heads // 2), d_ff=2 * d_model,
+                     fused_qkv=attention == "mha", ffn=ffn)
+
+
+def make_ocr_dir(d: Path, cfg: OCRConfig, seed: int = 0, vocab_inside: bool = False) -> Path:
+    """An `ocr_tiny`-style directory as train_ocr.py leaves it: ocr.pt ({"model"}; with `vocab_inside` also the
+    int-keyed vocabulary, else ocr_metadata.json with string keys) and configs/ocr_tiny.json beside it."""
+    model = random_init(OCRModel(cfg), seed)
+    d.mkdir(parents=True, exist_ok=True)
+    obj: dict = {"model": model.state_dict()}
+    vocab = {"char_to_idx": {c: i for i, c in enumerate(OCR_CHARS)}, "idx_to_char": dict(enumerate(OCR_CHARS))}
+    if vocab_inside:
+        obj.update(vocab)
+    else:
+        write_json(d / "ocr_metadata.json", {"step": 10, "epoch": 1, "char_to_idx": vocab["char_to_idx"],
+                                             "idx_to_char": {str(i): c for i, c in vocab["idx_to_char"].items()},
+                                             "vocab_size": len(OCR_CHARS), "max_text_length": 12})
+    torch.save(obj, d / "ocr.pt")
+    v = cfg.vision
+    write_json(d.parent / "configs" / f"{d.name}.json",
+               {"save_dir": f"checkpoints/{d.name}", "img_size": v.img_size, "patch": v.patch,
+                "vision_d_model": v.d_model, "vision_layers": v.n_layers, "vision_heads": v.n_heads,
+                "vision_d_ff": v.d_ff, "decoder_d_model": cfg.d_model, "decoder_layers": cfg.n_layers,
+                "decoder_heads": cfg.n_heads, "decoder_d_ff": cfg.d_ff, "use_gqa": not cfg.fused_qkv,
+                "use_swiglu": cfg.ffn == "swiglu", "dropout": 0.1, "rope_theta": 10000.0})
+    return d
 
 
 # ---------------------------------------------------------------- in-memory twins and merged exports

@@ -21,7 +21,7 @@ FLAGS = ["--ckpt_dir", "--device", "--dtype", "--text", "--prompt", "--image", "
          "--audio_in", "--transcribe", "--max_new_tokens", "--temperature", "--top_k", "--top_p",
          "--repetition_penalty", "--seed", "--ignore_eos", "--decode_attention", "--json", "--no_stream",
          "--audio_out", "--audio_temperature", "--audio_top_k", "--max_audio_frames", "--vocoder", "--quiet",
-         "--verbose"]
+         "--verbose", "--ocr", "--ocr_max_len"]
 JSON_KEYS = {"text", "token_ids", "prompt_tokens", "generated_tokens", "timing"}
 TIMING_KEYS = {"load_s", "prefill_s", "decode_s", "decode_tokens_per_s"}
 
@@ -65,6 +65,7 @@ def test_help_lists_every_flag_with_examples(script: str) -> None:
     ["--max_new_tokens", "ten"], ["--repetition_penalty", "0"], ["--seed", "-2"], ["--video_frames", "0"], ["--video_frames", "300"],
     ["--max_audio_frames", "-5"], ["--temperature", "nan"], ["--decode_attention", "sideways"],
     ["--device", "tpu"], ["--dtype", "int8"], ["--transcribe"], ["--audio_out", "x.wav"],
+    ["--ocr"], ["--ocr", "--image", "a.png", "--prompt", "p"], ["--ocr_max_len", "0"],
 ])
 def test_invalid_values_are_usage_errors(bad: list[str], tmp_path: Path) -> None:
     r = run_cli("--ckpt_dir", str(tmp_path), *bad)

@@ -251,7 +251,7 @@ def test_never_replaces_a_directory_that_is_not_an_export(tiny_tree: Path, tmp_p
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--ocr_ckpt", "ocr_tiny"], "no OCR model"),
+    (["--ocr_ckpt", "ocr_tiny"], "drop --ocr_ckpt"),
     (["--omni_ckpt", "{root}/omni_sft_tiny"], "--ckpt_root finds every component itself"),
 ])
 def test_flag_errors_with_root(tiny_tree: Path, tmp_path: Path, capsys: pytest.CaptureFixture, args: list[str],

@@ -9,6 +9,8 @@ sums      "What is A plus B?" for random digits; right when the last number in t
 speech    phrases spoken by espeak-ng (voices en / en-us, 140-200 wpm, random pitch): transcript exact
           match (--transcribe) and "What did you hear?" answers containing the phrase. Needs espeak-ng;
           skipped without it.
+ocr       text images drawn fresh by tools/ocr_demo.py (new seeds; the same words, numbers, fonts, sizes and
+          colours as training): exact-string match of the OCR model's text (when the model has one)
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from tools import synth  # noqa: E402
+from tools import ocr_demo, synth  # noqa: E402
 
 DEFAULT_DIR = REPO / "checkpoints" / "demo"
 
@@ -91,11 +93,15 @@ def evaluate(ckpt_dir: str | Path = DEFAULT_DIR, n: int = 50, seed: int = 12345,
             speech_accuracy(model, n, seed + 2)
     else:
         results["speech"] = "skipped: espeak-ng is not installed"
+    ocr_miss: list[str] = []
+    if "ocr" in model.components:
+        results["ocr_exact_match"], misses = ocr_demo.accuracy(model, 4 * n, seed + 3)
+        ocr_miss = [f"ocr {want!r} -> {got!r}" for want, got in misses]
     results["seconds"] = round(time.perf_counter() - t0, 1)
     for k, v in results.items():
         print(f"{k}: {v:.3f}" if isinstance(v, float) and k != "seconds" else f"{k}: {v}", file=sys.stderr)
     if show_misses:
-        for m in (img_miss + sum_miss + speech_miss)[:20]:
+        for m in (img_miss + sum_miss + speech_miss + ocr_miss)[:20]:
             print(f"  miss: {m}", file=sys.stderr)
     return results
 

@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
-"""Write the sample inputs in examples/: two shape pictures, a spoken phrase and a short video.
+"""Write the sample inputs in examples/: two shape pictures, two text images, a spoken phrase and a short video.
 
     python tools/make_examples.py [--out examples]
 
 examples/red_circle.png, examples/blue_square.png   256x256 pictures like the demo model's training data
+examples/open_sign.png, examples/number_42.png     text images like the OCR model's training data (DejaVu Sans
+                                                     Bold "open" on 240x90; Liberation Serif "42" on 130x70)
 examples/green_triangle.wav                         "a green triangle" spoken by espeak-ng, 16 kHz mono
 examples/shapes.mp4                                  2 s, 12 fps, 160x160 H.264: a red circle, a blue square,
                                                      then a green triangle
@@ -69,6 +71,24 @@ def write_phrases(out: Path) -> None:
     (out / "phrases.json").write_text(json.dumps({"phrases": truth}, indent=1) + "\n")
 
 
+TEXT_IMAGES = [("open_sign.png", "open", "dejavu/DejaVuSans-Bold.ttf", 34, (240, 90), (250, 236, 200), (120, 20, 20)),
+               ("number_42.png", "42", "liberation/LiberationSerif-Regular.ttf", 40, (130, 70), (225, 240, 250),
+                (10, 30, 80))]
+
+
+def write_text_images(out: Path) -> None:
+    """TEXT_IMAGES: (file, text, font under /usr/share/fonts/truetype, px, size, background, ink), text centred."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    for name, text, font_file, px, size, background, ink in TEXT_IMAGES:
+        face = ImageFont.truetype(f"/usr/share/fonts/truetype/{font_file}", px)
+        img = Image.new("RGB", size, background)
+        left, top, right, bottom = face.getbbox(text)
+        xy = ((size[0] - right - left) // 2, (size[1] - bottom - top) // 2)
+        ImageDraw.Draw(img).text(xy, text, font=face, fill=ink)
+        img.save(out / name, optimize=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(REPO / "examples"))
@@ -78,6 +98,7 @@ def main() -> int:
     for seed, (colour, shape) in enumerate([("red", "circle"), ("blue", "square")], start=1):
         img, _, _ = synth.shape_image(random.Random(seed), colour, shape, size=256, noise=False)
         img.save(out / f"{colour}_{shape}.png", optimize=True)
+    write_text_images(out)
     if synth.have_espeak():
         write_wav(out / "green_triangle.wav", synth.speak(synth.phrase("green", "triangle"), "en", 160, 50))
         write_phrases(out)

@@ -2,10 +2,13 @@
 """Train the μOmni demo model on synthetic data and write it in the trainers' layout.
 
     python tools/train_demo.py [--out checkpoints/demo] [--seed 0] [--quick]
+    python tools/train_demo.py --ocr_only [--out checkpoints/demo]   # (re)train only the OCR model
+
 
 Writes, under --out: thinker_tiny/ (thinker.pt, tokenizer.model), omni_sft_tiny/omni.pt, vision_tiny/vision.pt,
 audio_enc_tiny/ (audio_enc.pt, audio_enc_metadata.json), talker_tiny/talker.pt, configs/*.json and
-generation_config.json. The model answers three kinds of questions:
+generation_config.json (--ocr_only: ocr_tiny/ and configs/ocr_tiny.json alone, see tools/ocr_demo.py; its recipe
+does not learn to read yet, so the shipped demo has no OCR model). The model answers three kinds of questions:
 
   image   one filled red/green/blue/yellow/purple/orange circle, square or triangle on a light background
           -> "a red circle" (video: the shapes in order, "a red circle, a blue square and a green triangle")
@@ -48,8 +51,9 @@ from models.audio import AudioEncoderConfig, AudioEncoderTiny  # noqa: E402
 from models.layers import BlockConfig  # noqa: E402
 from models.talker import RVQ, TalkerConfig, TalkerTiny  # noqa: E402
 from models.thinker import ThinkerConfig, ThinkerLM  # noqa: E402
-from models.vision import ViTConfig, ViTTiny  # noqa: E402
-from tools import synth  # noqa: E402
+from models.vision import ViTConfig, ViTTiny, sincos_positions  # noqa: E402
+from tools import ocr_demo, synth  # noqa: E402
+from tools.ocr_demo import OCRRecipe  # noqa: E402
 from utils.media.audio import power_mel  # noqa: E402
 from utils.media.image import preprocess_image  # noqa: E402
 
@@ -180,16 +184,6 @@ def image_pool(n: int, rng: random.Random, desc: str) -> dict[str, torch.Tensor]
         masks[i] = torch.from_numpy(np.array(mask.resize((224, 224), Image.BILINEAR)))
         colour[i], shape[i] = COLOURS.index(c), synth.SHAPES.index(s)
     return {"x": xs, "mask": masks, "colour": colour, "shape": shape}
-
-
-def sincos_positions(d: int, grid: int) -> torch.Tensor:
-    """2-D sine/cosine position table (1, 1 + grid^2, d) with a zero row for the CLS slot."""
-    q = d // 4
-    omega = 1.0 / (100 ** (torch.arange(q).float() / q))
-    ys, xs = torch.meshgrid(torch.arange(grid).float(), torch.arange(grid).float(), indexing="ij")
-    oy, ox = ys.flatten()[:, None] * omega, xs.flatten()[:, None] * omega
-    table = torch.cat([ox.sin(), ox.cos(), oy.sin(), oy.cos()], 1)
-    return torch.cat([torch.zeros(1, d), table], 0)[None]
 
 
 def geometry_targets(mask: torch.Tensor) -> torch.Tensor:
@@ -665,7 +659,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     ap.add_argument("--quick", action="store_true", help="a few-minute smoke run (weak model)")
     ap.add_argument("--no_eval", action="store_true", help="skip the held-out evaluation at the end")
+    ap.add_argument("--ocr_only", action="store_true",
+                    help="train only the OCR model into --out/ocr_tiny (and configs/ocr_tiny.json), leaving the "
+                         "other components as they are")
     args = ap.parse_args(argv)
+    if args.ocr_only:
+        return train_ocr_only(Path(args.out), args.seed, args.threads, args.quick, args.no_eval)
     if not synth.have_espeak():
         ap.error("espeak-ng is not installed; it synthesizes the speech data (apt-get install -y espeak-ng)")
     torch.set_num_threads(args.threads)
@@ -763,6 +762,31 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_eval:
         from tools.eval_demo import evaluate
         evaluate(out, n=40, seed=12345 + seed)
+    return 0
+
+
+def train_ocr_only(out: Path, seed: int, threads: int, quick: bool, no_eval: bool) -> int:
+    """--ocr_only: the OCR model alone, written into an existing demo tree (ocr_tiny/, configs/ocr_tiny.json)."""
+    torch.set_num_threads(threads)
+    recipe = OCRRecipe().quick() if quick else OCRRecipe()
+    log(f"ocr recipe: {json.dumps(asdict(recipe))}")
+    t0 = time.perf_counter()
+    model = ocr_demo.train(recipe, seed + 10, log)
+    stage = out.parent / f".{out.name}.ocr.tmp"
+    if stage.exists():
+        shutil.rmtree(stage)
+    ocr_demo.save(model, recipe, stage, seed + 10)
+    if (out / "ocr_tiny").exists():
+        shutil.rmtree(out / "ocr_tiny")
+    (out / "configs").mkdir(parents=True, exist_ok=True)
+    (stage / "ocr_tiny").rename(out / "ocr_tiny")
+    (stage / "configs" / "ocr_tiny.json").replace(out / "configs" / "ocr_tiny.json")
+    shutil.rmtree(stage)
+    log(f"wrote {out / 'ocr_tiny'} in {(time.perf_counter() - t0) / 60:.1f} min")
+    if not no_eval:
+        from omni import load_model
+        acc, misses = ocr_demo.accuracy(load_model(out / "ocr_tiny", device="cpu"), 200, 12345 + seed)
+        log(f"ocr held-out exact-string accuracy {acc:.3f} on 200 images; misses {misses[:10]}")
     return 0
 
 

@@ -15,6 +15,12 @@ RANDOM_SEED = -1  # --seed -1: a fresh random seed, as in llama.cpp
 IMAGE_PROMPT = "Describe what you see concisely."
 AUDIO_PROMPT = "What did you hear?"
 
+# OCR (MUOMNI_OCR §4): the greedy decode's step limit (infer_chat's), and how extracted text joins a chat prompt.
+OCR_MAX_LEN = 128
+OCR_QUESTION = "{text} (OCR extracted: {ocr})"
+OCR_NO_QUESTION = "Extracted text from image: {ocr}. Describe what you see."
+OCR_JOIN = "; "  # between the texts of several images in one prompt
+
 # Media.
 DEFAULT_VIDEO_FRAMES = 4
 MAX_VIDEO_FRAMES = 256  # most frames taken from one video (each becomes an image token)

@@ -26,6 +26,8 @@ from utils.cli.console import Out
 
 BATCH_PATH_KEYS = ("image", "audio_in", "audio", "video")  # request keys holding a file path ("audio": an alias)
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")  # what `--task transcribe` picks from a directory
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")  # ... and `--task ocr`
+TASKS = ("chat", "ocr")  # a request's "task": answer it, or read its image's text (with "text": answer on it)
 JOURNAL_FORMAT = "muomni-batch-journal/1"
 MAX_BATCH_FILE_BYTES = 64 << 20  # a batch file is read whole: bounded
 MAX_JOURNAL_BYTES = 1 << 30  # and so is a journal (its records hold token ids: larger than the requests)
@@ -64,9 +66,13 @@ def parse_request(number: int, line: str, base: Path) -> Row:
     rid = obj.get("id", number)
     if isinstance(rid, bool) or not isinstance(rid, (str, int)):
         return Row(number, number, None, "id must be a string or an integer")
-    bad = [k for k in ("text", "prompt", *BATCH_PATH_KEYS) if k in obj and not isinstance(obj[k], str)]
+    bad = [k for k in ("text", "prompt", "task", *BATCH_PATH_KEYS) if k in obj and not isinstance(obj[k], str)]
     if bad:
         return Row(number, rid, None, f"{bad[0]} must be a string")
+    if obj.get("task", "chat") not in TASKS:
+        return Row(number, rid, None, f"task {obj['task']!r}: use {' or '.join(TASKS)}")
+    if obj.get("task") == "ocr" and "image" not in obj:
+        return Row(number, rid, None, "task ocr needs an \"image\"")
     for key in BATCH_PATH_KEYS:
         if key in obj:
             path = Path(obj[key])
@@ -93,21 +99,25 @@ def read_batch_file(path: str | os.PathLike, flag: str = "--batch_file") -> list
     return [parse_request(n, line, base) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
 
 
-def audio_rows(paths: Iterable[str | os.PathLike]) -> list[Row]:
-    """`--task transcribe` inputs: each file as given, each directory's audio files (AUDIO_SUFFIXES, recursively,
-    in sorted order). The id is the path as the user wrote it (or the directory joined with the file's place)."""
+def file_rows(paths: Iterable[str | os.PathLike], task: str) -> list[Row]:
+    """`--task transcribe` / `--task ocr` inputs: each file as given, each directory's audio (AUDIO_SUFFIXES) or
+    image files (IMAGE_SUFFIXES), recursively, in sorted order. The id is the path as the user wrote it (or the
+    directory joined with the file's place)."""
+    suffixes, kind = (AUDIO_SUFFIXES, "audio") if task == "transcribe" else (IMAGE_SUFFIXES, "image")
     rows: list[Row] = []
     for given in paths:
         path = Path(given)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES and p.is_file())
+            found = sorted(p for p in path.rglob("*") if p.suffix.lower() in suffixes and p.is_file())
             if not found:
-                raise OmniError(f"{given}: no audio files ({', '.join(AUDIO_SUFFIXES)}) in this directory")
+                raise OmniError(f"{given}: no {kind} files ({', '.join(suffixes)}) in this directory")
         elif path.exists():
             found = [path]
         else:
             raise OmniError(f"{given}: not found")
-        rows += [Row(len(rows) + k + 1, str(p), {"audio_in": os.path.abspath(p)}) for k, p in enumerate(found)]
+        request = (lambda p: {"audio_in": os.path.abspath(p)}) if task == "transcribe" else \
+            (lambda p: {"task": "ocr", "image": os.path.abspath(p)})
+        rows += [Row(len(rows) + k + 1, str(p), request(p)) for k, p in enumerate(found)]
     return rows
 
 
@@ -172,15 +182,35 @@ class MaterializedMedia:
 
 def answer_rows(model: Any, rows: list[Row], gen: dict[str, Any]) -> list[dict[str, Any] | OmniError]:
     """For each row, its answer's JSON (omni.Answer.to_json, plus "warnings" when there are any) or the OmniError
-    that stopped it. The usable requests are decoded together in one batch (model.answer_batch)."""
-    usable = [i for i, row in enumerate(rows) if row.request is not None]
-    failed: dict[int, OmniError] = {}
-    answers = model.answer_batch([{k: v for k, v in rows[i].request.items() if k != "id"} for i in usable],
-                                 batch_size=max(1, len(usable)), on_error=failed.__setitem__, **gen)
+    that stopped it. The usable requests are decoded together in one batch (model.answer_batch). A "task": "ocr"
+    row gets its image's OCR fields (omni.ocr_fields); with a "text", also the answer to it with the image's text
+    joined into the prompt (omni.ocr_prompt), as infer_chat.py --ocr --text does."""
+    from omni import ocr_fields, ocr_prompt  # the model's own module: loaded already
     results: list[dict[str, Any] | OmniError] = [OmniError(row.error) for row in rows]  # for unusable rows
-    for k, (i, ans) in enumerate(zip(usable, answers)):
+    ocr: dict[int, dict[str, Any]] = {}
+    chat: dict[int, dict[str, Any]] = {}
+    for i, row in enumerate(rows):
+        if row.request is None:
+            continue
+        request = {k: v for k, v in row.request.items() if k not in ("id", "task")}
+        if row.request.get("task") == "ocr":
+            try:
+                found = model.ocr(request["image"])
+            except OmniError as exc:
+                results[i] = exc
+                continue
+            ocr[i] = ocr_fields([found])
+            if request.get("text") is None:
+                results[i] = ocr[i]
+                continue
+            request["text"] = ocr_prompt(request["text"], [found.text])
+        chat[i] = request
+    failed: dict[int, OmniError] = {}
+    answers = model.answer_batch(list(chat.values()), batch_size=max(1, len(chat)), on_error=failed.__setitem__,
+                                 **gen) if chat else []
+    for k, (i, ans) in enumerate(zip(chat, answers)):
         results[i] = failed[k] if ans is None else \
-            {**ans.to_json(), **({"warnings": ans.warnings} if ans.warnings else {})}
+            {**ans.to_json(), **ocr.get(i, {}), **({"warnings": ans.warnings} if ans.warnings else {})}
     return results
 
 
@@ -213,7 +243,7 @@ def record(row: Row, result: dict[str, Any] | OmniError) -> dict[str, Any]:
 
 def process_rows(model: Any, rows: list[Row], task: str, gen: dict[str, Any]) -> list[dict[str, Any]]:
     """The output records of a batch of rows, in order: what each engine runs per batch."""
-    results = transcribe_rows(model, rows) if task == "transcribe" else answer_rows(model, rows, gen)
+    results = transcribe_rows(model, rows) if task == "transcribe" else answer_rows(model, rows, gen)  # ocr: as chat
     return [record(row, result) for row, result in zip(rows, results)]
 
 

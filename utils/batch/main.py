@@ -28,7 +28,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from utils.batch.job import (Journal, MaterializedMedia, Row, audio_rows, inline_media, job_key, process_rows,
+from utils.batch.job import (Journal, MaterializedMedia, Row, file_rows, inline_media, job_key, process_rows,
                              read_batch_file, record)
 from utils.cli.args import (SERVICE_THREADS_HELP, Parser, add_dash_aliases, add_generation_arguments,
                             add_model_arguments, add_version_argument, check_format_flags, generation_options,
@@ -71,11 +71,14 @@ exit status: 0 every line answered, 1 a line failed (its record has "error") or 
 def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p = Parser(prog=prog, description=description, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", metavar="INPUT",
-                   help="A JSON Lines file of requests; with --task transcribe, audio files and directories.")
+                   help="A JSON Lines file of requests; with --task transcribe, audio files and directories; with "
+                        "--task ocr, image files and directories.")
     p.add_argument("-o", "--output", required=True, metavar="PATH",
                    help="Where the JSON Lines records go (written atomically when the job is complete).")
-    p.add_argument("--task", choices=("chat", "transcribe"), default="chat",
-                   help="chat (default): answer each request; transcribe: the CTC transcript of each audio file.")
+    p.add_argument("--task", choices=("chat", "transcribe", "ocr"), default="chat",
+                   help="chat (default): answer each request (a request with \"task\": \"ocr\" reads its image's "
+                        "text); transcribe: the CTC transcript of each audio file; ocr: the text of each image "
+                        "(ocr_text, ocr_ids, ocr_stop).")
     p.add_argument("--resume", action="store_true",
                    help="Continue an interrupted job from OUTPUT.journal: finished lines are not redone.")
 
@@ -116,9 +119,9 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Usage errors argparse cannot express (exit 2)."""
     if args.task == "chat" and len(args.inputs) != 1:
-        parser.error("--task chat reads one JSON Lines file (several inputs are for --task transcribe)")
+        parser.error("--task chat reads one JSON Lines file (several inputs are for --task transcribe or ocr)")
     flag = check_format_flags(parser, args)
-    if args.task == "transcribe" and flag:
+    if args.task != "chat" and flag:
         parser.error(f"{flag} is for --task chat")
     if args.engine != "ray":
         given = [f"--{name}" for name in RAY_ONLY if getattr(args, name) is not None]
@@ -280,7 +283,7 @@ def run_pipeline(args: argparse.Namespace, rows: list[Row], gen: dict[str, Any],
 def run(args: argparse.Namespace, con: Console) -> int:
     t0 = time.perf_counter()
     output = check_output(args.output, args.inputs)
-    rows = read_batch_file(args.inputs[0], flag="INPUT") if args.task == "chat" else audio_rows(args.inputs)
+    rows = read_batch_file(args.inputs[0], flag="INPUT") if args.task == "chat" else file_rows(args.inputs, args.task)
     if not rows:
         con.warn(f"{args.inputs[0]}: no requests in it")
     gen = generation_options(args) if args.task == "chat" else {}

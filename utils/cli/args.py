@@ -15,8 +15,8 @@ from typing import Any, Callable, Sequence
 from utils.cli.transcribe_command import add_arguments as add_transcribe_arguments
 from utils.cli.transcribe_command import check_args as check_transcribe_args
 from utils.cli.console import Console, guarded, route_warnings, utf8_streams
-from utils.base.defaults import (DEFAULT_VIDEO_FRAMES, DEVICES, DTYPE_NAMES, MAX_SEED, MAX_VIDEO_FRAMES, QUANTIZATIONS,
-                                 RANDOM_SEED, VOCODERS)
+from utils.base.defaults import (DEFAULT_VIDEO_FRAMES, DEVICES, DTYPE_NAMES, MAX_SEED, MAX_VIDEO_FRAMES, OCR_MAX_LEN,
+                                 QUANTIZATIONS, RANDOM_SEED, VOCODERS)
 from utils.base.errors import OmniError
 from utils.base.options import BY_NAME, OPTIONS, Option, OptionError
 from utils.base.transcript import TranscribeOptions
@@ -83,6 +83,7 @@ def epilog(prog: str) -> str:
   {p} --video clip.mp4 --video_frames 4
   {p} --audio_in question.wav
   {p} --audio_in speech.wav --transcribe
+  {p} --image sign.png --ocr
   {p} --audio_in talk1.flac talk2.mp3 --transcribe --output_format srt --output_dir subs/
   # also speak the answer into a WAV file
   {p} --text "Say hello" --audio_out hello.wav
@@ -128,7 +129,8 @@ exit status: 0 ok, 1 error (one `error:` line on stderr), 2 usage error, 130 int
 MODES = ("Modes: one-shot when --text, --image, --audio_in or --video is given (or --prompt / -p / -f alone, as in "
          "llama.cpp); otherwise an interactive chat when "
          "stdin is a terminal, else one answer per line of stdin (lines '/image PATH', '/video PATH', '/audio PATH' "
-         "attach media to the next line). Answers go to stdout; loading messages, warnings and progress to stderr.")
+         "attach media to the next line; '/ocr PATH' prints an image's text). Answers go to stdout; loading "
+         "messages, warnings and progress to stderr.")
 
 
 # Flags of other tools (llama.cpp, Ollama, whisper) with no equivalent here: one line naming the nearest flag
@@ -206,6 +208,13 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
                         "the file's). Decoded --batch_size at a time; one JSON answer per line on stdout, in order.")
     g.add_argument("--batch_size", type=positive_int, default=8, metavar="N",
                    help="Requests decoded together with --batch_file (default 8).")
+    g.add_argument("--ocr", action="store_true",
+                   help="Read the text in each --image with the OCR model (an ocr_* checkpoint directory or the "
+                        "export's ocr.* weights). Without --text print it, one line per image; with --text answer "
+                        "the question with it joined into the prompt as μOmni does: \"TEXT (OCR extracted: "
+                        "OCR)\" (several images' texts joined by '; '), the images going in as image tokens too.")
+    g.add_argument("--ocr_max_len", type=positive_int, default=OCR_MAX_LEN, metavar="N",
+                   help=f"Most characters the OCR decode takes per image (default {OCR_MAX_LEN}, as in μOmni).")
     g.add_argument("--transcribe", action="store_true",
                    help="Transcribe the --audio_in files with the audio encoder's CTC character head (segment "
                         "and word timestamps; any length, streamed) and exit; see 'transcription' below.")
@@ -215,7 +224,8 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     g = p.add_argument_group("output")
     g.add_argument("--json", action="store_true",
                    help="Print one JSON object per answer (keys text, token_ids, prompt_tokens, generated_tokens, "
-                        "timing; plus audio_out with --audio_out, input in pipe mode) instead of plain text.")
+                        "timing; plus audio_out with --audio_out, ocr_text, ocr_ids and ocr_stop with --ocr, input "
+                        "in pipe mode) instead of plain text.")
     g.add_argument("--no_stream", action="store_true",
                    help="Print each answer when it is complete instead of token by token.")
     g.add_argument("--n", type=positive_int, default=1, metavar="N",
@@ -436,6 +446,14 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     if args.n > 1 and (not one_shot(args) or args.transcribe or args.audio_out is not None or args.timings):
         parser.error("--n needs a one-shot question (--text, --image, --audio_in or --video), without "
                      "--transcribe, --audio_out or --timings")
+    if args.ocr and not args.image:
+        parser.error("--ocr needs --image (in a pipe or the chat, /ocr PATH reads an image's text)")
+    if args.ocr and args.transcribe:
+        parser.error("--ocr and --transcribe cannot be combined")
+    if args.ocr and args.text is None and (args.audio_out is not None or args.audio_in or args.video
+                                           or args.prompt is not None):
+        parser.error("--ocr without --text prints the images' text only: --audio_in, --video, --prompt and "
+                     "--audio_out need a question (--text)")
     if args.quiet and args.verbose:
         parser.error("--quiet and --verbose cannot be combined")
     if args.prompt is not None and args.file is not None:

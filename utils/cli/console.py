@@ -127,6 +127,12 @@ def format_card(card: dict[str, Any]) -> str:
                                      f"({t['kv_heads']} KV), {t['ffn']} FFN d_ff {t['d_ff']}"
                                      + (f", {t['experts']} experts" if t["experts"] else "")
                                      + f", rope_theta {t['rope_theta']:g}"))
+    if "ocr" in card:
+        o = card["ocr"]
+        rows.append(("OCR", f"{o['img_size']} px images (patch {o['patch']}), ViT {o['vision_layers']} layers d_model "
+                            f"{o['vision_d_model']}; decoder {o['decoder_layers']} layers d_model "
+                            f"{o['decoder_d_model']}, {o['decoder_heads']} heads ({o['decoder_kv_heads']} KV), "
+                            f"{o['ffn']} FFN; {o['vocabulary']} characters"))
     rows += [("dtype", card["dtype"]), ("device", card["device"]), ("context length", card["context_length"])]
     if "vocabulary" in card:
         v = card["vocabulary"]

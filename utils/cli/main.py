@@ -65,6 +65,15 @@ def check_audio_out(model: OmniModel, args: argparse.Namespace) -> None:
 def run_one_shot(model: OmniModel, args: argparse.Namespace, con: Console, out: Out) -> int:
     if args.transcribe:
         return run_transcribe(model, args, con, out)
+    ocr: dict[str, Any] = {}
+    if args.ocr:
+        from omni import ocr_fields, ocr_prompt  # loaded with the model already
+        results = [model.ocr(path, max_len=args.ocr_max_len) for path in args.image]
+        ocr = ocr_fields(results)
+        if args.text is None:
+            out.json(ocr) if args.json else out.line(ocr["ocr_text"])
+            return 0
+        args.text = ocr_prompt(args.text, [r.text for r in results])
     if args.audio_out is not None:
         check_audio_out(model, args)
     if args.prompt is not None and args.text is not None:
@@ -94,7 +103,7 @@ def run_one_shot(model: OmniModel, args: argparse.Namespace, con: Console, out: 
         con.warn(note)
     if args.timings or args.verbose:
         print_timings(con, ans)
-    result = {**ans.to_json(), **seed_report(args)}
+    result = {**ans.to_json(), **ocr, **seed_report(args)}
     if args.audio_out is not None:
         result["audio_out"] = speak(model, args, ans.text, con)
     if args.json:

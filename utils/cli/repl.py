@@ -1,4 +1,4 @@
-"""The chat loops over a loaded model: the interactive REPL (commands /image /video /audio /reset /set /system,
+"""The chat loops over a loaded model: the interactive REPL (commands /image /video /audio /ocr /reset /set /system,
 multi-line input), pipe mode (one answer per stdin line) and --batch_file. Media commands decode through
 OmniModel.load_media, exactly as the one-shot flags do."""
 from __future__ import annotations
@@ -25,6 +25,7 @@ REPL_HELP = """commands:
   /image PATH   attach an image to your next message (several may be attached)
   /video PATH   attach a video (--video_frames evenly spaced frames) to your next message
   /audio PATH   attach an audio file to your next message (several may be attached)
+  /ocr PATH     print the text in an image (the OCR model; --ocr_max_len characters at most)
   /reset, /clear  drop the attached media (there is no chat history to clear: turns are independent)
   /show info    the model card (as --info); /show parameters: the sampling options in effect (as /set)
   /set          show the sampling options; /set NAME VALUE changes one (e.g. /set temperature 0.7,
@@ -68,6 +69,15 @@ def attach(model: OmniModel, cmd: str, arg: str, media: Attachments, video_frame
 
 
 MEDIA_COMMANDS = ("image", "video", "audio")
+
+
+def read_text(model: OmniModel, args: argparse.Namespace, arg: str) -> tuple[str, dict[str, Any]]:
+    """`/ocr PATH`: (the path, the image's OCR fields)."""
+    from omni import ocr_fields  # loaded with the model already
+    if not arg:
+        raise OmniError("/ocr needs an image path, e.g. /ocr sign.png")
+    path = os.path.expanduser(arg.strip().strip("'\""))
+    return path, ocr_fields([model.ocr(path, max_len=args.ocr_max_len)])
 
 
 def split_command(line: str) -> tuple[str, str] | None:
@@ -150,7 +160,8 @@ def bounded_lines(stream: TextIO) -> Iterator[str | None]:
 def run_pipe(model: OmniModel, args: argparse.Namespace, con: Console, out: Out, lines: TextIO) -> int:
     """One output line per message line, in order (one JSON object per line with --json): the answer, or for a
     message that failed an error line ({"input", "error"} in JSON, else an empty line on stdout and `error:` on
-    stderr). Command lines ('/image PATH', '/video PATH', '/audio PATH', '/reset' or '/clear', '/system TEXT',
+    stderr). '/ocr PATH' prints the image's text as its answer line ({"input": {"ocr": PATH}, ocr fields} in JSON).
+    Command lines ('/image PATH', '/video PATH', '/audio PATH', '/reset' or '/clear', '/system TEXT',
     '/set NAME VALUE') print nothing on stdout; a media command that failed fails the message after it (one
     error, reported there), which is never answered without its media."""
     from omni import answer_timing
@@ -181,6 +192,16 @@ def run_pipe(model: OmniModel, args: argparse.Namespace, con: Console, out: Out,
             continue
         line = raw.rstrip("\r\n")
         cmd = split_command(line)
+        if cmd and cmd[0] == "ocr":
+            try:
+                path, fields = read_text(model, args, cmd[1])
+            except OmniError as exc:
+                con.error(f"line {number}: {exc}")
+                out.json({"input": {"ocr": cmd[1]}, "error": str(exc)}) if args.json else out.line()
+                status = 1
+                continue
+            out.json({"input": {"ocr": path}, **fields}) if args.json else out.line(fields["ocr_text"])
+            continue
         if cmd and cmd[0] in MEDIA_COMMANDS + ("reset", "clear", "system", "set"):
             try:
                 if cmd[0] in ("reset", "clear"):
@@ -322,6 +343,12 @@ def run_repl(model: OmniModel, args: argparse.Namespace, con: Console, out: Out)
                 dropped = ", ".join(media.names) or "nothing was attached"
                 media.clear()
                 out.line(f"dropped: {dropped} (there is no chat history to forget: turns are independent)")
+            elif name == "ocr":
+                try:
+                    _, fields = read_text(model, args, arg)
+                    out.json(fields) if args.json else out.line(fields["ocr_text"])
+                except OmniError as exc:
+                    con.error(str(exc))
             elif name in MEDIA_COMMANDS:
                 try:
                     out.line(attach(model, name, arg, media, args.video_frames))

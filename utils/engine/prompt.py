@@ -12,7 +12,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from utils.base.defaults import AUDIO_PROMPT, DEFAULT_VIDEO_FRAMES, IMAGE_PROMPT
+from utils.base.defaults import (AUDIO_PROMPT, DEFAULT_VIDEO_FRAMES, IMAGE_PROMPT, OCR_JOIN, OCR_NO_QUESTION,
+                                 OCR_QUESTION)
 from utils.base.errors import OmniError
 from utils.base.options import BY_NAME, OptionError
 from utils.media.audio import check_wave, load_audio, load_audio_bytes, max_audio_seconds, trim_audio
@@ -30,7 +31,8 @@ PARTS = {"thinker": ("a thinker checkpoint", "thinker"), "vision": ("a vision en
          "proj_a": ("an omni checkpoint (proj_a projector)", "audio"),
          "ctc_head": ("a CTC head in the audio encoder checkpoint", "audio"),
          "ctc_chars": ("audio_enc_metadata.json (the CTC character map)", "ctc_chars"),
-         "talker": ("a talker checkpoint", "talker"), "rvq": ("a talker checkpoint (RVQ codec)", "talker")}
+         "talker": ("a talker checkpoint", "talker"), "rvq": ("a talker checkpoint (RVQ codec)", "talker"),
+         "ocr": ("an OCR checkpoint (an ocr_* directory with ocr.pt)", "ocr")}
 
 BATCH_KEYS = {"text", "image", "audio", "audio_in", "video", "video_frames", "prompt",
               "response_format"}  # answer_batch requests
@@ -43,6 +45,14 @@ def require_parts(comps: Components, purpose: str, *parts: str) -> None:
             label, key = PARTS[part]
             where = comps.searched.get(key, str(comps.root))
             raise OmniError(f"{purpose} needs {label}, but none was found (searched {where})")
+
+
+def ocr_prompt(text: str | None, texts: list[str]) -> str:
+    """The chat prompt with the OCR'd texts of the images joined in, as μOmni's infer_chat joins them
+    (MUOMNI_OCR §4): "TEXT (OCR extracted: OCR)", or without a question "Extracted text from image: OCR. Describe
+    what you see."; several images' texts are joined by OCR_JOIN."""
+    ocr = OCR_JOIN.join(texts)
+    return OCR_QUESTION.format(text=text, ocr=ocr) if text else OCR_NO_QUESTION.format(ocr=ocr)
 
 
 def media_path(what: str, value: Any) -> str | os.PathLike:
@@ -101,14 +111,19 @@ class PromptBuilder:
         """The vision checkpoint's input size (224 for every μOmni release), so Pillow does the resize."""
         return self.comps.vision.cfg.img_size if self.comps.vision is not None else IMAGE_SIZE
 
-    def image_tensor(self, image: ImageInput) -> torch.Tensor:
+    def image_tensor(self, image: ImageInput, size: int | None = None) -> torch.Tensor:
+        """An image as the encoder takes it: RGB, `size` x `size` (default: the chat image size), CHW in [0, 1]. A
+        tensor is taken as already preprocessed; with `size` given it must have that shape."""
         if isinstance(image, torch.Tensor):
+            if size is not None and tuple(image.shape) != (3, size, size):
+                raise OmniError(f"image tensor: expected shape (3, {size}, {size}), found {tuple(image.shape)}")
             return image
+        size = size or self.image_size
         if isinstance(image, Image.Image):
-            return preprocess_image(image, self.image_size)
+            return preprocess_image(image, size)
         if isinstance(image, bytes):
-            return load_image_bytes(image, self.image_size)
-        return load_image(media_path("image", image), self.image_size)
+            return load_image_bytes(image, size)
+        return load_image(media_path("image", image), size)
 
     def audio_wave(self, audio: AudioInput) -> np.ndarray:
         """The 16 kHz waveform. From a file only the start a prompt can use is decoded (plus a second, so

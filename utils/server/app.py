@@ -35,6 +35,7 @@ def build_app(server: OmniServer, lifespan: Any = None) -> Any:
               Route("/v1/completions", Completions(server).create, methods=["POST"]),
               Route("/v1/audio/transcriptions", server.transcriptions, methods=["POST"]),
               Route("/v1/audio/speech", server.speech, methods=["POST"]),
+              Route("/v1/ocr", server.ocr, methods=["POST"]),
               Route("/v1/models", server.models, methods=["GET"]),
               Route("/v1/models/{name:path}", server.model_route, methods=["GET"]),
               Route("/health", server.health, methods=["GET"]),

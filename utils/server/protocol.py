@@ -616,6 +616,23 @@ def parse_speech(body: Any) -> SpeechRequest:
     return SpeechRequest(text, fmt, float(speed))
 
 
+OCR_FIELDS = ("model", "image_url", "max_len")
+
+
+def parse_ocr(body: Any) -> tuple[bytes, int | None]:
+    """A /v1/ocr request: {"image_url": {"url": "data:image/png;base64,..."} (or the data URL itself), "max_len":
+    optional int, "model": optional} -> (the encoded image, max_len or None). Any other field is refused."""
+    body = body_object(body)
+    unknown = sorted(set(body) - set(OCR_FIELDS))
+    if unknown:
+        raise ApiError(400, f"unknown field(s) {', '.join(map(repr, unknown))} (an OCR request takes "
+                            f"{', '.join(OCR_FIELDS)})", "unknown_field", unknown[0])
+    if body.get("image_url") is None:
+        raise ApiError(422, "'image_url' (the image, as a base64 data: URL) is required", "missing_field",
+                       "image_url")
+    return _image_bytes(body, "image_url"), optional(body, "max_len", int, "an integer", None)
+
+
 @dataclass
 class TranscriptionRequest:
     """An audio.transcriptions form (its fields: TRANSCRIPTION_FIELDS) less the upload itself."""

@@ -1,5 +1,5 @@
-"""The endpoints: chat completions (joining the engine's running batch), transcriptions, speech, the model list,
-health and metrics. The model is used through omni.py's public API only; one engine (OmniModel.batch_engine)
+"""The endpoints: chat completions (joining the engine's running batch), transcriptions, speech, OCR, the model
+list, health and metrics. The model is used through omni.py's public API only; one engine (OmniModel.batch_engine)
 owns it: chat requests join its decode batch, and transcription, speech and the media encoders run on its
 thread between steps."""
 from __future__ import annotations
@@ -24,7 +24,7 @@ from utils.base.errors import EngineClosed, QueueFull
 from utils.base.transcript import format_transcript
 from utils.server.metrics import Metrics
 from utils.server.protocol import (ApiError, ChatRequest, body_object, budget_field, engine_error, parse_chat,
-                                   parse_json, parse_speech, parse_transcription, type_error)
+                                   parse_json, parse_ocr, parse_speech, parse_transcription, type_error)
 from utils.server.streaming import Answering
 
 RETRY_AFTER_S = 1
@@ -239,6 +239,19 @@ class OmniServer:
         upload = io.BytesIO(data)
         upload.name = "file"
         return await self.on_engine(lambda: self.model.transcribe(upload, word_timestamps=word_timestamps))
+
+    async def ocr(self, request: Request) -> Response:
+        """POST /v1/ocr: the text in one image (OmniModel.ocr on the engine's thread). An endpoint of its own rather
+        than an option of chat completions: reading text is not a chat answer (no tokens, no sampling options, no
+        stream), and a client that wants the text in a question joins it into its message itself, as
+        infer_chat.py --ocr --text does ("TEXT (OCR extracted: OCR)")."""
+        body = body_object(await self.json_body(request))
+        self.check_model(body.get("model"))
+        image, max_len = parse_ocr(body)
+        options = {} if max_len is None else {"max_len": max_len}
+        result = await self.on_engine(lambda: self.model.ocr(image, **options))
+        return JSONResponse({"object": "ocr", "model": self.model_id, "text": result.text, "ids": result.ids,
+                             "stop": result.stop})
 
     async def speech(self, request: Request) -> Response:
         body = body_object(await self.json_body(request))

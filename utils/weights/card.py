@@ -16,7 +16,7 @@ def model_card(c: Components, dtype: torch.dtype, device: torch.device, opts: Sa
     vocabulary, decode mode and the generation defaults `opts` (library < generation_config.json)."""
     export = any(Path(src).suffix == ".safetensors" for src in c.sources.values())
     parts = {"thinker": [c.thinker, c.proj_a, c.proj_v], "vision": [c.vision], "audio": [c.audio, c.ctc_head],
-             "talker": [c.talker, c.rvq], "vocoder": [c.vocoder]}
+             "talker": [c.talker, c.rvq], "vocoder": [c.vocoder], "ocr": [c.ocr]}
     components = {}
     for name, modules in parts.items():
         if modules[0] is None:
@@ -45,4 +45,11 @@ def model_card(c: Components, dtype: torch.dtype, device: torch.device, opts: Sa
         card["thinker"] = {"layers": tc.n_layers, "d_model": b.d_model, "heads": b.n_heads,
                            "kv_heads": b.n_kv_heads, "ffn": b.ffn, "d_ff": b.d_ff, "experts": b.num_experts,
                            "rope_theta": tc.rope_theta}
+    if c.ocr is not None:
+        o = c.ocr.cfg
+        card["ocr"] = {"img_size": o.vision.img_size, "patch": o.vision.patch, "vision_layers": o.vision.n_layers,
+                       "vision_d_model": o.vision.d_model, "vision_heads": o.vision.n_heads,
+                       "decoder_layers": o.n_layers,
+                       "decoder_d_model": o.d_model, "decoder_heads": o.n_heads, "decoder_kv_heads": o.n_kv_heads,
+                       "ffn": o.ffn, "vocabulary": o.vocab_size}
     return card

@@ -31,6 +31,7 @@ WRAPPER_KEYS = {
     "proj_a": ("proj_a",),
     "proj_v": ("proj_v",),
     "vocoder": ("generator",),
+    "ocr": ("model",),
 }
 
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from models.audio import AudioEncoderConfig, AudioEncoderTiny
+from models.ocr import SPECIAL_TOKENS, OCRConfig, OCRModel
 from models.talker import RVQ, TalkerConfig, TalkerTiny
 from models.thinker import ThinkerConfig, ThinkerLM
 from models.vision import ViTConfig, ViTTiny
@@ -28,6 +29,8 @@ from utils.media.tokenizer import Tokenizer
 VOCODER_NAMES = ("vocoder", "hifigan")  # HiFi-GAN weights files: vocoder.pt, or the older hifigan.pt (spec §1)
 
 CTC_MAP_NAMES = ("audio_enc_metadata.json", "ctc_vocab.json")
+
+OCR_METADATA = "ocr_metadata.json"  # a finished OCR run's only vocabulary (MUOMNI_OCR §1)
 
 
 @dataclass
@@ -46,6 +49,8 @@ class Components:
     talker: TalkerTiny | None = None
     rvq: RVQ | None = None
     vocoder: HiFiGANGenerator | None = None
+    ocr: OCRModel | None = None
+    ocr_chars: list[str] | None = None  # the OCR vocabulary: id -> character (ids 0-3 the special tokens)
     generation_defaults: dict[str, Any] = field(default_factory=dict)
     dtype: torch.dtype = torch.float32  # float dtype the weights were stored in: the default compute dtype
     sources: dict[str, str] = field(default_factory=dict)
@@ -55,7 +60,7 @@ class Components:
 
     def modules(self) -> list[nn.Module]:
         return [m for m in (self.thinker, self.vision, self.proj_v, self.audio, self.proj_a, self.ctc_head,
-                            self.talker, self.rvq, self.vocoder) if m is not None]
+                            self.talker, self.rvq, self.vocoder, self.ocr) if m is not None]
 
 
 def heads(cfg: dict[str, Any], default: int, src: str) -> int:
@@ -152,6 +157,110 @@ def build_vision(sd: StateDict, cfg: dict[str, Any], src: str) -> ViTTiny:
     model = ViTTiny(vc)
     load_strict(model, sd, src)
     return model
+
+
+def ocr_shape_entries(oc: OCRConfig) -> dict[str, Any]:
+    """The OCR config keys (MUOMNI_OCR §1) that the tensor shapes decide, as the weights have them: a config
+    saying otherwise is an error. (The head counts are not in the shapes: they are read from the config.)"""
+    v = oc.vision
+    return {"vocab_size": oc.vocab_size, "decoder_kv_heads": oc.n_kv_heads, "img_size": v.img_size, "patch": v.patch, "vision_d_model": v.d_model, "vision_layers": v.n_layers,
+            "vision_d_ff": v.d_ff, "decoder_d_model": oc.d_model, "decoder_layers": oc.n_layers,
+            "decoder_d_ff": oc.d_ff, "use_gqa": not oc.fused_qkv, "use_swiglu": oc.ffn == "swiglu"}
+
+
+def build_ocr(sd: StateDict, cfg: dict[str, Any], src: str) -> OCRModel:
+    """The OCR model (ViT + character decoder); `vision_heads` and `decoder_heads` from the config (defaults 2, 4)."""
+    require(sd, ("vision_encoder.proj.weight", "vision_encoder.pos", "decoder.char_embed.weight",
+                 "decoder.head.weight", "decoder.blocks.0.norm1.weight"), src)
+    shape_of(sd, "vision_encoder.proj.weight", 4, src)
+    shape_of(sd, "vision_encoder.pos", 3, src)
+    d = shape_of(sd, "decoder.char_embed.weight", 2, src)[1]
+    vision_heads = config_int(cfg, "vision_heads", 2, src)
+    decoder_heads = config_int(cfg, "decoder_heads", 4, src)
+    check_head_split(sd["vision_encoder.proj.weight"].shape[0], vision_heads, src)
+    check_head_split(d, decoder_heads, src)
+    check_rotary_heads(d, decoder_heads, src)
+    oc = read_architecture(lambda: OCRConfig.from_state_dict(sd, vision_heads, decoder_heads), src)
+    check_config_agrees(cfg, ocr_shape_entries(oc), src, src)
+    if oc.n_kv_heads < 1 or oc.n_heads % oc.n_kv_heads:
+        raise OmniError(f"{src}: decoder_heads {oc.n_heads} is not a multiple of the {oc.n_kv_heads} KV heads "
+                        f"implied by the shape of decoder.blocks.0.self_attn.k.weight")
+    model = OCRModel(oc)
+    load_strict(model, sd, src)
+    return model
+
+
+def ocr_vocabulary(obj: dict[str, Any], src: str) -> list[str] | None:
+    """The characters by id from a vocabulary holder (ocr_metadata.json, or an ocr.pt that has one): its
+    `idx_to_char` (int keys, or the strings JSON and resumed runs leave), else its `char_to_idx` inverted; both
+    present must agree. None when it holds neither."""
+    tables = []
+    if "idx_to_char" in obj:
+        table = obj["idx_to_char"]
+        if not isinstance(table, dict):
+            raise OmniError(f"{src}: 'idx_to_char' must be an object, found {type(table).__name__}")
+        pairs = []
+        for key, char in table.items():
+            if isinstance(key, str) and key.isdigit() and key.isascii():
+                key = int(key)
+            pairs.append((key, char))
+        tables.append(("idx_to_char", pairs))
+    if "char_to_idx" in obj:
+        table = obj["char_to_idx"]
+        if not isinstance(table, dict):
+            raise OmniError(f"{src}: 'char_to_idx' must be an object, found {type(table).__name__}")
+        tables.append(("char_to_idx", [(i, c) for c, i in table.items()]))
+    found = []
+    for name, pairs in tables:
+        chars: dict[int, str] = {}
+        for i, c in pairs:
+            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(pairs) or i in chars \
+                    or not isinstance(c, str) or not c:
+                raise OmniError(f"{src}: '{name}' pairs {short_repr(i)} with {short_repr(c)}; each character needs "
+                                f"its own integer id from 0 to {len(pairs) - 1}")
+            chars[i] = c
+        found.append([chars[i] for i in range(len(pairs))])
+    if len(found) == 2 and found[0] != found[1]:
+        raise OmniError(f"{src}: 'idx_to_char' and 'char_to_idx' disagree")
+    if not found:
+        return None
+    size = obj.get("vocab_size", len(found[0]))
+    if size != len(found[0]):
+        raise OmniError(f"{src}: 'vocab_size' is {short_repr(size)} but the vocabulary has {len(found[0])} entries")
+    if tuple(found[0][:len(SPECIAL_TOKENS)]) != SPECIAL_TOKENS:
+        raise OmniError(f"{src}: the OCR vocabulary must start with {', '.join(SPECIAL_TOKENS)} (ids 0-3), found "
+                        f"{short_repr(found[0][:len(SPECIAL_TOKENS)])}")
+    return found[0]
+
+
+def ocr_vocabulary_near(d: Path, obj: dict[str, Any], path: Path) -> tuple[list[str], str]:
+    """The OCR vocabulary for weights read from `path` (its contents `obj`: {} when there is no such file) in
+    directory `d`: ocr_metadata.json there, or the one inside `path`; both present must agree. Returns the
+    characters and where they came from."""
+    meta = d / OCR_METADATA
+    found = []
+    if os.path.lexists(meta):  # present but not a regular file (a FIFO) is an error, not "no vocabulary"
+        chars = ocr_vocabulary(read_json(meta), str(meta))
+        if chars is None:
+            raise OmniError(f"{meta}: holds no OCR vocabulary (no 'idx_to_char' or 'char_to_idx')")
+        found.append((chars, str(meta)))
+    inside = ocr_vocabulary(obj, str(path))
+    if inside is not None:
+        found.append((inside, str(path)))
+    if not found:
+        raise OmniError(f"OCR weights {path}: no vocabulary ({meta} not found, and {path} holds no 'idx_to_char' "
+                        f"or 'char_to_idx')")
+    if len(found) == 2 and found[0][0] != found[1][0]:
+        raise OmniError(f"the OCR vocabularies of {found[0][1]} and {found[1][1]} disagree")
+    return found[0]
+
+
+def set_ocr(comps: Components, model: OCRModel, chars: list[str], src: str, vocab_src: str) -> None:
+    """Install the OCR model with its vocabulary, which must have one character per row of the head."""
+    if len(chars) != model.cfg.vocab_size:
+        raise OmniError(f"{vocab_src}: the OCR vocabulary has {len(chars)} entries but the decoder head in {src} "
+                        f"has {model.cfg.vocab_size} rows")
+    comps.ocr, comps.ocr_chars = model, chars
 
 
 def build_audio(sd: StateDict, cfg: dict[str, Any], src: str) -> AudioEncoderTiny:

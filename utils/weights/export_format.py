@@ -26,9 +26,10 @@ from utils.base.errors import OmniError
 from utils.media.image import IMAGE_SIZE
 from utils.base.export_names import QUANT_METHOD
 from utils.weights.quant import SCALE_SUFFIX, dequantize_state_dict, linear_weight_names, quantize_state_dict
-from utils.weights.components import (CTC_MAP_NAMES, Components, build_audio, build_linear, build_rvq, build_talker,
-                              build_thinker, build_vision, build_vocoder, check_projector_fit, named_vocoder_file,
-                              read_ctc_metadata, read_generation_config, set_tokenizer)
+from utils.weights.components import (CTC_MAP_NAMES, Components, build_audio, build_linear, build_ocr, build_rvq,
+                              build_talker, build_thinker, build_vision, build_vocoder, check_projector_fit,
+                              named_vocoder_file, ocr_shape_entries, ocr_vocabulary_near, read_ctc_metadata,
+                              read_generation_config, set_ocr, set_tokenizer)
 from utils.base.defaults import BOS_ID, DECODE_ATTENTION, DEFAULT_MAX_NEW_TOKENS, EOS_ID, PAD_ID
 from utils.base.export_names import COMPONENT_PREFIXES, EXPORT_NAMES
 from utils.media.tokenizer import Tokenizer
@@ -38,9 +39,10 @@ if TYPE_CHECKING:
 
 PREFIXES = ("thinker", "audio_encoder", "vision_encoder", "talker", "rvq", "proj_a", "proj_v", "ocr", "ctc_head",
             "vocoder")
-# Components whose nn.Linear weights `--quantize int8` stores as int8: the thinker, the encoders and talker.pt (talker
-# and its RVQ codec's projections). The small projectors, the CTC head and the convolutional vocoder stay float.
-QUANTIZED_COMPONENTS = ("thinker", "audio", "vision", "talker", "rvq")
+# Components whose nn.Linear weights `--quantize int8` stores as int8: the thinker, the encoders, talker.pt (talker
+# and its RVQ codec's projections) and the OCR model. The small projectors, the CTC head and the convolutional
+# vocoder stay float.
+QUANTIZED_COMPONENTS = ("thinker", "audio", "vision", "talker", "rvq", "ocr")
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -151,11 +153,13 @@ def load_export(d: Path) -> Components:
     unknown = sorted({k.split(".", 1)[0] for k in sd} - set(PREFIXES))
     if unknown:
         raise OmniError(f"{path}: unexpected key prefix(es) {', '.join(unknown)}")
-    if parts["ocr"]:
-        raise OmniError(f"{path}: holds ocr.* tensors, but this project has no OCR model to load them into")
     src = lambda p: f"{path} [{p}.*]"  # noqa: E731 - tiny label helper
+    if parts["ocr"]:
+        load_export_ocr(comps, parts["ocr"], component_config(cfg, d, "ocr", "ocr_tiny.json"), path)
     if not parts["thinker"]:
-        raise OmniError(f"{path}: no thinker.* tensors")
+        if comps.ocr is None:
+            raise OmniError(f"{path}: no thinker.* tensors")
+        return ocr_only_export(comps, path, d)
     thinker_cfg = component_config(cfg, d, "thinker", "thinker_tiny.json")
     comps.thinker = build_thinker(parts["thinker"], thinker_cfg, src("thinker"))
     comps.ctx_len = comps.thinker.cfg.ctx_len
@@ -193,13 +197,34 @@ def load_export(d: Path) -> Components:
     elif (vpath := named_vocoder_file(d)) is not None:
         comps.vocoder = build_vocoder(unwrap(read_torch_file(vpath), "vocoder", vpath), vocoder_cfg, str(vpath))
         comps.sources["vocoder"] = str(vpath)
-    for kind, key in (("vision", "vision_encoder"), ("audio", "audio_encoder"), ("talker", "talker")):
+    for kind, key in (("vision", "vision_encoder"), ("audio", "audio_encoder"), ("talker", "talker"), ("ocr", "ocr")):
         if not parts[key]:
             comps.searched[kind] = f"{path} (no {key}.* tensors)"
     check_projector_fit(comps, str(path))
     comps.generation_defaults = read_generation_config(d)
     for m in comps.modules():  # a half-precision export runs in half precision unless the caller asks otherwise
         m.to(comps.dtype)
+    return comps
+
+
+def load_export_ocr(comps: Components, sd: StateDict, cfg: dict[str, Any], path: Path) -> None:
+    """The export's OCR model (`ocr.*` of weights file `path`) with its vocabulary: ocr_metadata.json beside it,
+    or the copy of the source ocr.pt that the reference export.py leaves there."""
+    src = f"{path} [ocr.*]"
+    model = build_ocr(sd, cfg, src)
+    holder = path.parent / "ocr.pt"
+    obj = read_torch_file(holder) if os.path.lexists(holder) else {}
+    chars, vocab_src = ocr_vocabulary_near(path.parent, obj, holder)
+    set_ocr(comps, model, chars, src, vocab_src)
+    comps.sources["ocr"] = str(path)
+
+
+def ocr_only_export(comps: Components, path: Path, d: Path) -> Components:
+    """An export of the OCR model alone (what the reference export.py writes for an OCR run): no chat."""
+    comps.searched.update({"thinker": f"{path} (no thinker.* tensors: an OCR-only export, use it with --ocr)",
+                           **{k: f"{path} (an OCR-only export)" for k in ("vision", "audio", "talker")}})
+    comps.generation_defaults = read_generation_config(d)
+    comps.ocr.to(comps.dtype)
     return comps
 
 
@@ -271,6 +296,9 @@ def export_config(comps: Components, dtype: torch.dtype, int8: bool, quantized_t
     if comps.vocoder is not None:
         cfg["vocoder"] = {**asdict(comps.vocoder.cfg), "hop_length": comps.vocoder.cfg.hop_length,
                           "sample_rate": SAMPLE_RATE}
+    if comps.ocr is not None:
+        o = comps.ocr.cfg
+        cfg["ocr"] = {**ocr_shape_entries(o), "vision_heads": o.vision.n_heads, "decoder_heads": o.n_heads}
     if int8:
         cfg["quantization"] = {
             "method": QUANT_METHOD, "bits": 8, "symmetric": True, "granularity": "per_output_channel",
@@ -310,6 +338,6 @@ def model_info(comps: Components, weights_name: str, dtype: torch.dtype, int8: b
     """model_info.json: which components the export holds and how its weights are stored."""
     present = {"thinker": comps.thinker, "audio_encoder": comps.audio, "vision_encoder": comps.vision,
                "talker": comps.talker, "vocoder": comps.vocoder, "ctc_head": comps.ctc_head}
-    return {"model_type": "muomni", "components": {**{k: v is not None for k, v in present.items()}, "ocr": False},
+    return {"model_type": "muomni", "components": {**{k: v is not None for k, v in present.items()}, "ocr": comps.ocr is not None},
             "weights": weights_name, "tokenizer": "tokenizer.model", "torch_dtype": dtype_name(dtype),
             "quantization": QUANT_METHOD if int8 else None}

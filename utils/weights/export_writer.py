@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 
 from utils.weights import loading as L
 from utils.weights.checkpoint import MAX_JSON_BYTES, find_config, listing, path_mode, read_json
-from utils.weights.components import check_config
+from utils.weights.components import OCR_METADATA, check_config
 from utils.base.errors import OmniError, one_line
 from utils.base.export_names import COMPONENT_FLAGS, COMPONENT_PREFIXES, DEFAULT_OUTPUT_FILE, QUANT_METHOD
 from utils.weights.export_format import (STORAGE_DTYPES, dtype_name, export_config, generation_config, load_export,
@@ -95,7 +95,7 @@ def discover(root: Path, note: Note = stderr_note) -> dict[str, Path | None]:
     if dirs["omni"] is not None:
         cfg, _ = find_config(dirs["omni"])
         pointers = {kind: cfg.get(key) for kind, key in L.OMNI_POINTERS.items()}
-    for kind in ("thinker", "audio", "vision", "talker", "vocoder"):
+    for kind in ("thinker", "audio", "vision", "talker", "vocoder", "ocr"):
         dirs[kind], where = L.locate_component(kind, root, pointers.get(kind))
         if dirs[kind] is None and kind != "thinker":
             note(f"no {kind} checkpoint (searched {where})")
@@ -134,7 +134,7 @@ def load_sources(dirs: dict[str, Path | None], note: Note = stderr_note) -> L.Co
     else:
         L.load_thinker_dir(comps, thinker)
     loaders = {"audio": L.load_audio_dir, "vision": L.load_vision_dir, "talker": L.load_talker_dir,
-               "vocoder": L.load_vocoder_dir}
+               "vocoder": L.load_vocoder_dir, "ocr": L.load_ocr_dir}
     for kind, loader in loaders.items():
         if dirs[kind] is not None:
             loader(comps, dirs[kind])
@@ -234,6 +234,10 @@ def write_files(tmp: Path, comps: L.Components, merged: dict[str, dict[str, torc
     if comps.ctc_chars is not None:
         shutil.copyfile(Path(comps.sources["audio"]).parent / "audio_enc_metadata.json",
                         tmp / "audio_enc_metadata.json")
+    if comps.ocr_chars is not None:  # the OCR vocabulary (MUOMNI_OCR §1's metadata keys)
+        write_json(tmp / OCR_METADATA, {"char_to_idx": {c: i for i, c in enumerate(comps.ocr_chars)},
+                                        "idx_to_char": {str(i): c for i, c in enumerate(comps.ocr_chars)},
+                                        "vocab_size": len(comps.ocr_chars)})
     if configs is not None:
         (tmp / "configs").mkdir()
         for name, path in configs.items():

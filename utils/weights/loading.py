@@ -14,9 +14,10 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
-from utils.weights.components import (CTC_MAP_NAMES, VOCODER_NAMES, Components, build_audio, build_linear, build_rvq, build_talker,
-                              build_thinker, build_vision, build_vocoder, check_projector_fit, named_vocoder_file,
-                              read_ctc_metadata, read_generation_config, set_tokenizer)
+from utils.weights.components import (CTC_MAP_NAMES, VOCODER_NAMES, Components, build_audio, build_linear,
+                              build_ocr, build_rvq, build_talker, build_thinker, build_vision, build_vocoder,
+                              check_projector_fit, named_vocoder_file, ocr_vocabulary_near, read_ctc_metadata,
+                              read_generation_config, set_ocr, set_tokenizer)
 from utils.weights.checkpoint import (StateDict, find_config, find_weights_file, is_directory, is_regular, listing,
                                       path_mode, read_json, read_torch_file, unwrap)
 from utils.base.errors import OmniError
@@ -25,7 +26,7 @@ from utils.media.tokenizer import Tokenizer
 
 # Weights-file base names per trainer directory kind (spec §1).
 KIND_FILES = {"omni": ("omni",), "thinker": ("thinker",), "audio": ("audio_enc",), "vision": ("vision",),
-              "talker": ("talker",), "vocoder": VOCODER_NAMES}
+              "talker": ("talker",), "vocoder": VOCODER_NAMES, "ocr": ("ocr",)}
 # Config keys of omni_sft_*.json that point at the component directories.
 OMNI_POINTERS = {"thinker": "thinker_ckpt", "audio": "audio_ckpt", "vision": "vision_ckpt", "talker": "talker_ckpt"}
 # A weights file the user named itself (`--ckpt_dir dir/omni_final.pt`): resolved dir -> (kind, file).
@@ -94,6 +95,8 @@ def did_you_mean(d: Path, shown: str | Path) -> str:
 
 def model_pt_kind(path: Path) -> str:
     obj = read_torch_file(path)
+    if is_ocr_state(obj.get("model", obj)):  # train_ocr.py wraps its model in "model", as the thinker trainer does
+        return "ocr"
     # Wrapper keys (spec §1); an omni checkpoint is told from a thinker one by its projectors.
     by_key = [("proj_a", "omni"), ("proj_v", "omni"), ("thinker", "thinker"), ("model", "thinker"),
               ("enc", "audio"), ("vit", "vision"), ("talker", "talker"), ("rvq", "talker"), ("generator", "vocoder")]
@@ -108,6 +111,12 @@ def model_pt_kind(path: Path) -> str:
         if key in names:
             return kind
     raise OmniError(f"checkpoint {path}: cannot tell which μOmni component it holds (keys {sorted(obj)[:8]})")
+
+
+def is_ocr_state(sd: Any) -> bool:
+    """An OCRModel state dict (MUOMNI_OCR §3), `_orig_mod.` segments or not."""
+    return isinstance(sd, dict) and any(
+        isinstance(k, str) and k.replace("_orig_mod.", "") == "decoder.char_embed.weight" for k in sd)
 
 
 def weights_file(d: Path, kind: str) -> Path:
@@ -177,12 +186,15 @@ def load_components(ckpt_dir: str | Path) -> Components:
     comps = Components(root=d)
     if kind == "thinker":
         load_thinker_dir(comps, d)
-        comps.searched.update({m: f"{d} (a thinker-only directory)" for m in ("vision", "audio", "talker")})
+        comps.searched.update({m: f"{d} (a thinker-only directory)" for m in ("vision", "audio", "talker", "ocr")})
     elif kind == "omni":
         load_omni_dir(comps, d, d.parent)
     elif kind == "audio":
         load_audio_dir(comps, d)
         comps.searched["thinker"] = f"{d} (an audio-encoder directory: use it with --transcribe)"
+    elif kind == "ocr":
+        load_ocr_dir(comps, d)
+        comps.searched["thinker"] = f"{d} (an OCR directory: use it with --ocr)"
     elif kind is None:
         omni = subdirs_of_kind(d, "omni")
         if len(omni) > 1:
@@ -306,7 +318,7 @@ def load_omni_dir(comps: Components, d: Path, base: Path, thinker_dir: Path | No
 
 def load_siblings(comps: Components, base: Path, pointers: dict[str, Any]) -> None:
     """Vision, audio and talker directories beside the omni/thinker directory (or under a checkpoints root)."""
-    loaders = {"vision": load_vision_dir, "audio": load_audio_dir, "talker": load_talker_dir}
+    loaders = {"vision": load_vision_dir, "audio": load_audio_dir, "talker": load_talker_dir, "ocr": load_ocr_dir}
     for kind, loader in loaders.items():
         found, where = locate_component(kind, base, pointers.get(kind))
         if found is None:
@@ -343,6 +355,15 @@ def load_audio_dir(comps: Components, d: Path) -> None:
                                 f"{comps.ctc_head.out_features} outputs")
         else:
             comps.searched["ctc_chars"] = str(meta)
+
+
+def load_ocr_dir(comps: Components, d: Path) -> None:
+    """ocr.pt (a finished run's `{"model"}` or a periodic checkpoint's `{"model", "char_to_idx", "idx_to_char"}`)
+    with its vocabulary from ocr_metadata.json or from inside ocr.pt (both present: they must agree)."""
+    path, obj, cfg = read_component(comps, d, "ocr")
+    model = build_ocr(unwrap(obj, "ocr", path), cfg, str(path))
+    chars, src = ocr_vocabulary_near(d, obj, path)
+    set_ocr(comps, model, chars, str(path), src)
 
 
 def load_vocoder_dir(comps: Components, d: Path) -> None:
