@@ -112,6 +112,7 @@ SERVE = "tests/test_serve.py::"
 AUDIT = "tests/test_serve_fields.py::"
 STRUCTURED = "tests/test_structured.py::"
 NOT_YET = "is not supported by this server"
+LEGACY_FUNCTIONS = "is not supported: OpenAI's deprecated function calling; send 'tools' and 'tool_choice'"
 # Every field of a chat.completions request (OpenAI's, as the `openai` package types them, and the vLLM-style
 # extensions of the options table): tests/test_serve_fields.py checks the table against the package and each row's
 # behaviour. Implementing a field turns its row into `implemented(<its test>)`.
@@ -152,8 +153,8 @@ CHAT_FIELDS: dict[str, Field] = {
     "tools": implemented(STRUCTURED + "test_forced_tool_call"),
     "tool_choice": implemented(STRUCTURED + "test_forced_tool_call"),
     "parallel_tool_calls": no_effect("at most one tool call is made whatever it says", bool),
-    "functions": refused("is not supported: OpenAI's deprecated function calling; send 'tools' and 'tool_choice'"),
-    "function_call": refused("is not supported: OpenAI's deprecated function calling; send 'tools' and 'tool_choice'"),
+    "functions": refused(LEGACY_FUNCTIONS),
+    "function_call": refused(LEGACY_FUNCTIONS),
     "prediction": refused(f"{NOT_YET}: predicted outputs are not used"),
     "reasoning_effort": refused("is not supported: μOmni does not reason before it answers"),
     "verbosity": refused("is not supported: an answer's length is bounded by max_tokens only"),
