@@ -74,6 +74,10 @@ def test_the_option_fields_are_implemented_and_no_effect_fields_documented() -> 
         for name, field in table.items():
             if field.status == "no effect":
                 assert f"`{name}`" in listed.group(0), name
+    parameters = re.search(r"\*\*Every chat-completion parameter\*\*.*?\n\n.*?\n\n", readme, re.S)
+    assert parameters, "README: the table of chat-completion parameters"
+    missing = [name for name in CHAT_FIELDS if f"`{name}`" not in parameters.group(0)]
+    assert missing == [], f"README's parameter table lacks {missing}"
 
 
 def test_tempo_keeps_the_pitch() -> None:
