@@ -209,9 +209,30 @@ def test_completions_equal_the_api(oai: openai.OpenAI, demo_model) -> None:
     assert (r.choices[0].text, r.choices[0].finish_reason) == (demo_model.chat(QUESTION, max_new_tokens=1), "length")
 
 
+def test_completions_logprobs_and_penalties_equal_the_apis(oai: openai.OpenAI, demo_model) -> None:
+    """Legacy `logprobs` N: the API's log-probabilities in the legacy shape (whole and streamed, offsets after
+    the echoed prompt); the penalties and logit_bias as on chat."""
+    api = demo_model.answer(QUESTION, max_new_tokens=6, ignore_eos=True, logprobs=2)
+    r = oai.completions.create(model="muomni", prompt=QUESTION, max_tokens=6, logprobs=2, echo=True,
+                               extra_body={"ignore_eos": True})
+    lp = r.choices[0].logprobs
+    assert lp.tokens == [e["token"] for e in api.logprobs]
+    assert lp.token_logprobs == [e["logprob"] for e in api.logprobs]
+    assert lp.top_logprobs == [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in api.logprobs]
+    assert lp.text_offset[0] == len(QUESTION) and len(lp.text_offset) == 6
+    chunks = list(oai.completions.create(model="muomni", prompt=QUESTION, max_tokens=6, logprobs=2, stream=True,
+                                         extra_body={"ignore_eos": True}))
+    streamed = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+    assert streamed == lp.tokens
+    for options in ({"presence_penalty": 1.5, "frequency_penalty": 1.0}, {"logit_bias": {"434": -100}}):
+        r = oai.completions.create(model="muomni", prompt=QUESTION, max_tokens=8, **options)
+        assert r.choices[0].text == demo_model.chat(QUESTION, max_new_tokens=8, **options)
+
+
 @pytest.mark.parametrize("fields,name", [
-    ({"suffix": "end"}, "suffix"), ({"logprobs": 1}, "logprobs"), ({"n": 2}, "n"), ({"best_of": 2}, "best_of"),
-    ({"prompt": [1, 2, 3]}, "prompt"), ({"presence_penalty": 0.5}, "presence_penalty"),
+    ({"suffix": "end"}, "suffix"), ({"logprobs": 6}, "logprobs"), ({"logprobs": True}, "logprobs"),
+    ({"n": 2}, "n"), ({"best_of": 2}, "best_of"), ({"prompt": [1, 2, 3]}, "prompt"),
+    ({"presence_penalty": 3}, "presence_penalty"),
     ({"decode_kernel": "c"}, "decode_kernel"), ({"temperature": -1}, "temperature"), ({"mirostat": 1}, "mirostat"),
 ])
 def test_completions_refused_by_name(served: Served, fields: dict, name: str) -> None:

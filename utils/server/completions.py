@@ -6,9 +6,12 @@ a choice of its own (`index` in list order), all decoded together by the one eng
 route's path). `echo` puts the prompt before each choice's text; `stop`, `max_tokens`, `temperature`, `top_p`,
 `seed` and the vLLM extensions (`top_k`, `repetition_penalty`, `ignore_eos`) are checked as on chat
 completions; `stream` sends text_completion chunks and `data: [DONE]` (`stream_options.include_usage` a last
-usage chunk). Refused by name: `suffix` (no fill-in-the-middle), `logprobs` (not available yet), `n` and
-`best_of` other than 1, `logit_bias`, `presence_penalty` / `frequency_penalty` other than 0 (use
-`repetition_penalty`), token-id prompts, and any field this route does not know.
+usage chunk). `presence_penalty`, `frequency_penalty`, `logit_bias` as on chat; `logprobs` N (0 to 5, the legacy
+API's bound) gives each choice's `logprobs` in the legacy shape: `tokens`, `token_logprobs` (the model's raw
+distribution, as on chat), `top_logprobs` (the N likeliest tokens -> logprob) and `text_offset` (each token's
+character offset in the choice's text, the echoed prompt included). Refused by name: `suffix` (no
+fill-in-the-middle), `n` and `best_of` other than 1 (send several prompts), token-id prompts, and any field this
+route does not know.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ from utils.server.protocol import (OPTION_FIELDS, ApiError, ChatRequest, body_ob
 from utils.server.routes import OmniServer
 from utils.server.streaming import Answering, freed_on_disconnect
 
+MAX_LEGACY_LOGPROBS = 5  # the legacy API's bound on `logprobs`
 KNOWN = {"model", "prompt", "stream", "stream_options", "echo", "stop", "n", "user", "suffix", "logprobs",
          "best_of", "logit_bias", "presence_penalty", "frequency_penalty", *OPTION_FIELDS, *BY_NAME}
 
@@ -47,24 +51,34 @@ def parse_completion(body: Any) -> tuple[list[str], bool, ChatRequest]:
         raise refusal("prompt", "must be text: token-id prompts are not supported")
     if body.get("suffix") is not None:
         raise refusal("suffix", "is not supported: μOmni does not fill in the middle")
-    if body.get("logprobs") is not None:
-        raise refusal("logprobs", "is not available on this server")
     for name in ("n", "best_of"):
         value = body.get(name)
         if value is not None and (type(value) is not int or value != 1):
             raise refusal(name, f"{value!r}: only 1 is served (send several prompts for several answers)")
-    if body.get("logit_bias"):
-        raise refusal("logit_bias", "is not supported")
-    for name in ("presence_penalty", "frequency_penalty"):
-        value = body.get(name)
-        if value is not None and value != 0:
-            raise refusal(name, f"{value!r} is not supported (repetition_penalty is)")
+    top = optional(body, "logprobs", int, "an integer", None)
+    if top is not None and not 0 <= top <= MAX_LEGACY_LOGPROBS:
+        raise refusal("logprobs", f"{top!r} must be an integer in [0, {MAX_LEGACY_LOGPROBS}]")
     stream, include_usage = stream_fields(body)
     optional(body, "user", str, "a string", None)
     echo = optional(body, "echo", bool, "a boolean", False)
+    options = generation_fields({k: v for k, v in body.items() if k != "logprobs"})  # chat's is a boolean
+    if top is not None:
+        options["logprobs"] = top
     template = ChatRequest(None, [], audio=None, ignored=0, stream=stream, include_usage=include_usage,
-                           stops=stop_strings(body.get("stop")), speech_format=None, options=generation_fields(body))
+                           stops=stop_strings(body.get("stop")), speech_format=None, options=options)
     return prompts, echo, template
+
+
+def legacy_logprobs(entries: list[dict[str, Any]], offset: int) -> dict[str, Any]:
+    """Chat-shaped logprobs entries (OmniModel.logprob_entry) in the legacy completions shape; `offset`: where
+    the first token's text starts in the choice's text."""
+    offsets = []
+    for entry in entries:
+        offsets.append(offset)
+        offset += len(entry["token"])
+    return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
+            "text_offset": offsets}
 
 
 class Completions:
@@ -96,7 +110,8 @@ class Completions:
                 "model": self.server.model_id}
         echoed = prompts if echo else [""] * len(prompts)
         if template.stream:
-            return StreamingResponse(sse(head, answers, echoed, counts if template.include_usage else None),
+            return StreamingResponse(sse(head, answers, echoed, counts if template.include_usage else None,
+                                         template.options.get("logprobs") is not None),
                                      media_type="text/event-stream", headers={**headers, "Cache-Control": "no-cache"})
         try:
             async with freed_on_disconnect(request, answers):
@@ -104,8 +119,10 @@ class Completions:
         finally:
             for answer in answers:
                 answer.cancel()  # a no-op once finished; frees the others when one failed
-        choices = [{"text": echoed[i] + text, "index": i, "logprobs": None, "finish_reason": finish}
-                   for i, (text, finish, _) in enumerate(results)]
+        wanted = template.options.get("logprobs") is not None
+        choices = [{"text": echoed[i] + text, "index": i, "finish_reason": finish,
+                    "logprobs": legacy_logprobs(entries, len(echoed[i])) if wanted else None}
+                   for i, (text, finish, entries) in enumerate(results)]
         return JSONResponse({**head, "choices": choices, "usage": counts()}, headers=headers)
 
 
@@ -117,12 +134,19 @@ def usage(prompts: list[Any], answers: list[Answering]) -> dict[str, int]:
 
 
 async def sse(head: dict[str, Any], answers: list[Answering], echoed: list[str],
-              counts: Callable[[], dict[str, int]] | None) -> AsyncIterator[str]:
+              counts: Callable[[], dict[str, int]] | None, wanted: bool = False) -> AsyncIterator[str]:
     """text_completion chunks as each choice's pieces come (the echoed prompt first), each choice's last chunk
     with its finish_reason, then the usage chunk when asked and `data: [DONE]`; an error is one error event.
-    Leaving early (the client went away) frees every row."""
-    def chunk(index: int, text: str, finish: str | None = None) -> str:
-        obj = {**head, "choices": [{"text": text, "index": index, "logprobs": None, "finish_reason": finish}]}
+    With `wanted`, each chunk carries its tokens' legacy logprobs. Leaving early (the client went away) frees
+    every row."""
+    offsets = [len(text) for text in echoed]  # where each choice's next token starts in its text
+
+    def chunk(index: int, text: str, finish: str | None = None, entries: list[dict[str, Any]] | None = None) -> str:
+        logprobs = None
+        if wanted and entries is not None:
+            logprobs = legacy_logprobs(entries, offsets[index])
+            offsets[index] += sum(len(e["token"]) for e in entries)
+        obj = {**head, "choices": [{"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish}]}
         return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
     merged: asyncio.Queue = asyncio.Queue()
@@ -140,7 +164,7 @@ async def sse(head: dict[str, Any], answers: list[Answering], echoed: list[str],
         while left:
             index, item = await merged.get()
             if len(item) == 3:
-                yield chunk(index, item[1])
+                yield chunk(index, item[1], entries=item[2])
                 continue
             _, _, finish, error = item
             if error is not None:
