@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import forkserver
 from tests.conftest import DEMO, EXAMPLES, REPO, run_cli
 
 GEN = ["--max_new_tokens", "12"]
@@ -33,7 +34,7 @@ def batch_cmd(*args: str) -> list[str]:
 
 
 def run_batch(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(batch_cmd(*args), capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+    return forkserver.run(batch_cmd(*args), capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
 
 
 def records(path: Path) -> list[dict]:
@@ -166,7 +167,7 @@ def test_decode_kernel_is_built_and_said_before_the_records(tmp_path) -> None:
 def test_local_resume_after_kill_with_a_torn_journal_line(long_job, long_expected, tmp_path) -> None:
     out = tmp_path / "out.jsonl"
     journal = tmp_path / "out.jsonl.journal"
-    proc = subprocess.Popen(batch_cmd(str(long_job), "-o", str(out), *LONG, "--batch_size", "2", "--quiet"),
+    proc = forkserver.popen(batch_cmd(str(long_job), "-o", str(out), *LONG, "--batch_size", "2", "--quiet"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO)
     wait_for_progress(proc, journal, 4)
     proc.kill()
@@ -305,7 +306,7 @@ def test_ray_resume_after_the_driver_is_killed(long_job, long_expected, tmp_path
     out = tmp_path / "out.jsonl"
     journal = tmp_path / "out.jsonl.journal"
     args = [str(long_job), "-o", str(out), *LONG, *ray_args(ray_env, "--workers", "1", "--batch_size", "2")]
-    proc = subprocess.Popen(batch_cmd(*args), env=ray_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    proc = forkserver.popen(batch_cmd(*args), env=ray_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True, cwd=REPO)
     wait_for_progress(proc, journal, 2)
     proc.send_signal(signal.SIGKILL)
@@ -344,7 +345,7 @@ def test_ray_worker_killed_mid_job_is_retried(long_job, long_expected, tmp_path,
     out = tmp_path / "out.jsonl"
     journal = tmp_path / "out.jsonl.journal"
     before = actor_pids()
-    proc = subprocess.Popen(batch_cmd(str(long_job), "-o", str(out), *LONG,
+    proc = forkserver.popen(batch_cmd(str(long_job), "-o", str(out), *LONG,
                                       *ray_args(ray_env, "--workers", "1", "--batch_size", "2")),
                             env=ray_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO)
     wait_for_progress(proc, journal, 2)
