@@ -14,10 +14,11 @@ signals; `ForkedPopen` is a `subprocess.Popen` whose child is that process, so p
 When a run gets a fresh interpreter instead (`popen` / `run` decide; the rule is in tests/conftest.py): the
 caller asks for one (`fresh=True`: the test's subject is start-up itself), the command is not
 `sys.executable` followed by a script, `-c` or `-m` (an interpreter option such as `-X importtime` is start-up),
-or Popen options the fork server does not reproduce (preexec_fn, pass_fds, shell, executable, user/group,
-umask, process_group) are given. Variables read while the interpreter starts or imports torch (startup_env:
-PYTHON*, locale, OpenMP/BLAS threads, the loader...) are never changed in a child: a run whose values differ from
-the session's goes to a fork server started with exactly those values.
+Popen options the fork server does not reproduce (preexec_fn, pass_fds, shell, executable, user/group, umask,
+process_group) are given, or the platform lacks os.pidfd_open (Linux has it from 5.3). Variables read while the
+interpreter starts or imports torch (startup_env: PYTHON*, locale, OpenMP/BLAS threads, the loader...) are never
+changed in a child: a run whose values differ from the session's goes to a fork server started with exactly
+those values.
 
 Differences from a fresh interpreter, none of which a test here depends on (tests/test_forkserver.py runs the same
 programs both ways): modules are already imported (so their import-time work, and any signal during it, happened
