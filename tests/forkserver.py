@@ -33,6 +33,7 @@ import io
 import json
 import os
 import random
+import resource
 import runpy
 import selectors
 import signal
@@ -76,6 +77,8 @@ class Job:
         req = self.request
         if req["new_session"]:
             os.setsid()
+        for which, limits in req["rlimits"]:
+            resource.setrlimit(which, tuple(limits))
         for target, fd in enumerate(self.fds):
             os.dup2(fd, target)
         for fd in set(self.fds):
@@ -276,8 +279,9 @@ class ForkedPopen(subprocess.Popen):
     """A Popen whose child the fork server forks: the same object as Popen's for the caller (pid, pipes, wait,
     communicate, signals), the wait status read from the server, which is the child's parent."""
 
-    def __init__(self, args: list, **kw: Any) -> None:
+    def __init__(self, args: list, rlimits: dict[int, tuple[int, int]] | None = None, **kw: Any) -> None:
         self._conn: socket.socket | None = None
+        self._rlimits = rlimits or {}
         super().__init__(args, **kw)
 
     def _execute_child(self, args, executable, preexec_fn, close_fds, pass_fds, cwd, env, startupinfo,
@@ -286,7 +290,7 @@ class ForkedPopen(subprocess.Popen):
         env = dict(os.environ if env is None else env)
         request = {"argv": [os.fsdecode(a) for a in args[1:]], "cwd": os.fsdecode(cwd) if cwd else os.getcwd(),
                    "env": {os.fsdecode(k): os.fsdecode(v) for k, v in env.items()},
-                   "new_session": bool(start_new_session)}
+                   "new_session": bool(start_new_session), "rlimits": list(self._rlimits.items())}
         key = startup_env(request["env"])
         server = _SERVERS.get(key) or _SERVERS.setdefault(key, Server(key))
         fds = [p2cread if p2cread != -1 else 0, c2pwrite if c2pwrite != -1 else 1, errwrite if errwrite != -1 else 2]
@@ -340,19 +344,26 @@ def forkable(args: list, fresh: bool, kw: dict[str, Any]) -> bool:
     return first in ("-c", "-m") and len(args) >= 3 or not first.startswith("-")
 
 
-def popen(args: list, *, fresh: bool = False, **kw: Any) -> subprocess.Popen:
-    """subprocess.Popen(args, **kw), the child forked by the fork server where `forkable`."""
-    return ForkedPopen(args, **kw) if forkable(args, fresh, kw) else subprocess.Popen(args, **kw)
+def popen(args: list, *, fresh: bool = False, rlimits: dict[int, tuple[int, int]] | None = None,
+          **kw: Any) -> subprocess.Popen:
+    """subprocess.Popen(args, **kw), the child forked by the fork server where `forkable`; `rlimits`
+    ({resource.RLIMIT_...: (soft, hard)}) are set in the child before the program runs."""
+    if forkable(args, fresh, kw):
+        return ForkedPopen(args, rlimits=rlimits, **kw)
+    if rlimits:
+        assert "preexec_fn" not in kw, "rlimits or preexec_fn, not both"
+        kw["preexec_fn"] = lambda: [resource.setrlimit(which, limits) for which, limits in rlimits.items()]
+    return subprocess.Popen(args, **kw)
 
 
-def run(args: list, *, fresh: bool = False, input: str | bytes | None = None, capture_output: bool = False,
+def run(args: list, *, fresh: bool = False, rlimits: dict[int, tuple[int, int]] | None = None, input: str | bytes | None = None, capture_output: bool = False,
         timeout: float | None = None, check: bool = False, **kw: Any) -> subprocess.CompletedProcess:
     """subprocess.run(args, ...) with its process started by `popen` (the same arguments and outcome)."""
     if input is not None:
         kw["stdin"] = subprocess.PIPE
     if capture_output:
         kw["stdout"] = kw["stderr"] = subprocess.PIPE
-    with popen(args, fresh=fresh, **kw) as proc:
+    with popen(args, fresh=fresh, rlimits=rlimits, **kw) as proc:
         try:
             out, err = proc.communicate(input, timeout=timeout)
         except subprocess.TimeoutExpired as exc:

@@ -127,12 +127,9 @@ def test_a_journal_that_is_not_a_regular_file_is_refused_unread(job, tmp_path) -
         f"error: {journal}: not a regular file, so not a batch journal; remove it to start over", r.stderr
     journal.unlink()
     journal.symlink_to("/dev/zero")  # endless: read whole, it would fill the memory (bounded here to fail fast)
-
-    def bounded() -> None:
-        resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
     for why in ("not a regular file", f"over the limit of {MAX_JOURNAL_BYTES:,} for a journal"):
         r = forkserver.run(batch_cmd(str(job), "-o", str(out), *GEN, "--resume"), capture_output=True, text=True,
-                           timeout=120, cwd=REPO, preexec_fn=bounded)
+                           timeout=120, cwd=REPO, rlimits={resource.RLIMIT_AS: (2 << 30, 2 << 30)})
         assert r.returncode == 1 and why in r.stderr.splitlines()[-1], r.stderr
         assert not out.exists()
         journal.unlink()

@@ -98,3 +98,15 @@ def test_the_runs_are_forked_and_start_up_subjects_are_not() -> None:
                      {"fresh": True}), (["true"], {}), ([sys.executable, "-c", "pass"], {"preexec_fn": os.getpid})):
         with forkserver.popen(args, **kw) as proc:
             assert not isinstance(proc, forkserver.ForkedPopen), args
+
+
+def test_resource_limits_hold_in_the_child() -> None:
+    """`rlimits` are set in the child, fresh or forked, and only there."""
+    import resource
+    code = "import resource; print(resource.getrlimit(resource.RLIMIT_FSIZE))"
+    hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
+    for fresh in (True, False):
+        r = forkserver.run([sys.executable, "-c", code], fresh=fresh, rlimits={resource.RLIMIT_FSIZE: (4096, hard)},
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and r.stdout == f"(4096, {hard})\n", r
+    assert resource.getrlimit(resource.RLIMIT_FSIZE)[0] != 4096
