@@ -22,6 +22,18 @@ needs_demo = pytest.mark.skipif(not DEMO_BUILT, reason=f"{DEMO} not built (run: 
 
 sys.path.insert(0, str(REPO))
 
+from tests import forkserver  # noqa: E402  (after the path: the fork server imports the project)
+
+# FRESH INTERPRETERS. The Python processes the tests start (run_cli, run_demo, and forkserver.popen / .run where a
+# test needs a Popen) are forked from a helper interpreter that has already imported torch and the project
+# (tests/forkserver.py): a real process with its own pid, argv, cwd, environment, stdio, exit status and signals,
+# minus the 2.5 s import. A test gets a fresh interpreter (`fresh=True`, or subprocess itself) where start-up is
+# its subject: what happens while the interpreter starts or imports (signals during import, `--help` and usage
+# errors that must not import torch, -X importtime), the README's commands run as written, a first run, and
+# anything on a terminal (pexpect: a real pty in a process of its own). Variables read at start-up or by
+# `import torch` (PYTHON*, locale, OMP_/MKL_ threads, LD_*; forkserver.startup_env) are honoured either way:
+# a run that changes them is forked from a helper started with exactly those values.
+
 # The C decode step is compiled into MUOMNI_CACHE_DIR. One fresh directory per test session, set here at import
 # (before anything builds it, and inherited by every subprocess a test starts): the step compiles once per
 # session, the tests never write to the user's ~/.cache, and never load a library planted or left there (a
@@ -109,10 +121,13 @@ def tiny_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def run_cli(*args: str, script: str = "infer_chat.py", stdin: str | bytes | None = None,
-            timeout: float = 120, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """Run one of the CLIs as a user would, capturing stdout and stderr separately."""
-    return subprocess.run([sys.executable, str(REPO / script), *args], input=stdin, capture_output=True,
-                          text=not isinstance(stdin, bytes), timeout=timeout, cwd=cwd or REPO)
+            timeout: float = 120, cwd: Path | None = None, env: dict[str, str] | None = None,
+            fresh: bool = False) -> subprocess.CompletedProcess:
+    """Run one of the CLIs as a user would (a process of its own: exit status, stdout and stderr captured
+    separately, signals), forked by the session's fork server unless `fresh` (see FRESH INTERPRETERS above)."""
+    return forkserver.run([sys.executable, str(REPO / script), *args], fresh=fresh, input=stdin,
+                          capture_output=True, text=not isinstance(stdin, bytes), timeout=timeout, cwd=cwd or REPO,
+                          env=env)
 
 
 def run_demo(*args: str, **kw) -> subprocess.CompletedProcess:

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from utils.base.cpus import physical_cores
-
+from tests import forkserver
 from tests.conftest import DEMO, EXAMPLES, REPO, run_cli
+from utils.base.cpus import physical_cores
 
 GEN = ["--max_new_tokens", "12"]
 LONG = ["--max_new_tokens", "40", "--ignore_eos"]  # a job long enough to be killed halfway
@@ -35,7 +35,7 @@ def batch_cmd(*args: str) -> list[str]:
 
 
 def run_batch(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(batch_cmd(*args), capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+    return forkserver.run(batch_cmd(*args), capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
 
 
 def records(path: Path) -> list[dict]:
@@ -187,7 +187,7 @@ def test_decode_kernel_is_built_and_said_before_the_records(tmp_path) -> None:
 def test_local_resume_after_kill_with_a_torn_journal_line(long_job, long_expected, tmp_path) -> None:
     out = tmp_path / "out.jsonl"
     journal = tmp_path / "out.jsonl.journal"
-    proc = subprocess.Popen(batch_cmd(str(long_job), "-o", str(out), *LONG, "--batch_size", "2", "--quiet"),
+    proc = forkserver.popen(batch_cmd(str(long_job), "-o", str(out), *LONG, "--batch_size", "2", "--quiet"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO)
     wait_for_progress(proc, journal, 4)
     proc.kill()
@@ -327,7 +327,7 @@ def test_ray_resume_after_the_driver_is_killed(long_job, long_expected, tmp_path
     out = tmp_path / "out.jsonl"
     journal = tmp_path / "out.jsonl.journal"
     args = [str(long_job), "-o", str(out), *LONG, *ray_args(ray_env, "--workers", "1", "--batch_size", "2")]
-    proc = subprocess.Popen(batch_cmd(*args), env=ray_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    proc = forkserver.popen(batch_cmd(*args), env=ray_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True, cwd=REPO)
     wait_for_progress(proc, journal, 2)
     proc.send_signal(signal.SIGKILL)
@@ -366,7 +366,7 @@ def test_ray_worker_killed_mid_job_is_retried(long_job, long_expected, tmp_path,
     out = tmp_path / "out.jsonl"
     journal = tmp_path / "out.jsonl.journal"
     before = actor_pids()
-    proc = subprocess.Popen(batch_cmd(str(long_job), "-o", str(out), *LONG,
+    proc = forkserver.popen(batch_cmd(str(long_job), "-o", str(out), *LONG,
                                       *ray_args(ray_env, "--workers", "1", "--batch_size", "2")),
                             env=ray_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO)
     wait_for_progress(proc, journal, 2)

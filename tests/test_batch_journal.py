@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import forkserver
 from tests.conftest import EXAMPLES, REPO
 from tests.test_batch import batch_cmd, journal_records, records, run_batch, write_lines
 from utils.batch.job import MAX_JOURNAL_BYTES
@@ -36,7 +37,7 @@ def job(tmp_path_factory) -> Path:
 
 def start_blocked(job: Path, out: Path) -> subprocess.Popen:
     """A job held after journaling its first batch (blocked writing the batch's errors to a full stderr pipe)."""
-    proc = subprocess.Popen(batch_cmd(str(job), "-o", str(out), *GEN), stdout=subprocess.PIPE,
+    proc = forkserver.popen(batch_cmd(str(job), "-o", str(out), *GEN), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, cwd=REPO)
     wait_for_journal(proc, out, BAD)
     return proc
@@ -126,12 +127,9 @@ def test_a_journal_that_is_not_a_regular_file_is_refused_unread(job, tmp_path) -
         f"error: {journal}: not a regular file, so not a batch journal; remove it to start over", r.stderr
     journal.unlink()
     journal.symlink_to("/dev/zero")  # endless: read whole, it would fill the memory (bounded here to fail fast)
-
-    def bounded() -> None:
-        resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
     for why in ("not a regular file", f"over the limit of {MAX_JOURNAL_BYTES:,} for a journal"):
-        r = subprocess.run(batch_cmd(str(job), "-o", str(out), *GEN, "--resume"), capture_output=True, text=True,
-                           timeout=120, cwd=REPO, preexec_fn=bounded)
+        r = forkserver.run(batch_cmd(str(job), "-o", str(out), *GEN, "--resume"), capture_output=True, text=True,
+                           timeout=120, cwd=REPO, rlimits={resource.RLIMIT_AS: (2 << 30, 2 << 30)})
         assert r.returncode == 1 and why in r.stderr.splitlines()[-1], r.stderr
         assert not out.exists()
         journal.unlink()
@@ -189,7 +187,7 @@ def test_sigterm_reaches_the_ray_driver_as_143(tmp_path) -> None:
     out = tmp_path / "out.jsonl"
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "1"}
     env.pop("RAY_ADDRESS", None)  # a local Ray instance of the job's own, stopped by it
-    proc = subprocess.Popen(batch_cmd(str(job), "-o", str(out), "--max_new_tokens", "2", "--engine", "ray",
+    proc = forkserver.popen(batch_cmd(str(job), "-o", str(out), "--max_new_tokens", "2", "--engine", "ray",
                                       "--workers", "1", "--batch_size", "30"), env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, cwd=REPO)
     wait_for_journal(proc, out, 30)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import forkserver
 from tests.conftest import DEMO, REPO, c_step_missing, run_cli
 
 pytestmark = pytest.mark.skipif(c_step_missing() is not None, reason=f"no C decode step: {c_step_missing()}")
@@ -89,7 +90,7 @@ def plant(path: Path, data: bytes, owner: int = OTHER_UID) -> None:
 def target_name() -> str:
     """The file name the build takes for the current settings (the name an attacker would plant)."""
     code = "from utils.engine.native.step import toolchain; print(toolchain().target.name)"
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+    return forkserver.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                           cwd=REPO).stdout.strip()
 
 
@@ -240,7 +241,7 @@ def test_ctrl_c_during_the_first_compile_leaves_nothing_behind(cache: Path, tmp_
     tmpdir = tmp_path / "tmpdir"
     tmpdir.mkdir()
     env = {**os.environ, "CC": str(cc), "TMPDIR": str(tmpdir)}
-    proc = subprocess.Popen([sys.executable, str(REPO / "infer_chat.py"), *ASK], env=env, cwd=REPO,
+    proc = forkserver.popen([sys.executable, str(REPO / "infer_chat.py"), *ASK], env=env, cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     fd = os.open(ready, os.O_RDWR)  # never blocks; select wakes when the compiler has written its temporary file
     try:

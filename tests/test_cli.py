@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests import forkserver
 from tests.conftest import REPO, run_cli
 
 FLAGS = ["--ckpt_dir", "--device", "--dtype", "--text", "--prompt", "--image", "--video", "--video_frames",
@@ -219,7 +220,7 @@ def test_streaming_prints_while_generating_and_ctrl_c_exits_130(long_tree: Path)
     args = ["--ckpt_dir", str(long_tree), "--text", "once upon a time", "--ignore_eos"]
     ref = run_cli(*args, "--max_new_tokens", "40", "--json", "--quiet")
     full = json.loads(ref.stdout)["text"]
-    proc = subprocess.Popen([sys.executable, str(REPO / "infer_chat.py"), *args, "--max_new_tokens", "2000"],
+    proc = forkserver.popen([sys.executable, str(REPO / "infer_chat.py"), *args, "--max_new_tokens", "2000"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
     try:
         first = os.read(proc.stdout.fileno(), 64)  # blocks until the first piece is flushed

@@ -35,6 +35,7 @@ from typing import Any, Callable
 import numpy as np
 import pytest
 
+from tests import forkserver
 from tests.conftest import REPO
 
 CASE_TIMEOUT = 120.0  # seconds one CLI run may take before it counts as a hang
@@ -1498,7 +1499,7 @@ def test_help_documents_the_resource_guards(script: str) -> None:
     from utils.base.defaults import MAX_VIDEO_FRAMES
     from utils.media.image import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS
     from utils.base.transcript import TranscribeOptions
-    r = subprocess.run([sys.executable, str(REPO / script), "--help"], capture_output=True, text=True, timeout=60)
+    r = forkserver.run([sys.executable, str(REPO / script), "--help"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     text = " ".join(r.stdout.split())
     for needle in (f"{MAX_IMAGE_PIXELS} pixels", f"{max_audio_seconds(512, 8):.2f} s", f"{TranscribeOptions().max_seconds:.0f} s",

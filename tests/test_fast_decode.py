@@ -15,6 +15,7 @@ from utils.base.options import SamplingOptions
 from utils.engine.generation import forced_logits, generate, generate_batch
 from utils.weights.quant import Int4Linear, Int8Linear, quantize_linears
 
+from tests import forkserver
 from tests.conftest import DEMO, REPO, c_step_param
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -148,18 +149,17 @@ def test_cli_quantize_int4_and_threads(tmp_path, demo) -> None:
     """`--quantize int4 --threads 1` answers with the ids the library gives for the same settings; a negative
     thread count is a usage error."""
     import json
-    import subprocess
     import sys
 
     from omni import load_model
     want = load_model(DEMO, device="cpu", quantize="int4").answer("What is 3 plus 4?", max_new_tokens=8)
     cmd = [sys.executable, str(REPO / "infer_chat.py"), "--ckpt_dir", str(DEMO), "--text", "What is 3 plus 4?",
            "--max_new_tokens", "8", "--json"]
-    r = subprocess.run(cmd + ["--quantize", "int4", "--threads", "1"], capture_output=True, text=True,
+    r = forkserver.run(cmd + ["--quantize", "int4", "--threads", "1"], capture_output=True, text=True,
                        timeout=300, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["token_ids"] == want.token_ids
-    r = subprocess.run(cmd + ["--threads", "-1"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    r = forkserver.run(cmd + ["--threads", "-1"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert r.returncode == 2 and "--threads" in r.stderr and r.stdout == ""
 
 

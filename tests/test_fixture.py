@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests import forkserver
 from tests.conftest import REPO
 from utils.base.errors import OmniError
 
@@ -226,7 +227,7 @@ def test_vocoder_found_for_every_layout(fixture_dir):
 # ---------------------------------------------------------------- the CLIs, as a user runs them
 
 def launch(script: str, args: list[str], cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(REPO / script), *args], stdout=subprocess.PIPE,
+    return forkserver.popen([sys.executable, str(REPO / script), *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=cwd, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 

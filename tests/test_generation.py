@@ -421,13 +421,13 @@ def test_api_chat_batch_equals_chat(tiny_tree) -> None:
 def test_bench_quick_runs(tmp_path) -> None:
     """bench.py --quick end to end for one dtype on both models: the tables on stdout and the JSON file (no
     timing checks)."""
-    import subprocess
     import sys
 
+    from tests import forkserver
     from tests.conftest import REPO
 
     out = tmp_path / "bench.json"
-    r = subprocess.run([sys.executable, str(REPO / "bench.py"), "--quick", "--dtypes", "float32", "--threads", "1",
+    r = forkserver.run([sys.executable, str(REPO / "bench.py"), "--quick", "--dtypes", "float32", "--threads", "1",
                         "--json_out", str(out)], capture_output=True, text=True, timeout=600, cwd=REPO)
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("| **decode batch 1, causal (tokens/s)** |") == 2

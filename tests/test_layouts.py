@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests import forkserver
 from tests.conftest import EXAMPLES, REPO
 from tests.factory import compiled_keys, make_export, make_tree, random_init, reference_modules, thinker_config
 from models.thinker import ThinkerLM
@@ -231,10 +232,10 @@ def test_repl_video_uses_the_checkpoints_image_size(tree):
     want = model.answer("what is it ?", video=video, video_frames=2, max_new_tokens=4).token_ids
     base = [sys.executable, str(REPO / "infer_chat.py"), "--ckpt_dir", str(tree / "omni_sft_tiny"), "--device", "cpu",
             "--max_new_tokens", "4", "--video_frames", "2", "--json"]
-    piped = subprocess.run(base, input=f"/video {video}\nwhat is it ?\n", capture_output=True, text=True,
+    piped = forkserver.run(base, input=f"/video {video}\nwhat is it ?\n", capture_output=True, text=True,
                            timeout=120)
     assert piped.returncode == 0, piped.stderr
-    one_shot = subprocess.run(base + ["--video", str(video), "--text", "what is it ?"], capture_output=True, text=True,
+    one_shot = forkserver.run(base + ["--video", str(video), "--text", "what is it ?"], capture_output=True, text=True,
                               timeout=120)
     assert one_shot.returncode == 0, one_shot.stderr
     assert json.loads(piped.stdout)["token_ids"] == json.loads(one_shot.stdout)["token_ids"] == want
@@ -701,7 +702,7 @@ def cli(tmp_path_factory: pytest.TempPathFactory) -> dict[str, subprocess.Comple
         "transcribe": ("infer_chat.py", ["--ckpt_dir", str(root / "audio_enc_tiny"), "--transcribe", "--audio_in",
                                          str(wav)]),
     }
-    procs = {k: subprocess.Popen([sys.executable, str(REPO / script), *args], stdout=subprocess.PIPE,
+    procs = {k: forkserver.popen([sys.executable, str(REPO / script), *args], stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True, cwd=elsewhere,
                                  env={**os.environ, "OMP_NUM_THREADS": "1"})
              for k, (script, args) in runs.items()}

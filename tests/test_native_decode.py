@@ -30,6 +30,7 @@ from utils.engine.sampling import greedy_head
 from utils.engine.native.step import NativeSession, native_model
 from utils.weights.quant import quantize_int8, quantize_linears
 
+from tests import forkserver
 from tests.conftest import DEMO, REPO, c_step_missing
 
 
@@ -179,7 +180,7 @@ def test_new_weights_rebuild_the_c_view() -> None:
 # ---------------------------------------------------------------- the CLI, and builds in other environments
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "infer_chat.py"), "--ckpt_dir", str(DEMO), *args],
+    return forkserver.run([sys.executable, str(REPO / "infer_chat.py"), "--ckpt_dir", str(DEMO), *args],
                           capture_output=True, text=True, timeout=180, cwd=REPO, env={**os.environ, **(env or {})})
 
 
@@ -248,13 +249,13 @@ def test_builds_for_other_cpus_give_the_same_answers(flags: str, features: str, 
             "    return [a.token_ids, a.timing['decode_kernel']]\n"
             "print(json.dumps([ask(), ask(quantize='int8')]))")
     run = [sys.executable, "-c", code, str(fixture_dir / "thinker_tiny"), expected["prompt"]]
-    done = subprocess.run(run, capture_output=True, text=True, timeout=180, cwd=REPO, env={**os.environ, **env})
+    done = forkserver.run(run, capture_output=True, text=True, timeout=180, cwd=REPO, env={**os.environ, **env})
     assert done.returncode == 0, done.stderr
     (ids, kernel), (int8_ids, _) = json.loads(done.stdout)
     want = expected["thinker_greedy_16_causal"]
     assert ids == (want[:want.index(2)] if 2 in want else want)
     assert kernel.startswith(f"c ({features}, ")
-    here = subprocess.run(run, capture_output=True, text=True, timeout=180, cwd=REPO)
+    here = forkserver.run(run, capture_output=True, text=True, timeout=180, cwd=REPO)
     assert json.loads(here.stdout)[1][0] == int8_ids
 
 

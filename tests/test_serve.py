@@ -26,6 +26,7 @@ import httpx
 import openai
 import pytest
 
+from tests import forkserver
 from tests.conftest import DEMO, EXAMPLES, REPO, run_cli
 
 
@@ -65,7 +66,7 @@ def server(*extra: str, ckpt: Path = DEMO, env: dict[str, str] | None = None) ->
     with tempfile.TemporaryDirectory(prefix="serve-log-") as tmp:
         log = Path(tmp) / "stderr.txt"
         with log.open("w") as err:
-            proc = subprocess.Popen([sys.executable, str(REPO / "serve.py"), "--ckpt_dir", str(ckpt), "--port",
+            proc = forkserver.popen([sys.executable, str(REPO / "serve.py"), "--ckpt_dir", str(ckpt), "--port",
                                      str(port), "--threads", "1", *extra], cwd=REPO, env=env,
                                     stdout=subprocess.DEVNULL, stderr=err, text=True)
         base = f"http://127.0.0.1:{port}"

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import socket
-import subprocess
 import sys
 from typing import Iterator
 
 import httpx
 import pytest
 
+from tests import forkserver
 from tests.conftest import REPO
 from tests.test_serve import DEMO, Served, server
 
@@ -48,7 +48,7 @@ def chat(content: str = "hello", **fields) -> dict:
                                  "sk-abc\u00a0", "sk\x85abc"],
                          ids=["empty", "CR", "LF", "leading-space", "trailing-space", "DEL", "ESC", "NBSP", "NEL"])
 def test_a_key_no_client_can_send_is_a_usage_error(key: str) -> None:
-    r = subprocess.run([sys.executable, str(REPO / "serve.py"), "--ckpt_dir", str(DEMO), "--port", "0",
+    r = forkserver.run([sys.executable, str(REPO / "serve.py"), "--ckpt_dir", str(DEMO), "--port", "0",
                         "--api_key", key], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert r.returncode == 2, r.stderr
     assert r.stderr.splitlines()[-1].startswith("serve.py: error: --api_key: "), r.stderr

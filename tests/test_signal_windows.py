@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import forkserver
 from tests.conftest import REPO
 from tests.test_serve import DEMO
 
@@ -126,7 +127,7 @@ def test_chat_signal_anywhere(script: str, tiny_tree: Path, tmp_path: Path) -> N
     ckpt = tiny_tree
     if script == "infer_safetensors.py":
         ckpt = tmp_path / "export"
-        r = subprocess.run([sys.executable, str(REPO / "export.py"), "--ckpt_root", str(tiny_tree), "--output_dir",
+        r = forkserver.run([sys.executable, str(REPO / "export.py"), "--ckpt_root", str(tiny_tree), "--output_dir",
                             str(ckpt)], capture_output=True, text=True, timeout=WAIT)
         assert r.returncode == 0, r.stderr
     args = ["--ckpt_dir", str(ckpt), "--text", "hello there", "--max_new_tokens", "4"]
