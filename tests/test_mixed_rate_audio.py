@@ -156,7 +156,7 @@ def test_batch_transcribe_hears_both_phrases(tmp_path: Path) -> None:
                      script="batch.py", cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr
     records = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["text"]["text"] for r in records] == [BOTH], records
+    assert [r["text"] for r in records] == [BOTH], records
 
 
 @needs_demo

@@ -7,7 +7,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import secrets
+import stat
 import sys
 import textwrap
 from typing import Any, Callable, Sequence
@@ -392,6 +394,24 @@ def check_format_flags(parser: argparse.ArgumentParser, args: argparse.Namespace
     return given[0] if given else None
 
 
+def read_flag_file(flag: str, name: str, limit: int, dash_is_stdin: bool = False) -> str:
+    """The text of the file a flag names, read whole but bounded by `limit` bytes (undecodable bytes become
+    U+FFFD); '-' is stdin where `dash_is_stdin`. OmniError naming the flag and the file."""
+    try:
+        if dash_is_stdin and name == "-":
+            data = sys.stdin.buffer.read(limit + 1)
+        else:
+            if not stat.S_ISREG(os.stat(name).st_mode):  # before opening: a FIFO would block
+                raise OmniError(f"{flag} {name}: not a regular file")
+            with open(name, "rb") as f:
+                data = f.read(limit + 1)
+    except OSError as exc:
+        raise OmniError(f"{flag} {name}: cannot read ({exc.strerror or exc})") from exc
+    if len(data) > limit:
+        raise OmniError(f"{flag} {name}: over the limit of {limit:,} bytes")
+    return data.decode("utf-8", errors="replace")
+
+
 def resolve_response_format(args: argparse.Namespace) -> None:
     """args.response_format from the format flags (None without one), the files read once: OmniError (exit 1)
     for a file that cannot be read or a schema file that is not JSON."""
@@ -399,17 +419,11 @@ def resolve_response_format(args: argparse.Namespace) -> None:
     for flag in ("json_schema_file", "grammar_file"):
         path = getattr(args, flag)
         if path is not None:
-            try:
-                with open(path, "rb") as f:
-                    data = f.read(MAX_FORMAT_BYTES + 1)
-            except OSError as exc:
-                raise OmniError(f"--{flag} {path}: cannot read ({exc.strerror or exc})") from exc
-            if len(data) > MAX_FORMAT_BYTES:
-                raise OmniError(f"--{flag} {path}: over the limit of {MAX_FORMAT_BYTES:,} bytes")
+            data = read_flag_file(f"--{flag}", path, MAX_FORMAT_BYTES)
             if flag == "grammar_file":
-                args.grammar = data.decode("utf-8", errors="replace")
+                args.grammar = data
             else:
-                text, what = data.decode("utf-8", errors="replace"), f"--json_schema_file {path}"
+                text, what = data, f"--json_schema_file {path}"
     fmt = None
     if args.json_object:
         fmt = {"type": "json_object"}
@@ -511,6 +525,7 @@ def run_command(make_parser: Callable[[], argparse.ArgumentParser],
         con.status(f"seed: {args.seed} (--seed -1: random)")
 
     def start() -> int:
-        resolve_response_format(args)
+        if "json_object" in vars(args):  # the format flags come with the generation flags (transcribe.py has none)
+            resolve_response_format(args)
         return run(args, con)
     return guarded(start, con, args.verbose)

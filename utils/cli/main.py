@@ -11,12 +11,11 @@ utils/cli/repl.py; this module holds the one-shot question, speech output and ma
 from __future__ import annotations
 
 import argparse
-import os
-import stat
 import sys
 from typing import TYPE_CHECKING, Any, Sequence
 
-from utils.cli.args import build_parser, check_args, generation_options, one_shot, run_command, seed_report
+from utils.cli.args import (build_parser, check_args, generation_options, one_shot, read_flag_file, run_command,
+                            seed_report)
 from utils.cli.transcribe_command import run_transcribe
 from utils.cli.console import Console, Out, format_card, print_timings
 from utils.base.errors import OmniError
@@ -133,19 +132,7 @@ MAX_PROMPT_FILE_BYTES = 16 << 20  # -f FILE is read whole: bounded
 
 def read_prompt_file(name: str) -> str:
     """-f FILE (llama.cpp's prompt file; '-' is stdin) as text, without its trailing line break."""
-    try:
-        if name == "-":
-            data = sys.stdin.buffer.read(MAX_PROMPT_FILE_BYTES + 1)
-        else:
-            if not stat.S_ISREG(os.stat(name).st_mode):  # before opening: a FIFO would block
-                raise OmniError(f"--file {name}: not a regular file")
-            with open(name, "rb") as f:
-                data = f.read(MAX_PROMPT_FILE_BYTES + 1)
-    except OSError as exc:
-        raise OmniError(f"--file {name}: cannot read ({exc.strerror or exc})") from exc
-    if len(data) > MAX_PROMPT_FILE_BYTES:
-        raise OmniError(f"--file {name}: over the limit of {MAX_PROMPT_FILE_BYTES:,} bytes")
-    return data.decode("utf-8", errors="replace").rstrip("\r\n")
+    return read_flag_file("--file", name, MAX_PROMPT_FILE_BYTES, dash_is_stdin=True).rstrip("\r\n")
 
 
 def run(args: argparse.Namespace, con: Console) -> int:

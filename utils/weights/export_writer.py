@@ -97,7 +97,7 @@ def discover(root: Path, note: Note = stderr_note) -> dict[str, Path | None]:
         pointers = {kind: cfg.get(key) for kind, key in L.OMNI_POINTERS.items()}
     for kind in ("thinker", "audio", "vision", "talker", "vocoder", "ocr"):
         dirs[kind], where = L.locate_component(kind, root, pointers.get(kind))
-        if dirs[kind] is None and kind != "thinker":
+        if dirs[kind] is None and kind not in ("thinker", "ocr"):  # OCR is a trainer of its own, seldom run
             note(f"no {kind} checkpoint (searched {where})")
     if dirs["omni"] is None and dirs["thinker"] is None:
         raise OmniError(f"--ckpt_root {root}: no omni_sft or thinker checkpoint directory in it"
