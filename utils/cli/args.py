@@ -148,7 +148,6 @@ FOREIGN_FLAGS: dict[str, str] = {
                     "the chat starts by itself when no question is given and stdin is a terminal"),
     **dict.fromkeys(("-sys", "--system-prompt"), "use --system TEXT"),
     **dict.fromkeys(("-np", "--parallel"), "serve.py --max_batch N sets the rows decoded together"),
-    "--min-p": "there is no min-p sampling here: use --top_p or --top_k",
     "--log-disable": "use --quiet",
     "--fp16": "use --dtype float16",
     **dict.fromkeys(("--beam_size", "--best_of"), "transcription is greedy CTC decoding: there are no beams"),
