@@ -529,8 +529,8 @@ class Scheduler:
         the pick."""
         scores = self._adjust(row, slot, logits)
         if row.constraint is not None:
-            if scores is logits:
-                scores = logits.clone()  # the mask writes in place: the raw logits stay for logprobs and other rows
+            if scores is logits and row.opts.logprobs is not None:
+                scores = logits.clone()  # the mask writes in place (only this row's slice); logprobs read the raw
             scores = row.constraint.mask(scores)
         tid = int(sample(scores, row.opts, row.generator)[0])
         if row.opts.logprobs is not None:
