@@ -2,8 +2,8 @@
 every block variant it takes (GQA / MHA, SwiGLU / GELU with biases, head sizes with and without the vector
 path), left-padded batches, int8 weights close to float32; a row's numbers independent of its batch (bit for
 bit); the screened greedy id equal to the full argmax; the path reported and chosen as documented (auto, c,
-torch; no compiler, a failing compiler, a build without AVX-512). The fixture's ids through it are checked in
-test_fast_decode.py and test_fixture.py (the default path)."""
+torch; no compiler, a failing compiler, builds for CPUs with fewer vector instructions). The fixture's ids through
+it are checked in test_fast_decode.py and test_fixture.py (the default path)."""
 from __future__ import annotations
 
 import copy
@@ -233,9 +233,11 @@ def cpu_has(flag: str) -> bool:
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="builds for other x86-64 CPUs")
 @pytest.mark.parametrize("flags,features", [
-    ("-march=x86-64-v2", "generic"),  # the portable C path, what a CPU without AVX-512 runs
-    pytest.param("-mno-avx512vnni", "avx512", marks=pytest.mark.skipif(
-        not cpu_has("avx512f"), reason="this CPU has no AVX-512")),  # float32 panels, portable int8
+    ("-march=x86-64-v2", "generic"),  # the portable C path, what a CPU without AVX2 runs
+    pytest.param("-mno-avx512f", "avx2", marks=pytest.mark.skipif(
+        not (cpu_has("avx2") and cpu_has("fma")), reason="this CPU has no AVX2 + FMA")),  # 256-bit panels and tiles
+    pytest.param("-mno-avx512vnni", "avx512+avx2", marks=pytest.mark.skipif(
+        not cpu_has("avx512f"), reason="this CPU has no AVX-512")),  # float32 panels in AVX-512, int8 tiles in AVX2
 ])
 def test_builds_for_other_cpus_give_the_same_answers(flags: str, features: str, tmp_path: Path, fixture_dir: Path,
                                                     expected: dict) -> None:

@@ -62,14 +62,19 @@
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && defined(__AVX512VL__)
 #define MU_VNNI 1  /* VL: the 128-bit masked stores of the 4 x 4 int8 tile (every VNNI CPU has it) */
 #endif
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define MU_AVX2 1  /* 256-bit kernels (see "AVX2 + FMA" below) where the AVX-512 / VNNI ones are not built */
+#endif
 
 typedef struct {
     const void *w;       /* float32 [n][k] (or in panels, see below), or uint8 [n][k] holding int8 weights + 128 */
     const float *scale;  /* int8: per-row scale [n]; NULL for float32 */
     const float *bias;   /* [n] or NULL */
     int32_t n, k;
-    int32_t panels;      /* float32 only, 1: stored as ceil(n / 64) panels [k][64] (row 64 p + l of W at column l of
-                            panel p, zero rows past n), the layout of linear_panels (mu_f32_panels() says if used) */
+    int32_t panels;      /* float32, 1: stored as ceil(n / 64) panels [k][64] (row 64 p + l of W at column l of
+                            panel p, zero rows past n), the layout of linear_panels (mu_f32_panels() says if used);
+                            int8, 1: in tiles of 4 rows, the layout of linear_u8_avx2 (mu_int8_tiles()) */
 } mu_linear;
 
 typedef struct {
@@ -353,10 +358,20 @@ size_t mu_scratch_bytes(const mu_model *m, int32_t rows, int32_t positions, int3
     return carve(m, rows, positions, columns, threads, NULL, NULL);
 }
 
-/* 1 when float32 weights should come in panels (this build has the AVX-512 panel kernel), else 0. */
+/* 1 when float32 weights should come in panels (this build has the AVX-512 or the AVX2 panel kernel), else 0. */
 int mu_f32_panels(void) {
-#if defined(MU_AVX512)
+#if defined(MU_AVX512) || defined(MU_AVX2)
     return 1;
+#else
+    return 0;
+#endif
+}
+
+/* 4 when int8 weights should come in tiles of 4 rows (this build has the AVX2 int8 kernel; k a multiple of 16),
+   else 0 (rows). */
+int mu_int8_tiles(void) {
+#if defined(MU_AVX2) && !defined(MU_VNNI)
+    return 4;
 #else
     return 0;
 #endif
@@ -365,8 +380,12 @@ int mu_f32_panels(void) {
 const char *mu_features(void) {
 #if defined(MU_VNNI)
     return "avx512-vnni";
+#elif defined(MU_AVX512) && defined(MU_AVX2)
+    return "avx512+avx2";  /* float32 panels in AVX-512, int8 tiles in AVX2 */
 #elif defined(MU_AVX512)
     return "avx512";
+#elif defined(MU_AVX2)
+    return "avx2";
 #else
     return "generic";
 #endif
@@ -551,6 +570,268 @@ static inline __attribute__((always_inline)) __m512i tile_u8s8(const int WR, con
 }
 #endif
 
+/* ------------------------------------------------------------------ AVX2 + FMA */
+
+#if defined(MU_AVX2)
+/* The 256-bit kernels of CPUs without AVX-512 (AMD Zen 1-3, Intel before Skylake-X and its client cores): float32
+   panels, int8 tiles, attention, exp; and the int8 tiles of an AVX-512 CPU without VNNI. */
+
+/* Lane i of the result: the sum of the 8 lanes of a[i] (one fixed tree). */
+static inline __m256 reduce8_ps(const __m256 *a) {
+    const __m256 q0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    const __m256 q1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(q0, q1, 0x20), _mm256_permute2f128_ps(q0, q1, 0x31));
+}
+
+/* Lane i: the sum of the 8 int32 lanes of a[i], i = 0 .. 3. */
+static inline __m128i reduce4_epi32(const __m256i *a) {
+    const __m256i s = _mm256_hadd_epi32(_mm256_hadd_epi32(a[0], a[1]), _mm256_hadd_epi32(a[2], a[3]));
+    return _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+}
+
+static inline float hmax8(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    return _mm_cvtss_f32(m);
+}
+
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* exp(x) for 8 floats, exp512's reduction and polynomial; 2^n applied as 2^(n >> 1) 2^(n - (n >> 1)), both normal
+   floats for every n of the clamped range (-150 .. 128). NaN stays NaN. */
+static inline __m256 exp256(__m256 x) {
+    x = _mm256_max_ps(_mm256_set1_ps(-103.972084f), _mm256_min_ps(_mm256_set1_ps(88.3762626f), x));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i ni = _mm256_cvtps_epi32(n), n1 = _mm256_srai_epi32(ni, 1), n2 = _mm256_sub_epi32(ni, n1);
+    const __m256i bias = _mm256_set1_epi32(127);
+    const __m256 s1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n1, bias), 23));
+    const __m256 s2 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n2, bias), 23));
+    return _mm256_mul_ps(_mm256_mul_ps(p, s1), s2);
+}
+
+#if !defined(MU_AVX512)
+/* Float32 panels ([k][64], step.py's to_panels) on 256-bit vectors: C vectors of 8 outputs x R input rows. One row
+   takes the whole panel (C = 8: 8 accumulators); 2 to 6 rows a quarter of it at a time (C = 2: 2 R accumulators,
+   two weight vectors and a broadcast in the 16 registers). Every output is one FMA chain over k = 0, 1, ... in its
+   own lane whatever C and R, so a row's outputs depend neither on its batch nor on the thread count. */
+static inline __attribute__((always_inline)) void panel_avx2(const int C, const int R, const float *wp, int32_t k,
+                                                             const float *const *xr, __m256 *acc) {
+    for (int i = 0; i < C * R; i++)
+        acc[i] = _mm256_setzero_ps();
+    for (int32_t i = 0; i < k; i++) {
+        const float *wi = wp + (size_t)i * 64;
+        __m256 w[8];
+        for (int c = 0; c < C; c++)
+            w[c] = _mm256_loadu_ps(wi + 8 * c);
+        for (int r = 0; r < R; r++) {
+            const __m256 xv = _mm256_broadcast_ss(xr[r] + i);
+            for (int c = 0; c < C; c++)
+                acc[C * r + c] = _mm256_fmadd_ps(w[c], xv, acc[C * r + c]);
+        }
+    }
+}
+
+/* y[0 .. left) (=, or += with `accumulate`) v + bias, left up to 8. */
+static inline void store8(float *y, __m256 v, const float *bias, int32_t left, int accumulate) {
+    if (left >= 8) {
+        if (bias)
+            v = _mm256_add_ps(v, _mm256_loadu_ps(bias));
+        if (accumulate)
+            v = _mm256_add_ps(_mm256_loadu_ps(y), v);
+        _mm256_storeu_ps(y, v);
+        return;
+    }
+    float part[8];
+    _mm256_storeu_ps(part, v);
+    for (int32_t l = 0; l < left; l++) {
+        const float u = bias ? part[l] + bias[l] : part[l];
+        y[l] = accumulate ? y[l] + u : u;
+    }
+}
+
+static inline __attribute__((always_inline)) void panels_avx2_r(const int R, const mu_linear *L, int32_t rows,
+        const float *x, int32_t ldx, float *y, int32_t ldy, int accumulate) {
+    const int C = R == 1 ? 8 : 2;
+    const int32_t n = L->n, k = L->k, P = (n + 63) / 64;
+    __m256 acc[16];
+    const float *xr[6];
+    for (int32_t p = 0; p < P; p++) {
+        const float *wp = (const float *)L->w + (size_t)p * k * 64;
+        for (int32_t c0 = 0; c0 < 64 && p * 64 + c0 < n; c0 += 8 * C) {
+            for (int32_t r0 = 0; r0 < rows; r0 += R) {
+                const int32_t nr = rows - r0 < R ? rows - r0 : R;
+                for (int r = 0; r < R; r++)
+                    xr[r] = x + (size_t)(r0 + (r < nr ? r : nr - 1)) * ldx;
+                panel_avx2(C, R, wp + c0, k, xr, acc);
+                for (int32_t r = 0; r < nr; r++)
+                    for (int c = 0; c < C; c++) {
+                        const int32_t j = p * 64 + c0 + 8 * c;
+                        if (j >= n)
+                            break;
+                        store8(y + (size_t)(r0 + r) * ldy + j, acc[C * r + c], L->bias ? L->bias + j : NULL, n - j,
+                               accumulate);
+                    }
+            }
+        }
+    }
+}
+
+/* Y[r] (=, or += with `accumulate`) x[r] W^T (+ bias) for float32 weights in panels: tiles of R rows, R as even as
+   the batch allows (8 rows: two tiles of 4), rows past the end of the last tile repeating its last row. */
+static void linear_panels_avx2(const mu_linear *L, int32_t rows, const float *x, int32_t ldx, float *y, int32_t ldy,
+                               int accumulate) {
+    const int32_t tiles = (rows + 5) / 6, R = rows == 1 ? 1 : (rows + tiles - 1) / tiles;
+    switch (R) {
+    case 1: panels_avx2_r(1, L, rows, x, ldx, y, ldy, accumulate); break;
+    case 2: panels_avx2_r(2, L, rows, x, ldx, y, ldy, accumulate); break;
+    case 3: panels_avx2_r(3, L, rows, x, ldx, y, ldy, accumulate); break;
+    case 4: panels_avx2_r(4, L, rows, x, ldx, y, ldy, accumulate); break;
+    case 5: panels_avx2_r(5, L, rows, x, ldx, y, ldy, accumulate); break;
+    default: panels_avx2_r(6, L, rows, x, ldx, y, ldy, accumulate); break;
+    }
+}
+#endif
+
+#if !defined(MU_VNNI)
+/* int8 weights in tiles of 4 rows (step.py's to_int8_tiles when mu_int8_tiles() says 4; mu_linear.panels = 1): tile
+   j holds rows 4 j .. 4 j + 3 (zero rows past n) as k / 16 groups of [4][16] bytes, so a tile is one sequential
+   stream (the hardware prefetcher follows it; four row streams at once it follows worse). Exact: the weights
+   (uint8, w + 128) zero-extended and the activations (int8) sign-extended to int16 (vpmovzxbw, vpmovsxbw), then
+   vpmaddwd: each 16-bit product (w + 128) x has |.| <= 255 x 127 = 32385 and a pair of them <= 64770, summed into
+   int32 lanes, where vpmaddubsw's int16 pairs would saturate (2 x 255 x 127 > 32767). A k below 2^31 / 32385
+   (66,000) keeps every int32 sum exact, so the sums equal dot_u8s8's (the portable path's) whatever the tile.
+   sums[4 a + t]: tile row t . activation row a (na real rows; past them the last row again). */
+static inline __attribute__((always_inline)) void tile_u8_avx2(const int R, const uint8_t *wt, int32_t k,
+        const int8_t *x, size_t ldx, int32_t na, int32_t *sums) {
+    __m256i acc[8];
+    const int8_t *xr[2];
+    for (int a = 0; a < R; a++)
+        xr[a] = x + (size_t)(a < na ? a : na - 1) * ldx;
+    for (int i = 0; i < 4 * R; i++)
+        acc[i] = _mm256_setzero_si256();
+    for (int32_t i = 0; i < k; i += 16) {
+        const uint8_t *wi = wt + (size_t)i * 4;
+        __m256i wv[4];
+        for (int t = 0; t < 4; t++)
+            wv[t] = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(wi + 16 * t)));
+        for (int a = 0; a < R; a++) {
+            const __m256i xv = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(xr[a] + i)));
+            for (int t = 0; t < 4; t++)
+                acc[4 * a + t] = _mm256_add_epi32(acc[4 * a + t], _mm256_madd_epi16(wv[t], xv));
+        }
+    }
+    for (int a = 0; a < R; a++)
+        _mm_storeu_si128((__m128i *)(sums + 4 * a), reduce4_epi32(acc + 4 * a));
+}
+
+static inline __attribute__((always_inline)) void linear_u8_avx2_r(const int R, const mu_linear *L, int32_t rows,
+        float *y, int32_t ldy, int accumulate, const mu_buffers *b, int with_step) {
+    const int32_t n = L->n, k = L->k;
+    const size_t ldq = round_up((size_t)k);
+    int32_t sums[8];
+    for (int32_t j = 0; j < n; j += 4) {
+        const int32_t nw = n - j < 4 ? n - j : 4;
+        for (int32_t r0 = 0; r0 < rows; r0 += R) {
+            const int32_t na = rows - r0 < R ? rows - r0 : R;
+            tile_u8_avx2(R, (const uint8_t *)L->w + (size_t)j * k, k, b->xq + (size_t)r0 * ldq, ldq, na, sums);
+            for (int32_t a = 0; a < na; a++)
+                for (int32_t t = 0; t < nw; t++) {  /* the portable path's arithmetic, output by output */
+                    const int32_t r = r0 + a;
+                    float v = (float)(sums[4 * a + t] + b->corr[r]) * L->scale[j + t];
+                    if (with_step)
+                        v *= b->step[r];
+                    if (L->bias)
+                        v += L->bias[j + t];
+                    float *yr = y + (size_t)r * ldy + j + t;
+                    *yr = accumulate ? *yr + v : v;
+                }
+        }
+    }
+}
+
+/* The int8 path of `linear` for weights in tiles of 4 rows: one activation row a tile, or two. */
+static void linear_u8_avx2(const mu_linear *L, int32_t rows, float *y, int32_t ldy, int accumulate,
+                           const mu_buffers *b, int with_step) {
+    if (rows == 1)
+        linear_u8_avx2_r(1, L, rows, y, ldy, accumulate, b, with_step);
+    else
+        linear_u8_avx2_r(2, L, rows, y, ldy, accumulate, b, with_step);
+}
+#endif
+
+#if !defined(MU_AVX512)
+/* One query head over columns first..pos (attend_head's AVX2 twin, NV = head_dim / 8 vectors): scores 8 columns at
+   a time (one reduction tree for 8 dot products), softmax with exp256, the weighted sum of values in registers. */
+static inline __attribute__((always_inline)) void attend_head_avx2(const int NV, const float *q, const float *kc,
+        const float *vc, int64_t first, int64_t pos, float scale, float *scores, float *out) {
+    const int32_t dk = NV * 8, n = (int32_t)(pos - first + 1);
+    const __m256 vscale = _mm256_set1_ps(scale);
+    __m256 vbest = _mm256_set1_ps(-INFINITY);
+    for (int32_t c0 = 0; c0 < n; c0 += 8) {
+        const int32_t nc = n - c0 < 8 ? n - c0 : 8;
+        __m256 acc[8];
+        for (int t = 0; t < 8; t++) {  /* past nc: the last column again (the same score: the max holds) */
+            const float *kr = kc + (first + c0 + (t < nc ? t : nc - 1)) * dk;
+            acc[t] = _mm256_mul_ps(_mm256_loadu_ps(kr), _mm256_loadu_ps(q));
+            for (int v = 1; v < NV; v++)
+                acc[t] = _mm256_fmadd_ps(_mm256_loadu_ps(kr + 8 * v), _mm256_loadu_ps(q + 8 * v), acc[t]);
+        }
+        const __m256 sc = _mm256_mul_ps(reduce8_ps(acc), vscale);
+        vbest = _mm256_max_ps(vbest, sc);
+        if (nc == 8) {
+            _mm256_storeu_ps(scores + c0, sc);
+        } else {
+            float part[8];
+            _mm256_storeu_ps(part, sc);
+            memcpy(scores + c0, part, sizeof(float) * nc);
+        }
+    }
+    const float best = hmax8(vbest);
+    const __m256 vb = _mm256_set1_ps(best);
+    __m256 vtotal = _mm256_setzero_ps();
+    int32_t c = 0;
+    for (; c + 8 <= n; c += 8) {
+        const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(scores + c), vb));
+        _mm256_storeu_ps(scores + c, e);
+        vtotal = _mm256_add_ps(vtotal, e);
+    }
+    float total = hsum8(vtotal);
+    for (; c < n; c++) {
+        scores[c] = expf(scores[c] - best);
+        total += scores[c];
+    }
+    __m256 o[16];
+    for (int v = 0; v < NV; v++)
+        o[v] = _mm256_setzero_ps();
+    for (c = 0; c < n; c++) {
+        const __m256 p = _mm256_set1_ps(scores[c]);
+        const float *vr = vc + (first + c) * dk;
+        for (int v = 0; v < NV; v++)
+            o[v] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 8 * v), o[v]);
+    }
+    const __m256 inv = _mm256_set1_ps(1.0f / total);
+    for (int v = 0; v < NV; v++)
+        _mm256_storeu_ps(out + 8 * v, _mm256_mul_ps(o[v], inv));
+}
+#endif
+#endif
+
 /* ------------------------------------------------------------------ layers */
 
 /* q . k for attention scores (a row's own keys: no batch invariance to keep). */
@@ -562,6 +843,11 @@ static inline float dot_attn(const float *a, const float *b, int32_t k) {
     for (; i + 16 <= k; i += 16)
         acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
     s = _mm512_reduce_add_ps(acc);
+#elif defined(MU_AVX2)
+    __m256 acc = _mm256_setzero_ps();
+    for (; i + 8 <= k; i += 8)
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    s = hsum8(acc);
 #endif
     for (; i < k; i++)
         s += a[i] * b[i];
@@ -581,6 +867,12 @@ static void quantize_rows(const float *x, int32_t rows, int32_t k, int32_t ldx, 
         for (; i + 16 <= k; i += 16)
             m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(xr + i)));
         amax = _mm512_reduce_max_ps(m);
+#elif defined(MU_AVX2)
+        const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+        __m256 m = _mm256_setzero_ps();
+        for (; i + 8 <= k; i += 8)
+            m = _mm256_max_ps(m, _mm256_and_ps(_mm256_loadu_ps(xr + i), absmask));
+        amax = hmax8(m);
 #endif
         for (; i < k; i++) {
             float a = fabsf(xr[i]);
@@ -599,6 +891,27 @@ static void quantize_rows(const float *x, int32_t rows, int32_t k, int32_t ldx, 
             vsum = _mm512_add_epi32(vsum, iv);
         }
         sum = _mm512_reduce_add_epi32(vsum);
+#elif defined(MU_AVX2)
+        /* 32 at a time: four vectors of 8 int32 packed to bytes (packs works within 128-bit lanes, the permute puts
+           the four groups of 4 back in order) */
+        const __m256 vstep = _mm256_set1_ps(step), lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
+        const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        __m256i vsum = _mm256_setzero_si256();
+        for (; i + 32 <= k; i += 32) {
+            __m256i iv[4];
+            for (int g = 0; g < 4; g++) {
+                __m256 v = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(xr + i + 8 * g), vstep),
+                                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                iv[g] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(v, lo), hi));
+                vsum = _mm256_add_epi32(vsum, iv[g]);
+            }
+            const __m256i q8 = _mm256_packs_epi16(_mm256_packs_epi32(iv[0], iv[1]), _mm256_packs_epi32(iv[2], iv[3]));
+            _mm256_storeu_si256((__m256i *)(q + i), _mm256_permutevar8x32_epi32(q8, order));
+        }
+        int32_t part[8];
+        _mm256_storeu_si256((__m256i *)part, vsum);
+        for (int g = 0; g < 8; g++)
+            sum += part[g];
 #endif
         for (; i < k; i++) {
             float v = nearbyintf(xr[i] / step);
@@ -678,8 +991,13 @@ static void linear(const mu_linear *L, int32_t rows, const float *x, int32_t ldx
     const int32_t n = L->n, k = L->k;
     const size_t ldq = round_up((size_t)k);
 #if defined(MU_AVX512)
-    if (L->panels) {
+    if (L->panels && L->scale == NULL) {
         linear_panels(L, rows, x, ldx, y, ldy, accumulate);
+        return;
+    }
+#elif defined(MU_AVX2)
+    if (L->panels && L->scale == NULL) {
+        linear_panels_avx2(L, rows, x, ldx, y, ldy, accumulate);
         return;
     }
 #endif
@@ -691,6 +1009,11 @@ static void linear(const mu_linear *L, int32_t rows, const float *x, int32_t ldx
             linear_tiles(8, 2, L, rows, y, ldy, accumulate, b, with_step);
         else
             linear_tiles(4, 4, L, rows, y, ldy, accumulate, b, with_step);
+        return;
+    }
+#elif defined(MU_AVX2)
+    if (L->panels && L->scale != NULL) {
+        linear_u8_avx2(L, rows, y, ldy, accumulate, b, with_step);
         return;
     }
 #endif
@@ -740,10 +1063,10 @@ static void linear_chunk(const void *ctx, int32_t c, int32_t who) {
     mu_linear part = *L;
     (void)who;
     part.n = n;
-    if (L->panels)
-        part.w = (const float *)L->w + (size_t)(j0 / 64) * L->k * 64;
-    else if (L->scale != NULL)
+    if (L->scale != NULL)  /* rows, or tiles of 4 rows: j0 is a multiple of 64 */
         part.w = (const uint8_t *)L->w + (size_t)j0 * L->k;
+    else if (L->panels)
+        part.w = (const float *)L->w + (size_t)(j0 / 64) * L->k * 64;
     else
         part.w = (const float *)L->w + (size_t)j0 * L->k;
     part.scale = L->scale ? L->scale + j0 : NULL;
@@ -770,10 +1093,17 @@ static void project(const mu_linear *L, int32_t rows, const float *x, int32_t ld
 
 static void rms_norm(const float *x, const float *w, float eps, int32_t d, float *y) {
     float ss = 0.0f;
-    for (int32_t i = 0; i < d; i++)
+    int32_t i = 0;
+#if defined(MU_AVX2)
+    __m256 acc = _mm256_setzero_ps();
+    for (; i + 8 <= d; i += 8)
+        acc = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(x + i), acc);
+    ss = hsum8(acc);
+#endif
+    for (; i < d; i++)
         ss += x[i] * x[i];
     float r = 1.0f / sqrtf(ss / (float)d + eps);
-    for (int32_t i = 0; i < d; i++)
+    for (i = 0; i < d; i++)
         y[i] = x[i] * r * w[i];
 }
 
@@ -902,6 +1232,16 @@ static void attend(const mu_model *m, const mu_session *s, int32_t layer, int32_
     case 128: attend_head(8, qi, kc, vc, first, column, scale, scores, out); return;
     default: break;
     }
+#elif defined(MU_AVX2)
+    switch (dk) {
+    case 16: attend_head_avx2(2, qi, kc, vc, first, column, scale, scores, out); return;
+    case 32: attend_head_avx2(4, qi, kc, vc, first, column, scale, scores, out); return;
+    case 48: attend_head_avx2(6, qi, kc, vc, first, column, scale, scores, out); return;
+    case 64: attend_head_avx2(8, qi, kc, vc, first, column, scale, scores, out); return;
+    case 96: attend_head_avx2(12, qi, kc, vc, first, column, scale, scores, out); return;
+    case 128: attend_head_avx2(16, qi, kc, vc, first, column, scale, scores, out); return;
+    default: break;
+    }
 #endif
     attend_head_any(dk, qi, kc, vc, first, column, scale, scores, out);
 }
@@ -950,6 +1290,13 @@ static void activate(const mu_model *m, float *f) {
         __m512 sig = _mm512_div_ps(g, _mm512_add_ps(one, exp512(_mm512_sub_ps(_mm512_setzero_ps(), g))));
         _mm512_storeu_ps(f + i, _mm512_mul_ps(sig, u));
     }
+#elif defined(MU_AVX2)
+    const __m256 one = _mm256_set1_ps(1.0f);
+    for (; i + 8 <= m->d_ff; i += 8) {
+        __m256 g = _mm256_loadu_ps(f + i), u = _mm256_loadu_ps(f + m->d_ff + i);
+        __m256 sig = _mm256_div_ps(g, _mm256_add_ps(one, exp256(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+        _mm256_storeu_ps(f + i, _mm256_mul_ps(sig, u));
+    }
 #endif
     for (; i < m->d_ff; i++)
         f[i] = f[i] / (1.0f + expf(-f[i])) * f[m->d_ff + i];
@@ -966,6 +1313,11 @@ static float max_value(const float *v, int32_t n) {
     for (; j + 16 <= n; j += 16)
         m = _mm512_max_ps(m, _mm512_loadu_ps(v + j));
     best = _mm512_reduce_max_ps(m);
+#elif defined(MU_AVX2)
+    __m256 m = _mm256_set1_ps(-INFINITY);
+    for (; j + 8 <= n; j += 8)
+        m = _mm256_max_ps(m, _mm256_loadu_ps(v + j));
+    best = hmax8(m);
 #endif
     for (; j < n; j++)
         best = v[j] > best ? v[j] : best;
@@ -982,6 +1334,14 @@ static int64_t find_first(const float *v, int32_t n, float value, int nan) {
         __mmask16 hit = nan ? _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q) : _mm512_cmp_ps_mask(x, target, _CMP_EQ_OQ);
         if (hit)
             return j + __builtin_ctz(hit);
+    }
+#elif defined(MU_AVX2)
+    const __m256 target = _mm256_set1_ps(value);
+    for (; j + 8 <= n; j += 8) {
+        __m256 x = _mm256_loadu_ps(v + j);
+        int hit = _mm256_movemask_ps(nan ? _mm256_cmp_ps(x, x, _CMP_UNORD_Q) : _mm256_cmp_ps(x, target, _CMP_EQ_OQ));
+        if (hit)
+            return j + __builtin_ctz((unsigned)hit);
     }
 #endif
     for (; j < n; j++)
@@ -1009,6 +1369,15 @@ static int32_t at_least(const float *v, int32_t n, float threshold, int32_t most
         while (hit && count < most) {
             out[count++] = j + __builtin_ctz(hit);
             hit &= (__mmask16)(hit - 1);
+        }
+    }
+#elif defined(MU_AVX2)
+    const __m256 t = _mm256_set1_ps(threshold);
+    for (; j + 8 <= n && count < most; j += 8) {
+        unsigned hit = (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(v + j), t, _CMP_GE_OQ));
+        while (hit && count < most) {
+            out[count++] = j + __builtin_ctz(hit);
+            hit &= hit - 1;
         }
     }
 #endif

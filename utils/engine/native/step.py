@@ -105,6 +105,7 @@ SIGNATURES = {  # every function step.c exports: (restype, argtypes)
     "mu_pool_free": (None, [ctypes.c_void_p]),
     "mu_features": (ctypes.c_char_p, []),
     "mu_f32_panels": (ctypes.c_int, []),
+    "mu_int8_tiles": (ctypes.c_int, []),
 }
 # Symbols only a library built with a sanitizer that must be the process's first library imports (ASan, HWASan,
 # TSan, MSan): loading it into Python aborts the process with one line of the runtime's, so it is refused first.
@@ -474,6 +475,24 @@ def to_panels(w: torch.Tensor) -> torch.Tensor:
     return padded.view(-1, 64, k).transpose(1, 2).contiguous()
 
 
+def to_int8_tiles(w: torch.Tensor, rows: int) -> torch.Tensor:
+    """uint8 weights (n, k) as ceil(n / rows) tiles of `rows` rows, each k / 16 groups of (rows, 16) bytes, zero
+    rows past n (the layout of the C file's linear_u8_avx2: one sequential stream a tile)."""
+    n, k = w.shape
+    padded = torch.zeros(-(-n // rows) * rows, k, dtype=w.dtype)
+    padded[:n] = w
+    return padded.view(-1, rows, k // 16, 16).transpose(1, 2).contiguous()
+
+
+def int8_layout(lib: ctypes.CDLL, flipped: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """int8 weights with their sign bit flipped (uint8, (n, k)) as the library takes them: (weights, panels), in
+    tiles (panels 1) where it has the tile kernel and k is a multiple of 16, else as rows (0)."""
+    rows = lib.mu_int8_tiles()
+    if rows and flipped.shape[1] % 16 == 0:
+        return to_int8_tiles(flipped, rows), 1
+    return flipped, 0
+
+
 class NativeView:
     """A NativeModel with one greedy screen (or none): the C struct a session passes to the step."""
 
@@ -485,7 +504,7 @@ class NativeView:
 
 class NativeModel:
     """A Thinker's weights laid out for the C step (fused q/k/v and gate/up copies, float32 weights in panels,
-    int8 weights with their sign bit flipped) and the C struct pointing at them. Holds every tensor the struct
+    int8 weights with their sign bit flipped, in tiles where the library has that kernel) and the C struct pointing at them. Holds every tensor the struct
     points to; `view(screen)` adds a greedy screen (the int8 copy of the head) without redoing the rest."""
 
     def __init__(self, lib: ctypes.CDLL, model: ThinkerLM) -> None:
@@ -524,10 +543,11 @@ class NativeModel:
             return self.plain
         hit = self.views.get(screen)
         if hit is None:
-            flipped = (screen.qweight.view(torch.uint8) ^ 128).contiguous()
+            n, k = screen.qweight.shape
+            flipped, panels = int8_layout(self.lib, (screen.qweight.view(torch.uint8) ^ 128).contiguous())
             scale = screen.scale.float().contiguous()
             struct = _Model.from_buffer_copy(self.struct)
-            struct.screen = _Linear(flipped.data_ptr(), scale.data_ptr(), None, *flipped.shape)
+            struct.screen = _Linear(flipped.data_ptr(), scale.data_ptr(), None, n, k, panels)
             struct.screen_k = screen.k
             struct.screen_x = screen.err_max + screen.fp_term
             struct.screen_c = screen.half_n1_max
@@ -549,7 +569,8 @@ class NativeModel:
             if self.lib.mu_f32_panels():
                 w, panels = to_panels(w), 1
         elif all(type(m) is Int8Linear for m in mods):
-            w = (torch.cat([m.qweight for m in mods]).view(torch.uint8) ^ 128).contiguous()
+            flipped = (torch.cat([m.qweight for m in mods]).view(torch.uint8) ^ 128).contiguous()
+            w, panels = int8_layout(self.lib, flipped)
             scale = torch.cat([m.scale for m in mods]).float().contiguous()
         else:
             kinds = ", ".join(sorted({type(m).__name__ for m in mods}))
