@@ -40,7 +40,7 @@ pytestmark = [pytest.mark.usefixtures("one_thread"),
 
 
 VARIANTS = {  # name: (BlockConfig kwargs, vocab)
-    "gqa-swiglu": (dict(d_model=64, n_heads=4, n_kv_heads=2, d_ff=128), 300),
+    "gqa-swiglu": (dict(d_model=64, n_heads=4, n_kv_heads=2, d_ff=128), 302),  # 302: a partial tile of 4 rows
     "mha-gelu": (dict(d_model=48, n_heads=3, n_kv_heads=3, d_ff=80, fused_qkv=True, ffn="gelu"), 200),
     "odd-sizes": (dict(d_model=40, n_heads=2, n_kv_heads=1, d_ff=72), 150),  # head 20, no vector tiles
 }

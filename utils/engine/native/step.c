@@ -20,7 +20,8 @@
    int8 weights (utils.weights.quant.Int8Linear: per-output-channel scales) are stored here with their sign bit
    flipped (w + 128 as unsigned bytes) so AVX-512 VNNI's unsigned-by-signed byte product applies; activations
    are quantized per row to int8 (step = max|x| / 127), so sum_k (w_k + 128) x_k - 128 sum_k x_k = sum_k w_k x_k
-   is exact in int32, and the output is that sum times the channel's scale times the row's step.
+   is exact in int32, and the output is that sum times the channel's scale times the row's step. Without VNNI, AVX2
+   takes the same bytes as int16 pairs (vpmaddwd, exact: see tile_u8_avx2), repacked by step.py in tiles of 4 rows.
 
    Each function and its torch twin (models/layers.py unless named otherwise; quant = utils/weights/quant.py):
      mu_step              CausalStack.decode_hidden, then ThinkerLM.head and torch.argmax / quant.GreedyHead.argmax
@@ -30,10 +31,13 @@
      project, linear      row_linear (F.linear), row_residual (torch.addmm: accumulate = 1), quant.Int8Linear.forward
      linear_panels        F.linear on float32 weights laid out by step.py's to_panels
      linear_tiles         quant.Int8Linear.forward (int8 weights; here on int8 activations)
+     linear_panels_avx2   linear_panels on AVX2 + FMA (CPUs without AVX-512)
+     linear_u8_avx2       linear_tiles on AVX2 (int8 weights in step.py's to_int8_tiles layout)
      quantize_rows        quant.quantize_rows
      rope                 apply_rotary
      store_kv             attend_rows: RoPE on q and k, KVCache.update
      attend, attend_head  attend_rows: F.scaled_dot_product_attention over the row's real keys (the key mask), per head
+                          (attend_head_avx2 on AVX2)
      activate             row_ffn: F.silu(gate) * up (SwiGLU.forward), F.gelu (GeluMLP.forward)
      head                 ThinkerLM.head (models/thinker.py), then torch.argmax
      argmax               torch.argmax (ties: the lowest id; a NaN: the first NaN)
