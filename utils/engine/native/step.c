@@ -210,9 +210,6 @@ static void *pool_worker(void *arg) {
     const mu_worker *w = arg;
     mu_pool *p = w->pool;
     uint32_t seen = 0;
-#if defined(__linux__)
-    pthread_setname_np(pthread_self(), "muomni-step");  /* as top -H and /proc/PID/task/ID/comm show it */
-#endif
     for (;;) {
         for (int i = 0; i < MU_SPIN && __atomic_load_n(&p->round, __ATOMIC_ACQUIRE) == seen
                         && !__atomic_load_n(&p->stop, __ATOMIC_ACQUIRE); i++)
@@ -305,6 +302,11 @@ mu_pool *mu_pool_new(int32_t threads) {
             mu_pool_free(p);  /* joins the p->threads - 1 already started */
             return NULL;
         }
+#if defined(__linux__)
+        /* named here, not by the worker as it starts: a busy machine may run it only much later (top -H and
+           /proc/PID/task/ID/comm show the name) */
+        pthread_setname_np(p->ids[p->threads - 1], "muomni-step");
+#endif
     }
     return p;
 }
@@ -721,6 +723,8 @@ static void linear_panels_avx2(const mu_linear *L, int32_t rows, const float *x,
    int32 lanes, where vpmaddubsw's int16 pairs would saturate (2 x 255 x 127 > 32767). A k below 2^31 / 32385
    (66,000) keeps every int32 sum exact, so the sums equal dot_u8s8's (the portable path's) whatever the tile.
    sums[4 a + t]: tile row t . activation row a (na real rows; past them the last row again). */
+#define MU_TILE_AHEAD 1024  /* bytes of a tile's stream requested ahead of the loads (one line an iteration) */
+
 static inline __attribute__((always_inline)) void tile_u8_avx2(const int R, const uint8_t *wt, int32_t k,
         const int8_t *x, size_t ldx, int32_t na, int32_t *sums) {
     __m256i acc[8];
@@ -732,6 +736,7 @@ static inline __attribute__((always_inline)) void tile_u8_avx2(const int R, cons
     for (int32_t i = 0; i < k; i += 16) {
         const uint8_t *wi = wt + (size_t)i * 4;
         __m256i wv[4];
+        _mm_prefetch((const char *)(wi + MU_TILE_AHEAD), _MM_HINT_T0);  /* a hint: past the end it never faults */
         for (int t = 0; t < 4; t++)
             wv[t] = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(wi + 16 * t)));
         for (int a = 0; a < R; a++) {
@@ -1049,6 +1054,19 @@ static int32_t chunk_count(const mu_buffers *b, int32_t units) {
     return units < most ? units : most;
 }
 
+#define MU_CHUNK_BYTES (128 << 10)  /* weights a chunk of a large projection reads, at most about */
+
+/* Chunks of a projection of `blocks` blocks of 64 outputs, `block_bytes` of weights each: chunk_count's, or more
+   for a large one (the vocabulary: hundreds of blocks), so that the chunk a thread slowed down by the machine
+   finishes last is short: the region waits for it. */
+static int32_t linear_chunk_count(const mu_buffers *b, int32_t blocks, size_t block_bytes) {
+    const int32_t few = chunk_count(b, blocks);
+    if (b->pool == NULL)
+        return few;
+    const size_t by_size = (size_t)blocks * block_bytes / MU_CHUNK_BYTES;
+    return by_size <= (size_t)few ? few : by_size < (size_t)blocks ? (int32_t)by_size : blocks;
+}
+
 typedef struct {
     const mu_linear *L;
     int32_t rows, ldx, ldy, per;  /* per: outputs per chunk, a multiple of 64 */
@@ -1081,7 +1099,8 @@ static void linear_chunk(const void *ctx, int32_t c, int32_t who) {
 /* `linear` split over the session's threads by blocks of 64 outputs (the same numbers on any thread count). */
 static void linear_threads(const mu_linear *L, int32_t rows, const float *x, int32_t ldx, float *y, int32_t ldy,
                            int accumulate, const mu_buffers *b, int with_step) {
-    const int32_t blocks = (L->n + 63) / 64, chunks = chunk_count(b, blocks);
+    const size_t block_bytes = (size_t)64 * L->k * (L->scale != NULL ? 1 : sizeof(float));
+    const int32_t blocks = (L->n + 63) / 64, chunks = linear_chunk_count(b, blocks, block_bytes);
     const int32_t per = chunks > 0 ? (blocks + chunks - 1) / chunks * 64 : 64;
     const linear_job job = {L, rows, ldx, ldy, per, x, y, accumulate, with_step, b};
     run_chunks(b->pool, linear_chunk, &job, (L->n + per - 1) / per);
