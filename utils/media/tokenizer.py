@@ -67,12 +67,12 @@ class IncrementalDecoder:
     SentencePiece renders a piece differently depending on what precedes it (leading spaces of the text are
     dropped, byte-fallback pieces only form a character together), so decoding ids one by one loses spaces and
     splits multi-byte characters. Instead a window of the last ids is decoded and its new suffix emitted, held
-    back while the text ends in U+FFFD (an incomplete UTF-8 sequence). The window starts at an id whose text is
-    already out and renders alone as it ends the text (non-empty, whole characters): what follows it then renders
-    as it does in the whole answer. It moves there once it holds WINDOW ids, so each push decodes at most a few
-    more than WINDOW ids rather than the answer so far (until such an id comes it starts at the answer's first
-    id, whose leading spaces the whole text drops too). The concatenated pieces equal `decode(ids)` once
-    `flush()` has been called."""
+    back while the text ends in U+FFFD (an incomplete UTF-8 sequence). Once the window holds WINDOW ids it moves
+    to start at the last one if that id renders alone as non-empty text (already out): what follows such an id
+    renders as it does in the whole answer (SentencePiece drops only the leading spaces of a text, and a
+    character's last byte alone is one U+FFFD, as long as the character it completed), so each push decodes a
+    few ids rather than the answer so far. Until one comes the window starts at the answer's first id. The
+    concatenated pieces equal `decode(ids)` once `flush()` has been called."""
 
     WINDOW = 8
 
@@ -91,7 +91,7 @@ class IncrementalDecoder:
         new = self._emit(text)
         if len(self.ids) - self.start >= self.WINDOW:
             alone = self.tokenizer.decode([tid])
-            if alone and "\ufffd" not in alone and text.endswith(alone):
+            if alone:
                 self.start, self.shown = len(self.ids) - 1, len(alone)  # the next window starts at this id
         return new
 
