@@ -161,6 +161,7 @@ class Choice:
         self.finished = False
 
 
+TEXT = json.JSONEncoder(ensure_ascii=False)  # one encoder for the pieces (json.dumps with options builds one a call)
 Piece = Union[tuple[int, str, list[dict[str, Any]]], tuple[int, str, str, Any]]
 
 
@@ -343,7 +344,7 @@ class Answering:
                 head, tail = chunk(i, {"content": "\x00piece\x00"}).split(json.dumps("\x00piece\x00"))
                 templates[i] = (head, tail)
             head, tail = templates[i]
-            return head + json.dumps(piece, ensure_ascii=False) + tail
+            return head + TEXT.encode(piece) + tail
 
         tool = self.req.tool
         try:
