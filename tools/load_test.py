@@ -66,7 +66,7 @@ class Endpoint:
     def __init__(self, url: str, headers: dict[str, str]) -> None:
         parts = urllib.parse.urlsplit(url)
         if parts.scheme != "http" or not parts.hostname:
-            raise SystemExit(f"error: --url {url}: use http://HOST[:PORT] (the load test's client speaks plain HTTP)")
+            raise ValueError(f"{url}: use http://HOST[:PORT] (the load test's client speaks plain HTTP)")
         self.host, self.port = parts.hostname, parts.port or 80
         self.path = parts.path.rstrip("/") + "/v1/chat/completions"
         self.headers = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
@@ -272,6 +272,11 @@ def main() -> int:
     args = p.parse_args()
     levels = [int(c) for c in args.clients.split(",")]
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    if args.url:
+        try:
+            Endpoint(args.url, headers)
+        except ValueError as exc:
+            p.error(f"--url {exc}")
     with tempfile.TemporaryDirectory(prefix="muomni_load_") as tmp:
         ckpt_dir = args.ckpt_dir
         if args.tiny:
