@@ -750,7 +750,9 @@ def generate_batch(model: ThinkerLM, embeds: list[torch.Tensor], prompt_ids: lis
 class EngineThread:
     """The Scheduler in a thread of its own, for the server: `submit` a request (it waits in a bounded queue
     until a slot is free), receive its tokens through callbacks run on that thread; `call` runs other model
-    work (encoders, speech, CTC) between steps, so one thread runs the model."""
+    work (encoders, speech, CTC) between steps, so one thread runs the model. `after_steps(fn)`: `fn()` runs on
+    that thread once after each round (admission, jobs, one step), so callbacks may buffer their events and
+    hand on all of a step's at once (the server wakes its event loop once per step, not once per token)."""
 
     def __init__(self, engine: Scheduler, max_queue: int) -> None:
         if max_queue < 0:
@@ -761,6 +763,7 @@ class EngineThread:
         self.cond = threading.Condition()
         self.closing = False
         self.deadline: float | None = None
+        self.listeners: list[Callable[[], None]] = []
         self.thread = threading.Thread(target=self._run, name="omni-scheduler", daemon=True)
         self.thread.start()
 
@@ -814,6 +817,11 @@ class EngineThread:
             self.cond.notify()
         return fut
 
+    def after_steps(self, fn: Callable[[], None]) -> None:
+        """Run `fn()` on the engine's thread after each round, and once more before the thread stops (see the
+        class docstring); an exception it raises is dropped, as a callback's is."""
+        self.listeners.append(fn)
+
     def close(self, timeout: float = 10.0, wait: bool = True) -> None:
         """Admit nothing more; let running rows finish for up to `timeout` seconds, then cancel them (and
         any request still waiting). With `wait`, return once the engine's thread has stopped."""
@@ -828,36 +836,49 @@ class EngineThread:
     def _run(self) -> None:
         engine = self.engine
         with torch.inference_mode():
-            while True:
-                with self.cond:
-                    while not (engine.rows or self.waiting or self.jobs or self.closing):
-                        self.cond.wait()
-                    jobs = list(self.jobs)
-                    self.jobs.clear()
-                    if self.closing:
-                        if time.monotonic() >= self.deadline:
-                            for row in engine.rows:
-                                row.cancel()
-                        while self.waiting:
-                            for choice in self.waiting.popleft().group:
-                                engine.finish(choice, "cancelled", EngineClosed("the server is shutting down"))
-                        if not engine.rows and not jobs:
-                            for fn, fut in self.jobs:
-                                fut.set_exception(EngineClosed("the server is shutting down"))
-                            return
-                    for row in [r for r in self.waiting if r.cancelled]:  # the client left while waiting
-                        self.waiting.remove(row)
-                        for choice in row.group:
-                            engine.finish(choice, "cancelled")
-                    while self.waiting and engine.free >= len(self.waiting[0].group):
-                        engine.enqueue(self.waiting.popleft())
-                for fn, fut in jobs:
-                    if fut.set_running_or_notify_cancel():
-                        try:
-                            fut.set_result(fn())
-                        except BaseException as exc:  # handed to the caller, who reports it
-                            fut.set_exception(exc)
-                engine.step()
+            while self._round(engine):
+                self._notify()
+        self._notify()
+
+    def _notify(self) -> None:
+        for fn in self.listeners:
+            try:
+                fn()
+            except Exception:  # a caller's listener must not take the engine down
+                pass
+
+    def _round(self, engine: Scheduler) -> bool:
+        """Admission, the queued jobs and one step; False once closed with nothing left to run."""
+        with self.cond:
+            while not (engine.rows or self.waiting or self.jobs or self.closing):
+                self.cond.wait()
+            jobs = list(self.jobs)
+            self.jobs.clear()
+            if self.closing:
+                if time.monotonic() >= self.deadline:
+                    for row in engine.rows:
+                        row.cancel()
+                while self.waiting:
+                    for choice in self.waiting.popleft().group:
+                        engine.finish(choice, "cancelled", EngineClosed("the server is shutting down"))
+                if not engine.rows and not jobs:
+                    for fn, fut in self.jobs:
+                        fut.set_exception(EngineClosed("the server is shutting down"))
+                    return False
+            for row in [r for r in self.waiting if r.cancelled]:  # the client left while waiting
+                self.waiting.remove(row)
+                for choice in row.group:
+                    engine.finish(choice, "cancelled")
+            while self.waiting and engine.free >= len(self.waiting[0].group):
+                engine.enqueue(self.waiting.popleft())
+        for fn, fut in jobs:
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn())
+                except BaseException as exc:  # handed to the caller, who reports it
+                    fut.set_exception(exc)
+        engine.step()
+        return True
 
 
 def serving_scheduler(model: ThinkerLM, max_batch: int, opts: SamplingOptions) -> Scheduler:

@@ -64,28 +64,40 @@ class Tokenizer:
 class IncrementalDecoder:
     """Streaming detokenisation: `push(id)` returns the text that id adds to the answer so far.
 
-    SentencePiece renders a piece differently depending on what precedes it (the leading "▁" of the first
-    piece is dropped, byte-fallback pieces only form a character together), so decoding ids one by one
-    loses spaces and splits multi-byte characters. Instead the whole id list is decoded each time and the
-    new suffix is emitted, held back while the text ends in U+FFFD (an incomplete UTF-8 sequence).
-    The concatenated pieces equal `decode(ids)` once `flush()` has been called.
-    """
+    SentencePiece renders a piece differently depending on what precedes it (leading spaces of the text are
+    dropped, byte-fallback pieces only form a character together), so decoding ids one by one loses spaces and
+    splits multi-byte characters. Instead a window of the last ids is decoded and its new suffix emitted, held
+    back while the text ends in U+FFFD (an incomplete UTF-8 sequence). Once the window holds WINDOW ids it moves
+    to start at the last one if that id renders alone as non-empty text (already out): what follows such an id
+    renders as it does in the whole answer (SentencePiece drops only the leading spaces of a text, and a
+    character's last byte alone is one U+FFFD, as long as the character it completed), so each push decodes a
+    few ids rather than the answer so far. Until one comes the window starts at the answer's first id. The
+    concatenated pieces equal `decode(ids)` once `flush()` has been called."""
+
+    WINDOW = 8
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self.tokenizer = tokenizer
         self.ids: list[int] = []
-        self.emitted = ""
+        self.start = 0  # the window: ids[start:]
+        self.shown = 0  # characters of the window's text already emitted
 
     def push(self, token_id: int) -> str:
-        self.ids.append(int(token_id))
-        text = self.tokenizer.decode(self.ids)
+        tid = int(token_id)
+        self.ids.append(tid)
+        text = self.tokenizer.decode(self.ids[self.start:])
         if text.endswith("\ufffd"):
             return ""  # wait for the rest of the character
-        return self._emit(text)
+        new = self._emit(text)
+        if len(self.ids) - self.start >= self.WINDOW:
+            alone = self.tokenizer.decode([tid])
+            if alone:
+                self.start, self.shown = len(self.ids) - 1, len(alone)  # the next window starts at this id
+        return new
 
     def flush(self) -> str:
         """Whatever is still held back (e.g. a byte sequence that never completed)."""
-        return self._emit(self.tokenizer.decode(self.ids)) if self.ids else ""
+        return self._emit(self.tokenizer.decode(self.ids[self.start:])) if self.ids else ""
 
     @property
     def text(self) -> str:
@@ -94,7 +106,7 @@ class IncrementalDecoder:
     def _emit(self, text: str) -> str:
         # By length, not by prefix: if a later piece ever re-renders earlier text (rare), what was already
         # printed cannot be retracted, and the stream still advances by the right number of characters.
-        if len(text) <= len(self.emitted):
+        if len(text) <= self.shown:
             return ""
-        new, self.emitted = text[len(self.emitted):], text
+        new, self.shown = text[self.shown:], len(text)
         return new

@@ -152,26 +152,29 @@ async def sse(head: dict[str, Any], answers: list[Answering], echoed: list[str],
     merged: asyncio.Queue = asyncio.Queue()
 
     async def pump(index: int, answer: Answering) -> None:
-        async for item in answer.pieces():
-            await merged.put((index, item))
+        async for batch in answer.pieces():
+            await merged.put((index, batch))
 
     tasks = [asyncio.create_task(pump(i, a)) for i, a in enumerate(answers)]
     try:
-        for i, text in enumerate(echoed):
-            if text:
-                yield chunk(i, text)
+        first = "".join(chunk(i, text) for i, text in enumerate(echoed) if text)
+        if first:
+            yield first
         left = len(answers)
         while left:
-            index, item = await merged.get()
-            if len(item) == 3:
-                yield chunk(index, item[1], entries=item[2])
-                continue
-            _, _, finish, error = item
-            if error is not None:
-                yield f"data: {json.dumps(engine_error(error).body())}\n\n"
-                return
-            yield chunk(index, "", finish)
-            left -= 1
+            index, batch = await merged.get()
+            out = []
+            for item in batch:
+                if len(item) == 3:
+                    out.append(chunk(index, item[1], entries=item[2]))
+                    continue
+                _, _, finish, error = item
+                if error is not None:
+                    yield "".join(out) + f"data: {json.dumps(engine_error(error).body())}\n\n"
+                    return
+                out.append(chunk(index, "", finish))
+                left -= 1
+            yield "".join(out)
         if counts is not None:
             yield f"data: {json.dumps({**head, 'choices': [], 'usage': counts()})}\n\n"
         yield "data: [DONE]\n\n"

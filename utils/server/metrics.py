@@ -2,27 +2,29 @@
 counters, time-to-first-token and inter-token histograms, and gauges read from the engine."""
 from __future__ import annotations
 
+import bisect
+import itertools
 from typing import Any
 
 
 class Histogram:
-    """Cumulative buckets (each counts the values at or below its bound), their sum and count."""
+    """Buckets (rendered cumulative: each counts the values at or below its bound), their sum and count."""
 
     def __init__(self, buckets: tuple[float, ...]) -> None:
         self.buckets = buckets
-        self.counts = [0] * len(buckets)
+        self.counts = [0] * (len(buckets) + 1)  # per bucket, the values above the bound before it; last: +Inf
         self.total = 0
         self.sum = 0.0
 
-    def observe(self, value: float) -> None:
-        for i, upper in enumerate(self.buckets):
-            if value <= upper:
-                self.counts[i] += 1
-        self.total += 1
-        self.sum += value
+    def observe(self, value: float, times: int = 1) -> None:
+        """Count `value` `times` times (tokens that arrived together share one gap)."""
+        self.counts[bisect.bisect_left(self.buckets, value)] += times
+        self.total += times
+        self.sum += value * times
 
     def render(self, name: str) -> list[str]:
-        lines = [f'{name}_bucket{{le="{b:g}"}} {c}' for b, c in zip(self.buckets, self.counts)]
+        cumulative = itertools.accumulate(self.counts[:-1])
+        lines = [f'{name}_bucket{{le="{b:g}"}} {c}' for b, c in zip(self.buckets, cumulative)]
         return lines + [f'{name}_bucket{{le="+Inf"}} {self.total}', f"{name}_sum {self.sum:.6f}",
                         f"{name}_count {self.total}"]
 

@@ -379,12 +379,15 @@ async def ndjson(answer: Answering, message: Callable[[str], dict[str, Any]],
     """One JSON object a line, each with a piece of the answer, then the `done` one; an error mid-answer is one
     {"error": ...} line, as Ollama streams it. Leaving early (the client went away) frees the row."""
     try:
-        async for item in answer.pieces():
-            if len(item) == 4:
-                _, _, finish, error = item
-                line = {"error": engine_error(error).message} if error is not None else last(finish)
-                yield json.dumps(line, ensure_ascii=False) + "\n"
-                return
-            yield json.dumps({**message(item[1]), "done": False}, ensure_ascii=False) + "\n"
+        async for batch in answer.pieces():
+            out = []
+            for item in batch:
+                if len(item) == 4:
+                    _, _, finish, error = item
+                    line = {"error": engine_error(error).message} if error is not None else last(finish)
+                    yield "".join(out) + json.dumps(line, ensure_ascii=False) + "\n"
+                    return
+                out.append(json.dumps({**message(item[1]), "done": False}, ensure_ascii=False) + "\n")
+            yield "".join(out)
     finally:
         answer.cancel()

@@ -25,7 +25,7 @@ from utils.base.transcript import format_transcript
 from utils.server.metrics import Metrics
 from utils.server.protocol import (ApiError, ChatRequest, body_object, budget_field, engine_error, parse_chat,
                                    parse_json, parse_ocr, parse_speech, parse_transcription, type_error)
-from utils.server.streaming import Answering
+from utils.server.streaming import Answering, Inbox, Outbox
 
 RETRY_AFTER_S = 1
 
@@ -49,6 +49,8 @@ class OmniServer:
         self.defaults = model.sampling_options()  # generation_config.json: what a request does not set
         self.metrics = Metrics(engine)
         self.started = int(time.time())
+        self.outbox = Outbox()  # the engine's events, handed to the event loop once per engine round
+        engine.after_steps(self.outbox.flush)
 
     # -------------------------------------------------------- helpers
     def check_model(self, name: Any) -> None:
@@ -152,11 +154,8 @@ class OmniServer:
             except OmniError as exc:
                 raise ApiError(400, str(exc), "invalid_value", req.format_field) from exc
         images, wave = await self.load_request_media(req)
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-
-        def put(*event: Any) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, event)
+        inbox = Inbox(self.outbox, asyncio.get_running_loop())
+        put = inbox.put
 
         def prepare() -> Any:
             prompt = self.model.prepare_chat(req.text, image=images or None, audio=wave, trim=False,
@@ -176,7 +175,8 @@ class OmniServer:
         except EngineClosed as exc:
             raise ApiError(503, str(exc), "shutting_down") from exc
         try:
-            first = await events.get()
+            await inbox.wait()
+            first = inbox.events.popleft()  # "start", or a failed prepare's "finish"; the rest stays for the pump
             if first[0] == "finish":  # prepare failed: every choice finishes with its error
                 raise engine_error(first[3])
         except BaseException:
@@ -190,7 +190,7 @@ class OmniServer:
             headers["X-Omni-Warnings"] = "; ".join(prompt.notes).encode("ascii", "replace").decode()
         async def speak(text: str) -> str:
             return base64.b64encode(await self.speech_bytes(text, req.speech_format or "wav")).decode("ascii")
-        answer = Answering(req, rows, events, t_arrival, self.model.detokenizer, self.metrics, self.model_id, speak,
+        answer = Answering(req, rows, inbox, t_arrival, self.model.detokenizer, self.metrics, self.model_id, speak,
                            self.model.logprob_entry)
         answer.t_start = first[3]
         return answer, prompt, headers

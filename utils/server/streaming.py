@@ -1,13 +1,15 @@
-"""One chat answer on its way out: the pump from the engine's events to text pieces (the stop scanner cuts at a
-stop string, the row is freed then), and the two response shapes, one JSON body or Server-Sent Events."""
+"""One chat answer on its way out: the engine's events handed to the event loop (Outbox, Inbox: once per engine
+step for every request, not once per token), the pump from those events to text pieces (the stop scanner cuts at
+a stop string, the row is freed then), and the two response shapes, one JSON body or Server-Sent Events."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import time
 import uuid
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable, Union
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -15,6 +17,69 @@ from starlette.responses import JSONResponse, Response
 from utils.base.errors import EngineClosed
 from utils.server.metrics import Metrics
 from utils.server.protocol import ApiError, ChatRequest, engine_error
+
+
+class Outbox:
+    """The engine's events on their way to the requests waiting on event loops. The engine's callbacks append each
+    event to its request's Inbox (on the engine's thread); `flush`, run there after each engine round
+    (EngineThread.after_steps), wakes every inbox with news through one call_soon_threadsafe per loop. So a step
+    of 16 rows costs one wake-up, not 16, and a request whose loop or client fell behind finds all its new tokens
+    at once (sent as one event)."""
+
+    def __init__(self) -> None:
+        self.news: list[Inbox] = []  # inboxes with events since the last flush (the engine's thread only)
+
+    def flush(self) -> None:
+        if not self.news:
+            return
+        news, self.news = self.news, []
+        loops: dict[asyncio.AbstractEventLoop, list[Inbox]] = {}
+        for box in news:
+            box.listed = False
+            loops.setdefault(box.loop, []).append(box)
+        for loop, boxes in loops.items():
+            with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits for these
+                loop.call_soon_threadsafe(wake, boxes)
+
+
+def wake(boxes: list[Inbox]) -> None:
+    """On the loop: resume whoever waits on these inboxes."""
+    for box in boxes:
+        waiter = box.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
+class Inbox:
+    """One request's events (("start", 0, prompt, t), ("logprobs", i, entry), ("token", i, id), ("finish", i,
+    reason, error)): `put` on the engine's thread, `wait` / `take` on the request's event loop."""
+
+    def __init__(self, outbox: Outbox, loop: asyncio.AbstractEventLoop) -> None:
+        self.outbox, self.loop = outbox, loop
+        self.events: collections.deque[tuple[Any, ...]] = collections.deque()  # appends and poplefts are atomic
+        self.listed = False  # in outbox.news (the engine's thread only)
+        self.waiter: asyncio.Future | None = None
+
+    def put(self, *event: Any) -> None:
+        self.events.append(event)
+        if not self.listed:
+            self.listed = True
+            self.outbox.news.append(self)
+
+    async def wait(self) -> None:
+        """Until at least one event is here."""
+        while not self.events:
+            self.waiter = self.loop.create_future()
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
+
+    async def take(self) -> list[tuple[Any, ...]]:
+        """Every event that came since the last take (at least one)."""
+        await self.wait()
+        events = self.events
+        return [events.popleft() for _ in range(len(events))]
 
 
 class StopScanner:
@@ -91,19 +156,25 @@ class Choice:
         self.row, self.detok, self.stop = row, detok, StopScanner(stops)
         self.generated = 0
         self.logprobs: list[dict[str, Any]] = []  # waiting for the text they go out with
+        self.ready = 0  # how many of them go out with the text gathered so far
         self.t_last: float | None = None
         self.finished = False
 
 
-class Answering:
-    """One chat answer of one or more choices: turns the engine's events ('token', i, id), ('logprobs', i,
-    entry) ... ('finish', i, reason, error) into text, logprobs, usage, timings and the OpenAI response.
-    `speak(text)` gives the spoken answer, base64 in the request's audio format; `logprob(entry)` an OpenAI logprobs.content item."""
+TEXT = json.JSONEncoder(ensure_ascii=False)  # one encoder for the pieces (json.dumps with options builds one a call)
+Piece = Union[tuple[int, str, list[dict[str, Any]]], tuple[int, str, str, Any]]
 
-    def __init__(self, req: ChatRequest, rows: list[Any], events: asyncio.Queue, t_arrival: float,
+
+class Answering:
+    """One chat answer of one or more choices: turns the engine's events in its Inbox ('token', i, id),
+    ('logprobs', i, entry) ... ('finish', i, reason, error) into text, logprobs, usage, timings and the OpenAI
+    response. `speak(text)` gives the spoken answer, base64 in the request's audio format; `logprob(entry)` an
+    OpenAI logprobs.content item."""
+
+    def __init__(self, req: ChatRequest, rows: list[Any], inbox: Inbox, t_arrival: float,
                  detok: Callable[[], Any], metrics: Metrics, model_id: str, speak: Callable[[str], Awaitable[str]],
                  logprob: Callable[[Any], dict[str, Any]]) -> None:
-        self.req, self.events, self.t_arrival = req, events, t_arrival
+        self.req, self.inbox, self.t_arrival = req, inbox, t_arrival
         self.metrics, self.model_id, self.speak, self.logprob = metrics, model_id, speak, logprob
         self.choices = [Choice(row, detok(), req.stops) for row in rows]
         self.first = True
@@ -119,54 +190,79 @@ class Answering:
         for choice in self.choices:
             choice.row.cancel()
 
-    async def pieces(self) -> AsyncIterator[tuple[int, str, list[dict[str, Any]]] | tuple[int, str, str, Any]]:
-        """(choice, text, logprobs entries) as they come; each choice ends with (choice, 'finish', reason,
-        error). Returns once every choice has finished."""
+    async def pieces(self) -> AsyncIterator[list[Piece]]:
+        """What the engine gave since the last batch: per choice with new text, (choice, text, logprobs entries),
+        the text of all its new tokens in one piece (with the entries of the tokens whose text it holds); a
+        choice that finished, (choice, 'finish', reason, error) after its last piece. Returns once every choice
+        has finished."""
         left = len(self.choices)
         while left:
-            kind, i, *rest = await self.events.get()
+            events = await self.inbox.take()
+            now = time.perf_counter()
+            out: list[Piece] = []
+            texts: dict[int, str] = {}  # per choice, the text its tokens in this batch gave
+            tokens: dict[int, int] = {}  # per choice, its tokens in this batch
+            for kind, i, *rest in events:
+                c = self.choices[i]
+                if kind == "token":
+                    tokens[i] = tokens.get(i, 0) + 1
+                    if c.stop.stopped:
+                        continue
+                    text = c.stop.push(c.detok.push(rest[0]))
+                    if c.stop.stopped:
+                        c.row.cancel()
+                    if text:
+                        texts[i] = texts.get(i, "") + text
+                        c.ready = len(c.logprobs)
+                elif kind == "logprobs":
+                    if not c.stop.stopped:
+                        c.logprobs.append(self.logprob(rest[0]))
+                elif kind == "finish":
+                    self._count(tokens, now)
+                    reason, error = rest
+                    text = texts.pop(i, "")
+                    if not c.stop.stopped:
+                        text += c.stop.push(c.detok.flush()) + ("" if c.stop.stopped else c.stop.flush())
+                    c.ready = len(c.logprobs)
+                    if text or c.logprobs:
+                        out.append((i, text, self._take(c)))
+                    if reason == "cancelled" and not c.stop.stopped and error is None:
+                        error = EngineClosed("the server is shutting down: the answer was cut")
+                    c.finished = True
+                    left -= 1
+                    self.t_end = time.perf_counter()
+                    if self.first:
+                        self.t_first = self.t_end  # no id before the end: the prefill's EOS
+                    out.append((i, "finish", finish_reason(reason, c.stop.stopped), error))
+            self._count(tokens, now)
+            out += [(i, text, self._take(self.choices[i])) for i, text in texts.items()]
+            if out:
+                yield out
+
+    def _count(self, tokens: dict[int, int], now: float) -> None:
+        """Count the tokens that arrived at `now` (per choice, how many) and observe their timings: the first
+        token's time to first token, then inter-token gaps, a gap spread evenly over the tokens that arrived
+        together after it."""
+        for i, k in tokens.items():
             c = self.choices[i]
-            if kind == "logprobs":
-                if not c.stop.stopped:
-                    c.logprobs.append(self.logprob(rest[0]))
-            elif kind == "token":
-                now = time.perf_counter()
+            c.generated += k
+            self.metrics.completion_tokens += k
+            if c.t_last is None:
                 if self.first:
                     self.metrics.ttft.observe(now - self.t_arrival)
                     self.first = False
                     self.t_first = now
-                elif c.t_last is not None:
-                    self.metrics.itl.observe(now - c.t_last)
-                c.t_last = now
-                c.generated += 1
-                self.metrics.completion_tokens += 1
-                if c.stop.stopped:
-                    continue
-                text = c.stop.push(c.detok.push(rest[0]))
-                if c.stop.stopped:
-                    c.row.cancel()
-                if text:
-                    yield i, text, self._take(c)
-            elif kind == "finish":
-                reason, error = rest
-                if not c.stop.stopped:
-                    tail = c.stop.push(c.detok.flush()) + ("" if c.stop.stopped else c.stop.flush())
-                    if tail or c.logprobs:
-                        yield i, tail, self._take(c)
-                elif c.logprobs:
-                    yield i, "", self._take(c)
-                if reason == "cancelled" and not c.stop.stopped and error is None:
-                    error = EngineClosed("the server is shutting down: the answer was cut")
-                c.finished = True
-                left -= 1
-                self.t_end = time.perf_counter()
-                if self.first:
-                    self.t_first = self.t_end  # no id before the end: the prefill's EOS
-                yield i, "finish", finish_reason(reason, c.stop.stopped), error
+                if k > 1:
+                    self.metrics.itl.observe(0.0, k - 1)
+            else:
+                self.metrics.itl.observe((now - c.t_last) / k, k)
+            c.t_last = now
+        tokens.clear()
 
     @staticmethod
     def _take(c: Choice) -> list[dict[str, Any]]:
-        out, c.logprobs = c.logprobs, []
+        """The logprobs entries that go out with the text gathered so far."""
+        out, c.logprobs, c.ready = c.logprobs[:c.ready], c.logprobs[c.ready:], 0
         return out
 
     def usage(self, prompt: Any) -> dict[str, Any]:
@@ -187,12 +283,13 @@ class Answering:
         n = len(self.choices)
         texts, finishes, errors = [""] * n, ["stop"] * n, [None] * n
         entries: list[list[dict[str, Any]]] = [[] for _ in range(n)]
-        async for item in self.pieces():
-            if len(item) == 4:
-                finishes[item[0]], errors[item[0]] = item[2], item[3]
-            else:
-                texts[item[0]] += item[1]
-                entries[item[0]] += item[2]
+        async for batch in self.pieces():
+            for item in batch:
+                if len(item) == 4:
+                    finishes[item[0]], errors[item[0]] = item[2], item[3]
+                else:
+                    texts[item[0]] += item[1]
+                    entries[item[0]] += item[2]
         error = next((e for e in errors if e is not None), None)
         if error is not None:
             raise engine_error(error)
@@ -224,7 +321,9 @@ class Answering:
 
     async def sse(self, chat_id: str, prompt: Any) -> AsyncIterator[str]:
         """The answer as chat.completion.chunk events (each for one choice, by `index`), then `data: [DONE]`; an
-        error mid-stream is one error event. Leaving early (the client went away) frees the rows."""
+        error mid-stream is one error event. The events of one batch of pieces go out together (one write); a
+        plain text piece is written into a template of its chunk. Leaving early (the client went away) frees the
+        rows."""
         created = int(time.time())
 
         def chunk(i: int, delta: dict[str, Any], finish: str | None = None, usage: Any = None,
@@ -237,46 +336,58 @@ class Answering:
                 obj["usage"] = usage
             return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
+        templates: dict[int, tuple[str, str]] = {}
+
+        def content(i: int, piece: str) -> str:
+            """chunk(i, {"content": piece}), the same text, from choice i's template."""
+            if i not in templates:  # the marker (NUL bytes) cannot be in the ids or a model id from the command line
+                head, tail = chunk(i, {"content": "\x00piece\x00"}).split(json.dumps("\x00piece\x00"))
+                templates[i] = (head, tail)
+            head, tail = templates[i]
+            return head + TEXT.encode(piece) + tail
+
         tool = self.req.tool
         try:
             n = len(self.choices)
-            for i in range(n):
-                yield chunk(i, {"role": "assistant", "content": None if tool else ""})
+            yield "".join(chunk(i, {"role": "assistant", "content": None if tool else ""}) for i in range(n))
             # per choice: its text so far; for a forced call, whether its name was sent and how much of its arguments
             texts, named, sent = [""] * n, [False] * n, [0] * n
-            async for item in self.pieces():
-                if len(item) == 4:
-                    i, _, finish, error = item
-                    if error is not None:
-                        yield f"data: {json.dumps(engine_error(error).body())}\n\n"
-                        return
-                    if tool is not None:
-                        if not named[i] and texts[i]:  # cut before the function's name was complete: the text
-                            yield chunk(i, {"content": texts[i]})
-                        finish = tool_finish(finish, named[i])
-                    if self.req.speak:
-                        yield chunk(i, {"audio": spoken(await self.speak(texts[i]), texts[i])})
-                    yield chunk(i, {}, finish)
-                    continue
-                i, piece, entries = item
-                texts[i] += piece
-                if tool is None:
-                    yield chunk(i, {"content": piece}, logprobs=entries)
-                    continue
-                name, args = tool.split(texts[i])  # OpenAI's tool call deltas: the name first, then argument pieces
-                if name is None:
-                    continue
-                if not named[i]:
-                    named[i] = True
-                    yield chunk(i, {"tool_calls": [{"index": 0, "id": call_id(), "type": "function",
-                                                    "function": {"name": name, "arguments": ""}}]})
-                if len(args) > sent[i]:
-                    yield chunk(i, {"tool_calls": [{"index": 0, "function": {"arguments": args[sent[i]:]}}]},
-                                logprobs=entries)
-                    sent[i] = len(args)
-            if self.req.include_usage:
-                yield chunk(0, {}, usage=self.usage(prompt), choices=False)
-            yield "data: [DONE]\n\n"
+            async for batch in self.pieces():
+                out: list[str] = []
+                for item in batch:
+                    if len(item) == 4:
+                        i, _, finish, error = item
+                        if error is not None:
+                            yield "".join(out) + f"data: {json.dumps(engine_error(error).body())}\n\n"
+                            return
+                        if tool is not None:
+                            if not named[i] and texts[i]:  # cut before the function's name was complete: the text
+                                out.append(chunk(i, {"content": texts[i]}))
+                            finish = tool_finish(finish, named[i])
+                        if self.req.speak:
+                            out.append(chunk(i, {"audio": spoken(await self.speak(texts[i]), texts[i])}))
+                        out.append(chunk(i, {}, finish))
+                        continue
+                    i, piece, entries = item
+                    texts[i] += piece
+                    if tool is None:
+                        out.append(chunk(i, {"content": piece}, logprobs=entries) if entries else content(i, piece))
+                        continue
+                    name, args = tool.split(texts[i])  # OpenAI's tool call deltas: the name first, then arguments
+                    if name is None:
+                        continue
+                    if not named[i]:
+                        named[i] = True
+                        out.append(chunk(i, {"tool_calls": [{"index": 0, "id": call_id(), "type": "function",
+                                                             "function": {"name": name, "arguments": ""}}]}))
+                    if len(args) > sent[i]:
+                        out.append(chunk(i, {"tool_calls": [{"index": 0, "function": {"arguments": args[sent[i]:]}}]},
+                                         logprobs=entries))
+                        sent[i] = len(args)
+                if out:
+                    yield "".join(out)
+            end = chunk(0, {}, usage=self.usage(prompt), choices=False) if self.req.include_usage else ""
+            yield end + "data: [DONE]\n\n"
         except ApiError as exc:
             yield f"data: {json.dumps(exc.body())}\n\n"
         finally:
