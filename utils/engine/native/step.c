@@ -12,8 +12,9 @@
    batch size and its place in the batch, so a row's numbers do not depend on the batch it is in.
 
    Threads: a session may compute on several threads (mu_session.threads, a pool from mu_pool_new). Each
-   projection is split by blocks of 64 outputs (a float32 panel; whole int8 tiles of every shape) and attention
-   by (position, query head); no sum is split, so every output is computed by the same instructions on any
+   projection is split by blocks of 64 outputs (a float32 panel; whole int8 tiles of every shape; a few chunks per
+   thread, more of about 128 KB of weights each for a large one) and attention by (position, query head); no sum
+   is split, so every output is computed by the same instructions on any
    thread count, and the numbers are the same bit for bit. Norms, RoPE, the cache writes, the activation and the
    argmax are cheap and stay on the calling thread.
 
