@@ -742,48 +742,69 @@ static inline float hsum8(__m256 v) {
 
 #define MU_INT4_CHUNK 64  /* groups whose scales int4_tile prepares at a time (on the stack) */
 
-/* One weight row (codes w, pairs sz) times R activation rows (the tile's rows; rows past nr repeat the last):
-   out[r] = the row's dot product with activation row r. Per chunk of groups, first each group's s t for every
-   row (and the zero terms), then the codes, widened once per group for the R rows; even groups sum into one
-   accumulator, odd ones into another. */
-static inline __attribute__((always_inline)) void int4_tile(const int R, const uint8_t *w, const uint16_t *sz,
-        int32_t groups, const int8_t *xq, size_t ldq, const float *gstep, const float *gsum, size_t ldg,
-        int32_t nr, float *out) {
+/* WR weight rows (codes w, pairs sz; row t at w + t * ldw, sz + t * ldsz; rows past nw repeat the last) times R
+   activation rows (rows past nr repeat the last), WR * R <= 4: out[t * 4 + r] = weight row t's dot product with
+   activation row r. Per chunk of groups, first each group's s t for every pair (and the zero terms), then the
+   codes, each group's widened once for the R rows and each activation group loaded once for the WR rows; even
+   groups sum into one accumulator, odd ones into another. A pair's numbers do not depend on WR or R. */
+static inline __attribute__((always_inline)) void int4_tile(const int WR, const int R, const uint8_t *w,
+        size_t ldw, const uint16_t *sz, size_t ldsz, int32_t nw, int32_t groups, const int8_t *xq, size_t ldq,
+        const float *gstep, const float *gsum, size_t ldg, int32_t nr, float *out) {
+    const uint8_t *wr[4];
+    const uint16_t *zr[4];
     const int8_t *xr[4];
     const float *tr[4], *sr[4];
     __m256 acc0[4], acc1[4], zacc[4];
     float sc[4][MU_INT4_CHUNK];
+    for (int t = 0; t < WR; t++) {
+        const size_t a = (size_t)(t < nw ? t : nw - 1);
+        wr[t] = w + a * ldw;
+        zr[t] = sz + a * ldsz;
+    }
     for (int r = 0; r < R; r++) {
         const size_t a = (size_t)(r < nr ? r : nr - 1);
         xr[r] = xq + a * ldq;
         tr[r] = gstep + a * ldg;
         sr[r] = gsum + a * ldg;
-        acc0[r] = acc1[r] = zacc[r] = _mm256_setzero_ps();
     }
+    for (int i = 0; i < 4; i++)  /* all four: the compiler cannot see that only WR * R are used */
+        acc0[i] = acc1[i] = zacc[i] = _mm256_setzero_ps();
     const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(15);
     const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), high16 = _mm256_set1_epi32((int32_t)0xFFFF0000u);
     for (int32_t c0 = 0; c0 < groups; c0 += MU_INT4_CHUNK) {
         const int32_t cn = groups - c0 < MU_INT4_CHUNK ? groups - c0 : MU_INT4_CHUNK;
         for (int32_t g0 = 0; g0 < cn; g0 += 8) {
             const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(cn - g0), lane);
-            /* eight (s, z) pairs: s in the low 16 bits of each 32-bit lane, z in the high 16 */
-            const __m256i pair = _mm256_maskload_epi32((const int *)(sz + (size_t)2 * (c0 + g0)), live);
-            const __m256 s = _mm256_castsi256_ps(_mm256_slli_epi32(pair, 16));
-            const __m256 m = _mm256_fnmadd_ps(_mm256_set1_ps(8.0f), s,
-                                              _mm256_castsi256_ps(_mm256_and_si256(pair, high16)));
+            __m256 ts[4], ss[4];
             for (int r = 0; r < R; r++) {
-                _mm256_storeu_ps(sc[r] + g0, _mm256_mul_ps(s, _mm256_maskload_ps(tr[r] + c0 + g0, live)));
-                zacc[r] = _mm256_fmadd_ps(m, _mm256_maskload_ps(sr[r] + c0 + g0, live), zacc[r]);
+                ts[r] = _mm256_maskload_ps(tr[r] + c0 + g0, live);
+                ss[r] = _mm256_maskload_ps(sr[r] + c0 + g0, live);
+            }
+            for (int t = 0; t < WR; t++) {
+                /* eight (s, z) pairs: s in the low 16 bits of each 32-bit lane, z in the high 16 */
+                const __m256i pair = _mm256_maskload_epi32((const int *)(zr[t] + (size_t)2 * (c0 + g0)), live);
+                const __m256 s = _mm256_castsi256_ps(_mm256_slli_epi32(pair, 16));
+                const __m256 m = _mm256_fnmadd_ps(_mm256_set1_ps(8.0f), s,
+                                                  _mm256_castsi256_ps(_mm256_and_si256(pair, high16)));
+                for (int r = 0; r < R; r++) {
+                    _mm256_storeu_ps(sc[t * R + r] + g0, _mm256_mul_ps(s, ts[r]));
+                    zacc[t * R + r] = _mm256_fmadd_ps(m, ss[r], zacc[t * R + r]);
+                }
             }
         }
-        const uint8_t *wc = w + (size_t)c0 * 16;
 #define MU_INT4_GROUP(g, acc) do { \
-            const __m128i bytes = _mm_loadu_si128((const __m128i *)(wc + (size_t)(g) * 16)); \
-            const __m256i c = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(bytes, 4), bytes), low); \
+            __m256i c[4]; \
+            for (int t = 0; t < WR; t++) { \
+                const __m128i bytes = _mm_loadu_si128((const __m128i *)(wr[t] + (size_t)(c0 + (g)) * 16)); \
+                c[t] = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(bytes, 4), bytes), low); \
+            } \
             for (int r = 0; r < R; r++) { \
                 const __m256i xv = _mm256_loadu_si256((const __m256i *)(xr[r] + (size_t)(c0 + (g)) * MU_GROUP)); \
-                const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(c, xv), ones); \
-                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(sc[r] + (g)), acc[r]); \
+                for (int t = 0; t < WR; t++) { \
+                    const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(c[t], xv), ones); \
+                    acc[t * R + r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(sc[t * R + r] + (g)), \
+                                                     acc[t * R + r]); \
+                } \
             } \
         } while (0)
         int32_t g = 0;
@@ -795,8 +816,9 @@ static inline __attribute__((always_inline)) void int4_tile(const int R, const u
             MU_INT4_GROUP(g, acc0);
 #undef MU_INT4_GROUP
     }
-    for (int r = 0; r < nr; r++)
-        out[r] = hsum8(_mm256_add_ps(_mm256_add_ps(acc0[r], acc1[r]), zacc[r]));
+    for (int t = 0; t < WR && t < nw; t++)
+        for (int r = 0; r < nr; r++)
+            out[t * 4 + r] = hsum8(_mm256_add_ps(_mm256_add_ps(acc0[t * R + r], acc1[t * R + r]), zacc[t * R + r]));
 }
 #else
 /* The portable int4 dot product of one weight row with one activation row (quantize_groups'). */
@@ -817,37 +839,46 @@ static float dot_int4(const uint8_t *w, const uint16_t *sz, int32_t groups, cons
 }
 #endif
 
-/* `linear` for int4 weights on rows quantized by quantize_groups: up to four rows per weight row read. */
+/* `linear` for int4 weights on rows quantized by quantize_groups: AVX2 tiles of two weight rows for one
+   activation row, of one weight row for up to four. */
 static void linear_int4(const mu_linear *L, int32_t rows, float *y, int32_t ldy, int accumulate,
                         const mu_buffers *b) {
     const int32_t n = L->n, k = L->k, groups = k / MU_GROUP;
-    const size_t ldq = round_up((size_t)k), ldg = ldq / MU_GROUP;
-    for (int32_t j = 0; j < n; j++) {
-        const uint8_t *w = (const uint8_t *)L->w + (size_t)j * (k / 2);
-        const uint16_t *sz = L->groups + (size_t)j * groups * 2;
+    const size_t ldq = round_up((size_t)k), ldg = ldq / MU_GROUP, ldw = (size_t)k / 2, ldsz = (size_t)groups * 2;
+#if defined(MU_INT4_AVX2)
+    const int32_t WR = rows == 1 ? 2 : 1;
+#else
+    const int32_t WR = 1;
+#endif
+    for (int32_t j = 0; j < n; j += WR) {
+        const int32_t nw = n - j < WR ? n - j : WR;
+        const uint8_t *w = (const uint8_t *)L->w + (size_t)j * ldw;
+        const uint16_t *sz = L->groups + (size_t)j * ldsz;
         for (int32_t r0 = 0; r0 < rows; r0 += 4) {
             const int32_t nr = rows - r0 < 4 ? rows - r0 : 4;
             const int8_t *xq = b->xq + (size_t)r0 * ldq;
             const float *gstep = b->gstep + (size_t)r0 * ldg, *gsum = b->gsum + (size_t)r0 * ldg;
-            float out[4];
+            float out[8];
 #if defined(MU_INT4_AVX2)
-            switch (nr) {
-            case 1: int4_tile(1, w, sz, groups, xq, ldq, gstep, gsum, ldg, nr, out); break;
-            case 2: int4_tile(2, w, sz, groups, xq, ldq, gstep, gsum, ldg, nr, out); break;
-            case 3: int4_tile(3, w, sz, groups, xq, ldq, gstep, gsum, ldg, nr, out); break;
-            default: int4_tile(4, w, sz, groups, xq, ldq, gstep, gsum, ldg, nr, out); break;
+            switch (WR == 2 ? 0 : nr) {
+            case 0: int4_tile(2, 1, w, ldw, sz, ldsz, nw, groups, xq, ldq, gstep, gsum, ldg, nr, out); break;
+            case 1: int4_tile(1, 1, w, ldw, sz, ldsz, nw, groups, xq, ldq, gstep, gsum, ldg, nr, out); break;
+            case 2: int4_tile(1, 2, w, ldw, sz, ldsz, nw, groups, xq, ldq, gstep, gsum, ldg, nr, out); break;
+            case 3: int4_tile(1, 3, w, ldw, sz, ldsz, nw, groups, xq, ldq, gstep, gsum, ldg, nr, out); break;
+            default: int4_tile(1, 4, w, ldw, sz, ldsz, nw, groups, xq, ldq, gstep, gsum, ldg, nr, out); break;
             }
 #else
             for (int32_t r = 0; r < nr; r++)
                 out[r] = dot_int4(w, sz, groups, xq + (size_t)r * ldq, gstep + (size_t)r * ldg, gsum + (size_t)r * ldg);
 #endif
-            for (int32_t r = 0; r < nr; r++) {
-                float v = out[r];
-                if (L->bias)
-                    v += L->bias[j];
-                float *yr = y + (size_t)(r0 + r) * ldy + j;
-                *yr = accumulate ? *yr + v : v;
-            }
+            for (int32_t t = 0; t < nw; t++)
+                for (int32_t r = 0; r < nr; r++) {
+                    float v = out[t * 4 + r];
+                    if (L->bias)
+                        v += L->bias[j + t];
+                    float *yr = y + (size_t)(r0 + r) * ldy + j + t;
+                    *yr = accumulate ? *yr + v : v;
+                }
         }
     }
 }
