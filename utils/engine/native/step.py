@@ -669,8 +669,9 @@ _MODELS: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, NativeModel]]" = wea
 def native_model(model: nn.Module, kernel: str, reference: bool, screen: GreedyHead | None
                  ) -> tuple[NativeView | None, str]:
     """(the C step's view of `model` with `screen`, "c (FEATURES[, int4 KERNEL], N threads, COMPILER)"), or
-    (None, "torch (why)") — the decode path a generation with decode_kernel `kernel` takes (on torch.get_num_threads() threads).
-    `kernel` "c" raises OmniError instead of falling back. The weights are laid out once per weight version."""
+    (None, "torch (why)") — the decode path a generation with decode_kernel `kernel` takes (on
+    torch.get_num_threads() threads; KERNEL: the int4 weights' kernel, where the model has any). `kernel` "c"
+    raises OmniError instead of falling back. The weights are laid out once per weight version."""
     if kernel not in DECODE_KERNELS:
         raise ValueError(f"decode_kernel {kernel!r}: use one of {', '.join(DECODE_KERNELS)}")
     if kernel == "torch":
