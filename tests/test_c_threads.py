@@ -69,6 +69,7 @@ def outputs(model: ThinkerLM, rows: int, threads: int) -> list[torch.Tensor]:
 
 
 @needs_c
+@pytest.mark.usefixtures("one_thread")  # torch's own threads (the int4 quantizer's) spin on a loaded machine
 @pytest.mark.parametrize("rows", (1, 4))
 @pytest.mark.parametrize("method", (None, "int8", "int4"))
 @pytest.mark.parametrize("name", MODELS)
