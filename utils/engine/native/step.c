@@ -706,27 +706,62 @@ static inline float bf16_bits(uint16_t v) {
     return f;
 }
 
+#if defined(MU_INT4_AVX2)
+/* One group of quantize_groups: its 32 codes into q, its step returned, the sum of its codes in *sum (the same
+   numbers as the portable loop: division, rounding half to even and clamping are exact in either). */
+static inline float quantize_group(const float *xg, int8_t *q, int32_t *sum) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 v[4];
+    for (int i = 0; i < 4; i++)
+        v[i] = _mm256_loadu_ps(xg + 8 * i);
+    const __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v[0]), _mm256_andnot_ps(sign, v[1])),
+                                   _mm256_max_ps(_mm256_andnot_ps(sign, v[2]), _mm256_andnot_ps(sign, v[3])));
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    const float amax = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+    const float step = (amax > 1e-30f ? amax : 1e-30f) / 127.0f;
+    const __m256 vstep = _mm256_set1_ps(step), lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
+    __m256i iv[4];
+    for (int i = 0; i < 4; i++) {
+        const __m256 r = _mm256_round_ps(_mm256_div_ps(v[i], vstep), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        iv[i] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, lo), hi));
+    }
+    const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(iv[0], iv[1]), _mm256_packs_epi32(iv[2], iv[3]));
+    _mm256_storeu_si256((__m256i *)q, _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+    const __m256i t = _mm256_add_epi32(_mm256_add_epi32(iv[0], iv[1]), _mm256_add_epi32(iv[2], iv[3]));
+    __m128i u = _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
+    u = _mm_add_epi32(u, _mm_shuffle_epi32(u, 0x4E));
+    *sum = _mm_cvtsi128_si32(_mm_add_epi32(u, _mm_shuffle_epi32(u, 0xB1)));
+    return step;
+}
+#else
+static inline float quantize_group(const float *xg, int8_t *q, int32_t *sum) {
+    float amax = 0.0f;
+    for (int i = 0; i < MU_GROUP; i++) {
+        const float a = fabsf(xg[i]);
+        amax = a > amax ? a : amax;
+    }
+    const float step = (amax > 1e-30f ? amax : 1e-30f) / 127.0f;
+    *sum = 0;
+    for (int i = 0; i < MU_GROUP; i++) {
+        float v = nearbyintf(xg[i] / step);
+        v = v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v);
+        q[i] = (int8_t)v;
+        *sum += q[i];
+    }
+    return step;
+}
+#endif
+
 /* Per row and group of 32 inputs: t = max(max|x|, 1e-30) / 127, q = round-half-even(x / t) in b->xq, t in
    b->gstep, t * sum q in b->gsum (quant.quantize_rows, per group rather than per row). */
 static void quantize_groups(const float *x, int32_t rows, int32_t k, int32_t ldx, mu_buffers *b) {
     const size_t ldq = round_up((size_t)k), ldg = ldq / MU_GROUP;
     for (int32_t r = 0; r < rows; r++) {
         for (int32_t g = 0; g < k / MU_GROUP; g++) {
-            const float *xg = x + (size_t)r * ldx + (size_t)g * MU_GROUP;
-            int8_t *q = b->xq + (size_t)r * ldq + (size_t)g * MU_GROUP;
-            float amax = 0.0f;
-            for (int i = 0; i < MU_GROUP; i++) {
-                const float a = fabsf(xg[i]);
-                amax = a > amax ? a : amax;
-            }
-            const float step = (amax > 1e-30f ? amax : 1e-30f) / 127.0f;
-            int32_t sum = 0;
-            for (int i = 0; i < MU_GROUP; i++) {
-                float v = nearbyintf(xg[i] / step);
-                v = v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v);
-                q[i] = (int8_t)v;
-                sum += q[i];
-            }
+            int32_t sum;
+            const float step = quantize_group(x + (size_t)r * ldx + (size_t)g * MU_GROUP,
+                                              b->xq + (size_t)r * ldq + (size_t)g * MU_GROUP, &sum);
             b->gstep[(size_t)r * ldg + g] = step;
             b->gsum[(size_t)r * ldg + g] = step * (float)sum;
         }
