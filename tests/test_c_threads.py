@@ -1,5 +1,5 @@
 """The C step on several threads (the worker pool of utils/engine/native/step.c): ids and logits equal bit for bit
-on 1, 2, 3 and 8 threads for prefills and steps (float32 and int8 weights, batches of 1 and 4, a model where
+on 1, 2, 3 and 8 threads for prefills and steps (float32, int8 and int4 weights, batches of 1 and 4, a model where
 every thread gets work and one too small for that); a session's workers started once, reused for every step
 and joined when it is freed; the thread count the step runs on reported; the physical-core count serve.py and
 batch.py default to."""
@@ -69,8 +69,9 @@ def outputs(model: ThinkerLM, rows: int, threads: int) -> list[torch.Tensor]:
 
 
 @needs_c
+@pytest.mark.usefixtures("one_thread")  # torch's own threads (the int4 quantizer's) spin on a loaded machine
 @pytest.mark.parametrize("rows", (1, 4))
-@pytest.mark.parametrize("method", (None, "int8"))
+@pytest.mark.parametrize("method", (None, "int8", "int4"))
 @pytest.mark.parametrize("name", MODELS)
 def test_numbers_are_identical_on_any_thread_count(name: str, method: str | None, rows: int) -> None:
     model = thinker(name)

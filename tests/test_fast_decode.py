@@ -101,7 +101,7 @@ def agreement(reference, candidate, demo, kernel: str = "auto") -> tuple[float, 
 
 
 @pytest.mark.parametrize("method,kernel", (("bfloat16", "torch"), c_step_param("int8"), ("int8", "torch"),
-                                           ("int4", "torch")))
+                                           c_step_param("int4"), ("int4", "torch")))
 def test_quantized_decode_agrees_with_float32(method, kernel, demo) -> None:
     reference = demo.parts.thinker
     candidate = copy.deepcopy(reference)

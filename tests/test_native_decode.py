@@ -1,9 +1,10 @@
 """The C decode step (utils/engine/native/step.c) against the torch step: the same logits up to float rounding for
 every block variant it takes (GQA / MHA, SwiGLU / GELU with biases, head sizes with and without the vector
-path), left-padded batches, int8 weights close to float32; a row's numbers independent of its batch (bit for
-bit); the screened greedy id equal to the full argmax; the path reported and chosen as documented (auto, c,
-torch; no compiler, a failing compiler, builds for CPUs with fewer vector instructions). The fixture's ids through
-it are checked in test_fast_decode.py and test_fixture.py (the default path)."""
+path), left-padded batches, int8 weights close to float32, int4 weights giving the torch int4 step's ids; a
+row's numbers independent of its batch (bit for bit); the screened greedy id equal to the full argmax; the path
+reported and chosen as documented (auto, c, torch; no compiler, a failing compiler, builds for CPUs with fewer
+vector instructions). The fixture's ids through it are checked in test_fast_decode.py and test_fixture.py (the
+default path)."""
 from __future__ import annotations
 
 import copy
@@ -24,11 +25,11 @@ from models.layers import BlockConfig
 from models.thinker import ThinkerConfig, ThinkerLM
 from utils.base.errors import OmniError
 from utils.base.options import SamplingOptions
-from utils.engine.generation import Slots, generate
+from utils.engine.generation import Slots, forced_logits, generate, generate_batch
 from utils.engine.native import step
 from utils.engine.sampling import greedy_head
 from utils.engine.native.step import NativeSession, native_model
-from utils.weights.quant import quantize_int8, quantize_linears
+from utils.weights.quant import Int4Linear, quantize_int8, quantize_linears
 
 from tests import forkserver
 from tests.conftest import DEMO, REPO, c_step_missing
@@ -99,13 +100,14 @@ def test_c_int8_is_as_close_to_float32_as_the_torch_int8_step(name: str) -> None
     assert 0 < c < 0.08 and c <= 1.3 * torch_step + 0.005, (c, torch_step)
 
 
-@pytest.mark.parametrize("method", (None, "int8"))
+@pytest.mark.parametrize("method", (None, "int8", "int4"))
 @pytest.mark.parametrize("name", ("gqa-swiglu", "mha-gelu"))
 def test_a_rows_numbers_do_not_depend_on_its_batch(name: str, method: str | None) -> None:
-    """Bit for bit: each row of batches of 1..8 rows (different first columns) equals the row decoded alone."""
+    """Bit for bit: each row of batches of 1..8 rows (different first columns) equals the row decoded alone
+    (int4: the gqa-swiglu blocks; mha-gelu's inner sizes are no multiples of 32 and stay float32)."""
     model = thinker(name)
     if method:
-        quantize_linears(model, method)
+        assert bool(quantize_linears(model, method)) == (method != "int4" or name == "gqa-swiglu")
     native, _ = native_model(model, "c", False, None)
     tokens, firsts = [7, 11, 13, 17, 19, 23, 29, 31], [0, 3, 1, 0, 2, 5, 0, 1]
     g = torch.Generator().manual_seed(1)
@@ -124,6 +126,32 @@ def test_a_rows_numbers_do_not_depend_on_its_batch(name: str, method: str | None
     alone = torch.cat([run([r]) for r in range(8)])
     for n in (2, 3, 5, 8):
         assert torch.equal(run(list(range(n))), alone[:n]), n
+
+
+def test_c_int4_equals_the_torch_int4_step_on_the_demo() -> None:
+    """int4 weights (the demo thinker, `--quantize int4`): the C step (activations quantized per group of 32 to
+    int8) gives the torch step's greedy ids (bfloat16 activations, torch's int4 kernel) on the same weights,
+    alone and batched, and logits within 2% relative RMS of its teacher-forced ones (measured 0.7%)."""
+    from omni import load_model
+    model = load_model(DEMO, device="cpu", quantize="int4")
+    thinker_ = model.parts.thinker
+    assert "blocks.0.mlp.down_proj" in {n for n, m in thinker_.named_modules() if isinstance(m, Int4Linear)}
+    prompts = [model.parts.tokenizer.prompt_ids(p) for p in ("What is 3 plus 4?", "Once upon a time there was",
+                                                             "Name a colour.")]
+    with torch.inference_mode():
+        embeds = [thinker_.tok_emb(torch.tensor(ids)) for ids in prompts]
+    got = {}
+    for kernel in ("c", "torch"):
+        opts = SamplingOptions(max_new_tokens=24, ignore_eos=True, decode_kernel=kernel)
+        single = [list(generate(thinker_, e[None], opts, ids)) for e, ids in zip(embeds, prompts)]
+        assert generate_batch(thinker_, embeds, prompts, opts) == single
+        got[kernel] = single
+    assert got["c"] == got["torch"]
+    for kernel in ("c", "torch"):
+        opts = SamplingOptions(max_new_tokens=24, decode_kernel=kernel)
+        got[kernel] = forced_logits(thinker_, embeds[1], got["torch"][1][:-1], opts)
+    distance = (got["c"] - got["torch"]).pow(2).mean().sqrt() / got["torch"].pow(2).mean().sqrt()
+    assert 0 < float(distance) < 0.02 and torch.equal(got["c"].argmax(-1), got["torch"].argmax(-1))
 
 
 def test_screened_greedy_equals_the_full_argmax() -> None:
@@ -163,7 +191,13 @@ def test_paths_are_chosen_and_reported() -> None:
     assert "torch.bfloat16" in native_model(half, "auto", False, None)[1]
     int4 = copy.deepcopy(model)
     quantize_linears(int4, "int4")
-    assert "Int4Linear" in native_model(int4, "auto", False, None)[1]
+    kernel = native_model(int4, "auto", False, None)[1]
+    assert re.match(r"c \([\w-]+, int4 (avx2|generic), 1 thread, ", kernel), kernel
+    assert ", int4 " not in native_model(model, "auto", False, None)[1]
+    coarse = copy.deepcopy(model)
+    coarse.blocks[0].attn.o = Int4Linear.from_linear(coarse.blocks[0].attn.o, group=64)
+    assert native_model(coarse, "auto", False, None) == (
+        None, "torch (block 0: int4 groups of 64 (the C step takes 32))")
 
 
 def test_new_weights_rebuild_the_c_view() -> None:
@@ -242,23 +276,26 @@ def cpu_has(flag: str) -> bool:
 def test_builds_for_other_cpus_give_the_same_answers(flags: str, features: str, tmp_path: Path, fixture_dir: Path,
                                                     expected: dict) -> None:
     """The C step built for a CPU with fewer vector instructions: the fixture's causal ids, the same int8 ids as
-    this build (int8 sums are exact in every path), and the build says which paths it has."""
+    this build (int8 sums are exact in every path), the same int4 ids, and the build says which paths it has."""
     env = {"MUOMNI_CFLAGS": flags, "MUOMNI_CACHE_DIR": str(tmp_path / "cache")}
     code = ("import json, sys; from omni import load_model\n"
             "def ask(**load):\n"
             "    a = load_model(sys.argv[1], device='cpu', **load).answer(sys.argv[2], max_new_tokens=16, "
             "decode_kernel='c')\n"
             "    return [a.token_ids, a.timing['decode_kernel']]\n"
-            "print(json.dumps([ask(), ask(quantize='int8')]))")
+            "print(json.dumps([ask(), ask(quantize='int8'), ask(quantize='int4')]))")
     run = [sys.executable, "-c", code, str(fixture_dir / "thinker_tiny"), expected["prompt"]]
     done = forkserver.run(run, capture_output=True, text=True, timeout=180, cwd=REPO, env={**os.environ, **env})
     assert done.returncode == 0, done.stderr
-    (ids, kernel), (int8_ids, _) = json.loads(done.stdout)
+    (ids, kernel), (int8_ids, _), (int4_ids, int4_kernel) = json.loads(done.stdout)
     want = expected["thinker_greedy_16_causal"]
     assert ids == (want[:want.index(2)] if 2 in want else want)
     assert kernel.startswith(f"c ({features}, ")
-    here = forkserver.run(run, capture_output=True, text=True, timeout=180, cwd=REPO)
-    assert json.loads(here.stdout)[1][0] == int8_ids
+    portable = "generic" if flags == "-march=x86-64-v2" else "avx2"  # the int4 kernel (no AVX-512 one)
+    assert int4_kernel.startswith(f"c ({features}, int4 {portable}, ")
+    here = json.loads(forkserver.run(run, capture_output=True, text=True, timeout=180, cwd=REPO).stdout)
+    assert here[1][0] == int8_ids
+    assert here[2][0] == int4_ids  # int4: float sums in another order, the same ids on this trained thinker
 
 
 # ---------------------------------------------------------------- greedy ids: ties, NaN, the screen's near-ties

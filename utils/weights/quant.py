@@ -222,16 +222,35 @@ def quantize_int4(w: torch.Tensor, group: int = INT4_GROUP) -> tuple[torch.Tenso
             torch.stack([best_scale, zero], -1).transpose(0, 1).contiguous())
 
 
+def pack_nibbles(codes: torch.Tensor, group: int = INT4_GROUP) -> torch.Tensor:
+    """Codes (N, K) in 0..15 as uint8 (N, K / 2), two per byte: in each group of `group` codes, byte i holds
+    code i in its low nibble and code i + group / 2 in its high one (the layout of step.c's int4 kernels: the
+    low nibbles of a group's bytes are its first half, the high nibbles its second, in order)."""
+    N, K = codes.shape
+    c = codes.to(torch.uint8).reshape(N, K // group, 2, group // 2)
+    return (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(N, K // 2)
+
+
+def unpack_nibbles(packed: torch.Tensor, group: int = INT4_GROUP) -> torch.Tensor:
+    """The int32 codes (N, K) `pack_nibbles` packed."""
+    N, half = packed.shape
+    b = packed.reshape(N, half * 2 // group, 1, group // 2)
+    return torch.cat([b & 15, b >> 4], 2).reshape(N, half * 2).to(torch.int32)
+
+
 class Int4Linear(nn.Module):
     """nn.Linear with weight-only 4-bit group-wise weights (`quantize_int4`), through torch's CPU int4
     kernel (`_weight_int4pack_mm_for_cpu`) on bfloat16 activations. CPU only; `supports` says which shapes
-    the kernel takes (N a multiple of 16, K of the group size)."""
+    the kernel takes (N a multiple of 16, K of the group size). `codes` keeps the weights in the layout of
+    `pack_nibbles` (what the C step reads; torch's packing differs by CPU), `packed` torch's copy of them."""
 
-    def __init__(self, packed: torch.Tensor, scale_zero: torch.Tensor, in_features: int,
+    def __init__(self, codes: torch.Tensor, scale_zero: torch.Tensor, in_features: int,
                  bias: torch.Tensor | None, group: int = INT4_GROUP) -> None:
         super().__init__()
-        self.in_features, self.out_features, self.group = in_features, packed.shape[0], group
-        self.register_buffer("packed", packed)
+        self.in_features, self.out_features, self.group = in_features, codes.shape[0], group
+        self.register_buffer("codes", codes)
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+            unpack_nibbles(codes, group), 1))
         self.register_buffer("scale_zero", scale_zero.to(torch.bfloat16))
         self.register_buffer("bias", bias.detach().clone() if bias is not None else None)
 
@@ -243,18 +262,15 @@ class Int4Linear(nn.Module):
     @classmethod
     def from_linear(cls, lin: nn.Linear, group: int = INT4_GROUP) -> "Int4Linear":
         codes, scale_zero = quantize_int4(lin.weight, group)
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
-        return cls(packed, scale_zero, lin.in_features, lin.bias, group)
+        return cls(pack_nibbles(codes, group), scale_zero, lin.in_features, lin.bias, group)
 
     @classmethod
     def fuse(cls, layers: list["Int4Linear"]) -> "Int4Linear | None":
-        """Side by side outputs in one product: the CPU packing keeps each block of 64 output rows apart, so
-        packed weights of layers with multiples of 64 outputs concatenate (checked in the tests)."""
-        if len({(m.in_features, m.group, m.bias is None) for m in layers}) != 1 \
-                or any(m.out_features % 64 for m in layers):
+        """Side by side outputs in one product (the codes and scales of the layers concatenated)."""
+        if len({(m.in_features, m.group, m.bias is None) for m in layers}) != 1:
             return None
         bias = torch.cat([m.bias for m in layers]) if layers[0].bias is not None else None
-        return cls(torch.cat([m.packed for m in layers]), torch.cat([m.scale_zero for m in layers], dim=1),
+        return cls(torch.cat([m.codes for m in layers]), torch.cat([m.scale_zero for m in layers], dim=1),
                    layers[0].in_features, bias, layers[0].group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

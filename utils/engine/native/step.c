@@ -34,6 +34,8 @@
      linear_tiles         quant.Int8Linear.forward (int8 weights; here on int8 activations)
      linear_panels_avx2   linear_panels on AVX2 + FMA (CPUs without AVX-512)
      linear_u8_avx2       linear_tiles on AVX2 (int8 weights in step.py's to_int8_tiles layout)
+     linear_int4          quant.Int4Linear.forward (int4 weights; here on int8 activations per group of 32)
+     quantize_groups      quant.quantize_rows, per group of 32 inputs (the int4 section)
      quantize_rows        quant.quantize_rows
      rope                 apply_rotary
      store_kv             attend_rows: RoPE on q and k, KVCache.update
@@ -69,7 +71,8 @@
 #endif
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
-#define MU_AVX2 1  /* 256-bit kernels (see "AVX2 + FMA" below) where the AVX-512 / VNNI ones are not built */
+#define MU_AVX2 1  /* 256-bit kernels (see "AVX2 + FMA" below) where the AVX-512 / VNNI ones are not built, and
+                      the int4 kernel's AVX2 path (its own section) */
 #endif
 
 typedef struct {
@@ -80,7 +83,13 @@ typedef struct {
     int32_t panels;      /* float32, 1: stored as ceil(n / 64) panels [k][64] (row 64 p + l of W at column l of
                             panel p, zero rows past n), the layout of linear_panels (mu_f32_panels() says if used);
                             int8, 1: in tiles of 4 rows, the layout of linear_u8_avx2 (mu_int8_tiles()) */
+    int32_t format;      /* MU_FORMAT_PLAIN (float32, or int8 where scale is set) or MU_FORMAT_INT4 */
+    const uint16_t *groups;  /* int4: per row and group of 32 inputs its (scale, zero) as bfloat16 bits,
+                                [n][k / 32][2] (see the int4 section); else NULL */
 } mu_linear;
+
+#define MU_FORMAT_PLAIN 0
+#define MU_FORMAT_INT4 1
 
 typedef struct {
     const float *norm1, *norm2;
@@ -116,7 +125,7 @@ typedef struct {
 /* ------------------------------------------------------------------ the ABI shared with step.py */
 
 /* Bump with step.py's ABI_VERSION whenever a struct above or an exported function's signature changes. */
-#define MU_ABI_VERSION 2
+#define MU_ABI_VERSION 3
 
 /* Per shared struct (mu_linear, mu_layer, mu_model, mu_session, in that order): its size, then the offset of
    each field in declaration order; step.py's struct_layout() computes the same list from its ctypes
@@ -125,7 +134,7 @@ typedef struct {
 #define MU_AT(type, field) (int32_t)offsetof(type, field)
 static const int32_t mu_layout[] = {
     MU_LAYOUT(mu_linear, MU_AT(mu_linear, w), MU_AT(mu_linear, scale), MU_AT(mu_linear, bias), MU_AT(mu_linear, n),
-              MU_AT(mu_linear, k), MU_AT(mu_linear, panels)),
+              MU_AT(mu_linear, k), MU_AT(mu_linear, panels), MU_AT(mu_linear, format), MU_AT(mu_linear, groups)),
     MU_LAYOUT(mu_layer, MU_AT(mu_layer, norm1), MU_AT(mu_layer, norm2), MU_AT(mu_layer, eps1), MU_AT(mu_layer, eps2),
               MU_AT(mu_layer, qkv), MU_AT(mu_layer, o), MU_AT(mu_layer, up), MU_AT(mu_layer, down)),
     MU_LAYOUT(mu_model, MU_AT(mu_model, n_layers), MU_AT(mu_model, d), MU_AT(mu_model, heads),
@@ -322,6 +331,7 @@ typedef struct {
     int8_t *xq;
     int32_t *corr, *cand;
     int64_t *row, *column, *first;  /* per position: its cache row, its cache column, its sequence's first column */
+    float *gstep, *gsum;            /* int4 projections: per position and group of 32 inputs, quantize_groups */
 } mu_buffers;
 
 static size_t round_up(size_t n) { return (n + 63) & ~(size_t)63; }
@@ -357,6 +367,8 @@ static size_t carve(const mu_model *m, int32_t rows, int32_t positions, int32_t 
     TAKE(row, int64_t, n);
     TAKE(column, int64_t, n);
     TAKE(first, int64_t, n);
+    TAKE(gstep, float, n * round_up(max_k(m)) / 32);
+    TAKE(gsum, float, n * round_up(max_k(m)) / 32);
 #undef TAKE
     return off;
 }
@@ -992,6 +1004,249 @@ static inline __attribute__((always_inline)) void linear_tiles(const int WR, con
 }
 #endif
 
+/* ------------------------------------------------------------------ int4 weights
+
+   utils.weights.quant.Int4Linear (quantize_int4): per output row, groups of 32 inputs, each with a scale s and a
+   zero z (bfloat16, those of torch's int4 kernel) and 32 codes c in 0..15 for the weights w = (c - 8) s + z.
+   Stored as 16 bytes of codes per group (byte i: code i in the low nibble, code i + 16 in the high one; step.py
+   from quant.pack_nibbles) and the (s, z) pairs as bfloat16 bits (mu_linear.groups): 20 bytes per 32 weights,
+   5 bits a weight. Activations are quantized per group of 32 to int8 (quantize_groups: step t, codes q, as
+   llama.cpp's Q8_0), so a group's dot product is
+       sum_i x_i w_i ~ s t sum_i c_i q_i + (z - 8 s) t sum_i q_i
+   with sum_i c_i q_i exact in integers; the output sums those group terms in float32 in a fixed order (the
+   AVX2 path: eight lanes, two accumulators by group parity, one fixed reduction), which depends on the output's
+   weights and its row's activations only, so a row's numbers do not depend on its batch or the thread count. */
+
+#define MU_GROUP 32
+
+static inline float bf16_bits(uint16_t v) {
+    const uint32_t u = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+#if defined(MU_AVX2)
+/* One group of quantize_groups: its 32 codes into q, its step returned, the sum of its codes in *sum (the same
+   numbers as the portable loop: division, rounding half to even and clamping are exact in either). */
+static inline float quantize_group(const float *xg, int8_t *q, int32_t *sum) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 v[4];
+    for (int i = 0; i < 4; i++)
+        v[i] = _mm256_loadu_ps(xg + 8 * i);
+    const __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v[0]), _mm256_andnot_ps(sign, v[1])),
+                                   _mm256_max_ps(_mm256_andnot_ps(sign, v[2]), _mm256_andnot_ps(sign, v[3])));
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    const float amax = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+    const float step = (amax > 1e-30f ? amax : 1e-30f) / 127.0f;
+    const __m256 vstep = _mm256_set1_ps(step), lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
+    __m256i iv[4];
+    for (int i = 0; i < 4; i++) {
+        const __m256 r = _mm256_round_ps(_mm256_div_ps(v[i], vstep), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        iv[i] = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, lo), hi));
+    }
+    const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(iv[0], iv[1]), _mm256_packs_epi32(iv[2], iv[3]));
+    _mm256_storeu_si256((__m256i *)q, _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+    const __m256i t = _mm256_add_epi32(_mm256_add_epi32(iv[0], iv[1]), _mm256_add_epi32(iv[2], iv[3]));
+    __m128i u = _mm_add_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
+    u = _mm_add_epi32(u, _mm_shuffle_epi32(u, 0x4E));
+    *sum = _mm_cvtsi128_si32(_mm_add_epi32(u, _mm_shuffle_epi32(u, 0xB1)));
+    return step;
+}
+#else
+static inline float quantize_group(const float *xg, int8_t *q, int32_t *sum) {
+    float amax = 0.0f;
+    for (int i = 0; i < MU_GROUP; i++) {
+        const float a = fabsf(xg[i]);
+        amax = a > amax ? a : amax;
+    }
+    const float step = (amax > 1e-30f ? amax : 1e-30f) / 127.0f;
+    *sum = 0;
+    for (int i = 0; i < MU_GROUP; i++) {
+        float v = nearbyintf(xg[i] / step);
+        v = v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v);
+        q[i] = (int8_t)v;
+        *sum += q[i];
+    }
+    return step;
+}
+#endif
+
+/* Per row and group of 32 inputs: t = max(max|x|, 1e-30) / 127, q = round-half-even(x / t) in b->xq, t in
+   b->gstep, t * sum q in b->gsum (quant.quantize_rows, per group rather than per row). */
+static void quantize_groups(const float *x, int32_t rows, int32_t k, int32_t ldx, mu_buffers *b) {
+    const size_t ldq = round_up((size_t)k), ldg = ldq / MU_GROUP;
+    for (int32_t r = 0; r < rows; r++) {
+        for (int32_t g = 0; g < k / MU_GROUP; g++) {
+            int32_t sum;
+            const float step = quantize_group(x + (size_t)r * ldx + (size_t)g * MU_GROUP,
+                                              b->xq + (size_t)r * ldq + (size_t)g * MU_GROUP, &sum);
+            b->gstep[(size_t)r * ldg + g] = step;
+            b->gsum[(size_t)r * ldg + g] = step * (float)sum;
+        }
+    }
+}
+
+#if defined(MU_AVX2)
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+#define MU_INT4_CHUNK 64  /* groups whose scales int4_tile prepares at a time (on the stack) */
+
+/* WR weight rows (codes w, pairs sz; row t at w + t * ldw, sz + t * ldsz; rows past nw repeat the last) times R
+   activation rows (rows past nr repeat the last), WR * R <= 4: out[t * 4 + r] = weight row t's dot product with
+   activation row r. Per chunk of groups, first each group's s t for every pair (and the zero terms), then the
+   codes, each group's widened once for the R rows and each activation group loaded once for the WR rows; even
+   groups sum into one accumulator, odd ones into another. A pair's numbers do not depend on WR or R. */
+static inline __attribute__((always_inline)) void int4_tile(const int WR, const int R, const uint8_t *w,
+        size_t ldw, const uint16_t *sz, size_t ldsz, int32_t nw, int32_t groups, const int8_t *xq, size_t ldq,
+        const float *gstep, const float *gsum, size_t ldg, int32_t nr, float *out) {
+    const uint8_t *wr[4];
+    const uint16_t *zr[4];
+    const int8_t *xr[4];
+    const float *tr[4], *sr[4];
+    __m256 acc0[4], acc1[4], zacc[4];
+    float sc[4][MU_INT4_CHUNK];
+    for (int t = 0; t < WR; t++) {
+        const size_t a = (size_t)(t < nw ? t : nw - 1);
+        wr[t] = w + a * ldw;
+        zr[t] = sz + a * ldsz;
+    }
+    for (int r = 0; r < R; r++) {
+        const size_t a = (size_t)(r < nr ? r : nr - 1);
+        xr[r] = xq + a * ldq;
+        tr[r] = gstep + a * ldg;
+        sr[r] = gsum + a * ldg;
+    }
+    for (int i = 0; i < 4; i++)  /* all four: the compiler cannot see that only WR * R are used */
+        acc0[i] = acc1[i] = zacc[i] = _mm256_setzero_ps();
+    const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(15);
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), high16 = _mm256_set1_epi32((int32_t)0xFFFF0000u);
+    for (int32_t c0 = 0; c0 < groups; c0 += MU_INT4_CHUNK) {
+        const int32_t cn = groups - c0 < MU_INT4_CHUNK ? groups - c0 : MU_INT4_CHUNK;
+        for (int32_t g0 = 0; g0 < cn; g0 += 8) {
+            const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(cn - g0), lane);
+            __m256 ts[4], ss[4];
+            for (int r = 0; r < R; r++) {
+                ts[r] = _mm256_maskload_ps(tr[r] + c0 + g0, live);
+                ss[r] = _mm256_maskload_ps(sr[r] + c0 + g0, live);
+            }
+            for (int t = 0; t < WR; t++) {
+                /* eight (s, z) pairs: s in the low 16 bits of each 32-bit lane, z in the high 16 */
+                const __m256i pair = _mm256_maskload_epi32((const int *)(zr[t] + (size_t)2 * (c0 + g0)), live);
+                const __m256 s = _mm256_castsi256_ps(_mm256_slli_epi32(pair, 16));
+                const __m256 m = _mm256_fnmadd_ps(_mm256_set1_ps(8.0f), s,
+                                                  _mm256_castsi256_ps(_mm256_and_si256(pair, high16)));
+                for (int r = 0; r < R; r++) {
+                    _mm256_storeu_ps(sc[t * R + r] + g0, _mm256_mul_ps(s, ts[r]));
+                    zacc[t * R + r] = _mm256_fmadd_ps(m, ss[r], zacc[t * R + r]);
+                }
+            }
+        }
+#define MU_INT4_GROUP(g, acc) do { \
+            __m256i c[4]; \
+            for (int t = 0; t < WR; t++) { \
+                const __m128i bytes = _mm_loadu_si128((const __m128i *)(wr[t] + (size_t)(c0 + (g)) * 16)); \
+                c[t] = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(bytes, 4), bytes), low); \
+            } \
+            for (int r = 0; r < R; r++) { \
+                const __m256i xv = _mm256_loadu_si256((const __m256i *)(xr[r] + (size_t)(c0 + (g)) * MU_GROUP)); \
+                for (int t = 0; t < WR; t++) { \
+                    const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(c[t], xv), ones); \
+                    acc[t * R + r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(sc[t * R + r] + (g)), \
+                                                     acc[t * R + r]); \
+                } \
+            } \
+        } while (0)
+        int32_t g = 0;
+        for (; g + 2 <= cn; g += 2) {
+            MU_INT4_GROUP(g, acc0);
+            MU_INT4_GROUP(g + 1, acc1);
+        }
+        if (g < cn)
+            MU_INT4_GROUP(g, acc0);
+#undef MU_INT4_GROUP
+    }
+    for (int t = 0; t < WR && t < nw; t++)
+        for (int r = 0; r < nr; r++)
+            out[t * 4 + r] = hsum8(_mm256_add_ps(_mm256_add_ps(acc0[t * R + r], acc1[t * R + r]), zacc[t * R + r]));
+}
+#else
+/* The portable int4 dot product of one weight row with one activation row (quantize_groups'). */
+static float dot_int4(const uint8_t *w, const uint16_t *sz, int32_t groups, const int8_t *xq, const float *gstep,
+                      const float *gsum) {
+    float acc = 0.0f, zacc = 0.0f;
+    for (int32_t g = 0; g < groups; g++) {
+        const uint8_t *wg = w + (size_t)g * 16;
+        const int8_t *xg = xq + (size_t)g * MU_GROUP;
+        int32_t dot = 0;
+        for (int i = 0; i < 16; i++)
+            dot += (int32_t)(wg[i] & 15) * xg[i] + (int32_t)(wg[i] >> 4) * xg[i + 16];
+        const float s = bf16_bits(sz[2 * g]), z = bf16_bits(sz[2 * g + 1]);
+        acc += (float)dot * (s * gstep[g]);
+        zacc += (z - 8.0f * s) * gsum[g];
+    }
+    return acc + zacc;
+}
+#endif
+
+/* `linear` for int4 weights on rows quantized by quantize_groups: AVX2 tiles of two weight rows for one
+   activation row, of one weight row for up to four. */
+static void linear_int4(const mu_linear *L, int32_t rows, float *y, int32_t ldy, int accumulate,
+                        const mu_buffers *b) {
+    const int32_t n = L->n, k = L->k, groups = k / MU_GROUP;
+    const size_t ldq = round_up((size_t)k), ldg = ldq / MU_GROUP, ldw = (size_t)k / 2, ldsz = (size_t)groups * 2;
+#if defined(MU_AVX2)
+    const int32_t WR = rows == 1 ? 2 : 1;
+#else
+    const int32_t WR = 1;
+#endif
+    for (int32_t j = 0; j < n; j += WR) {
+        const int32_t nw = n - j < WR ? n - j : WR;
+        const uint8_t *w = (const uint8_t *)L->w + (size_t)j * ldw;
+        const uint16_t *sz = L->groups + (size_t)j * ldsz;
+        for (int32_t r0 = 0; r0 < rows; r0 += 4) {
+            const int32_t nr = rows - r0 < 4 ? rows - r0 : 4;
+            const int8_t *xq = b->xq + (size_t)r0 * ldq;
+            const float *gstep = b->gstep + (size_t)r0 * ldg, *gsum = b->gsum + (size_t)r0 * ldg;
+            float out[8];
+#if defined(MU_AVX2)
+            switch (WR == 2 ? 0 : nr) {
+            case 0: int4_tile(2, 1, w, ldw, sz, ldsz, nw, groups, xq, ldq, gstep, gsum, ldg, nr, out); break;
+            case 1: int4_tile(1, 1, w, ldw, sz, ldsz, nw, groups, xq, ldq, gstep, gsum, ldg, nr, out); break;
+            case 2: int4_tile(1, 2, w, ldw, sz, ldsz, nw, groups, xq, ldq, gstep, gsum, ldg, nr, out); break;
+            case 3: int4_tile(1, 3, w, ldw, sz, ldsz, nw, groups, xq, ldq, gstep, gsum, ldg, nr, out); break;
+            default: int4_tile(1, 4, w, ldw, sz, ldsz, nw, groups, xq, ldq, gstep, gsum, ldg, nr, out); break;
+            }
+#else
+            for (int32_t r = 0; r < nr; r++)
+                out[r] = dot_int4(w, sz, groups, xq + (size_t)r * ldq, gstep + (size_t)r * ldg, gsum + (size_t)r * ldg);
+#endif
+            for (int32_t t = 0; t < nw; t++)
+                for (int32_t r = 0; r < nr; r++) {
+                    float v = out[t * 4 + r];
+                    if (L->bias)
+                        v += L->bias[j + t];
+                    float *yr = y + (size_t)(r0 + r) * ldy + j + t;
+                    *yr = accumulate ? *yr + v : v;
+                }
+        }
+    }
+}
+
+/* Which int4 kernel this build runs ("avx2" or "generic"; no AVX-512 one: the AVX2 path runs there). */
+const char *mu_int4_kernel(void) {
+#if defined(MU_AVX2)
+    return "avx2";
+#else
+    return "generic";
+#endif
+}
+
 /* Y[r] (=, or += with `accumulate`) x[r] W^T (+ bias) for `rows` rows. int8 weights read the rows quantized
    in b->xq / step / corr (quantize_rows first); `with_step` 0 leaves the int8 outputs unscaled by the row's
    step (the greedy screen compares scores of one row, where the step changes nothing). The path depends on
@@ -1000,6 +1255,10 @@ static void linear(const mu_linear *L, int32_t rows, const float *x, int32_t ldx
                    int accumulate, const mu_buffers *b, int with_step) {
     const int32_t n = L->n, k = L->k;
     const size_t ldq = round_up((size_t)k);
+    if (L->format == MU_FORMAT_INT4) {
+        linear_int4(L, rows, y, ldy, accumulate, b);
+        return;
+    }
 #if defined(MU_AVX512)
     if (L->panels && L->scale == NULL) {
         linear_panels(L, rows, x, ldx, y, ldy, accumulate);
@@ -1086,7 +1345,10 @@ static void linear_chunk(const void *ctx, int32_t c, int32_t who) {
     mu_linear part = *L;
     (void)who;
     part.n = n;
-    if (L->scale != NULL)  /* rows, or tiles of 4 rows: j0 is a multiple of 64 */
+    if (L->format == MU_FORMAT_INT4) {
+        part.w = (const uint8_t *)L->w + (size_t)j0 * (L->k / 2);
+        part.groups = L->groups + (size_t)j0 * (L->k / 32) * 2;
+    } else if (L->scale != NULL)  /* rows, or tiles of 4 rows: j0 is a multiple of 64 */
         part.w = (const uint8_t *)L->w + (size_t)j0 * L->k;
     else if (L->panels)
         part.w = (const float *)L->w + (size_t)(j0 / 64) * L->k * 64;
@@ -1100,7 +1362,9 @@ static void linear_chunk(const void *ctx, int32_t c, int32_t who) {
 /* `linear` split over the session's threads by blocks of 64 outputs (the same numbers on any thread count). */
 static void linear_threads(const mu_linear *L, int32_t rows, const float *x, int32_t ldx, float *y, int32_t ldy,
                            int accumulate, const mu_buffers *b, int with_step) {
-    const size_t block_bytes = (size_t)64 * L->k * (L->scale != NULL ? 1 : sizeof(float));
+    const size_t row_bytes = L->format == MU_FORMAT_INT4 ? (size_t)L->k / 2 + (size_t)L->k / 32 * 4  /* codes, pairs */
+                             : (size_t)L->k * (L->scale != NULL ? 1 : sizeof(float));
+    const size_t block_bytes = 64 * row_bytes;
     const int32_t blocks = (L->n + 63) / 64, chunks = linear_chunk_count(b, blocks, block_bytes);
     const int32_t per = chunks > 0 ? (blocks + chunks - 1) / chunks * 64 : 64;
     const linear_job job = {L, rows, ldx, ldy, per, x, y, accumulate, with_step, b};
@@ -1110,7 +1374,9 @@ static void linear_threads(const mu_linear *L, int32_t rows, const float *x, int
 /* linear() on rows x, quantizing them first when the weights are int8, over the session's threads. */
 static void project(const mu_linear *L, int32_t rows, const float *x, int32_t ldx, float *y, int32_t ldy,
                     int accumulate, mu_buffers *b) {
-    if (L->scale != NULL)
+    if (L->format == MU_FORMAT_INT4)
+        quantize_groups(x, rows, L->k, ldx, b);
+    else if (L->scale != NULL)
         quantize_rows(x, rows, L->k, ldx, b);
     linear_threads(L, rows, x, ldx, y, ldy, accumulate, b, 1);
 }
@@ -1417,12 +1683,13 @@ static float head_score(const mu_model *m, const float *h, int32_t j, const mu_b
     const int32_t d = m->d;
     if (m->head.panels) {
         const int32_t p = j / 64, n = m->vocab - p * 64 < 64 ? m->vocab - p * 64 : 64;
-        const mu_linear panel = {(const float *)m->head.w + (size_t)p * d * 64, NULL, NULL, n, d, 1};
+        const mu_linear panel = {(const float *)m->head.w + (size_t)p * d * 64, NULL, NULL, n, d, 1, MU_FORMAT_PLAIN,
+                                 NULL};
         float out[64];
         linear(&panel, 1, h, d, out, 64, 0, b, 0);
         return out[j % 64];
     }
-    const mu_linear one = {(const float *)m->head.w + (size_t)j * d, NULL, NULL, 1, d, 0};
+    const mu_linear one = {(const float *)m->head.w + (size_t)j * d, NULL, NULL, 1, d, 0, MU_FORMAT_PLAIN, NULL};
     float score;
     linear(&one, 1, h, d, &score, 1, 0, b, 0);
     return score;

@@ -4,8 +4,9 @@ Why: a Thinker decode step through torch is some 150 small ops whose dispatch (2
 their arithmetic at μOmni sizes; the C step does a whole step (or a whole prompt's prefill) in one call,
 reading each weight once per call for all rows (see the C file for the numbers it computes), on
 torch.get_num_threads() threads (what --threads sets: a session's pool of workers, started once; the same
-numbers on any count; `native_model` reports the count). The Talker, the reference decode mode, MoE blocks,
-bfloat16/float16 and int4 weights and non-CPU devices stay on the torch path.
+numbers on any count; `native_model` reports the count). float32, int8 (quant.Int8Linear) and int4
+(quant.Int4Linear, groups of 32) weights run here; the Talker, the reference decode mode, MoE blocks,
+bfloat16/float16 weights and non-CPU devices stay on the torch path.
 
 `native_model(model, kernel, reference, screen)` says which path a generation takes and why: decode_kernel
 "auto" takes the C step where it applies, "c" requires it (OmniError naming the reason otherwise), "torch"
@@ -56,7 +57,7 @@ from models.layers import Block, GeluMLP, SwiGLU, weights_key
 from models.thinker import ThinkerLM
 from utils.base.defaults import DECODE_KERNELS
 from utils.base.errors import OmniError
-from utils.weights.quant import GreedyHead, Int8Linear
+from utils.weights.quant import INT4_GROUP, GreedyHead, Int4Linear, Int8Linear
 
 SOURCE = Path(__file__).with_name("step.c")
 CFLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-fno-math-errno", "-pthread")
@@ -67,7 +68,11 @@ REAP_TIMEOUT_S = 5.0  # after killing a compiler: how long its output pipes may 
 
 class _Linear(ctypes.Structure):
     _fields_ = [("w", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p),
-                ("n", ctypes.c_int32), ("k", ctypes.c_int32), ("panels", ctypes.c_int32)]
+                ("n", ctypes.c_int32), ("k", ctypes.c_int32), ("panels", ctypes.c_int32), ("format", ctypes.c_int32),
+                ("groups", ctypes.c_void_p)]
+
+
+FORMAT_PLAIN, FORMAT_INT4 = 0, 1  # mu_linear.format: float32 / int8 (told by scale), int4
 
 
 class _Layer(ctypes.Structure):
@@ -91,7 +96,7 @@ class _Session(ctypes.Structure):
                 ("scratch", ctypes.c_void_p), ("pool", ctypes.c_void_p)]
 
 
-ABI_VERSION = 2  # step.c's MU_ABI_VERSION: bump both when a struct above or an exported signature changes
+ABI_VERSION = 3  # step.c's MU_ABI_VERSION: bump both when a struct above or an exported signature changes
 SHARED_STRUCTS = (_Linear, _Layer, _Model, _Session)  # step.c's mu_linear, mu_layer, mu_model, mu_session
 SIGNATURES = {  # every function step.c exports: (restype, argtypes)
     "mu_abi": (ctypes.c_int32, [ctypes.POINTER(ctypes.c_int32), ctypes.c_int32]),
@@ -106,6 +111,7 @@ SIGNATURES = {  # every function step.c exports: (restype, argtypes)
     "mu_features": (ctypes.c_char_p, []),
     "mu_f32_panels": (ctypes.c_int, []),
     "mu_int8_tiles": (ctypes.c_int, []),
+    "mu_int4_kernel": (ctypes.c_char_p, []),
 }
 # Symbols only a library built with a sanitizer that must be the process's first library imports (ASan, HWASan,
 # TSan, MSan): loading it into Python aborts the process with one line of the runtime's, so it is refused first.
@@ -504,11 +510,13 @@ class NativeView:
 
 class NativeModel:
     """A Thinker's weights laid out for the C step (fused q/k/v and gate/up copies, float32 weights in panels,
-    int8 weights with their sign bit flipped, in tiles where the library has that kernel) and the C struct pointing at them. Holds every tensor the struct
-    points to; `view(screen)` adds a greedy screen (the int8 copy of the head) without redoing the rest."""
+    int8 weights with their sign bit flipped, in tiles where the library has that kernel, int4 codes with their
+    (scale, zero) pairs row by row) and the C struct pointing at them. Holds every tensor the struct points to;
+    `view(screen)` adds a greedy screen (the int8 copy of the head) without redoing the rest. `int4` says whether
+    any weights are int4."""
 
     def __init__(self, lib: ctypes.CDLL, model: ThinkerLM) -> None:
-        self.lib, self.keep = lib, []
+        self.lib, self.keep, self.int4 = lib, [], False
         blocks = list(model.blocks)
         if not blocks:
             raise Unsupported("a thinker without blocks")
@@ -537,9 +545,10 @@ class NativeModel:
         self.plain = NativeView(self, self.struct, [])
 
     def view(self, screen: GreedyHead | None) -> NativeView:
-        """The struct with `screen` (a float32 head's int8 screen; ignored for an int8 head), built once per
-        screen."""
-        if screen is None or self.struct.head.scale is not None:
+        """The struct with `screen` (a float32 head's int8 screen; ignored for an int8 or int4 head), built once
+        per screen."""
+        head = self.struct.head
+        if screen is None or head.scale is not None or head.format != FORMAT_PLAIN:
             return self.plain
         hit = self.views.get(screen)
         if hit is None:
@@ -561,8 +570,9 @@ class NativeModel:
         return w.data_ptr()
 
     def _linear(self, mods: list[nn.Module], what: str) -> _Linear:
-        """One C linear computing the modules' outputs side by side (all float32 nn.Linear, or all Int8Linear)."""
-        panels = 0
+        """One C linear computing the modules' outputs side by side (all float32 nn.Linear, all Int8Linear or
+        all Int4Linear)."""
+        panels, fmt, groups = 0, FORMAT_PLAIN, None
         if all(type(m) is nn.Linear for m in mods):
             w = torch.cat([_f32(m.weight, what) for m in mods]) if len(mods) > 1 else _f32(mods[0].weight, what)
             scale = None
@@ -572,17 +582,25 @@ class NativeModel:
             flipped = (torch.cat([m.qweight for m in mods]).view(torch.uint8) ^ 128).contiguous()
             w, panels = int8_layout(self.lib, flipped)
             scale = torch.cat([m.scale for m in mods]).float().contiguous()
+        elif all(type(m) is Int4Linear for m in mods):
+            if any(m.group != INT4_GROUP for m in mods):
+                raise Unsupported(f"{what}: int4 groups of {mods[0].group} (the C step takes {INT4_GROUP})")
+            w, scale, fmt = torch.cat([m.codes for m in mods]).contiguous(), None, FORMAT_INT4
+            # (k / 32, n, 2) -> (n, k / 32, 2): a row's (scale, zero) pairs side by side, as the kernel reads them
+            groups = torch.cat([m.scale_zero for m in mods], dim=1).transpose(0, 1).contiguous()
+            self.int4 = True
         else:
             kinds = ", ".join(sorted({type(m).__name__ for m in mods}))
-            raise Unsupported(f"{what} is {kinds} (the C step takes float32 or int8 weights)")
+            raise Unsupported(f"{what} is {kinds} (the C step takes float32, int8 or int4 weights)")
         biases = [m.bias for m in mods]
         if any(b is None for b in biases) and not all(b is None for b in biases):
             raise Unsupported(f"{what}: bias on some parts only")
         bias = None if biases[0] is None else torch.cat([_f32(b, what) for b in biases]).contiguous()
-        self.keep += [t for t in (w, scale, bias) if t is not None]
+        self.keep += [t for t in (w, scale, bias, groups) if t is not None]
         n, k = sum(m.out_features for m in mods), mods[0].in_features
         return _Linear(w.data_ptr(), None if scale is None else scale.data_ptr(),
-                       None if bias is None else bias.data_ptr(), n, k, panels)
+                       None if bias is None else bias.data_ptr(), n, k, panels, fmt,
+                       None if groups is None else groups.data_ptr())
 
     def _layer(self, block: Block, i: int, gelu: bool, heads: tuple[int, int, int]) -> _Layer:
         attn, ffn = block.attn, getattr(block, "mlp", None)
@@ -672,9 +690,10 @@ _MODELS: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, NativeModel]]" = wea
 
 def native_model(model: nn.Module, kernel: str, reference: bool, screen: GreedyHead | None
                  ) -> tuple[NativeView | None, str]:
-    """(the C step's view of `model` with `screen`, "c (FEATURES, N threads, COMPILER)"), or (None, "torch (why)")
-    — the decode path a generation with decode_kernel `kernel` takes (on torch.get_num_threads() threads).
-    `kernel` "c" raises OmniError instead of falling back. The weights are laid out once per weight version."""
+    """(the C step's view of `model` with `screen`, "c (FEATURES[, int4 KERNEL], N threads, COMPILER)"), or
+    (None, "torch (why)") — the decode path a generation with decode_kernel `kernel` takes (on
+    torch.get_num_threads() threads; KERNEL: the int4 weights' kernel, where the model has any). `kernel` "c"
+    raises OmniError instead of falling back. The weights are laid out once per weight version."""
     if kernel not in DECODE_KERNELS:
         raise ValueError(f"decode_kernel {kernel!r}: use one of {', '.join(DECODE_KERNELS)}")
     if kernel == "torch":
@@ -690,20 +709,22 @@ def native_model(model: nn.Module, kernel: str, reference: bool, screen: GreedyH
     if lib is None:
         reason = detail
     else:
-        threads = torch.get_num_threads()  # what a NativeSession made now computes on
-        features, compiler = detail.split(", ", 1)  # library()'s "c (FEATURES, COMPILER)"
-        detail = f"{features}, {threads} thread{'s' if threads > 1 else ''}, {compiler}"
         key = weights_key([model])
         hit = _MODELS.get(model)
-        if hit is not None and hit[0] == key:
-            return hit[1].view(screen), detail
-        try:
-            native = NativeModel(lib, model)
-        except Unsupported as exc:
-            reason = str(exc)
-        else:
-            _MODELS[model] = (key, native)
-            return native.view(screen), detail
+        native = hit[1] if hit is not None and hit[0] == key else None
+        if native is None:
+            try:
+                native = NativeModel(lib, model)
+            except Unsupported as exc:
+                reason = str(exc)
+            else:
+                _MODELS[model] = (key, native)
+        if native is not None:
+            threads = torch.get_num_threads()  # what a NativeSession made now computes on
+            features, compiler = detail.split(", ", 1)  # library()'s "c (FEATURES, COMPILER)"
+            if native.int4:  # the kernel the int4 weights take
+                features += f", int4 {lib.mu_int4_kernel().decode()}"
+            return native.view(screen), f"{features}, {threads} thread{'s' if threads > 1 else ''}, {compiler}"
     if kernel == "c":
         raise OmniError(f"--decode_kernel c: the C decode step cannot run here: {reason}")
     return None, f"torch ({reason})"
