@@ -1089,12 +1089,6 @@ static void quantize_groups(const float *x, int32_t rows, int32_t k, int32_t ldx
 }
 
 #if defined(MU_AVX2)
-static inline float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-
 #define MU_INT4_CHUNK 64  /* groups whose scales int4_tile prepares at a time (on the stack) */
 
 /* WR weight rows (codes w, pairs sz; row t at w + t * ldw, sz + t * ldsz; rows past nw repeat the last) times R
