@@ -1,7 +1,8 @@
 """The trained demo model (checkpoints/demo, built by tools/train_demo.py) on held-out inputs generated fresh.
 
-Thresholds: image answers and sums >= 90% right, transcripts >= 80% exact. Skipped when checkpoints/demo is
-absent; the speech checks are skipped without espeak-ng.
+Thresholds: image answers and sums >= 90% right, transcripts >= 80% exact, OCR >= OCR_LEVEL exact on text images
+drawn fresh. Skipped when checkpoints/demo is absent; the speech checks are skipped without espeak-ng, the OCR
+checks while the demo has no OCR model (tools/train_demo.py --ocr_only writes one; README "Reading text").
 """
 from __future__ import annotations
 
@@ -11,15 +12,19 @@ import random
 import pytest
 
 from tests.conftest import DEMO, EXAMPLES, QUESTION, needs_demo, run_cli
-from tools import synth
+from tools import ocr_demo, synth
 from tools.eval_demo import image_accuracy, speech_accuracy, sum_accuracy
 
 N = 40
 SEED = 2024  # training draws from seeds 1-9: these inputs are new
+OCR_N, OCR_LEVEL = 150, 0.95  # held-out text images, and the exact-string accuracy a shipped OCR model must reach
+
+DEMO_OCR = (DEMO / "ocr_tiny" / "ocr.pt").is_file()
 
 pytestmark = [needs_demo, pytest.mark.usefixtures("one_thread")]
 needs_espeak = pytest.mark.skipif(not synth.have_espeak(),
                                   reason="espeak-ng not installed (apt-get install -y espeak-ng): no speech inputs")
+needs_demo_ocr = pytest.mark.skipif(not DEMO_OCR, reason="checkpoints/demo has no OCR model yet (README: Reading text)")
 
 
 def test_tree_layout_and_size() -> None:
@@ -50,6 +55,28 @@ def test_speech(demo_model) -> None:
     assert heard >= 0.8, f"'What did you hear?' accuracy {heard:.2f}; misses: {misses[:10]}"
 
 
+@needs_demo_ocr
+def test_ocr_reads_fresh_text_images(demo_model) -> None:
+    """Words and numbers drawn as the OCR model's training data is (tools/ocr_demo.py), from a seed it never saw."""
+    acc, misses = ocr_demo.accuracy(demo_model, OCR_N, SEED + 3)
+    assert acc >= OCR_LEVEL, f"OCR exact-string accuracy {acc:.3f}; misses: {misses[:10]}"
+
+
+def test_ocr_training_forward_is_the_inference_forward() -> None:
+    """tools/ocr_demo.py trains through its own forward (it needs the cross-attention weights): the logits it
+    trains are the ones OCRModel computes at inference."""
+    import torch
+    recipe = ocr_demo.OCRRecipe()
+    torch.manual_seed(0)
+    model = ocr_demo.make_model(recipe).eval()
+    x = torch.rand(2, 3, recipe.img_size, recipe.img_size)
+    ids = torch.tensor([[1, 20, 7, 9, 2], [1, 30, 31, 2, 0]])
+    with torch.no_grad():
+        trained, _, attn = ocr_demo.forward_train(model, ids, x)
+    torch.testing.assert_close(trained, model.logits(x, ids), rtol=1e-4, atol=1e-5)
+    assert attn.shape == (recipe.decoder_layers, 2, 5, (recipe.img_size // recipe.patch) ** 2)
+
+
 def test_video_lists_the_shapes(demo_model) -> None:
     frames = synth.shapes_video_frames(random.Random(SEED), [("yellow", "square"), ("purple", "circle")], 12, 128)
     picks = [frames[i * len(frames) // 5] for i in range(1, 5)]  # what the video loader samples from 4 frames
@@ -72,6 +99,13 @@ def test_cli_on_examples() -> None:
     assert out.returncode == 0, out.stderr
     square, seven, heard = out.stdout.splitlines()
     assert "blue square" in square and "7" in seven and "green triangle" in heard, out.stdout
+
+
+@needs_demo_ocr
+def test_cli_reads_the_text_examples() -> None:
+    out = run_cli("--ckpt_dir", str(DEMO), "--ocr", "--image", str(EXAMPLES / "open_sign.png"),
+                  "--image", str(EXAMPLES / "number_42.png"))
+    assert out.returncode == 0 and out.stdout == "open\n42\n", (out.stdout, out.stderr)
 
 
 def test_demo_answers_correctly_without_generation_config(tmp_path) -> None:

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 import export
 from utils.weights import export_writer
-from tests.conftest import run_cli
+from tests.conftest import DEMO, EXAMPLES, needs_demo, run_cli
 from utils.base.errors import OmniError
 from utils.weights.export_format import load_export
 from utils.base.export_names import QUANT_METHOD
@@ -94,6 +94,22 @@ def test_export_layout(tiny_exports: dict[str, Path]) -> None:
     assert sorted(p.name for p in (d / "configs").iterdir()) == sorted(
         ["thinker_tiny.json", "omni_sft_tiny.json", "audio_enc_tiny.json", "vision_tiny.json", "talker_tiny.json",
          "vocoder_tiny.json"])
+
+
+@needs_demo
+@pytest.mark.skipif(not (DEMO / "ocr_tiny" / "ocr.pt").is_file(), reason="checkpoints/demo has no OCR model yet")
+def test_demo_export_reads_text_as_the_checkpoints_do(tmp_path: Path) -> None:
+    """With an OCR model in checkpoints/demo, its export carries `ocr.*` and components.ocr, and infer_safetensors.py
+    --ocr reads the text examples as infer_chat.py does from the checkpoints."""
+    assert run_export("--ckpt_root", str(DEMO), "--output_dir", str(tmp_path / "e")) == 0
+    info = json.loads((tmp_path / "e" / "model_info.json").read_text())
+    assert info["components"]["ocr"]
+    with safe_open(str(tmp_path / "e" / "model.safetensors"), "pt") as f:
+        assert "ocr.decoder.head.weight" in f.keys() and "ocr.vision_encoder.pos" in f.keys()
+    images = ("--image", str(EXAMPLES / "open_sign.png"), "--image", str(EXAMPLES / "number_42.png"))
+    for script, ckpt in (("infer_safetensors.py", tmp_path / "e"), ("infer_chat.py", DEMO)):
+        r = run_cli("--ckpt_dir", str(ckpt), "--ocr", *images, script=script)
+        assert r.returncode == 0 and r.stdout == "open\n42\n", (script, r.stdout, r.stderr)
 
 
 def test_root_discovery_equals_named_flags(tiny_exports: dict[str, Path]) -> None:

@@ -2,6 +2,7 @@
 """Measure the demo model (checkpoints/demo) on held-out inputs generated fresh, through the project's API.
 
     python tools/eval_demo.py [--ckpt_dir checkpoints/demo] [--n 50] [--seed 12345] [--json]
+    python tools/eval_demo.py --ocr [--n 1000]      # the OCR score alone, on --n text images
 
 image     shape pictures (new seeds, sizes 64-512 px, positions, backgrounds); right when the answer
           contains "<colour> <shape>"
@@ -10,7 +11,8 @@ speech    phrases spoken by espeak-ng (voices en / en-us, 140-200 wpm, random pi
           match (--transcribe) and "What did you hear?" answers containing the phrase. Needs espeak-ng;
           skipped without it.
 ocr       text images drawn fresh by tools/ocr_demo.py (new seeds; the same words, numbers, fonts, sizes and
-          colours as training): exact-string match of the OCR model's text (when the model has one)
+          colours as training): exact-string match of the OCR model's text (when the model has one), on 4 x --n
+          images (--ocr: on --n images, the other tasks skipped)
 """
 from __future__ import annotations
 
@@ -79,12 +81,23 @@ def speech_accuracy(model, n: int, seed: int) -> tuple[float, float, list[str]]:
     return exact / n, heard / n, misses
 
 
-def evaluate(ckpt_dir: str | Path = DEFAULT_DIR, n: int = 50, seed: int = 12345, show_misses: bool = True) -> dict:
-    from omni import load_model
+def evaluate(ckpt_dir: str | Path = DEFAULT_DIR, n: int = 50, seed: int = 12345, show_misses: bool = True,
+             ocr_only: bool = False) -> dict:
+    from omni import OmniError, load_model
 
     t0 = time.perf_counter()
     model = load_model(ckpt_dir, device="cpu")
     results: dict = {"n": n, "seed": seed}
+    if ocr_only:
+        if "ocr" not in model.components:
+            raise OmniError(f"--ocr: {ckpt_dir} has no OCR model")
+        results["ocr_exact_match"], misses = ocr_demo.accuracy(model, n, seed + 3)
+        results["seconds"] = round(time.perf_counter() - t0, 1)
+        print(f"ocr_exact_match: {results['ocr_exact_match']:.3f} on {n} images ({results['seconds']} s)",
+              file=sys.stderr)
+        for want, got in misses[:20] if show_misses else []:
+            print(f"  miss: ocr {want!r} -> {got!r}", file=sys.stderr)
+        return results
     results["image_accuracy"], img_miss = image_accuracy(model, n, seed)
     results["sum_accuracy"], sum_miss = sum_accuracy(model, n, seed + 1)
     speech_miss: list[str] = []
@@ -112,10 +125,16 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=50, help="samples per task")
     ap.add_argument("--seed", type=int, default=12345)
     ap.add_argument("--json", action="store_true", help="print the results as one JSON object on stdout")
+    ap.add_argument("--ocr", action="store_true", help="only the OCR model's exact-string accuracy, on --n images")
     args = ap.parse_args()
     import torch
     torch.set_num_threads(2)
-    res = evaluate(args.ckpt_dir, args.n, args.seed)
+    from omni import OmniError
+    try:
+        res = evaluate(args.ckpt_dir, args.n, args.seed, ocr_only=args.ocr)
+    except OmniError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     if args.json:
         print(json.dumps(res))
     return 0
