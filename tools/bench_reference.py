@@ -126,14 +126,17 @@ def baseline_rate(thinker: ThinkerLM, prompt: list[int], n_new: int, causal: boo
 
 def decode_bytes(thinker: ThinkerLM, batch: int, context: float) -> float:
     """Bytes one greedy decode step reads per generated token: every block tensor (weights as stored: float,
-    int8 or packed int4, plus scales), the vocabulary projection (its int8 screen where greedy float decoding
-    uses one, else the head's own tensors), the embedding row, and each row's KV cache up to `context`
-    positions. MoE experts are all counted (an upper bound)."""
+    int8 or packed int4, plus scales) and the final norm, the vocabulary projection (its int8 screen and the
+    screen's per-row float32 scales where greedy float decoding uses one, not the few candidate rows it
+    rescores; else the head's own tensors, scales included), the embedding row, and each row's K and V cache
+    up to `context` positions (all layers, the KV heads, in the embedding's dtype, as KVCache stores them). The
+    weights are read once per step, so they are shared by the `batch` rows. MoE experts are all counted (an
+    upper bound)."""
     blocks = sum(t.numel() * t.element_size() for t in (*thinker.blocks.parameters(), *thinker.blocks.buffers()))
     blocks += sum(t.numel() * t.element_size() for t in thinker.norm.parameters())
     head = thinker.lm_head
     if type(head) is torch.nn.Linear and thinker.cfg.vocab_size >= SCREEN_MIN_VOCAB:
-        head_bytes = head.weight.numel()  # int8 copy (+ a few candidate rows)
+        head_bytes = head.weight.numel() + head.weight.shape[0] * 4  # GreedyHead's int8 copy and its scales
     else:
         head_bytes = sum(t.numel() * t.element_size() for t in (*head.parameters(), *head.buffers()))
     emb = thinker.tok_emb.weight
