@@ -300,12 +300,13 @@ Greedy decoding of a {prompt_tokens}-token prompt, {new_tokens} new tokens, EOS 
 (left-padded). Decode rate = tokens after the first / time after the first; "per CPU-second" divides by the
 process's CPU time instead of wall time (one thread: other processes on the same cores do not count). Causal
 is the default decode; "reference mode" reproduces the μOmni reference's defect (each new token attends to the
-first position only). Decode step: "c" = the C step (utils/engine/native/step.c: float32 and int8 weights, causal),
-"torch" = the torch step (bfloat16, int4, and the reference mode always take it); the torch rows time the torch
+first position only). Decode step: "c" = the C step (utils/engine/native/step.c: float32, int8 and int4 weights,
+causal), "torch" = the torch step (bfloat16 and the reference mode always take it); the torch rows time the torch
 step on the same weights in the same process. float32 / bfloat16 greedy steps read the vocabulary projection
 through the exact int8-screened argmax (utils.weights.quant.GreedyHead). int8 = Int8Linear (int8 weights per output
 channel; the C step quantizes activations per row to int8, the torch step multiplies bfloat16 activations),
-int4 = Int4Linear (4-bit weights in groups of 32; shapes the kernel cannot take stay float). Bytes per token:
+int4 = Int4Linear (4-bit weights in groups of 32 with a bfloat16 scale and zero each, 5 bits a weight; the C step
+quantizes activations per group of 32 to int8; shapes the kernel cannot take stay float). Bytes per token:
 every block tensor as stored, the vocabulary projection as read (int8 screen or the head itself), the embedding
 row and the KV cache at the mean position; the bound is the read bandwidth divided by it, measured in the same
 process as torch's sum over a float32 buffer of that size (so the caches help it as they help the step), the
