@@ -97,9 +97,8 @@ def test_export_layout(tiny_exports: dict[str, Path]) -> None:
 
 
 @needs_demo
-@pytest.mark.skipif(not (DEMO / "ocr_tiny" / "ocr.pt").is_file(), reason="checkpoints/demo has no OCR model yet")
 def test_demo_export_reads_text_as_the_checkpoints_do(tmp_path: Path) -> None:
-    """With an OCR model in checkpoints/demo, its export carries `ocr.*` and components.ocr, and infer_safetensors.py
+    """The demo's export carries `ocr.*` and components.ocr, and infer_safetensors.py
     --ocr reads the text examples as infer_chat.py does from the checkpoints."""
     assert run_export("--ckpt_root", str(DEMO), "--output_dir", str(tmp_path / "e")) == 0
     info = json.loads((tmp_path / "e" / "model_info.json").read_text())

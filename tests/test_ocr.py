@@ -340,7 +340,7 @@ def test_demo_text_images_follow_their_distribution() -> None:
         img, text = ocr_demo.draw_text(rng)
         assert text in ocr_demo.WORDS or (text.isdigit() and 10 <= int(text) <= 999)
         assert 120 <= img.width <= 400 and 40 <= img.height <= 160
-        dark = (torch.from_numpy(np.asarray(img.convert("L"))) < 128).nonzero()
+        dark = (torch.from_numpy(np.array(img.convert("L"))) < 128).nonzero()
         span = (dark[:, 1].max() - dark[:, 1].min() + 1) / img.width
         assert span >= ocr_demo.MIN_SPAN * 0.75, (text, img.size, float(span))  # ink < 128: antialiased edges off
         assert set(ocr_demo.encode(text, ocr_demo.OCRRecipe().max_text_length)) <= set(range(len(ocr_demo.CHARS)))

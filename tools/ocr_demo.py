@@ -47,7 +47,7 @@ class OCRRecipe:
     decoder_d: int = 64
     decoder_layers: int = 2
     decoder_heads: int = 2
-    steps: int = 3200
+    steps: int = 10000
     batch: int = 16
     lr: float = 2.5e-3
     max_text_length: int = 8  # [<BOS>] + at most 6 characters + [<EOS>]
@@ -55,7 +55,7 @@ class OCRRecipe:
     attn_weight: float = 1.0  # the cross-attention guidance's share of the loss (training only)
     probe_weight: float = 1.0  # the glimpse probe's share of the loss (training only)
     hide_chars: float = 0.25  # the share of the decoder's input characters replaced by <UNK> in training
-    curriculum_steps: int = 1300  # the text's least span of the width falls from 0.8 to MIN_SPAN over these steps
+    curriculum_steps: int = 4000  # the text's least span of the width falls from 0.8 to MIN_SPAN over these steps
     # Training sees ink as large positive values: x -> in_scale * (in_shift - x) (dark ink on light ground; the
     # preprocessing has no normalisation), folded into the patch projection when saved (`fold_input`). Without it
     # the text barely moves the patch embeddings and the decoder never learns to look at the image.
