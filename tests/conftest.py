@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -21,6 +22,11 @@ DEMO_BUILT = (DEMO / "omni_sft_tiny" / "omni.pt").is_file()
 needs_demo = pytest.mark.skipif(not DEMO_BUILT, reason=f"{DEMO} not built (run: python tools/train_demo.py)")
 
 sys.path.insert(0, str(REPO))
+
+# SIGNALS. The tests send SIGHUP and expect its default action, but a runner started under `nohup` ignores it, and
+# every process the tests start would inherit that (a program rightly keeps an ignored SIGHUP ignored). Restored
+# here, before the fork server or any child starts.
+signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 from tests import forkserver  # noqa: E402  (after the path: the fork server imports the project)
 
