@@ -23,9 +23,12 @@ needs_demo = pytest.mark.skipif(not DEMO_BUILT, reason=f"{DEMO} not built (run: 
 
 sys.path.insert(0, str(REPO))
 
-# SIGNALS. The tests send SIGHUP and expect its default action, but a runner started under `nohup` ignores it, and
-# every process the tests start would inherit that (a program rightly keeps an ignored SIGHUP ignored). Restored
-# here, before the fork server or any child starts.
+# SIGNALS. The tests send SIGINT, SIGTERM and SIGHUP and expect their default actions, but a runner can start
+# with some ignored (`nohup` ignores SIGHUP; a shell without job control starts background commands with SIGINT
+# ignored), and every process the tests start would inherit that (a program rightly keeps an ignored signal
+# ignored). Restored here, before the fork server or any child starts.
+signal.signal(signal.SIGINT, signal.default_int_handler)
+signal.signal(signal.SIGTERM, signal.SIG_DFL)
 signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 from tests import forkserver  # noqa: E402  (after the path: the fork server imports the project)
