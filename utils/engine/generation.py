@@ -37,6 +37,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import functools
 import threading
 import time
 from dataclasses import dataclass, field
@@ -68,6 +69,18 @@ def check_budget(model: CausalStack, prompt_len: int, max_new_tokens: int, opts:
         raise ValueError(f"prompt of {prompt_len} positions + max_new_tokens {max_new_tokens} exceeds the "
                          f"context of {model.rotary.max_len}")
 
+
+def inference(method: Callable) -> Callable:
+    """torch.inference_mode() around `method`, entered only where it is not on already: the per-step methods
+    run inside loops that hold it (generate, EngineThread), and entering it costs microseconds a call, a
+    fraction of a small model's step."""
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if torch.is_inference_mode_enabled():
+            return method(*args, **kwargs)
+        with torch.inference_mode():
+            return method(*args, **kwargs)
+    return wrapper
 
 class Slots:
     """The KV slots of up to `capacity` rows over `columns` cache columns, for any `CausalStack` (the Thinker:
@@ -159,7 +172,7 @@ class Slots:
         self.pos = target
         self.shifts += 1
 
-    @torch.inference_mode()
+    @inference
     def prefill(self, slot: int, embeds: torch.Tensor, greedy: bool = False) -> Any:
         """Run the prompt `embeds` (T, d) of a placed `slot` alone (positions 0..T-1) into its columns. Returns
         the model head's output for its last position ((1, V) logits for the Thinker), or its greedy id (1,)."""
@@ -177,14 +190,14 @@ class Slots:
         out = self.model.head(h)
         return out.argmax(-1) if greedy else out
 
-    @torch.inference_mode()
+    @inference
     def step(self, inputs: torch.Tensor, greedy: bool = False) -> Any:
         """One decode step of every occupied row: feed `inputs` (what the model's `embed_step` takes, one entry
         per row) at the write column. Returns the head's output (logits (n, V)), or with `greedy` the argmax ids
         (n,): possibly views of buffers the next step overwrites."""
         n = self.n
         if self.native is not None:
-            out = self.native.step(inputs, self.pos, self.anchors[:n], greedy)
+            out = self.native.step(inputs, self.pos, self.anchors, greedy)  # reads the first n anchors
         else:
             if not self.fresh:
                 refresh_fused(self.model)
@@ -323,6 +336,9 @@ class Scheduler:
         self.pending: collections.deque[Row] = collections.deque()
         self.admitting = 0  # rows taken from `pending` and not yet in `rows`
         self.tokens = torch.zeros(max_batch, dtype=torch.long, device=dev)  # each row's last id, fed next
+        self.token_views = [self.tokens[:n] for n in range(max_batch + 1)]  # made once: views cost per step
+        self.modes: tuple[bool, bool, bool] | None = None  # the running rows' (all greedy, any repetition
+        # penalty, any presence/frequency penalty), worked out when the rows change
         self.seen = torch.zeros(max_batch, model.cfg.vocab_size, dtype=torch.bool, device=dev)
         # how often each id occurred in each row's answer (presence / frequency penalties), updated in place
         self.counts = torch.zeros(max_batch, model.cfg.vocab_size, device=dev)
@@ -390,7 +406,7 @@ class Scheduler:
             pass
 
     # ------------------------------------------------------------ admission
-    @torch.inference_mode()
+    @inference
     def admit(self) -> int:
         """Prefill queued rows into the free slots, longest prompt first (the first sets the write column, the
         others fit left of it); returns how many joined."""
@@ -458,6 +474,7 @@ class Scheduler:
                 choice.constraint = prompt.constraint if choice.choice == 0 else prompt.constraint.copy()
             slot = self.slots.place(T, opts.max_new_tokens - 1)
             self.rows.append(choice)
+            self.modes = None
             self.seen[slot] = False  # a reused slot starts clean
             self.counts[slot] = 0
             if opts.repetition_penalty != 1.0:
@@ -480,7 +497,7 @@ class Scheduler:
         return len(slots) - len(done)
 
     # ------------------------------------------------------------ decoding
-    @torch.inference_mode()
+    @inference
     def decode(self) -> None:
         """One decode step for every running row: feed its last id, pick its next one, emit, free the done."""
         for slot in range(len(self.rows) - 1, -1, -1):
@@ -491,15 +508,21 @@ class Scheduler:
         n = len(self.rows)
         if n == 0:
             return
-        tokens = self.tokens[:n]
-        greedy = all(r.greedy for r in self.rows)
+        tokens = self.token_views[n]
+        if self.modes is None:
+            rows = self.rows
+            self.modes = (all(r.greedy for r in rows), any(r.opts.repetition_penalty != 1.0 for r in rows),
+                          any(r.opts.counts for r in rows))
+        greedy, repetition, counts = self.modes
         try:
-            if any(r.opts.repetition_penalty != 1.0 for r in self.rows):
+            if repetition:
                 self.seen[self.row_ids[:n], tokens] = True
-            if any(r.opts.counts for r in self.rows):
+            if counts:
                 self.counts.index_put_((self.row_ids[:n], tokens), self.ones[:n], accumulate=True)
             out = self.slots.step(tokens, greedy=greedy)
             picked = out.tolist() if greedy else self._pick_rows(out)  # the one host sync per step
+            if greedy:
+                tokens.copy_(out)  # each row's next input (a finished row's is never read)
         except Exception as exc:  # a failing model step fails the rows in it, not the engine
             for slot in range(n - 1, -1, -1):
                 row = self.rows[slot]
@@ -512,7 +535,7 @@ class Scheduler:
                 done.append((b, True))
             elif self._emit(row, tid):
                 done.append((b, False))
-            else:
+            elif not greedy:
                 self.tokens[b] = tid
         for b, cancelled in reversed(done):
             row = self.rows[b]
@@ -583,6 +606,7 @@ class Scheduler:
         self.slots.release(slot)
         self.rows[slot] = self.rows[-1]
         self.rows.pop()
+        self.modes = None
 
 
 def choice_rows(prepare: Callable[[], RowPrompt], handlers: list[Handlers],

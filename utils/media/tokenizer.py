@@ -29,10 +29,12 @@ class Tokenizer:
             self.sp.LoadFromSerializedProto(path.read_bytes())  # bytes: any file name, UTF-8 or not
         except Exception as exc:  # sentencepiece raises OSError/RuntimeError for corrupt models
             raise OmniError(f"tokenizer {path}: not a valid SentencePiece model ({exc})") from exc
+        self.pieces = self.sp.GetPieceSize()  # fixed once loaded; decode reads it for every streamed token
+        self.alone: dict[int, str] = {}  # id -> its text decoded alone (IncrementalDecoder asks once per token)
 
     @property
     def vocab_size(self) -> int:
-        return self.sp.GetPieceSize()
+        return self.pieces
 
     def encode(self, text: str) -> list[int]:
         return self.sp.EncodeAsIds(valid_unicode(text))
@@ -44,8 +46,15 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         """Text of `ids`. Ids the tokenizer does not have (a thinker's embedding table may be larger than the
         SentencePiece vocabulary, so a model can emit them) carry no text and are skipped."""
-        n = self.vocab_size
+        n = self.pieces
         return self.sp.DecodeIds([int(i) for i in ids if 0 <= int(i) < n])
+
+    def decode_alone(self, token_id: int) -> str:
+        """decode([token_id]), remembered per id: a streamed answer asks it of every token."""
+        text = self.alone.get(token_id)
+        if text is None:
+            text = self.alone[token_id] = self.decode([token_id])
+        return text
 
 
     def token_bytes(self, token_id: int) -> bytes:
@@ -90,7 +99,7 @@ class IncrementalDecoder:
             return ""  # wait for the rest of the character
         new = self._emit(text)
         if len(self.ids) - self.start >= self.WINDOW:
-            alone = self.tokenizer.decode([tid])
+            alone = self.tokenizer.decode_alone(tid)
             if alone:
                 self.start, self.shown = len(self.ids) - 1, len(alone)  # the next window starts at this id
         return new

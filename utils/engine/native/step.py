@@ -652,9 +652,14 @@ class NativeSession:
         self.ref = ctypes.byref(self.struct)
         self.ids = torch.zeros(rows, dtype=torch.long)
         self.logits = torch.empty(rows, native.vocab)
+        # what a call of r rows returns, viewed once here: a view costs microseconds, a small model's step ~100
+        self.id_views = [self.ids[:r] for r in range(rows + 1)]
+        self.logit_views = [self.logits[:r] for r in range(rows + 1)]
+        self.id_ptr, self.logit_ptr = self.ids.data_ptr(), self.logits.data_ptr()
+        self.c_step, self.model_ref = native.lib.mu_step, native.ref
 
     def _out(self, rows: int, greedy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return self.ids[:rows], None if greedy else self.logits[:rows]
+        return self.id_views[rows], None if greedy else self.logit_views[rows]
 
     def prefill(self, embeds: torch.Tensor, row: int, first: int, greedy: bool) -> torch.Tensor:
         """Run the prompt `embeds` (n, d) into cache row `row` at columns first..first+n-1. Returns the last
@@ -670,19 +675,21 @@ class NativeSession:
         return ids if greedy else logits
 
     def step(self, tokens: torch.Tensor, pos: int, first: torch.Tensor | None, greedy: bool) -> torch.Tensor:
-        """Feed `tokens` (B,) at cache column `pos` (row b's sequence starts at column first[b]; None: 0). Returns
-        the greedy ids (B,) with `greedy`, else the logits (B, V): views of buffers the next step overwrites."""
+        """Feed `tokens` (B,) at cache column `pos` (row b's sequence starts at column first[b], a contiguous
+        int64 tensor of at least B entries; None: 0). Returns the greedy ids (B,) with `greedy`, else the logits
+        (B, V): views of buffers the next step overwrites."""
         rows = tokens.shape[0]
         if tokens.dtype != torch.long or not tokens.is_contiguous():
             tokens = tokens.to(torch.long).contiguous()
-        ids, logits = self._out(rows, greedy)
-        rc = self.native.lib.mu_step(self.native.ref, self.ref, rows, tokens.data_ptr(), pos,
-                                     None if first is None else first.data_ptr(),
-                                     None if logits is None else logits.data_ptr(), ids.data_ptr())
+        if first is not None and (first.dtype != torch.long or not first.is_contiguous() or first.shape[0] < rows):
+            raise ValueError(f"first: a contiguous int64 tensor of at least {rows} entries")
+        rc = self.c_step(self.model_ref, self.ref, rows, tokens.data_ptr(), pos,
+                         None if first is None else first.data_ptr(), None if greedy else self.logit_ptr,
+                         self.id_ptr)
         if rc:
             raise ValueError("token id outside the vocabulary" if rc == -1 else
                              f"cache column {pos} outside the cache (or before a row's first column)")
-        return ids if greedy else logits
+        return self.id_views[rows] if greedy else self.logit_views[rows]
 
 
 _MODELS: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, NativeModel]]" = weakref.WeakKeyDictionary()
