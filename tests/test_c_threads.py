@@ -44,19 +44,23 @@ def thinker(name: str, ctx: int = 32) -> ThinkerLM:
 
 
 def outputs(model: ThinkerLM, rows: int, threads: int) -> list[torch.Tensor]:
-    """On `threads` threads: each row's prefill (5 + row positions from column row), then 3 decode steps, each
-    as logits and as greedy ids (the full argmax, and the int8 screen's ids where the head is float32)."""
+    """On `threads` threads: a prefill of 16 positions (the per-position work split over the threads too), then
+    each row's prefill (5 + row positions from column row), then 3 decode steps, each as logits and as greedy ids
+    (the full argmax, and the int8 screen's ids where the head is float32)."""
     views = [native_model(model, "c", False, None)[0]]
     screen = greedy_head(model)
     if screen is not None:
         views.append(native_model(model, "c", False, screen)[0])
     cache = model.new_cache(rows, 24)
-    sessions = [NativeSession(view, cache.k, cache.v, positions=5 + rows, threads=threads) for view in views]
+    sessions = [NativeSession(view, cache.k, cache.v, positions=16, threads=threads) for view in views]
     g = torch.Generator().manual_seed(1)
     d, vocab = model.cfg.block.d_model, model.cfg.vocab_size
     first = torch.arange(rows)
     out = []
     with torch.inference_mode():
+        long = torch.randn(16, d, generator=g)
+        out.append(sessions[0].prefill(long, 0, 0, greedy=False).clone())
+        out.append(cache.k[:, 0, :, :16].clone())  # every position's keys, not only the last one's logits
         for r in range(rows):
             embeds = torch.randn(5 + r, d, generator=g)
             out.append(sessions[0].prefill(embeds, r, r, greedy=False).clone())

@@ -16,7 +16,8 @@
    thread, more of about 128 KB of weights each for a large one) and attention by (position, query head); no sum
    is split, so every output is computed by the same instructions on any
    thread count, and the numbers are the same bit for bit. Norms, RoPE, the cache writes, the activation and the
-   argmax are cheap and stay on the calling thread.
+   activations' quantization are split by positions for a prefill (from MU_PARALLEL_ROWS rows) and stay on the
+   calling thread for a decode step, where they cost less than a parallel region; the argmax stays there too.
 
    int8 weights (utils.weights.quant.Int8Linear: per-output-channel scales) are stored here with their sign bit
    flipped (w + 128 as unsigned bytes) so AVX-512 VNNI's unsigned-by-signed byte product applies; activations
@@ -51,6 +52,8 @@
      mu_pool_new/free     none: torch's intra-op threads (torch.get_num_threads(), what --threads sets)
      run_chunks           at::parallel_for (here: chunks of outputs handed out to the pool's threads)
      linear_threads       linear over the pool; attend_threads: attend over the pool
+     positions            the per-position stages of `forward` (norms, store_kv, activate) over the pool
+     quantize_chunk       quantize_rows / quantize_groups on a part of the rows (project, over the pool)
      mu_abi               step.py's ABI_VERSION and struct_layout (the structs below, declared again in ctypes) */
 #if defined(__linux__)
 #define _GNU_SOURCE  /* pthread_setname_np */
@@ -1365,13 +1368,44 @@ static void linear_threads(const mu_linear *L, int32_t rows, const float *x, int
     run_chunks(b->pool, linear_chunk, &job, (L->n + per - 1) / per);
 }
 
-/* linear() on rows x, quantizing them first when the weights are int8, over the session's threads. */
+#define MU_PARALLEL_ROWS 8  /* rows from which the per-row work (norms, RoPE, activation, quantization) is split
+                               over the threads too: below it (decode steps) it costs less than a region */
+
+typedef struct {
+    const mu_linear *L;
+    int32_t rows, ldx, per;
+    const float *x;
+    mu_buffers *b;
+} quantize_job;
+
+/* Rows c * per .. of a quantize_job, through quantize_rows / quantize_groups on buffers offset to them. */
+static void quantize_chunk(const void *ctx, int32_t c, int32_t who) {
+    const quantize_job *j = ctx;
+    const int32_t r0 = c * j->per, n = j->rows - r0 < j->per ? j->rows - r0 : j->per;
+    const size_t ldq = round_up((size_t)j->L->k), ldg = ldq / MU_GROUP;
+    mu_buffers part = *j->b;
+    (void)who;
+    part.xq += (size_t)r0 * ldq;
+    if (j->L->format == MU_FORMAT_INT4) {
+        part.gstep += (size_t)r0 * ldg;
+        part.gsum += (size_t)r0 * ldg;
+        quantize_groups(j->x + (size_t)r0 * j->ldx, n, j->L->k, j->ldx, &part);
+    } else {
+        part.step += r0;
+        part.corr += r0;
+        quantize_rows(j->x + (size_t)r0 * j->ldx, n, j->L->k, j->ldx, &part);
+    }
+}
+
+/* linear() on rows x, quantizing them first (over the threads for many rows) when the weights are int8 or int4,
+   over the session's threads. */
 static void project(const mu_linear *L, int32_t rows, const float *x, int32_t ldx, float *y, int32_t ldy,
                     int accumulate, mu_buffers *b) {
-    if (L->format == MU_FORMAT_INT4)
-        quantize_groups(x, rows, L->k, ldx, b);
-    else if (L->scale != NULL)
-        quantize_rows(x, rows, L->k, ldx, b);
+    if (L->format == MU_FORMAT_INT4 || L->scale != NULL) {
+        const int32_t chunks = rows < MU_PARALLEL_ROWS ? 1 : chunk_count(b, rows), per = (rows + chunks - 1) / chunks;
+        const quantize_job job = {L, rows, ldx, per, x, b};
+        run_chunks(b->pool, quantize_chunk, &job, (rows + per - 1) / per);
+    }
     linear_threads(L, rows, x, ldx, y, ldy, accumulate, b, 1);
 }
 
@@ -1733,27 +1767,63 @@ static void screened_argmax(const mu_model *m, int32_t rows, mu_buffers *b, int6
 /* Every block for the n positions in b->x (position p: cache row b->row[p], column b->column[p], sequence from
    column b->first[p]); the caller has checked the rows and columns. All k/v of a layer are stored before any
    position attends, so a prefill's positions see each other causally. Leaves the normed rows in b->h. */
+/* The per-position work between the projections of a layer (stage), position by position. */
+typedef enum { MU_NORM1, MU_STORE_KV, MU_NORM2, MU_ACTIVATE, MU_FINAL_NORM } mu_stage;
+
+typedef struct {
+    const mu_model *m;
+    const mu_session *s;
+    const mu_buffers *b;
+    int32_t layer, n, per;
+    mu_stage stage;
+} positions_job;
+
+static void positions_chunk(const void *ctx, int32_t c, int32_t who) {
+    const positions_job *j = ctx;
+    const mu_model *m = j->m;
+    const mu_buffers *b = j->b;
+    const mu_layer *L = &m->layers[j->layer];
+    const int32_t d = m->d, nqkv = (m->heads + 2 * m->kv_heads) * m->head_dim, nff = (m->gelu ? 1 : 2) * m->d_ff;
+    const int32_t end = (c + 1) * j->per < j->n ? (c + 1) * j->per : j->n;
+    (void)who;
+    for (int32_t p = c * j->per; p < end; p++) {
+        float *x = b->x + (size_t)p * d, *h = b->h + (size_t)p * d;
+        switch (j->stage) {
+        case MU_NORM1: rms_norm(x, L->norm1, L->eps1, d, h); break;
+        case MU_STORE_KV: store_kv(m, j->s, j->layer, b->qkv + (size_t)p * nqkv, b->row[p], b->column[p], b->first[p]);
+                          break;
+        case MU_NORM2: rms_norm(x, L->norm2, L->eps2, d, h); break;
+        case MU_ACTIVATE: activate(m, b->ff + (size_t)p * nff); break;
+        case MU_FINAL_NORM: rms_norm(x, m->norm, m->eps, d, h); break;
+        }
+    }
+}
+
+/* A stage for the n positions: over the session's threads from MU_PARALLEL_ROWS positions (a prefill), else on
+   this one. Each position's numbers are the same either way. */
+static void positions(const mu_model *m, const mu_session *s, int32_t layer, int32_t n, const mu_buffers *b,
+                      mu_stage stage) {
+    const int32_t chunks = n < MU_PARALLEL_ROWS ? 1 : chunk_count(b, n), per = (n + chunks - 1) / chunks;
+    const positions_job job = {m, s, b, layer, n, per, stage};
+    run_chunks(b->pool, positions_chunk, &job, (n + per - 1) / per);
+}
+
 static void forward(const mu_model *m, const mu_session *s, int32_t n, mu_buffers *b) {
     const int32_t d = m->d, nqkv = (m->heads + 2 * m->kv_heads) * m->head_dim, natt = m->heads * m->head_dim;
     const int32_t nff = (m->gelu ? 1 : 2) * m->d_ff;
     for (int32_t l = 0; l < m->n_layers; l++) {
         const mu_layer *L = &m->layers[l];
-        for (int32_t p = 0; p < n; p++)
-            rms_norm(b->x + (size_t)p * d, L->norm1, L->eps1, d, b->h + (size_t)p * d);
+        positions(m, s, l, n, b, MU_NORM1);
         project(&L->qkv, n, b->h, d, b->qkv, nqkv, 0, b);
-        for (int32_t p = 0; p < n; p++)
-            store_kv(m, s, l, b->qkv + (size_t)p * nqkv, b->row[p], b->column[p], b->first[p]);
+        positions(m, s, l, n, b, MU_STORE_KV);
         attend_threads(m, s, l, n, b);
         project(&L->o, n, b->att, natt, b->x, d, 1, b);
-        for (int32_t p = 0; p < n; p++)
-            rms_norm(b->x + (size_t)p * d, L->norm2, L->eps2, d, b->h + (size_t)p * d);
+        positions(m, s, l, n, b, MU_NORM2);
         project(&L->up, n, b->h, d, b->ff, nff, 0, b);
-        for (int32_t p = 0; p < n; p++)
-            activate(m, b->ff + (size_t)p * nff);
+        positions(m, s, l, n, b, MU_ACTIVATE);
         project(&L->down, n, b->ff, nff, b->x, d, 1, b);
     }
-    for (int32_t p = 0; p < n; p++)
-        rms_norm(b->x + (size_t)p * d, m->norm, m->eps, d, b->h + (size_t)p * d);
+    positions(m, s, 0, n, b, MU_FINAL_NORM);
 }
 
 /* The head on `rows` normed rows at h: logits (when `logits` is not NULL) and/or greedy ids (when `ids` is not
