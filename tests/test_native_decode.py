@@ -128,6 +128,38 @@ def test_a_rows_numbers_do_not_depend_on_its_batch(name: str, method: str | None
         assert torch.equal(run(list(range(n))), alone[:n]), n
 
 
+@pytest.mark.parametrize("method", (None, "int8"))
+def test_a_long_prefill_equals_its_positions_fed_one_by_one(method: str | None) -> None:
+    """A prefill of 53 positions (tiles of 6 rows, past a row block of 48) through inner sizes of 320 (past a k block
+    of 256) gives, bit for bit, the logits of its positions fed one at a time (a 1-position prefill, then steps),
+    on 1 and 2 threads; and torch's full forward's logits up to float rounding (float32)."""
+    block = dict(d_model=64, n_heads=4, n_kv_heads=2, d_ff=320)
+    model = ThinkerLM(ThinkerConfig(vocab_size=130, n_layers=2, block=BlockConfig(**block), ctx_len=64)).eval()
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (0.1 if p.dim() > 1 else 0.1) + (1.0 if p.dim() == 1 else 0))
+    if method:
+        quantize_linears(model, method)
+    native, _ = native_model(model, "c", False, None)
+    ids = torch.randint(3, 130, (53,), generator=g)
+    with torch.inference_mode():
+        embeds = model.tok_emb(ids)
+        longs = []
+        for threads in (1, 2):
+            cache = model.new_cache(1, 64)
+            session = NativeSession(native, cache.k, cache.v, positions=53, threads=threads)
+            longs.append(session.prefill(embeds, 0, 0, greedy=False).clone())
+        cache = model.new_cache(1, 64)
+        session = NativeSession(native, cache.k, cache.v, positions=1)
+        fed = session.prefill(embeds[:1], 0, 0, greedy=False)
+        for pos in range(1, 53):
+            fed = session.step(ids[pos:pos + 1], pos, torch.zeros(1, dtype=torch.long), greedy=False)
+        assert torch.equal(longs[0], fed) and torch.equal(longs[1], fed)
+        if method is None:
+            torch.testing.assert_close(longs[0].reshape(-1), model(embeds[None])[0, -1], rtol=1e-4, atol=1e-4)
+
+
 def test_c_int4_equals_the_torch_int4_step_on_the_demo() -> None:
     """int4 weights (the demo thinker, `--quantize int4`): the C step (activations quantized per group of 32 to
     int8) gives the torch step's greedy ids (bfloat16 activations, torch's int4 kernel) on the same weights,

@@ -648,25 +648,39 @@ static inline __m256 exp256(__m256 x) {
 }
 
 #if !defined(MU_AVX512)
-/* Float32 panels ([k][64], step.py's to_panels) on 256-bit vectors: C vectors of 8 outputs x R input rows. One row
-   takes the whole panel (C = 8: 8 accumulators); 2 to 6 rows a quarter of it at a time (C = 2: 2 R accumulators,
-   two weight vectors and a broadcast in the 16 registers). Every output is one FMA chain over k = 0, 1, ... in its
-   own lane whatever C and R, so a row's outputs depend neither on its batch nor on the thread count. */
-static inline __attribute__((always_inline)) void panel_avx2(const int C, const int R, const float *wp, int32_t k,
-                                                             const float *const *xr, __m256 *acc) {
+/* Float32 panels ([k][64], step.py's to_panels) on 256-bit vectors, blocked for the caches as a GEMM: a tile is C
+   vectors of 8 outputs x R input rows (one row: the whole panel, C = 8; 2 to 6 rows: a quarter of it, C = 2, 2 R
+   accumulators, two weight vectors and a broadcast in the 16 registers, BLIS's 6 x 16 for 6 rows; 2 rows take half
+   of it, C = 4, so a batch of up to 8 reads each panel row as one stream from memory). The k loop runs
+   in blocks of MU_KC inputs and the rows in blocks of MU_MC, so the block of weights a row block reuses (MU_KC x 256
+   bytes) stays in L2 and a tile's rows in L1; between k blocks the accumulators are stored to `part` and loaded
+   back (exact). Every output is still one FMA chain over k = 0, 1, ... from 0 in its own lane, whatever C, R and
+   the blocking, then + bias, then y + that, so a row's outputs depend neither on its batch nor on the thread count.
+   Accumulators are locals (accumulating through the caller's array made gcc store all of them every k). */
+#define MU_KC 256  /* inputs per k block */
+#define MU_MC 48   /* rows per row block (at most; a multiple of the tile's rows) */
+
+static inline __attribute__((always_inline)) void panel_avx2(const int C, const int R, const float *wp, int32_t k0,
+        int32_t k1, const float *const *xr, float *part, int first) {
+    __m256 a[16];
+    const float *x0 = xr[0], *x1 = xr[R > 1], *x2 = xr[R > 2 ? 2 : 0], *x3 = xr[R > 3 ? 3 : 0];
+    const float *x4 = xr[R > 4 ? 4 : 0], *x5 = xr[R > 5 ? 5 : 0];
     for (int i = 0; i < C * R; i++)
-        acc[i] = _mm256_setzero_ps();
-    for (int32_t i = 0; i < k; i++) {
+        a[i] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(part + 8 * i);
+    for (int32_t i = k0; i < k1; i++) {
         const float *wi = wp + (size_t)i * 64;
         __m256 w[8];
         for (int c = 0; c < C; c++)
             w[c] = _mm256_loadu_ps(wi + 8 * c);
         for (int r = 0; r < R; r++) {
-            const __m256 xv = _mm256_broadcast_ss(xr[r] + i);
+            const float *xp = r == 0 ? x0 : r == 1 ? x1 : r == 2 ? x2 : r == 3 ? x3 : r == 4 ? x4 : x5;
+            const __m256 xv = _mm256_broadcast_ss(xp + i);
             for (int c = 0; c < C; c++)
-                acc[C * r + c] = _mm256_fmadd_ps(w[c], xv, acc[C * r + c]);
+                a[C * r + c] = _mm256_fmadd_ps(w[c], xv, a[C * r + c]);
         }
     }
+    for (int i = 0; i < C * R; i++)
+        _mm256_storeu_ps(part + 8 * i, a[i]);
 }
 
 /* y[0 .. left) (=, or += with `accumulate`) v + bias, left up to 8. */
@@ -687,38 +701,47 @@ static inline void store8(float *y, __m256 v, const float *bias, int32_t left, i
     }
 }
 
+/* part: per tile of a row block R x 64 sums, as [64 / 8 C quarters][R rows][8 C]. */
 static inline __attribute__((always_inline)) void panels_avx2_r(const int R, const mu_linear *L, int32_t rows,
         const float *x, int32_t ldx, float *y, int32_t ldy, int accumulate) {
-    const int C = R == 1 ? 8 : 2;
+    const int C = R == 1 ? 8 : R == 2 ? 4 : 2, MR = MU_MC / R * R;
     const int32_t n = L->n, k = L->k, P = (n + 63) / 64;
-    __m256 acc[16];
+    float part[MU_MC * 64] __attribute__((aligned(64)));
     const float *xr[6];
     for (int32_t p = 0; p < P; p++) {
         const float *wp = (const float *)L->w + (size_t)p * k * 64;
-        for (int32_t c0 = 0; c0 < 64 && p * 64 + c0 < n; c0 += 8 * C) {
-            for (int32_t r0 = 0; r0 < rows; r0 += R) {
-                const int32_t nr = rows - r0 < R ? rows - r0 : R;
-                for (int r = 0; r < R; r++)
-                    xr[r] = x + (size_t)(r0 + (r < nr ? r : nr - 1)) * ldx;
-                panel_avx2(C, R, wp + c0, k, xr, acc);
-                for (int32_t r = 0; r < nr; r++)
-                    for (int c = 0; c < C; c++) {
-                        const int32_t j = p * 64 + c0 + 8 * c;
-                        if (j >= n)
-                            break;
-                        store8(y + (size_t)(r0 + r) * ldy + j, acc[C * r + c], L->bias ? L->bias + j : NULL, n - j,
-                               accumulate);
-                    }
+        const int32_t nc = n - p * 64 < 64 ? n - p * 64 : 64;
+        for (int32_t m0 = 0; m0 < rows; m0 += MR) {
+            const int32_t m1 = rows - m0 < MR ? rows : m0 + MR;
+            for (int32_t k0 = 0; k0 < k; k0 += MU_KC) {
+                const int32_t k1 = k - k0 < MU_KC ? k : k0 + MU_KC;
+                for (int32_t r0 = m0; r0 < m1; r0 += R) {
+                    const int32_t nr = rows - r0 < R ? rows - r0 : R;
+                    float *pt = part + (size_t)(r0 - m0) * 64;
+                    for (int r = 0; r < R; r++)
+                        xr[r] = x + (size_t)(r0 + (r < nr ? r : nr - 1)) * ldx;
+                    for (int32_t c0 = 0; c0 < nc; c0 += 8 * C)
+                        panel_avx2(C, R, wp + c0, k0, k1, xr, pt + c0 * R, k0 == 0);
+                    if (k1 < k)
+                        continue;
+                    for (int32_t r = 0; r < nr; r++)
+                        for (int32_t c = 0; c < nc; c += 8) {
+                            const int32_t j = p * 64 + c, q = c / (8 * C) * (8 * C);
+                            store8(y + (size_t)(r0 + r) * ldy + j, _mm256_loadu_ps(pt + q * R + r * 8 * C + c - q),
+                                   L->bias ? L->bias + j : NULL, nc - c, accumulate);
+                        }
+                }
             }
         }
     }
 }
 
-/* Y[r] (=, or += with `accumulate`) x[r] W^T (+ bias) for float32 weights in panels: tiles of R rows, R as even as
-   the batch allows (8 rows: two tiles of 4), rows past the end of the last tile repeating its last row. */
+/* Y[r] (=, or += with `accumulate`) x[r] W^T (+ bias) for float32 weights in panels: a decode batch of up to 8 rows
+   in tiles of 2 (whose weights come from memory: one stream a panel), more rows (a prefill) in tiles of R rows, R as
+   even as the rows allow, up to 6; rows past the end of the last tile repeat its last row. */
 static void linear_panels_avx2(const mu_linear *L, int32_t rows, const float *x, int32_t ldx, float *y, int32_t ldy,
                                int accumulate) {
-    const int32_t tiles = (rows + 5) / 6, R = rows == 1 ? 1 : (rows + tiles - 1) / tiles;
+    const int32_t tiles = (rows + 5) / 6, R = rows == 1 ? 1 : rows <= 8 ? 2 : (rows + tiles - 1) / tiles;
     switch (R) {
     case 1: panels_avx2_r(1, L, rows, x, ldx, y, ldy, accumulate); break;
     case 2: panels_avx2_r(2, L, rows, x, ldx, y, ldy, accumulate); break;
