@@ -1018,8 +1018,9 @@ static inline __attribute__((always_inline)) void linear_tiles(const int WR, con
    with d_g = sum_i c_i q_i exact in int32. An output is, in float32 with one rounding per operation, over its
    groups g = 0, 1, ... in order
        acc = fma(d_g, s_g * t_g, acc),  zacc = fma(z_g - 8 s_g, t_g * sum_i q_i, zacc),  y = acc + zacc (+ bias)
-   in every path (AVX2: one lane of a vector of 8 rows; portable: fmaf), which depends on the output's weights
-   and its row's activations only: a row's numbers do not depend on its batch, the thread count or the build. */
+   in both paths (AVX2: one lane of a vector of 8 rows; portable: fmaf, the same roundings), which depends on the
+   output's weights and its row's activations only: a row's numbers do not depend on its batch or the thread
+   count, and the portable path's projections equal the AVX2 path's. */
 
 #define MU_GROUP 32
 
@@ -1098,11 +1099,12 @@ static void quantize_groups(const float *x, int32_t rows, int32_t k, int32_t ldx
    (s, z) pairs (bfloat16 bits, s first). 160 bytes per 256 weights: 5 bits a weight, the bytes of Int4Linear. */
 #define MU_INT4_TILE 8
 #define MU_INT4_TILE_GROUP (4 * 32 + MU_INT4_TILE * 4)
+#define MU_INT4_ROWS 4  /* activation rows a pass over a tile takes, at most (int4_tile's R) */
 #define MU_INT4_AHEAD 1024  /* bytes of a tile's stream requested ahead of the loads */
 
 #if defined(MU_AVX2)
-/* Tile `wt` (8 weight rows) times R activation rows (rows past nr repeat the last), R <= 4: out[8 r + t] = weight
-   row t's dot product with activation row r. Per group: each part's codes unpacked once for the R rows (low
+/* Tile `wt` (8 weight rows) times R activation rows (rows past nr repeat the last), R <= 4: lane t of out[r] =
+   weight row t's dot product with activation row r. Per group: each part's codes unpacked once for the R rows (low
    nibbles times the group's first 16 activations, high nibbles times its last 16, both broadcast to the two
    halves), vpmaddubsw (codes 0..15 times int8: a pair <= 3810, two pairs added <= 7620, no int16 saturation),
    vpmaddwd to int32, three vphaddd to the 8 rows' exact group sums in row order; then per row, in its lane,
@@ -1174,8 +1176,8 @@ static float dot_int4(const uint8_t *wt, int32_t t, int32_t groups, const int8_t
 }
 #endif
 
-/* `linear` for int4 weights (to_int4_tiles) on rows quantized by quantize_groups: per tile of 8 weight rows, the
-   activation rows 4 at a time (the last block as even as the batch allows). */
+/* `linear` for int4 weights (to_int4_tiles) on rows quantized by quantize_groups: per tile of 8 weight rows (held
+   in L1 while it lasts), the activation rows MU_INT4_ROWS at a time. */
 static void linear_int4(const mu_linear *L, int32_t rows, float *y, int32_t ldy, int accumulate,
                         const mu_buffers *b) {
     const int32_t n = L->n, k = L->k, groups = k / MU_GROUP;
@@ -1183,8 +1185,8 @@ static void linear_int4(const mu_linear *L, int32_t rows, float *y, int32_t ldy,
     for (int32_t j = 0; j < n; j += MU_INT4_TILE) {
         const int32_t nw = n - j < MU_INT4_TILE ? n - j : MU_INT4_TILE;
         const uint8_t *wt = (const uint8_t *)L->w + (size_t)(j / MU_INT4_TILE) * tile_bytes;
-        for (int32_t r0 = 0; r0 < rows; r0 += 4) {
-            const int32_t nr = rows - r0 < 4 ? rows - r0 : 4;
+        for (int32_t r0 = 0; r0 < rows; r0 += MU_INT4_ROWS) {
+            const int32_t nr = rows - r0 < MU_INT4_ROWS ? rows - r0 : MU_INT4_ROWS;
             const int8_t *xq = b->xq + (size_t)r0 * ldq;
             const float *gstep = b->gstep + (size_t)r0 * ldg, *gsum = b->gsum + (size_t)r0 * ldg;
             float out[4][MU_INT4_TILE];
