@@ -86,9 +86,8 @@ typedef struct {
     int32_t panels;      /* float32, 1: stored as ceil(n / 64) panels [k][64] (row 64 p + l of W at column l of
                             panel p, zero rows past n), the layout of linear_panels (mu_f32_panels() says if used);
                             int8, 1: in tiles of 4 rows, the layout of linear_u8_avx2 (mu_int8_tiles()) */
-    int32_t format;      /* MU_FORMAT_PLAIN (float32, or int8 where scale is set) or MU_FORMAT_INT4 */
-    const uint16_t *groups;  /* int4: per row and group of 32 inputs its (scale, zero) as bfloat16 bits,
-                                [n][k / 32][2] (see the int4 section); else NULL */
+    int32_t format;      /* MU_FORMAT_PLAIN (float32, or int8 where scale is set) or MU_FORMAT_INT4 (w: codes and
+                            (scale, zero) pairs in tiles of 8 rows, see the int4 section) */
 } mu_linear;
 
 #define MU_FORMAT_PLAIN 0
@@ -128,7 +127,7 @@ typedef struct {
 /* ------------------------------------------------------------------ the ABI shared with step.py */
 
 /* Bump with step.py's ABI_VERSION whenever a struct above or an exported function's signature changes. */
-#define MU_ABI_VERSION 3
+#define MU_ABI_VERSION 4
 
 /* Per shared struct (mu_linear, mu_layer, mu_model, mu_session, in that order): its size, then the offset of
    each field in declaration order; step.py's struct_layout() computes the same list from its ctypes
@@ -137,7 +136,7 @@ typedef struct {
 #define MU_AT(type, field) (int32_t)offsetof(type, field)
 static const int32_t mu_layout[] = {
     MU_LAYOUT(mu_linear, MU_AT(mu_linear, w), MU_AT(mu_linear, scale), MU_AT(mu_linear, bias), MU_AT(mu_linear, n),
-              MU_AT(mu_linear, k), MU_AT(mu_linear, panels), MU_AT(mu_linear, format), MU_AT(mu_linear, groups)),
+              MU_AT(mu_linear, k), MU_AT(mu_linear, panels), MU_AT(mu_linear, format)),
     MU_LAYOUT(mu_layer, MU_AT(mu_layer, norm1), MU_AT(mu_layer, norm2), MU_AT(mu_layer, eps1), MU_AT(mu_layer, eps2),
               MU_AT(mu_layer, qkv), MU_AT(mu_layer, o), MU_AT(mu_layer, up), MU_AT(mu_layer, down)),
     MU_LAYOUT(mu_model, MU_AT(mu_model, n_layers), MU_AT(mu_model, d), MU_AT(mu_model, heads),
@@ -1035,13 +1034,16 @@ static inline __attribute__((always_inline)) void linear_tiles(const int WR, con
    utils.weights.quant.Int4Linear (quantize_int4): per output row, groups of 32 inputs, each with a scale s and a
    zero z (bfloat16, those of torch's int4 kernel) and 32 codes c in 0..15 for the weights w = (c - 8) s + z.
    Stored as 16 bytes of codes per group (byte i: code i in the low nibble, code i + 16 in the high one; step.py
-   from quant.pack_nibbles) and the (s, z) pairs as bfloat16 bits (mu_linear.groups): 20 bytes per 32 weights,
-   5 bits a weight. Activations are quantized per group of 32 to int8 (quantize_groups: step t, codes q, as
-   llama.cpp's Q8_0), so a group's dot product is
+   from quant.pack_nibbles) and the (s, z) pairs as bfloat16 bits, both in tiles of 8 rows (below): 20 bytes per
+   32 weights, 5 bits a weight. Activations are quantized per group of 32 to int8 (quantize_groups: step t, codes
+   q, as llama.cpp's Q8_0), so a group's dot product is
        sum_i x_i w_i ~ s t sum_i c_i q_i + (z - 8 s) t sum_i q_i
-   with sum_i c_i q_i exact in integers; the output sums those group terms in float32 in a fixed order (the
-   AVX2 path: eight lanes, two accumulators by group parity, one fixed reduction), which depends on the output's
-   weights and its row's activations only, so a row's numbers do not depend on its batch or the thread count. */
+   with d_g = sum_i c_i q_i exact in int32. An output is, in float32 with one rounding per operation, over its
+   groups g = 0, 1, ... in order
+       acc = fma(d_g, s_g * t_g, acc),  zacc = fma(z_g - 8 s_g, t_g * sum_i q_i, zacc),  y = acc + zacc (+ bias)
+   in both paths (AVX2: one lane of a vector of 8 rows; portable: fmaf, the same roundings), which depends on the
+   output's weights and its row's activations only: a row's numbers do not depend on its batch or the thread
+   count, and the portable path's projections equal the AVX2 path's. */
 
 #define MU_GROUP 32
 
@@ -1114,145 +1116,137 @@ static void quantize_groups(const float *x, int32_t rows, int32_t k, int32_t ldx
     }
 }
 
-#if defined(MU_AVX2)
-#define MU_INT4_CHUNK 64  /* groups whose scales int4_tile prepares at a time (on the stack) */
+/* int4 weights as the C step lays them out (step.py's to_int4_tiles): tiles of 8 rows, tile j holding rows
+   8 j .. 8 j + 7 (zero codes and pairs past n) as k / 32 groups of MU_INT4_TILE_GROUP bytes, one sequential stream
+   a tile: 4 x 32 bytes of codes (part p: row p's 16 bytes of the group, then row p + 4's), then the 8 rows'
+   (s, z) pairs (bfloat16 bits, s first). 160 bytes per 256 weights: 5 bits a weight, the bytes of Int4Linear. */
+#define MU_INT4_TILE 8
+#define MU_INT4_TILE_GROUP (4 * 32 + MU_INT4_TILE * 4)
+#define MU_INT4_ROWS 4  /* activation rows a pass over a tile takes, at most (int4_tile's R) */
+#define MU_INT4_AHEAD 1024  /* bytes of a tile's stream requested ahead of the loads */
 
-/* WR weight rows (codes w, pairs sz; row t at w + t * ldw, sz + t * ldsz; rows past nw repeat the last) times R
-   activation rows (rows past nr repeat the last), WR * R <= 4: out[t * 4 + r] = weight row t's dot product with
-   activation row r. Per chunk of groups, first each group's s t for every pair (and the zero terms), then the
-   codes, each group's widened once for the R rows and each activation group loaded once for the WR rows; even
-   groups sum into one accumulator, odd ones into another. A pair's numbers do not depend on WR or R. */
-static inline __attribute__((always_inline)) void int4_tile(const int WR, const int R, const uint8_t *w,
-        size_t ldw, const uint16_t *sz, size_t ldsz, int32_t nw, int32_t groups, const int8_t *xq, size_t ldq,
-        const float *gstep, const float *gsum, size_t ldg, int32_t nr, float *out) {
-    const uint8_t *wr[4];
-    const uint16_t *zr[4];
+#if defined(MU_AVX2)
+/* Tile `wt` (8 weight rows) times R activation rows (rows past nr repeat the last), R <= 4: lane t of out[r] =
+   weight row t's dot product with activation row r. Per group: each part's codes unpacked once for the R rows (low
+   nibbles times the group's first 16 activations, high nibbles times its last 16, both broadcast to the two
+   halves), vpmaddubsw (codes 0..15 times int8: a pair <= 3810, two pairs added <= 7620, no int16 saturation),
+   vpmaddwd to int32, three vphaddd to the 8 rows' exact group sums in row order; then per row, in its lane,
+   acc = fma(dot, s t, acc) and zacc = fma(z - 8 s, t sum q, zacc): the arithmetic of dot_int4, whatever R. */
+static inline __attribute__((always_inline)) void int4_tile(const int R, const uint8_t *wt, int32_t groups,
+        const int8_t *xq, size_t ldq, const float *gstep, const float *gsum, size_t ldg, int32_t nr, __m256 *out) {
     const int8_t *xr[4];
     const float *tr[4], *sr[4];
-    __m256 acc0[4], acc1[4], zacc[4];
-    float sc[4][MU_INT4_CHUNK];
-    for (int t = 0; t < WR; t++) {
-        const size_t a = (size_t)(t < nw ? t : nw - 1);
-        wr[t] = w + a * ldw;
-        zr[t] = sz + a * ldsz;
-    }
+    __m256 acc[4], zacc[4];
     for (int r = 0; r < R; r++) {
         const size_t a = (size_t)(r < nr ? r : nr - 1);
         xr[r] = xq + a * ldq;
         tr[r] = gstep + a * ldg;
         sr[r] = gsum + a * ldg;
+        acc[r] = zacc[r] = _mm256_setzero_ps();
     }
-    for (int i = 0; i < 4; i++)  /* all four: the compiler cannot see that only WR * R are used */
-        acc0[i] = acc1[i] = zacc[i] = _mm256_setzero_ps();
     const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(15);
-    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), high16 = _mm256_set1_epi32((int32_t)0xFFFF0000u);
-    for (int32_t c0 = 0; c0 < groups; c0 += MU_INT4_CHUNK) {
-        const int32_t cn = groups - c0 < MU_INT4_CHUNK ? groups - c0 : MU_INT4_CHUNK;
-        for (int32_t g0 = 0; g0 < cn; g0 += 8) {
-            const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(cn - g0), lane);
-            __m256 ts[4], ss[4];
-            for (int r = 0; r < R; r++) {
-                ts[r] = _mm256_maskload_ps(tr[r] + c0 + g0, live);
-                ss[r] = _mm256_maskload_ps(sr[r] + c0 + g0, live);
-            }
-            for (int t = 0; t < WR; t++) {
-                /* eight (s, z) pairs: s in the low 16 bits of each 32-bit lane, z in the high 16 */
-                const __m256i pair = _mm256_maskload_epi32((const int *)(zr[t] + (size_t)2 * (c0 + g0)), live);
-                const __m256 s = _mm256_castsi256_ps(_mm256_slli_epi32(pair, 16));
-                const __m256 m = _mm256_fnmadd_ps(_mm256_set1_ps(8.0f), s,
-                                                  _mm256_castsi256_ps(_mm256_and_si256(pair, high16)));
-                for (int r = 0; r < R; r++) {
-                    _mm256_storeu_ps(sc[t * R + r] + g0, _mm256_mul_ps(s, ts[r]));
-                    zacc[t * R + r] = _mm256_fmadd_ps(m, ss[r], zacc[t * R + r]);
-                }
-            }
+    const __m256i high16 = _mm256_set1_epi32((int32_t)0xFFFF0000u);
+    for (int32_t g = 0; g < groups; g++) {
+        const uint8_t *wg = wt + (size_t)g * MU_INT4_TILE_GROUP;
+        _mm_prefetch((const char *)(wg + MU_INT4_AHEAD), _MM_HINT_T0);  /* a hint: past the end it never faults */
+        _mm_prefetch((const char *)(wg + MU_INT4_AHEAD + 64), _MM_HINT_T0);
+        _mm_prefetch((const char *)(wg + MU_INT4_AHEAD + 128), _MM_HINT_T0);
+        __m256i lo[4], hi[4];
+        for (int p = 0; p < 4; p++) {
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(wg + 32 * p));
+            lo[p] = _mm256_and_si256(v, low);
+            hi[p] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
         }
-#define MU_INT4_GROUP(g, acc) do { \
-            __m256i c[4]; \
-            for (int t = 0; t < WR; t++) { \
-                const __m128i bytes = _mm_loadu_si128((const __m128i *)(wr[t] + (size_t)(c0 + (g)) * 16)); \
-                c[t] = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(bytes, 4), bytes), low); \
-            } \
-            for (int r = 0; r < R; r++) { \
-                const __m256i xv = _mm256_loadu_si256((const __m256i *)(xr[r] + (size_t)(c0 + (g)) * MU_GROUP)); \
-                for (int t = 0; t < WR; t++) { \
-                    const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(c[t], xv), ones); \
-                    acc[t * R + r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_broadcast_ss(sc[t * R + r] + (g)), \
-                                                     acc[t * R + r]); \
-                } \
-            } \
-        } while (0)
-        int32_t g = 0;
-        for (; g + 2 <= cn; g += 2) {
-            MU_INT4_GROUP(g, acc0);
-            MU_INT4_GROUP(g + 1, acc1);
+        const __m256i pair = _mm256_loadu_si256((const __m256i *)(wg + 128));
+        const __m256 s = _mm256_castsi256_ps(_mm256_slli_epi32(pair, 16));
+        const __m256 m = _mm256_fnmadd_ps(_mm256_set1_ps(8.0f), s, _mm256_castsi256_ps(_mm256_and_si256(pair, high16)));
+        for (int r = 0; r < R; r++) {
+            const __m256i xlo = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(xr[r] + (size_t)g * MU_GROUP)));
+            const __m256i xhi = _mm256_broadcastsi128_si256(
+                _mm_loadu_si128((const __m128i *)(xr[r] + (size_t)g * MU_GROUP + 16)));
+            __m256i q[4];
+            for (int p = 0; p < 4; p++)
+                q[p] = _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo[p], xlo),
+                                                          _mm256_maddubs_epi16(hi[p], xhi)), ones);
+            const __m256i dot = _mm256_hadd_epi32(_mm256_hadd_epi32(q[0], q[1]), _mm256_hadd_epi32(q[2], q[3]));
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(s, _mm256_broadcast_ss(tr[r] + g)), acc[r]);
+            zacc[r] = _mm256_fmadd_ps(m, _mm256_broadcast_ss(sr[r] + g), zacc[r]);
         }
-        if (g < cn)
-            MU_INT4_GROUP(g, acc0);
-#undef MU_INT4_GROUP
     }
-    for (int t = 0; t < WR && t < nw; t++)
-        for (int r = 0; r < nr; r++)
-            out[t * 4 + r] = hsum8(_mm256_add_ps(_mm256_add_ps(acc0[t * R + r], acc1[t * R + r]), zacc[t * R + r]));
+    for (int r = 0; r < R; r++)
+        out[r] = _mm256_add_ps(acc[r], zacc[r]);
 }
 #else
-/* The portable int4 dot product of one weight row with one activation row (quantize_groups'). */
-static float dot_int4(const uint8_t *w, const uint16_t *sz, int32_t groups, const int8_t *xq, const float *gstep,
+/* The portable int4 dot product of tile row t (0 .. 7) with one activation row (quantize_groups'): exact int32
+   group sums, then the AVX2 path's float arithmetic (fmaf: the same roundings with or without an FMA unit). */
+static float dot_int4(const uint8_t *wt, int32_t t, int32_t groups, const int8_t *xq, const float *gstep,
                       const float *gsum) {
+    const size_t part = (size_t)(t % 4) * 32 + (size_t)(t / 4) * 16;
     float acc = 0.0f, zacc = 0.0f;
     for (int32_t g = 0; g < groups; g++) {
-        const uint8_t *wg = w + (size_t)g * 16;
+        const uint8_t *wg = wt + (size_t)g * MU_INT4_TILE_GROUP, *c = wg + part;
         const int8_t *xg = xq + (size_t)g * MU_GROUP;
         int32_t dot = 0;
         for (int i = 0; i < 16; i++)
-            dot += (int32_t)(wg[i] & 15) * xg[i] + (int32_t)(wg[i] >> 4) * xg[i + 16];
-        const float s = bf16_bits(sz[2 * g]), z = bf16_bits(sz[2 * g + 1]);
-        acc += (float)dot * (s * gstep[g]);
-        zacc += (z - 8.0f * s) * gsum[g];
+            dot += (int32_t)(c[i] & 15) * xg[i] + (int32_t)(c[i] >> 4) * xg[i + 16];
+        uint16_t sz[2];
+        memcpy(sz, wg + 128 + 4 * t, sizeof sz);
+        const float s = bf16_bits(sz[0]), z = bf16_bits(sz[1]);
+        acc = fmaf((float)dot, s * gstep[g], acc);
+        zacc = fmaf(z - 8.0f * s, gsum[g], zacc);  /* 8 s is exact: one rounding, as the AVX2 path's fnmadd */
     }
     return acc + zacc;
 }
 #endif
 
-/* `linear` for int4 weights on rows quantized by quantize_groups: AVX2 tiles of two weight rows for one
-   activation row, of one weight row for up to four. */
+/* `linear` for int4 weights (to_int4_tiles) on rows quantized by quantize_groups: per tile of 8 weight rows (held
+   in L1 while it lasts), the activation rows MU_INT4_ROWS at a time. */
 static void linear_int4(const mu_linear *L, int32_t rows, float *y, int32_t ldy, int accumulate,
                         const mu_buffers *b) {
     const int32_t n = L->n, k = L->k, groups = k / MU_GROUP;
-    const size_t ldq = round_up((size_t)k), ldg = ldq / MU_GROUP, ldw = (size_t)k / 2, ldsz = (size_t)groups * 2;
-#if defined(MU_AVX2)
-    const int32_t WR = rows == 1 ? 2 : 1;
-#else
-    const int32_t WR = 1;
-#endif
-    for (int32_t j = 0; j < n; j += WR) {
-        const int32_t nw = n - j < WR ? n - j : WR;
-        const uint8_t *w = (const uint8_t *)L->w + (size_t)j * ldw;
-        const uint16_t *sz = L->groups + (size_t)j * ldsz;
-        for (int32_t r0 = 0; r0 < rows; r0 += 4) {
-            const int32_t nr = rows - r0 < 4 ? rows - r0 : 4;
+    const size_t ldq = round_up((size_t)k), ldg = ldq / MU_GROUP, tile_bytes = (size_t)groups * MU_INT4_TILE_GROUP;
+    for (int32_t j = 0; j < n; j += MU_INT4_TILE) {
+        const int32_t nw = n - j < MU_INT4_TILE ? n - j : MU_INT4_TILE;
+        const uint8_t *wt = (const uint8_t *)L->w + (size_t)(j / MU_INT4_TILE) * tile_bytes;
+        for (int32_t r0 = 0; r0 < rows; r0 += MU_INT4_ROWS) {
+            const int32_t nr = rows - r0 < MU_INT4_ROWS ? rows - r0 : MU_INT4_ROWS;
             const int8_t *xq = b->xq + (size_t)r0 * ldq;
             const float *gstep = b->gstep + (size_t)r0 * ldg, *gsum = b->gsum + (size_t)r0 * ldg;
-            float out[8];
+            float out[4][MU_INT4_TILE];
 #if defined(MU_AVX2)
-            switch (WR == 2 ? 0 : nr) {
-            case 0: int4_tile(2, 1, w, ldw, sz, ldsz, nw, groups, xq, ldq, gstep, gsum, ldg, nr, out); break;
-            case 1: int4_tile(1, 1, w, ldw, sz, ldsz, nw, groups, xq, ldq, gstep, gsum, ldg, nr, out); break;
-            case 2: int4_tile(1, 2, w, ldw, sz, ldsz, nw, groups, xq, ldq, gstep, gsum, ldg, nr, out); break;
-            case 3: int4_tile(1, 3, w, ldw, sz, ldsz, nw, groups, xq, ldq, gstep, gsum, ldg, nr, out); break;
-            default: int4_tile(1, 4, w, ldw, sz, ldsz, nw, groups, xq, ldq, gstep, gsum, ldg, nr, out); break;
+            __m256 v[4];
+            switch (nr) {
+            case 1: int4_tile(1, wt, groups, xq, ldq, gstep, gsum, ldg, nr, v); break;
+            case 2: int4_tile(2, wt, groups, xq, ldq, gstep, gsum, ldg, nr, v); break;
+            case 3: int4_tile(3, wt, groups, xq, ldq, gstep, gsum, ldg, nr, v); break;
+            default: int4_tile(4, wt, groups, xq, ldq, gstep, gsum, ldg, nr, v); break;
             }
+            if (nw == MU_INT4_TILE) {  /* a whole tile: 8 outputs a vector */
+                const __m256 bias = L->bias ? _mm256_loadu_ps(L->bias + j) : _mm256_setzero_ps();
+                for (int32_t r = 0; r < nr; r++) {
+                    float *yr = y + (size_t)(r0 + r) * ldy + j;
+                    __m256 u = L->bias ? _mm256_add_ps(v[r], bias) : v[r];
+                    if (accumulate)
+                        u = _mm256_add_ps(_mm256_loadu_ps(yr), u);
+                    _mm256_storeu_ps(yr, u);
+                }
+                continue;
+            }
+            for (int32_t r = 0; r < nr; r++)
+                _mm256_storeu_ps(out[r], v[r]);
 #else
             for (int32_t r = 0; r < nr; r++)
-                out[r] = dot_int4(w, sz, groups, xq + (size_t)r * ldq, gstep + (size_t)r * ldg, gsum + (size_t)r * ldg);
+                for (int32_t t = 0; t < nw; t++)
+                    out[r][t] = dot_int4(wt, t, groups, xq + (size_t)r * ldq, gstep + (size_t)r * ldg,
+                                         gsum + (size_t)r * ldg);
 #endif
-            for (int32_t t = 0; t < nw; t++)
-                for (int32_t r = 0; r < nr; r++) {
-                    float v = out[t * 4 + r];
+            for (int32_t r = 0; r < nr; r++)
+                for (int32_t t = 0; t < nw; t++) {
+                    float u = out[r][t];
                     if (L->bias)
-                        v += L->bias[j + t];
+                        u += L->bias[j + t];
                     float *yr = y + (size_t)(r0 + r) * ldy + j + t;
-                    *yr = accumulate ? *yr + v : v;
+                    *yr = accumulate ? *yr + u : u;
                 }
         }
     }
@@ -1365,10 +1359,9 @@ static void linear_chunk(const void *ctx, int32_t c, int32_t who) {
     mu_linear part = *L;
     (void)who;
     part.n = n;
-    if (L->format == MU_FORMAT_INT4) {
-        part.w = (const uint8_t *)L->w + (size_t)j0 * (L->k / 2);
-        part.groups = L->groups + (size_t)j0 * (L->k / 32) * 2;
-    } else if (L->scale != NULL)  /* rows, or tiles of 4 rows: j0 is a multiple of 64 */
+    if (L->format == MU_FORMAT_INT4)  /* tiles of 8 rows, 5 k bytes each: j0 is a multiple of 64 */
+        part.w = (const uint8_t *)L->w + (size_t)(j0 / MU_INT4_TILE) * (L->k / MU_GROUP) * MU_INT4_TILE_GROUP;
+    else if (L->scale != NULL)  /* rows, or tiles of 4 rows: j0 is a multiple of 64 */
         part.w = (const uint8_t *)L->w + (size_t)j0 * L->k;
     else if (L->panels)
         part.w = (const float *)L->w + (size_t)(j0 / 64) * L->k * 64;
@@ -1382,7 +1375,7 @@ static void linear_chunk(const void *ctx, int32_t c, int32_t who) {
 /* `linear` split over the session's threads by blocks of 64 outputs (the same numbers on any thread count). */
 static void linear_threads(const mu_linear *L, int32_t rows, const float *x, int32_t ldx, float *y, int32_t ldy,
                            int accumulate, const mu_buffers *b, int with_step) {
-    const size_t row_bytes = L->format == MU_FORMAT_INT4 ? (size_t)L->k / 2 + (size_t)L->k / 32 * 4  /* codes, pairs */
+    const size_t row_bytes = L->format == MU_FORMAT_INT4 ? (size_t)L->k / MU_GROUP * MU_INT4_TILE_GROUP / MU_INT4_TILE
                              : (size_t)L->k * (L->scale != NULL ? 1 : sizeof(float));
     const size_t block_bytes = 64 * row_bytes;
     const int32_t blocks = (L->n + 63) / 64, chunks = linear_chunk_count(b, blocks, block_bytes);
@@ -1734,13 +1727,12 @@ static float head_score(const mu_model *m, const float *h, int32_t j, const mu_b
     const int32_t d = m->d;
     if (m->head.panels) {
         const int32_t p = j / 64, n = m->vocab - p * 64 < 64 ? m->vocab - p * 64 : 64;
-        const mu_linear panel = {(const float *)m->head.w + (size_t)p * d * 64, NULL, NULL, n, d, 1, MU_FORMAT_PLAIN,
-                                 NULL};
+        const mu_linear panel = {(const float *)m->head.w + (size_t)p * d * 64, NULL, NULL, n, d, 1, MU_FORMAT_PLAIN};
         float out[64];
         linear(&panel, 1, h, d, out, 64, 0, b, 0);
         return out[j % 64];
     }
-    const mu_linear one = {(const float *)m->head.w + (size_t)j * d, NULL, NULL, 1, d, 0, MU_FORMAT_PLAIN, NULL};
+    const mu_linear one = {(const float *)m->head.w + (size_t)j * d, NULL, NULL, 1, d, 0, MU_FORMAT_PLAIN};
     float score;
     linear(&one, 1, h, d, &score, 1, 0, b, 0);
     return score;

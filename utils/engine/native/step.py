@@ -68,8 +68,7 @@ REAP_TIMEOUT_S = 5.0  # after killing a compiler: how long its output pipes may 
 
 class _Linear(ctypes.Structure):
     _fields_ = [("w", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p),
-                ("n", ctypes.c_int32), ("k", ctypes.c_int32), ("panels", ctypes.c_int32), ("format", ctypes.c_int32),
-                ("groups", ctypes.c_void_p)]
+                ("n", ctypes.c_int32), ("k", ctypes.c_int32), ("panels", ctypes.c_int32), ("format", ctypes.c_int32)]
 
 
 FORMAT_PLAIN, FORMAT_INT4 = 0, 1  # mu_linear.format: float32 / int8 (told by scale), int4
@@ -96,7 +95,7 @@ class _Session(ctypes.Structure):
                 ("scratch", ctypes.c_void_p), ("pool", ctypes.c_void_p)]
 
 
-ABI_VERSION = 3  # step.c's MU_ABI_VERSION: bump both when a struct above or an exported signature changes
+ABI_VERSION = 4  # step.c's MU_ABI_VERSION: bump both when a struct above or an exported signature changes
 SHARED_STRUCTS = (_Linear, _Layer, _Model, _Session)  # step.c's mu_linear, mu_layer, mu_model, mu_session
 SIGNATURES = {  # every function step.c exports: (restype, argtypes)
     "mu_abi": (ctypes.c_int32, [ctypes.POINTER(ctypes.c_int32), ctypes.c_int32]),
@@ -490,6 +489,22 @@ def to_int8_tiles(w: torch.Tensor, rows: int) -> torch.Tensor:
     return padded.view(-1, rows, k // 16, 16).transpose(1, 2).contiguous()
 
 
+def to_int4_tiles(codes: torch.Tensor, scale_zero: torch.Tensor) -> torch.Tensor:
+    """int4 codes (n, k / 2) in quant.pack_nibbles' layout and their (scale, zero) pairs (k / 32, n, 2) bfloat16
+    as the C file's int4 tiles: ceil(n / 8) tiles of 8 rows (zero rows past n), each k / 32 groups of 160 bytes
+    (the 16 bytes of rows 0, 4, 1, 5, 2, 6, 3, 7, then the 8 rows' pairs): one sequential stream a tile, the same
+    5 bits a weight."""
+    n, half = codes.shape
+    groups = half * 2 // INT4_GROUP
+    rows = -(-n // 8) * 8
+    padded = torch.zeros(rows, groups, INT4_GROUP // 2, dtype=torch.uint8)
+    padded[:n] = codes.view(n, groups, INT4_GROUP // 2)
+    parts = padded.view(-1, 2, 4, groups, INT4_GROUP // 2).permute(0, 3, 2, 1, 4).reshape(-1, groups, 128)
+    pairs = torch.zeros(rows, groups, 4, dtype=torch.uint8)
+    pairs[:n] = scale_zero.to(torch.bfloat16).contiguous().view(torch.uint8).view(groups, n, 4).transpose(0, 1)
+    return torch.cat([parts, pairs.view(-1, 8, groups, 4).transpose(1, 2).reshape(-1, groups, 32)], 2).contiguous()
+
+
 def int8_layout(lib: ctypes.CDLL, flipped: torch.Tensor) -> tuple[torch.Tensor, int]:
     """int8 weights with their sign bit flipped (uint8, (n, k)) as the library takes them: (weights, panels), in
     tiles (panels 1) where it has the tile kernel and k is a multiple of 16, else as rows (0)."""
@@ -511,7 +526,7 @@ class NativeView:
 class NativeModel:
     """A Thinker's weights laid out for the C step (fused q/k/v and gate/up copies, float32 weights in panels,
     int8 weights with their sign bit flipped, in tiles where the library has that kernel, int4 codes with their
-    (scale, zero) pairs row by row) and the C struct pointing at them. Holds every tensor the struct points to;
+    (scale, zero) pairs in tiles of 8 rows) and the C struct pointing at them. Holds every tensor the struct points to;
     `view(screen)` adds a greedy screen (the int8 copy of the head) without redoing the rest. `int4` says whether
     any weights are int4."""
 
@@ -572,7 +587,7 @@ class NativeModel:
     def _linear(self, mods: list[nn.Module], what: str) -> _Linear:
         """One C linear computing the modules' outputs side by side (all float32 nn.Linear, all Int8Linear or
         all Int4Linear)."""
-        panels, fmt, groups = 0, FORMAT_PLAIN, None
+        panels, fmt = 0, FORMAT_PLAIN
         if all(type(m) is nn.Linear for m in mods):
             w = torch.cat([_f32(m.weight, what) for m in mods]) if len(mods) > 1 else _f32(mods[0].weight, what)
             scale = None
@@ -585,10 +600,8 @@ class NativeModel:
         elif all(type(m) is Int4Linear for m in mods):
             if any(m.group != INT4_GROUP for m in mods):
                 raise Unsupported(f"{what}: int4 groups of {mods[0].group} (the C step takes {INT4_GROUP})")
-            w, scale, fmt = torch.cat([m.codes for m in mods]).contiguous(), None, FORMAT_INT4
-            # (k / 32, n, 2) -> (n, k / 32, 2): a row's (scale, zero) pairs side by side, as the kernel reads them
-            groups = torch.cat([m.scale_zero for m in mods], dim=1).transpose(0, 1).contiguous()
-            self.int4 = True
+            w = to_int4_tiles(torch.cat([m.codes for m in mods]), torch.cat([m.scale_zero for m in mods], dim=1))
+            scale, fmt, self.int4 = None, FORMAT_INT4, True
         else:
             kinds = ", ".join(sorted({type(m).__name__ for m in mods}))
             raise Unsupported(f"{what} is {kinds} (the C step takes float32, int8 or int4 weights)")
@@ -596,11 +609,10 @@ class NativeModel:
         if any(b is None for b in biases) and not all(b is None for b in biases):
             raise Unsupported(f"{what}: bias on some parts only")
         bias = None if biases[0] is None else torch.cat([_f32(b, what) for b in biases]).contiguous()
-        self.keep += [t for t in (w, scale, bias, groups) if t is not None]
+        self.keep += [t for t in (w, scale, bias) if t is not None]
         n, k = sum(m.out_features for m in mods), mods[0].in_features
         return _Linear(w.data_ptr(), None if scale is None else scale.data_ptr(),
-                       None if bias is None else bias.data_ptr(), n, k, panels, fmt,
-                       None if groups is None else groups.data_ptr())
+                       None if bias is None else bias.data_ptr(), n, k, panels, fmt)
 
     def _layer(self, block: Block, i: int, gelu: bool, heads: tuple[int, int, int]) -> _Layer:
         attn, ffn = block.attn, getattr(block, "mlp", None)
