@@ -144,6 +144,8 @@ def load(model_name: str, dtype: str, tree: Path, threads: int | None):
 
 
 def worker(args: argparse.Namespace) -> dict[str, Any]:
+    from utils.base.cpus import passive_openmp
+    passive_openmp()  # as omni.py does, before this process loads torch
     import torch
 
     from tools.bench_reference import decode_bytes, teacher_forced_agreement

@@ -25,6 +25,10 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator
 
 import numpy as np
+
+from utils.base.cpus import passive_openmp
+
+passive_openmp()  # OpenMP reads its wait policy when torch loads it
 import torch
 
 from utils.base.defaults import DEFAULT_VIDEO_FRAMES, DTYPE_NAMES, OCR_MAX_LEN, QUANTIZATIONS

@@ -2,11 +2,14 @@
 on 1, 2, 3 and 8 threads for prefills and steps (float32, int8 and int4 weights, batches of 1 and 4, a model where
 every thread gets work and one too small for that); a session's workers started once, reused for every step
 and joined when it is freed; the thread count the step runs on reported; the physical-core count serve.py and
-batch.py default to."""
+batch.py default to; torch's OpenMP workers told to sleep between regions (they would spin on the C step's
+cores)."""
 from __future__ import annotations
 
 import gc
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,7 +24,7 @@ from utils.engine.native.step import NativeSession, native_model
 from utils.engine.sampling import greedy_head
 from utils.weights.quant import quantize_linears
 
-from tests.conftest import c_step_missing
+from tests.conftest import REPO, c_step_missing
 
 needs_c = pytest.mark.skipif(c_step_missing() is not None, reason=f"no C decode step: {c_step_missing()}")
 
@@ -152,3 +155,15 @@ def test_physical_cores_count_each_core_of_the_allowed_cpus_once(tmp_path: Path,
     assert service_threads(None) == physical_cores() and service_threads(3) == 3
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     assert service_threads(None) is None  # torch follows OMP_NUM_THREADS
+
+
+@pytest.mark.parametrize("preset", (None, "ACTIVE"))
+def test_importing_omni_sets_openmps_passive_wait_policy_unless_the_environment_has_one(preset: str | None) -> None:
+    """A fresh process: `import omni` loads torch with OMP_WAIT_POLICY=PASSIVE, or with the caller's policy."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if preset:
+        env["OMP_WAIT_POLICY"] = preset
+    code = "import os, sys, omni; assert 'torch' in sys.modules; print(os.environ['OMP_WAIT_POLICY'])"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == (preset or "PASSIVE")
