@@ -266,6 +266,9 @@ def test_incremental_decoder_holds_back_partial_characters() -> None:
     class ByteTokenizer:
         def decode(self, ids):
             return bytes(ids).decode("utf-8", errors="replace")
+
+        def decode_alone(self, token_id):
+            return self.decode([token_id])
     text = "naïve 日本 ok"
     dec = IncrementalDecoder(ByteTokenizer())  # type: ignore[arg-type]
     pieces = [dec.push(b) for b in text.encode("utf-8")]
