@@ -82,6 +82,7 @@ def inference(method: Callable) -> Callable:
             return method(*args, **kwargs)
     return wrapper
 
+
 class Slots:
     """The KV slots of up to `capacity` rows over `columns` cache columns, for any `CausalStack` (the Thinker:
     token ids in, logits out; the Talker: code frames in, a pair of logits out). `longest`: the longest prompt a
